@@ -1,0 +1,8 @@
+//! registry-guard core: everything the filter, the token service and the CLI decide, with no
+//! proxy-wasm, no I/O and no clock. Time and inputs are arguments.
+
+pub mod access;
+pub mod name;
+pub mod route;
+pub mod scope;
+pub mod token;

@@ -1,0 +1,408 @@
+//! The route grammar of the distribution API: which repositories and actions a request needs.
+//!
+//! Strict by design: anything that does not parse under the OCI grammar, or that could be
+//! read two ways (percent-encoded path bytes, `..`, `//`, `;`, repeated `mount`/`from`), is
+//! refused here and never forwarded on a guess.
+
+use crate::access::{Action, ActionSet};
+use crate::name::{is_digest, is_reference, is_repository_name, is_upload_id};
+use crate::scope::Scope;
+
+/// What a request addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `GET|HEAD /v2/`: version check; any valid token.
+    Base,
+    /// `GET /v2/_catalog`.
+    Catalog,
+    Manifest { name: String, reference: String },
+    Blob { name: String, digest: String },
+    /// `POST /v2/<name>/blobs/uploads/`, optionally mounting `digest` from `from`.
+    UploadStart { name: String, mount: Option<String>, from: Option<String> },
+    /// `GET|PATCH|PUT|DELETE /v2/<name>/blobs/uploads/<id>`.
+    Upload { name: String, id: String },
+    TagsList { name: String },
+    Referrers { name: String, digest: String },
+}
+
+impl Endpoint {
+    /// The repository the request is about, if any.
+    pub fn repository(&self) -> Option<&str> {
+        match self {
+            Endpoint::Base | Endpoint::Catalog => None,
+            Endpoint::Manifest { name, .. }
+            | Endpoint::Blob { name, .. }
+            | Endpoint::UploadStart { name, .. }
+            | Endpoint::Upload { name, .. }
+            | Endpoint::TagsList { name }
+            | Endpoint::Referrers { name, .. } => Some(name),
+        }
+    }
+}
+
+/// A classified request: the endpoint and every scope it needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub method: Method,
+    pub endpoint: Endpoint,
+    pub scopes: Vec<Scope>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Head,
+    Post,
+    Put,
+    Patch,
+    Delete,
+}
+
+impl Method {
+    pub fn parse(m: &str) -> Option<Method> {
+        match m {
+            "GET" => Some(Method::Get),
+            "HEAD" => Some(Method::Head),
+            "POST" => Some(Method::Post),
+            "PUT" => Some(Method::Put),
+            "PATCH" => Some(Method::Patch),
+            "DELETE" => Some(Method::Delete),
+            _ => None,
+        }
+    }
+}
+
+/// Why a request was refused before any authentication: status, OCI error code, message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct RouteError {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl RouteError {
+    fn new(status: u16, code: &'static str, message: impl Into<String>) -> RouteError {
+        RouteError { status, code, message: message.into() }
+    }
+    fn not_found(path: &str) -> RouteError {
+        RouteError::new(404, "NOT_FOUND", format!("`{path}` is not a registry API endpoint"))
+    }
+    fn bad_name(name: &str) -> RouteError {
+        RouteError::new(400, "NAME_INVALID", format!("invalid repository name `{name}`"))
+    }
+    fn method(method: &str, path: &str) -> RouteError {
+        RouteError::new(405, "UNSUPPORTED", format!("method `{method}` is not allowed on `{path}`"))
+    }
+}
+
+
+fn set(actions: &[Action]) -> ActionSet {
+    ActionSet::of(actions)
+}
+
+/// Classifies one request. `path` is the `:path` pseudo-header (path and query);
+/// `content_type` is used to refuse form bodies that distribution would read `mount`/`from`
+/// from, which a header-only filter cannot see.
+pub fn classify(method: &str, path: &str, content_type: Option<&str>) -> Result<Route, RouteError> {
+    let (path_only, query) = match path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path, None),
+    };
+    check_path_is_unambiguous(path_only)?;
+    let m = Method::parse(method).ok_or_else(|| RouteError::method(method, path_only))?;
+    let rest = match path_only.strip_prefix("/v2/") {
+        Some(rest) => rest,
+        None => return Err(RouteError::not_found(path_only)),
+    };
+
+    let (endpoint, actions_for_name): (Endpoint, ActionSet) = if rest.is_empty() {
+        require(m, &[Method::Get, Method::Head], method, path_only)?;
+        return Ok(Route { method: m, endpoint: Endpoint::Base, scopes: Vec::new() });
+    } else if rest == "_catalog" {
+        require(m, &[Method::Get], method, path_only)?;
+        return Ok(Route { method: m, endpoint: Endpoint::Catalog, scopes: vec![Scope::catalog()] });
+    } else {
+        classify_repository_path(m, method, path_only, rest)?
+    };
+
+    let name = endpoint.repository().unwrap_or_default().to_owned();
+    let mut scopes = vec![Scope::repository(name.clone(), actions_for_name)];
+    let endpoint = match endpoint {
+        Endpoint::UploadStart { name, .. } => {
+            let q = parse_upload_query(query, content_type)?;
+            if let Some(from) = &q.from {
+                if from != &name {
+                    scopes.push(Scope::repository(from.clone(), set(&[Action::Pull])));
+                }
+            }
+            Endpoint::UploadStart { name, mount: q.mount, from: q.from }
+        }
+        other => other,
+    };
+    Ok(Route { method: m, endpoint, scopes })
+}
+
+fn require(m: Method, allowed: &[Method], method: &str, path: &str) -> Result<(), RouteError> {
+    if allowed.contains(&m) {
+        Ok(())
+    } else {
+        Err(RouteError::method(method, path))
+    }
+}
+
+fn check_path_is_unambiguous(path: &str) -> Result<(), RouteError> {
+    let reject = |what: &str| {
+        Err(RouteError::new(400, "NAME_INVALID", format!("path `{}` {what}; refusing an ambiguous request", truncate(path))))
+    };
+    if !path.starts_with('/') {
+        return reject("does not start with `/`");
+    }
+    if path.contains('%') {
+        return reject("contains percent-encoded bytes");
+    }
+    if path.contains("//") {
+        return reject("contains an empty segment (`//`)");
+    }
+    if path.split('/').any(|seg| seg == ".." || seg == ".") {
+        return reject("contains a `.` or `..` segment");
+    }
+    if let Some(c) = path.chars().find(|c| matches!(c, ';' | '#' | '\\') || !c.is_ascii_graphic()) {
+        return reject(&format!("contains the character {c:?}"));
+    }
+    Ok(())
+}
+
+fn truncate(s: &str) -> &str {
+    match s.char_indices().nth(120) {
+        Some((i, _)) => s.get(..i).unwrap_or(s),
+        None => s,
+    }
+}
+
+/// `rest` is the path after `/v2/`. The endpoint is recognised from the end of the path, so a
+/// name may itself contain `manifests`, `blobs` or `tags` components, as distribution allows.
+fn classify_repository_path(
+    m: Method,
+    method: &str,
+    path: &str,
+    rest: &str,
+) -> Result<(Endpoint, ActionSet), RouteError> {
+    let pull = set(&[Action::Pull]);
+    let pull_push = set(&[Action::Pull, Action::Push]);
+    let delete = set(&[Action::Delete]);
+    let named = |name: &str| -> Result<String, RouteError> {
+        if is_repository_name(name) {
+            Ok(name.to_owned())
+        } else {
+            Err(RouteError::bad_name(name))
+        }
+    };
+
+    // `<name>/blobs/uploads/` (trailing slash: the last segment is empty).
+    if let Some(name) = rest.strip_suffix("/blobs/uploads/") {
+        require(m, &[Method::Post], method, path)?;
+        let name = named(name)?;
+        return Ok((Endpoint::UploadStart { name, mount: None, from: None }, pull_push));
+    }
+    let (head, last) = rest.rsplit_once('/').ok_or_else(|| RouteError::not_found(path))?;
+    let (name_part, kind) = head.rsplit_once('/').ok_or_else(|| RouteError::not_found(path))?;
+    match kind {
+        "manifests" => {
+            if !is_reference(last) {
+                return Err(RouteError::new(400, "MANIFEST_INVALID", format!("invalid manifest reference `{last}`")));
+            }
+            let name = named(name_part)?;
+            let actions = match m {
+                Method::Get | Method::Head => pull,
+                Method::Put => pull_push,
+                Method::Delete => delete,
+                _ => return Err(RouteError::method(method, path)),
+            };
+            Ok((Endpoint::Manifest { name, reference: last.to_owned() }, actions))
+        }
+        "blobs" => {
+            if !is_digest(last) {
+                return Err(RouteError::new(400, "DIGEST_INVALID", format!("invalid blob digest `{last}`")));
+            }
+            let name = named(name_part)?;
+            let actions = match m {
+                Method::Get | Method::Head => pull,
+                Method::Delete => delete,
+                _ => return Err(RouteError::method(method, path)),
+            };
+            Ok((Endpoint::Blob { name, digest: last.to_owned() }, actions))
+        }
+        "uploads" => {
+            let name = name_part
+                .strip_suffix("/blobs")
+                .ok_or_else(|| RouteError::not_found(path))?;
+            if !is_upload_id(last) {
+                return Err(RouteError::new(404, "BLOB_UPLOAD_UNKNOWN", format!("invalid upload id `{last}`")));
+            }
+            let name = named(name)?;
+            require(m, &[Method::Get, Method::Patch, Method::Put, Method::Delete], method, path)?;
+            Ok((Endpoint::Upload { name, id: last.to_owned() }, pull_push))
+        }
+        "tags" if last == "list" => {
+            let name = named(name_part)?;
+            require(m, &[Method::Get, Method::Head], method, path)?;
+            Ok((Endpoint::TagsList { name }, pull))
+        }
+        "referrers" => {
+            if !is_digest(last) {
+                return Err(RouteError::new(400, "DIGEST_INVALID", format!("invalid referrers digest `{last}`")));
+            }
+            let name = named(name_part)?;
+            require(m, &[Method::Get, Method::Head], method, path)?;
+            Ok((Endpoint::Referrers { name, digest: last.to_owned() }, pull))
+        }
+        _ => Err(RouteError::not_found(path)),
+    }
+}
+
+struct UploadQuery {
+    mount: Option<String>,
+    from: Option<String>,
+}
+
+fn parse_upload_query(query: Option<&str>, content_type: Option<&str>) -> Result<UploadQuery, RouteError> {
+    if let Some(ct) = content_type {
+        let media = ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+        if media == "application/x-www-form-urlencoded" || media == "multipart/form-data" {
+            return Err(RouteError::new(
+                400,
+                "UNSUPPORTED",
+                format!("upload start with a form body (`{media}`) is refused: `mount`/`from` must be in the query"),
+            ));
+        }
+    }
+    let mut out = UploadQuery { mount: None, from: None };
+    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        let (raw_key, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = percent_decode(raw_key)?;
+        let slot = match key.as_str() {
+            "mount" => &mut out.mount,
+            "from" => &mut out.from,
+            _ => continue,
+        };
+        if slot.is_some() {
+            return Err(RouteError::new(400, "UNSUPPORTED", format!("query parameter `{key}` is given more than once")));
+        }
+        *slot = Some(percent_decode(raw_value)?);
+    }
+    if let Some(from) = &out.from {
+        if !is_repository_name(from) {
+            return Err(RouteError::new(400, "NAME_INVALID", format!("invalid `from` repository `{from}`")));
+        }
+    }
+    if let Some(mount) = &out.mount {
+        if !is_digest(mount) {
+            return Err(RouteError::new(400, "DIGEST_INVALID", format!("invalid `mount` digest `{mount}`")));
+        }
+    }
+    Ok(out)
+}
+
+/// Decodes `application/x-www-form-urlencoded` query text (`+` is a space, as in Go's
+/// `url.ParseQuery`, which distribution uses); malformed escapes are an error.
+fn percent_decode(s: &str) -> Result<String, RouteError> {
+    let bad = || RouteError::new(400, "UNSUPPORTED", format!("malformed percent-encoding in query `{}`", truncate(s)));
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'%' => {
+                let hi = bytes.next().and_then(hex).ok_or_else(bad)?;
+                let lo = bytes.next().and_then(hex).ok_or_else(bad)?;
+                out.push(hi << 4 | lo);
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad())
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scopes(method: &str, path: &str) -> Vec<String> {
+        classify(method, path, None).unwrap().scopes.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn err(method: &str, path: &str) -> (u16, &'static str) {
+        let e = classify(method, path, None).unwrap_err();
+        (e.status, e.code)
+    }
+
+    const D: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+    #[test]
+    fn table_of_endpoints() {
+        let cases: &[(&str, String, &[&str])] = &[
+            ("GET", "/v2/".into(), &[]),
+            ("HEAD", "/v2/".into(), &[]),
+            ("GET", "/v2/_catalog?n=10".into(), &["registry:catalog:*"]),
+            ("GET", "/v2/acme/web/manifests/v1".into(), &["repository:acme/web:pull"]),
+            ("HEAD", format!("/v2/acme/web/manifests/{D}"), &["repository:acme/web:pull"]),
+            ("PUT", "/v2/acme/web/manifests/v1".into(), &["repository:acme/web:pull,push"]),
+            ("DELETE", "/v2/acme/web/manifests/v1".into(), &["repository:acme/web:delete"]),
+            ("GET", format!("/v2/acme/web/blobs/{D}"), &["repository:acme/web:pull"]),
+            ("DELETE", format!("/v2/acme/web/blobs/{D}"), &["repository:acme/web:delete"]),
+            ("POST", "/v2/acme/web/blobs/uploads/".into(), &["repository:acme/web:pull,push"]),
+            ("PATCH", "/v2/acme/web/blobs/uploads/abc-123?_state=x".into(), &["repository:acme/web:pull,push"]),
+            ("PUT", format!("/v2/acme/web/blobs/uploads/abc?digest={D}"), &["repository:acme/web:pull,push"]),
+            ("GET", "/v2/acme/web/tags/list?n=5".into(), &["repository:acme/web:pull"]),
+            ("GET", format!("/v2/acme/web/referrers/{D}"), &["repository:acme/web:pull"]),
+            (
+                "POST",
+                format!("/v2/acme/web/blobs/uploads/?mount={D}&from=other%2Ftools"),
+                &["repository:acme/web:pull,push", "repository:other/tools:pull"],
+            ),
+            ("GET", "/v2/a/blobs/b/manifests/latest".into(), &["repository:a/blobs/b:pull"]),
+            ("GET", "/v2/a/manifests/tags/list".into(), &["repository:a/manifests:pull"]),
+        ];
+        for (m, p, want) in cases {
+            assert_eq!(scopes(m, p), *want, "{m} {p}");
+        }
+    }
+
+    #[test]
+    fn ambiguous_or_invalid_paths_are_refused() {
+        assert_eq!(err("GET", "/v2/acme%2Fweb/manifests/v1").0, 400);
+        assert_eq!(err("GET", "/v2/acme//web/manifests/v1").0, 400);
+        assert_eq!(err("GET", "/v2/acme/../web/manifests/v1").0, 400);
+        assert_eq!(err("GET", "/v2/acme;x/manifests/v1").0, 400);
+        assert_eq!(err("GET", "/v2/Acme/manifests/v1"), (400, "NAME_INVALID"));
+        assert_eq!(err("GET", "/v2/acme/manifests/-bad"), (400, "MANIFEST_INVALID"));
+        assert_eq!(err("GET", "/v1/acme/manifests/v1").0, 404);
+        assert_eq!(err("GET", "/v2/acme/blobs/uploads").0, 400);
+        assert_eq!(err("POST", "/v2/acme/manifests/v1"), (405, "UNSUPPORTED"));
+        assert_eq!(err("TRACE", "/v2/").0, 405);
+        assert_eq!(err("POST", "/v2/a/blobs/uploads/?from=b&from=c").0, 400);
+        assert_eq!(err("POST", &format!("/v2/a/blobs/uploads/?mount={D}&mount={D}&from=b")).0, 400);
+        assert_eq!(err("POST", "/v2/a/blobs/uploads/?from=B").0, 400);
+        assert_eq!(err("POST", "/v2/a/blobs/uploads/?from=%zz").0, 400);
+        let long = format!("/v2/{}/manifests/v1", "a".repeat(256));
+        assert_eq!(err("GET", &long), (400, "NAME_INVALID"));
+    }
+
+    #[test]
+    fn form_bodies_on_upload_start_are_refused() {
+        let e = classify("POST", "/v2/a/blobs/uploads/", Some("application/x-www-form-urlencoded; charset=utf-8")).unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(classify("POST", "/v2/a/blobs/uploads/", Some("application/octet-stream")).is_ok());
+    }
+}

@@ -1,0 +1,590 @@
+//! Registry JWTs: the key set, verification (signature, header, claims) and issuance.
+//!
+//! The algorithm is pinned by the key: a key set entry is an ES256, RS256 or EdDSA key, and a
+//! token whose header names another algorithm is rejected by jwt-compact before any
+//! signature check. Time is an argument (`now`, unix seconds); nothing here reads a clock.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use jwt_compact::alg::{Ed25519, Es256, Rsa, RsaPublicKey, StrongKey};
+use jwt_compact::jwk::JsonWebKey;
+use jwt_compact::{AlgorithmExt as _, Claims, Header, UntrustedToken};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use crate::access::{Action, ActionSet};
+use crate::scope::{Resource, Scope};
+
+/// Tokens longer than this are refused before parsing.
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+
+/// A public key the filter trusts, with the one algorithm it may be used with.
+#[derive(Clone)]
+pub enum VerifyingKey {
+    Es256(p256::ecdsa::VerifyingKey),
+    Rs256(RsaPublicKey),
+    EdDsa(ed25519_compact::PublicKey),
+}
+
+impl VerifyingKey {
+    pub fn algorithm(&self) -> &'static str {
+        match self {
+            VerifyingKey::Es256(_) => "ES256",
+            VerifyingKey::Rs256(_) => "RS256",
+            VerifyingKey::EdDsa(_) => "EdDSA",
+        }
+    }
+}
+
+impl std::fmt::Debug for VerifyingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VerifyingKey({})", self.algorithm())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeySetError {
+    #[error("key set is not JSON of the form {{\"keys\": [...]}}: {0}")]
+    Shape(String),
+    #[error("keys[{index}]: {reason}")]
+    Key { index: usize, reason: String },
+    #[error("keys[{index}]: duplicate key id `{kid}`")]
+    DuplicateKid { index: usize, kid: String },
+    #[error("key set is empty: at least one verification key is required")]
+    Empty,
+}
+
+/// The keys a verifier accepts, by key id. Several keys at once allow rotation.
+#[derive(Debug, Clone, Default)]
+pub struct KeySet {
+    keys: Vec<(String, VerifyingKey)>,
+}
+
+impl KeySet {
+    /// Parses a JWKS document (`{"keys": [...]}`). Each key needs `kty` (and `crv`); `kid`
+    /// defaults to the RFC 7638 thumbprint; `alg`, if present, must match the key type;
+    /// private parts are ignored; RSA keys shorter than 2048 bits are refused.
+    pub fn from_jwks(value: &serde_json::Value) -> Result<KeySet, KeySetError> {
+        let keys = value
+            .get("keys")
+            .and_then(|k| k.as_array())
+            .ok_or_else(|| KeySetError::Shape("missing array `keys`".into()))?;
+        let mut set = KeySet::default();
+        for (index, raw) in keys.iter().enumerate() {
+            let err = |reason: String| KeySetError::Key { index, reason };
+            let jwk: JsonWebKey<'_> =
+                serde_json::from_value(raw.clone()).map_err(|e| err(format!("not a JSON web key: {e}")))?;
+            let key = match &jwk {
+                JsonWebKey::EllipticCurve { .. } => VerifyingKey::Es256(
+                    p256::ecdsa::VerifyingKey::try_from(&jwk).map_err(|e| err(format!("bad P-256 key: {e}")))?,
+                ),
+                JsonWebKey::Rsa { .. } => {
+                    let k = RsaPublicKey::try_from(&jwk).map_err(|e| err(format!("bad RSA key: {e}")))?;
+                    let strong = StrongKey::try_from(k).map_err(|_| err("RSA key shorter than 2048 bits".into()))?;
+                    VerifyingKey::Rs256(strong.into_inner())
+                }
+                JsonWebKey::KeyPair { .. } => VerifyingKey::EdDsa(
+                    ed25519_compact::PublicKey::try_from(&jwk).map_err(|e| err(format!("bad Ed25519 key: {e}")))?,
+                ),
+                JsonWebKey::Symmetric { .. } => {
+                    return Err(err("symmetric keys are not accepted; use ES256, RS256 or EdDSA".into()))
+                }
+                _ => return Err(err("unsupported key type".into())),
+            };
+            if let Some(alg) = raw.get("alg") {
+                if alg.as_str() != Some(key.algorithm()) {
+                    return Err(err(format!("`alg` {alg} does not match the key type (expected `{}`)", key.algorithm())));
+                }
+            }
+            let kid = match raw.get("kid") {
+                Some(serde_json::Value::String(kid)) if !kid.is_empty() => kid.clone(),
+                Some(_) => return Err(err("`kid` must be a non-empty string".into())),
+                None => thumbprint(&jwk),
+            };
+            if set.get(&kid).is_some() {
+                return Err(KeySetError::DuplicateKid { index, kid });
+            }
+            set.keys.push((kid, key));
+        }
+        if set.keys.is_empty() {
+            return Err(KeySetError::Empty);
+        }
+        Ok(set)
+    }
+
+    pub fn get(&self, kid: &str) -> Option<&VerifyingKey> {
+        self.keys.iter().find(|(k, _)| k == kid).map(|(_, key)| key)
+    }
+
+    pub fn kids(&self) -> impl Iterator<Item = &str> {
+        self.keys.iter().map(|(k, _)| k.as_str())
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+/// RFC 7638 thumbprint (SHA-256, base64url without padding) of a key's public part.
+pub fn thumbprint(jwk: &JsonWebKey<'_>) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(jwk.thumbprint::<Sha256>())
+}
+
+/// `aud` may be one string or an array of strings (RFC 7519 §4.1.3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Audience {
+    pub fn contains(&self, aud: &str) -> bool {
+        match self {
+            Audience::One(a) => a == aud,
+            Audience::Many(list) => list.iter().any(|a| a == aud),
+        }
+    }
+}
+
+/// `meta` of an access entry, as GitLab issues it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessMeta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_path: Option<String>,
+}
+
+/// One entry of the `access` claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessClaim {
+    #[serde(rename = "type")]
+    pub resource_type: String,
+    pub name: String,
+    #[serde(default)]
+    pub actions: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<AccessMeta>,
+}
+
+/// The registry token's claims besides `exp`, `nbf` and `iat` (which jwt-compact holds).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegistryClaims {
+    pub iss: String,
+    pub sub: String,
+    pub aud: Audience,
+    pub jti: String,
+    #[serde(default)]
+    pub access: Vec<AccessClaim>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_type: Option<String>,
+    /// The nested, separately signed `user` JWT (seed 000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Operator-defined extra claims; never one of the names above.
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// Header fields we refuse to honour: keys must come from configuration, never the token.
+#[derive(Debug, Clone, Default, Deserialize)]
+struct HeaderExtras {
+    #[serde(default)]
+    jwk: Option<serde_json::Value>,
+    #[serde(default)]
+    x5c: Option<serde_json::Value>,
+    #[serde(default)]
+    crit: Option<serde_json::Value>,
+}
+
+/// What the verifier checks besides the signature.
+#[derive(Debug, Clone)]
+pub struct Verifier {
+    pub keys: KeySet,
+    pub issuer: String,
+    pub audience: String,
+    pub leeway_seconds: i64,
+}
+
+/// Why a token was refused. Messages never contain the token itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("token is longer than {MAX_TOKEN_LEN} bytes")]
+    TooLong,
+    #[error("token is not a compact JWS: {0}")]
+    Malformed(String),
+    #[error("token header field `{0}` is not accepted")]
+    ForbiddenHeader(&'static str),
+    #[error("token header has no `kid`")]
+    MissingKid,
+    #[error("token is signed by unknown key `{0}`")]
+    UnknownKey(String),
+    #[error("token signature is invalid: {0}")]
+    BadSignature(String),
+    #[error("token claims are invalid: {0}")]
+    BadClaims(String),
+    #[error("token issuer `{0}` is not trusted")]
+    Issuer(String),
+    #[error("token audience does not include `{0}`")]
+    Audience(String),
+    #[error("token has no `exp` claim")]
+    NoExpiry,
+    #[error("token expired at {0}")]
+    Expired(i64),
+    #[error("token is not valid before {0}")]
+    NotYetValid(i64),
+}
+
+/// A token whose signature and issuer/audience were checked; time is checked on every use.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifiedToken {
+    pub kid: String,
+    pub subject: String,
+    pub jti: String,
+    pub auth_type: Option<String>,
+    pub user: Option<String>,
+    pub expires_at: i64,
+    pub not_before: Option<i64>,
+    pub grants: Vec<Scope>,
+}
+
+impl VerifiedToken {
+    /// Checks `exp` and `nbf` against `now` with `leeway` seconds of tolerance.
+    pub fn check_time(&self, now: i64, leeway: i64) -> Result<(), TokenError> {
+        if now > self.expires_at.saturating_add(leeway) {
+            return Err(TokenError::Expired(self.expires_at));
+        }
+        if let Some(nbf) = self.not_before {
+            if now < nbf.saturating_sub(leeway) {
+                return Err(TokenError::NotYetValid(nbf));
+            }
+        }
+        Ok(())
+    }
+
+    /// Actions this token grants on `resource`.
+    pub fn granted(&self, resource: &Resource) -> ActionSet {
+        self.grants
+            .iter()
+            .filter(|g| &g.resource == resource)
+            .fold(ActionSet::EMPTY, |acc, g| acc.union(g.actions))
+    }
+}
+
+impl Verifier {
+    /// Verifies signature, header, issuer, audience and time. `now` is unix seconds.
+    pub fn verify(&self, token: &str, now: i64) -> Result<VerifiedToken, TokenError> {
+        let verified = self.verify_signature_and_claims(token)?;
+        verified.check_time(now, self.leeway_seconds)?;
+        Ok(verified)
+    }
+
+    /// Everything but time: the part worth caching.
+    pub fn verify_signature_and_claims(&self, token: &str) -> Result<VerifiedToken, TokenError> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(TokenError::TooLong);
+        }
+        let untrusted = UntrustedToken::<'_, HeaderExtras>::try_from(token)
+            .map_err(|e| TokenError::Malformed(e.to_string()))?;
+        let header = untrusted.header();
+        if header.key_set_url.is_some() {
+            return Err(TokenError::ForbiddenHeader("jku"));
+        }
+        if header.certificate_url.is_some() {
+            return Err(TokenError::ForbiddenHeader("x5u"));
+        }
+        if header.other_fields.jwk.is_some() {
+            return Err(TokenError::ForbiddenHeader("jwk"));
+        }
+        if header.other_fields.x5c.is_some() {
+            return Err(TokenError::ForbiddenHeader("x5c"));
+        }
+        if header.other_fields.crit.is_some() {
+            return Err(TokenError::ForbiddenHeader("crit"));
+        }
+        let kid = header.key_id.clone().ok_or(TokenError::MissingKid)?;
+        let key = self.keys.get(&kid).ok_or_else(|| TokenError::UnknownKey(kid.clone()))?;
+        let claims: Claims<RegistryClaims> = match key {
+            VerifyingKey::Es256(k) => Es256.validator(k).validate(&untrusted),
+            VerifyingKey::Rs256(k) => Rsa::rs256().validator(k).validate(&untrusted),
+            VerifyingKey::EdDsa(k) => Ed25519.validator(k).validate(&untrusted),
+        }
+        .map_err(|e| match e {
+            jwt_compact::ValidationError::MalformedClaims(e) => TokenError::BadClaims(e.to_string()),
+            other => TokenError::BadSignature(other.to_string()),
+        })?
+        .claims()
+        .clone();
+        let custom = claims.custom;
+        if custom.iss != self.issuer {
+            return Err(TokenError::Issuer(custom.iss));
+        }
+        if !custom.aud.contains(&self.audience) {
+            return Err(TokenError::Audience(self.audience.clone()));
+        }
+        let expires_at = claims.expiration.ok_or(TokenError::NoExpiry)?.timestamp();
+        let grants = custom.access.iter().filter_map(grant_of).collect();
+        Ok(VerifiedToken {
+            kid,
+            subject: custom.sub,
+            jti: custom.jti,
+            auth_type: custom.auth_type,
+            user: custom.user,
+            expires_at,
+            not_before: claims.not_before.map(|t| t.timestamp()),
+            grants,
+        })
+    }
+}
+
+/// Converts one `access` entry to a grant; unknown types and actions grant nothing.
+fn grant_of(a: &AccessClaim) -> Option<Scope> {
+    let actions = a.actions.iter().filter_map(|s| Action::parse(s)).fold(ActionSet::EMPTY, ActionSet::with);
+    let resource = match (a.resource_type.as_str(), a.name.as_str()) {
+        ("repository", name) => Resource::Repository(name.to_owned()),
+        ("registry", "catalog") => Resource::Catalog,
+        _ => return None,
+    };
+    Some(Scope { resource, actions })
+}
+
+/// An ES256 signing key with its key id.
+#[derive(Clone)]
+pub struct SigningKey {
+    pub kid: String,
+    pub key: p256::ecdsa::SigningKey,
+}
+
+impl SigningKey {
+    /// Uses the RFC 7638 thumbprint of the public key as key id.
+    pub fn new(key: p256::ecdsa::SigningKey) -> SigningKey {
+        let kid = thumbprint(&JsonWebKey::from(key.verifying_key()));
+        SigningKey { kid, key }
+    }
+
+    /// The public JWK (with `kid`, `alg`, `use`) for a JWKS document.
+    pub fn public_jwk(&self) -> serde_json::Value {
+        let jwk = JsonWebKey::from(self.key.verifying_key());
+        let mut v = serde_json::to_value(&jwk).unwrap_or_default();
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("kid".into(), self.kid.clone().into());
+            obj.insert("alg".into(), "ES256".into());
+            obj.insert("use".into(), "sig".into());
+        }
+        v
+    }
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SigningKey(ES256, kid={})", self.kid)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot sign token: {0}")]
+pub struct SignError(String);
+
+/// Time claims of an issued token, unix seconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Validity {
+    pub issued_at: i64,
+    pub not_before: i64,
+    pub expires_at: i64,
+}
+
+fn timestamp(t: i64) -> Result<DateTime<Utc>, SignError> {
+    DateTime::from_timestamp(t, 0).ok_or_else(|| SignError(format!("timestamp {t} out of range")))
+}
+
+/// Signs any claims object (`T` is flattened next to `exp`, `nbf`, `iat`) with ES256.
+pub fn sign<T: Serialize>(key: &SigningKey, custom: T, validity: Validity) -> Result<String, SignError> {
+    let mut claims = Claims::new(custom);
+    claims.expiration = Some(timestamp(validity.expires_at)?);
+    claims.not_before = Some(timestamp(validity.not_before)?);
+    claims.issued_at = Some(timestamp(validity.issued_at)?);
+    let header = Header::empty().with_key_id(key.kid.clone()).with_token_type("JWT");
+    Es256.token(&header, &claims, &key.key).map_err(|e| SignError(e.to_string()))
+}
+
+/// Decodes the claims of a JWT without verifying it (for tools and tests only).
+pub fn decode_unverified(token: &str) -> Result<serde_json::Value, TokenError> {
+    let untrusted: UntrustedToken<'_> = UntrustedToken::new(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
+    let claims = untrusted
+        .deserialize_claims_unchecked::<serde_json::Value>()
+        .map_err(|e| TokenError::BadClaims(e.to_string()))?;
+    let mut v = claims.custom;
+    if let Some(obj) = v.as_object_mut() {
+        for (k, t) in [("exp", claims.expiration), ("nbf", claims.not_before), ("iat", claims.issued_at)] {
+            if let Some(t) = t {
+                obj.insert(k.into(), t.timestamp().into());
+            }
+        }
+    }
+    Ok(v)
+}
+
+/// Fixed signing keys for tests at every tier (native, wasm, e2e helpers).
+pub mod testing {
+    use super::*;
+
+    /// A deterministic P-256 key derived from `seed` (never use outside tests).
+    pub fn es256_key(seed: u8) -> SigningKey {
+        let mut bytes = [seed.max(1); 32];
+        bytes[0] = 0x11;
+        #[allow(clippy::expect_used)]
+        let key = p256::ecdsa::SigningKey::from_slice(&bytes).expect("valid scalar");
+        SigningKey::new(key)
+    }
+
+    /// A JWKS document holding the public parts of `keys`.
+    pub fn jwks(keys: &[&SigningKey]) -> serde_json::Value {
+        serde_json::json!({ "keys": keys.iter().map(|k| k.public_jwk()).collect::<Vec<_>>() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+
+    fn claims(access: Vec<AccessClaim>) -> RegistryClaims {
+        RegistryClaims {
+            iss: "issuer".into(),
+            sub: "alice".into(),
+            aud: Audience::One("container_registry".into()),
+            jti: "j1".into(),
+            access,
+            auth_type: Some("password".into()),
+            user: None,
+            extra: BTreeMap::new(),
+        }
+    }
+
+    fn verifier(keys: &[&SigningKey]) -> Verifier {
+        Verifier {
+            keys: KeySet::from_jwks(&jwks(keys)).unwrap(),
+            issuer: "issuer".into(),
+            audience: "container_registry".into(),
+            leeway_seconds: 5,
+        }
+    }
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn validity() -> Validity {
+        Validity { issued_at: NOW, not_before: NOW, expires_at: NOW + 300 }
+    }
+
+    #[test]
+    fn round_trip_with_grants() {
+        let k = es256_key(1);
+        let access = vec![AccessClaim {
+            resource_type: "repository".into(),
+            name: "acme/web/app".into(),
+            actions: vec!["pull".into(), "push".into(), "fly".into()],
+            meta: Some(AccessMeta { project_path: Some("acme/web".into()) }),
+        }];
+        let t = sign(&k, claims(access), validity()).unwrap();
+        let v = verifier(&[&k]).verify(&t, NOW + 10).unwrap();
+        assert_eq!(v.subject, "alice");
+        assert_eq!(v.granted(&Resource::Repository("acme/web/app".into())).to_string(), "pull,push");
+        assert!(v.granted(&Resource::Repository("acme/web".into())).is_empty());
+    }
+
+    #[test]
+    fn time_edges_use_leeway() {
+        let k = es256_key(1);
+        let t = sign(&k, claims(vec![]), validity()).unwrap();
+        let ver = verifier(&[&k]);
+        assert!(ver.verify(&t, NOW + 305).is_ok());
+        assert_eq!(ver.verify(&t, NOW + 306), Err(TokenError::Expired(NOW + 300)));
+        assert!(ver.verify(&t, NOW - 5).is_ok());
+        assert_eq!(ver.verify(&t, NOW - 6), Err(TokenError::NotYetValid(NOW)));
+    }
+
+    #[test]
+    fn unknown_key_wrong_issuer_and_audience() {
+        let k1 = es256_key(1);
+        let k2 = es256_key(2);
+        let t = sign(&k2, claims(vec![]), validity()).unwrap();
+        assert!(matches!(verifier(&[&k1]).verify(&t, NOW), Err(TokenError::UnknownKey(_))));
+        let mut c = claims(vec![]);
+        c.iss = "evil".into();
+        let t = sign(&k1, c, validity()).unwrap();
+        assert_eq!(verifier(&[&k1]).verify(&t, NOW), Err(TokenError::Issuer("evil".into())));
+        let mut c = claims(vec![]);
+        c.aud = Audience::Many(vec!["x".into(), "container_registry".into()]);
+        assert!(verifier(&[&k1]).verify(&sign(&k1, c, validity()).unwrap(), NOW).is_ok());
+        let mut c = claims(vec![]);
+        c.aud = Audience::One("x".into());
+        assert!(matches!(verifier(&[&k1]).verify(&sign(&k1, c, validity()).unwrap(), NOW), Err(TokenError::Audience(_))));
+    }
+
+    #[test]
+    fn tampered_and_alg_none_tokens_are_rejected() {
+        let k = es256_key(1);
+        let t = sign(&k, claims(vec![]), validity()).unwrap();
+        let mut parts: Vec<&str> = t.split('.').collect();
+        let evil_claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(br#"{"iss":"issuer","sub":"root","aud":"container_registry","jti":"x","exp":1900000000}"#);
+        parts[1] = &evil_claims;
+        let tampered = parts.join(".");
+        assert!(matches!(verifier(&[&k]).verify(&tampered, NOW), Err(TokenError::BadSignature(_))));
+        let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(format!(r#"{{"alg":"none","kid":"{}"}}"#, k.kid));
+        let none = format!("{header}.{evil_claims}.");
+        assert!(verifier(&[&k]).verify(&none, NOW).is_err());
+        assert!(matches!(verifier(&[&k]).verify("abc", NOW), Err(TokenError::Malformed(_))));
+    }
+
+    #[test]
+    fn eddsa_keys_verify_and_pin_their_algorithm() {
+        let kp = ed25519_compact::KeyPair::generate();
+        let jwk = JsonWebKey::from(&kp.pk);
+        let mut jv = serde_json::to_value(&jwk).unwrap();
+        jv["kid"] = "ed".into();
+        let ver = Verifier {
+            keys: KeySet::from_jwks(&serde_json::json!({"keys": [jv]})).unwrap(),
+            issuer: "issuer".into(),
+            audience: "container_registry".into(),
+            leeway_seconds: 0,
+        };
+        let mut c = Claims::new(claims(vec![]));
+        c.expiration = DateTime::from_timestamp(NOW + 60, 0);
+        let t = Ed25519.token(&Header::empty().with_key_id("ed"), &c, &kp.sk).unwrap();
+        assert_eq!(ver.verify(&t, NOW).unwrap().subject, "alice");
+        // Same key id, but the header claims ES256: refused before any signature check.
+        let es = es256_key(1);
+        let t = Es256.token(&Header::empty().with_key_id("ed"), &c, &es.key).unwrap();
+        assert!(matches!(ver.verify(&t, NOW), Err(TokenError::BadSignature(m)) if m.contains("lgorithm")));
+    }
+
+    #[test]
+    fn key_set_errors_name_the_key() {
+        let bad = serde_json::json!({"keys": [{"kty": "oct", "k": "AAAA"}]});
+        assert!(matches!(KeySet::from_jwks(&bad), Err(KeySetError::Key { index: 0, .. })));
+        let k = es256_key(1);
+        let mut jwk = k.public_jwk();
+        jwk["alg"] = "RS256".into();
+        assert!(matches!(KeySet::from_jwks(&serde_json::json!({"keys": [jwk]})), Err(KeySetError::Key { .. })));
+        assert_eq!(KeySet::from_jwks(&serde_json::json!({"keys": []})).unwrap_err(), KeySetError::Empty);
+        let dup = jwks(&[&k, &k]);
+        assert!(matches!(KeySet::from_jwks(&dup), Err(KeySetError::DuplicateKid { index: 1, .. })));
+    }
+
+    #[test]
+    fn forbidden_headers_are_refused() {
+        let k = es256_key(1);
+        let mut c = Claims::new(claims(vec![]));
+        c.expiration = DateTime::from_timestamp(NOW + 60, 0);
+        let h = Header::empty().with_key_id(k.kid.clone()).with_key_set_url("http://evil/jwks");
+        let t = Es256.token(&h, &c, &k.key).unwrap();
+        assert_eq!(verifier(&[&k]).verify(&t, NOW), Err(TokenError::ForbiddenHeader("jku")));
+    }
+}
