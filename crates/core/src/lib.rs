@@ -2,6 +2,10 @@
 //! proxy-wasm, no I/O and no clock. Time and inputs are arguments.
 
 pub mod access;
+pub mod config;
+pub mod decision;
+pub mod directory;
+pub mod guard;
 pub mod name;
 pub mod route;
 pub mod scope;

@@ -1,1 +1,213 @@
-fn main(){}
+//! `rgctl`: the operator CLI of registry-guard.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _, Result};
+use argon2::password_hash::{PasswordHasher as _, SaltString};
+use clap::{Parser, Subcommand};
+use p256::pkcs8::{DecodePrivateKey as _, EncodePrivateKey as _, LineEnding};
+use registry_guard_core::config::FilterConfig;
+use registry_guard_core::token::SigningKey;
+use sha2::{Digest as _, Sha256};
+
+#[derive(Parser)]
+#[command(name = "rgctl", version, about = "Operator CLI for registry-guard")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create an ES256 signing key (PKCS#8 PEM) unless one exists, and write its JWKS.
+    Keygen {
+        /// Directory for `signing-key.pem` and `jwks.json`.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the JWKS (public keys) of one or more PEM signing keys.
+    Jwks {
+        #[arg(required = true)]
+        keys: Vec<PathBuf>,
+    },
+    /// Hash a password (read from stdin) as an argon2id PHC string for principals.json.
+    HashPassword,
+    /// Hash a personal access token (read from stdin) as SHA-256 hex for principals.json.
+    HashToken,
+    /// Print the filter configuration JSON for the given realm, service, issuer and JWKS.
+    FilterConfig {
+        #[arg(long)]
+        realm: String,
+        #[arg(long, default_value = "container_registry")]
+        service: String,
+        #[arg(long, default_value = "registry-guard")]
+        issuer: String,
+        #[arg(long)]
+        jwks: PathBuf,
+        #[arg(long, default_value_t = 30)]
+        leeway_seconds: i64,
+    },
+    /// Render a template, replacing every `${NAME}` with `--set NAME=VALUE`; a
+    /// `--set-json NAME=FILE` inserts FILE's contents as a JSON string literal.
+    /// Fails if a placeholder is left unset.
+    Render {
+        template: PathBuf,
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
+        #[arg(long = "set-json", value_name = "NAME=FILE")]
+        set_json: Vec<String>,
+    },
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Keygen { out } => keygen(&out),
+        Command::Jwks { keys } => {
+            let mut jwks = Vec::new();
+            for k in keys {
+                jwks.push(load_signing_key(&k)?.public_jwk());
+            }
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "keys": jwks }))?);
+            Ok(())
+        }
+        Command::HashPassword => {
+            let password = read_secret()?;
+            let salt = SaltString::generate(&mut rand_core::OsRng);
+            let hash = argon2::Argon2::default()
+                .hash_password(password.as_bytes(), &salt)
+                .map_err(|e| anyhow::anyhow!("cannot hash password: {e}"))?;
+            println!("{hash}");
+            Ok(())
+        }
+        Command::HashToken => {
+            let token = read_secret()?;
+            println!("{}", hex(&Sha256::digest(token.as_bytes())));
+            Ok(())
+        }
+        Command::FilterConfig { realm, service, issuer, jwks, leeway_seconds } => {
+            let jwks: serde_json::Value = serde_json::from_str(
+                &fs::read_to_string(&jwks).with_context(|| format!("cannot read `{}`", jwks.display()))?,
+            )
+            .with_context(|| format!("`{}` is not JSON", jwks.display()))?;
+            let config = serde_json::json!({
+                "realm": realm, "service": service, "issuer": issuer,
+                "leeway_seconds": leeway_seconds, "jwks": jwks,
+            });
+            let text = serde_json::to_string(&config)?;
+            FilterConfig::from_json(text.as_bytes())?;
+            println!("{text}");
+            Ok(())
+        }
+        Command::Render { template, set, set_json } => {
+            let mut vars = BTreeMap::new();
+            for kv in set {
+                let (k, v) = kv.split_once('=').with_context(|| format!("`--set {kv}` is not NAME=VALUE"))?;
+                vars.insert(k.to_owned(), v.to_owned());
+            }
+            for kv in set_json {
+                let (k, f) = kv.split_once('=').with_context(|| format!("`--set-json {kv}` is not NAME=FILE"))?;
+                let text = fs::read_to_string(f).with_context(|| format!("cannot read `{f}`"))?;
+                vars.insert(k.to_owned(), serde_json::to_string(text.trim())?);
+            }
+            let text = fs::read_to_string(&template)
+                .with_context(|| format!("cannot read template `{}`", template.display()))?;
+            print!("{}", render(&text, &vars).with_context(|| format!("in `{}`", template.display()))?);
+            Ok(())
+        }
+    }
+}
+
+fn read_secret() -> Result<String> {
+    let mut s = String::new();
+    std::io::stdin().read_to_string(&mut s)?;
+    let s = s.trim_end_matches(['\n', '\r']).to_owned();
+    if s.is_empty() {
+        bail!("nothing on stdin: pipe the secret in, e.g. `printf %s \"$PASSWORD\" | rgctl hash-password`");
+    }
+    Ok(s)
+}
+
+fn keygen(out: &Path) -> Result<()> {
+    fs::create_dir_all(out).with_context(|| format!("cannot create `{}`", out.display()))?;
+    let pem_path = out.join("signing-key.pem");
+    if pem_path.exists() {
+        eprintln!("keeping existing signing key {}", pem_path.display());
+    } else {
+        let key = p256::ecdsa::SigningKey::random(&mut rand_core::OsRng);
+        let pem = key.to_pkcs8_pem(LineEnding::LF).map_err(|e| anyhow::anyhow!("cannot encode key: {e}"))?;
+        write_private(&pem_path, pem.as_bytes())?;
+        eprintln!("generated signing key {}", pem_path.display());
+    }
+    let key = load_signing_key(&pem_path)?;
+    let jwks = serde_json::json!({ "keys": [key.public_jwk()] });
+    fs::write(out.join("jwks.json"), serde_json::to_string_pretty(&jwks)? + "\n")?;
+    eprintln!("key id {} (JWKS in {})", key.kid, out.join("jwks.json").display());
+    Ok(())
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create `{}`", path.display()))?;
+    f.write_all(bytes)?;
+    Ok(())
+}
+
+fn load_signing_key(path: &Path) -> Result<SigningKey> {
+    let pem = fs::read_to_string(path).with_context(|| format!("cannot read `{}`", path.display()))?;
+    let key = p256::ecdsa::SigningKey::from_pkcs8_pem(&pem)
+        .map_err(|e| anyhow::anyhow!("`{}` is not a PKCS#8 PEM P-256 private key: {e}", path.display()))?;
+    Ok(SigningKey::new(key))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Replaces `${NAME}`; a placeholder without a value is an error naming it.
+fn render(text: &str, vars: &BTreeMap<String, String>) -> Result<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(rest.get(..start).unwrap_or_default());
+        let after = rest.get(start + 2..).unwrap_or_default();
+        let end = after.find('}').context("unterminated `${` placeholder")?;
+        let name = after.get(..end).unwrap_or_default();
+        let value = vars.get(name).with_context(|| format!("placeholder `${{{name}}}` has no value (use --set {name}=...)"))?;
+        out.push_str(value);
+        rest = after.get(end + 1..).unwrap_or_default();
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_replaces_and_reports_missing() {
+        let mut vars = BTreeMap::new();
+        vars.insert("A".to_owned(), "1".to_owned());
+        assert_eq!(render("x ${A} y ${A}", &vars).unwrap(), "x 1 y 1");
+        let e = render("${B}", &vars).unwrap_err().to_string();
+        assert!(e.contains("`${B}`"), "{e}");
+        assert!(render("${A", &vars).is_err());
+    }
+}

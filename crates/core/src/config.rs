@@ -1,0 +1,145 @@
+//! The filter's configuration: raw serde types → a compiled, checked form.
+
+use serde::Deserialize;
+
+use crate::decision::ChallengeConfig;
+use crate::token::{KeySet, Verifier};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFilterConfig {
+    /// Token endpoint URL clients are sent to (`realm` of the challenge).
+    realm: String,
+    /// Service name: the challenge's `service` and the required token audience.
+    service: String,
+    /// Required `iss` of tokens.
+    issuer: String,
+    #[serde(default = "default_leeway")]
+    leeway_seconds: i64,
+    /// JWKS document with the trusted verification keys.
+    jwks: serde_json::Value,
+    #[serde(default)]
+    cache: RawCache,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    #[serde(default = "default_cache_entries")]
+    max_entries: usize,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        RawCache { max_entries: default_cache_entries() }
+    }
+}
+
+fn default_leeway() -> i64 {
+    30
+}
+
+fn default_cache_entries() -> usize {
+    4096
+}
+
+/// The compiled configuration.
+#[derive(Debug, Clone)]
+pub struct FilterConfig {
+    pub challenge: ChallengeConfig,
+    pub verifier: Verifier,
+    pub cache_entries: usize,
+}
+
+/// A configuration error naming the field (JSON path) and the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("filter configuration: {field}: {reason}")]
+pub struct ConfigError {
+    pub field: String,
+    pub reason: String,
+}
+
+fn error(field: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError { field: field.to_owned(), reason: reason.into() }
+}
+
+impl FilterConfig {
+    pub fn from_json(bytes: &[u8]) -> Result<FilterConfig, ConfigError> {
+        let de = &mut serde_json::Deserializer::from_slice(bytes);
+        let raw: RawFilterConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            ConfigError { field: if path == "." { "$".into() } else { format!("$.{path}") }, reason: e.into_inner().to_string() }
+        })?;
+        if !(raw.realm.starts_with("http://") || raw.realm.starts_with("https://")) {
+            return Err(error("$.realm", format!("`{}` is not an http(s) URL", raw.realm)));
+        }
+        if raw.realm.contains('"') || raw.service.contains('"') {
+            return Err(error("$.realm", "must not contain `\"`"));
+        }
+        if raw.service.is_empty() {
+            return Err(error("$.service", "must not be empty"));
+        }
+        if raw.issuer.is_empty() {
+            return Err(error("$.issuer", "must not be empty"));
+        }
+        if !(0..=300).contains(&raw.leeway_seconds) {
+            return Err(error("$.leeway_seconds", "must be between 0 and 300"));
+        }
+        if raw.cache.max_entries == 0 || raw.cache.max_entries > 1_000_000 {
+            return Err(error("$.cache.max_entries", "must be between 1 and 1000000"));
+        }
+        let keys = KeySet::from_jwks(&raw.jwks).map_err(|e| error("$.jwks", e.to_string()))?;
+        Ok(FilterConfig {
+            challenge: ChallengeConfig { realm: raw.realm, service: raw.service.clone() },
+            verifier: Verifier { keys, issuer: raw.issuer, audience: raw.service, leeway_seconds: raw.leeway_seconds },
+            cache_entries: raw.cache.max_entries,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::testing::{es256_key, jwks};
+
+    fn config(extra: serde_json::Value) -> serde_json::Value {
+        let mut c = serde_json::json!({
+            "realm": "http://127.0.0.1:5001/jwt/auth",
+            "service": "container_registry",
+            "issuer": "registry-guard",
+            "jwks": jwks(&[&es256_key(1)]),
+        });
+        if let (Some(c), Some(e)) = (c.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                c.insert(k.clone(), v.clone());
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn valid_config_compiles() {
+        let c = FilterConfig::from_json(config(serde_json::json!({})).to_string().as_bytes()).unwrap();
+        assert_eq!(c.verifier.leeway_seconds, 30);
+        assert_eq!(c.cache_entries, 4096);
+        assert_eq!(c.verifier.keys.len(), 1);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (serde_json::json!({"leeway": 3}), "$.leeway"),
+            (serde_json::json!({"realm": "ftp://x"}), "$.realm"),
+            (serde_json::json!({"leeway_seconds": "3"}), "$.leeway_seconds"),
+            (serde_json::json!({"leeway_seconds": 1000}), "$.leeway_seconds"),
+            (serde_json::json!({"jwks": {"keys": []}}), "$.jwks"),
+            (serde_json::json!({"cache": {"max_entries": 0}}), "$.cache.max_entries"),
+            (serde_json::json!({"cache": {"size": 1}}), "$.cache.size"),
+        ];
+        for (extra, field) in cases {
+            let e = FilterConfig::from_json(config(extra.clone()).to_string().as_bytes()).unwrap_err();
+            assert_eq!(e.field, field, "{extra}: {e}");
+        }
+        assert_eq!(FilterConfig::from_json(b"nope").unwrap_err().field, "$");
+    }
+}

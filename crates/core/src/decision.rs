@@ -1,0 +1,237 @@
+//! The one decision function: a classified request plus the presented credential → allow, or
+//! the exact local reply (status, OCI error body, `WWW-Authenticate` challenge) and why.
+
+use std::fmt::Write as _;
+
+use crate::route::{Route, RouteError};
+use crate::scope::Scope;
+use crate::token::{TokenError, VerifiedToken};
+
+/// Where clients get tokens: the `realm` and `service` of the Bearer challenge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChallengeConfig {
+    pub realm: String,
+    pub service: String,
+}
+
+/// What the request presented in `Authorization`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Credential<'a> {
+    /// No `Authorization` header.
+    Missing,
+    /// A header that is not a single `Bearer <token>`.
+    NotBearer(&'static str),
+    /// A bearer token that failed verification.
+    Invalid(&'a TokenError),
+    /// A verified, currently valid token.
+    Valid(&'a VerifiedToken),
+}
+
+/// Extracts the bearer token from the `Authorization` header values of a request. Exactly
+/// one header with scheme `Bearer` (case-insensitive) is accepted.
+pub fn bearer_token<'a>(values: &[&'a str]) -> Result<Option<&'a str>, &'static str> {
+    match values {
+        [] => Ok(None),
+        [one] => {
+            let (scheme, rest) = one.trim().split_once(' ').ok_or("`Authorization` header is not `Bearer <token>`")?;
+            if !scheme.eq_ignore_ascii_case("bearer") {
+                return Err("only `Bearer` tokens are accepted on the registry API");
+            }
+            let token = rest.trim();
+            if token.is_empty() || token.contains(char::is_whitespace) {
+                return Err("`Authorization` header is not `Bearer <token>`");
+            }
+            Ok(Some(token))
+        }
+        _ => Err("more than one `Authorization` header"),
+    }
+}
+
+/// A decision with its reason, for logs and `explain`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow { subject: String, reason: String },
+    Deny(Denial),
+}
+
+/// A local reply to send instead of forwarding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub status: u16,
+    /// OCI error code (`UNAUTHORIZED`, `DENIED`, `NAME_INVALID`, ...).
+    pub code: &'static str,
+    /// Message shown to the client.
+    pub message: String,
+    /// `WWW-Authenticate` value for 401s.
+    pub www_authenticate: Option<String>,
+    /// Why, for operators (never contains a token).
+    pub reason: String,
+}
+
+impl Denial {
+    /// The OCI JSON error body.
+    pub fn body(&self) -> String {
+        serde_json::json!({ "errors": [{ "code": self.code, "message": self.message, "detail": null }] }).to_string()
+    }
+}
+
+impl Decision {
+    pub fn is_allow(&self) -> bool {
+        matches!(self, Decision::Allow { .. })
+    }
+
+    pub fn status(&self) -> u16 {
+        match self {
+            Decision::Allow { .. } => 200,
+            Decision::Deny(d) => d.status,
+        }
+    }
+}
+
+/// Decides one request.
+pub fn decide(route: Result<&Route, &RouteError>, credential: Credential<'_>, challenge: &ChallengeConfig) -> Decision {
+    let route = match route {
+        Ok(r) => r,
+        Err(e) => {
+            return Decision::Deny(Denial {
+                status: e.status,
+                code: e.code,
+                message: e.message.clone(),
+                www_authenticate: None,
+                reason: format!("request refused by the route grammar: {}", e.message),
+            })
+        }
+    };
+    let unauthorized = |error: Option<&str>, message: String, reason: String| {
+        Decision::Deny(Denial {
+            status: 401,
+            code: "UNAUTHORIZED",
+            message,
+            www_authenticate: Some(www_authenticate(challenge, &route.scopes, error)),
+            reason,
+        })
+    };
+    let token = match credential {
+        Credential::Missing => {
+            return unauthorized(None, "authentication required".into(), "no credentials presented".into())
+        }
+        Credential::NotBearer(why) => {
+            return unauthorized(Some("invalid_token"), format!("authentication required: {why}"), why.into())
+        }
+        Credential::Invalid(e) => {
+            return unauthorized(Some("invalid_token"), format!("authentication required: {e}"), e.to_string())
+        }
+        Credential::Valid(t) => t,
+    };
+    let mut missing = Vec::new();
+    for needed in &route.scopes {
+        let granted = token.granted(&needed.resource);
+        if !granted.covers(needed.actions) {
+            missing.push(format!("{needed} (token grants `{granted}`)"));
+        }
+    }
+    if missing.is_empty() {
+        let scopes = route.scopes.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(" ");
+        let reason = if scopes.is_empty() { "valid token".to_owned() } else { format!("token grants {scopes}") };
+        return Decision::Allow { subject: token.subject.clone(), reason };
+    }
+    let missing = missing.join(", ");
+    Decision::Deny(Denial {
+        status: 401,
+        code: "DENIED",
+        message: format!("requested access to the resource is denied: `{}` may not {missing}", token.subject),
+        www_authenticate: Some(www_authenticate(challenge, &route.scopes, Some("insufficient_scope"))),
+        reason: format!("subject `{}` lacks {missing}", token.subject),
+    })
+}
+
+/// `Bearer realm="…",service="…"[,scope="…"][,error="…"]`.
+pub fn www_authenticate(challenge: &ChallengeConfig, scopes: &[Scope], error: Option<&str>) -> String {
+    let mut out = format!("Bearer realm=\"{}\",service=\"{}\"", challenge.realm, challenge.service);
+    if !scopes.is_empty() {
+        let joined = scopes.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(" ");
+        let _ = write!(out, ",scope=\"{joined}\"");
+    }
+    if let Some(e) = error {
+        let _ = write!(out, ",error=\"{e}\"");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access::{Action, ActionSet};
+    use crate::route::classify;
+
+    fn challenge() -> ChallengeConfig {
+        ChallengeConfig { realm: "http://127.0.0.1:5001/jwt/auth".into(), service: "container_registry".into() }
+    }
+
+    fn token(grants: &[&str]) -> VerifiedToken {
+        VerifiedToken {
+            kid: "k".into(),
+            subject: "dev".into(),
+            jti: "j".into(),
+            auth_type: None,
+            user: None,
+            expires_at: 0,
+            not_before: None,
+            grants: grants.iter().map(|g| Scope::parse(g).unwrap()).collect(),
+        }
+    }
+
+    #[test]
+    fn bearer_extraction() {
+        assert_eq!(bearer_token(&[]), Ok(None));
+        assert_eq!(bearer_token(&["Bearer abc"]), Ok(Some("abc")));
+        assert_eq!(bearer_token(&["bearer  abc "]), Ok(Some("abc")));
+        assert!(bearer_token(&["Basic abc"]).is_err());
+        assert!(bearer_token(&["Bearer a b"]).is_err());
+        assert!(bearer_token(&["Bearer a", "Bearer a"]).is_err());
+        assert!(bearer_token(&["Bearer"]).is_err());
+    }
+
+    #[test]
+    fn missing_token_gets_a_challenge_with_scope() {
+        let r = classify("PUT", "/v2/acme/web/manifests/v1", None).unwrap();
+        let Decision::Deny(d) = decide(Ok(&r), Credential::Missing, &challenge()) else { panic!() };
+        assert_eq!(d.status, 401);
+        assert_eq!(
+            d.www_authenticate.as_deref(),
+            Some(r#"Bearer realm="http://127.0.0.1:5001/jwt/auth",service="container_registry",scope="repository:acme/web:pull,push""#)
+        );
+        let body: serde_json::Value = serde_json::from_str(&d.body()).unwrap();
+        assert_eq!(body["errors"][0]["code"], "UNAUTHORIZED");
+    }
+
+    #[test]
+    fn insufficient_scope_names_what_is_missing() {
+        let r = classify("PUT", "/v2/acme/web/manifests/v1", None).unwrap();
+        let t = token(&["repository:acme/web:pull"]);
+        let Decision::Deny(d) = decide(Ok(&r), Credential::Valid(&t), &challenge()) else { panic!() };
+        assert_eq!((d.status, d.code), (401, "DENIED"));
+        assert!(d.www_authenticate.unwrap().ends_with(r#"error="insufficient_scope""#));
+        assert!(d.message.contains("repository:acme/web:pull,push"), "{}", d.message);
+    }
+
+    #[test]
+    fn mount_needs_pull_on_from() {
+        let d = "sha256:".to_owned() + &"a".repeat(64);
+        let r = classify("POST", &format!("/v2/acme/web/blobs/uploads/?mount={d}&from=acme/secret"), None).unwrap();
+        let t = token(&["repository:acme/web:pull,push"]);
+        assert!(!decide(Ok(&r), Credential::Valid(&t), &challenge()).is_allow());
+        let t = token(&["repository:acme/web:pull,push", "repository:acme/secret:pull"]);
+        assert!(decide(Ok(&r), Credential::Valid(&t), &challenge()).is_allow());
+    }
+
+    #[test]
+    fn base_needs_any_valid_token_and_catalog_needs_star() {
+        let base = classify("GET", "/v2/", None).unwrap();
+        assert!(decide(Ok(&base), Credential::Valid(&token(&[])), &challenge()).is_allow());
+        let cat = classify("GET", "/v2/_catalog", None).unwrap();
+        assert!(!decide(Ok(&cat), Credential::Valid(&token(&[])), &challenge()).is_allow());
+        assert!(decide(Ok(&cat), Credential::Valid(&token(&["registry:catalog:*"])), &challenge()).is_allow());
+        let _ = ActionSet::of(&[Action::Pull]);
+    }
+}

@@ -1,0 +1,416 @@
+//! The principals file: groups, projects, users, their memberships, and what each may do.
+//!
+//! Permissions follow GitLab: membership of a group applies to everything under it, the
+//! highest applicable level wins; pull needs reporter (or a public/internal project), push
+//! needs developer, delete needs maintainer; admins may do everything on existing projects
+//! and alone may list the catalog.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde::Deserialize;
+
+use crate::access::{AccessLevel, Action, ActionSet};
+use crate::name::is_repository_name;
+use crate::scope::{Resource, Scope};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Visibility {
+    #[default]
+    Private,
+    /// Any authenticated user may pull.
+    Internal,
+    /// Anyone may pull; we still require a token, so this behaves like `internal`.
+    Public,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDirectory {
+    #[serde(default)]
+    groups: Vec<RawGroup>,
+    #[serde(default)]
+    projects: Vec<RawProject>,
+    #[serde(default)]
+    users: Vec<RawUser>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    path: String,
+    #[serde(default)]
+    visibility: Visibility,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProject {
+    path: String,
+    #[serde(default)]
+    visibility: Option<Visibility>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUser {
+    id: u64,
+    username: String,
+    #[serde(default)]
+    admin: bool,
+    #[serde(default)]
+    password_hash: Option<String>,
+    #[serde(default)]
+    personal_access_tokens: Vec<RawPat>,
+    #[serde(default)]
+    memberships: Vec<RawMembership>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPat {
+    name: String,
+    sha256: String,
+    #[serde(default)]
+    expires_at: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMembership {
+    path: String,
+    access_level: AccessLevel,
+}
+
+/// A problem in the principals file, with the JSON path of the offending field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {reason}")]
+pub struct DirectoryError {
+    pub path: String,
+    pub reason: String,
+}
+
+fn error(path: impl Into<String>, reason: impl Into<String>) -> DirectoryError {
+    DirectoryError { path: path.into(), reason: reason.into() }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PersonalAccessToken {
+    pub name: String,
+    /// Lowercase hex SHA-256 of the token secret; the secret itself is never stored.
+    pub sha256: String,
+    pub expires_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub id: u64,
+    pub username: String,
+    pub admin: bool,
+    /// Argon2id PHC string.
+    pub password_hash: Option<String>,
+    pub personal_access_tokens: Vec<PersonalAccessToken>,
+    /// Path (group or project) → level.
+    pub memberships: BTreeMap<String, AccessLevel>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Project {
+    pub path: String,
+    pub visibility: Visibility,
+}
+
+/// The validated principals file.
+#[derive(Debug, Clone, Default)]
+pub struct Directory {
+    groups: BTreeMap<String, Visibility>,
+    projects: BTreeMap<String, Project>,
+    users: Vec<User>,
+    by_username: HashMap<String, usize>,
+}
+
+impl Directory {
+    /// Parses and validates a principals document; errors name the JSON path and the reason.
+    pub fn from_json(text: &str) -> Result<Directory, DirectoryError> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let raw: RawDirectory = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            error(if path == "." { "$".into() } else { format!("$.{path}") }, e.into_inner().to_string())
+        })?;
+        Directory::compile(raw)
+    }
+
+    fn compile(raw: RawDirectory) -> Result<Directory, DirectoryError> {
+        let mut dir = Directory::default();
+        for (i, g) in raw.groups.iter().enumerate() {
+            let at = format!("$.groups[{i}].path");
+            check_path(&at, &g.path)?;
+            if dir.groups.insert(g.path.clone(), g.visibility).is_some() {
+                return Err(error(at, format!("duplicate group `{}`", g.path)));
+            }
+        }
+        for (i, g) in raw.groups.iter().enumerate() {
+            if let Some((parent, _)) = g.path.rsplit_once('/') {
+                if !dir.groups.contains_key(parent) {
+                    return Err(error(format!("$.groups[{i}].path"), format!("parent group `{parent}` is not defined")));
+                }
+            }
+        }
+        for (i, p) in raw.projects.iter().enumerate() {
+            let at = format!("$.projects[{i}].path");
+            check_path(&at, &p.path)?;
+            let Some((parent, _)) = p.path.rsplit_once('/') else {
+                return Err(error(at, format!("project `{}` must live in a group (`group/project`)", p.path)));
+            };
+            if !dir.groups.contains_key(parent) {
+                return Err(error(at, format!("group `{parent}` is not defined")));
+            }
+            if dir.groups.contains_key(&p.path) {
+                return Err(error(at, format!("`{}` is already a group", p.path)));
+            }
+            let visibility = p.visibility.unwrap_or_else(|| dir.inherited_visibility(parent));
+            let project = Project { path: p.path.clone(), visibility };
+            if dir.projects.insert(p.path.clone(), project).is_some() {
+                return Err(error(at, format!("duplicate project `{}`", p.path)));
+            }
+        }
+        let mut ids = HashSet::new();
+        let mut digests = HashSet::new();
+        for (i, u) in raw.users.into_iter().enumerate() {
+            let at = format!("$.users[{i}]");
+            if u.username.is_empty() || !u.username.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+                return Err(error(format!("{at}.username"), format!("invalid username `{}`", u.username)));
+            }
+            if dir.by_username.contains_key(&u.username) {
+                return Err(error(format!("{at}.username"), format!("duplicate user `{}`", u.username)));
+            }
+            if !ids.insert(u.id) {
+                return Err(error(format!("{at}.id"), format!("duplicate user id {}", u.id)));
+            }
+            if let Some(h) = &u.password_hash {
+                if !h.starts_with("$argon2id$") {
+                    return Err(error(format!("{at}.password_hash"), "not an argon2id PHC string (`$argon2id$...`)"));
+                }
+            }
+            let mut pats = Vec::new();
+            for (j, p) in u.personal_access_tokens.into_iter().enumerate() {
+                let pat_at = format!("{at}.personal_access_tokens[{j}].sha256");
+                if p.sha256.len() != 64 || !p.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+                    return Err(error(pat_at, "must be 64 lowercase hex characters (SHA-256 of the token)"));
+                }
+                if !digests.insert(p.sha256.clone()) {
+                    return Err(error(pat_at, "the same token digest appears twice"));
+                }
+                pats.push(PersonalAccessToken { name: p.name, sha256: p.sha256, expires_at: p.expires_at });
+            }
+            let mut memberships = BTreeMap::new();
+            for (j, m) in u.memberships.iter().enumerate() {
+                let m_at = format!("{at}.memberships[{j}]");
+                if !dir.groups.contains_key(&m.path) && !dir.projects.contains_key(&m.path) {
+                    return Err(error(format!("{m_at}.path"), format!("no group or project `{}`", m.path)));
+                }
+                if m.access_level == AccessLevel::Admin || m.access_level == AccessLevel::NoAccess {
+                    return Err(error(
+                        format!("{m_at}.access_level"),
+                        "membership level must be between minimal_access and owner (admin is the user's `admin` flag)",
+                    ));
+                }
+                if memberships.insert(m.path.clone(), m.access_level).is_some() {
+                    return Err(error(format!("{m_at}.path"), format!("duplicate membership of `{}`", m.path)));
+                }
+            }
+            dir.by_username.insert(u.username.clone(), dir.users.len());
+            dir.users.push(User {
+                id: u.id,
+                username: u.username,
+                admin: u.admin,
+                password_hash: u.password_hash,
+                personal_access_tokens: pats,
+                memberships,
+            });
+        }
+        Ok(dir)
+    }
+
+    fn inherited_visibility(&self, group: &str) -> Visibility {
+        self.groups.get(group).copied().unwrap_or_default()
+    }
+
+    pub fn user(&self, username: &str) -> Option<&User> {
+        self.by_username.get(username).and_then(|i| self.users.get(*i))
+    }
+
+    pub fn users(&self) -> &[User] {
+        &self.users
+    }
+
+    /// The user owning the personal access token with this SHA-256 digest.
+    pub fn user_by_pat_digest(&self, sha256_hex: &str) -> Option<(&User, &PersonalAccessToken)> {
+        self.users
+            .iter()
+            .find_map(|u| u.personal_access_tokens.iter().find(|p| p.sha256 == sha256_hex).map(|p| (u, p)))
+    }
+
+    /// The project a repository belongs to: the project whose path is the repository name
+    /// or its longest prefix ending at a `/`.
+    pub fn project_of(&self, repository: &str) -> Option<&Project> {
+        let mut candidate = repository;
+        loop {
+            if let Some(p) = self.projects.get(candidate) {
+                return Some(p);
+            }
+            candidate = candidate.rsplit_once('/')?.0;
+        }
+    }
+
+    /// The user's effective level on `path`: the highest membership on it or an ancestor.
+    pub fn access_level(&self, user: &User, path: &str) -> AccessLevel {
+        let mut best = AccessLevel::NoAccess;
+        let mut candidate = path;
+        loop {
+            if let Some(l) = user.memberships.get(candidate) {
+                best = best.max(*l);
+            }
+            match candidate.rsplit_once('/') {
+                Some((parent, _)) => candidate = parent,
+                None => return best,
+            }
+        }
+    }
+
+    /// Actions `user` may perform on `resource`, with the project it belongs to.
+    pub fn permitted(&self, user: &User, resource: &Resource) -> (ActionSet, Option<&Project>) {
+        let name = match resource {
+            Resource::Catalog => {
+                let all = if user.admin { ActionSet::of(&[Action::All]) } else { ActionSet::EMPTY };
+                return (all, None);
+            }
+            Resource::Repository(name) => name,
+        };
+        let Some(project) = self.project_of(name) else {
+            return (ActionSet::EMPTY, None);
+        };
+        if user.admin {
+            return (ActionSet::of(&[Action::Pull, Action::Push, Action::Delete]), Some(project));
+        }
+        let level = self.access_level(user, &project.path);
+        let mut set = ActionSet::EMPTY;
+        if level >= AccessLevel::Reporter || project.visibility != Visibility::Private {
+            set = set.with(Action::Pull);
+        }
+        if level >= AccessLevel::Developer {
+            set = set.with(Action::Push);
+        }
+        if level >= AccessLevel::Maintainer {
+            set = set.with(Action::Delete);
+        }
+        (set, Some(project))
+    }
+
+    /// Grants for a token request: requested ∩ permitted, per scope, dropping empty ones.
+    pub fn grant(&self, user: &User, requested: &[Scope]) -> Vec<Grant> {
+        requested
+            .iter()
+            .filter_map(|s| {
+                let (permitted, project) = self.permitted(user, &s.resource);
+                let actions = s.actions.intersect(permitted);
+                let actions = if permitted.contains(Action::All) && !s.actions.is_empty() { s.actions } else { actions };
+                (!actions.is_empty()).then(|| Grant {
+                    scope: Scope { resource: s.resource.clone(), actions },
+                    project_path: project.map(|p| p.path.clone()),
+                })
+            })
+            .collect()
+    }
+}
+
+/// One granted scope with the project it belongs to (for `meta.project_path`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub scope: Scope,
+    pub project_path: Option<String>,
+}
+
+fn check_path(at: &str, path: &str) -> Result<(), DirectoryError> {
+    if is_repository_name(path) {
+        Ok(())
+    } else {
+        Err(error(at, format!("`{path}` is not a valid path (lowercase OCI name components separated by `/`)")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../../policies/example/principals.json");
+
+    fn can(dir: &Directory, user: &str, repo: &str) -> String {
+        let u = dir.user(user).unwrap();
+        dir.permitted(u, &Resource::Repository(repo.into())).0.to_string()
+    }
+
+    /// The README's table of example principals, checked against the example file.
+    #[test]
+    fn example_world_permissions() {
+        let dir = Directory::from_json(EXAMPLE).unwrap();
+        let table = [
+            ("root", "acme/web/app", "pull,push,delete"),
+            ("alice", "acme/platform/api", "pull,push,delete"),
+            ("alice", "acme/web", "pull,push,delete"),
+            ("mia", "acme/web/app", "pull,push,delete"),
+            ("mia", "acme/platform/api", ""),
+            ("dev", "acme/web/app", "pull,push"),
+            ("dev", "acme/platform/api", ""),
+            ("rita", "acme/web/app", "pull"),
+            ("rita", "acme/platform/api/x", "pull"),
+            ("gus", "acme/web/app", ""),
+            ("olga", "acme/web/app", ""),
+            ("olga", "other/tools/x", "pull,push"),
+            ("dev", "other/tools", "pull"),
+            ("root", "nowhere/at/all", ""),
+        ];
+        for (user, repo, want) in table {
+            assert_eq!(can(&dir, user, repo), want, "{user} on {repo}");
+        }
+        let root = dir.user("root").unwrap();
+        assert_eq!(dir.permitted(root, &Resource::Catalog).0.to_string(), "*");
+        let alice = dir.user("alice").unwrap();
+        assert!(dir.permitted(alice, &Resource::Catalog).0.is_empty());
+    }
+
+    #[test]
+    fn grants_are_requested_intersect_permitted() {
+        let dir = Directory::from_json(EXAMPLE).unwrap();
+        let rita = dir.user("rita").unwrap();
+        let req = Scope::parse_all(["repository:acme/web/app:pull,push repository:other/tools:push"]).unwrap();
+        let g = dir.grant(rita, &req);
+        assert_eq!(g.len(), 1);
+        assert_eq!(g[0].scope.to_string(), "repository:acme/web/app:pull");
+        assert_eq!(g[0].project_path.as_deref(), Some("acme/web"));
+        let root = dir.user("root").unwrap();
+        let g = dir.grant(root, &[Scope::catalog()]);
+        assert_eq!(g[0].scope.to_string(), "registry:catalog:*");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (r#"{"groups": [{"path": "a", "visibilty": "public"}]}"#, "$.groups[0]"),
+            (r#"{"groups": [{"path": "A"}]}"#, "$.groups[0].path"),
+            (r#"{"groups": [{"path": "a"}, {"path": "a"}]}"#, "$.groups[1].path"),
+            (r#"{"groups": [{"path": "a/b"}]}"#, "$.groups[0].path"),
+            (r#"{"groups": [{"path": "a"}], "projects": [{"path": "b/c"}]}"#, "$.projects[0].path"),
+            (r#"{"users": [{"id": 1, "username": "x"}, {"id": 1, "username": "y"}]}"#, "$.users[1].id"),
+            (r#"{"users": [{"id": 1, "username": "x"}, {"id": 2, "username": "x"}]}"#, "$.users[1].username"),
+            (r#"{"users": [{"id": 1, "username": "x", "password_hash": "md5"}]}"#, "$.users[0].password_hash"),
+            (r#"{"users": [{"id": 1, "username": "x", "memberships": [{"path": "nope", "access_level": "guest"}]}]}"#, "$.users[0].memberships[0].path"),
+            (r#"{"groups": [{"path": "a"}], "users": [{"id": 1, "username": "x", "memberships": [{"path": "a", "access_level": "boss"}]}]}"#, "$.users[0].memberships[0].access_level"),
+            (r#"{"users": [{"id": 1, "username": "x", "personal_access_tokens": [{"name": "t", "sha256": "abc"}]}]}"#, "$.users[0].personal_access_tokens[0].sha256"),
+        ];
+        for (text, path) in cases {
+            let e = Directory::from_json(text).unwrap_err();
+            assert!(e.path.starts_with(path), "{text}: got {e}");
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! The request-time engine: configuration + a bounded cache of verified tokens + `decide`.
+//! The filter's HTTP context calls [`Guard::check`] once per request and maps the result.
+
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+
+use crate::config::FilterConfig;
+use crate::decision::{bearer_token, decide, Credential, Decision};
+use crate::route::classify;
+use crate::token::{TokenError, VerifiedToken};
+
+/// Verified tokens, bounded in entries (oldest evicted first) and by each token's expiry.
+/// Only successful verifications are cached; time claims are rechecked on every hit.
+#[derive(Debug)]
+pub struct TokenCache {
+    capacity: usize,
+    entries: HashMap<Rc<str>, VerifiedToken>,
+    order: VecDeque<Rc<str>>,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+impl TokenCache {
+    pub fn new(capacity: usize) -> TokenCache {
+        TokenCache { capacity: capacity.max(1), entries: HashMap::new(), order: VecDeque::new(), hits: 0, misses: 0 }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Returns the cached verification of `token`, dropping it if it expired.
+    fn get(&mut self, token: &str, now: i64, leeway: i64) -> Option<&VerifiedToken> {
+        let expired = match self.entries.get(token) {
+            None => return None,
+            Some(v) => now > v.expires_at.saturating_add(leeway),
+        };
+        if expired {
+            self.entries.remove(token);
+            self.order.retain(|k| &**k != token);
+            return None;
+        }
+        self.entries.get(token)
+    }
+
+    fn insert(&mut self, token: &str, verified: VerifiedToken) {
+        while self.entries.len() >= self.capacity {
+            match self.order.pop_front() {
+                Some(oldest) => {
+                    self.entries.remove(&oldest);
+                }
+                None => break,
+            }
+        }
+        let key: Rc<str> = Rc::from(token);
+        self.order.push_back(key.clone());
+        self.entries.insert(key, verified);
+    }
+}
+
+/// One filter instance's state: compiled configuration and token cache.
+#[derive(Debug)]
+pub struct Guard {
+    pub config: FilterConfig,
+    pub cache: TokenCache,
+}
+
+/// A decision plus who asked, for logging.
+#[derive(Debug)]
+pub struct Checked {
+    pub decision: Decision,
+    /// Subject of a verified token, if one was presented.
+    pub subject: Option<String>,
+}
+
+impl Guard {
+    pub fn new(config: FilterConfig) -> Guard {
+        let cache = TokenCache::new(config.cache_entries);
+        Guard { config, cache }
+    }
+
+    /// Decides one request at time `now` (unix seconds).
+    pub fn check(
+        &mut self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        authorization: &[&str],
+        now: i64,
+    ) -> Checked {
+        let route = classify(method, path, content_type);
+        let challenge = &self.config.challenge;
+        let token = match bearer_token(authorization) {
+            Err(why) => {
+                let decision = decide(route.as_ref(), Credential::NotBearer(why), challenge);
+                return Checked { decision, subject: None };
+            }
+            Ok(None) => {
+                let decision = decide(route.as_ref(), Credential::Missing, challenge);
+                return Checked { decision, subject: None };
+            }
+            Ok(Some(t)) => t,
+        };
+        let leeway = self.config.verifier.leeway_seconds;
+        if self.cache.get(token, now, leeway).is_some() {
+            self.cache.hits += 1;
+        } else {
+            self.cache.misses += 1;
+            match self.config.verifier.verify_signature_and_claims(token) {
+                Ok(v) => self.cache.insert(token, v),
+                Err(e) => return invalid(route.as_ref(), &e, challenge),
+            }
+        }
+        let Some(verified) = self.cache.entries.get(token) else {
+            return invalid(route.as_ref(), &TokenError::Malformed("cache inconsistency".into()), challenge);
+        };
+        if let Err(e) = verified.check_time(now, leeway) {
+            return invalid(route.as_ref(), &e, challenge);
+        }
+        let decision = decide(route.as_ref(), Credential::Valid(verified), challenge);
+        Checked { decision, subject: Some(verified.subject.clone()) }
+    }
+}
+
+fn invalid(
+    route: Result<&crate::route::Route, &crate::route::RouteError>,
+    e: &TokenError,
+    challenge: &crate::decision::ChallengeConfig,
+) -> Checked {
+    Checked { decision: decide(route, Credential::Invalid(e), challenge), subject: None }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::testing::es256_key;
+    use crate::token::{sign, AccessClaim, Audience, RegistryClaims, Validity};
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn guard(cap: usize) -> Guard {
+        let cfg = serde_json::json!({
+            "realm": "http://127.0.0.1:5001/jwt/auth",
+            "service": "container_registry",
+            "issuer": "registry-guard",
+            "leeway_seconds": 0,
+            "jwks": crate::token::testing::jwks(&[&es256_key(1)]),
+            "cache": {"max_entries": cap},
+        });
+        Guard::new(FilterConfig::from_json(cfg.to_string().as_bytes()).unwrap())
+    }
+
+    fn token(sub: &str, exp: i64) -> String {
+        let claims = RegistryClaims {
+            iss: "registry-guard".into(),
+            sub: sub.into(),
+            aud: Audience::One("container_registry".into()),
+            jti: sub.into(),
+            access: vec![AccessClaim {
+                resource_type: "repository".into(),
+                name: "acme/web".into(),
+                actions: vec!["pull".into()],
+                meta: None,
+            }],
+            auth_type: None,
+            user: None,
+            extra: Default::default(),
+        };
+        sign(&es256_key(1), claims, Validity { issued_at: NOW, not_before: NOW, expires_at: exp }).unwrap()
+    }
+
+    #[test]
+    fn cache_hits_are_bounded_and_recheck_expiry() {
+        let mut g = guard(2);
+        let t1 = format!("Bearer {}", token("a", NOW + 10));
+        let t2 = format!("Bearer {}", token("b", NOW + 10));
+        let t3 = format!("Bearer {}", token("c", NOW + 10));
+        for t in [&t1, &t1, &t2, &t3] {
+            let c = g.check("GET", "/v2/acme/web/manifests/v1", None, &[t], NOW);
+            assert!(c.decision.is_allow());
+        }
+        assert_eq!((g.cache.hits, g.cache.misses, g.cache.len()), (1, 3, 2));
+        // t1 was evicted (oldest): verifying it again is a miss.
+        assert!(g.check("GET", "/v2/", None, &[&t1], NOW).decision.is_allow());
+        assert_eq!(g.cache.misses, 4);
+        // A cached token past its expiry is refused and dropped.
+        let c = g.check("GET", "/v2/", None, &[&t1], NOW + 11);
+        assert_eq!(c.decision.status(), 401);
+        assert!(g.cache.len() <= 2);
+    }
+
+    #[test]
+    fn wrong_repository_is_denied_with_insufficient_scope() {
+        let mut g = guard(8);
+        let t = format!("Bearer {}", token("a", NOW + 10));
+        let c = g.check("GET", "/v2/other/tools/manifests/v1", None, &[&t], NOW);
+        let Decision::Deny(d) = c.decision else { panic!() };
+        assert_eq!(d.code, "DENIED");
+    }
+}
