@@ -1,1 +1,190 @@
+//! registry-guard, the proxy-wasm filter: thin glue over `registry_guard_core`.
+//!
+//! The root context owns the compiled configuration and the token cache (one per VM); the
+//! HTTP context reads the request headers, asks [`Guard::check`] and either continues or sends
+//! the local reply the core decided. No policy logic lives here.
 
+pub mod host;
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType};
+use registry_guard_core::config::FilterConfig;
+use registry_guard_core::decision::Decision;
+use registry_guard_core::guard::Guard;
+
+use crate::host::{Host, Metrics, ProxyWasmHost};
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[cfg(target_arch = "wasm32")]
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(GuardRoot::default()) });
+}}
+
+
+/// Root context: configuration, per-VM token cache, metric ids.
+#[derive(Default)]
+pub struct GuardRoot {
+    guard: Option<Rc<RefCell<Guard>>>,
+    metrics: Option<Rc<Metrics>>,
+}
+
+impl Context for GuardRoot {}
+
+impl RootContext for GuardRoot {
+    fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
+        log::info!("registry-guard {VERSION} VM started");
+        true
+    }
+
+    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        let bytes = match proxy_wasm::hostcalls::get_buffer(proxy_wasm::types::BufferType::PluginConfiguration, 0, usize::MAX) {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                log::error!("registry-guard: plugin configuration is empty; expected the filter configuration JSON");
+                return false;
+            }
+            Err(status) => {
+                log::error!("registry-guard: cannot read plugin configuration: {status:?}");
+                return false;
+            }
+        };
+        match FilterConfig::from_json(&bytes) {
+            Ok(config) => {
+                let kids: Vec<&str> = config.verifier.keys.kids().collect();
+                log::info!(
+                    "registry-guard configured: issuer={} service={} realm={} keys={:?} cache={}",
+                    config.verifier.issuer,
+                    config.challenge.service,
+                    config.challenge.realm,
+                    kids,
+                    config.cache_entries
+                );
+                self.guard = Some(Rc::new(RefCell::new(Guard::new(config))));
+                if self.metrics.is_none() {
+                    self.metrics = Metrics::define().ok().map(Rc::new);
+                }
+                true
+            }
+            Err(e) => {
+                log::error!("registry-guard: rejected configuration: {e}");
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(GuardHttp { context_id, guard: self.guard.clone(), metrics: self.metrics.clone() }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+/// One request.
+pub struct GuardHttp {
+    context_id: u32,
+    guard: Option<Rc<RefCell<Guard>>>,
+    metrics: Option<Rc<Metrics>>,
+}
+
+impl Context for GuardHttp {}
+
+impl HttpContext for GuardHttp {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let mut host = ProxyWasmHost;
+        let outcome = on_request_headers(&mut host, self.context_id, self.guard.as_deref());
+        if let Some(m) = &self.metrics {
+            m.count(&mut host, outcome);
+        }
+        match outcome {
+            Outcome::Allowed => Action::Continue,
+            Outcome::Denied | Outcome::Failed => Action::Pause,
+        }
+    }
+}
+
+/// What happened to a request, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Allowed,
+    Denied,
+    /// Internal error: the request was refused (fail closed).
+    Failed,
+}
+
+/// The request-headers step, over any [`Host`]: read, decide, reply.
+pub fn on_request_headers(host: &mut impl Host, context_id: u32, guard: Option<&RefCell<Guard>>) -> Outcome {
+    let Some(guard) = guard else {
+        return fail(host, context_id, "filter is not configured");
+    };
+    let headers = match host.request_headers() {
+        Ok(h) => h,
+        Err(e) => return fail(host, context_id, &format!("cannot read request headers: {e}")),
+    };
+    let now = match host.now_unix_seconds() {
+        Ok(t) => t,
+        Err(e) => return fail(host, context_id, &format!("cannot read host time: {e}")),
+    };
+    let mut method = None;
+    let mut path = None;
+    let mut content_type = None;
+    let mut authorization: Vec<&str> = Vec::new();
+    for (name, value) in &headers {
+        match name.as_str() {
+            ":method" => method = Some(value.as_str()),
+            ":path" => path = Some(value.as_str()),
+            "content-type" => content_type = Some(value.as_str()),
+            "authorization" => authorization.push(value),
+            _ => {}
+        }
+    }
+    let (Some(method), Some(path)) = (method, path) else {
+        return fail(host, context_id, "request has no :method or :path");
+    };
+    let Ok(mut guard) = guard.try_borrow_mut() else {
+        return fail(host, context_id, "guard state is busy");
+    };
+    let checked = guard.check(method, path, content_type, &authorization, now);
+    drop(guard);
+    match checked.decision {
+        Decision::Allow { .. } => Outcome::Allowed,
+        Decision::Deny(d) => {
+            log::info!(
+                "[{context_id}] deny {} {method} {} subject={}: {}",
+                d.status,
+                path.split('?').next().unwrap_or_default(),
+                checked.subject.as_deref().unwrap_or("-"),
+                d.reason
+            );
+            let mut headers = vec![
+                ("content-type", "application/json"),
+                ("docker-distribution-api-version", "registry/2.0"),
+            ];
+            if let Some(w) = d.www_authenticate.as_deref() {
+                headers.push(("www-authenticate", w));
+            }
+            let body = d.body();
+            match host.send_response(d.status, &headers, body.as_bytes()) {
+                Ok(()) => Outcome::Denied,
+                Err(e) => {
+                    log::error!("[{context_id}] cannot send local reply: {e}");
+                    Outcome::Failed
+                }
+            }
+        }
+    }
+}
+
+/// Fail closed: 503 with an OCI error body.
+fn fail(host: &mut impl Host, context_id: u32, why: &str) -> Outcome {
+    log::error!("[{context_id}] registry-guard internal error, refusing request: {why}");
+    let body = r#"{"errors":[{"code":"UNAVAILABLE","message":"registry-guard cannot decide this request; refused","detail":null}]}"#;
+    let _ = host.send_response(503, &[("content-type", "application/json")], body.as_bytes());
+    Outcome::Failed
+}

@@ -1,1 +1,330 @@
+//! End-to-end harness: starts the real registry (distribution), the token service and Envoy
+//! with the built filter on free loopback ports, from the committed templates, and drives
+//! them with skopeo and raw HTTP. Every process is killed when the [`Stack`] drops; on a
+//! failing test the components' logs are printed.
+//!
+//! Artifacts are the release builds (`make test` builds them first):
+//! `target/release/{rgctl,registry-guard-token-service}`,
+//! `target/wasm32-wasip1/release/registry_guard.wasm`, `.venv/bin/envoy`.
 
+pub mod image;
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn artifact(rel: &str) -> PathBuf {
+    let p = root().join(rel);
+    assert!(p.exists(), "missing artifact {} — run `make test` (it builds release artifacts first)", p.display());
+    p
+}
+
+/// A free loopback port (bound then released; good enough on a test machine).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    l.local_addr().expect("local addr").port()
+}
+
+pub struct Proc {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub config_dir: PathBuf,
+    pub envoy_port: u16,
+    pub token_port: u16,
+    pub registry_port: u16,
+    pub admin_port: u16,
+    procs: Vec<Proc>,
+}
+
+impl Stack {
+    /// Starts everything with the example principals and a fresh signing key.
+    pub fn start() -> Stack {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_dir = dir.path().join("config");
+        fs::create_dir_all(&config_dir).expect("mkdir config");
+        for f in ["principals.json", "token-service.json"] {
+            fs::copy(root().join("policies/example").join(f), config_dir.join(f)).expect("copy example config");
+        }
+        let mut stack = Stack {
+            config_dir,
+            envoy_port: free_port(),
+            token_port: free_port(),
+            registry_port: free_port(),
+            admin_port: free_port(),
+            procs: Vec::new(),
+            dir,
+        };
+        stack.rgctl(&["keygen", "--out", &stack.config_dir.join("keys").display().to_string()]);
+        stack.start_registry();
+        stack.start_token_service();
+        stack.start_envoy();
+        stack
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn rgctl(&self, args: &[&str]) -> String {
+        let out = Command::new(artifact("target/release/rgctl")).args(args).output().expect("run rgctl");
+        assert!(out.status.success(), "rgctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf8")
+    }
+
+    fn render(&self, template: &str, out: &str, vars: &[(&str, String)], json: &[(&str, PathBuf)]) -> PathBuf {
+        let mut args = vec!["render".to_owned(), root().join(template).display().to_string()];
+        for (k, v) in vars {
+            args.push("--set".into());
+            args.push(format!("{k}={v}"));
+        }
+        for (k, f) in json {
+            args.push("--set-json".into());
+            args.push(format!("{k}={}", f.display()));
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let text = self.rgctl(&refs);
+        let path = self.path(out);
+        fs::write(&path, text).expect("write rendered config");
+        path
+    }
+
+    fn spawn(&mut self, name: &'static str, cmd: &mut Command) {
+        let log = self.path(&format!("{name}.log"));
+        let f = fs::File::create(&log).expect("log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().expect("clone log"))
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        self.procs.push(Proc { name, child, log });
+    }
+
+    fn start_registry(&mut self) {
+        let storage = self.path("storage");
+        fs::create_dir_all(&storage).expect("storage dir");
+        let cfg = self.render(
+            "deploy/registry.yml",
+            "registry.yml",
+            &[
+                ("STORAGE_DIR", storage.display().to_string()),
+                ("REGISTRY_PORT", self.registry_port.to_string()),
+                ("HTTP_SECRET", "e2e-http-secret".into()),
+            ],
+            &[],
+        );
+        self.spawn("registry", Command::new("docker-registry").arg("serve").arg(cfg));
+        self.wait_http(self.registry_port, "/v2/", "registry");
+    }
+
+    fn start_token_service(&mut self) {
+        let bin = artifact("target/release/registry-guard-token-service");
+        let listen = format!("127.0.0.1:{}", self.token_port);
+        let config_dir = self.config_dir.clone();
+        self.spawn("token-service", Command::new(bin).arg("--config-dir").arg(config_dir).arg("--listen").arg(listen));
+        self.wait_http(self.token_port, "/healthz", "token-service");
+    }
+
+    fn start_envoy(&mut self) {
+        let filter = self.rgctl(&[
+            "filter-config",
+            "--realm",
+            &self.realm(),
+            "--jwks",
+            &self.config_dir.join("keys/jwks.json").display().to_string(),
+            "--leeway-seconds",
+            "2",
+        ]);
+        let filter_path = self.path("filter.json");
+        fs::write(&filter_path, filter).expect("write filter config");
+        let cfg = self.render(
+            "envoy/envoy.yaml",
+            "envoy.yaml",
+            &[
+                ("ADMIN_PORT", self.admin_port.to_string()),
+                ("LISTEN_PORT", self.envoy_port.to_string()),
+                ("REGISTRY_PORT", self.registry_port.to_string()),
+                ("WASM_PATH", artifact("target/wasm32-wasip1/release/registry_guard.wasm").display().to_string()),
+            ],
+            &[("FILTER_CONFIG", filter_path)],
+        );
+        let envoy = artifact(".venv/bin/envoy");
+        self.spawn(
+            "envoy",
+            Command::new(envoy)
+                .arg("-c")
+                .arg(cfg)
+                .args(["--concurrency", "1", "--log-level", "warn", "--component-log-level", "wasm:info"])
+                .args(["--base-id", &self.admin_port.to_string()]),
+        );
+        self.wait_http(self.admin_port, "/ready", "envoy");
+    }
+
+    fn wait_http(&mut self, port: u16, path: &str, name: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let url = format!("http://127.0.0.1:{port}{path}");
+        loop {
+            match ureq::get(&url).timeout(Duration::from_secs(1)).call() {
+                Ok(_) | Err(ureq::Error::Status(..)) => return,
+                Err(_) if Instant::now() < deadline => {
+                    if let Some(p) = self.procs.iter_mut().find(|p| p.name == name) {
+                        if let Ok(Some(status)) = p.child.try_wait() {
+                            self.dump_logs();
+                            panic!("{name} exited early with {status}");
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => {
+                    self.dump_logs();
+                    panic!("{name} not ready at {url}: {e}");
+                }
+            }
+        }
+    }
+
+    pub fn realm(&self) -> String {
+        format!("http://127.0.0.1:{}/jwt/auth", self.token_port)
+    }
+
+    pub fn registry_host(&self) -> String {
+        format!("127.0.0.1:{}", self.envoy_port)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.envoy_port)
+    }
+
+    /// The token service's signing key, for forging tokens with chosen claims in tests.
+    pub fn signing_key(&self) -> registry_guard_core::token::SigningKey {
+        use p256::pkcs8::DecodePrivateKey as _;
+        let pem = fs::read_to_string(self.config_dir.join("keys/signing-key.pem")).expect("read key");
+        registry_guard_core::token::SigningKey::new(p256::ecdsa::SigningKey::from_pkcs8_pem(&pem).expect("pem"))
+    }
+
+    /// Fetches a token from the token service as `user:secret` for `scopes`.
+    pub fn token(&self, user: &str, secret: &str, scopes: &[&str]) -> Result<String, (u16, String)> {
+        let mut req = ureq::get(&self.realm()).query("service", "container_registry");
+        for s in scopes {
+            req = req.query("scope", s);
+        }
+        let basic = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("{user}:{secret}"));
+        match req.set("Authorization", &format!("Basic {basic}")).call() {
+            Ok(resp) => {
+                let v: serde_json::Value = serde_json::from_str(&resp.into_string().expect("token body")).expect("token json");
+                Ok(v["token"].as_str().expect("token field").to_owned())
+            }
+            Err(ureq::Error::Status(code, resp)) => Err((code, resp.into_string().unwrap_or_default())),
+            Err(e) => Err((0, e.to_string())),
+        }
+    }
+
+    /// A raw request through Envoy; returns status, `WWW-Authenticate` and body.
+    pub fn request(&self, method: &str, path: &str, bearer: Option<&str>) -> Reply {
+        let mut req = ureq::request(method, &self.url(path)).timeout(Duration::from_secs(10));
+        if let Some(t) = bearer {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        let resp = match req.call() {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{method} {path}: {e}"),
+        };
+        Reply {
+            status: resp.status(),
+            www_authenticate: resp.header("www-authenticate").map(str::to_owned),
+            body: resp.into_string().unwrap_or_default(),
+        }
+    }
+
+    /// Runs skopeo with a private auth file; returns its output.
+    pub fn skopeo(&self, args: &[&str]) -> Output {
+        let auth = self.path("auth.json");
+        let out = Command::new("skopeo")
+            .env("REGISTRY_AUTH_FILE", &auth)
+            .env("HOME", self.dir.path())
+            .args(["--command-timeout", "60s"])
+            .args(args)
+            .output()
+            .expect("run skopeo");
+        eprintln!(
+            "$ skopeo {}\n  -> {}\n{}{}",
+            args.join(" "),
+            out.status,
+            indent(&String::from_utf8_lossy(&out.stdout)),
+            indent(&String::from_utf8_lossy(&out.stderr))
+        );
+        out
+    }
+
+    /// Pushes a freshly generated image to `repo:tag` as `user:secret`.
+    pub fn push(&self, user: &str, secret: &str, repo: &str, tag: &str) -> Output {
+        let layout = self.path(&format!("layout-{}", repo.replace('/', "_")));
+        image::write_oci_layout(&layout, tag, repo).expect("write OCI layout");
+        let src = format!("oci:{}:{tag}", layout.display());
+        let dst = format!("docker://{}/{repo}:{tag}", self.registry_host());
+        let creds = format!("{user}:{secret}");
+        self.skopeo(&["copy", "--dest-tls-verify=false", "--dest-creds", &creds, &src, &dst])
+    }
+
+    /// Inspects `repo:tag` as `user:secret`.
+    pub fn inspect(&self, user: &str, secret: &str, repo: &str, tag: &str) -> Output {
+        let creds = format!("{user}:{secret}");
+        let src = format!("docker://{}/{repo}:{tag}", self.registry_host());
+        self.skopeo(&["inspect", "--tls-verify=false", "--creds", &creds, &src])
+    }
+
+    pub fn dump_logs(&self) {
+        for p in &self.procs {
+            let text = fs::read_to_string(&p.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(60)..];
+            eprintln!("----- {} log (last {} lines) -----\n{}", p.name, tail.len(), tail.join("\n"));
+        }
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        self.procs.iter().find(|p| p.name == name).map(|p| fs::read_to_string(&p.log).unwrap_or_default()).unwrap_or_default()
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for p in &mut self.procs {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub www_authenticate: Option<String>,
+    pub body: String,
+}
+
+fn indent(s: &str) -> String {
+    s.lines().map(|l| format!("  | {l}\n")).collect()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn assert_path_exists(p: &Path) {
+    assert!(p.exists(), "{} does not exist", p.display());
+}

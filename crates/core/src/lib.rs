@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod config;
+pub mod corpus;
 pub mod decision;
 pub mod directory;
 pub mod guard;

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# `make run`: the registry, the token service and Envoy with the registry-guard filter, in the
+# foreground, on loopback. Ctrl-C stops everything this script started.
+#
+#   CONFIG_DIR   directory with principals.json and token-service.json (default policies/example)
+#   LISTEN_PORT  Envoy, the registry endpoint for clients (5000)
+#   TOKEN_PORT   token service (5001)
+#   REGISTRY_PORT  the stock registry, reached only through Envoy (5002)
+#   ADMIN_PORT   Envoy admin (9901)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CONFIG_DIR=$(cd "${CONFIG_DIR:-policies/example}" && pwd)
+LISTEN_PORT=${LISTEN_PORT:-5000}
+TOKEN_PORT=${TOKEN_PORT:-5001}
+REGISTRY_PORT=${REGISTRY_PORT:-5002}
+ADMIN_PORT=${ADMIN_PORT:-9901}
+RUN_DIR=$ROOT/.run/$(basename "$CONFIG_DIR")
+RGCTL=$ROOT/target/release/rgctl
+TOKEN_SERVICE=$ROOT/target/release/registry-guard-token-service
+WASM=$ROOT/target/wasm32-wasip1/release/registry_guard.wasm
+ENVOY=$ROOT/.venv/bin/envoy
+
+for f in principals.json token-service.json; do
+  [ -f "$CONFIG_DIR/$f" ] || { echo "error: $CONFIG_DIR/$f is missing (CONFIG_DIR must hold principals.json and token-service.json)" >&2; exit 1; }
+done
+mkdir -p "$RUN_DIR/storage"
+setting() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get(sys.argv[2], sys.argv[3]))' "$CONFIG_DIR/token-service.json" "$1" "$2"; }
+ISSUER=$(setting issuer registry-guard)
+SERVICE=$(setting service container_registry)
+
+"$RGCTL" keygen --out "$CONFIG_DIR/keys"
+"$RGCTL" filter-config --realm "http://127.0.0.1:$TOKEN_PORT/jwt/auth" --service "$SERVICE" --issuer "$ISSUER" \
+  --jwks "$CONFIG_DIR/keys/jwks.json" > "$RUN_DIR/filter.json"
+[ -f "$RUN_DIR/http-secret" ] || head -c 32 /dev/urandom | base64 | tr -d '/+=' > "$RUN_DIR/http-secret"
+"$RGCTL" render deploy/registry.yml --set STORAGE_DIR="$RUN_DIR/storage" --set REGISTRY_PORT="$REGISTRY_PORT" \
+  --set HTTP_SECRET="$(cat "$RUN_DIR/http-secret")" > "$RUN_DIR/registry.yml"
+"$RGCTL" render envoy/envoy.yaml --set ADMIN_PORT="$ADMIN_PORT" --set LISTEN_PORT="$LISTEN_PORT" \
+  --set REGISTRY_PORT="$REGISTRY_PORT" --set WASM_PATH="$WASM" --set-json FILTER_CONFIG="$RUN_DIR/filter.json" \
+  > "$RUN_DIR/envoy.yaml"
+
+pids=()
+stop() {
+  trap - INT TERM EXIT
+  echo "stopping registry-guard (${pids[*]})"
+  kill "${pids[@]}" 2>/dev/null || true
+  wait 2>/dev/null || true
+}
+trap stop INT TERM EXIT
+
+# start NAME CMD...: run in the background, each output line prefixed with [NAME].
+start() {
+  local name=$1; shift
+  ( exec "$@" 2>&1 | sed -u "s/^/[$name] /" ) &
+  pids+=($!)
+}
+wait_for() { # URL NAME
+  for _ in $(seq 1 100); do
+    if curl -s -o /dev/null "$1"; then return 0; fi
+    sleep 0.1
+  done
+  echo "error: $2 did not come up at $1" >&2; exit 1
+}
+
+start registry docker-registry serve "$RUN_DIR/registry.yml"
+wait_for "http://127.0.0.1:$REGISTRY_PORT/v2/" registry
+start token "$TOKEN_SERVICE" --config-dir "$CONFIG_DIR" --listen "127.0.0.1:$TOKEN_PORT"
+wait_for "http://127.0.0.1:$TOKEN_PORT/healthz" "token service"
+start envoy "$ENVOY" -c "$RUN_DIR/envoy.yaml" --concurrency 2 --log-level warn --component-log-level wasm:info
+wait_for "http://127.0.0.1:$LISTEN_PORT/v2/" envoy
+
+cat <<MSG
+
+registry-guard is up (config: $CONFIG_DIR)
+  registry endpoint (Envoy + filter): http://127.0.0.1:$LISTEN_PORT   e.g. skopeo login --tls-verify=false 127.0.0.1:$LISTEN_PORT
+  token service:                      http://127.0.0.1:$TOKEN_PORT/jwt/auth
+  stock registry (loopback only):     http://127.0.0.1:$REGISTRY_PORT
+  Envoy admin / stats:                http://127.0.0.1:$ADMIN_PORT/stats?filter=registry_guard
+Press Ctrl-C to stop.
+MSG
+wait -n "${pids[@]}" || true
+echo "a component exited; stopping the rest" >&2
