@@ -1,1 +1,66 @@
-fn main(){}
+//! `registry-guard-token-service --config-dir DIR [--listen ADDR]`
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use registry_guard_token_service::{Application, Settings, DEFAULT_LISTEN};
+
+/// Issues Docker-registry tokens for the principals of a configuration directory.
+#[derive(Debug, Parser)]
+#[command(name = "registry-guard-token-service", version, about)]
+struct Cli {
+    /// Directory holding token-service.json (optional), principals.json and the signing key.
+    #[arg(long, value_name = "DIR")]
+    config_dir: PathBuf,
+    /// Address to listen on.
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_LISTEN)]
+    listen: SocketAddr,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).init();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let app = Application::build(Settings { config_dir: cli.config_dir, listen: cli.listen }).await?;
+    eprintln!("{}", app.startup_line());
+    app.run_until(shutdown_signal()).await.context("serving HTTP")?;
+    eprintln!("token service stopped");
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

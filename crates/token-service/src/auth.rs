@@ -1,0 +1,201 @@
+//! Who is asking: HTTP Basic credentials, personal access tokens and argon2id passwords.
+
+use std::fmt;
+
+use argon2::password_hash::{PasswordHash, PasswordVerifier as _};
+use argon2::Argon2;
+use axum::http::{header, HeaderMap};
+use base64::Engine as _;
+use registry_guard_core::directory::Directory;
+use sha2::{Digest as _, Sha256};
+use tokio::sync::Semaphore;
+
+/// How a user proved who they are; also the `token_type` of the nested `user` JWT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthType {
+    /// The user's argon2id password.
+    Password,
+    /// One of the user's personal access tokens.
+    Pat,
+}
+
+impl AuthType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthType::Password => "password",
+            AuthType::Pat => "pat",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<AuthType> {
+        match s {
+            "password" => Some(AuthType::Password),
+            "pat" => Some(AuthType::Pat),
+            _ => None,
+        }
+    }
+}
+
+/// An authenticated principal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authenticated {
+    pub username: String,
+    pub user_id: u64,
+    pub auth_type: AuthType,
+    /// The name of the personal access token used, for `AuthType::Pat`.
+    pub pat_name: Option<String>,
+}
+
+/// A username and a secret (password or personal access token). `Debug` hides the secret.
+#[derive(Clone)]
+pub struct Credentials {
+    pub username: String,
+    pub secret: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Credentials({:?}, <secret>)", self.username)
+    }
+}
+
+/// What the `Authorization` header holds.
+#[derive(Debug)]
+pub enum BasicAuth {
+    /// No header, or another scheme than Basic.
+    Missing,
+    /// A Basic header that is not base64 of `user:secret` with both parts non-empty.
+    Malformed,
+    Present(Credentials),
+}
+
+/// Reads HTTP Basic credentials from the request headers.
+pub fn basic_credentials(headers: &HeaderMap) -> BasicAuth {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return BasicAuth::Missing;
+    };
+    let Ok(value) = value.to_str() else {
+        return BasicAuth::Malformed;
+    };
+    let Some((scheme, encoded)) = value.trim().split_once(' ') else {
+        return BasicAuth::Missing;
+    };
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return BasicAuth::Missing;
+    }
+    let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else {
+        return BasicAuth::Malformed;
+    };
+    let Ok(decoded) = String::from_utf8(decoded) else {
+        return BasicAuth::Malformed;
+    };
+    match decoded.split_once(':') {
+        Some((user, secret)) if !user.is_empty() && !secret.is_empty() => {
+            BasicAuth::Present(Credentials { username: user.to_owned(), secret: secret.to_owned() })
+        }
+        _ => BasicAuth::Malformed,
+    }
+}
+
+/// Lowercase hex SHA-256, the form in which `principals.json` stores token digests.
+pub fn sha256_hex(secret: &str) -> String {
+    Sha256::digest(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// Wrong username, password or token; deliberately one case whatever the cause.
+    #[error("invalid username or password")]
+    InvalidCredentials,
+    #[error("password verification failed: {0}")]
+    Internal(String),
+}
+
+/// Authenticates `credentials` at `now` (unix seconds).
+///
+/// The secret is first looked up as a personal access token (by SHA-256 digest; the owner
+/// must be the Basic username and the token unexpired), then checked as the user's argon2id
+/// password on a blocking thread. An unknown user still costs one argon2 verification (against
+/// `decoy_hash`), so timing does not tell which usernames exist. At most as many argon2
+/// verifications run at once as `password_slots` has permits.
+pub async fn authenticate(
+    directory: &Directory,
+    decoy_hash: Option<&str>,
+    password_slots: &Semaphore,
+    credentials: &Credentials,
+    now: i64,
+) -> Result<Authenticated, AuthError> {
+    let digest = sha256_hex(&credentials.secret);
+    if let Some((user, pat)) = directory.user_by_pat_digest(&digest) {
+        let expired = pat.expires_at.is_some_and(|at| now >= at);
+        if user.username == credentials.username && !expired {
+            return Ok(Authenticated {
+                username: user.username.clone(),
+                user_id: user.id,
+                auth_type: AuthType::Pat,
+                pat_name: Some(pat.name.clone()),
+            });
+        }
+    }
+    let user = directory.user(&credentials.username);
+    let own_hash = user.and_then(|u| u.password_hash.clone());
+    let Some(hash) = own_hash.clone().or_else(|| decoy_hash.map(str::to_owned)) else {
+        return Err(AuthError::InvalidCredentials);
+    };
+    let secret = credentials.secret.clone();
+    // Bounds concurrent argon2 runs (each may take tens of MiB) however many requests come in.
+    let _slot = password_slots.acquire().await.map_err(|e| AuthError::Internal(e.to_string()))?;
+    let matches = tokio::task::spawn_blocking(move || verify_password(&hash, &secret))
+        .await
+        .map_err(|e| AuthError::Internal(e.to_string()))?;
+    match user {
+        Some(user) if own_hash.is_some() && matches => Ok(Authenticated {
+            username: user.username.clone(),
+            user_id: user.id,
+            auth_type: AuthType::Password,
+            pat_name: None,
+        }),
+        _ => Err(AuthError::InvalidCredentials),
+    }
+}
+
+/// True when `secret` matches the argon2 PHC string `hash` (parameters come from the string).
+pub fn verify_password(hash: &str, secret: &str) -> bool {
+    PasswordHash::new(hash).is_ok_and(|parsed| Argon2::default().verify_password(secret.as_bytes(), &parsed).is_ok())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap());
+        h
+    }
+
+    #[test]
+    fn basic_header_forms() {
+        let ok = base64::engine::general_purpose::STANDARD.encode("alice:s3:cret");
+        match basic_credentials(&headers(&format!("Basic {ok}"))) {
+            BasicAuth::Present(c) => {
+                assert_eq!(c.username, "alice");
+                assert_eq!(c.secret, "s3:cret");
+                assert!(!format!("{c:?}").contains("s3"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(basic_credentials(&HeaderMap::new()), BasicAuth::Missing));
+        assert!(matches!(basic_credentials(&headers("Bearer abc")), BasicAuth::Missing));
+        assert!(matches!(basic_credentials(&headers("Basic !!!")), BasicAuth::Malformed));
+        let no_secret = base64::engine::general_purpose::STANDARD.encode("alice:");
+        assert!(matches!(basic_credentials(&headers(&format!("basic {no_secret}"))), BasicAuth::Malformed));
+    }
+
+    #[test]
+    fn digest_is_lowercase_hex() {
+        assert_eq!(sha256_hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    }
+}

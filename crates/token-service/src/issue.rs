@@ -1,0 +1,174 @@
+//! Building and signing what the service hands out: registry tokens (with their nested `user`
+//! JWT) and refresh tokens. Grants come from the core (`Directory::grant`); signing is the
+//! core's `token::sign`.
+
+use std::collections::BTreeMap;
+
+use rand_core::RngCore as _;
+use registry_guard_core::directory::Grant;
+use registry_guard_core::token::{self, AccessClaim, AccessMeta, Audience, RegistryClaims, SigningKey, Validity};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::{AuthType, Authenticated};
+
+/// Lifetime of a refresh token (`offline_token=true` / `access_type=offline`): 30 days.
+pub const REFRESH_TOKEN_TTL_SECONDS: i64 = 30 * 24 * 3600;
+/// `nbf` is this many seconds before `iat`, for clients whose clock runs a little behind.
+pub const NOT_BEFORE_SKEW_SECONDS: i64 = 5;
+/// Refresh tokens are addressed to `<service>#refresh`, never to the registry's service, so
+/// the filter (which requires `aud` = service) refuses them as bearer tokens.
+pub fn refresh_audience(service: &str) -> String {
+    format!("{service}#refresh")
+}
+
+/// The `token_use` claim that marks a refresh token.
+pub const REFRESH_TOKEN_USE: &str = "refresh";
+
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    #[error("no randomness available for a token id: {0}")]
+    Random(String),
+    #[error(transparent)]
+    Sign(#[from] token::SignError),
+}
+
+/// Signs tokens for one issuer, service and key.
+#[derive(Debug, Clone)]
+pub struct TokenIssuer {
+    pub key: SigningKey,
+    pub issuer: String,
+    pub service: String,
+    pub ttl_seconds: i64,
+}
+
+/// Claims of the nested `user` JWT (seed 001): `{exp, iat, jti, nbf, user_info}`.
+#[derive(Debug, Serialize)]
+struct UserClaims<'a> {
+    jti: String,
+    user_info: UserInfo<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct UserInfo<'a> {
+    /// `password` or `pat`.
+    token_type: &'static str,
+    username: &'a str,
+    user_id: u64,
+}
+
+/// Claims of a refresh token, besides `exp`, `nbf`, `iat`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RefreshClaims {
+    pub iss: String,
+    pub sub: String,
+    pub aud: Audience,
+    pub jti: String,
+    pub token_use: String,
+    pub auth_type: String,
+    /// For `auth_type = pat`: the token's name, so that a refresh stops working once that
+    /// personal access token is removed or expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pat_name: Option<String>,
+}
+
+/// `n` random bytes as lowercase hex.
+pub fn random_hex(n: usize) -> Result<String, IssueError> {
+    let mut bytes = vec![0u8; n];
+    rand_core::OsRng.try_fill_bytes(&mut bytes).map_err(|e| IssueError::Random(e.to_string()))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The `access` claim for a list of grants, actions in canonical order.
+pub fn access_claims(grants: &[Grant]) -> Vec<AccessClaim> {
+    grants
+        .iter()
+        .map(|g| AccessClaim {
+            resource_type: g.scope.resource.type_str().to_owned(),
+            name: g.scope.resource.name().to_owned(),
+            actions: g.scope.actions.to_vec(),
+            meta: g.project_path.as_ref().map(|p| AccessMeta { project_path: Some(p.clone()) }),
+        })
+        .collect()
+}
+
+impl TokenIssuer {
+    fn validity(&self, now: i64, ttl: i64) -> Validity {
+        Validity {
+            issued_at: now,
+            not_before: now.saturating_sub(NOT_BEFORE_SKEW_SECONDS),
+            expires_at: now.saturating_add(ttl),
+        }
+    }
+
+    /// A registry token for `who` carrying `grants`, issued at `now`.
+    pub fn registry_token(&self, who: &Authenticated, grants: &[Grant], now: i64) -> Result<String, IssueError> {
+        let validity = self.validity(now, self.ttl_seconds);
+        let user_claims = UserClaims {
+            jti: random_hex(16)?,
+            user_info: UserInfo { token_type: who.auth_type.as_str(), username: &who.username, user_id: who.user_id },
+        };
+        let user = token::sign(&self.key, user_claims, validity)?;
+        let claims = RegistryClaims {
+            iss: self.issuer.clone(),
+            sub: who.username.clone(),
+            aud: Audience::One(self.service.clone()),
+            jti: random_hex(16)?,
+            access: access_claims(grants),
+            auth_type: Some(who.auth_type.as_str().to_owned()),
+            user: Some(user),
+            extra: BTreeMap::new(),
+        };
+        Ok(token::sign(&self.key, claims, validity)?)
+    }
+
+    /// A refresh token for `who`, valid for [`REFRESH_TOKEN_TTL_SECONDS`].
+    pub fn refresh_token(&self, who: &Authenticated, now: i64) -> Result<String, IssueError> {
+        let claims = RefreshClaims {
+            iss: self.issuer.clone(),
+            sub: who.username.clone(),
+            aud: Audience::One(refresh_audience(&self.service)),
+            jti: random_hex(16)?,
+            token_use: REFRESH_TOKEN_USE.to_owned(),
+            auth_type: who.auth_type.as_str().to_owned(),
+            pat_name: match who.auth_type {
+                AuthType::Pat => who.pat_name.clone(),
+                AuthType::Password => None,
+            },
+        };
+        Ok(token::sign(&self.key, claims, self.validity(now, REFRESH_TOKEN_TTL_SECONDS))?)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use registry_guard_core::scope::Scope;
+
+    #[test]
+    fn access_claims_keep_canonical_order_and_meta() {
+        let grants = vec![
+            Grant {
+                scope: Scope::parse("repository:acme/web/app:push,pull").unwrap(),
+                project_path: Some("acme/web".into()),
+            },
+            Grant { scope: Scope::catalog(), project_path: None },
+        ];
+        let v = serde_json::to_value(access_claims(&grants)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!([
+                {"type": "repository", "name": "acme/web/app", "actions": ["pull", "push"],
+                 "meta": {"project_path": "acme/web"}},
+                {"type": "registry", "name": "catalog", "actions": ["*"]}
+            ])
+        );
+    }
+
+    #[test]
+    fn random_hex_has_the_right_length() {
+        let a = random_hex(16).unwrap();
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, random_hex(16).unwrap());
+    }
+}

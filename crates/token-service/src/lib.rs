@@ -1,0 +1,14 @@
+//! registry-guard token service: issues Docker-registry JWTs (Docker token spec `GET` and
+//! OAuth2 `POST` on `/jwt/auth`) for the principals of a configuration directory, using the
+//! same core as the filter for every decision (grants, scopes, signing).
+
+pub mod auth;
+pub mod config;
+pub mod issue;
+pub mod keys;
+pub mod routes;
+pub mod startup;
+
+pub use config::{Config, ConfigError};
+pub use keys::{generate_signing_key_pem, signing_key_from_pem};
+pub use startup::{Application, Settings, StartupError, DEFAULT_LISTEN};

@@ -1,0 +1,356 @@
+//! The HTTP API: the Docker token endpoint (`GET /jwt/auth`), its OAuth2 form
+//! (`POST /jwt/auth`), the JWKS and a health check.
+//!
+//! Handlers only parse, authenticate and render; what a token grants is decided by the core
+//! (`Directory::grant`), and every token is signed by the core (`token::sign`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use registry_guard_core::directory::Directory;
+use registry_guard_core::scope::Scope;
+use registry_guard_core::token::{self, Verifier};
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::Semaphore;
+
+use crate::auth::{self, AuthError, AuthType, Authenticated, BasicAuth};
+use crate::issue::{IssueError, RefreshClaims, TokenIssuer, REFRESH_TOKEN_USE};
+
+/// The realm of the Basic challenge on a 401 from `GET /jwt/auth`.
+pub const BASIC_REALM: &str = "registry-guard";
+/// Message of a 401 when no credentials were sent.
+pub const AUTH_REQUIRED_MESSAGE: &str =
+    "authentication required: use HTTP Basic auth with a username and a password or personal access token";
+/// Message of a 401 for wrong credentials, whether or not the user exists.
+pub const INVALID_CREDENTIALS_MESSAGE: &str = "invalid username or password";
+/// Largest accepted `POST /jwt/auth` body.
+pub const MAX_FORM_BYTES: usize = 64 * 1024;
+
+/// Everything a request handler needs, shared read-only between requests.
+#[derive(Debug)]
+pub struct AppState {
+    pub directory: Directory,
+    pub issuer: TokenIssuer,
+    /// Verifies this service's own refresh tokens (its public key, its issuer and service).
+    pub refresh_verifier: Verifier,
+    pub jwks: serde_json::Value,
+    /// A real argon2 hash verified for unknown users, so that timing does not reveal them.
+    pub decoy_hash: Option<String>,
+    /// Permits for concurrent argon2 verifications.
+    pub password_slots: Semaphore,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/jwt/auth", get(get_token).post(post_token))
+        .route("/jwks", get(jwks))
+        .route("/healthz", get(healthz))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM_BYTES))
+        .with_state(state)
+}
+
+/// Current unix time; the core takes time as an argument, the service reads the clock.
+pub fn now_unix() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)).unwrap_or(0)
+}
+
+fn rfc3339(t: i64) -> String {
+    chrono::DateTime::from_timestamp(t, 0)
+        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default()
+}
+
+/// A token endpoint answer (both flavors).
+#[derive(Debug, Serialize)]
+pub struct TokenResponse {
+    pub token: String,
+    pub access_token: String,
+    pub expires_in: i64,
+    pub issued_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<String>,
+}
+
+impl IntoResponse for TokenResponse {
+    fn into_response(self) -> Response {
+        let mut response = Json(self).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+        response
+    }
+}
+
+/// Why a token request failed; rendered as Docker (`GET`) or OAuth2 (`POST`) errors.
+#[derive(Debug)]
+enum Problem {
+    InvalidRequest(String),
+    InvalidScope(String),
+    /// No credentials at all (GET only).
+    AuthenticationRequired,
+    /// Wrong credentials or an unusable refresh token; the text is safe to show.
+    InvalidCredentials(String),
+    UnsupportedGrantType(String),
+    /// Our fault; the detail is logged, never sent.
+    Internal(String),
+}
+
+impl From<IssueError> for Problem {
+    fn from(e: IssueError) -> Self {
+        Problem::Internal(e.to_string())
+    }
+}
+
+impl From<AuthError> for Problem {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::InvalidCredentials => Problem::InvalidCredentials(INVALID_CREDENTIALS_MESSAGE.into()),
+            AuthError::Internal(detail) => Problem::Internal(detail),
+        }
+    }
+}
+
+impl Problem {
+    fn log_internal(&self) {
+        if let Problem::Internal(detail) = self {
+            tracing::error!("token request failed: {detail}");
+        }
+    }
+
+    /// `{"errors":[{"code","message"}]}` as the Docker token spec and OCI use.
+    fn docker_response(self) -> Response {
+        self.log_internal();
+        let (status, code, message) = match self {
+            Problem::InvalidRequest(m) => (StatusCode::BAD_REQUEST, "INVALID_REQUEST", m),
+            Problem::InvalidScope(m) => (StatusCode::BAD_REQUEST, "INVALID_SCOPE", m),
+            Problem::UnsupportedGrantType(m) => (StatusCode::BAD_REQUEST, "UNSUPPORTED", m),
+            Problem::AuthenticationRequired => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED", AUTH_REQUIRED_MESSAGE.into()),
+            Problem::InvalidCredentials(m) => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED", m),
+            Problem::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", "internal error".into()),
+        };
+        let mut response = (status, Json(json!({"errors": [{"code": code, "message": message}]}))).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{BASIC_REALM}\"")) {
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+        }
+        response
+    }
+
+    /// `{"error","error_description"}` as OAuth2 (RFC 6749 §5.2) uses.
+    fn oauth_response(self) -> Response {
+        self.log_internal();
+        let (status, error, description) = match self {
+            Problem::InvalidRequest(m) => (StatusCode::BAD_REQUEST, "invalid_request", m),
+            Problem::InvalidScope(m) => (StatusCode::BAD_REQUEST, "invalid_scope", m),
+            Problem::UnsupportedGrantType(m) => (StatusCode::BAD_REQUEST, "unsupported_grant_type", m),
+            Problem::AuthenticationRequired => {
+                (StatusCode::UNAUTHORIZED, "invalid_grant", AUTH_REQUIRED_MESSAGE.into())
+            }
+            Problem::InvalidCredentials(m) => (StatusCode::UNAUTHORIZED, "invalid_grant", m),
+            Problem::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal error".into()),
+        };
+        (status, Json(json!({"error": error, "error_description": description}))).into_response()
+    }
+}
+
+/// Query or form parameters: `scope` may repeat, every other parameter may appear once.
+#[derive(Debug, Default)]
+struct Params {
+    values: BTreeMap<String, String>,
+    scopes: Vec<String>,
+}
+
+impl Params {
+    fn parse(input: &[u8]) -> Result<Params, Problem> {
+        let mut params = Params::default();
+        for (key, value) in form_urlencoded::parse(input) {
+            if key == "scope" {
+                params.scopes.push(value.into_owned());
+            } else if params.values.insert(key.clone().into_owned(), value.into_owned()).is_some() {
+                return Err(Problem::InvalidRequest(format!("parameter `{key}` is given more than once")));
+            }
+        }
+        Ok(params)
+    }
+
+    /// A parameter's value; an empty value counts as absent.
+    fn get(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(String::as_str).filter(|v| !v.is_empty())
+    }
+
+    fn require(&self, key: &str) -> Result<&str, Problem> {
+        self.get(key).ok_or_else(|| Problem::InvalidRequest(format!("missing parameter `{key}`")))
+    }
+
+    /// Checks `service` (if given) and parses every `scope`.
+    fn service_and_scopes(&self, state: &AppState) -> Result<Vec<Scope>, Problem> {
+        if let Some(service) = self.get("service") {
+            if service != state.issuer.service {
+                return Err(Problem::InvalidRequest(format!(
+                    "unknown service `{service}`; this token service issues tokens for `{}`",
+                    state.issuer.service
+                )));
+            }
+        }
+        Scope::parse_all(self.scopes.iter().map(String::as_str)).map_err(|e| Problem::InvalidScope(e.to_string()))
+    }
+}
+
+/// Grants (requested ∩ permitted, by the core) and signs the answer.
+fn issue(
+    state: &AppState,
+    who: &Authenticated,
+    scopes: &[Scope],
+    offline: bool,
+    now: i64,
+) -> Result<TokenResponse, Problem> {
+    let user = state
+        .directory
+        .user(&who.username)
+        .ok_or_else(|| Problem::InvalidCredentials(INVALID_CREDENTIALS_MESSAGE.into()))?;
+    let grants = state.directory.grant(user, scopes);
+    let token = state.issuer.registry_token(who, &grants, now)?;
+    let refresh_token = if offline { Some(state.issuer.refresh_token(who, now)?) } else { None };
+    let requested: Vec<String> = scopes.iter().map(ToString::to_string).collect();
+    let granted: Vec<String> = grants.iter().map(|g| g.scope.to_string()).collect();
+    tracing::info!(
+        "issued token: sub={:?} auth_type={} requested={requested:?} granted={granted:?} refresh_token={}",
+        who.username,
+        who.auth_type.as_str(),
+        refresh_token.is_some(),
+    );
+    Ok(TokenResponse {
+        access_token: token.clone(),
+        token,
+        expires_in: state.issuer.ttl_seconds,
+        issued_at: rfc3339(now),
+        refresh_token,
+    })
+}
+
+async fn authenticate(state: &AppState, credentials: &auth::Credentials, now: i64) -> Result<Authenticated, Problem> {
+    auth::authenticate(&state.directory, state.decoy_hash.as_deref(), &state.password_slots, credentials, now)
+        .await
+        .map_err(|e| {
+            if matches!(e, AuthError::InvalidCredentials) {
+                tracing::info!("authentication failed for {:?}", credentials.username);
+            }
+            Problem::from(e)
+        })
+}
+
+/// `GET /jwt/auth?service=&scope=&account=&client_id=&offline_token=` with Basic auth.
+async fn get_token(State(state): State<Arc<AppState>>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+    match get_token_inner(&state, &headers, query.as_deref().unwrap_or("")).await {
+        Ok(answer) => answer.into_response(),
+        Err(problem) => problem.docker_response(),
+    }
+}
+
+async fn get_token_inner(state: &AppState, headers: &HeaderMap, query: &str) -> Result<TokenResponse, Problem> {
+    let params = Params::parse(query.as_bytes())?;
+    let scopes = params.service_and_scopes(state)?;
+    let offline = params.get("offline_token").is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+    let credentials = match auth::basic_credentials(headers) {
+        BasicAuth::Missing => return Err(Problem::AuthenticationRequired),
+        BasicAuth::Malformed => return Err(Problem::InvalidCredentials(INVALID_CREDENTIALS_MESSAGE.into())),
+        BasicAuth::Present(c) => c,
+    };
+    if let Some(account) = params.get("account") {
+        if account != credentials.username {
+            return Err(Problem::InvalidRequest(format!(
+                "`account` {account:?} does not match the username of the Basic credentials"
+            )));
+        }
+    }
+    let now = now_unix();
+    let who = authenticate(state, &credentials, now).await?;
+    issue(state, &who, &scopes, offline, now)
+}
+
+/// `POST /jwt/auth`, OAuth2 form: `grant_type=password` or `grant_type=refresh_token`.
+async fn post_token(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    match post_token_inner(&state, &headers, &body).await {
+        Ok(answer) => answer.into_response(),
+        Err(problem) => problem.oauth_response(),
+    }
+}
+
+async fn post_token_inner(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<TokenResponse, Problem> {
+    let is_form = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"));
+    if !is_form {
+        return Err(Problem::InvalidRequest("the body must be `application/x-www-form-urlencoded`".into()));
+    }
+    let params = Params::parse(body)?;
+    let grant_type = params.require("grant_type")?;
+    if grant_type != "password" && grant_type != "refresh_token" {
+        return Err(Problem::UnsupportedGrantType(format!(
+            "grant_type `{grant_type}` is not supported (use `password` or `refresh_token`)"
+        )));
+    }
+    let scopes = params.service_and_scopes(state)?;
+    let now = now_unix();
+    if grant_type == "password" {
+        let credentials = auth::Credentials {
+            username: params.require("username")?.to_owned(),
+            secret: params.require("password")?.to_owned(),
+        };
+        let offline = params.get("access_type") == Some("offline");
+        let who = authenticate(state, &credentials, now).await?;
+        issue(state, &who, &scopes, offline, now)
+    } else {
+        let who = redeem_refresh_token(state, params.require("refresh_token")?, now)?;
+        issue(state, &who, &scopes, false, now)
+    }
+}
+
+/// Checks a refresh token issued by this service and that what it stood for still holds.
+fn redeem_refresh_token(state: &AppState, refresh_token: &str, now: i64) -> Result<Authenticated, Problem> {
+    let invalid = |why: &str| Problem::InvalidCredentials(format!("invalid refresh token: {why}"));
+    state.refresh_verifier.verify(refresh_token, now).map_err(|e| {
+        tracing::info!("refresh token refused: {e}");
+        invalid("it is not a valid token from this service")
+    })?;
+    let claims: RefreshClaims = token::decode_unverified(refresh_token)
+        .ok()
+        .and_then(|v| serde_json::from_value(v).ok())
+        .ok_or_else(|| invalid("it is not a refresh token"))?;
+    if claims.token_use != REFRESH_TOKEN_USE {
+        return Err(invalid("it is not a refresh token"));
+    }
+    let user = state.directory.user(&claims.sub).ok_or_else(|| invalid("its user no longer exists"))?;
+    let auth_type = AuthType::parse(&claims.auth_type).ok_or_else(|| invalid("unknown auth_type"))?;
+    let still_valid = match auth_type {
+        AuthType::Password => user.password_hash.is_some(),
+        AuthType::Pat => user
+            .personal_access_tokens
+            .iter()
+            .any(|p| Some(&p.name) == claims.pat_name.as_ref() && p.expires_at.map_or(true, |at| now < at)),
+    };
+    if !still_valid {
+        return Err(invalid("the credential it was issued for is gone or expired"));
+    }
+    Ok(Authenticated { username: user.username.clone(), user_id: user.id, auth_type, pat_name: claims.pat_name })
+}
+
+/// `GET /jwks`: the public key tokens are signed with.
+async fn jwks(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    Json(state.jwks.clone())
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}

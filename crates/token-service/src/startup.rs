@@ -1,0 +1,146 @@
+//! Settings, building the application (config + listener) and running it.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use registry_guard_core::token::{KeySet, KeySetError, Verifier};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::config::{Config, ConfigError};
+use crate::issue::TokenIssuer;
+use crate::routes::{self, AppState};
+
+/// Default `--listen` address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:5001";
+/// Clock skew tolerated when checking this service's own refresh tokens.
+pub const REFRESH_LEEWAY_SECONDS: i64 = 30;
+
+/// Concurrent argon2 verifications: twice the available cores.
+fn password_slots() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().saturating_mul(2))
+}
+
+/// What the binary is started with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Directory holding `token-service.json`, `principals.json` and the signing key.
+    pub config_dir: PathBuf,
+    /// Where to listen; port 0 picks a free port (tests).
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("the signing key's public JWK is unusable: {0}")]
+    Jwks(KeySetError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// Facts for the startup line (no secrets).
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub issuer: String,
+    pub service: String,
+    pub key_id: String,
+    pub signing_key_path: PathBuf,
+    pub token_ttl_seconds: i64,
+    pub users: usize,
+}
+
+/// A bound, configured token service, ready to run.
+pub struct Application {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    router: axum::Router,
+    summary: Summary,
+}
+
+impl Application {
+    /// Loads and checks the configuration directory, then binds the listener.
+    pub async fn build(settings: Settings) -> Result<Application, StartupError> {
+        let config = Config::load(&settings.config_dir)?;
+        let jwks = serde_json::json!({ "keys": [config.signing_key.public_jwk()] });
+        let refresh_verifier = Verifier {
+            keys: KeySet::from_jwks(&jwks).map_err(StartupError::Jwks)?,
+            issuer: config.issuer.clone(),
+            audience: crate::issue::refresh_audience(&config.service),
+            leeway_seconds: REFRESH_LEEWAY_SECONDS,
+        };
+        let summary = Summary {
+            issuer: config.issuer.clone(),
+            service: config.service.clone(),
+            key_id: config.signing_key.kid.clone(),
+            signing_key_path: config.signing_key_path.clone(),
+            token_ttl_seconds: config.token_ttl_seconds,
+            users: config.directory.users().len(),
+        };
+        let decoy_hash = config.directory.users().iter().find_map(|u| u.password_hash.clone());
+        let state = AppState {
+            issuer: TokenIssuer {
+                key: config.signing_key,
+                issuer: config.issuer,
+                service: config.service,
+                ttl_seconds: config.token_ttl_seconds,
+            },
+            directory: config.directory,
+            refresh_verifier,
+            jwks,
+            decoy_hash,
+            password_slots: Semaphore::new(password_slots()),
+        };
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .map_err(|source| StartupError::Bind { addr: settings.listen, source })?;
+        let local_addr =
+            listener.local_addr().map_err(|source| StartupError::Bind { addr: settings.listen, source })?;
+        Ok(Application { listener, local_addr, router: routes::router(Arc::new(state)), summary })
+    }
+
+    /// The port actually bound (useful with port 0).
+    pub fn port(&self) -> u16 {
+        self.local_addr.port()
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn summary(&self) -> &Summary {
+        &self.summary
+    }
+
+    /// The human-readable startup line; never contains a secret.
+    pub fn startup_line(&self) -> String {
+        let s = &self.summary;
+        format!(
+            "token service listening on http://{} (issuer={}, service={}, key id={}, {} user{}, token ttl {}s, signing key {})",
+            self.local_addr,
+            s.issuer,
+            s.service,
+            s.key_id,
+            s.users,
+            if s.users == 1 { "" } else { "s" },
+            s.token_ttl_seconds,
+            s.signing_key_path.display(),
+        )
+    }
+
+    /// Serves until the process ends.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        axum::serve(self.listener, self.router).await
+    }
+
+    /// Serves until `shutdown` completes, then finishes in-flight requests.
+    pub async fn run_until<F>(self, shutdown: F) -> std::io::Result<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown).await
+    }
+}

@@ -1,0 +1,132 @@
+use std::path::Path;
+
+use argon2::password_hash::{PasswordHasher as _, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use base64::Engine as _;
+use registry_guard_core::token::{KeySet, Verifier};
+use registry_guard_token_service::{generate_signing_key_pem, Application, Settings, StartupError};
+use serde_json::{json, Value};
+use sha2::{Digest as _, Sha256};
+
+pub const ALICE_PASSWORD: &str = "alice-password";
+pub const RITA_PASSWORD: &str = "rita-password";
+pub const ROOT_PASSWORD: &str = "root-password";
+/// Rita's personal access token (no expiry).
+pub const RITA_PAT: &str = "glpat-rita-ci-token";
+/// Rita's personal access token that expired long ago.
+pub const RITA_OLD_PAT: &str = "glpat-rita-old-token";
+
+/// An argon2id hash with parameters low enough for fast tests; the verifier reads them from
+/// the PHC string.
+pub fn hash_password(password: &str) -> String {
+    let params = Params::new(256, 1, 1, None).unwrap();
+    let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
+    let salt = SaltString::encode_b64(&rand_salt()).unwrap();
+    argon.hash_password(password.as_bytes(), &salt).unwrap().to_string()
+}
+
+fn rand_salt() -> [u8; 16] {
+    let mut salt = [0u8; 16];
+    getrandom_fill(&mut salt);
+    salt
+}
+
+fn getrandom_fill(buf: &mut [u8]) {
+    use rand_core::RngCore as _;
+    rand_core::OsRng.fill_bytes(buf);
+}
+
+pub fn sha256_hex(s: &str) -> String {
+    Sha256::digest(s.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The test world: group `acme` with projects `acme/web` and `acme/platform`.
+/// alice (1) maintainer of acme; rita (2) reporter of acme/web, with PATs; root (3) admin;
+/// tokenonly (4) has no password and no token.
+pub fn principals() -> Value {
+    json!({
+        "groups": [{"path": "acme"}],
+        "projects": [{"path": "acme/web"}, {"path": "acme/platform"}],
+        "users": [
+            {"id": 1, "username": "alice", "password_hash": hash_password(ALICE_PASSWORD),
+             "memberships": [{"path": "acme", "access_level": "maintainer"}]},
+            {"id": 2, "username": "rita", "password_hash": hash_password(RITA_PASSWORD),
+             "personal_access_tokens": [
+                 {"name": "ci", "sha256": sha256_hex(RITA_PAT)},
+                 {"name": "old", "sha256": sha256_hex(RITA_OLD_PAT), "expires_at": 1000}
+             ],
+             "memberships": [{"path": "acme/web", "access_level": "reporter"}]},
+            {"id": 3, "username": "root", "admin": true, "password_hash": hash_password(ROOT_PASSWORD)},
+            {"id": 4, "username": "nopassword"}
+        ]
+    })
+}
+
+/// Writes a config directory: `principals.json`, an optional `token-service.json` and a
+/// fresh signing key at the default path.
+pub fn write_config(dir: &Path, principals: &Value, settings: Option<&str>) {
+    std::fs::create_dir_all(dir.join("keys")).unwrap();
+    std::fs::write(dir.join("keys/signing-key.pem"), generate_signing_key_pem()).unwrap();
+    std::fs::write(dir.join("principals.json"), serde_json::to_string_pretty(principals).unwrap()).unwrap();
+    if let Some(settings) = settings {
+        std::fs::write(dir.join("token-service.json"), settings).unwrap();
+    }
+}
+
+pub async fn build(dir: &Path) -> Result<Application, StartupError> {
+    Application::build(Settings { config_dir: dir.to_path_buf(), listen: "127.0.0.1:0".parse().unwrap() }).await
+}
+
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub _dir: tempfile::TempDir,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&principals(), None).await
+}
+
+pub async fn spawn_app_with(principals: &Value, settings: Option<&str>) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), principals, settings);
+    let app = build(dir.path()).await.unwrap();
+    let address = format!("http://127.0.0.1:{}", app.port());
+    tokio::spawn(app.run_until_stopped());
+    TestApp { address, client: reqwest::Client::new(), _dir: dir }
+}
+
+pub fn basic(user: &str, secret: &str) -> String {
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{secret}")))
+}
+
+impl TestApp {
+    /// `GET /jwt/auth` with a raw query string and optional Basic credentials.
+    pub async fn get_token(&self, query: &str, creds: Option<(&str, &str)>) -> reqwest::Response {
+        let mut req = self.client.get(format!("{}/jwt/auth?{query}", self.address));
+        if let Some((u, s)) = creds {
+            req = req.header("Authorization", basic(u, s));
+        }
+        req.send().await.unwrap()
+    }
+
+    /// `POST /jwt/auth` with form fields.
+    pub async fn post_token(&self, form: &[(&str, &str)]) -> reqwest::Response {
+        self.client.post(format!("{}/jwt/auth", self.address)).form(form).send().await.unwrap()
+    }
+
+    /// A verifier built from the service's own JWKS.
+    pub async fn verifier(&self) -> Verifier {
+        let jwks: Value = self.client.get(format!("{}/jwks", self.address)).send().await.unwrap().json().await.unwrap();
+        Verifier {
+            keys: KeySet::from_jwks(&jwks).unwrap(),
+            issuer: "registry-guard".into(),
+            audience: "container_registry".into(),
+            leeway_seconds: 5,
+        }
+    }
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}

@@ -1,0 +1,8 @@
+//! Integration tests: the service on 127.0.0.1 port 0 with a temporary config directory.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod config_errors;
+mod helpers;
+mod token_get;
+mod token_post;

@@ -1,0 +1,73 @@
+//! The same core, the same corpus, under V8: `make test` runs these with
+//! `wasm-bindgen-test-runner` (Node) on `wasm32-unknown-unknown`.
+
+use registry_guard_core::config::FilterConfig;
+use registry_guard_core::corpus::{self, ISSUER, SERVICE};
+use registry_guard_core::guard::Guard;
+use registry_guard_core::route::classify;
+use registry_guard_core::token::testing::{es256_key, jwks};
+use registry_guard_core::token::{sign, Audience, RegistryClaims, TokenError, Validity, Verifier, KeySet};
+use wasm_bindgen_test::wasm_bindgen_test;
+
+const NOW: i64 = 1_800_000_000;
+
+#[wasm_bindgen_test]
+fn decision_corpus_replays_in_wasm() {
+    let corpus = corpus::load(corpus::DECISIONS).unwrap();
+    let trusted = es256_key(1);
+    let untrusted = es256_key(2);
+    let cfg = serde_json::json!({
+        "realm": "http://127.0.0.1:5001/jwt/auth", "service": SERVICE, "issuer": ISSUER,
+        "leeway_seconds": 5, "jwks": jwks(&[&trusted]),
+    });
+    let mut guard = Guard::new(FilterConfig::from_json(cfg.to_string().as_bytes()).unwrap());
+    let mut failures = Vec::new();
+    for case in &corpus.cases {
+        let auth = case.authorization(&trusted, &untrusted, NOW).unwrap();
+        let auth: Vec<&str> = auth.iter().map(String::as_str).collect();
+        let r = &case.request;
+        let checked = guard.check(&r.method, &r.path, r.content_type.as_deref(), &auth, NOW);
+        if let Err(e) = case.check_decision(&checked.decision) {
+            failures.push(e);
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(corpus.cases.len() >= 20);
+}
+
+#[wasm_bindgen_test]
+fn token_verification_in_wasm() {
+    let key = es256_key(1);
+    let verifier = Verifier {
+        keys: KeySet::from_jwks(&jwks(&[&key])).unwrap(),
+        issuer: ISSUER.into(),
+        audience: SERVICE.into(),
+        leeway_seconds: 0,
+    };
+    let claims = RegistryClaims {
+        iss: ISSUER.into(),
+        sub: "alice".into(),
+        aud: Audience::One(SERVICE.into()),
+        jti: "j".into(),
+        access: vec![],
+        auth_type: None,
+        user: None,
+        extra: Default::default(),
+    };
+    let t = sign(&key, claims, Validity { issued_at: NOW, not_before: NOW, expires_at: NOW + 10 }).unwrap();
+    assert_eq!(verifier.verify(&t, NOW).unwrap().subject, "alice");
+    assert_eq!(verifier.verify(&t, NOW + 11), Err(TokenError::Expired(NOW + 10)));
+    let mut tampered = t.clone();
+    tampered.pop();
+    tampered.push(if t.ends_with('A') { 'B' } else { 'A' });
+    assert!(verifier.verify(&tampered, NOW).is_err());
+}
+
+#[wasm_bindgen_test]
+fn route_grammar_in_wasm() {
+    let r = classify("POST", "/v2/acme/web/blobs/uploads/?mount=sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa&from=other%2Ftools", None).unwrap();
+    let scopes: Vec<String> = r.scopes.iter().map(|s| s.to_string()).collect();
+    assert_eq!(scopes, ["repository:acme/web:pull,push", "repository:other/tools:pull"]);
+    assert_eq!(classify("GET", "/v2/acme%2fweb/manifests/v1", None).unwrap_err().status, 400);
+    assert_eq!(classify("GET", "/v2/a/blobs/b/manifests/latest", None).unwrap().endpoint.repository(), Some("a/blobs/b"));
+}
