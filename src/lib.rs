@@ -165,6 +165,8 @@ pub fn on_request_headers(host: &mut impl Host, context_id: u32, guard: Option<&
             let mut headers = vec![
                 ("content-type", "application/json"),
                 ("docker-distribution-api-version", "registry/2.0"),
+                // Tells operators (and the e2e corpus replay) the reply came from the filter.
+                ("x-registry-guard", "denied"),
             ];
             if let Some(w) = d.www_authenticate.as_deref() {
                 headers.push(("www-authenticate", w));

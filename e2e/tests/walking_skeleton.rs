@@ -38,7 +38,7 @@ fn login_push_pull_and_denials_with_skopeo() {
     assert!(ok.status.success(), "login as alice failed");
     let bad = stack.skopeo(&["login", "--tls-verify=false", "-u", "alice", "-p", "wrong", &host]);
     assert!(!bad.status.success(), "login with a wrong password succeeded");
-    assert!(stderr(&bad).contains("invalid username or password"), "unclear login failure: {}", stderr(&bad));
+    assert!(stderr(&bad).contains("invalid username/password"), "unclear login failure: {}", stderr(&bad));
     let _ = stack.skopeo(&["logout", "--all"]);
 
     // Push as a developer of acme/web, pull back as a reporter of acme.

@@ -127,7 +127,13 @@ pub fn decide(route: Result<&Route, &RouteError>, credential: Credential<'_>, ch
     for needed in &route.scopes {
         let granted = token.granted(&needed.resource);
         if !granted.covers(needed.actions) {
-            missing.push(format!("{needed} (token grants `{granted}`)"));
+            let granted = if granted.is_empty() { "nothing".to_owned() } else { granted.to_string() };
+            missing.push(format!(
+                "{} on {} `{}` (granted: {granted})",
+                needed.actions,
+                needed.resource.type_str(),
+                needed.resource.name()
+            ));
         }
     }
     if missing.is_empty() {
@@ -212,7 +218,7 @@ mod tests {
         let Decision::Deny(d) = decide(Ok(&r), Credential::Valid(&t), &challenge()) else { panic!() };
         assert_eq!((d.status, d.code), (401, "DENIED"));
         assert!(d.www_authenticate.unwrap().ends_with(r#"error="insufficient_scope""#));
-        assert!(d.message.contains("repository:acme/web:pull,push"), "{}", d.message);
+        assert!(d.message.contains("`dev` may not pull,push on repository `acme/web` (granted: pull)"), "{}", d.message);
     }
 
     #[test]
