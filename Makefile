@@ -43,7 +43,7 @@ $(ENVOY):
 	$(ENVOY) --version
 
 $(WBG_RUNNER): Cargo.lock
-	cargo install wasm-bindgen-cli --version $(WBG_VERSION) --locked --root $(TOOLS)
+	cargo install wasm-bindgen-cli --version $(WBG_VERSION) --root $(TOOLS)
 	@touch $@
 
 # ---- build --------------------------------------------------------------------------------

@@ -44,15 +44,15 @@ stop() {
   trap - INT TERM EXIT
   echo "stopping registry-guard (${pids[*]})"
   kill "${pids[@]}" 2>/dev/null || true
-  wait 2>/dev/null || true
+  wait "${pids[@]}" 2>/dev/null || true
 }
 trap stop INT TERM EXIT
 
 # start NAME CMD...: run in the background, each output line prefixed with [NAME].
 start() {
   local name=$1; shift
-  ( exec "$@" 2>&1 | sed -u "s/^/[$name] /" ) &
-  pids+=($!)
+  "$@" > >(sed -u "s/^/[$name] /") 2>&1 &
+  pids+=($!)   # the component itself, not a wrapper: `kill` reaches it
 }
 wait_for() { # URL NAME
   for _ in $(seq 1 100); do

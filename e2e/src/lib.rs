@@ -7,8 +7,6 @@
 //! `target/release/{rgctl,registry-guard-token-service}`,
 //! `target/wasm32-wasip1/release/registry_guard.wasm`, `.venv/bin/envoy`.
 
-pub mod image;
-
 use std::fs;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -271,11 +269,11 @@ impl Stack {
     /// Pushes a freshly generated image to `repo:tag` as `user:secret`.
     pub fn push(&self, user: &str, secret: &str, repo: &str, tag: &str) -> Output {
         let layout = self.path(&format!("layout-{}", repo.replace('/', "_")));
-        image::write_oci_layout(&layout, tag, repo).expect("write OCI layout");
-        let src = format!("oci:{}:{tag}", layout.display());
+        let src = self.rgctl(&["demo-image", "--out", &layout.display().to_string(), "--tag", tag, "--salt", repo]);
+        let src = src.trim();
         let dst = format!("docker://{}/{repo}:{tag}", self.registry_host());
         let creds = format!("{user}:{secret}");
-        self.skopeo(&["copy", "--dest-tls-verify=false", "--dest-creds", &creds, &src, &dst])
+        self.skopeo(&["copy", "--dest-tls-verify=false", "--dest-creds", &creds, src, &dst])
     }
 
     /// Inspects `repo:tag` as `user:secret`.

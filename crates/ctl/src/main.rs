@@ -1,5 +1,7 @@
 //! `rgctl`: the operator CLI of registry-guard.
 
+mod image;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read as _;
@@ -49,6 +51,17 @@ enum Command {
         jwks: PathBuf,
         #[arg(long, default_value_t = 30)]
         leeway_seconds: i64,
+    },
+    /// Write a small OCI image layout (one layer) to push in demos and tests; no network.
+    DemoImage {
+        /// Directory of the OCI layout (created).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "v1")]
+        tag: String,
+        /// Text mixed into the layer so that each image has its own digests.
+        #[arg(long, default_value = "registry-guard demo")]
+        salt: String,
     },
     /// Render a template, replacing every `${NAME}` with `--set NAME=VALUE`; a
     /// `--set-json NAME=FILE` inserts FILE's contents as a JSON string literal.
@@ -106,6 +119,12 @@ fn run(cli: Cli) -> Result<()> {
             let text = serde_json::to_string(&config)?;
             FilterConfig::from_json(text.as_bytes())?;
             println!("{text}");
+            Ok(())
+        }
+        Command::DemoImage { out, tag, salt } => {
+            image::write_oci_layout(&out, &tag, &salt)
+                .with_context(|| format!("cannot write OCI layout `{}`", out.display()))?;
+            println!("oci:{}:{tag}", out.display());
             Ok(())
         }
         Command::Render { template, set, set_json } => {
