@@ -25,7 +25,6 @@ proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(GuardRoot::default()) });
 }}
 
-
 /// Root context: configuration, per-VM token cache, metric ids.
 #[derive(Default)]
 pub struct GuardRoot {
@@ -42,7 +41,11 @@ impl RootContext for GuardRoot {
     }
 
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let bytes = match proxy_wasm::hostcalls::get_buffer(proxy_wasm::types::BufferType::PluginConfiguration, 0, usize::MAX) {
+        let bytes = match proxy_wasm::hostcalls::get_buffer(
+            proxy_wasm::types::BufferType::PluginConfiguration,
+            0,
+            usize::MAX,
+        ) {
             Ok(Some(b)) => b,
             Ok(None) => {
                 log::error!("registry-guard: plugin configuration is empty; expected the filter configuration JSON");

@@ -1,4 +1,5 @@
 //! The filter glue against a fake host: headers in, decision out, local replies recorded.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic, clippy::type_complexity)]
 
 use std::cell::RefCell;
 
@@ -78,7 +79,8 @@ fn bearer(actions: &[&str]) -> String {
 
 #[test]
 fn allowed_request_continues_without_a_reply() {
-    let mut host = FakeHost::request("GET", "/v2/acme/web/app/manifests/v1").with_header("authorization", &bearer(&["pull"]));
+    let mut host =
+        FakeHost::request("GET", "/v2/acme/web/app/manifests/v1").with_header("authorization", &bearer(&["pull"]));
     assert_eq!(on_request_headers(&mut host, 1, Some(&guard())), Outcome::Allowed);
     assert!(host.replies.is_empty());
 }

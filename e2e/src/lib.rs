@@ -220,7 +220,8 @@ impl Stack {
         let basic = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("{user}:{secret}"));
         match req.set("Authorization", &format!("Basic {basic}")).call() {
             Ok(resp) => {
-                let v: serde_json::Value = serde_json::from_str(&resp.into_string().expect("token body")).expect("token json");
+                let v: serde_json::Value =
+                    serde_json::from_str(&resp.into_string().expect("token body")).expect("token json");
                 Ok(v["token"].as_str().expect("token field").to_owned())
             }
             Err(ureq::Error::Status(code, resp)) => Err((code, resp.into_string().unwrap_or_default())),
@@ -293,7 +294,11 @@ impl Stack {
     }
 
     pub fn log(&self, name: &str) -> String {
-        self.procs.iter().find(|p| p.name == name).map(|p| fs::read_to_string(&p.log).unwrap_or_default()).unwrap_or_default()
+        self.procs
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| fs::read_to_string(&p.log).unwrap_or_default())
+            .unwrap_or_default()
     }
 }
 

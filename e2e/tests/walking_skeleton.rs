@@ -96,7 +96,10 @@ fn token_checks_at_the_edge() {
     let www = r.www_authenticate.unwrap();
     assert_eq!(
         www,
-        format!(r#"Bearer realm="{}",service="container_registry",scope="repository:acme/web/app:pull""#, stack.realm())
+        format!(
+            r#"Bearer realm="{}",service="container_registry",scope="repository:acme/web/app:pull""#,
+            stack.realm()
+        )
     );
     assert!(r.body.contains(r#""code":"UNAUTHORIZED""#), "{}", r.body);
 
@@ -105,7 +108,13 @@ fn token_checks_at_the_edge() {
     assert_eq!(stack.request("GET", "/v2/", Some(&login)).status, 200);
 
     // Expired token (signed by the right key) → 401 invalid_token.
-    let expired = forge(&key, "dev", "acme/web/app", &["pull"], Validity { issued_at: t - 600, not_before: t - 600, expires_at: t - 60 });
+    let expired = forge(
+        &key,
+        "dev",
+        "acme/web/app",
+        &["pull"],
+        Validity { issued_at: t - 600, not_before: t - 600, expires_at: t - 60 },
+    );
     let r = stack.request("GET", "/v2/acme/web/app/tags/list", Some(&expired));
     assert_eq!(r.status, 401);
     assert!(r.www_authenticate.unwrap().contains(r#"error="invalid_token""#));
@@ -113,7 +122,11 @@ fn token_checks_at_the_edge() {
 
     // A token for repository A is refused on repository B.
     let for_a = stack.token("alice", "alice-pass", &["repository:acme/web/app:pull"]).unwrap();
-    assert_eq!(stack.request("GET", "/v2/acme/web/app/tags/list", Some(&for_a)).status, 404, "registry answers: not found yet");
+    assert_eq!(
+        stack.request("GET", "/v2/acme/web/app/tags/list", Some(&for_a)).status,
+        404,
+        "registry answers: not found yet"
+    );
     let r = stack.request("GET", "/v2/acme/platform/api/tags/list", Some(&for_a));
     assert_eq!(r.status, 401);
     assert!(r.www_authenticate.unwrap().contains(r#"error="insufficient_scope""#));

@@ -6,7 +6,7 @@ use registry_guard_core::corpus::{self, ISSUER, SERVICE};
 use registry_guard_core::guard::Guard;
 use registry_guard_core::route::classify;
 use registry_guard_core::token::testing::{es256_key, jwks};
-use registry_guard_core::token::{sign, Audience, RegistryClaims, TokenError, Validity, Verifier, KeySet};
+use registry_guard_core::token::{sign, Audience, KeySet, RegistryClaims, TokenError, Validity, Verifier};
 use wasm_bindgen_test::wasm_bindgen_test;
 
 const NOW: i64 = 1_800_000_000;
@@ -69,5 +69,8 @@ fn route_grammar_in_wasm() {
     let scopes: Vec<String> = r.scopes.iter().map(|s| s.to_string()).collect();
     assert_eq!(scopes, ["repository:acme/web:pull,push", "repository:other/tools:pull"]);
     assert_eq!(classify("GET", "/v2/acme%2fweb/manifests/v1", None).unwrap_err().status, 400);
-    assert_eq!(classify("GET", "/v2/a/blobs/b/manifests/latest", None).unwrap().endpoint.repository(), Some("a/blobs/b"));
+    assert_eq!(
+        classify("GET", "/v2/a/blobs/b/manifests/latest", None).unwrap().endpoint.repository(),
+        Some("a/blobs/b")
+    );
 }

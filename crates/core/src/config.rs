@@ -68,7 +68,10 @@ impl FilterConfig {
         let de = &mut serde_json::Deserializer::from_slice(bytes);
         let raw: RawFilterConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
-            ConfigError { field: if path == "." { "$".into() } else { format!("$.{path}") }, reason: e.into_inner().to_string() }
+            ConfigError {
+                field: if path == "." { "$".into() } else { format!("$.{path}") },
+                reason: e.into_inner().to_string(),
+            }
         })?;
         if !(raw.realm.starts_with("http://") || raw.realm.starts_with("https://")) {
             return Err(error("$.realm", format!("`{}` is not an http(s) URL", raw.realm)));

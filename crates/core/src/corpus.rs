@@ -115,7 +115,9 @@ impl Case {
             }
         };
         Ok(match (&self.authorization, token) {
-            (Some(raw), token) => raw.iter().map(|v| v.replace("{token}", token.as_deref().unwrap_or_default())).collect(),
+            (Some(raw), token) => {
+                raw.iter().map(|v| v.replace("{token}", token.as_deref().unwrap_or_default())).collect()
+            }
             (None, Some(t)) => vec![format!("Bearer {t}")],
             (None, None) => Vec::new(),
         })

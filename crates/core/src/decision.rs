@@ -205,7 +205,9 @@ mod tests {
         assert_eq!(d.status, 401);
         assert_eq!(
             d.www_authenticate.as_deref(),
-            Some(r#"Bearer realm="http://127.0.0.1:5001/jwt/auth",service="container_registry",scope="repository:acme/web:pull,push""#)
+            Some(
+                r#"Bearer realm="http://127.0.0.1:5001/jwt/auth",service="container_registry",scope="repository:acme/web:pull,push""#
+            )
         );
         let body: serde_json::Value = serde_json::from_str(&d.body()).unwrap();
         assert_eq!(body["errors"][0]["code"], "UNAUTHORIZED");
@@ -218,7 +220,11 @@ mod tests {
         let Decision::Deny(d) = decide(Ok(&r), Credential::Valid(&t), &challenge()) else { panic!() };
         assert_eq!((d.status, d.code), (401, "DENIED"));
         assert!(d.www_authenticate.unwrap().ends_with(r#"error="insufficient_scope""#));
-        assert!(d.message.contains("`dev` may not pull,push on repository `acme/web` (granted: pull)"), "{}", d.message);
+        assert!(
+            d.message.contains("`dev` may not pull,push on repository `acme/web` (granted: pull)"),
+            "{}",
+            d.message
+        );
     }
 
     #[test]

@@ -152,7 +152,10 @@ impl Directory {
         for (i, g) in raw.groups.iter().enumerate() {
             if let Some((parent, _)) = g.path.rsplit_once('/') {
                 if !dir.groups.contains_key(parent) {
-                    return Err(error(format!("$.groups[{i}].path"), format!("parent group `{parent}` is not defined")));
+                    return Err(error(
+                        format!("$.groups[{i}].path"),
+                        format!("parent group `{parent}` is not defined"),
+                    ));
                 }
             }
         }
@@ -246,9 +249,7 @@ impl Directory {
 
     /// The user owning the personal access token with this SHA-256 digest.
     pub fn user_by_pat_digest(&self, sha256_hex: &str) -> Option<(&User, &PersonalAccessToken)> {
-        self.users
-            .iter()
-            .find_map(|u| u.personal_access_tokens.iter().find(|p| p.sha256 == sha256_hex).map(|p| (u, p)))
+        self.users.iter().find_map(|u| u.personal_access_tokens.iter().find(|p| p.sha256 == sha256_hex).map(|p| (u, p)))
     }
 
     /// The project a repository belongs to: the project whose path is the repository name
@@ -314,7 +315,8 @@ impl Directory {
             .filter_map(|s| {
                 let (permitted, project) = self.permitted(user, &s.resource);
                 let actions = s.actions.intersect(permitted);
-                let actions = if permitted.contains(Action::All) && !s.actions.is_empty() { s.actions } else { actions };
+                let actions =
+                    if permitted.contains(Action::All) && !s.actions.is_empty() { s.actions } else { actions };
                 (!actions.is_empty()).then(|| Grant {
                     scope: Scope { resource: s.resource.clone(), actions },
                     project_path: project.map(|p| p.path.clone()),
@@ -404,9 +406,18 @@ mod tests {
             (r#"{"users": [{"id": 1, "username": "x"}, {"id": 1, "username": "y"}]}"#, "$.users[1].id"),
             (r#"{"users": [{"id": 1, "username": "x"}, {"id": 2, "username": "x"}]}"#, "$.users[1].username"),
             (r#"{"users": [{"id": 1, "username": "x", "password_hash": "md5"}]}"#, "$.users[0].password_hash"),
-            (r#"{"users": [{"id": 1, "username": "x", "memberships": [{"path": "nope", "access_level": "guest"}]}]}"#, "$.users[0].memberships[0].path"),
-            (r#"{"groups": [{"path": "a"}], "users": [{"id": 1, "username": "x", "memberships": [{"path": "a", "access_level": "boss"}]}]}"#, "$.users[0].memberships[0].access_level"),
-            (r#"{"users": [{"id": 1, "username": "x", "personal_access_tokens": [{"name": "t", "sha256": "abc"}]}]}"#, "$.users[0].personal_access_tokens[0].sha256"),
+            (
+                r#"{"users": [{"id": 1, "username": "x", "memberships": [{"path": "nope", "access_level": "guest"}]}]}"#,
+                "$.users[0].memberships[0].path",
+            ),
+            (
+                r#"{"groups": [{"path": "a"}], "users": [{"id": 1, "username": "x", "memberships": [{"path": "a", "access_level": "boss"}]}]}"#,
+                "$.users[0].memberships[0].access_level",
+            ),
+            (
+                r#"{"users": [{"id": 1, "username": "x", "personal_access_tokens": [{"name": "t", "sha256": "abc"}]}]}"#,
+                "$.users[0].personal_access_tokens[0].sha256",
+            ),
         ];
         for (text, path) in cases {
             let e = Directory::from_json(text).unwrap_err();

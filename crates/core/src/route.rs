@@ -15,14 +15,32 @@ pub enum Endpoint {
     Base,
     /// `GET /v2/_catalog`.
     Catalog,
-    Manifest { name: String, reference: String },
-    Blob { name: String, digest: String },
+    Manifest {
+        name: String,
+        reference: String,
+    },
+    Blob {
+        name: String,
+        digest: String,
+    },
     /// `POST /v2/<name>/blobs/uploads/`, optionally mounting `digest` from `from`.
-    UploadStart { name: String, mount: Option<String>, from: Option<String> },
+    UploadStart {
+        name: String,
+        mount: Option<String>,
+        from: Option<String>,
+    },
     /// `GET|PATCH|PUT|DELETE /v2/<name>/blobs/uploads/<id>`.
-    Upload { name: String, id: String },
-    TagsList { name: String },
-    Referrers { name: String, digest: String },
+    Upload {
+        name: String,
+        id: String,
+    },
+    TagsList {
+        name: String,
+    },
+    Referrers {
+        name: String,
+        digest: String,
+    },
 }
 
 impl Endpoint {
@@ -96,7 +114,6 @@ impl RouteError {
     }
 }
 
-
 fn set(actions: &[Action]) -> ActionSet {
     ActionSet::of(actions)
 }
@@ -153,7 +170,11 @@ fn require(m: Method, allowed: &[Method], method: &str, path: &str) -> Result<()
 
 fn check_path_is_unambiguous(path: &str) -> Result<(), RouteError> {
     let reject = |what: &str| {
-        Err(RouteError::new(400, "NAME_INVALID", format!("path `{}` {what}; refusing an ambiguous request", truncate(path))))
+        Err(RouteError::new(
+            400,
+            "NAME_INVALID",
+            format!("path `{}` {what}; refusing an ambiguous request", truncate(path)),
+        ))
     };
     if !path.starts_with('/') {
         return reject("does not start with `/`");
@@ -234,9 +255,7 @@ fn classify_repository_path(
             Ok((Endpoint::Blob { name, digest: last.to_owned() }, actions))
         }
         "uploads" => {
-            let name = name_part
-                .strip_suffix("/blobs")
-                .ok_or_else(|| RouteError::not_found(path))?;
+            let name = name_part.strip_suffix("/blobs").ok_or_else(|| RouteError::not_found(path))?;
             if !is_upload_id(last) {
                 return Err(RouteError::new(404, "BLOB_UPLOAD_UNKNOWN", format!("invalid upload id `{last}`")));
             }
@@ -287,7 +306,11 @@ fn parse_upload_query(query: Option<&str>, content_type: Option<&str>) -> Result
             _ => continue,
         };
         if slot.is_some() {
-            return Err(RouteError::new(400, "UNSUPPORTED", format!("query parameter `{key}` is given more than once")));
+            return Err(RouteError::new(
+                400,
+                "UNSUPPORTED",
+                format!("query parameter `{key}` is given more than once"),
+            ));
         }
         *slot = Some(percent_decode(raw_value)?);
     }
@@ -332,7 +355,6 @@ fn hex(b: u8) -> Option<u8> {
         _ => None,
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -401,7 +423,8 @@ mod tests {
 
     #[test]
     fn form_bodies_on_upload_start_are_refused() {
-        let e = classify("POST", "/v2/a/blobs/uploads/", Some("application/x-www-form-urlencoded; charset=utf-8")).unwrap_err();
+        let e = classify("POST", "/v2/a/blobs/uploads/", Some("application/x-www-form-urlencoded; charset=utf-8"))
+            .unwrap_err();
         assert_eq!(e.status, 400);
         assert!(classify("POST", "/v2/a/blobs/uploads/", Some("application/octet-stream")).is_ok());
     }

@@ -63,8 +63,8 @@ impl Scope {
         let (name, actions) = rest.rsplit_once(':').ok_or_else(|| ScopeError::Shape(s.to_owned()))?;
         let mut set = ActionSet::EMPTY;
         for a in actions.split(',').filter(|a| !a.is_empty()) {
-            let action = Action::parse(a)
-                .ok_or_else(|| ScopeError::Action { scope: s.to_owned(), action: a.to_owned() })?;
+            let action =
+                Action::parse(a).ok_or_else(|| ScopeError::Action { scope: s.to_owned(), action: a.to_owned() })?;
             set = set.with(action);
         }
         let resource = match ty {
@@ -120,11 +120,7 @@ mod tests {
 
     #[test]
     fn parse_all_merges_and_splits() {
-        let all = Scope::parse_all([
-            "repository:a:pull repository:b:pull",
-            "repository:a:push",
-        ])
-        .unwrap();
+        let all = Scope::parse_all(["repository:a:pull repository:b:pull", "repository:a:push"]).unwrap();
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].to_string(), "repository:a:pull,push");
     }

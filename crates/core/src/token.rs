@@ -95,7 +95,10 @@ impl KeySet {
             };
             if let Some(alg) = raw.get("alg") {
                 if alg.as_str() != Some(key.algorithm()) {
-                    return Err(err(format!("`alg` {alg} does not match the key type (expected `{}`)", key.algorithm())));
+                    return Err(err(format!(
+                        "`alg` {alg} does not match the key type (expected `{}`)",
+                        key.algorithm()
+                    )));
                 }
             }
             let kid = match raw.get("kid") {
@@ -269,10 +272,7 @@ impl VerifiedToken {
 
     /// Actions this token grants on `resource`.
     pub fn granted(&self, resource: &Resource) -> ActionSet {
-        self.grants
-            .iter()
-            .filter(|g| &g.resource == resource)
-            .fold(ActionSet::EMPTY, |acc, g| acc.union(g.actions))
+        self.grants.iter().filter(|g| &g.resource == resource).fold(ActionSet::EMPTY, |acc, g| acc.union(g.actions))
     }
 }
 
@@ -289,8 +289,8 @@ impl Verifier {
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::TooLong);
         }
-        let untrusted = UntrustedToken::<'_, HeaderExtras>::try_from(token)
-            .map_err(|e| TokenError::Malformed(e.to_string()))?;
+        let untrusted =
+            UntrustedToken::<'_, HeaderExtras>::try_from(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
         let header = untrusted.header();
         if header.key_set_url.is_some() {
             return Err(TokenError::ForbiddenHeader("jku"));
@@ -523,7 +523,10 @@ mod tests {
         assert!(verifier(&[&k1]).verify(&sign(&k1, c, validity()).unwrap(), NOW).is_ok());
         let mut c = claims(vec![]);
         c.aud = Audience::One("x".into());
-        assert!(matches!(verifier(&[&k1]).verify(&sign(&k1, c, validity()).unwrap(), NOW), Err(TokenError::Audience(_))));
+        assert!(matches!(
+            verifier(&[&k1]).verify(&sign(&k1, c, validity()).unwrap(), NOW),
+            Err(TokenError::Audience(_))
+        ));
     }
 
     #[test]
@@ -536,8 +539,8 @@ mod tests {
         parts[1] = &evil_claims;
         let tampered = parts.join(".");
         assert!(matches!(verifier(&[&k]).verify(&tampered, NOW), Err(TokenError::BadSignature(_))));
-        let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(format!(r#"{{"alg":"none","kid":"{}"}}"#, k.kid));
+        let header =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"none","kid":"{}"}}"#, k.kid));
         let none = format!("{header}.{evil_claims}.");
         assert!(verifier(&[&k]).verify(&none, NOW).is_err());
         assert!(matches!(verifier(&[&k]).verify("abc", NOW), Err(TokenError::Malformed(_))));

@@ -7,7 +7,6 @@ use std::path::Path;
 
 use sha2::{Digest as _, Sha256};
 
-
 fn write_blob(dir: &Path, bytes: &[u8]) -> std::io::Result<String> {
     let hex: String = Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
     let blobs = dir.join("blobs/sha256");

@@ -208,7 +208,8 @@ fn render(text: &str, vars: &BTreeMap<String, String>) -> Result<String> {
         let after = rest.get(start + 2..).unwrap_or_default();
         let end = after.find('}').context("unterminated `${` placeholder")?;
         let name = after.get(..end).unwrap_or_default();
-        let value = vars.get(name).with_context(|| format!("placeholder `${{{name}}}` has no value (use --set {name}=...)"))?;
+        let value =
+            vars.get(name).with_context(|| format!("placeholder `${{{name}}}` has no value (use --set {name}=...)"))?;
         out.push_str(value);
         rest = after.get(end + 1..).unwrap_or_default();
     }
