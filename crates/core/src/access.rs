@@ -77,6 +77,11 @@ impl ActionSet {
     }
 
     #[must_use]
+    pub fn without(self, a: Action) -> ActionSet {
+        ActionSet(self.0 & !a.bit())
+    }
+
+    #[must_use]
     pub fn intersect(self, other: ActionSet) -> ActionSet {
         ActionSet(self.0 & other.0)
     }

@@ -2,6 +2,7 @@
 
 use serde::Deserialize;
 
+use crate::bundle::{self, Policy};
 use crate::decision::ChallengeConfig;
 use crate::token::{KeySet, Verifier};
 
@@ -20,6 +21,12 @@ struct RawFilterConfig {
     jwks: serde_json::Value,
     #[serde(default)]
     cache: RawCache,
+    /// The active policy bundle: a compact JWS signed by an operator key (`rgctl sign`).
+    #[serde(default)]
+    bundle: Option<String>,
+    /// JWKS with the operator keys that may sign bundles; required with `bundle`.
+    #[serde(default)]
+    bundle_keys: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -49,6 +56,8 @@ pub struct FilterConfig {
     pub challenge: ChallengeConfig,
     pub verifier: Verifier,
     pub cache_entries: usize,
+    /// The verified bundle (`Policy::default()`, revision 0, when none is configured).
+    pub policy: Policy,
 }
 
 /// A configuration error naming the field (JSON path) and the reason.
@@ -92,10 +101,19 @@ impl FilterConfig {
             return Err(error("$.cache.max_entries", "must be between 1 and 1000000"));
         }
         let keys = KeySet::from_jwks(&raw.jwks).map_err(|e| error("$.jwks", e.to_string()))?;
+        let policy = match (&raw.bundle, &raw.bundle_keys) {
+            (None, _) => Policy::default(),
+            (Some(_), None) => return Err(error("$.bundle_keys", "required when `bundle` is set")),
+            (Some(jws), Some(keys)) => {
+                let keys = KeySet::from_jwks(keys).map_err(|e| error("$.bundle_keys", e.to_string()))?;
+                bundle::verify(jws, &keys).map_err(|e| error("$.bundle", format!("bundle rejected: {e}")))?
+            }
+        };
         Ok(FilterConfig {
             challenge: ChallengeConfig { realm: raw.realm, service: raw.service.clone() },
             verifier: Verifier { keys, issuer: raw.issuer, audience: raw.service, leeway_seconds: raw.leeway_seconds },
             cache_entries: raw.cache.max_entries,
+            policy,
         })
     }
 }

@@ -14,6 +14,9 @@ pub const DECISIONS: &str = include_str!("../corpus/decisions.json");
 #[serde(deny_unknown_fields)]
 pub struct Corpus {
     pub description: String,
+    /// Named policy bundles (unsigned JSON; runners sign them with a test operator key).
+    #[serde(default)]
+    pub bundles: std::collections::BTreeMap<String, serde_json::Value>,
     pub cases: Vec<Case>,
 }
 
@@ -21,6 +24,9 @@ pub struct Corpus {
 #[serde(deny_unknown_fields)]
 pub struct Case {
     pub name: String,
+    /// Name of the bundle in `bundles` active for this case; none → no rules.
+    #[serde(default)]
+    pub bundle: Option<String>,
     /// A token to mint for the case; absent → no `Authorization` header.
     #[serde(default)]
     pub token: Option<CaseToken>,
@@ -79,6 +85,12 @@ pub struct Expect {
     /// `error=` of the challenge (`invalid_token`, `insufficient_scope`), or `none`.
     #[serde(default)]
     pub challenge_error: Option<String>,
+    /// The protection rule that denied.
+    #[serde(default)]
+    pub rule: Option<String>,
+    /// A dry-run rule that would have denied an allowed request.
+    #[serde(default)]
+    pub would_deny: Option<String>,
 }
 
 /// Issuer and service every corpus case assumes unless it overrides them.
@@ -149,44 +161,77 @@ impl Case {
         }
     }
 
-    /// Checks a core decision.
+    /// Checks a core decision, including the deciding rule.
     pub fn check_decision(&self, d: &Decision) -> Result<(), String> {
+        let (rule, would_deny) = match d {
+            Decision::Allow { would_deny, .. } => (None, would_deny.as_ref().map(|(r, _)| r.clone())),
+            Decision::Deny(d) => (d.rule.clone(), None),
+        };
         match d {
-            Decision::Allow { .. } => self.check(200, None, None),
-            Decision::Deny(d) => self.check(d.status, Some(d.code), d.www_authenticate.as_deref()),
+            Decision::Allow { .. } => self.check(200, None, None)?,
+            Decision::Deny(d) => self.check(d.status, Some(d.code), d.www_authenticate.as_deref())?,
         }
+        if rule != self.expect.rule {
+            return Err(format!("case `{}`: rule {rule:?}, expected {:?}", self.name, self.expect.rule));
+        }
+        if would_deny != self.expect.would_deny {
+            return Err(format!("case `{}`: would_deny {would_deny:?}, expected {:?}", self.name, self.expect.would_deny));
+        }
+        Ok(())
+    }
+}
+
+impl Corpus {
+    /// The filter configuration a case runs under: `trusted` verifies tokens, `operator`
+    /// signs the case's bundle.
+    pub fn filter_config(&self, case: &Case, trusted: &SigningKey, operator: &SigningKey) -> Result<String, String> {
+        let mut cfg = serde_json::json!({
+            "realm": "http://127.0.0.1:5001/jwt/auth", "service": SERVICE, "issuer": ISSUER,
+            "leeway_seconds": 5, "jwks": crate::token::testing::jwks(&[trusted]),
+        });
+        if let Some(name) = &case.bundle {
+            let bundle = self.bundles.get(name).ok_or_else(|| format!("case `{}`: no bundle `{name}`", case.name))?;
+            let jws = crate::bundle::sign(&bundle.to_string(), operator).map_err(|e| format!("bundle `{name}`: {e}"))?;
+            cfg["bundle"] = jws.into();
+            cfg["bundle_keys"] = crate::token::testing::jwks(&[operator]);
+        }
+        Ok(cfg.to_string())
+    }
+
+    /// Replays every case through [`Guard`](crate::guard::Guard) at `now`; returns failures.
+    /// Shared by the native and the wasm tests so both tiers run the same code.
+    pub fn replay(&self, now: i64) -> Vec<String> {
+        use crate::token::testing::es256_key;
+        let (trusted, untrusted, operator) = (es256_key(1), es256_key(2), es256_key(7));
+        let mut failures = Vec::new();
+        for case in &self.cases {
+            let result = (|| {
+                let cfg = self.filter_config(case, &trusted, &operator)?;
+                let cfg = crate::config::FilterConfig::from_json(cfg.as_bytes()).map_err(|e| e.to_string())?;
+                let mut guard = crate::guard::Guard::new(cfg);
+                let auth = case.authorization(&trusted, &untrusted, now)?;
+                let auth: Vec<&str> = auth.iter().map(String::as_str).collect();
+                let r = &case.request;
+                let checked = guard.check(&r.method, &r.path, r.content_type.as_deref(), &auth, now);
+                case.check_decision(&checked.decision)
+            })();
+            if let Err(e) = result {
+                failures.push(e);
+            }
+        }
+        failures
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::FilterConfig;
-    use crate::guard::Guard;
-    use crate::token::testing::{es256_key, jwks};
 
     #[test]
     fn corpus_replays_natively() {
         let corpus = load(DECISIONS).unwrap();
-        assert!(corpus.cases.len() >= 20);
-        let trusted = es256_key(1);
-        let untrusted = es256_key(2);
-        let cfg = serde_json::json!({
-            "realm": "http://127.0.0.1:5001/jwt/auth", "service": SERVICE, "issuer": ISSUER,
-            "leeway_seconds": 5, "jwks": jwks(&[&trusted]),
-        });
-        let mut guard = Guard::new(FilterConfig::from_json(cfg.to_string().as_bytes()).unwrap());
-        let now = 1_800_000_000;
-        let mut failures = Vec::new();
-        for case in &corpus.cases {
-            let auth = case.authorization(&trusted, &untrusted, now).unwrap();
-            let auth: Vec<&str> = auth.iter().map(String::as_str).collect();
-            let r = &case.request;
-            let checked = guard.check(&r.method, &r.path, r.content_type.as_deref(), &auth, now);
-            if let Err(e) = case.check_decision(&checked.decision) {
-                failures.push(e);
-            }
-        }
+        assert!(corpus.cases.len() >= 40);
+        let failures = corpus.replay(1_800_000_000);
         assert!(failures.is_empty(), "{}", failures.join("\n"));
     }
 }

@@ -3,7 +3,11 @@
 
 use std::fmt::Write as _;
 
-use crate::route::{Route, RouteError};
+use crate::access::AccessLevel;
+use crate::bundle::Policy;
+use crate::name::is_tag;
+use crate::protection::{Actor, Operation, Protection};
+use crate::route::{Endpoint, Method, Route, RouteError};
 use crate::scope::Scope;
 use crate::token::{TokenError, VerifiedToken};
 
@@ -50,7 +54,8 @@ pub fn bearer_token<'a>(values: &[&'a str]) -> Result<Option<&'a str>, &'static 
 /// A decision with its reason, for logs and `explain`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    Allow { subject: String, reason: String },
+    /// Forward. `would_deny`: a dry-run rule that would have denied (rule id, message).
+    Allow { subject: String, reason: String, would_deny: Option<(String, String)> },
     Deny(Denial),
 }
 
@@ -66,6 +71,8 @@ pub struct Denial {
     pub www_authenticate: Option<String>,
     /// Why, for operators (never contains a token).
     pub reason: String,
+    /// The protection rule that decided, if one did.
+    pub rule: Option<String>,
 }
 
 impl Denial {
@@ -88,8 +95,13 @@ impl Decision {
     }
 }
 
-/// Decides one request.
-pub fn decide(route: Result<&Route, &RouteError>, credential: Credential<'_>, challenge: &ChallengeConfig) -> Decision {
+/// Decides one request under `policy` (the active bundle; `Policy::default()` has no rules).
+pub fn decide(
+    route: Result<&Route, &RouteError>,
+    credential: Credential<'_>,
+    challenge: &ChallengeConfig,
+    policy: &Policy,
+) -> Decision {
     let route = match route {
         Ok(r) => r,
         Err(e) => {
@@ -99,6 +111,7 @@ pub fn decide(route: Result<&Route, &RouteError>, credential: Credential<'_>, ch
                 message: e.message.clone(),
                 www_authenticate: None,
                 reason: format!("request refused by the route grammar: {}", e.message),
+                rule: None,
             })
         }
     };
@@ -109,6 +122,7 @@ pub fn decide(route: Result<&Route, &RouteError>, credential: Credential<'_>, ch
             message,
             www_authenticate: Some(www_authenticate(challenge, &route.scopes, error)),
             reason,
+            rule: None,
         })
     };
     let token = match credential {
@@ -136,10 +150,26 @@ pub fn decide(route: Result<&Route, &RouteError>, credential: Credential<'_>, ch
             ));
         }
     }
+    let protection = protect(route, token, policy);
+    if let Protection::Denied { rule, message } = &protection {
+        // Whether or not the token holds the action: a new token would not help, so say why.
+        return Decision::Deny(Denial {
+            status: 403,
+            code: "DENIED",
+            message: message.clone(),
+            www_authenticate: None,
+            reason: format!("rule `{rule}` (bundle revision {}): {message}", policy.revision),
+            rule: Some(rule.clone()),
+        });
+    }
     if missing.is_empty() {
         let scopes = route.scopes.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(" ");
         let reason = if scopes.is_empty() { "valid token".to_owned() } else { format!("token grants {scopes}") };
-        return Decision::Allow { subject: token.subject.clone(), reason };
+        let would_deny = match protection {
+            Protection::WouldDeny { rule, message } => Some((rule, message)),
+            _ => None,
+        };
+        return Decision::Allow { subject: token.subject.clone(), reason, would_deny };
     }
     let missing = missing.join(", ");
     Decision::Deny(Denial {
@@ -148,7 +178,38 @@ pub fn decide(route: Result<&Route, &RouteError>, credential: Credential<'_>, ch
         message: format!("requested access to the resource is denied: `{}` may not {missing}", token.subject),
         www_authenticate: Some(www_authenticate(challenge, &route.scopes, Some("insufficient_scope"))),
         reason: format!("subject `{}` lacks {missing}", token.subject),
+        rule: None,
     })
+}
+
+/// The protection operation a route performs, on which repository.
+pub fn operation(route: &Route) -> Option<(&str, Operation<'_>)> {
+    match (&route.endpoint, route.method) {
+        (Endpoint::UploadStart { name, .. } | Endpoint::Upload { name, .. }, _) => {
+            Some((name, Operation::Push { tag: None }))
+        }
+        (Endpoint::Manifest { name, reference }, Method::Put) => {
+            Some((name, Operation::Push { tag: is_tag(reference).then_some(reference.as_str()) }))
+        }
+        (Endpoint::Manifest { name, reference }, Method::Delete) if is_tag(reference) => {
+            Some((name, Operation::DeleteTag { tag: reference }))
+        }
+        (Endpoint::Manifest { name, .. } | Endpoint::Blob { name, .. }, Method::Delete) => {
+            Some((name, Operation::DeleteContent))
+        }
+        _ => None,
+    }
+}
+
+/// Applies the policy's protection rules with the access level the token states.
+fn protect(route: &Route, token: &VerifiedToken, policy: &Policy) -> Protection {
+    let Some((repo, op)) = operation(route) else { return Protection::Allowed };
+    if policy.rules.is_empty() {
+        return Protection::Allowed;
+    }
+    let level = token.access_level(repo);
+    let actor = Actor { name: &token.subject, level, admin: level == Some(AccessLevel::Admin.number()) };
+    policy.rules.evaluate(repo, op, actor)
 }
 
 /// `Bearer realm="…",service="…"[,scope="…"][,error="…"]`.
@@ -184,6 +245,7 @@ mod tests {
             expires_at: 0,
             not_before: None,
             grants: grants.iter().map(|g| Scope::parse(g).unwrap()).collect(),
+            access_levels: vec![],
         }
     }
 
@@ -201,7 +263,7 @@ mod tests {
     #[test]
     fn missing_token_gets_a_challenge_with_scope() {
         let r = classify("PUT", "/v2/acme/web/manifests/v1", None).unwrap();
-        let Decision::Deny(d) = decide(Ok(&r), Credential::Missing, &challenge()) else { panic!() };
+        let Decision::Deny(d) = decide(Ok(&r), Credential::Missing, &challenge(), &Policy::default()) else { panic!() };
         assert_eq!(d.status, 401);
         assert_eq!(
             d.www_authenticate.as_deref(),
@@ -217,7 +279,7 @@ mod tests {
     fn insufficient_scope_names_what_is_missing() {
         let r = classify("PUT", "/v2/acme/web/manifests/v1", None).unwrap();
         let t = token(&["repository:acme/web:pull"]);
-        let Decision::Deny(d) = decide(Ok(&r), Credential::Valid(&t), &challenge()) else { panic!() };
+        let Decision::Deny(d) = decide(Ok(&r), Credential::Valid(&t), &challenge(), &Policy::default()) else { panic!() };
         assert_eq!((d.status, d.code), (401, "DENIED"));
         assert!(d.www_authenticate.unwrap().ends_with(r#"error="insufficient_scope""#));
         assert!(
@@ -232,18 +294,18 @@ mod tests {
         let d = "sha256:".to_owned() + &"a".repeat(64);
         let r = classify("POST", &format!("/v2/acme/web/blobs/uploads/?mount={d}&from=acme/secret"), None).unwrap();
         let t = token(&["repository:acme/web:pull,push"]);
-        assert!(!decide(Ok(&r), Credential::Valid(&t), &challenge()).is_allow());
+        assert!(!decide(Ok(&r), Credential::Valid(&t), &challenge(), &Policy::default()).is_allow());
         let t = token(&["repository:acme/web:pull,push", "repository:acme/secret:pull"]);
-        assert!(decide(Ok(&r), Credential::Valid(&t), &challenge()).is_allow());
+        assert!(decide(Ok(&r), Credential::Valid(&t), &challenge(), &Policy::default()).is_allow());
     }
 
     #[test]
     fn base_needs_any_valid_token_and_catalog_needs_star() {
         let base = classify("GET", "/v2/", None).unwrap();
-        assert!(decide(Ok(&base), Credential::Valid(&token(&[])), &challenge()).is_allow());
+        assert!(decide(Ok(&base), Credential::Valid(&token(&[])), &challenge(), &Policy::default()).is_allow());
         let cat = classify("GET", "/v2/_catalog", None).unwrap();
-        assert!(!decide(Ok(&cat), Credential::Valid(&token(&[])), &challenge()).is_allow());
-        assert!(decide(Ok(&cat), Credential::Valid(&token(&["registry:catalog:*"])), &challenge()).is_allow());
+        assert!(!decide(Ok(&cat), Credential::Valid(&token(&[])), &challenge(), &Policy::default()).is_allow());
+        assert!(decide(Ok(&cat), Credential::Valid(&token(&["registry:catalog:*"])), &challenge(), &Policy::default()).is_allow());
         let _ = ActionSet::of(&[Action::Pull]);
     }
 }

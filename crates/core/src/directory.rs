@@ -10,7 +10,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use serde::Deserialize;
 
 use crate::access::{AccessLevel, Action, ActionSet};
+use crate::bundle::Policy;
 use crate::name::is_repository_name;
+use crate::protection::Actor;
 use crate::scope::{Resource, Scope};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -317,20 +319,61 @@ impl Directory {
                 let actions = s.actions.intersect(permitted);
                 let actions =
                     if permitted.contains(Action::All) && !s.actions.is_empty() { s.actions } else { actions };
+                let access_level = project.map(|p| self.effective_level(user, &p.path));
                 (!actions.is_empty()).then(|| Grant {
                     scope: Scope { resource: s.resource.clone(), actions },
                     project_path: project.map(|p| p.path.clone()),
+                    access_level,
                 })
             })
             .collect()
     }
+
+    /// The level stated in tokens: `admin` for admins, else the membership level.
+    pub fn effective_level(&self, user: &User, path: &str) -> AccessLevel {
+        if user.admin {
+            AccessLevel::Admin
+        } else {
+            self.access_level(user, path)
+        }
+    }
+
+    /// Grants under a policy: like [`Directory::grant`], minus `push`/`delete` on repositories
+    /// where a protection rule denies this user whatever the tag, since the filter would
+    /// refuse every such request anyway. Tag rules leave the action granted: other tags may
+    /// still be pushed. Returns the grants and, per dropped action, the rule that caused it.
+    pub fn grant_under(&self, policy: &Policy, user: &User, requested: &[Scope]) -> (Vec<Grant>, Vec<String>) {
+        let mut notes = Vec::new();
+        let mut grants = self.grant(user, requested);
+        for g in &mut grants {
+            let Resource::Repository(repo) = &g.scope.resource else { continue };
+            let actor = Actor {
+                name: &user.username,
+                level: g.access_level.map(AccessLevel::number),
+                admin: user.admin,
+            };
+            for action in [Action::Push, Action::Delete] {
+                if !g.scope.actions.contains(action) {
+                    continue;
+                }
+                if let Some(rule) = policy.rules.denies_untagged(repo, action == Action::Push, actor) {
+                    g.scope.actions = g.scope.actions.without(action);
+                    notes.push(format!("{action} on `{repo}` withheld: rule `{rule}` (bundle revision {})", policy.revision));
+                }
+            }
+        }
+        grants.retain(|g| !g.scope.actions.is_empty());
+        (grants, notes)
+    }
 }
 
-/// One granted scope with the project it belongs to (for `meta.project_path`).
+/// One granted scope with the project it belongs to (for `meta.project_path`) and the
+/// principal's level on it (for `meta.access_level`; admins get `admin`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
     pub scope: Scope,
     pub project_path: Option<String>,
+    pub access_level: Option<AccessLevel>,
 }
 
 fn check_path(at: &str, path: &str) -> Result<(), DirectoryError> {

@@ -96,11 +96,11 @@ impl Guard {
         let challenge = &self.config.challenge;
         let token = match bearer_token(authorization) {
             Err(why) => {
-                let decision = decide(route.as_ref(), Credential::NotBearer(why), challenge);
+                let decision = decide(route.as_ref(), Credential::NotBearer(why), challenge, &self.config.policy);
                 return Checked { decision, subject: None };
             }
             Ok(None) => {
-                let decision = decide(route.as_ref(), Credential::Missing, challenge);
+                let decision = decide(route.as_ref(), Credential::Missing, challenge, &self.config.policy);
                 return Checked { decision, subject: None };
             }
             Ok(Some(t)) => t,
@@ -121,7 +121,7 @@ impl Guard {
         if let Err(e) = verified.check_time(now, leeway) {
             return invalid(route.as_ref(), &e, challenge);
         }
-        let decision = decide(route.as_ref(), Credential::Valid(verified), challenge);
+        let decision = decide(route.as_ref(), Credential::Valid(verified), challenge, &self.config.policy);
         Checked { decision, subject: Some(verified.subject.clone()) }
     }
 }
@@ -131,7 +131,7 @@ fn invalid(
     e: &TokenError,
     challenge: &crate::decision::ChallengeConfig,
 ) -> Checked {
-    Checked { decision: decide(route, Credential::Invalid(e), challenge), subject: None }
+    Checked { decision: decide(route, Credential::Invalid(e), challenge, &crate::bundle::Policy::default()), subject: None }
 }
 
 #[cfg(test)]

@@ -2,12 +2,14 @@
 //! proxy-wasm, no I/O and no clock. Time and inputs are arguments.
 
 pub mod access;
+pub mod bundle;
 pub mod config;
 pub mod corpus;
 pub mod decision;
 pub mod directory;
 pub mod guard;
 pub mod name;
+pub mod protection;
 pub mod route;
 pub mod scope;
 pub mod token;

@@ -161,6 +161,10 @@ impl Audience {
 pub struct AccessMeta {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project_path: Option<String>,
+    /// The principal's access level number on the project when the token was issued (users
+    /// only); protection rules are checked against it at request time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_level: Option<u8>,
 }
 
 /// One entry of the `access` claim.
@@ -254,6 +258,8 @@ pub struct VerifiedToken {
     pub expires_at: i64,
     pub not_before: Option<i64>,
     pub grants: Vec<Scope>,
+    /// `meta.access_level` per repository, as issued.
+    pub access_levels: Vec<(String, u8)>,
 }
 
 impl VerifiedToken {
@@ -268,6 +274,11 @@ impl VerifiedToken {
             }
         }
         Ok(())
+    }
+
+    /// The access level the token states for `repository`, if any.
+    pub fn access_level(&self, repository: &str) -> Option<u8> {
+        self.access_levels.iter().find(|(r, _)| r == repository).map(|(_, l)| *l)
     }
 
     /// Actions this token grants on `resource`.
@@ -329,6 +340,12 @@ impl Verifier {
         }
         let expires_at = claims.expiration.ok_or(TokenError::NoExpiry)?.timestamp();
         let grants = custom.access.iter().filter_map(grant_of).collect();
+        let access_levels = custom
+            .access
+            .iter()
+            .filter(|a| a.resource_type == "repository")
+            .filter_map(|a| Some((a.name.clone(), a.meta.as_ref()?.access_level?)))
+            .collect();
         Ok(VerifiedToken {
             kid,
             subject: custom.sub,
@@ -338,6 +355,7 @@ impl Verifier {
             expires_at,
             not_before: claims.not_before.map(|t| t.timestamp()),
             grants,
+            access_levels,
         })
     }
 }
@@ -488,7 +506,7 @@ mod tests {
             resource_type: "repository".into(),
             name: "acme/web/app".into(),
             actions: vec!["pull".into(), "push".into(), "fly".into()],
-            meta: Some(AccessMeta { project_path: Some("acme/web".into()) }),
+            meta: Some(AccessMeta { project_path: Some("acme/web".into()), access_level: Some(30) }),
         }];
         let t = sign(&k, claims(access), validity()).unwrap();
         let v = verifier(&[&k]).verify(&t, NOW + 10).unwrap();

@@ -1,0 +1,315 @@
+//! The policy bundle: one versioned, operator-signed document with the protection rules
+//! (and, later, deploy tokens and extra claims). Raw serde types → a compiled [`Policy`];
+//! every error names the JSON path and the reason.
+//!
+//! Signing: the bundle is the payload of a compact JWS (ES256, header `typ: rg-bundle+jwt`,
+//! `kid` = the operator key's RFC 7638 thumbprint). The signature covers the exact payload
+//! bytes, which are the bytes that are parsed: there is no re-serialisation between check
+//! and use.
+
+use std::collections::HashSet;
+
+use jwt_compact::alg::{Ed25519, Es256, Rsa};
+use jwt_compact::{AlgorithmExt as _, Claims, Header, UntrustedToken};
+use serde::{Deserialize, Serialize};
+
+use crate::access::AccessLevel;
+use crate::protection::{PathPattern, Requirement, Rule, RuleSet};
+use crate::token::{KeySet, SigningKey, VerifyingKey};
+
+/// The JWS `typ` of a signed bundle; registry tokens can never pass for bundles.
+pub const BUNDLE_TYP: &str = "rg-bundle+jwt";
+/// Upper bound on rules, so a bundle cannot exhaust a VM.
+pub const MAX_RULES: usize = 200_000;
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawBundle {
+    #[serde(rename = "$schema", default, skip_serializing_if = "Option::is_none")]
+    schema: Option<String>,
+    revision: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    description: Option<String>,
+    #[serde(default)]
+    settings: RawSettings,
+    #[serde(default)]
+    protection_rules: Vec<RawRule>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawSettings {
+    #[serde(default = "yes")]
+    admins_bypass_protection: bool,
+}
+
+impl Default for RawSettings {
+    fn default() -> Self {
+        RawSettings { admins_bypass_protection: true }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    description: Option<String>,
+    repository_path_pattern: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tag_name_pattern: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    minimum_access_level_for_push: Option<AccessLevel>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    minimum_access_level_for_delete: Option<AccessLevel>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    push_protected_up_to_access_level: Option<AccessLevel>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    delete_protected_up_to_access_level: Option<AccessLevel>,
+    #[serde(default = "yes")]
+    enforce: bool,
+}
+
+/// Why a bundle was refused: where (JSON path, or `signature`) and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {reason}")]
+pub struct BundleError {
+    pub path: String,
+    pub reason: String,
+}
+
+fn error(path: impl Into<String>, reason: impl Into<String>) -> BundleError {
+    BundleError { path: path.into(), reason: reason.into() }
+}
+
+/// A validated bundle, ready to decide with.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    pub revision: u64,
+    pub rules: RuleSet,
+}
+
+impl Policy {
+    /// Parses and validates bundle JSON text (unsigned; for `validate`, `explain`, tests).
+    pub fn from_json(text: &str) -> Result<Policy, BundleError> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let raw: RawBundle = serde_path_to_error::deserialize(de).map_err(path_error)?;
+        compile(raw)
+    }
+
+    fn from_value(value: serde_json::Value) -> Result<Policy, BundleError> {
+        let raw: RawBundle = serde_path_to_error::deserialize(value).map_err(path_error)?;
+        compile(raw)
+    }
+}
+
+fn path_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> BundleError {
+    let path = e.path().to_string();
+    let path = if path == "." || path == "?" { "$".to_owned() } else { format!("$.{path}") };
+    error(path, e.into_inner().to_string())
+}
+
+fn compile(raw: RawBundle) -> Result<Policy, BundleError> {
+    if raw.protection_rules.len() > MAX_RULES {
+        return Err(error("$.protection_rules", format!("more than {MAX_RULES} rules")));
+    }
+    let mut ids = HashSet::new();
+    let mut regex_cache: std::collections::HashMap<String, regex::bytes::Regex> = Default::default();
+    let mut rules = Vec::with_capacity(raw.protection_rules.len());
+    for (i, r) in raw.protection_rules.into_iter().enumerate() {
+        let at = format!("$.protection_rules[{i}]");
+        if r.id.is_empty() || r.id.len() > 128 || !r.id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b)) {
+            return Err(error(format!("{at}.id"), format!("rule id `{}` must be 1-128 of [A-Za-z0-9._:-]", r.id)));
+        }
+        if !ids.insert(r.id.clone()) {
+            return Err(error(format!("{at}.id"), format!("duplicate rule id `{}`", r.id)));
+        }
+        let repository = PathPattern::parse(&r.repository_path_pattern)
+            .map_err(|e| error(format!("{at}.repository_path_pattern"), format!("`{}`: {e}", r.repository_path_pattern)))?;
+        let tag = match &r.tag_name_pattern {
+            None => None,
+            Some(p) => Some(match regex_cache.get(p) {
+                Some(re) => re.clone(),
+                None => {
+                    let re = regex::bytes::RegexBuilder::new(p)
+                        .unicode(false)
+                        .size_limit(1 << 20)
+                        .build()
+                        .map_err(|e| error(format!("{at}.tag_name_pattern"), format!("`{p}` is not a valid RE2 pattern: {e}")))?;
+                    regex_cache.insert(p.clone(), re.clone());
+                    re
+                }
+            }),
+        };
+        let push = requirement(&at, "push", r.minimum_access_level_for_push, r.push_protected_up_to_access_level)?;
+        let delete = requirement(&at, "delete", r.minimum_access_level_for_delete, r.delete_protected_up_to_access_level)?;
+        if push.is_none() && delete.is_none() {
+            return Err(error(
+                at,
+                "rule protects nothing: set `minimum_access_level_for_push|delete` or `push|delete_protected_up_to_access_level`",
+            ));
+        }
+        rules.push(Rule { id: r.id, repository, tag, push, delete, enforce: r.enforce });
+    }
+    Ok(Policy { revision: raw.revision, rules: RuleSet::new(rules, raw.settings.admins_bypass_protection) })
+}
+
+fn requirement(
+    at: &str,
+    action: &str,
+    minimum: Option<AccessLevel>,
+    up_to: Option<AccessLevel>,
+) -> Result<Option<Requirement>, BundleError> {
+    match (minimum, up_to) {
+        (Some(_), Some(_)) => Err(error(
+            format!("{at}.{action}_protected_up_to_access_level"),
+            format!("set either `minimum_access_level_for_{action}` or `{action}_protected_up_to_access_level`, not both"),
+        )),
+        (Some(l), None) => Ok(Some(Requirement::AtLeast(l))),
+        (None, Some(l)) => Ok(Some(Requirement::Above(l))),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Checks bundle text the way `rgctl validate` does and returns its revision and rule count.
+pub fn validate(text: &str) -> Result<(u64, usize), BundleError> {
+    let p = Policy::from_json(text)?;
+    Ok((p.revision, p.rules.len()))
+}
+
+/// Signs bundle JSON text (validated first) with the operator key.
+pub fn sign(text: &str, key: &SigningKey) -> Result<String, BundleError> {
+    Policy::from_json(text)?;
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| error("$", e.to_string()))?;
+    let header = Header::empty().with_key_id(key.kid.clone()).with_token_type(BUNDLE_TYP);
+    Es256.token(&header, &Claims::new(value), &key.key).map_err(|e| error("signature", e.to_string()))
+}
+
+/// Verifies a signed bundle against the operator keys, then parses and validates it.
+pub fn verify(jws: &str, keys: &KeySet) -> Result<Policy, BundleError> {
+    let jws = jws.trim();
+    if jws.starts_with('{') {
+        return Err(error("signature", "bundle is not signed (got JSON; sign it with `rgctl sign`)"));
+    }
+    let untrusted = UntrustedToken::new(jws).map_err(|e| error("signature", format!("not a compact JWS: {e}")))?;
+    if untrusted.header().token_type.as_deref() != Some(BUNDLE_TYP) {
+        return Err(error("signature", format!("JWS `typ` is not `{BUNDLE_TYP}`")));
+    }
+    let kid = untrusted.header().key_id.clone().ok_or_else(|| error("signature", "JWS header has no `kid`"))?;
+    let key = keys.get(&kid).ok_or_else(|| error("signature", format!("signed by unknown operator key `{kid}`")))?;
+    let claims: Claims<serde_json::Value> = match key {
+        VerifyingKey::Es256(k) => Es256.validator(k).validate(&untrusted),
+        VerifyingKey::Rs256(k) => Rsa::rs256().validator(k).validate(&untrusted),
+        VerifyingKey::EdDsa(k) => Ed25519.validator(k).validate(&untrusted),
+    }
+    .map_err(|e| error("signature", format!("invalid signature: {e}")))?
+    .claims()
+    .clone();
+    Policy::from_value(claims.custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::testing::{es256_key, jwks};
+
+    const EXAMPLE: &str = include_str!("../../../policies/example/bundle.json");
+
+    #[test]
+    fn example_bundle_is_valid() {
+        let p = Policy::from_json(EXAMPLE).unwrap();
+        assert!(p.revision >= 1);
+        assert!(!p.rules.is_empty());
+    }
+
+    #[test]
+    fn validation_errors_name_the_place() {
+        let cases = [
+            (r#"{"revision": 1, "protection_rulez": []}"#, "$.protection_rulez", "unknown field"),
+            (r#"{"revision": "one"}"#, "$.revision", "invalid type"),
+            (r#"{}"#, "$", "missing field `revision`"),
+            (
+                r#"{"revision": 1, "protection_rules": [{"id": "a", "repository_path_pattern": "x", "minimum_access_level_for_push": "boss"}]}"#,
+                "$.protection_rules[0].minimum_access_level_for_push",
+                "unknown variant `boss`",
+            ),
+            (
+                r#"{"revision": 1, "protection_rules": [{"id": "a", "repository_path_pattern": "X", "minimum_access_level_for_push": "owner"}]}"#,
+                "$.protection_rules[0].repository_path_pattern",
+                "not allowed",
+            ),
+            (
+                r#"{"revision": 1, "protection_rules": [{"id": "a", "repository_path_pattern": "x", "tag_name_pattern": "v(", "minimum_access_level_for_push": "owner"}]}"#,
+                "$.protection_rules[0].tag_name_pattern",
+                "not a valid RE2 pattern",
+            ),
+            (
+                r#"{"revision": 1, "protection_rules": [{"id": "a", "repository_path_pattern": "x", "minimum_access_level_for_push": "owner"}, {"id": "a", "repository_path_pattern": "y", "minimum_access_level_for_push": "owner"}]}"#,
+                "$.protection_rules[1].id",
+                "duplicate rule id `a`",
+            ),
+            (
+                r#"{"revision": 1, "protection_rules": [{"id": "a", "repository_path_pattern": "x"}]}"#,
+                "$.protection_rules[0]",
+                "protects nothing",
+            ),
+            (
+                r#"{"revision": 1, "protection_rules": [{"id": "a", "repository_path_pattern": "x", "minimum_access_level_for_push": "owner", "push_protected_up_to_access_level": "developer"}]}"#,
+                "$.protection_rules[0].push_protected_up_to_access_level",
+                "not both",
+            ),
+            (r#"{"revision": 1, "protection_rules": [{"id": "a", "repository_path_pattern": "x", "minimum_access_level_for_push": "owner", "colour": 1}]}"#,
+                "$.protection_rules[0].colour", "unknown field"),
+        ];
+        for (text, path, reason) in cases {
+            let e = Policy::from_json(text).unwrap_err();
+            assert_eq!(e.path, path, "{text}: {e}");
+            assert!(e.reason.contains(reason), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn signatures_are_checked() {
+        let operator = es256_key(7);
+        let keys = KeySet::from_jwks(&jwks(&[&operator])).unwrap();
+        let signed = sign(EXAMPLE, &operator).unwrap();
+        assert_eq!(verify(&signed, &keys).unwrap().revision, Policy::from_json(EXAMPLE).unwrap().revision);
+        // Unsigned JSON, a stranger's signature, a tampered payload, a registry token.
+        assert!(verify(EXAMPLE, &keys).unwrap_err().reason.contains("not signed"));
+        let stranger = sign(EXAMPLE, &es256_key(8)).unwrap();
+        assert!(verify(&stranger, &keys).unwrap_err().reason.contains("unknown operator key"));
+        let mut parts: Vec<String> = signed.split('.').map(str::to_owned).collect();
+        parts[1] = base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            br#"{"revision": 999, "protection_rules": []}"#,
+        );
+        assert!(verify(&parts.join("."), &keys).unwrap_err().reason.contains("invalid signature"));
+        let claims = crate::token::RegistryClaims {
+            iss: "x".into(),
+            sub: "x".into(),
+            aud: crate::token::Audience::One("x".into()),
+            jti: "x".into(),
+            access: vec![],
+            auth_type: None,
+            user: None,
+            extra: Default::default(),
+        };
+        let token = crate::token::sign(&operator, claims, crate::token::Validity { issued_at: 0, not_before: 0, expires_at: 1 })
+            .unwrap();
+        assert!(verify(&token, &keys).unwrap_err().reason.contains("typ"));
+        // A signed but semantically invalid bundle is refused with its path.
+        let bad = Es256
+            .token(
+                &Header::empty().with_key_id(operator.kid.clone()).with_token_type(BUNDLE_TYP),
+                &Claims::new(serde_json::json!({"revision": 2, "protection_rules": [{"id": "a"}]})),
+                &operator.key,
+            )
+            .unwrap();
+        let e = verify(&bad, &keys).unwrap_err();
+        assert!(e.path.starts_with("$.protection_rules[0]"), "{e}");
+    }
+}
