@@ -11,6 +11,7 @@ pub trait Host {
     fn now_unix_seconds(&mut self) -> Result<i64, String>;
     fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> Result<(), String>;
     fn increment(&mut self, metric: u32) -> Result<(), String>;
+    fn record(&mut self, metric: u32, value: u64) -> Result<(), String>;
 }
 
 /// The real host: proxy-wasm host calls (not the SDK helpers that `unwrap` host errors).
@@ -34,32 +35,56 @@ impl Host for ProxyWasmHost {
     fn increment(&mut self, metric: u32) -> Result<(), String> {
         hostcalls::increment_metric(metric, 1).map_err(|s| format!("{s:?}"))
     }
+
+    fn record(&mut self, metric: u32, value: u64) -> Result<(), String> {
+        hostcalls::record_metric(metric, value).map_err(|s| format!("{s:?}"))
+    }
 }
 
-/// Envoy counters (`registry_guard.*` in `/stats`).
+/// Envoy metrics (`wasmcustom.registry_guard.*` in `/stats`).
 #[derive(Debug)]
 pub struct Metrics {
     allowed: u32,
     denied: u32,
     failed: u32,
+    protection_denied: u32,
+    protection_would_deny: u32,
+    bundle_revision: u32,
+    bundle_rejected: u32,
 }
 
 impl Metrics {
     pub fn define() -> Result<Metrics, String> {
-        let define = |name: &str| hostcalls::define_metric(MetricType::Counter, name).map_err(|s| format!("{s:?}"));
+        let define = |kind, name: &str| hostcalls::define_metric(kind, name).map_err(|s| format!("{s:?}"));
         Ok(Metrics {
-            allowed: define("registry_guard.requests_allowed")?,
-            denied: define("registry_guard.requests_denied")?,
-            failed: define("registry_guard.requests_failed")?,
+            allowed: define(MetricType::Counter, "registry_guard.requests_allowed")?,
+            denied: define(MetricType::Counter, "registry_guard.requests_denied")?,
+            failed: define(MetricType::Counter, "registry_guard.requests_failed")?,
+            protection_denied: define(MetricType::Counter, "registry_guard.protection_denied")?,
+            protection_would_deny: define(MetricType::Counter, "registry_guard.protection_would_deny")?,
+            bundle_revision: define(MetricType::Gauge, "registry_guard.bundle_revision")?,
+            bundle_rejected: define(MetricType::Counter, "registry_guard.bundle_rejected")?,
         })
     }
 
     pub fn count(&self, host: &mut impl Host, outcome: Outcome) {
-        let id = match outcome {
-            Outcome::Allowed => self.allowed,
-            Outcome::Denied => self.denied,
-            Outcome::Failed => self.failed,
+        let ids: &[u32] = match outcome {
+            Outcome::Allowed => &[self.allowed],
+            Outcome::AllowedWouldDeny => &[self.allowed, self.protection_would_deny],
+            Outcome::Denied => &[self.denied],
+            Outcome::DeniedByRule => &[self.denied, self.protection_denied],
+            Outcome::Failed => &[self.failed],
         };
-        let _ = host.increment(id);
+        for id in ids {
+            let _ = host.increment(*id);
+        }
+    }
+
+    pub fn bundle_activated(&self, host: &mut impl Host, revision: u64) {
+        let _ = host.record(self.bundle_revision, revision);
+    }
+
+    pub fn bundle_rejected(&self, host: &mut impl Host) {
+        let _ = host.increment(self.bundle_rejected);
     }
 }

@@ -6,7 +6,7 @@
 
 pub mod host;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -18,6 +18,12 @@ use registry_guard_core::guard::Guard;
 use crate::host::{Host, Metrics, ProxyWasmHost};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+thread_local! {
+    /// Highest bundle revision this VM has activated: a configuration carrying an older
+    /// bundle is refused (rollback protection; Envoy then keeps the running configuration).
+    static HIGHEST_REVISION: Cell<u64> = const { Cell::new(0) };
+}
 
 #[cfg(target_arch = "wasm32")]
 proxy_wasm::main! {{
@@ -56,28 +62,47 @@ impl RootContext for GuardRoot {
                 return false;
             }
         };
-        match FilterConfig::from_json(&bytes) {
-            Ok(config) => {
-                let kids: Vec<&str> = config.verifier.keys.kids().collect();
-                log::info!(
-                    "registry-guard configured: issuer={} service={} realm={} keys={:?} cache={}",
-                    config.verifier.issuer,
-                    config.challenge.service,
-                    config.challenge.realm,
-                    kids,
-                    config.cache_entries
-                );
-                self.guard = Some(Rc::new(RefCell::new(Guard::new(config))));
-                if self.metrics.is_none() {
-                    self.metrics = Metrics::define().ok().map(Rc::new);
-                }
-                true
-            }
+        if self.metrics.is_none() {
+            self.metrics = Metrics::define().ok().map(Rc::new);
+        }
+        let mut host = ProxyWasmHost;
+        let config = match FilterConfig::from_json(&bytes) {
+            Ok(config) => config,
             Err(e) => {
                 log::error!("registry-guard: rejected configuration: {e}");
-                false
+                if let Some(m) = &self.metrics {
+                    m.bundle_rejected(&mut host);
+                }
+                return false;
             }
+        };
+        let revision = config.policy.revision;
+        let highest = HIGHEST_REVISION.with(Cell::get);
+        if revision < highest {
+            log::error!(
+                "registry-guard: rejected configuration: bundle revision {revision} is older than the active revision {highest}"
+            );
+            if let Some(m) = &self.metrics {
+                m.bundle_rejected(&mut host);
+            }
+            return false;
         }
+        HIGHEST_REVISION.with(|h| h.set(revision));
+        let kids: Vec<&str> = config.verifier.keys.kids().collect();
+        log::info!(
+            "registry-guard configured: bundle revision {revision} ({} protection rules), issuer={} service={} realm={} keys={:?} cache={}",
+            config.policy.rules.len(),
+            config.verifier.issuer,
+            config.challenge.service,
+            config.challenge.realm,
+            kids,
+            config.cache_entries
+        );
+        if let Some(m) = &self.metrics {
+            m.bundle_activated(&mut host, revision);
+        }
+        self.guard = Some(Rc::new(RefCell::new(Guard::new(config))));
+        true
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -106,8 +131,8 @@ impl HttpContext for GuardHttp {
             m.count(&mut host, outcome);
         }
         match outcome {
-            Outcome::Allowed => Action::Continue,
-            Outcome::Denied | Outcome::Failed => Action::Pause,
+            Outcome::Allowed | Outcome::AllowedWouldDeny => Action::Continue,
+            Outcome::Denied | Outcome::DeniedByRule | Outcome::Failed => Action::Pause,
         }
     }
 }
@@ -116,7 +141,11 @@ impl HttpContext for GuardHttp {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Allowed,
+    /// Allowed, but a dry-run protection rule would have denied it.
+    AllowedWouldDeny,
     Denied,
+    /// Denied by an enforced protection rule.
+    DeniedByRule,
     /// Internal error: the request was refused (fail closed).
     Failed,
 }
@@ -156,13 +185,22 @@ pub fn on_request_headers(host: &mut impl Host, context_id: u32, guard: Option<&
     let checked = guard.check(method, path, content_type, &authorization, now);
     drop(guard);
     match checked.decision {
-        Decision::Allow { .. } => Outcome::Allowed,
+        Decision::Allow { would_deny: None, .. } => Outcome::Allowed,
+        Decision::Allow { would_deny: Some((rule, message)), subject, .. } => {
+            log::info!(
+                "[{context_id}] would deny (dry run) {method} {} subject={subject} rule={rule} revision={}: {message}",
+                path.split('?').next().unwrap_or_default(),
+                checked.revision
+            );
+            Outcome::AllowedWouldDeny
+        }
         Decision::Deny(d) => {
             log::info!(
-                "[{context_id}] deny {} {method} {} subject={}: {}",
+                "[{context_id}] deny {} {method} {} subject={} revision={}: {}",
                 d.status,
                 path.split('?').next().unwrap_or_default(),
                 checked.subject.as_deref().unwrap_or("-"),
+                checked.revision,
                 d.reason
             );
             let mut headers = vec![
@@ -176,6 +214,7 @@ pub fn on_request_headers(host: &mut impl Host, context_id: u32, guard: Option<&
             }
             let body = d.body();
             match host.send_response(d.status, &headers, body.as_bytes()) {
+                Ok(()) if d.rule.is_some() => Outcome::DeniedByRule,
                 Ok(()) => Outcome::Denied,
                 Err(e) => {
                     log::error!("[{context_id}] cannot send local reply: {e}");

@@ -47,6 +47,9 @@ impl Host for FakeHost {
     fn increment(&mut self, _metric: u32) -> Result<(), String> {
         Ok(())
     }
+    fn record(&mut self, _metric: u32, _value: u64) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 fn guard() -> RefCell<Guard> {

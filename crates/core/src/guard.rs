@@ -75,6 +75,8 @@ pub struct Checked {
     pub decision: Decision,
     /// Subject of a verified token, if one was presented.
     pub subject: Option<String>,
+    /// Revision of the bundle the request was decided under.
+    pub revision: u64,
 }
 
 impl Guard {
@@ -97,11 +99,11 @@ impl Guard {
         let token = match bearer_token(authorization) {
             Err(why) => {
                 let decision = decide(route.as_ref(), Credential::NotBearer(why), challenge, &self.config.policy);
-                return Checked { decision, subject: None };
+                return Checked { decision, subject: None, revision: self.config.policy.revision };
             }
             Ok(None) => {
                 let decision = decide(route.as_ref(), Credential::Missing, challenge, &self.config.policy);
-                return Checked { decision, subject: None };
+                return Checked { decision, subject: None, revision: self.config.policy.revision };
             }
             Ok(Some(t)) => t,
         };
@@ -112,17 +114,18 @@ impl Guard {
             self.cache.misses += 1;
             match self.config.verifier.verify_signature_and_claims(token) {
                 Ok(v) => self.cache.insert(token, v),
-                Err(e) => return invalid(route.as_ref(), &e, challenge),
+                Err(e) => return invalid(route.as_ref(), &e, challenge, self.config.policy.revision),
             }
         }
         let Some(verified) = self.cache.entries.get(token) else {
-            return invalid(route.as_ref(), &TokenError::Malformed("cache inconsistency".into()), challenge);
+            let e = TokenError::Malformed("cache inconsistency".into());
+            return invalid(route.as_ref(), &e, challenge, self.config.policy.revision);
         };
         if let Err(e) = verified.check_time(now, leeway) {
-            return invalid(route.as_ref(), &e, challenge);
+            return invalid(route.as_ref(), &e, challenge, self.config.policy.revision);
         }
         let decision = decide(route.as_ref(), Credential::Valid(verified), challenge, &self.config.policy);
-        Checked { decision, subject: Some(verified.subject.clone()) }
+        Checked { decision, subject: Some(verified.subject.clone()), revision: self.config.policy.revision }
     }
 }
 
@@ -130,8 +133,10 @@ fn invalid(
     route: Result<&crate::route::Route, &crate::route::RouteError>,
     e: &TokenError,
     challenge: &crate::decision::ChallengeConfig,
+    revision: u64,
 ) -> Checked {
-    Checked { decision: decide(route, Credential::Invalid(e), challenge, &crate::bundle::Policy::default()), subject: None }
+    let decision = decide(route, Credential::Invalid(e), challenge, &crate::bundle::Policy::default());
+    Checked { decision, subject: None, revision }
 }
 
 #[cfg(test)]
