@@ -30,14 +30,23 @@ ISSUER=$(setting issuer registry-guard)
 SERVICE=$(setting service container_registry)
 
 "$RGCTL" keygen --out "$CONFIG_DIR/keys"
+"$RGCTL" keygen --out "$CONFIG_DIR/keys" --name operator
+# The active bundle is $CONFIG_DIR/bundle.jws: the token service rewrites it on every accepted
+# push, so a restart comes back with the last pushed bundle. First run: sign bundle.json.
+if [ ! -f "$CONFIG_DIR/bundle.jws" ] && [ -f "$CONFIG_DIR/bundle.json" ]; then
+  "$RGCTL" sign "$CONFIG_DIR/bundle.json" --key "$CONFIG_DIR/keys/operator-key.pem" > "$CONFIG_DIR/bundle.jws"
+fi
+bundle_args=()
+[ -f "$CONFIG_DIR/bundle.jws" ] && bundle_args=(--bundle "$CONFIG_DIR/bundle.jws")
 "$RGCTL" filter-config --realm "http://127.0.0.1:$TOKEN_PORT/jwt/auth" --service "$SERVICE" --issuer "$ISSUER" \
-  --jwks "$CONFIG_DIR/keys/jwks.json" > "$RUN_DIR/filter.json"
+  --jwks "$CONFIG_DIR/keys/jwks.json" --bundle-keys "$CONFIG_DIR/keys/operator-jwks.json" "${bundle_args[@]}" \
+  > "$RUN_DIR/filter.json"
+"$RGCTL" filter-resource --config "$RUN_DIR/filter.json" --wasm "$WASM" --out "$RUN_DIR/ecds/registry-guard.json"
 [ -f "$RUN_DIR/http-secret" ] || head -c 32 /dev/urandom | base64 | tr -d '/+=' > "$RUN_DIR/http-secret"
 "$RGCTL" render deploy/registry.yml --set STORAGE_DIR="$RUN_DIR/storage" --set REGISTRY_PORT="$REGISTRY_PORT" \
   --set HTTP_SECRET="$(cat "$RUN_DIR/http-secret")" > "$RUN_DIR/registry.yml"
 "$RGCTL" render envoy/envoy.yaml --set ADMIN_PORT="$ADMIN_PORT" --set LISTEN_PORT="$LISTEN_PORT" \
-  --set REGISTRY_PORT="$REGISTRY_PORT" --set WASM_PATH="$WASM" --set-json FILTER_CONFIG="$RUN_DIR/filter.json" \
-  > "$RUN_DIR/envoy.yaml"
+  --set REGISTRY_PORT="$REGISTRY_PORT" --set ECDS_DIR="$RUN_DIR/ecds" > "$RUN_DIR/envoy.yaml"
 
 pids=()
 stop() {
@@ -76,6 +85,11 @@ registry-guard is up (config: $CONFIG_DIR)
   token service:                      http://127.0.0.1:$TOKEN_PORT/jwt/auth
   stock registry (loopback only):     http://127.0.0.1:$REGISTRY_PORT
   Envoy admin / stats:                http://127.0.0.1:$ADMIN_PORT/stats?filter=registry_guard
+
+Push a policy bundle (edit $CONFIG_DIR/bundle.json, raise "revision"):
+  target/release/rgctl sign $CONFIG_DIR/bundle.json --key $CONFIG_DIR/keys/operator-key.pem > /tmp/bundle.jws
+  target/release/rgctl push /tmp/bundle.jws --envoy $RUN_DIR/ecds/registry-guard.json=http://127.0.0.1:$ADMIN_PORT --token-service http://127.0.0.1:$TOKEN_PORT
+  target/release/rgctl status --envoy-admin http://127.0.0.1:$ADMIN_PORT --token-service http://127.0.0.1:$TOKEN_PORT
 Press Ctrl-C to stop.
 MSG
 wait -n "${pids[@]}" || true

@@ -7,6 +7,7 @@ pub mod config;
 pub mod corpus;
 pub mod decision;
 pub mod directory;
+pub mod explain;
 pub mod guard;
 pub mod name;
 pub mod protection;

@@ -1,5 +1,6 @@
 //! `rgctl`: the operator CLI of registry-guard.
 
+mod deliver;
 mod image;
 
 use std::collections::BTreeMap;
@@ -11,8 +12,10 @@ use anyhow::{bail, Context as _, Result};
 use argon2::password_hash::{PasswordHasher as _, SaltString};
 use clap::{Parser, Subcommand};
 use p256::pkcs8::{DecodePrivateKey as _, EncodePrivateKey as _, LineEnding};
+use registry_guard_core::bundle::Policy;
 use registry_guard_core::config::FilterConfig;
-use registry_guard_core::token::SigningKey;
+use registry_guard_core::directory::Directory;
+use registry_guard_core::token::{KeySet, SigningKey};
 use sha2::{Digest as _, Sha256};
 
 #[derive(Parser)]
@@ -24,9 +27,77 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create an ES256 signing key (PKCS#8 PEM) unless one exists, and write its JWKS.
+    /// Create an ES256 key (PKCS#8 PEM, mode 0600) unless one exists, and write its JWKS.
+    /// `--name signing` (default): the token service's key → `signing-key.pem`, `jwks.json`;
+    /// `--name operator`: the bundle-signing key → `operator-key.pem`, `operator-jwks.json`.
     Keygen {
-        /// Directory for `signing-key.pem` and `jwks.json`.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "signing", value_parser = ["signing", "operator"])]
+        name: String,
+    },
+    /// Check a policy bundle (JSON) and print its revision and rule count; errors name the
+    /// JSON path. With `--keys`, the file is a signed bundle checked against those keys.
+    Validate {
+        bundle: PathBuf,
+        #[arg(long)]
+        keys: Option<PathBuf>,
+    },
+    /// Validate and sign a bundle with an operator key; prints the compact JWS.
+    Sign {
+        bundle: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Deliver a signed bundle to running Envoys (by replacing their ECDS file) and token
+    /// services, and report what each component did with it.
+    Push {
+        /// The signed bundle (`rgctl sign` output).
+        bundle: PathBuf,
+        /// An Envoy to update: `ECDS_FILE=ADMIN_URL` (e.g. `.run/example/ecds/registry-guard.json=http://127.0.0.1:9901`).
+        #[arg(long = "envoy", value_name = "ECDS_FILE=ADMIN_URL")]
+        envoys: Vec<String>,
+        /// A token service to update (base URL, e.g. `http://127.0.0.1:5001`).
+        #[arg(long = "token-service", value_name = "URL")]
+        token_services: Vec<String>,
+        /// Deliver even if the local check fails (to exercise the components' own checks).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show the active bundle revision (and rejections) of each component.
+    Status {
+        #[arg(long = "envoy-admin", value_name = "URL")]
+        envoys: Vec<String>,
+        #[arg(long = "token-service", value_name = "URL")]
+        token_services: Vec<String>,
+    },
+    /// Explain the decision for a principal and a request under a bundle.
+    Explain {
+        /// Bundle JSON (unsigned) or signed JWS (`--keys` to verify it).
+        #[arg(long)]
+        bundle: PathBuf,
+        #[arg(long)]
+        keys: Option<PathBuf>,
+        /// principals.json
+        #[arg(long)]
+        principals: PathBuf,
+        /// The user the request is made as.
+        #[arg(long = "as", value_name = "USERNAME")]
+        user: String,
+        /// e.g. `PUT`
+        method: String,
+        /// e.g. `/v2/acme/web/app/manifests/v1`
+        path: String,
+    },
+    /// Write the Envoy ECDS resource file for the filter (atomically).
+    FilterResource {
+        /// Filter configuration JSON (`rgctl filter-config` output).
+        #[arg(long)]
+        config: PathBuf,
+        /// The filter's .wasm.
+        #[arg(long)]
+        wasm: PathBuf,
+        /// The ECDS file to write (e.g. `.run/example/ecds/registry-guard.json`).
         #[arg(long)]
         out: PathBuf,
     },
@@ -51,6 +122,12 @@ enum Command {
         jwks: PathBuf,
         #[arg(long, default_value_t = 30)]
         leeway_seconds: i64,
+        /// A signed bundle to activate (`rgctl sign` output).
+        #[arg(long, requires = "bundle_keys")]
+        bundle: Option<PathBuf>,
+        /// JWKS of the operator keys that may sign bundles.
+        #[arg(long)]
+        bundle_keys: Option<PathBuf>,
     },
     /// Write a small OCI image layout (one layer) to push in demos and tests; no network.
     DemoImage {
@@ -84,7 +161,41 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Keygen { out } => keygen(&out),
+        Command::Keygen { out, name } => keygen(&out, &name),
+        Command::Validate { bundle, keys } => {
+            let text = read(&bundle)?;
+            let policy = match keys {
+                None => Policy::from_json(&text),
+                Some(k) => registry_guard_core::bundle::verify(&text, &load_keyset(&k)?),
+            }
+            .map_err(|e| anyhow::anyhow!("{}: {e}", bundle.display()))?;
+            println!("ok: {} is valid: revision {}, {} protection rules", bundle.display(), policy.revision, policy.rules.len());
+            Ok(())
+        }
+        Command::Sign { bundle, key } => {
+            let text = read(&bundle)?;
+            let key = load_signing_key(&key)?;
+            let jws = registry_guard_core::bundle::sign(&text, &key).map_err(|e| anyhow::anyhow!("{}: {e}", bundle.display()))?;
+            println!("{jws}");
+            eprintln!("signed {} with operator key {}", bundle.display(), key.kid);
+            Ok(())
+        }
+        Command::Push { bundle, envoys, token_services, force } => deliver::push(&bundle, &envoys, &token_services, force),
+        Command::Status { envoys, token_services } => deliver::status(&envoys, &token_services),
+        Command::Explain { bundle, keys, principals, user, method, path } => {
+            let text = read(&bundle)?;
+            let policy = match keys {
+                None if text.trim_start().starts_with('{') => Policy::from_json(&text),
+                None => bail!("{} is signed: pass --keys with the operator JWKS to verify it", bundle.display()),
+                Some(k) => registry_guard_core::bundle::verify(&text, &load_keyset(&k)?),
+            }
+            .map_err(|e| anyhow::anyhow!("{}: {e}", bundle.display()))?;
+            let dir = Directory::from_json(&read(&principals)?).map_err(|e| anyhow::anyhow!("{}: {e}", principals.display()))?;
+            let e = registry_guard_core::explain::explain(&dir, &policy, &user, &method, &path).map_err(anyhow::Error::msg)?;
+            print!("{e}");
+            Ok(())
+        }
+        Command::FilterResource { config, wasm, out } => deliver::write_filter_resource(&read(&config)?, &wasm, &out),
         Command::Jwks { keys } => {
             let mut jwks = Vec::new();
             for k in keys {
@@ -107,15 +218,18 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", hex(&Sha256::digest(token.as_bytes())));
             Ok(())
         }
-        Command::FilterConfig { realm, service, issuer, jwks, leeway_seconds } => {
-            let jwks: serde_json::Value = serde_json::from_str(
-                &fs::read_to_string(&jwks).with_context(|| format!("cannot read `{}`", jwks.display()))?,
-            )
-            .with_context(|| format!("`{}` is not JSON", jwks.display()))?;
-            let config = serde_json::json!({
+        Command::FilterConfig { realm, service, issuer, jwks, leeway_seconds, bundle, bundle_keys } => {
+            let jwks = read_json(&jwks)?;
+            let mut config = serde_json::json!({
                 "realm": realm, "service": service, "issuer": issuer,
                 "leeway_seconds": leeway_seconds, "jwks": jwks,
             });
+            if let Some(keys) = bundle_keys {
+                config["bundle_keys"] = read_json(&keys)?;
+            }
+            if let Some(b) = bundle {
+                config["bundle"] = read(&b)?.trim().into();
+            }
             let text = serde_json::to_string(&config)?;
             FilterConfig::from_json(text.as_bytes())?;
             println!("{text}");
@@ -156,21 +270,35 @@ fn read_secret() -> Result<String> {
     Ok(s)
 }
 
-fn keygen(out: &Path) -> Result<()> {
+fn read(path: &Path) -> Result<String> {
+    fs::read_to_string(path).with_context(|| format!("cannot read `{}`", path.display()))
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    serde_json::from_str(&read(path)?).with_context(|| format!("`{}` is not JSON", path.display()))
+}
+
+fn load_keyset(path: &Path) -> Result<KeySet> {
+    KeySet::from_jwks(&read_json(path)?).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+fn keygen(out: &Path, name: &str) -> Result<()> {
     fs::create_dir_all(out).with_context(|| format!("cannot create `{}`", out.display()))?;
-    let pem_path = out.join("signing-key.pem");
+    let (pem_name, jwks_name) =
+        if name == "operator" { ("operator-key.pem", "operator-jwks.json") } else { ("signing-key.pem", "jwks.json") };
+    let pem_path = out.join(pem_name);
     if pem_path.exists() {
-        eprintln!("keeping existing signing key {}", pem_path.display());
+        eprintln!("keeping existing {name} key {}", pem_path.display());
     } else {
         let key = p256::ecdsa::SigningKey::random(&mut rand_core::OsRng);
         let pem = key.to_pkcs8_pem(LineEnding::LF).map_err(|e| anyhow::anyhow!("cannot encode key: {e}"))?;
         write_private(&pem_path, pem.as_bytes())?;
-        eprintln!("generated signing key {}", pem_path.display());
+        eprintln!("generated {name} key {}", pem_path.display());
     }
     let key = load_signing_key(&pem_path)?;
     let jwks = serde_json::json!({ "keys": [key.public_jwk()] });
-    fs::write(out.join("jwks.json"), serde_json::to_string_pretty(&jwks)? + "\n")?;
-    eprintln!("key id {} (JWKS in {})", key.kid, out.join("jwks.json").display());
+    fs::write(out.join(jwks_name), serde_json::to_string_pretty(&jwks)? + "\n")?;
+    eprintln!("key id {} (JWKS in {})", key.kid, out.join(jwks_name).display());
     Ok(())
 }
 

@@ -1,4 +1,5 @@
-//! The configuration directory: `token-service.json`, `principals.json` and the signing key.
+//! The configuration directory: `token-service.json`, `principals.json`, the signing key and,
+//! optionally, the operator keys and the active signed policy bundle.
 //!
 //! Two steps, as everywhere in registry-guard: raw serde types with `deny_unknown_fields`,
 //! then a checked [`Config`]. Every error names the file and, where there is one, the JSON
@@ -8,8 +9,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use argon2::password_hash::PasswordHash;
+use registry_guard_core::bundle::{self, Policy};
 use registry_guard_core::directory::Directory;
-use registry_guard_core::token::SigningKey;
+use registry_guard_core::token::{KeySet, SigningKey};
 use serde::Deserialize;
 
 use crate::keys;
@@ -18,6 +20,9 @@ use crate::keys;
 pub const SETTINGS_FILE: &str = "token-service.json";
 /// The principals file, required; parsed by the core's [`Directory::from_json`].
 pub const PRINCIPALS_FILE: &str = "principals.json";
+
+/// Default path of the active signed bundle, relative to the configuration directory.
+pub const DEFAULT_BUNDLE_FILE: &str = "bundle.jws";
 
 /// Longest accepted registry token lifetime (a day).
 pub const MAX_TOKEN_TTL_SECONDS: i64 = 86_400;
@@ -29,6 +34,10 @@ struct RawSettings {
     service: String,
     token_ttl_seconds: i64,
     signing_key: PathBuf,
+    /// JWKS of the operator keys that sign policy bundles; without it no bundle is accepted.
+    bundle_keys: Option<PathBuf>,
+    /// Where the active signed bundle lives (read at startup, written on `PUT /bundle`).
+    bundle: PathBuf,
 }
 
 impl Default for RawSettings {
@@ -38,6 +47,8 @@ impl Default for RawSettings {
             service: "container_registry".into(),
             token_ttl_seconds: 300,
             signing_key: PathBuf::from("keys/signing-key.pem"),
+            bundle_keys: None,
+            bundle: PathBuf::from(DEFAULT_BUNDLE_FILE),
         }
     }
 }
@@ -80,6 +91,16 @@ pub struct Config {
     /// Where the signing key was read from (for the startup line).
     pub signing_key_path: PathBuf,
     pub directory: Directory,
+    /// Operator keys that may sign bundles (`bundle_keys`), if configured.
+    pub bundle_keys: Option<KeySet>,
+    /// Where the operator keys were read from.
+    pub bundle_keys_path: Option<PathBuf>,
+    /// Where the active bundle is read from and persisted to.
+    pub bundle_path: PathBuf,
+    /// The policy of the bundle found at startup, or the empty policy (revision 0).
+    pub policy: Policy,
+    /// Whether `policy` came from a bundle file (rather than being the default).
+    pub bundle_loaded: bool,
 }
 
 impl Config {
@@ -104,6 +125,19 @@ impl Config {
         let signing_key_path = dir.join(&raw.signing_key);
         let signing_key = load_signing_key(&signing_key_path)?;
         let directory = load_principals(&dir.join(PRINCIPALS_FILE))?;
+        if raw.bundle.as_os_str().is_empty() {
+            return Err(ConfigError::new(&settings_path, field("bundle"), "must not be empty"));
+        }
+        if raw.bundle_keys.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            return Err(ConfigError::new(&settings_path, field("bundle_keys"), "must not be empty"));
+        }
+        let bundle_keys_path = raw.bundle_keys.map(|p| dir.join(p));
+        let bundle_keys = bundle_keys_path.as_deref().map(load_bundle_keys).transpose()?;
+        let bundle_path = dir.join(&raw.bundle);
+        let (policy, bundle_loaded) = match load_bundle(&bundle_path, bundle_keys.as_ref())? {
+            Some(policy) => (policy, true),
+            None => (Policy::default(), false),
+        };
         Ok(Config {
             issuer: raw.issuer,
             service: raw.service,
@@ -111,8 +145,44 @@ impl Config {
             signing_key,
             signing_key_path,
             directory,
+            bundle_keys,
+            bundle_keys_path,
+            bundle_path,
+            policy,
+            bundle_loaded,
         })
     }
+}
+
+/// Reads the operator JWKS (`bundle_keys`).
+fn load_bundle_keys(path: &Path) -> Result<KeySet, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new(path, None, format!("cannot read the operator keys (`$.bundle_keys` of {SETTINGS_FILE}): {e}"))
+    })?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| ConfigError::new(path, None, format!("not a JWKS JSON document: {e}")))?;
+    KeySet::from_jwks(&value).map_err(|e| ConfigError::new(path, None, e.to_string()))
+}
+
+/// Reads and verifies the active bundle, if there is one. A bundle without operator keys to
+/// check it with is an error: it would otherwise be ignored silently.
+fn load_bundle(path: &Path, keys: Option<&KeySet>) -> Result<Option<Policy>, ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(ConfigError::new(path, None, format!("cannot read the policy bundle: {e}"))),
+    };
+    let Some(keys) = keys else {
+        return Err(ConfigError::new(
+            path,
+            None,
+            format!(
+                "a policy bundle is present but no operator keys are configured to verify it \
+                 (set `bundle_keys` in {SETTINGS_FILE}, or remove the bundle)"
+            ),
+        ));
+    };
+    bundle::verify(&text, keys).map(Some).map_err(|e| ConfigError::new(path, Some(e.path), e.reason))
 }
 
 fn read_settings(path: &Path) -> Result<RawSettings, ConfigError> {

@@ -1,10 +1,11 @@
 //! Building and signing what the service hands out: registry tokens (with their nested `user`
-//! JWT) and refresh tokens. Grants come from the core (`Directory::grant`); signing is the
-//! core's `token::sign`.
+//! JWT) and refresh tokens. Grants come from the core (`Directory::grant_under`); signing is
+//! the core's `token::sign`.
 
 use std::collections::BTreeMap;
 
 use rand_core::RngCore as _;
+use registry_guard_core::access::AccessLevel;
 use registry_guard_core::directory::Grant;
 use registry_guard_core::token::{self, AccessClaim, AccessMeta, Audience, RegistryClaims, SigningKey, Validity};
 use serde::{Deserialize, Serialize};
@@ -78,15 +79,23 @@ pub fn random_hex(n: usize) -> Result<String, IssueError> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// The `access` claim for a list of grants, actions in canonical order.
+/// The `access` claim for a list of grants, actions in canonical order. `meta` carries the
+/// project path and the principal's access level number on it (what the filter checks
+/// protection rules against); it is left out when both are unknown.
 pub fn access_claims(grants: &[Grant]) -> Vec<AccessClaim> {
     grants
         .iter()
-        .map(|g| AccessClaim {
-            resource_type: g.scope.resource.type_str().to_owned(),
-            name: g.scope.resource.name().to_owned(),
-            actions: g.scope.actions.to_vec(),
-            meta: g.project_path.as_ref().map(|p| AccessMeta { project_path: Some(p.clone()) }),
+        .map(|g| {
+            let meta = AccessMeta {
+                project_path: g.project_path.clone(),
+                access_level: g.access_level.map(AccessLevel::number),
+            };
+            AccessClaim {
+                resource_type: g.scope.resource.type_str().to_owned(),
+                name: g.scope.resource.name().to_owned(),
+                actions: g.scope.actions.to_vec(),
+                meta: (meta.project_path.is_some() || meta.access_level.is_some()).then_some(meta),
+            }
         })
         .collect()
 }
@@ -151,15 +160,22 @@ mod tests {
             Grant {
                 scope: Scope::parse("repository:acme/web/app:push,pull").unwrap(),
                 project_path: Some("acme/web".into()),
+                access_level: Some(AccessLevel::Developer),
             },
-            Grant { scope: Scope::catalog(), project_path: None },
+            Grant {
+                scope: Scope::parse("repository:acme/web/app:pull").unwrap(),
+                project_path: None,
+                access_level: Some(AccessLevel::Admin),
+            },
+            Grant { scope: Scope::catalog(), project_path: None, access_level: None },
         ];
         let v = serde_json::to_value(access_claims(&grants)).unwrap();
         assert_eq!(
             v,
             serde_json::json!([
                 {"type": "repository", "name": "acme/web/app", "actions": ["pull", "push"],
-                 "meta": {"project_path": "acme/web"}},
+                 "meta": {"project_path": "acme/web", "access_level": 30}},
+                {"type": "repository", "name": "acme/web/app", "actions": ["pull"], "meta": {"access_level": 60}},
                 {"type": "registry", "name": "catalog", "actions": ["*"]}
             ])
         );

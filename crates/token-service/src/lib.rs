@@ -1,11 +1,13 @@
 //! registry-guard token service: issues Docker-registry JWTs (Docker token spec `GET` and
 //! OAuth2 `POST` on `/jwt/auth`) for the principals of a configuration directory, using the
-//! same core as the filter for every decision (grants, scopes, signing).
+//! same core as the filter for every decision (grants, scopes, signing, protection rules of
+//! the operator-signed policy bundle).
 
 pub mod auth;
 pub mod config;
 pub mod issue;
 pub mod keys;
+pub mod policy;
 pub mod routes;
 pub mod startup;
 

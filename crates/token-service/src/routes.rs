@@ -1,18 +1,22 @@
 //! The HTTP API: the Docker token endpoint (`GET /jwt/auth`), its OAuth2 form
-//! (`POST /jwt/auth`), the JWKS and a health check.
+//! (`POST /jwt/auth`), the JWKS, the policy bundle (`PUT /bundle`, `GET /bundle/status`) and a
+//! health check.
 //!
 //! Handlers only parse, authenticate and render; what a token grants is decided by the core
-//! (`Directory::grant`), and every token is signed by the core (`token::sign`).
+//! (`Directory::grant_under` the active policy), and every token is signed by the core
+//! (`token::sign`). The bundle endpoints need no credentials: a bundle is accepted only when
+//! signed by an operator key, and never when older than the active revision.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::{RawQuery, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, put};
 use axum::{Json, Router};
 use registry_guard_core::directory::Directory;
 use registry_guard_core::scope::Scope;
@@ -23,6 +27,7 @@ use tokio::sync::Semaphore;
 
 use crate::auth::{self, AuthError, AuthType, Authenticated, BasicAuth};
 use crate::issue::{IssueError, RefreshClaims, TokenIssuer, REFRESH_TOKEN_USE};
+use crate::policy::{PolicyStore, PushError, MAX_BUNDLE_BYTES};
 
 /// The realm of the Basic challenge on a 401 from `GET /jwt/auth`.
 pub const BASIC_REALM: &str = "registry-guard";
@@ -46,6 +51,8 @@ pub struct AppState {
     pub decoy_hash: Option<String>,
     /// Permits for concurrent argon2 verifications.
     pub password_slots: Semaphore,
+    /// The active policy bundle and the operator keys that may replace it.
+    pub policy: PolicyStore,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -53,7 +60,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/jwt/auth", get(get_token).post(post_token))
         .route("/jwks", get(jwks))
         .route("/healthz", get(healthz))
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM_BYTES))
+        .route("/bundle/status", get(bundle_status))
+        .layer(DefaultBodyLimit::max(MAX_FORM_BYTES))
+        // Added after the form limit, so only this route gets the larger one.
+        .route("/bundle", put(put_bundle).layer(DefaultBodyLimit::max(MAX_BUNDLE_BYTES)))
         .with_state(state)
 }
 
@@ -205,7 +215,8 @@ impl Params {
     }
 }
 
-/// Grants (requested ∩ permitted, by the core) and signs the answer.
+/// Grants (requested ∩ permitted, minus what the active policy can never allow, by the core)
+/// and signs the answer. The policy is one snapshot: the whole request sees one revision.
 fn issue(
     state: &AppState,
     who: &Authenticated,
@@ -217,15 +228,18 @@ fn issue(
         .directory
         .user(&who.username)
         .ok_or_else(|| Problem::InvalidCredentials(INVALID_CREDENTIALS_MESSAGE.into()))?;
-    let grants = state.directory.grant(user, scopes);
+    let policy = state.policy.snapshot();
+    let (grants, withheld) = state.directory.grant_under(&policy, user, scopes);
     let token = state.issuer.registry_token(who, &grants, now)?;
     let refresh_token = if offline { Some(state.issuer.refresh_token(who, now)?) } else { None };
     let requested: Vec<String> = scopes.iter().map(ToString::to_string).collect();
     let granted: Vec<String> = grants.iter().map(|g| g.scope.to_string()).collect();
     tracing::info!(
-        "issued token: sub={:?} auth_type={} requested={requested:?} granted={granted:?} refresh_token={}",
+        "issued token: sub={:?} auth_type={} requested={requested:?} granted={granted:?} withheld={withheld:?} \
+         bundle_revision={} refresh_token={}",
         who.username,
         who.auth_type.as_str(),
+        policy.revision,
         refresh_token.is_some(),
     );
     Ok(TokenResponse {
@@ -353,4 +367,57 @@ async fn jwks(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
 
 async fn healthz() -> &'static str {
     "ok"
+}
+
+/// `PUT /bundle`: the body is a compact JWS as written by `rgctl sign`.
+async fn put_bundle(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let now = now_unix();
+    let (status, reason) = match body {
+        Err(rejection) => (rejection.status(), format!("cannot read the request body: {}", rejection.body_text())),
+        Ok(bytes) => match String::from_utf8(Vec::from(bytes)) {
+            Ok(text) => return push_bundle(&state, text, now).await,
+            Err(_) => (StatusCode::BAD_REQUEST, "the body is not UTF-8 text (expected a compact JWS)".to_owned()),
+        },
+    };
+    // The body never reached verification (too large, unreadable): refused all the same.
+    let active_revision = state.policy.refuse_unread("$", &reason, now);
+    let body = json!({"error": "bundle_rejected", "path": "$", "reason": reason, "active_revision": active_revision});
+    (status, Json(body)).into_response()
+}
+
+async fn push_bundle(state: &AppState, text: String, now: i64) -> Response {
+    match state.policy.push(text, now).await {
+        Ok(accepted) => (StatusCode::OK, Json(json!({"active_revision": accepted.revision, "rules": accepted.rules})))
+            .into_response(),
+        Err(PushError::KeysNotConfigured { reason, active_revision }) => (
+            StatusCode::CONFLICT,
+            Json(json!({"error": "bundle_keys_not_configured", "path": "signature", "reason": reason,
+                        "active_revision": active_revision})),
+        )
+            .into_response(),
+        Err(PushError::Rejected { path, reason, active_revision }) => (
+            StatusCode::BAD_REQUEST,
+            Json(
+                json!({"error": "bundle_rejected", "path": path, "reason": reason, "active_revision": active_revision}),
+            ),
+        )
+            .into_response(),
+        Err(PushError::Rollback { path, reason, active_revision }) => (
+            StatusCode::CONFLICT,
+            Json(
+                json!({"error": "bundle_rollback", "path": path, "reason": reason, "active_revision": active_revision}),
+            ),
+        )
+            .into_response(),
+        Err(PushError::Internal { reason, active_revision }) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"error": "bundle_not_activated", "reason": reason, "active_revision": active_revision})),
+        )
+            .into_response(),
+    }
+}
+
+/// `GET /bundle/status`: the active revision and the last refused push.
+async fn bundle_status(State(state): State<Arc<AppState>>) -> Json<crate::policy::Status> {
+    Json(state.policy.status())
 }

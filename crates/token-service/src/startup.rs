@@ -11,6 +11,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::{Config, ConfigError};
 use crate::issue::TokenIssuer;
+use crate::policy::PolicyStore;
 use crate::routes::{self, AppState};
 
 /// Default `--listen` address.
@@ -26,7 +27,8 @@ fn password_slots() -> usize {
 /// What the binary is started with.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Directory holding `token-service.json`, `principals.json` and the signing key.
+    /// Directory holding `token-service.json`, `principals.json`, the signing key and
+    /// (optionally) the operator keys and the active bundle.
     pub config_dir: PathBuf,
     /// Where to listen; port 0 picks a free port (tests).
     pub listen: SocketAddr,
@@ -51,6 +53,11 @@ pub struct Summary {
     pub signing_key_path: PathBuf,
     pub token_ttl_seconds: i64,
     pub users: usize,
+    /// Revision and rule count of the active bundle (0 and 0 without one).
+    pub bundle_revision: u64,
+    pub bundle_rules: usize,
+    /// Operator keys file, when `bundle_keys` is configured.
+    pub bundle_keys_path: Option<PathBuf>,
 }
 
 /// A bound, configured token service, ready to run.
@@ -79,7 +86,12 @@ impl Application {
             signing_key_path: config.signing_key_path.clone(),
             token_ttl_seconds: config.token_ttl_seconds,
             users: config.directory.users().len(),
+            bundle_revision: config.policy.revision,
+            bundle_rules: config.policy.rules.len(),
+            bundle_keys_path: config.bundle_keys_path.clone(),
         };
+        let activated_at = config.bundle_loaded.then(routes::now_unix);
+        let policy = PolicyStore::new(config.policy, activated_at, config.bundle_keys, config.bundle_path);
         let decoy_hash = config.directory.users().iter().find_map(|u| u.password_hash.clone());
         let state = AppState {
             issuer: TokenIssuer {
@@ -93,6 +105,7 @@ impl Application {
             jwks,
             decoy_hash,
             password_slots: Semaphore::new(password_slots()),
+            policy,
         };
         let listener = TcpListener::bind(settings.listen)
             .await
@@ -119,7 +132,7 @@ impl Application {
     pub fn startup_line(&self) -> String {
         let s = &self.summary;
         format!(
-            "token service listening on http://{} (issuer={}, service={}, key id={}, {} user{}, token ttl {}s, signing key {})",
+            "token service listening on http://{} (issuer={}, service={}, key id={}, {} user{}, token ttl {}s, signing key {}, bundle revision {} ({} rule{}))",
             self.local_addr,
             s.issuer,
             s.service,
@@ -128,6 +141,9 @@ impl Application {
             if s.users == 1 { "" } else { "s" },
             s.token_ttl_seconds,
             s.signing_key_path.display(),
+            s.bundle_revision,
+            s.bundle_rules,
+            if s.bundle_rules == 1 { "" } else { "s" },
         )
     }
 

@@ -3,7 +3,7 @@ use std::path::Path;
 use argon2::password_hash::{PasswordHasher as _, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 use base64::Engine as _;
-use registry_guard_core::token::{KeySet, Verifier};
+use registry_guard_core::token::{testing, KeySet, SigningKey, Verifier};
 use registry_guard_token_service::{generate_signing_key_pem, Application, Settings, StartupError};
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
@@ -11,6 +11,7 @@ use sha2::{Digest as _, Sha256};
 pub const ALICE_PASSWORD: &str = "alice-password";
 pub const RITA_PASSWORD: &str = "rita-password";
 pub const ROOT_PASSWORD: &str = "root-password";
+pub const DEV_PASSWORD: &str = "dev-password";
 /// Rita's personal access token (no expiry).
 pub const RITA_PAT: &str = "glpat-rita-ci-token";
 /// Rita's personal access token that expired long ago.
@@ -42,7 +43,7 @@ pub fn sha256_hex(s: &str) -> String {
 
 /// The test world: group `acme` with projects `acme/web` and `acme/platform`.
 /// alice (1) maintainer of acme; rita (2) reporter of acme/web, with PATs; root (3) admin;
-/// tokenonly (4) has no password and no token.
+/// nopassword (4) has no password and no token; dev (5) developer of acme.
 pub fn principals() -> Value {
     json!({
         "groups": [{"path": "acme"}],
@@ -57,7 +58,9 @@ pub fn principals() -> Value {
              ],
              "memberships": [{"path": "acme/web", "access_level": "reporter"}]},
             {"id": 3, "username": "root", "admin": true, "password_hash": hash_password(ROOT_PASSWORD)},
-            {"id": 4, "username": "nopassword"}
+            {"id": 4, "username": "nopassword"},
+            {"id": 5, "username": "dev", "password_hash": hash_password(DEV_PASSWORD),
+             "memberships": [{"path": "acme", "access_level": "developer"}]}
         ]
     })
 }
@@ -80,7 +83,8 @@ pub async fn build(dir: &Path) -> Result<Application, StartupError> {
 pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
-    pub _dir: tempfile::TempDir,
+    pub dir: tempfile::TempDir,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -90,10 +94,76 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_with(principals: &Value, settings: Option<&str>) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
     write_config(dir.path(), principals, settings);
+    spawn_in(dir).await
+}
+
+/// Starts the service on an already written configuration directory.
+pub async fn spawn_in(dir: tempfile::TempDir) -> TestApp {
     let app = build(dir.path()).await.unwrap();
     let address = format!("http://127.0.0.1:{}", app.port());
-    tokio::spawn(app.run_until_stopped());
-    TestApp { address, client: reqwest::Client::new(), _dir: dir }
+    let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(app.run_until(async move {
+        let _ = stopped.await;
+    }));
+    TestApp { address, client: reqwest::Client::new(), dir, shutdown: Some(shutdown) }
+}
+
+/// Settings naming the operator keys written by [`write_operator_keys`].
+pub const BUNDLE_SETTINGS: &str = r#"{"bundle_keys": "keys/operator-jwks.json"}"#;
+
+/// The operator key that signs test bundles.
+pub fn operator_key() -> SigningKey {
+    testing::es256_key(7)
+}
+
+/// Writes `keys/operator-jwks.json` with the public part of [`operator_key`].
+pub fn write_operator_keys(dir: &Path) {
+    std::fs::create_dir_all(dir.join("keys")).unwrap();
+    let jwks = testing::jwks(&[&operator_key()]);
+    std::fs::write(dir.join("keys/operator-jwks.json"), serde_json::to_string_pretty(&jwks).unwrap()).unwrap();
+}
+
+/// A bundle protecting `acme/platform/*` from pushes by developers and below (seed 003
+/// reading), plus a tag rule and a dry-run rule that must not withhold anything.
+pub fn platform_bundle(revision: u64) -> String {
+    json!({
+        "revision": revision,
+        "protection_rules": [
+            {"id": "platform", "repository_path_pattern": "acme/platform/*",
+             "push_protected_up_to_access_level": "developer"},
+            {"id": "web-release-tags", "repository_path_pattern": "acme/web/*", "tag_name_pattern": "^v[0-9]+",
+             "minimum_access_level_for_push": "owner"},
+            {"id": "web-delete-dry-run", "repository_path_pattern": "acme/web/*",
+             "minimum_access_level_for_delete": "owner", "enforce": false}
+        ]
+    })
+    .to_string()
+}
+
+/// Signs bundle JSON with [`operator_key`] (validated by the core first).
+pub fn sign_bundle(json_text: &str) -> String {
+    registry_guard_core::bundle::sign(json_text, &operator_key()).unwrap()
+}
+
+/// Signs any payload as a bundle JWS, skipping the core's validation (for invalid bundles).
+pub fn sign_raw(payload: &Value, key: &SigningKey) -> String {
+    use p256::ecdsa::signature::Signer as _;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let header = json!({"alg": "ES256", "kid": key.kid, "typ": "rg-bundle+jwt"});
+    let input = format!("{}.{}", b64(header.to_string().as_bytes()), b64(payload.to_string().as_bytes()));
+    let signature: p256::ecdsa::Signature = key.key.sign(input.as_bytes());
+    format!("{input}.{}", b64(&signature.to_bytes()))
+}
+
+/// A configuration directory with operator keys and, optionally, an active bundle.
+pub fn config_with_bundle(bundle_jws: Option<&str>) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), &principals(), Some(BUNDLE_SETTINGS));
+    write_operator_keys(dir.path());
+    if let Some(jws) = bundle_jws {
+        std::fs::write(dir.path().join("bundle.jws"), jws).unwrap();
+    }
+    dir
 }
 
 pub fn basic(user: &str, secret: &str) -> String {
@@ -101,6 +171,35 @@ pub fn basic(user: &str, secret: &str) -> String {
 }
 
 impl TestApp {
+    /// Stops this instance and starts a new one on the same configuration directory.
+    pub async fn restart(mut self) -> TestApp {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        spawn_in(self.dir).await
+    }
+
+    /// `PUT /bundle` with a raw body.
+    pub async fn put_bundle(&self, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.client.put(format!("{}/bundle", self.address)).body(body).send().await.unwrap()
+    }
+
+    /// `GET /bundle/status`, checked to be 200.
+    pub async fn bundle_status(&self) -> Value {
+        let resp = self.client.get(format!("{}/bundle/status", self.address)).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.json().await.unwrap()
+    }
+
+    /// The `access` claim of a token for `user` asking for `scope` (space-separated scopes).
+    pub async fn access(&self, user: &str, password: &str, scope: &str) -> Value {
+        let form = [("grant_type", "password"), ("username", user), ("password", password), ("scope", scope)];
+        let resp = self.post_token(&form).await;
+        assert_eq!(resp.status(), 200, "{user} {scope}");
+        let body: Value = resp.json().await.unwrap();
+        registry_guard_core::token::decode_unverified(body["access_token"].as_str().unwrap()).unwrap()["access"].clone()
+    }
+
     /// `GET /jwt/auth` with a raw query string and optional Basic credentials.
     pub async fn get_token(&self, query: &str, creds: Option<(&str, &str)>) -> reqwest::Response {
         let mut req = self.client.get(format!("{}/jwt/auth?{query}", self.address));

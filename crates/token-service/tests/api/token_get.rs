@@ -34,7 +34,8 @@ async fn password_token_carries_requested_intersect_permitted() {
     assert_eq!(claims["jti"].as_str().unwrap().len(), 32);
     assert_eq!(
         claims["access"],
-        json!([{"type": "repository", "name": "acme/web/app", "actions": ["pull"], "meta": {"project_path": "acme/web"}}])
+        json!([{"type": "repository", "name": "acme/web/app", "actions": ["pull"],
+                "meta": {"project_path": "acme/web", "access_level": 20}}])
     );
     let (iat, nbf, exp) =
         (claims["iat"].as_i64().unwrap(), claims["nbf"].as_i64().unwrap(), claims["exp"].as_i64().unwrap());
@@ -57,8 +58,10 @@ async fn scopes_repeat_and_split_on_spaces() {
     assert_eq!(
         claims["access"],
         json!([
-            {"type": "repository", "name": "acme/web/app", "actions": ["pull", "push", "delete"], "meta": {"project_path": "acme/web"}},
-            {"type": "repository", "name": "acme/platform/api", "actions": ["pull"], "meta": {"project_path": "acme/platform"}}
+            {"type": "repository", "name": "acme/web/app", "actions": ["pull", "push", "delete"],
+             "meta": {"project_path": "acme/web", "access_level": 40}},
+            {"type": "repository", "name": "acme/platform/api", "actions": ["pull"],
+             "meta": {"project_path": "acme/platform", "access_level": 40}}
         ])
     );
     let body: Value =

@@ -25,7 +25,8 @@ async fn password_grant_offline_then_refresh_token_grant() {
     assert_eq!(claims["sub"], "rita");
     assert_eq!(
         claims["access"],
-        json!([{"type": "repository", "name": "acme/web/app", "actions": ["pull"], "meta": {"project_path": "acme/web"}}])
+        json!([{"type": "repository", "name": "acme/web/app", "actions": ["pull"],
+                "meta": {"project_path": "acme/web", "access_level": 20}}])
     );
     let refresh = body["refresh_token"].as_str().unwrap();
     let refresh_claims = token::decode_unverified(refresh).unwrap();

@@ -1,0 +1,329 @@
+//! The active policy bundle: what token requests decide under, and how an operator replaces it
+//! (`PUT /bundle`).
+//!
+//! The policy is held as an `Arc<Policy>` behind a lock that is only ever held to clone or
+//! replace that `Arc`, so a token request takes one snapshot and is decided entirely under
+//! one revision, and a new bundle becomes visible to the next request at once. Updates are
+//! serialised: verify (on a blocking thread), check the revision, persist the JWS (temporary
+//! file + rename), then swap. The file on disk therefore always holds the last accepted
+//! bundle, and a restart comes back with it.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use registry_guard_core::bundle::{self, BundleError, Policy};
+use registry_guard_core::token::{self, KeySet};
+use serde::Serialize;
+
+/// Largest accepted `PUT /bundle` body: a bundle of 100k rules is some 20 MB of JWS.
+pub const MAX_BUNDLE_BYTES: usize = 64 * 1024 * 1024;
+
+/// A refused bundle push, as `GET /bundle/status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The revision the refused bundle claims, read without verifying it (best effort).
+    pub revision: Option<u64>,
+    /// JSON path of the offending field, or `signature`.
+    pub path: String,
+    pub reason: String,
+    /// Unix seconds.
+    pub at: i64,
+}
+
+/// Why a push was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushError {
+    /// No `bundle_keys` configured: no bundle can be verified (409).
+    KeysNotConfigured { reason: String, active_revision: u64 },
+    /// Signature or content invalid (400).
+    Rejected { path: String, reason: String, active_revision: u64 },
+    /// Older than the active revision (409).
+    Rollback { path: String, reason: String, active_revision: u64 },
+    /// Our fault (the bundle could not be written to disk, or verification crashed); the
+    /// old policy stays (500).
+    Internal { reason: String, active_revision: u64 },
+}
+
+/// A push that took effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    pub previous_revision: u64,
+    pub revision: u64,
+    pub rules: usize,
+}
+
+#[derive(Debug)]
+struct Active {
+    policy: Arc<Policy>,
+    /// Unix seconds; `None` for the built-in empty policy.
+    activated_at: Option<i64>,
+}
+
+/// `GET /bundle/status`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Status {
+    pub active_revision: u64,
+    pub rules: usize,
+    pub activated_at: Option<String>,
+    pub last_rejected: Option<RejectionView>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RejectionView {
+    pub revision: Option<u64>,
+    pub path: String,
+    pub reason: String,
+    pub at: String,
+}
+
+/// The active policy, the operator keys that may replace it and where it is persisted.
+#[derive(Debug)]
+pub struct PolicyStore {
+    keys: Option<Arc<KeySet>>,
+    path: PathBuf,
+    active: RwLock<Active>,
+    last_rejected: Mutex<Option<Rejection>>,
+    /// Serialises pushes: verify, compare, persist and swap happen one bundle at a time.
+    update: tokio::sync::Mutex<()>,
+}
+
+impl PolicyStore {
+    /// `activated_at` is when `policy` became active (startup), `None` for the default policy.
+    pub fn new(policy: Policy, activated_at: Option<i64>, keys: Option<KeySet>, path: PathBuf) -> PolicyStore {
+        PolicyStore {
+            keys: keys.map(Arc::new),
+            path,
+            active: RwLock::new(Active { policy: Arc::new(policy), activated_at }),
+            last_rejected: Mutex::new(None),
+            update: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The policy to decide one request with.
+    pub fn snapshot(&self) -> Arc<Policy> {
+        Arc::clone(&self.active.read().unwrap_or_else(PoisonError::into_inner).policy)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn status(&self) -> Status {
+        let (revision, rules, activated_at) = {
+            let active = self.active.read().unwrap_or_else(PoisonError::into_inner);
+            (active.policy.revision, active.policy.rules.len(), active.activated_at)
+        };
+        let last_rejected = self.last_rejected.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        Status {
+            active_revision: revision,
+            rules,
+            activated_at: activated_at.map(rfc3339),
+            last_rejected: last_rejected.map(|r| RejectionView {
+                revision: r.revision,
+                path: r.path,
+                reason: r.reason,
+                at: rfc3339(r.at),
+            }),
+        }
+    }
+
+    fn reject(&self, text: &str, path: &str, reason: &str, now: i64) {
+        let rejection =
+            Rejection { revision: claimed_revision(text), path: path.to_owned(), reason: reason.to_owned(), at: now };
+        *self.last_rejected.lock().unwrap_or_else(PoisonError::into_inner) = Some(rejection);
+    }
+
+    /// Records a push whose body could not even be read (too large, not UTF-8); returns the
+    /// active revision, which stays.
+    pub fn refuse_unread(&self, path: &str, reason: &str, now: i64) -> u64 {
+        let active_revision = self.snapshot().revision;
+        let rejection = Rejection { revision: None, path: path.to_owned(), reason: reason.to_owned(), at: now };
+        *self.last_rejected.lock().unwrap_or_else(PoisonError::into_inner) = Some(rejection);
+        tracing::warn!("bundle rejected: {path}: {reason}; active revision {active_revision} stays");
+        active_revision
+    }
+
+    /// Verifies `text` (a compact JWS) and, if it is valid and not older than the active
+    /// revision, persists it and makes it the active policy. Every refusal is remembered for
+    /// [`PolicyStore::status`] and logged.
+    pub async fn push(&self, text: String, now: i64) -> Result<Accepted, PushError> {
+        let _serial = self.update.lock().await;
+        let active_revision = self.snapshot().revision;
+        let Some(keys) = self.keys.clone() else {
+            let reason = format!(
+                "no operator keys are configured: set `bundle_keys` in {} to accept signed bundles",
+                crate::config::SETTINGS_FILE
+            );
+            self.reject(&text, "signature", &reason, now);
+            tracing::warn!("bundle rejected: {reason}; active revision {active_revision} stays");
+            return Err(PushError::KeysNotConfigured { reason, active_revision });
+        };
+        let (text, verified) = tokio::task::spawn_blocking(move || {
+            let verified = bundle::verify(&text, &keys);
+            (text, verified)
+        })
+        .await
+        .map_err(|e| {
+            let reason = format!("bundle verification did not complete: {e}");
+            tracing::error!("{reason}");
+            PushError::Internal { reason, active_revision }
+        })?;
+        let policy = match verified {
+            Ok(policy) => policy,
+            Err(BundleError { path, reason }) => {
+                self.reject(&text, &path, &reason, now);
+                tracing::warn!(
+                    "bundle rejected (revision {}): {path}: {reason}; active revision {active_revision} stays",
+                    claimed_revision(&text).map_or_else(|| "unknown".to_owned(), |r| r.to_string()),
+                );
+                return Err(PushError::Rejected { path, reason, active_revision });
+            }
+        };
+        if policy.revision < active_revision {
+            let path = "$.revision".to_owned();
+            let reason = format!(
+                "revision {} is older than the active revision {active_revision}: rollback refused \
+                 (sign the bundle with a revision of at least {active_revision})",
+                policy.revision
+            );
+            self.reject(&text, &path, &reason, now);
+            tracing::warn!("bundle rejected (revision {}): {path}: {reason}", policy.revision);
+            return Err(PushError::Rollback { path, reason, active_revision });
+        }
+        let target = self.path.clone();
+        let persisted = tokio::task::spawn_blocking(move || write_atomically(&target, text.as_bytes()))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|r| r);
+        if let Err(e) = persisted {
+            let reason = format!("cannot persist the bundle to {}: {e}", self.path.display());
+            tracing::error!("bundle revision {} not activated: {reason}", policy.revision);
+            return Err(PushError::Internal { reason, active_revision });
+        }
+        let accepted =
+            Accepted { previous_revision: active_revision, revision: policy.revision, rules: policy.rules.len() };
+        *self.active.write().unwrap_or_else(PoisonError::into_inner) =
+            Active { policy: Arc::new(policy), activated_at: Some(now) };
+        tracing::info!(
+            "bundle revision {} accepted ({} rule{}), replacing revision {}; persisted to {}",
+            accepted.revision,
+            accepted.rules,
+            if accepted.rules == 1 { "" } else { "s" },
+            accepted.previous_revision,
+            self.path.display(),
+        );
+        Ok(accepted)
+    }
+}
+
+/// The revision a bundle claims, read without verifying anything: from the JWS payload, or
+/// from the JSON itself if an unsigned bundle was sent.
+pub fn claimed_revision(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let value = if text.starts_with('{') {
+        serde_json::from_str::<serde_json::Value>(text).ok()?
+    } else {
+        token::decode_unverified(text).ok()?
+    };
+    value.get("revision")?.as_u64()
+}
+
+/// Writes `bytes` to `path` so that readers see either the old or the new content: a
+/// temporary file in the same directory, flushed to disk, then renamed over `path`.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir)?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "bundle".into());
+    let suffix = crate::issue::random_hex(8).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let tmp = dir.join(format!(".{name}.{suffix}.tmp"));
+    let result = (|| {
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&tmp, path)?;
+        // Make the rename itself durable where directories can be opened (Unix).
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn rfc3339(t: i64) -> String {
+    chrono::DateTime::from_timestamp(t, 0)
+        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use registry_guard_core::token::testing::{es256_key, jwks};
+
+    const BUNDLE: &str = r#"{"revision": 4, "protection_rules": [
+        {"id": "p", "repository_path_pattern": "acme/*", "minimum_access_level_for_push": "owner"}]}"#;
+
+    #[test]
+    fn claimed_revision_is_best_effort() {
+        let signed = bundle::sign(BUNDLE, &es256_key(7)).unwrap();
+        assert_eq!(claimed_revision(&signed), Some(4));
+        assert_eq!(claimed_revision(BUNDLE), Some(4));
+        assert_eq!(claimed_revision(r#"{"revision": "four"}"#), None);
+        assert_eq!(claimed_revision("garbage"), None);
+    }
+
+    #[test]
+    fn atomic_write_replaces_and_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/bundle.jws");
+        write_atomically(&path, b"one").unwrap();
+        write_atomically(&path, b"two").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "two");
+        assert_eq!(std::fs::read_dir(dir.path().join("sub")).unwrap().count(), 1);
+    }
+
+    #[tokio::test]
+    async fn push_checks_signature_and_revision() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = es256_key(7);
+        let keys = KeySet::from_jwks(&jwks(&[&key])).unwrap();
+        let store = PolicyStore::new(Policy::default(), None, Some(keys), dir.path().join("bundle.jws"));
+        assert_eq!(store.status().active_revision, 0);
+        let signed = bundle::sign(BUNDLE, &key).unwrap();
+        let ok = store.push(signed.clone(), 100).await.unwrap();
+        assert_eq!((ok.previous_revision, ok.revision, ok.rules), (0, 4, 1));
+        assert_eq!(store.snapshot().revision, 4);
+        assert_eq!(std::fs::read_to_string(dir.path().join("bundle.jws")).unwrap(), signed);
+        // Same revision again: accepted. Older: refused and remembered.
+        assert!(store.push(signed, 101).await.is_ok());
+        let old = bundle::sign(&BUNDLE.replace("\"revision\": 4", "\"revision\": 3"), &key).unwrap();
+        let err = store.push(old, 102).await.unwrap_err();
+        assert!(
+            matches!(&err, PushError::Rollback { active_revision: 4, reason, .. } if reason.contains("revision 3"))
+        );
+        let status = store.status();
+        assert_eq!(status.active_revision, 4);
+        assert_eq!(status.activated_at.as_deref(), Some("1970-01-01T00:01:41Z"));
+        let rejected = status.last_rejected.unwrap();
+        assert_eq!((rejected.revision, rejected.path.as_str()), (Some(3), "$.revision"));
+    }
+
+    #[tokio::test]
+    async fn push_without_keys_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PolicyStore::new(Policy::default(), None, None, dir.path().join("bundle.jws"));
+        let signed = bundle::sign(BUNDLE, &es256_key(7)).unwrap();
+        assert!(matches!(store.push(signed, 1).await, Err(PushError::KeysNotConfigured { .. })));
+        assert!(!dir.path().join("bundle.jws").exists());
+    }
+}
