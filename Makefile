@@ -60,16 +60,24 @@ test-wasm: $(WBG_RUNNER) .deps/rust
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(WBG_RUNNER) \
 	  cargo test -p registry-guard-wasm-tests --target wasm32-unknown-unknown
 
-# Every committed Envoy config, rendered with example values, through `envoy --mode validate`.
+# The committed Envoy config, rendered with example values (and the filter's ECDS file it
+# points at), through `envoy --mode validate`.
 test-envoy: $(ENVOY) build
-	@set -e; out=.run/validate; mkdir -p $$out; \
+	@set -e; out=$(ROOT)/.run/validate; mkdir -p $$out; \
 	target/release/rgctl keygen --out $$out/keys 2>/dev/null; \
-	target/release/rgctl filter-config --realm http://127.0.0.1:5001/jwt/auth --jwks $$out/keys/jwks.json > $$out/filter.json; \
-	for t in envoy/*.yaml; do \
-	  target/release/rgctl render $$t --set ADMIN_PORT=9901 --set LISTEN_PORT=5000 --set REGISTRY_PORT=5002 \
-	    --set WASM_PATH=$(ROOT)/$(WASM) --set-json FILTER_CONFIG=$$out/filter.json > $$out/$$(basename $$t); \
-	  $(ENVOY) --mode validate -c $$out/$$(basename $$t) --log-level error && echo "validated $$t"; \
-	done
+	target/release/rgctl keygen --out $$out/keys --name operator 2>/dev/null; \
+	target/release/rgctl sign policies/example/bundle.json --key $$out/keys/operator-key.pem > $$out/bundle.jws 2>/dev/null; \
+	target/release/rgctl filter-config --realm http://127.0.0.1:5001/jwt/auth --jwks $$out/keys/jwks.json \
+	  --bundle-keys $$out/keys/operator-jwks.json --bundle $$out/bundle.jws > $$out/filter.json; \
+	target/release/rgctl filter-resource --config $$out/filter.json --wasm $(WASM) --out $$out/ecds/registry-guard.json; \
+	target/release/rgctl render envoy/envoy.yaml --set ADMIN_PORT=9901 --set LISTEN_PORT=5000 --set REGISTRY_PORT=5002 \
+	  --set ECDS_DIR=$$out/ecds > $$out/envoy.yaml; \
+	$(ENVOY) --mode validate -c $$out/envoy.yaml --log-level error && echo "validated envoy/envoy.yaml"; \
+	target/release/rgctl validate policies/example/bundle.json
+	@$(VENV)/bin/python -c 'import jsonschema' 2>/dev/null || $(VENV)/bin/pip install -q jsonschema
+	$(VENV)/bin/python -c 'import json, jsonschema; \
+	  jsonschema.validate(json.load(open("policies/example/bundle.json")), json.load(open("policies/bundle.schema.json"))); \
+	  print("policies/example/bundle.json matches policies/bundle.schema.json")'
 
 test-e2e: deps build
 	cargo test -p registry-guard-e2e -- --test-threads 2

@@ -6,7 +6,7 @@
 
 pub mod host;
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -19,10 +19,27 @@ use crate::host::{Host, Metrics, ProxyWasmHost};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-thread_local! {
-    /// Highest bundle revision this VM has activated: a configuration carrying an older
-    /// bundle is refused (rollback protection; Envoy then keeps the running configuration).
-    static HIGHEST_REVISION: Cell<u64> = const { Cell::new(0) };
+/// Shared-data key (per `vm_id`, process-wide, survives VM re-creation on reconfiguration)
+/// holding the highest bundle revision activated: a configuration carrying an older bundle
+/// is refused (rollback protection; Envoy then keeps the running configuration).
+const HIGHEST_REVISION_KEY: &str = "registry_guard.highest_bundle_revision";
+
+fn highest_revision() -> (u64, Option<u32>) {
+    match proxy_wasm::hostcalls::get_shared_data(HIGHEST_REVISION_KEY) {
+        Ok((Some(bytes), cas)) => {
+            let n = std::str::from_utf8(&bytes).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+            (n, cas)
+        }
+        Ok((None, cas)) => (0, cas),
+        Err(_) => (0, None),
+    }
+}
+
+fn record_highest_revision(revision: u64, cas: Option<u32>) {
+    let value = revision.to_string();
+    if let Err(e) = proxy_wasm::hostcalls::set_shared_data(HIGHEST_REVISION_KEY, Some(value.as_bytes()), cas) {
+        log::warn!("registry-guard: cannot record bundle revision {revision} in shared data: {e:?}");
+    }
 }
 
 #[cfg(target_arch = "wasm32")]
@@ -77,7 +94,7 @@ impl RootContext for GuardRoot {
             }
         };
         let revision = config.policy.revision;
-        let highest = HIGHEST_REVISION.with(Cell::get);
+        let (highest, cas) = highest_revision();
         if revision < highest {
             log::error!(
                 "registry-guard: rejected configuration: bundle revision {revision} is older than the active revision {highest}"
@@ -87,7 +104,9 @@ impl RootContext for GuardRoot {
             }
             return false;
         }
-        HIGHEST_REVISION.with(|h| h.set(revision));
+        if revision > highest {
+            record_highest_revision(revision, cas);
+        }
         let kids: Vec<&str> = config.verifier.keys.kids().collect();
         log::info!(
             "registry-guard configured: bundle revision {revision} ({} protection rules), issuer={} service={} realm={} keys={:?} cache={}",

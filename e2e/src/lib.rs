@@ -63,7 +63,9 @@ impl Stack {
             procs: Vec::new(),
             dir,
         };
-        stack.rgctl(&["keygen", "--out", &stack.config_dir.join("keys").display().to_string()]);
+        let keys = stack.config_dir.join("keys").display().to_string();
+        stack.rgctl(&["keygen", "--out", &keys]);
+        stack.rgctl(&["keygen", "--out", &keys, "--name", "operator"]);
         stack.start_registry();
         stack.start_token_service();
         stack.start_envoy();
@@ -93,6 +95,9 @@ impl Stack {
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let text = self.rgctl(&refs);
         let path = self.path(out);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).expect("mkdir");
+        }
         fs::write(&path, text).expect("write rendered config");
         path
     }
@@ -134,39 +139,125 @@ impl Stack {
         self.wait_http(self.token_port, "/healthz", "token-service");
     }
 
+    /// The ECDS file Envoy watches for the filter's configuration.
+    pub fn ecds_file(&self) -> PathBuf {
+        self.path("ecds/registry-guard.json")
+    }
+
     fn start_envoy(&mut self) {
+        let keys = self.config_dir.join("keys");
         let filter = self.rgctl(&[
             "filter-config",
             "--realm",
             &self.realm(),
             "--jwks",
-            &self.config_dir.join("keys/jwks.json").display().to_string(),
+            &keys.join("jwks.json").display().to_string(),
+            "--bundle-keys",
+            &keys.join("operator-jwks.json").display().to_string(),
             "--leeway-seconds",
             "2",
         ]);
         let filter_path = self.path("filter.json");
         fs::write(&filter_path, filter).expect("write filter config");
-        let cfg = self.render(
+        let wasm = artifact("target/wasm32-wasip1/release/registry_guard.wasm");
+        self.rgctl(&[
+            "filter-resource",
+            "--config",
+            &filter_path.display().to_string(),
+            "--wasm",
+            &wasm.display().to_string(),
+            "--out",
+            &self.ecds_file().display().to_string(),
+        ]);
+        self.render(
             "envoy/envoy.yaml",
             "envoy.yaml",
             &[
                 ("ADMIN_PORT", self.admin_port.to_string()),
                 ("LISTEN_PORT", self.envoy_port.to_string()),
                 ("REGISTRY_PORT", self.registry_port.to_string()),
-                ("WASM_PATH", artifact("target/wasm32-wasip1/release/registry_guard.wasm").display().to_string()),
+                ("ECDS_DIR", self.path("ecds").display().to_string()),
             ],
-            &[("FILTER_CONFIG", filter_path)],
+            &[],
         );
+        self.spawn_envoy();
+    }
+
+    fn spawn_envoy(&mut self) {
         let envoy = artifact(".venv/bin/envoy");
+        let cfg = self.path("envoy.yaml");
         self.spawn(
             "envoy",
             Command::new(envoy)
                 .arg("-c")
                 .arg(cfg)
-                .args(["--concurrency", "1", "--log-level", "warn", "--component-log-level", "wasm:info"])
+                .args(["--concurrency", "2", "--log-level", "warn", "--component-log-level", "wasm:info,config:info"])
                 .args(["--base-id", &self.admin_port.to_string()]),
         );
         self.wait_http(self.admin_port, "/ready", "envoy");
+        // /ready answers before the listener is warmed by the ECDS file: wait for a reply.
+        self.wait_http(self.envoy_port, "/v2/", "envoy");
+    }
+
+    /// Stops Envoy and starts it again from the same files (bootstrap + ECDS file).
+    pub fn restart_envoy(&mut self) {
+        if let Some(p) = self.procs.iter_mut().find(|p| p.name == "envoy") {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+        self.procs.retain(|p| p.name != "envoy");
+        self.spawn_envoy();
+    }
+
+    /// Signs bundle JSON with the operator key; returns the path of the JWS.
+    pub fn sign_bundle(&self, name: &str, bundle: &serde_json::Value) -> PathBuf {
+        let json = self.path(&format!("{name}.json"));
+        fs::write(&json, bundle.to_string()).expect("write bundle");
+        let key = self.config_dir.join("keys/operator-key.pem").display().to_string();
+        let jws = self.rgctl(&["sign", &json.display().to_string(), "--key", &key]);
+        let out = self.path(&format!("{name}.jws"));
+        fs::write(&out, jws).expect("write jws");
+        out
+    }
+
+    /// Signs bundle JSON without validating it first (to test the components' own checks).
+    pub fn sign_bundle_unchecked(&self, name: &str, bundle: &serde_json::Value) -> PathBuf {
+        use p256::pkcs8::DecodePrivateKey as _;
+        use registry_guard_core::token::SigningKey;
+        let pem = fs::read_to_string(self.config_dir.join("keys/operator-key.pem")).expect("operator key");
+        let key = SigningKey::new(p256::ecdsa::SigningKey::from_pkcs8_pem(&pem).expect("pem"));
+        let jws = registry_guard_core::token::sign_jws_unchecked(&key, bundle, registry_guard_core::bundle::BUNDLE_TYP)
+            .expect("sign");
+        let out = self.path(&format!("{name}.jws"));
+        fs::write(&out, jws).expect("write jws");
+        out
+    }
+
+    /// `rgctl push FILE` to this stack's Envoy and token service (extra args, e.g. `--force`).
+    pub fn push_bundle(&self, file: &Path, extra: &[&str]) -> Output {
+        let envoy = format!("{}=http://127.0.0.1:{}", self.ecds_file().display(), self.admin_port);
+        let ts = format!("http://127.0.0.1:{}", self.token_port);
+        let mut args =
+            vec!["push".to_owned(), file.display().to_string(), "--envoy".into(), envoy, "--token-service".into(), ts];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let out = Command::new(artifact("target/release/rgctl")).args(&args).output().expect("run rgctl push");
+        eprintln!(
+            "$ rgctl {}\n  -> {}\n{}{}",
+            args.join(" "),
+            out.status,
+            indent(&String::from_utf8_lossy(&out.stdout)),
+            indent(&String::from_utf8_lossy(&out.stderr))
+        );
+        out
+    }
+
+    /// `rgctl status` for this stack.
+    pub fn status(&self) -> String {
+        let envoy = format!("http://127.0.0.1:{}", self.admin_port);
+        let ts = format!("http://127.0.0.1:{}", self.token_port);
+        let s = self.rgctl(&["status", "--envoy-admin", &envoy, "--token-service", &ts]);
+        eprintln!("$ rgctl status\n{}", indent(&s));
+        s
     }
 
     fn wait_http(&mut self, port: u16, path: &str, name: &str) {
@@ -231,7 +322,10 @@ impl Stack {
 
     /// A raw request through Envoy; returns status, `WWW-Authenticate` and body.
     pub fn request(&self, method: &str, path: &str, bearer: Option<&str>) -> Reply {
-        let mut req = ureq::request(method, &self.url(path)).timeout(Duration::from_secs(10));
+        let mut req = ureq::request(method, &self.url(path)).timeout(Duration::from_secs(10)).set(
+            "Accept",
+            "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json",
+        );
         if let Some(t) = bearer {
             req = req.set("Authorization", &format!("Bearer {t}"));
         }

@@ -68,36 +68,55 @@ fn decision_corpus_against_real_envoy() {
     let untrusted = es256_key(2);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
     let corpus = corpus::load(corpus::DECISIONS).unwrap();
+    // Cases without a bundle first, then each bundle (pushed live) in revision order.
+    let mut groups: Vec<Option<&String>> = vec![None];
+    let mut named: Vec<&String> = corpus.bundles.keys().collect();
+    named.sort_by_key(|n| corpus.bundles[*n]["revision"].as_u64());
+    groups.extend(named.into_iter().map(Some));
     let mut failures = Vec::new();
-    for case in &corpus.cases {
-        let mut headers: Vec<(String, String)> = case
-            .authorization(&trusted, &untrusted, now)
-            .unwrap()
-            .into_iter()
-            .map(|v| ("Authorization".to_owned(), v))
-            .collect();
-        if let Some(ct) = &case.request.content_type {
-            headers.push(("Content-Type".into(), ct.clone()));
+    let mut replayed = 0;
+    for group in groups {
+        if let Some(name) = group {
+            let signed = stack.sign_bundle(name, &corpus.bundles[name]);
+            assert!(stack.push_bundle(&signed, &[]).status.success(), "push bundle `{name}`");
         }
-        let started = std::time::Instant::now();
-        let r = raw_request(stack.envoy_port, &case.request.method, &case.request.path, &headers);
-        let took = started.elapsed();
-        let header = |name: &str| r.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
-        let from_filter = header("x-registry-guard") == Some("denied");
-        let result = if from_filter {
-            let body: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_default();
-            let code = body["errors"][0]["code"].as_str().map(str::to_owned);
-            case.check(r.status, code.as_deref(), header("www-authenticate"))
-        } else if r.status == 0 || r.status >= 500 {
-            Err(format!("case `{}`: no usable reply (status {})", case.name, r.status))
-        } else {
-            // Forwarded to the registry: the filter allowed it.
-            case.check(200, None, None)
-        };
-        eprintln!("{:<60} {} {} {took:?}", case.name, r.status, if from_filter { "(filter)" } else { "(registry)" });
-        if let Err(e) = result {
-            failures.push(e);
+        for case in corpus.cases.iter().filter(|c| c.bundle.as_ref() == group) {
+            replayed += 1;
+            let mut headers: Vec<(String, String)> = case
+                .authorization(&trusted, &untrusted, now)
+                .unwrap()
+                .into_iter()
+                .map(|v| ("Authorization".to_owned(), v))
+                .collect();
+            if let Some(ct) = &case.request.content_type {
+                headers.push(("Content-Type".into(), ct.clone()));
+            }
+            let started = std::time::Instant::now();
+            let r = raw_request(stack.envoy_port, &case.request.method, &case.request.path, &headers);
+            let took = started.elapsed();
+            let header = |name: &str| r.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+            let from_filter = header("x-registry-guard") == Some("denied");
+            let result = if from_filter {
+                let body: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_default();
+                let code = body["errors"][0]["code"].as_str().map(str::to_owned);
+                case.check(r.status, code.as_deref(), header("www-authenticate"))
+            } else if r.status == 0 || r.status >= 500 {
+                Err(format!("case `{}`: no usable reply (status {})", case.name, r.status))
+            } else {
+                // Forwarded to the registry: the filter allowed it.
+                case.check(200, None, None)
+            };
+            eprintln!(
+                "{:<60} {} {} {took:?}",
+                case.name,
+                r.status,
+                if from_filter { "(filter)" } else { "(registry)" }
+            );
+            if let Err(e) = result {
+                failures.push(e);
+            }
         }
     }
+    assert_eq!(replayed, corpus.cases.len());
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

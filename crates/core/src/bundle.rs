@@ -122,31 +122,35 @@ fn compile(raw: RawBundle) -> Result<Policy, BundleError> {
     let mut rules = Vec::with_capacity(raw.protection_rules.len());
     for (i, r) in raw.protection_rules.into_iter().enumerate() {
         let at = format!("$.protection_rules[{i}]");
-        if r.id.is_empty() || r.id.len() > 128 || !r.id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b)) {
+        if r.id.is_empty()
+            || r.id.len() > 128
+            || !r.id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b))
+        {
             return Err(error(format!("{at}.id"), format!("rule id `{}` must be 1-128 of [A-Za-z0-9._:-]", r.id)));
         }
         if !ids.insert(r.id.clone()) {
             return Err(error(format!("{at}.id"), format!("duplicate rule id `{}`", r.id)));
         }
-        let repository = PathPattern::parse(&r.repository_path_pattern)
-            .map_err(|e| error(format!("{at}.repository_path_pattern"), format!("`{}`: {e}", r.repository_path_pattern)))?;
+        let repository = PathPattern::parse(&r.repository_path_pattern).map_err(|e| {
+            error(format!("{at}.repository_path_pattern"), format!("`{}`: {e}", r.repository_path_pattern))
+        })?;
         let tag = match &r.tag_name_pattern {
             None => None,
             Some(p) => Some(match regex_cache.get(p) {
                 Some(re) => re.clone(),
                 None => {
-                    let re = regex::bytes::RegexBuilder::new(p)
-                        .unicode(false)
-                        .size_limit(1 << 20)
-                        .build()
-                        .map_err(|e| error(format!("{at}.tag_name_pattern"), format!("`{p}` is not a valid RE2 pattern: {e}")))?;
+                    let re =
+                        regex::bytes::RegexBuilder::new(p).unicode(false).size_limit(1 << 20).build().map_err(|e| {
+                            error(format!("{at}.tag_name_pattern"), format!("`{p}` is not a valid RE2 pattern: {e}"))
+                        })?;
                     regex_cache.insert(p.clone(), re.clone());
                     re
                 }
             }),
         };
         let push = requirement(&at, "push", r.minimum_access_level_for_push, r.push_protected_up_to_access_level)?;
-        let delete = requirement(&at, "delete", r.minimum_access_level_for_delete, r.delete_protected_up_to_access_level)?;
+        let delete =
+            requirement(&at, "delete", r.minimum_access_level_for_delete, r.delete_protected_up_to_access_level)?;
         if push.is_none() && delete.is_none() {
             return Err(error(
                 at,
@@ -167,7 +171,9 @@ fn requirement(
     match (minimum, up_to) {
         (Some(_), Some(_)) => Err(error(
             format!("{at}.{action}_protected_up_to_access_level"),
-            format!("set either `minimum_access_level_for_{action}` or `{action}_protected_up_to_access_level`, not both"),
+            format!(
+                "set either `minimum_access_level_for_{action}` or `{action}_protected_up_to_access_level`, not both"
+            ),
         )),
         (Some(l), None) => Ok(Some(Requirement::AtLeast(l))),
         (None, Some(l)) => Ok(Some(Requirement::Above(l))),
@@ -262,8 +268,11 @@ mod tests {
                 "$.protection_rules[0].push_protected_up_to_access_level",
                 "not both",
             ),
-            (r#"{"revision": 1, "protection_rules": [{"id": "a", "repository_path_pattern": "x", "minimum_access_level_for_push": "owner", "colour": 1}]}"#,
-                "$.protection_rules[0].colour", "unknown field"),
+            (
+                r#"{"revision": 1, "protection_rules": [{"id": "a", "repository_path_pattern": "x", "minimum_access_level_for_push": "owner", "colour": 1}]}"#,
+                "$.protection_rules[0].colour",
+                "unknown field",
+            ),
         ];
         for (text, path, reason) in cases {
             let e = Policy::from_json(text).unwrap_err();
@@ -298,8 +307,12 @@ mod tests {
             user: None,
             extra: Default::default(),
         };
-        let token = crate::token::sign(&operator, claims, crate::token::Validity { issued_at: 0, not_before: 0, expires_at: 1 })
-            .unwrap();
+        let token = crate::token::sign(
+            &operator,
+            claims,
+            crate::token::Validity { issued_at: 0, not_before: 0, expires_at: 1 },
+        )
+        .unwrap();
         assert!(verify(&token, &keys).unwrap_err().reason.contains("typ"));
         // A signed but semantically invalid bundle is refused with its path.
         let bad = Es256

@@ -175,7 +175,10 @@ impl Case {
             return Err(format!("case `{}`: rule {rule:?}, expected {:?}", self.name, self.expect.rule));
         }
         if would_deny != self.expect.would_deny {
-            return Err(format!("case `{}`: would_deny {would_deny:?}, expected {:?}", self.name, self.expect.would_deny));
+            return Err(format!(
+                "case `{}`: would_deny {would_deny:?}, expected {:?}",
+                self.name, self.expect.would_deny
+            ));
         }
         Ok(())
     }
@@ -191,7 +194,8 @@ impl Corpus {
         });
         if let Some(name) = &case.bundle {
             let bundle = self.bundles.get(name).ok_or_else(|| format!("case `{}`: no bundle `{name}`", case.name))?;
-            let jws = crate::bundle::sign(&bundle.to_string(), operator).map_err(|e| format!("bundle `{name}`: {e}"))?;
+            let jws =
+                crate::bundle::sign(&bundle.to_string(), operator).map_err(|e| format!("bundle `{name}`: {e}"))?;
             cfg["bundle"] = jws.into();
             cfg["bundle_keys"] = crate::token::testing::jwks(&[operator]);
         }

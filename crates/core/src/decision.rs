@@ -55,7 +55,11 @@ pub fn bearer_token<'a>(values: &[&'a str]) -> Result<Option<&'a str>, &'static 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Forward. `would_deny`: a dry-run rule that would have denied (rule id, message).
-    Allow { subject: String, reason: String, would_deny: Option<(String, String)> },
+    Allow {
+        subject: String,
+        reason: String,
+        would_deny: Option<(String, String)>,
+    },
     Deny(Denial),
 }
 
@@ -151,6 +155,11 @@ pub fn decide(
         }
     }
     let protection = protect(route, token, policy);
+    // A rule denial is final even when the token also lacks the action (a new token would
+    // not help, so say why) — but only when the token speaks for the principal on this
+    // repository; a token with no grant there just needs the right scope first.
+    let knows_repository = operation(route).is_some_and(|(repo, _)| token.access_level(repo).is_some());
+    let protection = protection.filter_denied(missing.is_empty() || knows_repository);
     if let Protection::Denied { rule, message } = &protection {
         // Whether or not the token holds the action: a new token would not help, so say why.
         return Decision::Deny(Denial {
@@ -279,7 +288,9 @@ mod tests {
     fn insufficient_scope_names_what_is_missing() {
         let r = classify("PUT", "/v2/acme/web/manifests/v1", None).unwrap();
         let t = token(&["repository:acme/web:pull"]);
-        let Decision::Deny(d) = decide(Ok(&r), Credential::Valid(&t), &challenge(), &Policy::default()) else { panic!() };
+        let Decision::Deny(d) = decide(Ok(&r), Credential::Valid(&t), &challenge(), &Policy::default()) else {
+            panic!()
+        };
         assert_eq!((d.status, d.code), (401, "DENIED"));
         assert!(d.www_authenticate.unwrap().ends_with(r#"error="insufficient_scope""#));
         assert!(
@@ -305,7 +316,8 @@ mod tests {
         assert!(decide(Ok(&base), Credential::Valid(&token(&[])), &challenge(), &Policy::default()).is_allow());
         let cat = classify("GET", "/v2/_catalog", None).unwrap();
         assert!(!decide(Ok(&cat), Credential::Valid(&token(&[])), &challenge(), &Policy::default()).is_allow());
-        assert!(decide(Ok(&cat), Credential::Valid(&token(&["registry:catalog:*"])), &challenge(), &Policy::default()).is_allow());
+        assert!(decide(Ok(&cat), Credential::Valid(&token(&["registry:catalog:*"])), &challenge(), &Policy::default())
+            .is_allow());
         let _ = ActionSet::of(&[Action::Pull]);
     }
 }

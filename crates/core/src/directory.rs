@@ -316,7 +316,15 @@ impl Directory {
             .iter()
             .filter_map(|s| {
                 let (permitted, project) = self.permitted(user, &s.resource);
-                let actions = s.actions.intersect(permitted);
+                // `*` on a repository (skopeo asks it for deletes) means every action: grant
+                // the permitted ones explicitly, never a literal `*`.
+                let requested = match s.resource {
+                    Resource::Repository(_) if s.actions.contains(Action::All) => {
+                        ActionSet::of(&[Action::Pull, Action::Push, Action::Delete])
+                    }
+                    _ => s.actions,
+                };
+                let actions = requested.intersect(permitted);
                 let actions =
                     if permitted.contains(Action::All) && !s.actions.is_empty() { s.actions } else { actions };
                 let access_level = project.map(|p| self.effective_level(user, &p.path));
@@ -347,18 +355,18 @@ impl Directory {
         let mut grants = self.grant(user, requested);
         for g in &mut grants {
             let Resource::Repository(repo) = &g.scope.resource else { continue };
-            let actor = Actor {
-                name: &user.username,
-                level: g.access_level.map(AccessLevel::number),
-                admin: user.admin,
-            };
+            let actor =
+                Actor { name: &user.username, level: g.access_level.map(AccessLevel::number), admin: user.admin };
             for action in [Action::Push, Action::Delete] {
                 if !g.scope.actions.contains(action) {
                     continue;
                 }
                 if let Some(rule) = policy.rules.denies_untagged(repo, action == Action::Push, actor) {
                     g.scope.actions = g.scope.actions.without(action);
-                    notes.push(format!("{action} on `{repo}` withheld: rule `{rule}` (bundle revision {})", policy.revision));
+                    notes.push(format!(
+                        "{action} on `{repo}` withheld: rule `{rule}` (bundle revision {})",
+                        policy.revision
+                    ));
                 }
             }
         }
@@ -436,6 +444,12 @@ mod tests {
         let root = dir.user("root").unwrap();
         let g = dir.grant(root, &[Scope::catalog()]);
         assert_eq!(g[0].scope.to_string(), "registry:catalog:*");
+        // `*` on a repository is expanded to the permitted actions.
+        let mia = dir.user("mia").unwrap();
+        let g = dir.grant(mia, &Scope::parse_all(["repository:acme/web/app:*"]).unwrap());
+        assert_eq!(g[0].scope.to_string(), "repository:acme/web/app:pull,push,delete");
+        let g = dir.grant(rita, &Scope::parse_all(["repository:acme/web/app:*"]).unwrap());
+        assert_eq!(g[0].scope.to_string(), "repository:acme/web/app:pull");
     }
 
     #[test]

@@ -17,7 +17,13 @@ pub struct Explanation {
     pub lines: Vec<String>,
 }
 
-pub fn explain(directory: &Directory, policy: &Policy, username: &str, method: &str, path: &str) -> Result<Explanation, String> {
+pub fn explain(
+    directory: &Directory,
+    policy: &Policy,
+    username: &str,
+    method: &str,
+    path: &str,
+) -> Result<Explanation, String> {
     let user = directory.user(username).ok_or_else(|| format!("no user `{username}` in the principals"))?;
     let challenge = ChallengeConfig { realm: "(token service)".into(), service: "(service)".into() };
     let mut lines = vec![format!("bundle revision {} ({} protection rules)", policy.revision, policy.rules.len())];
@@ -31,7 +37,10 @@ pub fn explain(directory: &Directory, policy: &Policy, username: &str, method: &
         }
     };
     let needs = route.scopes.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(" ");
-    lines.push(format!("request: {method} {path} needs {}", if needs.is_empty() { "a valid token".into() } else { needs }));
+    lines.push(format!(
+        "request: {method} {path} needs {}",
+        if needs.is_empty() { "a valid token".into() } else { needs }
+    ));
     for scope in &route.scopes {
         if let Resource::Repository(repo) = &scope.resource {
             match directory.project_of(repo) {
@@ -127,6 +136,8 @@ mod tests {
         let e = run("olga", "PUT", "/v2/other/tools/manifests/x");
         assert!(e.decision.is_allow(), "{e}");
         assert!(e.to_string().contains("dry run: rule `other-push-dry-run` would deny"), "{e}");
-        assert!(explain(&Directory::from_json(PRINCIPALS).unwrap(), &Policy::default(), "nobody", "GET", "/v2/").is_err());
+        assert!(
+            explain(&Directory::from_json(PRINCIPALS).unwrap(), &Policy::default(), "nobody", "GET", "/v2/").is_err()
+        );
     }
 }

@@ -28,8 +28,9 @@ impl PathPattern {
         if p.is_empty() || p.len() > 255 {
             return Err("must be 1 to 255 characters".into());
         }
-        if let Some(c) =
-            p.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-' | '/' | '*')))
+        if let Some(c) = p
+            .chars()
+            .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-' | '/' | '*')))
         {
             return Err(format!("character {c:?} is not allowed (lowercase repository path characters and `*`)"));
         }
@@ -158,6 +159,16 @@ pub enum Protection {
     WouldDeny { rule: String, message: String },
 }
 
+impl Protection {
+    /// `self` if `keep`, else `Allowed`.
+    pub fn filter_denied(self, keep: bool) -> Protection {
+        match self {
+            Protection::Denied { .. } if !keep => Protection::Allowed,
+            other => other,
+        }
+    }
+}
+
 /// All rules of a bundle, indexed.
 #[derive(Debug, Clone, Default)]
 pub struct RuleSet {
@@ -272,8 +283,11 @@ fn message(repo: &str, op: Operation<'_>, actor: Actor<'_>, (rule, req): (&Rule,
         Some(n) => format!("access level {n}"),
         None => "no access level (deploy or job token)".to_owned(),
     };
-    let digest_note =
-        if op == Operation::DeleteContent && rule.tag.is_some() { "; deleting by digest counts as deleting protected tags" } else { "" };
+    let digest_note = if op == Operation::DeleteContent && rule.tag.is_some() {
+        "; deleting by digest counts as deleting protected tags"
+    } else {
+        ""
+    };
     format!(
         "container protected; you are not allowed to {} {what}: rule `{}` requires {} to {}, `{}` has {level}{digest_note}",
         op.verb(),
@@ -407,19 +421,28 @@ mod tests {
         let strict = rule("strict", "acme/*", None, Some(AtLeast(Admin)), None);
         let admin = Actor { name: "root", level: Some(60), admin: true };
         let low_admin = Actor { name: "root", level: Some(0), admin: true };
-        assert_eq!(RuleSet::new(vec![strict.clone()], true).evaluate("acme/x", Operation::Push { tag: None }, low_admin), Protection::Allowed);
+        assert_eq!(
+            RuleSet::new(vec![strict.clone()], true).evaluate("acme/x", Operation::Push { tag: None }, low_admin),
+            Protection::Allowed
+        );
         assert!(matches!(
             RuleSet::new(vec![strict.clone()], false).evaluate("acme/x", Operation::Push { tag: None }, low_admin),
             Protection::Denied { .. }
         ));
-        assert_eq!(RuleSet::new(vec![strict], false).evaluate("acme/x", Operation::Push { tag: None }, admin), Protection::Allowed);
+        assert_eq!(
+            RuleSet::new(vec![strict], false).evaluate("acme/x", Operation::Push { tag: None }, admin),
+            Protection::Allowed
+        );
     }
 
     #[test]
     fn index_finds_the_same_rules_as_a_scan() {
         let patterns = ["a/*", "a/b/*", "a/b/c", "*", "a/*/c", "b/*", "a/b", "a/bc*", "x*y"];
-        let rules: Vec<Rule> =
-            patterns.iter().enumerate().map(|(i, p)| rule(&format!("r{i}"), p, None, Some(AtLeast(Owner)), None)).collect();
+        let rules: Vec<Rule> = patterns
+            .iter()
+            .enumerate()
+            .map(|(i, p)| rule(&format!("r{i}"), p, None, Some(AtLeast(Owner)), None))
+            .collect();
         let set = RuleSet::new(rules.clone(), false);
         for repo in ["a/b/c", "a/b", "a/bcd", "b/x", "xy", "x/y", "c", "a/q/c"] {
             let indexed: Vec<&str> = set.matching(repo).iter().map(|r| r.id.as_str()).collect();

@@ -430,6 +430,13 @@ pub fn sign<T: Serialize>(key: &SigningKey, custom: T, validity: Validity) -> Re
     Es256.token(&header, &claims, &key.key).map_err(|e| SignError(e.to_string()))
 }
 
+/// Signs an arbitrary JSON payload as a compact JWS with header `typ` (for tools and tests
+/// that must produce what validation would refuse).
+pub fn sign_jws_unchecked(key: &SigningKey, payload: &serde_json::Value, typ: &str) -> Result<String, SignError> {
+    let header = Header::empty().with_key_id(key.kid.clone()).with_token_type(typ);
+    Es256.token(&header, &Claims::new(payload.clone()), &key.key).map_err(|e| SignError(e.to_string()))
+}
+
 /// Decodes the claims of a JWT without verifying it (for tools and tests only).
 pub fn decode_unverified(token: &str) -> Result<serde_json::Value, TokenError> {
     let untrusted: UntrustedToken<'_> = UntrustedToken::new(token).map_err(|e| TokenError::Malformed(e.to_string()))?;

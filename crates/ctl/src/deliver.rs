@@ -64,7 +64,8 @@ pub fn write_filter_resource(config_json: &str, wasm: &Path, out: &Path) -> Resu
 /// The filter configuration JSON inside an ECDS file.
 fn read_filter_config(ecds: &Path) -> Result<(serde_json::Value, serde_json::Value)> {
     let text = fs::read_to_string(ecds).with_context(|| format!("cannot read ECDS file `{}`", ecds.display()))?;
-    let doc: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("`{}` is not JSON", ecds.display()))?;
+    let doc: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("`{}` is not JSON", ecds.display()))?;
     let value = doc
         .pointer("/resources/0/typed_config/config/configuration/value")
         .and_then(|v| v.as_str())
@@ -93,7 +94,11 @@ fn stat(stats: &std::collections::BTreeMap<String, i64>, name: &str) -> i64 {
 
 /// Revision claimed by a signed bundle's payload, without verifying it (for messages).
 fn claimed_revision(jws: &str) -> Option<u64> {
-    registry_guard_core::token::decode_unverified(jws).ok()?.get("revision")?.as_u64()
+    let payload = match serde_json::from_str::<serde_json::Value>(jws) {
+        Ok(json) => json,
+        Err(_) => registry_guard_core::token::decode_unverified(jws).ok()?,
+    };
+    payload.get("revision")?.as_u64()
 }
 
 pub fn push(bundle_path: &Path, envoys: &[String], token_services: &[String], force: bool) -> Result<()> {
@@ -105,7 +110,8 @@ pub fn push(bundle_path: &Path, envoys: &[String], token_services: &[String], fo
     let revision = claimed_revision(jws).map_or("?".to_owned(), |r| r.to_string());
     let mut failures = 0;
     for spec in envoys {
-        let (ecds, admin) = spec.split_once('=').with_context(|| format!("`--envoy {spec}` is not ECDS_FILE=ADMIN_URL"))?;
+        let (ecds, admin) =
+            spec.split_once('=').with_context(|| format!("`--envoy {spec}` is not ECDS_FILE=ADMIN_URL"))?;
         match push_envoy(jws, Path::new(ecds), admin, force) {
             Ok(msg) => println!("envoy {admin}: {msg}"),
             Err(e) => {
@@ -181,7 +187,8 @@ fn push_token_service(jws: &str, url: &str) -> Result<String> {
     let resp = match ureq::put(&endpoint).timeout(Duration::from_secs(30)).send_string(jws) {
         Ok(r) => r,
         Err(ureq::Error::Status(_, r)) => {
-            let body: serde_json::Value = serde_json::from_str(&r.into_string().unwrap_or_default()).unwrap_or_default();
+            let body: serde_json::Value =
+                serde_json::from_str(&r.into_string().unwrap_or_default()).unwrap_or_default();
             bail!(
                 "{}: {} (active revision stays {})",
                 body["path"].as_str().unwrap_or(body["error"].as_str().unwrap_or("error")),
@@ -214,13 +221,26 @@ pub fn status(envoys: &[String], token_services: &[String]) -> Result<()> {
     for url in token_services {
         let endpoint = format!("{}/bundle/status", url.trim_end_matches('/'));
         let body: serde_json::Value = serde_json::from_str(
-            &ureq::get(&endpoint).timeout(Duration::from_secs(5)).call().with_context(|| format!("cannot reach {endpoint}"))?.into_string()?,
+            &ureq::get(&endpoint)
+                .timeout(Duration::from_secs(5))
+                .call()
+                .with_context(|| format!("cannot reach {endpoint}"))?
+                .into_string()?,
         )?;
         let rejected = match &body["last_rejected"] {
             serde_json::Value::Null => "none".to_owned(),
-            r => format!("revision {} at {}: {}: {}", r["revision"], r["at"].as_str().unwrap_or("?"), r["path"].as_str().unwrap_or("?"), r["reason"].as_str().unwrap_or("?")),
+            r => format!(
+                "revision {} at {}: {}: {}",
+                r["revision"],
+                r["at"].as_str().unwrap_or("?"),
+                r["path"].as_str().unwrap_or("?"),
+                r["reason"].as_str().unwrap_or("?")
+            ),
         };
-        println!("token service {url}: active revision {} ({} rules); last rejected: {rejected}", body["active_revision"], body["rules"]);
+        println!(
+            "token service {url}: active revision {} ({} rules); last rejected: {rejected}",
+            body["active_revision"], body["rules"]
+        );
     }
     Ok(())
 }

@@ -169,18 +169,26 @@ fn run(cli: Cli) -> Result<()> {
                 Some(k) => registry_guard_core::bundle::verify(&text, &load_keyset(&k)?),
             }
             .map_err(|e| anyhow::anyhow!("{}: {e}", bundle.display()))?;
-            println!("ok: {} is valid: revision {}, {} protection rules", bundle.display(), policy.revision, policy.rules.len());
+            println!(
+                "ok: {} is valid: revision {}, {} protection rules",
+                bundle.display(),
+                policy.revision,
+                policy.rules.len()
+            );
             Ok(())
         }
         Command::Sign { bundle, key } => {
             let text = read(&bundle)?;
             let key = load_signing_key(&key)?;
-            let jws = registry_guard_core::bundle::sign(&text, &key).map_err(|e| anyhow::anyhow!("{}: {e}", bundle.display()))?;
+            let jws = registry_guard_core::bundle::sign(&text, &key)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", bundle.display()))?;
             println!("{jws}");
             eprintln!("signed {} with operator key {}", bundle.display(), key.kid);
             Ok(())
         }
-        Command::Push { bundle, envoys, token_services, force } => deliver::push(&bundle, &envoys, &token_services, force),
+        Command::Push { bundle, envoys, token_services, force } => {
+            deliver::push(&bundle, &envoys, &token_services, force)
+        }
         Command::Status { envoys, token_services } => deliver::status(&envoys, &token_services),
         Command::Explain { bundle, keys, principals, user, method, path } => {
             let text = read(&bundle)?;
@@ -190,8 +198,10 @@ fn run(cli: Cli) -> Result<()> {
                 Some(k) => registry_guard_core::bundle::verify(&text, &load_keyset(&k)?),
             }
             .map_err(|e| anyhow::anyhow!("{}: {e}", bundle.display()))?;
-            let dir = Directory::from_json(&read(&principals)?).map_err(|e| anyhow::anyhow!("{}: {e}", principals.display()))?;
-            let e = registry_guard_core::explain::explain(&dir, &policy, &user, &method, &path).map_err(anyhow::Error::msg)?;
+            let dir = Directory::from_json(&read(&principals)?)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", principals.display()))?;
+            let e = registry_guard_core::explain::explain(&dir, &policy, &user, &method, &path)
+                .map_err(anyhow::Error::msg)?;
             print!("{e}");
             Ok(())
         }
