@@ -196,8 +196,10 @@ impl Corpus {
             let bundle = self.bundles.get(name).ok_or_else(|| format!("case `{}`: no bundle `{name}`", case.name))?;
             let jws =
                 crate::bundle::sign(&bundle.to_string(), operator).map_err(|e| format!("bundle `{name}`: {e}"))?;
-            cfg["bundle"] = jws.into();
-            cfg["bundle_keys"] = crate::token::testing::jwks(&[operator]);
+            if let Some(obj) = cfg.as_object_mut() {
+                obj.insert("bundle".into(), jws.into());
+                obj.insert("bundle_keys".into(), crate::token::testing::jwks(&[operator]));
+            }
         }
         Ok(cfg.to_string())
     }

@@ -149,7 +149,10 @@ fn push_envoy(jws: &str, ecds: &Path, admin: &str, force: bool) -> Result<String
     } else if !force {
         bail!("`{}` has no `bundle_keys`: the filter would refuse any bundle", ecds.display());
     }
-    config["bundle"] = jws.into();
+    config
+        .as_object_mut()
+        .with_context(|| format!("filter configuration in `{}` is not a JSON object", ecds.display()))?
+        .insert("bundle".into(), jws.into());
     let config_text = serde_json::to_string(&config)?;
     if let Some(v) = doc.pointer_mut("/resources/0/typed_config/config/configuration/value") {
         *v = config_text.into();

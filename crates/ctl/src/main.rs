@@ -1,5 +1,9 @@
 //! `rgctl`: the operator CLI of registry-guard.
 
+// Reading a `serde_json::Value` by key never panics (a missing key reads as `Null`); writes
+// go through `as_object_mut`.
+#![allow(clippy::indexing_slicing)]
+
 mod deliver;
 mod image;
 
@@ -234,11 +238,13 @@ fn run(cli: Cli) -> Result<()> {
                 "realm": realm, "service": service, "issuer": issuer,
                 "leeway_seconds": leeway_seconds, "jwks": jwks,
             });
-            if let Some(keys) = bundle_keys {
-                config["bundle_keys"] = read_json(&keys)?;
-            }
-            if let Some(b) = bundle {
-                config["bundle"] = read(&b)?.trim().into();
+            if let Some(obj) = config.as_object_mut() {
+                if let Some(keys) = bundle_keys {
+                    obj.insert("bundle_keys".into(), read_json(&keys)?);
+                }
+                if let Some(b) = bundle {
+                    obj.insert("bundle".into(), read(&b)?.trim().into());
+                }
             }
             let text = serde_json::to_string(&config)?;
             FilterConfig::from_json(text.as_bytes())?;
