@@ -11,7 +11,7 @@ use std::collections::HashSet;
 
 use jwt_compact::alg::{Ed25519, Es256, Rsa};
 use jwt_compact::{AlgorithmExt as _, Claims, Header, UntrustedToken};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::access::AccessLevel;
 use crate::protection::{PathPattern, Requirement, Rule, RuleSet};
@@ -22,21 +22,28 @@ pub const BUNDLE_TYP: &str = "rg-bundle+jwt";
 /// Upper bound on rules, so a bundle cannot exhaust a VM.
 pub const MAX_RULES: usize = 200_000;
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBundle {
-    #[serde(rename = "$schema", default, skip_serializing_if = "Option::is_none")]
+    /// Accepted (for editors' schema support) and ignored, like `description`.
+    #[serde(rename = "$schema", default)]
+    #[allow(dead_code)]
     schema: Option<String>,
     revision: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
+    #[allow(dead_code)]
     description: Option<String>,
     #[serde(default)]
     settings: RawSettings,
     #[serde(default)]
     protection_rules: Vec<RawRule>,
+    #[serde(default)]
+    deploy_tokens: Vec<crate::deploy::RawDeployToken>,
+    #[serde(default)]
+    revocations: crate::deploy::RawRevocations,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSettings {
     #[serde(default = "yes")]
@@ -53,22 +60,23 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRule {
     id: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
+    #[allow(dead_code)]
     description: Option<String>,
     repository_path_pattern: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     tag_name_pattern: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     minimum_access_level_for_push: Option<AccessLevel>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     minimum_access_level_for_delete: Option<AccessLevel>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     push_protected_up_to_access_level: Option<AccessLevel>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     delete_protected_up_to_access_level: Option<AccessLevel>,
     #[serde(default = "yes")]
     enforce: bool,
@@ -91,6 +99,8 @@ fn error(path: impl Into<String>, reason: impl Into<String>) -> BundleError {
 pub struct Policy {
     pub revision: u64,
     pub rules: RuleSet,
+    /// Deploy tokens and revocations.
+    pub credentials: crate::deploy::Credentials,
 }
 
 impl Policy {
@@ -159,7 +169,13 @@ fn compile(raw: RawBundle) -> Result<Policy, BundleError> {
         }
         rules.push(Rule { id: r.id, repository, tag, push, delete, enforce: r.enforce });
     }
-    Ok(Policy { revision: raw.revision, rules: RuleSet::new(rules, raw.settings.admins_bypass_protection) })
+    let credentials =
+        crate::deploy::compile(raw.deploy_tokens, raw.revocations).map_err(|(path, reason)| error(path, reason))?;
+    Ok(Policy {
+        revision: raw.revision,
+        rules: RuleSet::new(rules, raw.settings.admins_bypass_protection),
+        credentials,
+    })
 }
 
 fn requirement(

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use crate::access::AccessLevel;
 use crate::bundle::Policy;
+use crate::deploy::{dependency_proxy_group, DeployDenial, DEPENDENCY_PROXY_LEVEL};
 use crate::name::is_tag;
 use crate::protection::{Actor, Operation, Protection};
 use crate::route::{Endpoint, Method, Route, RouteError};
@@ -105,6 +106,7 @@ pub fn decide(
     credential: Credential<'_>,
     challenge: &ChallengeConfig,
     policy: &Policy,
+    now: i64,
 ) -> Decision {
     let route = match route {
         Ok(r) => r,
@@ -141,6 +143,9 @@ pub fn decide(
         }
         Credential::Valid(t) => t,
     };
+    if let Some(denial) = principal_check(route, token, challenge, policy, now) {
+        return Decision::Deny(denial);
+    }
     let mut missing = Vec::new();
     for needed in &route.scopes {
         let granted = token.granted(&needed.resource);
@@ -189,6 +194,93 @@ pub fn decide(
         reason: format!("subject `{}` lacks {missing}", token.subject),
         rule: None,
     })
+}
+
+/// The bundle's view of the principal, before the token's grants: revocations; deploy
+/// tokens (revoked/expired → 401, outside the owner → 404, outside the scopes → 403); and
+/// the dependency proxy, which users reach only as reporter or above of the group (else 404).
+fn principal_check(
+    route: &Route,
+    token: &VerifiedToken,
+    challenge: &ChallengeConfig,
+    policy: &Policy,
+    now: i64,
+) -> Option<Denial> {
+    let creds = &policy.credentials;
+    let is_deploy = token.auth_type.as_deref() == Some("deploy_token");
+    let unauthorized = |why: String| Denial {
+        status: 401,
+        code: "UNAUTHORIZED",
+        message: format!("authentication required: {why}"),
+        www_authenticate: Some(www_authenticate(challenge, &route.scopes, Some("invalid_token"))),
+        reason: format!("{why} (bundle revision {})", policy.revision),
+        rule: None,
+    };
+    if let Some(why) = creds.revocations.check(&token.jti, &token.subject, token.issued_at, !is_deploy) {
+        return Some(unauthorized(why));
+    }
+    let repositories = || {
+        route.scopes.iter().filter_map(|s| match &s.resource {
+            crate::scope::Resource::Repository(r) => Some((r.as_str(), s.actions)),
+            crate::scope::Resource::Catalog => None,
+        })
+    };
+    if is_deploy {
+        let Some(dt) = creds.by_username(&token.subject) else {
+            return Some(unauthorized(format!("deploy token `{}` is not known", token.subject)));
+        };
+        if let Err(DeployDenial::Unusable(why)) = dt.usable(now) {
+            return Some(unauthorized(why));
+        }
+        if route.endpoint == Endpoint::Base && dt.actions().is_empty() {
+            return Some(forbidden(format!("deploy token `{}` has no registry scopes", dt.username), policy));
+        }
+        for (repo, actions) in repositories() {
+            match dt.allows(repo, actions) {
+                Ok(()) => {}
+                Err(DeployDenial::OutsideOwner(why)) => return Some(name_unknown(repo, why, policy)),
+                Err(DeployDenial::Forbidden(why)) => return Some(forbidden(why, policy)),
+                Err(DeployDenial::Unusable(why)) => return Some(unauthorized(why)),
+            }
+        }
+        return None;
+    }
+    for (repo, _) in repositories() {
+        if let Some(group) = dependency_proxy_group(repo) {
+            let level = token.access_level(repo).unwrap_or(0);
+            if level < DEPENDENCY_PROXY_LEVEL.number() {
+                let why = format!(
+                    "`{}` is not a reporter or above of group `{group}` (dependency proxy needs {})",
+                    token.subject,
+                    DEPENDENCY_PROXY_LEVEL.name()
+                );
+                return Some(name_unknown(repo, why, policy));
+            }
+        }
+    }
+    None
+}
+
+fn name_unknown(repo: &str, why: String, policy: &Policy) -> Denial {
+    Denial {
+        status: 404,
+        code: "NAME_UNKNOWN",
+        message: format!("repository name not known to registry: `{repo}`"),
+        www_authenticate: None,
+        reason: format!("{why} (bundle revision {})", policy.revision),
+        rule: None,
+    }
+}
+
+fn forbidden(why: String, policy: &Policy) -> Denial {
+    Denial {
+        status: 403,
+        code: "DENIED",
+        message: format!("requested access to the resource is denied: {why}"),
+        www_authenticate: None,
+        reason: format!("{why} (bundle revision {})", policy.revision),
+        rule: None,
+    }
 }
 
 /// The protection operation a route performs, on which repository.
@@ -253,6 +345,7 @@ mod tests {
             user: None,
             expires_at: 0,
             not_before: None,
+            issued_at: None,
             grants: grants.iter().map(|g| Scope::parse(g).unwrap()).collect(),
             access_levels: vec![],
         }
@@ -272,7 +365,9 @@ mod tests {
     #[test]
     fn missing_token_gets_a_challenge_with_scope() {
         let r = classify("PUT", "/v2/acme/web/manifests/v1", None).unwrap();
-        let Decision::Deny(d) = decide(Ok(&r), Credential::Missing, &challenge(), &Policy::default()) else { panic!() };
+        let Decision::Deny(d) = decide(Ok(&r), Credential::Missing, &challenge(), &Policy::default(), 0) else {
+            panic!()
+        };
         assert_eq!(d.status, 401);
         assert_eq!(
             d.www_authenticate.as_deref(),
@@ -288,7 +383,7 @@ mod tests {
     fn insufficient_scope_names_what_is_missing() {
         let r = classify("PUT", "/v2/acme/web/manifests/v1", None).unwrap();
         let t = token(&["repository:acme/web:pull"]);
-        let Decision::Deny(d) = decide(Ok(&r), Credential::Valid(&t), &challenge(), &Policy::default()) else {
+        let Decision::Deny(d) = decide(Ok(&r), Credential::Valid(&t), &challenge(), &Policy::default(), 0) else {
             panic!()
         };
         assert_eq!((d.status, d.code), (401, "DENIED"));
@@ -305,19 +400,25 @@ mod tests {
         let d = "sha256:".to_owned() + &"a".repeat(64);
         let r = classify("POST", &format!("/v2/acme/web/blobs/uploads/?mount={d}&from=acme/secret"), None).unwrap();
         let t = token(&["repository:acme/web:pull,push"]);
-        assert!(!decide(Ok(&r), Credential::Valid(&t), &challenge(), &Policy::default()).is_allow());
+        assert!(!decide(Ok(&r), Credential::Valid(&t), &challenge(), &Policy::default(), 0).is_allow());
         let t = token(&["repository:acme/web:pull,push", "repository:acme/secret:pull"]);
-        assert!(decide(Ok(&r), Credential::Valid(&t), &challenge(), &Policy::default()).is_allow());
+        assert!(decide(Ok(&r), Credential::Valid(&t), &challenge(), &Policy::default(), 0).is_allow());
     }
 
     #[test]
     fn base_needs_any_valid_token_and_catalog_needs_star() {
         let base = classify("GET", "/v2/", None).unwrap();
-        assert!(decide(Ok(&base), Credential::Valid(&token(&[])), &challenge(), &Policy::default()).is_allow());
+        assert!(decide(Ok(&base), Credential::Valid(&token(&[])), &challenge(), &Policy::default(), 0).is_allow());
         let cat = classify("GET", "/v2/_catalog", None).unwrap();
-        assert!(!decide(Ok(&cat), Credential::Valid(&token(&[])), &challenge(), &Policy::default()).is_allow());
-        assert!(decide(Ok(&cat), Credential::Valid(&token(&["registry:catalog:*"])), &challenge(), &Policy::default())
-            .is_allow());
+        assert!(!decide(Ok(&cat), Credential::Valid(&token(&[])), &challenge(), &Policy::default(), 0).is_allow());
+        assert!(decide(
+            Ok(&cat),
+            Credential::Valid(&token(&["registry:catalog:*"])),
+            &challenge(),
+            &Policy::default(),
+            0
+        )
+        .is_allow());
         let _ = ActionSet::of(&[Action::Pull]);
     }
 }

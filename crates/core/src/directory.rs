@@ -315,6 +315,9 @@ impl Directory {
         requested
             .iter()
             .filter_map(|s| {
+                if let Some(grant) = self.dependency_proxy_grant(user, s) {
+                    return grant;
+                }
                 let (permitted, project) = self.permitted(user, &s.resource);
                 // `*` on a repository (skopeo asks it for deletes) means every action: grant
                 // the permitted ones explicitly, never a literal `*`.
@@ -335,6 +338,25 @@ impl Directory {
                 })
             })
             .collect()
+    }
+
+    /// The group dependency proxy (`<group>/dependency_proxy/containers/<image>`): any
+    /// authenticated user gets `pull` on an existing group's proxy, with their level on the
+    /// group in `meta.access_level`; the filter decides (reporter or above, else 404, as
+    /// seed 002 shows). `None` when `s` is not a dependency proxy scope.
+    fn dependency_proxy_grant(&self, user: &User, s: &Scope) -> Option<Option<Grant>> {
+        let Resource::Repository(repo) = &s.resource else { return None };
+        let group = crate::deploy::dependency_proxy_group(repo)?;
+        if !self.groups.contains_key(group) {
+            return Some(None);
+        }
+        let wanted = if s.actions.contains(Action::All) { ActionSet::of(&[Action::Pull]) } else { s.actions };
+        let actions = wanted.intersect(ActionSet::of(&[Action::Pull]));
+        Some((!actions.is_empty()).then(|| Grant {
+            scope: Scope { resource: s.resource.clone(), actions },
+            project_path: None,
+            access_level: Some(self.effective_level(user, group)),
+        }))
     }
 
     /// The level stated in tokens: `admin` for admins, else the membership level.
@@ -450,6 +472,15 @@ mod tests {
         assert_eq!(g[0].scope.to_string(), "repository:acme/web/app:pull,push,delete");
         let g = dir.grant(rita, &Scope::parse_all(["repository:acme/web/app:*"]).unwrap());
         assert_eq!(g[0].scope.to_string(), "repository:acme/web/app:pull");
+        // The dependency proxy: pull for anyone on an existing group, with the group level.
+        let olga = dir.user("olga").unwrap();
+        let req = Scope::parse_all(["repository:acme/dependency_proxy/containers/alpine:pull,push"]).unwrap();
+        let g = dir.grant(olga, &req);
+        assert_eq!(g[0].scope.to_string(), "repository:acme/dependency_proxy/containers/alpine:pull");
+        assert_eq!(g[0].access_level, Some(AccessLevel::NoAccess));
+        assert_eq!(dir.grant(rita, &req)[0].access_level, Some(AccessLevel::Reporter));
+        let nowhere = Scope::parse_all(["repository:nogroup/dependency_proxy/containers/alpine:pull"]).unwrap();
+        assert!(dir.grant(rita, &nowhere).is_empty());
     }
 
     #[test]

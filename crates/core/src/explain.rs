@@ -31,7 +31,7 @@ pub fn explain(
     let route = match route {
         Ok(r) => r,
         Err(e) => {
-            let decision = decide(Err(&e), Credential::Missing, &challenge, policy);
+            let decision = decide(Err(&e), Credential::Missing, &challenge, policy, 0);
             lines.push(format!("request: refused by the route grammar: {e}"));
             return Ok(Explanation { decision, lines });
         }
@@ -67,6 +67,7 @@ pub fn explain(
         user: None,
         expires_at: i64::MAX,
         not_before: None,
+        issued_at: None,
         access_levels: grants
             .iter()
             .filter_map(|g| match &g.scope.resource {
@@ -76,7 +77,7 @@ pub fn explain(
             .collect(),
         grants: grants.into_iter().map(|g| g.scope).collect(),
     };
-    let decision = decide(Ok(&route), Credential::Valid(&token), &challenge, policy);
+    let decision = decide(Ok(&route), Credential::Valid(&token), &challenge, policy, 0);
     Ok(Explanation { decision, lines })
 }
 

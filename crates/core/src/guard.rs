@@ -98,11 +98,11 @@ impl Guard {
         let challenge = &self.config.challenge;
         let token = match bearer_token(authorization) {
             Err(why) => {
-                let decision = decide(route.as_ref(), Credential::NotBearer(why), challenge, &self.config.policy);
+                let decision = decide(route.as_ref(), Credential::NotBearer(why), challenge, &self.config.policy, now);
                 return Checked { decision, subject: None, revision: self.config.policy.revision };
             }
             Ok(None) => {
-                let decision = decide(route.as_ref(), Credential::Missing, challenge, &self.config.policy);
+                let decision = decide(route.as_ref(), Credential::Missing, challenge, &self.config.policy, now);
                 return Checked { decision, subject: None, revision: self.config.policy.revision };
             }
             Ok(Some(t)) => t,
@@ -124,7 +124,7 @@ impl Guard {
         if let Err(e) = verified.check_time(now, leeway) {
             return invalid(route.as_ref(), &e, challenge, self.config.policy.revision);
         }
-        let decision = decide(route.as_ref(), Credential::Valid(verified), challenge, &self.config.policy);
+        let decision = decide(route.as_ref(), Credential::Valid(verified), challenge, &self.config.policy, now);
         Checked { decision, subject: Some(verified.subject.clone()), revision: self.config.policy.revision }
     }
 }
@@ -135,7 +135,7 @@ fn invalid(
     challenge: &crate::decision::ChallengeConfig,
     revision: u64,
 ) -> Checked {
-    let decision = decide(route, Credential::Invalid(e), challenge, &crate::bundle::Policy::default());
+    let decision = decide(route, Credential::Invalid(e), challenge, &crate::bundle::Policy::default(), 0);
     Checked { decision, subject: None, revision }
 }
 

@@ -6,6 +6,7 @@ pub mod bundle;
 pub mod config;
 pub mod corpus;
 pub mod decision;
+pub mod deploy;
 pub mod directory;
 pub mod explain;
 pub mod guard;

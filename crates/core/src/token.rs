@@ -257,6 +257,7 @@ pub struct VerifiedToken {
     pub user: Option<String>,
     pub expires_at: i64,
     pub not_before: Option<i64>,
+    pub issued_at: Option<i64>,
     pub grants: Vec<Scope>,
     /// `meta.access_level` per repository, as issued.
     pub access_levels: Vec<(String, u8)>,
@@ -354,6 +355,7 @@ impl Verifier {
             user: custom.user,
             expires_at,
             not_before: claims.not_before.map(|t| t.timestamp()),
+            issued_at: claims.issued_at.map(|t| t.timestamp()),
             grants,
             access_levels,
         })
