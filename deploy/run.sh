@@ -7,6 +7,8 @@
 #   TOKEN_PORT   token service (5001)
 #   REGISTRY_PORT  the stock registry, reached only through Envoy (5002)
 #   ADMIN_PORT   Envoy admin (9901)
+#   DEPENDENCY_PROXY_PORT  the pull-through cache behind /v2/<group>/dependency_proxy/containers/ (5003)
+#   HUB_PORT     the cache's upstream "hub", a local registry seeded with alpine:latest (5004)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -15,6 +17,8 @@ LISTEN_PORT=${LISTEN_PORT:-5000}
 TOKEN_PORT=${TOKEN_PORT:-5001}
 REGISTRY_PORT=${REGISTRY_PORT:-5002}
 ADMIN_PORT=${ADMIN_PORT:-9901}
+DEPENDENCY_PROXY_PORT=${DEPENDENCY_PROXY_PORT:-5003}
+HUB_PORT=${HUB_PORT:-5004}
 RUN_DIR=$ROOT/.run/$(basename "$CONFIG_DIR")
 RGCTL=$ROOT/target/release/rgctl
 TOKEN_SERVICE=$ROOT/target/release/registry-guard-token-service
@@ -24,7 +28,7 @@ ENVOY=$ROOT/.venv/bin/envoy
 for f in principals.json token-service.json; do
   [ -f "$CONFIG_DIR/$f" ] || { echo "error: $CONFIG_DIR/$f is missing (CONFIG_DIR must hold principals.json and token-service.json)" >&2; exit 1; }
 done
-mkdir -p "$RUN_DIR/storage"
+mkdir -p "$RUN_DIR/storage" "$RUN_DIR/hub-storage" "$RUN_DIR/cache-storage"
 setting() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get(sys.argv[2], sys.argv[3]))' "$CONFIG_DIR/token-service.json" "$1" "$2"; }
 ISSUER=$(setting issuer registry-guard)
 SERVICE=$(setting service container_registry)
@@ -45,8 +49,14 @@ bundle_args=()
 [ -f "$RUN_DIR/http-secret" ] || head -c 32 /dev/urandom | base64 | tr -d '/+=' > "$RUN_DIR/http-secret"
 "$RGCTL" render deploy/registry.yml --set STORAGE_DIR="$RUN_DIR/storage" --set REGISTRY_PORT="$REGISTRY_PORT" \
   --set HTTP_SECRET="$(cat "$RUN_DIR/http-secret")" > "$RUN_DIR/registry.yml"
+"$RGCTL" render deploy/registry.yml --set STORAGE_DIR="$RUN_DIR/hub-storage" --set REGISTRY_PORT="$HUB_PORT" \
+  --set HTTP_SECRET="$(cat "$RUN_DIR/http-secret")" > "$RUN_DIR/hub.yml"
+"$RGCTL" render deploy/dependency-proxy.yml --set STORAGE_DIR="$RUN_DIR/cache-storage" \
+  --set DEPENDENCY_PROXY_PORT="$DEPENDENCY_PROXY_PORT" --set HUB_PORT="$HUB_PORT" \
+  --set HTTP_SECRET="$(cat "$RUN_DIR/http-secret")" > "$RUN_DIR/dependency-proxy.yml"
 "$RGCTL" render envoy/envoy.yaml --set ADMIN_PORT="$ADMIN_PORT" --set LISTEN_PORT="$LISTEN_PORT" \
-  --set REGISTRY_PORT="$REGISTRY_PORT" --set ECDS_DIR="$RUN_DIR/ecds" > "$RUN_DIR/envoy.yaml"
+  --set REGISTRY_PORT="$REGISTRY_PORT" --set DEPENDENCY_PROXY_PORT="$DEPENDENCY_PROXY_PORT" \
+  --set ECDS_DIR="$RUN_DIR/ecds" > "$RUN_DIR/envoy.yaml"
 
 pids=()
 stop() {
@@ -73,6 +83,15 @@ wait_for() { # URL NAME
 
 start registry docker-registry serve "$RUN_DIR/registry.yml"
 wait_for "http://127.0.0.1:$REGISTRY_PORT/v2/" registry
+start hub docker-registry serve "$RUN_DIR/hub.yml"
+wait_for "http://127.0.0.1:$HUB_PORT/v2/" hub
+if ! curl -sf -o /dev/null "http://127.0.0.1:$HUB_PORT/v2/alpine/manifests/latest" -H 'Accept: application/vnd.oci.image.manifest.v1+json'; then
+  "$RGCTL" demo-image --out "$RUN_DIR/alpine-layout" --tag latest --salt "hub alpine" >/dev/null
+  skopeo copy -q --dest-tls-verify=false "oci:$RUN_DIR/alpine-layout:latest" "docker://127.0.0.1:$HUB_PORT/alpine:latest"
+  echo "seeded the hub with alpine:latest"
+fi
+start dependency-proxy docker-registry serve "$RUN_DIR/dependency-proxy.yml"
+wait_for "http://127.0.0.1:$DEPENDENCY_PROXY_PORT/v2/" "dependency proxy"
 start token "$TOKEN_SERVICE" --config-dir "$CONFIG_DIR" --listen "127.0.0.1:$TOKEN_PORT"
 wait_for "http://127.0.0.1:$TOKEN_PORT/healthz" "token service"
 start envoy "$ENVOY" -c "$RUN_DIR/envoy.yaml" --concurrency 2 --log-level warn --component-log-level wasm:info
@@ -84,6 +103,7 @@ registry-guard is up (config: $CONFIG_DIR)
   registry endpoint (Envoy + filter): http://127.0.0.1:$LISTEN_PORT   e.g. skopeo login --tls-verify=false 127.0.0.1:$LISTEN_PORT
   token service:                      http://127.0.0.1:$TOKEN_PORT/jwt/auth
   stock registry (loopback only):     http://127.0.0.1:$REGISTRY_PORT
+  dependency proxy (pull-through):    127.0.0.1:$LISTEN_PORT/<group>/dependency_proxy/containers/alpine:latest (cache :$DEPENDENCY_PROXY_PORT, hub :$HUB_PORT)
   Envoy admin / stats:                http://127.0.0.1:$ADMIN_PORT/stats?filter=registry_guard
 
 Push a policy bundle (edit $CONFIG_DIR/bundle.json, raise "revision"):

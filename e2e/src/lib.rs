@@ -42,6 +42,8 @@ pub struct Stack {
     pub token_port: u16,
     pub registry_port: u16,
     pub admin_port: u16,
+    pub cache_port: u16,
+    pub hub_port: u16,
     procs: Vec<Proc>,
 }
 
@@ -60,6 +62,8 @@ impl Stack {
             token_port: free_port(),
             registry_port: free_port(),
             admin_port: free_port(),
+            cache_port: free_port(),
+            hub_port: free_port(),
             procs: Vec::new(),
             dir,
         };
@@ -129,6 +133,45 @@ impl Stack {
         );
         self.spawn("registry", Command::new("docker-registry").arg("serve").arg(cfg));
         self.wait_http(self.registry_port, "/v2/", "registry");
+        // The dependency proxy: a pull-through cache in front of a local "hub".
+        let hub_storage = self.path("hub-storage");
+        fs::create_dir_all(&hub_storage).expect("hub storage");
+        let hub = self.render(
+            "deploy/registry.yml",
+            "hub.yml",
+            &[
+                ("STORAGE_DIR", hub_storage.display().to_string()),
+                ("REGISTRY_PORT", self.hub_port.to_string()),
+                ("HTTP_SECRET", "e2e-http-secret".into()),
+            ],
+            &[],
+        );
+        self.spawn("hub", Command::new("docker-registry").arg("serve").arg(hub));
+        self.wait_http(self.hub_port, "/v2/", "hub");
+        let cache_storage = self.path("cache-storage");
+        fs::create_dir_all(&cache_storage).expect("cache storage");
+        let cache = self.render(
+            "deploy/dependency-proxy.yml",
+            "dependency-proxy.yml",
+            &[
+                ("STORAGE_DIR", cache_storage.display().to_string()),
+                ("DEPENDENCY_PROXY_PORT", self.cache_port.to_string()),
+                ("HUB_PORT", self.hub_port.to_string()),
+                ("HTTP_SECRET", "e2e-http-secret".into()),
+            ],
+            &[],
+        );
+        self.spawn("dependency-proxy", Command::new("docker-registry").arg("serve").arg(cache));
+        self.wait_http(self.cache_port, "/v2/", "dependency-proxy");
+    }
+
+    /// Pushes a generated image straight into the hub (no auth there) as `repo:tag`.
+    pub fn seed_hub(&self, repo: &str, tag: &str) {
+        let layout = self.path(&format!("hub-layout-{}", repo.replace('/', "_")));
+        let src = self.rgctl(&["demo-image", "--out", &layout.display().to_string(), "--tag", tag, "--salt", "hub"]);
+        let dst = format!("docker://127.0.0.1:{}/{repo}:{tag}", self.hub_port);
+        let out = self.skopeo(&["copy", "--dest-tls-verify=false", src.trim(), &dst]);
+        assert!(out.status.success(), "seeding the hub failed");
     }
 
     fn start_token_service(&mut self) {
@@ -176,6 +219,7 @@ impl Stack {
                 ("ADMIN_PORT", self.admin_port.to_string()),
                 ("LISTEN_PORT", self.envoy_port.to_string()),
                 ("REGISTRY_PORT", self.registry_port.to_string()),
+                ("DEPENDENCY_PROXY_PORT", self.cache_port.to_string()),
                 ("ECDS_DIR", self.path("ecds").display().to_string()),
             ],
             &[],

@@ -56,6 +56,12 @@ pub struct CaseToken {
     pub iss: Option<String>,
     #[serde(default)]
     pub aud: Option<String>,
+    /// `auth_type` claim (default `password`).
+    #[serde(default)]
+    pub auth_type: Option<String>,
+    /// `jti` claim (default `corpus-<case name>`).
+    #[serde(default)]
+    pub jti: Option<String>,
 }
 
 fn trusted() -> String {
@@ -116,9 +122,9 @@ impl Case {
                     iss: t.iss.clone().unwrap_or_else(|| ISSUER.into()),
                     sub: t.sub.clone(),
                     aud: Audience::One(t.aud.clone().unwrap_or_else(|| SERVICE.into())),
-                    jti: format!("corpus-{}", self.name),
+                    jti: t.jti.clone().unwrap_or_else(|| format!("corpus-{}", self.name)),
                     access: t.access.clone(),
-                    auth_type: Some("password".into()),
+                    auth_type: Some(t.auth_type.clone().unwrap_or_else(|| "password".into())),
                     user: None,
                     extra: Default::default(),
                 };

@@ -128,7 +128,7 @@ mod tests {
         assert!(e.decision.is_allow(), "{e}");
         let e = run("mia", "PUT", "/v2/acme/web/app/manifests/v1");
         assert!(e.decision.is_allow(), "{e}");
-        // platform-maintainers: protected up to developer → a developer can never push there,
+        // api-prod-maintainers: protected up to developer on acme/platform/api/prod,
         // the token service withholds push, and the filter names the rule.
         let e = run("alice", "PUT", "/v2/acme/platform/api/manifests/x");
         assert!(e.decision.is_allow(), "{e}");
