@@ -8,6 +8,7 @@ pub mod corpus;
 pub mod decision;
 pub mod deploy;
 pub mod directory;
+pub mod events;
 pub mod explain;
 pub mod guard;
 pub mod name;

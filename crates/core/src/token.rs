@@ -432,6 +432,60 @@ pub fn sign<T: Serialize>(key: &SigningKey, custom: T, validity: Validity) -> Re
     Es256.token(&header, &claims, &key.key).map_err(|e| SignError(e.to_string()))
 }
 
+/// `user_info` of the nested `user` JWT (seeds 000/001).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserInfo {
+    pub token_type: String,
+    pub username: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deploy_token_id: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct UserClaims {
+    jti: String,
+    user_info: UserInfo,
+}
+
+/// A verified `user` JWT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedUser {
+    pub jti: String,
+    pub expires_at: i64,
+    pub user_info: UserInfo,
+}
+
+/// Verifies a nested `user` JWT (as a consumer of registry events does): signature by a key
+/// of `keys` (algorithm pinned by the key), `exp` with `tolerance` seconds — events are
+/// delivered, and retried, after the request — and the `user_info` shape.
+pub fn verify_user_jwt(token: &str, keys: &KeySet, now: i64, tolerance: i64) -> Result<VerifiedUser, TokenError> {
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(TokenError::TooLong);
+    }
+    let untrusted =
+        UntrustedToken::<'_, HeaderExtras>::try_from(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
+    let kid = untrusted.header().key_id.clone().ok_or(TokenError::MissingKid)?;
+    let key = keys.get(&kid).ok_or_else(|| TokenError::UnknownKey(kid.clone()))?;
+    let claims: Claims<UserClaims> = match key {
+        VerifyingKey::Es256(k) => Es256.validator(k).validate(&untrusted),
+        VerifyingKey::Rs256(k) => Rsa::rs256().validator(k).validate(&untrusted),
+        VerifyingKey::EdDsa(k) => Ed25519.validator(k).validate(&untrusted),
+    }
+    .map_err(|e| match e {
+        jwt_compact::ValidationError::MalformedClaims(e) => TokenError::BadClaims(e.to_string()),
+        other => TokenError::BadSignature(other.to_string()),
+    })?
+    .claims()
+    .clone();
+    let expires_at = claims.expiration.ok_or(TokenError::NoExpiry)?.timestamp();
+    if now > expires_at.saturating_add(tolerance) {
+        return Err(TokenError::Expired(expires_at));
+    }
+    Ok(VerifiedUser { jti: claims.custom.jti, expires_at, user_info: claims.custom.user_info })
+}
+
 /// Signs an arbitrary JSON payload as a compact JWS with header `typ` (for tools and tests
 /// that must produce what validation would refuse).
 pub fn sign_jws_unchecked(key: &SigningKey, payload: &serde_json::Value, typ: &str) -> Result<String, SignError> {
@@ -606,6 +660,29 @@ mod tests {
         assert_eq!(KeySet::from_jwks(&serde_json::json!({"keys": []})).unwrap_err(), KeySetError::Empty);
         let dup = jwks(&[&k, &k]);
         assert!(matches!(KeySet::from_jwks(&dup), Err(KeySetError::DuplicateKid { index: 1, .. })));
+    }
+
+    #[test]
+    fn user_jwts_verify_with_delivery_tolerance() {
+        let k = es256_key(1);
+        let keys = KeySet::from_jwks(&jwks(&[&k])).unwrap();
+        let claims = serde_json::json!({"jti": "u1", "user_info": {"token_type": "deploy_token", "username": "acme-ci", "deploy_token_id": 1}});
+        let t = sign(&k, claims, validity()).unwrap();
+        let v = verify_user_jwt(&t, &keys, NOW + 300 + 3600, 3600).unwrap();
+        assert_eq!(v.user_info.deploy_token_id, Some(1));
+        assert_eq!(v.user_info.user_id, None);
+        assert!(matches!(verify_user_jwt(&t, &keys, NOW + 300 + 3601, 3600), Err(TokenError::Expired(_))));
+        let mut parts: Vec<String> = t.split('.').map(str::to_owned).collect();
+        parts[1] = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(br#"{"jti":"u1","exp":1900000000,"user_info":{"token_type":"pat","username":"root","user_id":1}}"#);
+        assert!(matches!(verify_user_jwt(&parts.join("."), &keys, NOW, 0), Err(TokenError::BadSignature(_))));
+        let stranger = sign(
+            &es256_key(2),
+            serde_json::json!({"jti": "x", "user_info": {"token_type": "pat", "username": "x"}}),
+            validity(),
+        )
+        .unwrap();
+        assert!(matches!(verify_user_jwt(&stranger, &keys, NOW, 0), Err(TokenError::UnknownKey(_))));
     }
 
     #[test]
