@@ -27,6 +27,101 @@ struct RawFilterConfig {
     /// JWKS with the operator keys that may sign bundles; required with `bundle`.
     #[serde(default)]
     bundle_keys: Option<serde_json::Value>,
+    /// `registry` (default) for this role.
+    #[serde(default)]
+    #[allow(dead_code)]
+    role: Option<RegistryRole>,
+    /// Correlation of requests with the registry's events (see `events`).
+    #[serde(default)]
+    correlation: RawCorrelation,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum RegistryRole {
+    Registry,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCorrelation {
+    /// Shared-data slots (a bounded ring); 0 turns correlation off.
+    #[serde(default = "default_slots")]
+    slots: u32,
+}
+
+impl Default for RawCorrelation {
+    fn default() -> Self {
+        RawCorrelation { slots: default_slots() }
+    }
+}
+
+fn default_slots() -> u32 {
+    4096
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEventsConfig {
+    #[allow(dead_code)]
+    role: EventsRole,
+    #[serde(default = "default_max_envelope")]
+    max_envelope_bytes: usize,
+    #[serde(default)]
+    correlation: RawCorrelation,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum EventsRole {
+    Events,
+}
+
+fn default_max_envelope() -> usize {
+    1 << 20
+}
+
+/// The events role: rewrite the registry's notification envelopes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventsConfig {
+    /// Larger envelopes pass unmodified (and are counted).
+    pub max_envelope_bytes: usize,
+    pub correlation_slots: u32,
+}
+
+/// A plugin configuration: which role this filter instance plays.
+#[derive(Debug, Clone)]
+pub enum PluginConfig {
+    /// In front of the registry: decide every request.
+    Registry(Box<FilterConfig>),
+    /// On the notification path: enrich events.
+    Events(EventsConfig),
+}
+
+impl PluginConfig {
+    pub fn from_json(bytes: &[u8]) -> Result<PluginConfig, ConfigError> {
+        let probe: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| error("$", format!("not JSON: {e}")))?;
+        match probe.get("role").and_then(|r| r.as_str()) {
+            Some("events") => {
+                let raw: RawEventsConfig = serde_path_to_error::deserialize(probe).map_err(path_error)?;
+                if raw.max_envelope_bytes == 0 || raw.max_envelope_bytes > 64 << 20 {
+                    return Err(error("$.max_envelope_bytes", "must be between 1 and 67108864"));
+                }
+                Ok(PluginConfig::Events(EventsConfig {
+                    max_envelope_bytes: raw.max_envelope_bytes,
+                    correlation_slots: raw.correlation.slots,
+                }))
+            }
+            None | Some("registry") => Ok(PluginConfig::Registry(Box::new(FilterConfig::from_json(bytes)?))),
+            Some(other) => Err(error("$.role", format!("unknown role `{other}` (expected `registry` or `events`)"))),
+        }
+    }
+}
+
+fn path_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> ConfigError {
+    let path = e.path().to_string();
+    ConfigError { field: if path == "." { "$".into() } else { format!("$.{path}") }, reason: e.into_inner().to_string() }
 }
 
 #[derive(Debug, Deserialize)]
@@ -58,6 +153,8 @@ pub struct FilterConfig {
     pub cache_entries: usize,
     /// The verified bundle (`Policy::default()`, revision 0, when none is configured).
     pub policy: Policy,
+    /// Shared-data slots for request ↔ event correlation (0: off).
+    pub correlation_slots: u32,
 }
 
 /// A configuration error naming the field (JSON path) and the reason.
@@ -97,6 +194,9 @@ impl FilterConfig {
         if !(0..=300).contains(&raw.leeway_seconds) {
             return Err(error("$.leeway_seconds", "must be between 0 and 300"));
         }
+        if raw.correlation.slots > 1 << 20 {
+            return Err(error("$.correlation.slots", "must be at most 1048576"));
+        }
         if raw.cache.max_entries == 0 || raw.cache.max_entries > 1_000_000 {
             return Err(error("$.cache.max_entries", "must be between 1 and 1000000"));
         }
@@ -114,6 +214,7 @@ impl FilterConfig {
             verifier: Verifier { keys, issuer: raw.issuer, audience: raw.service, leeway_seconds: raw.leeway_seconds },
             cache_entries: raw.cache.max_entries,
             policy,
+            correlation_slots: raw.correlation.slots,
         })
     }
 }
@@ -162,5 +263,22 @@ mod tests {
             assert_eq!(e.field, field, "{extra}: {e}");
         }
         assert_eq!(FilterConfig::from_json(b"nope").unwrap_err().field, "$");
+    }
+
+    #[test]
+    fn roles() {
+        let reg = PluginConfig::from_json(config(serde_json::json!({"role": "registry"})).to_string().as_bytes()).unwrap();
+        assert!(matches!(reg, PluginConfig::Registry(c) if c.correlation_slots == 4096));
+        let ev = PluginConfig::from_json(br#"{"role": "events", "max_envelope_bytes": 1000}"#).unwrap();
+        assert_eq!(ev_config(ev), EventsConfig { max_envelope_bytes: 1000, correlation_slots: 4096 });
+        assert_eq!(PluginConfig::from_json(br#"{"role": "events", "jwks": {}}"#).unwrap_err().field, "$.jwks");
+        assert_eq!(PluginConfig::from_json(br#"{"role": "both"}"#).unwrap_err().field, "$.role");
+    }
+
+    fn ev_config(c: PluginConfig) -> EventsConfig {
+        match c {
+            PluginConfig::Events(e) => e,
+            PluginConfig::Registry(_) => panic!("expected events"),
+        }
     }
 }

@@ -140,7 +140,11 @@ impl DeployToken {
         } else if !in_subtree(self.owner.path(), repo) {
             return Err(DeployDenial::OutsideOwner(format!("repository `{repo}` is not known")));
         }
-        let allowed = self.actions();
+        let mut allowed = self.actions();
+        if dependency_proxy_group(repo).is_some() {
+            // The dependency proxy is a read-only pull-through cache.
+            allowed = allowed.intersect(ActionSet::of(&[Action::Pull]));
+        }
         if !allowed.covers(actions) {
             let missing = ActionSet::of(&actions.iter().filter(|a| !allowed.contains(*a)).collect::<Vec<_>>());
             return Err(DeployDenial::Forbidden(format!(
@@ -179,7 +183,10 @@ impl DeployToken {
                 } else {
                     s.actions
                 };
-                let actions = wanted.intersect(self.actions());
+                let mut actions = wanted.intersect(self.actions());
+                if dependency_proxy_group(repo).is_some() {
+                    actions = actions.intersect(ActionSet::of(&[Action::Pull]));
+                }
                 let covered = self.allows(repo, ActionSet::EMPTY).is_ok();
                 (covered && !actions.is_empty()).then(|| crate::directory::Grant {
                     scope: Scope { resource: s.resource.clone(), actions },
@@ -384,6 +391,7 @@ mod tests {
             (&group_rw, "acme/platform/dependency_proxy/containers/alpine", pull, "ok"),
             (&group_rw, "other/dependency_proxy/containers/alpine", pull, "404"),
             (&group_w, "acme/dependency_proxy/containers/alpine", pull, "403"),
+            (&group_rw, "acme/dependency_proxy/containers/alpine", pull_push, "403"),
             (&project_r, "acme/dependency_proxy/containers/alpine", pull, "403"),
             (&project_r, "acme/web/app", pull, "ok"),
             (&project_r, "acme/web/app", pull_push, "403"),

@@ -77,6 +77,9 @@ pub struct Checked {
     pub subject: Option<String>,
     /// Revision of the bundle the request was decided under.
     pub revision: u64,
+    /// `auth_type` and the nested `user` JWT of a verified token (for event attribution).
+    pub auth_type: Option<String>,
+    pub user: Option<String>,
 }
 
 impl Guard {
@@ -99,11 +102,11 @@ impl Guard {
         let token = match bearer_token(authorization) {
             Err(why) => {
                 let decision = decide(route.as_ref(), Credential::NotBearer(why), challenge, &self.config.policy, now);
-                return Checked { decision, subject: None, revision: self.config.policy.revision };
+                return Checked { decision, subject: None, revision: self.config.policy.revision, auth_type: None, user: None };
             }
             Ok(None) => {
                 let decision = decide(route.as_ref(), Credential::Missing, challenge, &self.config.policy, now);
-                return Checked { decision, subject: None, revision: self.config.policy.revision };
+                return Checked { decision, subject: None, revision: self.config.policy.revision, auth_type: None, user: None };
             }
             Ok(Some(t)) => t,
         };
@@ -125,7 +128,13 @@ impl Guard {
             return invalid(route.as_ref(), &e, challenge, self.config.policy.revision);
         }
         let decision = decide(route.as_ref(), Credential::Valid(verified), challenge, &self.config.policy, now);
-        Checked { decision, subject: Some(verified.subject.clone()), revision: self.config.policy.revision }
+        Checked {
+            decision,
+            subject: Some(verified.subject.clone()),
+            revision: self.config.policy.revision,
+            auth_type: verified.auth_type.clone(),
+            user: verified.user.clone(),
+        }
     }
 }
 
@@ -136,7 +145,7 @@ fn invalid(
     revision: u64,
 ) -> Checked {
     let decision = decide(route, Credential::Invalid(e), challenge, &crate::bundle::Policy::default(), 0);
-    Checked { decision, subject: None, revision }
+    Checked { decision, subject: None, revision, auth_type: None, user: None }
 }
 
 #[cfg(test)]

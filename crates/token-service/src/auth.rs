@@ -1,4 +1,5 @@
-//! Who is asking: HTTP Basic credentials, personal access tokens and argon2id passwords.
+//! Who is asking: HTTP Basic credentials, deploy tokens (from the active policy bundle),
+//! personal access tokens and argon2id passwords.
 
 use std::fmt;
 
@@ -6,6 +7,7 @@ use argon2::password_hash::{PasswordHash, PasswordVerifier as _};
 use argon2::Argon2;
 use axum::http::{header, HeaderMap};
 use base64::Engine as _;
+use registry_guard_core::deploy::{self, DeployToken};
 use registry_guard_core::directory::Directory;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::Semaphore;
@@ -17,6 +19,8 @@ pub enum AuthType {
     Password,
     /// One of the user's personal access tokens.
     Pat,
+    /// A deploy token of the active policy bundle (not a user).
+    DeployToken,
 }
 
 impl AuthType {
@@ -24,6 +28,7 @@ impl AuthType {
         match self {
             AuthType::Password => "password",
             AuthType::Pat => "pat",
+            AuthType::DeployToken => "deploy_token",
         }
     }
 
@@ -31,19 +36,53 @@ impl AuthType {
         match s {
             "password" => Some(AuthType::Password),
             "pat" => Some(AuthType::Pat),
+            "deploy_token" => Some(AuthType::DeployToken),
             _ => None,
         }
     }
 }
 
-/// An authenticated principal.
+/// An authenticated principal: a user (by password or personal access token) or a deploy
+/// token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Authenticated {
+    /// The user's username, or the deploy token's username (`deploy-token-<id>` by default).
     pub username: String,
-    pub user_id: u64,
     pub auth_type: AuthType,
+    /// The user's id; `None` for a deploy token.
+    pub user_id: Option<u64>,
     /// The name of the personal access token used, for `AuthType::Pat`.
     pub pat_name: Option<String>,
+    /// The deploy token's id, for `AuthType::DeployToken`.
+    pub deploy_token_id: Option<u64>,
+}
+
+impl Authenticated {
+    /// A user who proved their identity with `auth_type` (`Password` or `Pat`).
+    pub fn user(username: &str, user_id: u64, auth_type: AuthType, pat_name: Option<String>) -> Authenticated {
+        Authenticated {
+            username: username.to_owned(),
+            auth_type,
+            user_id: Some(user_id),
+            pat_name,
+            deploy_token_id: None,
+        }
+    }
+
+    /// A deploy token.
+    pub fn deploy_token(token: &DeployToken) -> Authenticated {
+        Authenticated {
+            username: token.username.clone(),
+            auth_type: AuthType::DeployToken,
+            user_id: None,
+            pat_name: None,
+            deploy_token_id: Some(token.id),
+        }
+    }
+
+    pub fn is_deploy_token(&self) -> bool {
+        self.auth_type == AuthType::DeployToken
+    }
 }
 
 /// A username and a secret (password or personal access token). `Debug` hides the secret.
@@ -97,9 +136,36 @@ pub fn basic_credentials(headers: &HeaderMap) -> BasicAuth {
     }
 }
 
-/// Lowercase hex SHA-256, the form in which `principals.json` stores token digests.
+/// Lowercase hex SHA-256, the form in which `principals.json` and bundles store token
+/// digests.
 pub fn sha256_hex(secret: &str) -> String {
     Sha256::digest(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Compares two byte strings in time that depends only on their lengths (digests have a
+/// fixed length), so a digest comparison does not leak how many leading characters match.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+/// The core's explanation of a deploy token denial (for logs).
+pub fn denial_reason(denial: deploy::DeployDenial) -> String {
+    match denial {
+        deploy::DeployDenial::Unusable(why)
+        | deploy::DeployDenial::OutsideOwner(why)
+        | deploy::DeployDenial::Forbidden(why) => why,
+    }
+}
+
+/// Why a deploy token whose secret was right may not log in (the secret was right, so it is
+/// fine to say which).
+pub fn deploy_token_refusal(token: &DeployToken) -> String {
+    let why = if token.revoked { "is revoked" } else { "has expired" };
+    format!("HTTP Basic: Access denied: deploy token {why}")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,34 +173,50 @@ pub enum AuthError {
     /// Wrong username, password or token; deliberately one case whatever the cause.
     #[error("invalid username or password")]
     InvalidCredentials,
+    /// The deploy token's secret was right, but the token is revoked or expired; the text
+    /// ([`deploy_token_refusal`]) is safe to show, `detail` (the core's reason) is for logs.
+    #[error("{message}")]
+    DeployTokenUnusable { message: String, detail: String },
     #[error("password verification failed: {0}")]
     Internal(String),
 }
 
-/// Authenticates `credentials` at `now` (unix seconds).
+/// Authenticates `credentials` at `now` (unix seconds), with the deploy tokens of one policy
+/// snapshot (`deploy_tokens`).
 ///
-/// The secret is first looked up as a personal access token (by SHA-256 digest; the owner
+/// When a deploy token has the Basic username and the secret's SHA-256 equals its digest
+/// (constant-time comparison), this is that deploy token, provided it is usable at `now`
+/// (else [`AuthError::DeployTokenUnusable`]). Otherwise (no such deploy token, or a wrong
+/// secret) the user path follows, so a wrong deploy token secret gets the same answer as a
+/// wrong password. The secret is first looked up as a personal access token (by SHA-256 digest; the owner
 /// must be the Basic username and the token unexpired), then checked as the user's argon2id
 /// password on a blocking thread. An unknown user still costs one argon2 verification (against
 /// `decoy_hash`), so timing does not tell which usernames exist. At most as many argon2
 /// verifications run at once as `password_slots` has permits.
 pub async fn authenticate(
     directory: &Directory,
+    deploy_tokens: &deploy::Credentials,
     decoy_hash: Option<&str>,
     password_slots: &Semaphore,
     credentials: &Credentials,
     now: i64,
 ) -> Result<Authenticated, AuthError> {
     let digest = sha256_hex(&credentials.secret);
+    if let Some(token) = deploy_tokens.by_username(&credentials.username) {
+        if constant_time_eq(digest.as_bytes(), token.sha256.as_bytes()) {
+            return match token.usable(now) {
+                Ok(()) => Ok(Authenticated::deploy_token(token)),
+                Err(denial) => Err(AuthError::DeployTokenUnusable {
+                    message: deploy_token_refusal(token),
+                    detail: denial_reason(denial),
+                }),
+            };
+        }
+    }
     if let Some((user, pat)) = directory.user_by_pat_digest(&digest) {
         let expired = pat.expires_at.is_some_and(|at| now >= at);
         if user.username == credentials.username && !expired {
-            return Ok(Authenticated {
-                username: user.username.clone(),
-                user_id: user.id,
-                auth_type: AuthType::Pat,
-                pat_name: Some(pat.name.clone()),
-            });
+            return Ok(Authenticated::user(&user.username, user.id, AuthType::Pat, Some(pat.name.clone())));
         }
     }
     let user = directory.user(&credentials.username);
@@ -149,12 +231,9 @@ pub async fn authenticate(
         .await
         .map_err(|e| AuthError::Internal(e.to_string()))?;
     match user {
-        Some(user) if own_hash.is_some() && matches => Ok(Authenticated {
-            username: user.username.clone(),
-            user_id: user.id,
-            auth_type: AuthType::Password,
-            pat_name: None,
-        }),
+        Some(user) if own_hash.is_some() && matches => {
+            Ok(Authenticated::user(&user.username, user.id, AuthType::Password, None))
+        }
         _ => Err(AuthError::InvalidCredentials),
     }
 }
@@ -197,5 +276,21 @@ mod tests {
     #[test]
     fn digest_is_lowercase_hex() {
         assert_eq!(sha256_hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    }
+
+    #[test]
+    fn constant_time_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn auth_types_round_trip() {
+        for t in [AuthType::Password, AuthType::Pat, AuthType::DeployToken] {
+            assert_eq!(AuthType::parse(t.as_str()), Some(t));
+        }
+        assert_eq!(AuthType::parse("oauth"), None);
     }
 }

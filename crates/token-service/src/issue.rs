@@ -1,6 +1,6 @@
 //! Building and signing what the service hands out: registry tokens (with their nested `user`
-//! JWT) and refresh tokens. Grants come from the core (`Directory::grant_under`); signing is
-//! the core's `token::sign`.
+//! JWT) and refresh tokens. Grants come from the core (`Directory::grant_under` for users,
+//! `DeployToken::grant` for deploy tokens); signing is the core's `token::sign`.
 
 use std::collections::BTreeMap;
 
@@ -42,7 +42,8 @@ pub struct TokenIssuer {
     pub ttl_seconds: i64,
 }
 
-/// Claims of the nested `user` JWT (seed 001): `{exp, iat, jti, nbf, user_info}`.
+/// Claims of the nested `user` JWT (seed 001): `{exp, iat, jti, nbf, user_info}`; for a deploy
+/// token (seed 002) `user_info` names the deploy token instead of a user id.
 #[derive(Debug, Serialize)]
 struct UserClaims<'a> {
     jti: String,
@@ -51,10 +52,13 @@ struct UserClaims<'a> {
 
 #[derive(Debug, Serialize)]
 struct UserInfo<'a> {
-    /// `password` or `pat`.
+    /// `password`, `pat` or `deploy_token`.
     token_type: &'static str,
     username: &'a str,
-    user_id: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deploy_token_id: Option<u64>,
 }
 
 /// Claims of a refresh token, besides `exp`, `nbf`, `iat`.
@@ -70,6 +74,10 @@ pub struct RefreshClaims {
     /// personal access token is removed or expires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pat_name: Option<String>,
+    /// For `auth_type = deploy_token`: the deploy token's id, so that a refresh stops working
+    /// once that deploy token is gone (or its username names another one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deploy_token_id: Option<u64>,
 }
 
 /// `n` random bytes as lowercase hex.
@@ -114,7 +122,12 @@ impl TokenIssuer {
         let validity = self.validity(now, self.ttl_seconds);
         let user_claims = UserClaims {
             jti: random_hex(16)?,
-            user_info: UserInfo { token_type: who.auth_type.as_str(), username: &who.username, user_id: who.user_id },
+            user_info: UserInfo {
+                token_type: who.auth_type.as_str(),
+                username: &who.username,
+                user_id: who.user_id,
+                deploy_token_id: who.deploy_token_id,
+            },
         };
         let user = token::sign(&self.key, user_claims, validity)?;
         let claims = RegistryClaims {
@@ -141,7 +154,11 @@ impl TokenIssuer {
             auth_type: who.auth_type.as_str().to_owned(),
             pat_name: match who.auth_type {
                 AuthType::Pat => who.pat_name.clone(),
-                AuthType::Password => None,
+                AuthType::Password | AuthType::DeployToken => None,
+            },
+            deploy_token_id: match who.auth_type {
+                AuthType::DeployToken => who.deploy_token_id,
+                AuthType::Password | AuthType::Pat => None,
             },
         };
         Ok(token::sign(&self.key, claims, self.validity(now, REFRESH_TOKEN_TTL_SECONDS))?)

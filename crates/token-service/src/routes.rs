@@ -3,9 +3,12 @@
 //! health check.
 //!
 //! Handlers only parse, authenticate and render; what a token grants is decided by the core
-//! (`Directory::grant_under` the active policy), and every token is signed by the core
-//! (`token::sign`). The bundle endpoints need no credentials: a bundle is accepted only when
-//! signed by an operator key, and never when older than the active revision.
+//! (`Directory::grant_under` the active policy for users, `DeployToken::grant` for the
+//! policy's deploy tokens), and every token is signed by the core (`token::sign`). Each token
+//! request takes one snapshot of the active policy and decides everything under it: deploy
+//! tokens, revocations and grants. The bundle endpoints need no credentials: a bundle is
+//! accepted only when signed by an operator key, and never when older than the active
+//! revision.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,6 +21,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
+use registry_guard_core::bundle::Policy;
 use registry_guard_core::directory::Directory;
 use registry_guard_core::scope::Scope;
 use registry_guard_core::token::{self, Verifier};
@@ -123,6 +127,7 @@ impl From<AuthError> for Problem {
     fn from(e: AuthError) -> Self {
         match e {
             AuthError::InvalidCredentials => Problem::InvalidCredentials(INVALID_CREDENTIALS_MESSAGE.into()),
+            AuthError::DeployTokenUnusable { message, .. } => Problem::InvalidCredentials(message),
             AuthError::Internal(detail) => Problem::Internal(detail),
         }
     }
@@ -215,28 +220,56 @@ impl Params {
     }
 }
 
-/// Grants (requested ∩ permitted, minus what the active policy can never allow, by the core)
-/// and signs the answer. The policy is one snapshot: the whole request sees one revision.
+/// The 401 message for a user whose tokens are revoked (`revocations.users`).
+pub fn access_revoked_message(username: &str) -> String {
+    format!("access revoked for `{username}`")
+}
+
+/// Grants and signs the answer, all under `policy` (the request's one snapshot).
+///
+/// Users: requested ∩ permitted, minus what the policy's protection rules can never allow
+/// (`Directory::grant_under`); a user the policy's revocations block at `now` gets nothing
+/// (401 "access revoked for `<username>`"). Deploy tokens: requested ∩ scopes ∩ owner subtree
+/// (`DeployToken::grant`); protection rules are left to the filter, which denies deploy tokens
+/// wherever a rule applies (they hold no access level).
 fn issue(
     state: &AppState,
+    policy: &Policy,
     who: &Authenticated,
     scopes: &[Scope],
     offline: bool,
     now: i64,
 ) -> Result<TokenResponse, Problem> {
-    let user = state
-        .directory
-        .user(&who.username)
-        .ok_or_else(|| Problem::InvalidCredentials(INVALID_CREDENTIALS_MESSAGE.into()))?;
-    let policy = state.policy.snapshot();
-    let (grants, withheld) = state.directory.grant_under(&policy, user, scopes);
+    let (grants, withheld) = if who.is_deploy_token() {
+        let deploy_token = policy
+            .credentials
+            .by_username(&who.username)
+            .filter(|t| Some(t.id) == who.deploy_token_id)
+            .ok_or_else(|| Problem::InvalidCredentials(INVALID_CREDENTIALS_MESSAGE.into()))?;
+        (deploy_token.grant(scopes), Vec::new())
+    } else {
+        let user = state
+            .directory
+            .user(&who.username)
+            .ok_or_else(|| Problem::InvalidCredentials(INVALID_CREDENTIALS_MESSAGE.into()))?;
+        if policy.credentials.revocations.user_blocked(&user.username, now) {
+            tracing::info!(
+                "token refused: access of {:?} is revoked (bundle revision {})",
+                user.username,
+                policy.revision
+            );
+            return Err(Problem::InvalidCredentials(access_revoked_message(&user.username)));
+        }
+        state.directory.grant_under(policy, user, scopes)
+    };
     let token = state.issuer.registry_token(who, &grants, now)?;
     let refresh_token = if offline { Some(state.issuer.refresh_token(who, now)?) } else { None };
     let requested: Vec<String> = scopes.iter().map(ToString::to_string).collect();
     let granted: Vec<String> = grants.iter().map(|g| g.scope.to_string()).collect();
+    let deploy_token = who.deploy_token_id.map(|id| format!(" deploy_token_id={id}")).unwrap_or_default();
     tracing::info!(
-        "issued token: sub={:?} auth_type={} requested={requested:?} granted={granted:?} withheld={withheld:?} \
-         bundle_revision={} refresh_token={}",
+        "issued token: sub={:?} auth_type={}{deploy_token} requested={requested:?} granted={granted:?} \
+         withheld={withheld:?} bundle_revision={} refresh_token={}",
         who.username,
         who.auth_type.as_str(),
         policy.revision,
@@ -251,15 +284,31 @@ fn issue(
     })
 }
 
-async fn authenticate(state: &AppState, credentials: &auth::Credentials, now: i64) -> Result<Authenticated, Problem> {
-    auth::authenticate(&state.directory, state.decoy_hash.as_deref(), &state.password_slots, credentials, now)
-        .await
-        .map_err(|e| {
-            if matches!(e, AuthError::InvalidCredentials) {
-                tracing::info!("authentication failed for {:?}", credentials.username);
+async fn authenticate(
+    state: &AppState,
+    policy: &Policy,
+    credentials: &auth::Credentials,
+    now: i64,
+) -> Result<Authenticated, Problem> {
+    auth::authenticate(
+        &state.directory,
+        &policy.credentials,
+        state.decoy_hash.as_deref(),
+        &state.password_slots,
+        credentials,
+        now,
+    )
+    .await
+    .map_err(|e| {
+        match &e {
+            AuthError::InvalidCredentials => tracing::info!("authentication failed for {:?}", credentials.username),
+            AuthError::DeployTokenUnusable { detail, .. } => {
+                tracing::info!("authentication refused: {detail} (bundle revision {})", policy.revision);
             }
-            Problem::from(e)
-        })
+            AuthError::Internal(_) => {}
+        }
+        Problem::from(e)
+    })
 }
 
 /// `GET /jwt/auth?service=&scope=&account=&client_id=&offline_token=` with Basic auth.
@@ -287,8 +336,9 @@ async fn get_token_inner(state: &AppState, headers: &HeaderMap, query: &str) -> 
         }
     }
     let now = now_unix();
-    let who = authenticate(state, &credentials, now).await?;
-    issue(state, &who, &scopes, offline, now)
+    let policy = state.policy.snapshot();
+    let who = authenticate(state, &policy, &credentials, now).await?;
+    issue(state, &policy, &who, &scopes, offline, now)
 }
 
 /// `POST /jwt/auth`, OAuth2 form: `grant_type=password` or `grant_type=refresh_token`.
@@ -317,24 +367,31 @@ async fn post_token_inner(state: &AppState, headers: &HeaderMap, body: &[u8]) ->
     }
     let scopes = params.service_and_scopes(state)?;
     let now = now_unix();
+    let policy = state.policy.snapshot();
     if grant_type == "password" {
         let credentials = auth::Credentials {
             username: params.require("username")?.to_owned(),
             secret: params.require("password")?.to_owned(),
         };
         let offline = params.get("access_type") == Some("offline");
-        let who = authenticate(state, &credentials, now).await?;
-        issue(state, &who, &scopes, offline, now)
+        let who = authenticate(state, &policy, &credentials, now).await?;
+        issue(state, &policy, &who, &scopes, offline, now)
     } else {
-        let who = redeem_refresh_token(state, params.require("refresh_token")?, now)?;
-        issue(state, &who, &scopes, false, now)
+        let who = redeem_refresh_token(state, &policy, params.require("refresh_token")?, now)?;
+        issue(state, &policy, &who, &scopes, false, now)
     }
 }
 
-/// Checks a refresh token issued by this service and that what it stood for still holds.
-fn redeem_refresh_token(state: &AppState, refresh_token: &str, now: i64) -> Result<Authenticated, Problem> {
+/// Checks a refresh token issued by this service, that `policy` does not revoke it (its `jti`,
+/// or its user's tokens issued before a cutoff), and that what it stood for still holds.
+fn redeem_refresh_token(
+    state: &AppState,
+    policy: &Policy,
+    refresh_token: &str,
+    now: i64,
+) -> Result<Authenticated, Problem> {
     let invalid = |why: &str| Problem::InvalidCredentials(format!("invalid refresh token: {why}"));
-    state.refresh_verifier.verify(refresh_token, now).map_err(|e| {
+    let verified = state.refresh_verifier.verify(refresh_token, now).map_err(|e| {
         tracing::info!("refresh token refused: {e}");
         invalid("it is not a valid token from this service")
     })?;
@@ -345,19 +402,44 @@ fn redeem_refresh_token(state: &AppState, refresh_token: &str, now: i64) -> Resu
     if claims.token_use != REFRESH_TOKEN_USE {
         return Err(invalid("it is not a refresh token"));
     }
-    let user = state.directory.user(&claims.sub).ok_or_else(|| invalid("its user no longer exists"))?;
     let auth_type = AuthType::parse(&claims.auth_type).ok_or_else(|| invalid("unknown auth_type"))?;
+    let is_user = auth_type != AuthType::DeployToken;
+    if let Some(why) =
+        policy.credentials.revocations.check(&verified.jti, &verified.subject, verified.issued_at, is_user)
+    {
+        tracing::info!("refresh token of {:?} refused: {why} (bundle revision {})", verified.subject, policy.revision);
+        return Err(invalid(&why));
+    }
+    if auth_type == AuthType::DeployToken {
+        let deploy_token = policy
+            .credentials
+            .by_username(&claims.sub)
+            .filter(|t| claims.deploy_token_id == Some(t.id))
+            .ok_or_else(|| invalid("its deploy token no longer exists"))?;
+        if let Err(denial) = deploy_token.usable(now) {
+            tracing::info!(
+                "refresh token refused: {} (bundle revision {})",
+                auth::denial_reason(denial),
+                policy.revision
+            );
+            let why = if deploy_token.revoked { "its deploy token is revoked" } else { "its deploy token has expired" };
+            return Err(invalid(why));
+        }
+        return Ok(Authenticated::deploy_token(deploy_token));
+    }
+    let user = state.directory.user(&claims.sub).ok_or_else(|| invalid("its user no longer exists"))?;
     let still_valid = match auth_type {
         AuthType::Password => user.password_hash.is_some(),
         AuthType::Pat => user
             .personal_access_tokens
             .iter()
             .any(|p| Some(&p.name) == claims.pat_name.as_ref() && p.expires_at.map_or(true, |at| now < at)),
+        AuthType::DeployToken => false,
     };
     if !still_valid {
         return Err(invalid("the credential it was issued for is gone or expired"));
     }
-    Ok(Authenticated { username: user.username.clone(), user_id: user.id, auth_type, pat_name: claims.pat_name })
+    Ok(Authenticated::user(&user.username, user.id, auth_type, claims.pat_name))
 }
 
 /// `GET /jwks`: the public key tokens are signed with.

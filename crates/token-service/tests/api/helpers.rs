@@ -229,3 +229,84 @@ impl TestApp {
 pub fn now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
+
+/// Deploy token secrets of [`deploy_bundle`] (only their SHA-256 is in the bundle).
+pub const ACME_CI_SECRET: &str = "gldt-acme-ci-secret";
+pub const ACME_READ_SECRET: &str = "gldt-acme-read-secret";
+pub const WEB_SECRET: &str = "gldt-web-secret";
+pub const EXPIRED_SECRET: &str = "gldt-expired-secret";
+pub const REVOKED_SECRET: &str = "gldt-revoked-secret";
+pub const REVOKED_LATER_SECRET: &str = "gldt-revoked-later-secret";
+
+/// A bundle with deploy tokens and revocations (seed 002):
+/// 1 `acme-ci`: group `acme`, read+write; 2 `deploy-token-2`: group `acme`, read only;
+/// 3 `deploy-token-3`: project `acme/web`, read+write; 4 `deploy-token-4`: expired;
+/// 5 `deploy-token-5`: `revoked: true`; 6 `deploy-token-6`: revoked through
+/// `revocations.deploy_tokens`. Users: rita is revoked (all tokens), dev's tokens issued
+/// before 2020 are revoked (so dev may log in). Callers may edit the value before signing.
+pub fn deploy_bundle(revision: u64) -> Value {
+    json!({
+        "revision": revision,
+        "deploy_tokens": [
+            {"id": 1, "username": "acme-ci", "name": "acme CI", "owner": {"group": "acme"},
+             "scopes": ["read_registry", "write_registry"], "sha256": sha256_hex(ACME_CI_SECRET)},
+            {"id": 2, "owner": {"group": "acme"}, "scopes": ["read_registry"], "sha256": sha256_hex(ACME_READ_SECRET)},
+            {"id": 3, "owner": {"project": "acme/web"}, "scopes": ["read_registry", "write_registry"],
+             "sha256": sha256_hex(WEB_SECRET)},
+            {"id": 4, "owner": {"group": "acme"}, "scopes": ["read_registry"], "sha256": sha256_hex(EXPIRED_SECRET),
+             "expires_at": "2020-01-01T00:00:00Z"},
+            {"id": 5, "owner": {"group": "acme"}, "scopes": ["read_registry"], "sha256": sha256_hex(REVOKED_SECRET),
+             "revoked": true},
+            {"id": 6, "owner": {"group": "acme"}, "scopes": ["read_registry"],
+             "sha256": sha256_hex(REVOKED_LATER_SECRET), "expires_at": "2999-01-01T00:00:00Z"}
+        ],
+        "revocations": {
+            "deploy_tokens": [6],
+            "users": [{"username": "rita"}, {"username": "dev", "issued_before": "2020-01-01T00:00:00Z"}]
+        }
+    })
+}
+
+/// Signs a bundle value with [`operator_key`].
+pub fn sign_bundle_value(bundle: &Value) -> String {
+    sign_bundle(&bundle.to_string())
+}
+
+/// A service whose active bundle is `bundle` (signed at startup from the config directory).
+pub async fn spawn_with_bundle(bundle: &Value) -> TestApp {
+    spawn_in(config_with_bundle(Some(&sign_bundle_value(bundle)))).await
+}
+
+/// The claims of the registry token in a 200 token response.
+pub async fn token_claims(resp: reqwest::Response) -> Value {
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    registry_guard_core::token::decode_unverified(body["token"].as_str().unwrap()).unwrap()
+}
+
+/// Everything the service logs in this test process (all tests share one global subscriber;
+/// search for lines of your own). Installed on first use.
+pub fn captured_logs() -> String {
+    use std::sync::{Arc, Mutex, OnceLock};
+    #[derive(Clone)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    static LOGS: OnceLock<Buffer> = OnceLock::new();
+    let buffer = LOGS.get_or_init(|| {
+        let buffer = Buffer(Arc::default());
+        let writer = buffer.clone();
+        let subscriber =
+            tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).with_target(false).finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+        buffer
+    });
+    String::from_utf8_lossy(&buffer.0.lock().unwrap()).into_owned()
+}

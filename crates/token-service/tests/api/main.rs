@@ -4,6 +4,8 @@
 
 mod bundle;
 mod config_errors;
+mod deploy_tokens;
 mod helpers;
+mod revocations;
 mod token_get;
 mod token_post;
