@@ -34,8 +34,18 @@ fn dependency_proxy_matrix_and_group_scopes() {
 
     let rows = [
         Row { who: "acme-ci", secret: "gldt-acme-ci-rw", repo: DP, expect: "pull works" },
-        Row { who: "acme-ci", secret: "gldt-acme-ci-rw", repo: "acme/platform/dependency_proxy/containers/alpine", expect: "pull works" },
-        Row { who: "acme-ci", secret: "gldt-acme-ci-rw", repo: "other/dependency_proxy/containers/alpine", expect: "404" },
+        Row {
+            who: "acme-ci",
+            secret: "gldt-acme-ci-rw",
+            repo: "acme/platform/dependency_proxy/containers/alpine",
+            expect: "pull works",
+        },
+        Row {
+            who: "acme-ci",
+            secret: "gldt-acme-ci-rw",
+            repo: "other/dependency_proxy/containers/alpine",
+            expect: "404",
+        },
         Row { who: "deploy-token-6", secret: "gldt-acme-wo", repo: DP, expect: "403" },
         Row { who: "deploy-token-4", secret: "gldt-expired", repo: DP, expect: "401" },
         Row { who: "deploy-token-5", secret: "gldt-revoked", repo: DP, expect: "401" },
@@ -80,9 +90,18 @@ fn dependency_proxy_matrix_and_group_scopes() {
 
     // Login outcomes: a group token logs in; expired and revoked ones are refused.
     let host = stack.registry_host();
-    assert!(stack.skopeo(&["login", "--tls-verify=false", "-u", "acme-ci", "-p", "gldt-acme-ci-rw", &host]).status.success());
-    assert!(!stack.skopeo(&["login", "--tls-verify=false", "-u", "deploy-token-4", "-p", "gldt-expired", &host]).status.success());
-    assert!(!stack.skopeo(&["login", "--tls-verify=false", "-u", "deploy-token-5", "-p", "gldt-revoked", &host]).status.success());
+    assert!(stack
+        .skopeo(&["login", "--tls-verify=false", "-u", "acme-ci", "-p", "gldt-acme-ci-rw", &host])
+        .status
+        .success());
+    assert!(!stack
+        .skopeo(&["login", "--tls-verify=false", "-u", "deploy-token-4", "-p", "gldt-expired", &host])
+        .status
+        .success());
+    assert!(!stack
+        .skopeo(&["login", "--tls-verify=false", "-u", "deploy-token-5", "-p", "gldt-revoked", &host])
+        .status
+        .success());
     let _ = stack.skopeo(&["logout", "--all"]);
 
     // The same group scoping on the normal registry paths.
