@@ -49,7 +49,7 @@ $(WBG_RUNNER): Cargo.lock
 # ---- build --------------------------------------------------------------------------------
 build: .deps/rust
 	cargo build --release --target wasm32-wasip1 -p registry-guard
-	cargo build --release -p registry-guard-token-service -p registry-guard-ctl
+	cargo build --release -p registry-guard-token-service -p registry-guard-ctl -p registry-guard-consumer
 	@ls -l $(WASM) | awk '{print "filter: $(WASM) (" $$5 " bytes)"}'
 
 # ---- tests --------------------------------------------------------------------------------
@@ -71,7 +71,8 @@ test-envoy: $(ENVOY) build
 	  --bundle-keys $$out/keys/operator-jwks.json --bundle $$out/bundle.jws > $$out/filter.json; \
 	target/release/rgctl filter-resource --config $$out/filter.json --wasm $(WASM) --out $$out/ecds/registry-guard.json; \
 	target/release/rgctl render envoy/envoy.yaml --set ADMIN_PORT=9901 --set LISTEN_PORT=5000 --set REGISTRY_PORT=5002 \
-	  --set DEPENDENCY_PROXY_PORT=5003 --set ECDS_DIR=$$out/ecds > $$out/envoy.yaml; \
+	  --set DEPENDENCY_PROXY_PORT=5003 --set EVENTS_PORT=5006 --set CONSUMER_PORT=5005 --set WASM_PATH=$(ROOT)/$(WASM) \
+	  --set ECDS_DIR=$$out/ecds > $$out/envoy.yaml; \
 	$(ENVOY) --mode validate -c $$out/envoy.yaml --log-level error && echo "validated envoy/envoy.yaml"; \
 	target/release/rgctl validate policies/example/bundle.json
 	@$(VENV)/bin/python -c 'import jsonschema' 2>/dev/null || $(VENV)/bin/pip install -q jsonschema

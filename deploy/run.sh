@@ -9,6 +9,8 @@
 #   ADMIN_PORT   Envoy admin (9901)
 #   DEPENDENCY_PROXY_PORT  the pull-through cache behind /v2/<group>/dependency_proxy/containers/ (5003)
 #   HUB_PORT     the cache's upstream "hub", a local registry seeded with alpine:latest (5004)
+#   CONSUMER_PORT  the reference event consumer (5005)
+#   EVENTS_PORT  Envoy's notifications listener: registry → filter (events role) → consumer (5006)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -19,6 +21,9 @@ REGISTRY_PORT=${REGISTRY_PORT:-5002}
 ADMIN_PORT=${ADMIN_PORT:-9901}
 DEPENDENCY_PROXY_PORT=${DEPENDENCY_PROXY_PORT:-5003}
 HUB_PORT=${HUB_PORT:-5004}
+CONSUMER_PORT=${CONSUMER_PORT:-5005}
+EVENTS_PORT=${EVENTS_PORT:-5006}
+CONSUMER=$ROOT/target/release/registry-guard-consumer
 RUN_DIR=$ROOT/.run/$(basename "$CONFIG_DIR")
 RGCTL=$ROOT/target/release/rgctl
 TOKEN_SERVICE=$ROOT/target/release/registry-guard-token-service
@@ -47,15 +52,20 @@ bundle_args=()
   > "$RUN_DIR/filter.json"
 "$RGCTL" filter-resource --config "$RUN_DIR/filter.json" --wasm "$WASM" --out "$RUN_DIR/ecds/registry-guard.json"
 [ -f "$RUN_DIR/http-secret" ] || head -c 32 /dev/urandom | base64 | tr -d '/+=' > "$RUN_DIR/http-secret"
+[ -f "$RUN_DIR/events-secret" ] || head -c 32 /dev/urandom | base64 | tr -d '/+=' > "$RUN_DIR/events-secret"
 "$RGCTL" render deploy/registry.yml --set STORAGE_DIR="$RUN_DIR/storage" --set REGISTRY_PORT="$REGISTRY_PORT" \
-  --set HTTP_SECRET="$(cat "$RUN_DIR/http-secret")" > "$RUN_DIR/registry.yml"
+  --set HTTP_SECRET="$(cat "$RUN_DIR/http-secret")" --set NOTIFICATIONS_DISABLED=false \
+  --set EVENTS_URL="http://127.0.0.1:$EVENTS_PORT/events" --set EVENTS_SECRET="$(cat "$RUN_DIR/events-secret")" \
+  > "$RUN_DIR/registry.yml"
 "$RGCTL" render deploy/registry.yml --set STORAGE_DIR="$RUN_DIR/hub-storage" --set REGISTRY_PORT="$HUB_PORT" \
-  --set HTTP_SECRET="$(cat "$RUN_DIR/http-secret")" > "$RUN_DIR/hub.yml"
+  --set HTTP_SECRET="$(cat "$RUN_DIR/http-secret")" --set NOTIFICATIONS_DISABLED=true \
+  --set EVENTS_URL=http://127.0.0.1:1/unused --set EVENTS_SECRET=unused > "$RUN_DIR/hub.yml"
 "$RGCTL" render deploy/dependency-proxy.yml --set STORAGE_DIR="$RUN_DIR/cache-storage" \
   --set DEPENDENCY_PROXY_PORT="$DEPENDENCY_PROXY_PORT" --set HUB_PORT="$HUB_PORT" \
   --set HTTP_SECRET="$(cat "$RUN_DIR/http-secret")" > "$RUN_DIR/dependency-proxy.yml"
 "$RGCTL" render envoy/envoy.yaml --set ADMIN_PORT="$ADMIN_PORT" --set LISTEN_PORT="$LISTEN_PORT" \
   --set REGISTRY_PORT="$REGISTRY_PORT" --set DEPENDENCY_PROXY_PORT="$DEPENDENCY_PROXY_PORT" \
+  --set EVENTS_PORT="$EVENTS_PORT" --set CONSUMER_PORT="$CONSUMER_PORT" --set WASM_PATH="$WASM" \
   --set ECDS_DIR="$RUN_DIR/ecds" > "$RUN_DIR/envoy.yaml"
 
 pids=()
@@ -92,6 +102,9 @@ if ! curl -sf -o /dev/null "http://127.0.0.1:$HUB_PORT/v2/alpine/manifests/lates
 fi
 start dependency-proxy docker-registry serve "$RUN_DIR/dependency-proxy.yml"
 wait_for "http://127.0.0.1:$DEPENDENCY_PROXY_PORT/v2/" "dependency proxy"
+start consumer "$CONSUMER" --listen "127.0.0.1:$CONSUMER_PORT" --database "$RUN_DIR/events.sqlite" \
+  --jwks "$CONFIG_DIR/keys/jwks.json" --secret-file "$RUN_DIR/events-secret"
+wait_for "http://127.0.0.1:$CONSUMER_PORT/healthz" "event consumer"
 start token "$TOKEN_SERVICE" --config-dir "$CONFIG_DIR" --listen "127.0.0.1:$TOKEN_PORT"
 wait_for "http://127.0.0.1:$TOKEN_PORT/healthz" "token service"
 start envoy "$ENVOY" -c "$RUN_DIR/envoy.yaml" --concurrency 2 --log-level warn --component-log-level wasm:info
@@ -105,6 +118,7 @@ registry-guard is up (config: $CONFIG_DIR)
   stock registry (loopback only):     http://127.0.0.1:$REGISTRY_PORT
   dependency proxy (pull-through):    127.0.0.1:$LISTEN_PORT/<group>/dependency_proxy/containers/alpine:latest (cache :$DEPENDENCY_PROXY_PORT, hub :$HUB_PORT)
   Envoy admin / stats:                http://127.0.0.1:$ADMIN_PORT/stats?filter=registry_guard
+  event consumer (counts):            http://127.0.0.1:$CONSUMER_PORT/counts  and  /metrics
 
 Push a policy bundle (edit $CONFIG_DIR/bundle.json, raise "revision"):
   target/release/rgctl sign $CONFIG_DIR/bundle.json --key $CONFIG_DIR/keys/operator-key.pem > /tmp/bundle.jws

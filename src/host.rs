@@ -1,9 +1,9 @@
 //! Host access behind a small trait, so the glue is testable natively with a fake.
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{MapType, MetricType};
+use proxy_wasm::types::{BufferType, MapType, MetricType};
 
-use crate::Outcome;
+use crate::{EnvelopeOutcome, Outcome};
 
 /// The few host calls the filter needs; every one may fail and none panics.
 pub trait Host {
@@ -12,6 +12,16 @@ pub trait Host {
     fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> Result<(), String>;
     fn increment(&mut self, metric: u32) -> Result<(), String>;
     fn record(&mut self, metric: u32, value: u64) -> Result<(), String>;
+    fn add(&mut self, metric: u32, value: u64) -> Result<(), String>;
+    fn request_header(&mut self, name: &str) -> Result<Option<String>, String>;
+    fn set_request_header(&mut self, name: &str, value: &str) -> Result<(), String>;
+    fn remove_request_header(&mut self, name: &str) -> Result<(), String>;
+    /// The downstream peer's address (`source.address`).
+    fn client_address(&mut self) -> Result<Option<String>, String>;
+    fn set_shared(&mut self, key: &str, value: &[u8]) -> Result<(), String>;
+    fn get_shared(&mut self, key: &str) -> Result<Option<Vec<u8>>, String>;
+    fn request_body(&mut self, size: usize) -> Result<Vec<u8>, String>;
+    fn replace_request_body(&mut self, old_size: usize, body: &[u8]) -> Result<(), String>;
 }
 
 /// The real host: proxy-wasm host calls (not the SDK helpers that `unwrap` host errors).
@@ -39,6 +49,46 @@ impl Host for ProxyWasmHost {
     fn record(&mut self, metric: u32, value: u64) -> Result<(), String> {
         hostcalls::record_metric(metric, value).map_err(|s| format!("{s:?}"))
     }
+
+    fn add(&mut self, metric: u32, value: u64) -> Result<(), String> {
+        let value = i64::try_from(value).map_err(|e| e.to_string())?;
+        hostcalls::increment_metric(metric, value).map_err(|s| format!("{s:?}"))
+    }
+
+    fn request_header(&mut self, name: &str) -> Result<Option<String>, String> {
+        hostcalls::get_map_value(MapType::HttpRequestHeaders, name).map_err(|s| format!("{s:?}"))
+    }
+
+    fn set_request_header(&mut self, name: &str, value: &str) -> Result<(), String> {
+        hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value)).map_err(|s| format!("{s:?}"))
+    }
+
+    fn remove_request_header(&mut self, name: &str) -> Result<(), String> {
+        hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None).map_err(|s| format!("{s:?}"))
+    }
+
+    fn client_address(&mut self) -> Result<Option<String>, String> {
+        let bytes = hostcalls::get_property(vec!["source", "address"]).map_err(|s| format!("{s:?}"))?;
+        Ok(bytes.map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    fn set_shared(&mut self, key: &str, value: &[u8]) -> Result<(), String> {
+        hostcalls::set_shared_data(key, Some(value), None).map_err(|s| format!("{s:?}"))
+    }
+
+    fn get_shared(&mut self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        hostcalls::get_shared_data(key).map(|(v, _)| v).map_err(|s| format!("{s:?}"))
+    }
+
+    fn request_body(&mut self, size: usize) -> Result<Vec<u8>, String> {
+        Ok(hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
+            .map_err(|s| format!("{s:?}"))?
+            .unwrap_or_default())
+    }
+
+    fn replace_request_body(&mut self, old_size: usize, body: &[u8]) -> Result<(), String> {
+        hostcalls::set_buffer(BufferType::HttpRequestBody, 0, old_size, body).map_err(|s| format!("{s:?}"))
+    }
 }
 
 /// Envoy metrics (`wasmcustom.registry_guard.*` in `/stats`).
@@ -51,6 +101,11 @@ pub struct Metrics {
     protection_would_deny: u32,
     bundle_revision: u32,
     bundle_rejected: u32,
+    events_attributed: u32,
+    events_unattributed: u32,
+    envelopes_rewritten: u32,
+    envelopes_oversize: u32,
+    envelopes_malformed: u32,
 }
 
 impl Metrics {
@@ -64,6 +119,11 @@ impl Metrics {
             protection_would_deny: define(MetricType::Counter, "registry_guard.protection_would_deny")?,
             bundle_revision: define(MetricType::Gauge, "registry_guard.bundle_revision")?,
             bundle_rejected: define(MetricType::Counter, "registry_guard.bundle_rejected")?,
+            events_attributed: define(MetricType::Counter, "registry_guard.events_attributed")?,
+            events_unattributed: define(MetricType::Counter, "registry_guard.events_unattributed")?,
+            envelopes_rewritten: define(MetricType::Counter, "registry_guard.envelopes_rewritten")?,
+            envelopes_oversize: define(MetricType::Counter, "registry_guard.envelopes_oversize")?,
+            envelopes_malformed: define(MetricType::Counter, "registry_guard.envelopes_malformed")?,
         })
     }
 
@@ -86,5 +146,21 @@ impl Metrics {
 
     pub fn bundle_rejected(&self, host: &mut impl Host) {
         let _ = host.increment(self.bundle_rejected);
+    }
+
+    pub fn envelope(&self, host: &mut impl Host, outcome: EnvelopeOutcome) {
+        match outcome {
+            EnvelopeOutcome::Rewritten { attributed, unattributed } => {
+                let _ = host.increment(self.envelopes_rewritten);
+                let _ = host.add(self.events_attributed, u64::from(attributed));
+                let _ = host.add(self.events_unattributed, u64::from(unattributed));
+            }
+            EnvelopeOutcome::Oversize => {
+                let _ = host.increment(self.envelopes_oversize);
+            }
+            EnvelopeOutcome::Malformed => {
+                let _ = host.increment(self.envelopes_malformed);
+            }
+        }
     }
 }

@@ -1,18 +1,26 @@
 //! registry-guard, the proxy-wasm filter: thin glue over `registry_guard_core`.
 //!
-//! The root context owns the compiled configuration and the token cache (one per VM); the
-//! HTTP context reads the request headers, asks [`Guard::check`] and either continues or sends
-//! the local reply the core decided. No policy logic lives here.
+//! One wasm module, two roles chosen by the plugin configuration:
+//! - **registry** (in front of the registry): the root context owns the compiled
+//!   configuration and the token cache (one per VM); the HTTP context reads the request
+//!   headers, asks [`Guard::check`] and either continues — tagging the request with a
+//!   correlation address for its events — or sends the local reply the core decided;
+//! - **events** (on the registry's notification path): buffers each envelope, has
+//!   [`rewrite_envelope`] fill every event's actor from the correlation records, and
+//!   forwards it (Envoy's buffer filter after this one recomputes `Content-Length`).
+//!
+//! No policy logic lives here.
 
 pub mod host;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
-use registry_guard_core::config::FilterConfig;
+use registry_guard_core::config::{EventsConfig, PluginConfig};
 use registry_guard_core::decision::Decision;
+use registry_guard_core::events::{correlation_address, rewrite_envelope, slot_of, Attribution};
 use registry_guard_core::guard::Guard;
 
 use crate::host::{Host, Metrics, ProxyWasmHost};
@@ -23,6 +31,12 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// holding the highest bundle revision activated: a configuration carrying an older bundle
 /// is refused (rollback protection; Envoy then keeps the running configuration).
 const HIGHEST_REVISION_KEY: &str = "registry_guard.highest_bundle_revision";
+
+/// Shared-data key of a correlation slot. The table is a bounded ring of `slots` keys:
+/// proxy-wasm shared data has no eviction, so records overwrite older ones in place.
+fn slot_key(slot: u32) -> String {
+    format!("registry_guard.correlation.{slot}")
+}
 
 fn highest_revision() -> (u64, Option<u32>) {
     match proxy_wasm::hostcalls::get_shared_data(HIGHEST_REVISION_KEY) {
@@ -42,16 +56,55 @@ fn record_highest_revision(revision: u64, cas: Option<u32>) {
     }
 }
 
+/// A random 48-bit prefix per VM for correlation addresses (WASI `random_get`; the host
+/// clock as a fallback), so addresses from different worker VMs never collide.
+fn vm_prefix() -> u64 {
+    let mut bytes = [0u8; 8];
+    if getrandom::getrandom(&mut bytes).is_ok() {
+        return u64::from_le_bytes(bytes);
+    }
+    let now = proxy_wasm::hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as u64);
+    now.rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15
+}
+
 #[cfg(target_arch = "wasm32")]
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(GuardRoot::default()) });
 }}
 
-/// Root context: configuration, per-VM token cache, metric ids.
+enum Role {
+    Registry(Rc<RefCell<Guard>>),
+    Events(EventsConfig),
+}
+
+/// Where correlation addresses come from in this VM.
+pub struct Correlation {
+    pub slots: u32,
+    prefix: u64,
+    counter: Cell<u64>,
+}
+
+impl Correlation {
+    pub fn new(slots: u32, prefix: u64) -> Correlation {
+        Correlation { slots, prefix, counter: Cell::new(0) }
+    }
+
+    fn next_address(&self) -> String {
+        let n = self.counter.get().wrapping_add(1);
+        self.counter.set(n);
+        correlation_address(self.prefix, n)
+    }
+}
+
+/// Root context: the role's configuration, per-VM token cache, metric ids.
 #[derive(Default)]
 pub struct GuardRoot {
-    guard: Option<Rc<RefCell<Guard>>>,
+    role: Option<Role>,
+    correlation: Option<Rc<Correlation>>,
     metrics: Option<Rc<Metrics>>,
 }
 
@@ -83,8 +136,17 @@ impl RootContext for GuardRoot {
             self.metrics = Metrics::define().ok().map(Rc::new);
         }
         let mut host = ProxyWasmHost;
-        let config = match FilterConfig::from_json(&bytes) {
-            Ok(config) => config,
+        let config = match PluginConfig::from_json(&bytes) {
+            Ok(PluginConfig::Events(events)) => {
+                log::info!(
+                    "registry-guard configured (events role): max envelope {} bytes, {} correlation slots",
+                    events.max_envelope_bytes,
+                    events.correlation_slots
+                );
+                self.role = Some(Role::Events(events));
+                return true;
+            }
+            Ok(PluginConfig::Registry(config)) => config,
             Err(e) => {
                 log::error!("registry-guard: rejected configuration: {e}");
                 if let Some(m) = &self.metrics {
@@ -109,23 +171,43 @@ impl RootContext for GuardRoot {
         }
         let kids: Vec<&str> = config.verifier.keys.kids().collect();
         log::info!(
-            "registry-guard configured: bundle revision {revision} ({} protection rules), issuer={} service={} realm={} keys={:?} cache={}",
+            "registry-guard configured: bundle revision {revision} ({} protection rules, {} deploy tokens), issuer={} service={} realm={} keys={:?} cache={} correlation slots={}",
             config.policy.rules.len(),
+            config.policy.credentials.tokens().len(),
             config.verifier.issuer,
             config.challenge.service,
             config.challenge.realm,
             kids,
-            config.cache_entries
+            config.cache_entries,
+            config.correlation_slots,
         );
         if let Some(m) = &self.metrics {
             m.bundle_activated(&mut host, revision);
         }
-        self.guard = Some(Rc::new(RefCell::new(Guard::new(config))));
+        let slots = config.correlation_slots;
+        self.correlation = (slots > 0).then(|| Rc::new(Correlation::new(slots, vm_prefix())));
+        self.role = Some(Role::Registry(Rc::new(RefCell::new(Guard::new(*config)))));
         true
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(GuardHttp { context_id, guard: self.guard.clone(), metrics: self.metrics.clone() }))
+        match &self.role {
+            Some(Role::Events(config)) => Some(Box::new(EventsHttp {
+                context_id,
+                config: config.clone(),
+                metrics: self.metrics.clone(),
+                passthrough: false,
+            })),
+            Some(Role::Registry(guard)) => Some(Box::new(GuardHttp {
+                context_id,
+                guard: Some(guard.clone()),
+                correlation: self.correlation.clone(),
+                metrics: self.metrics.clone(),
+            })),
+            None => {
+                Some(Box::new(GuardHttp { context_id, guard: None, correlation: None, metrics: self.metrics.clone() }))
+            }
+        }
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -133,10 +215,11 @@ impl RootContext for GuardRoot {
     }
 }
 
-/// One request.
+/// One registry request.
 pub struct GuardHttp {
     context_id: u32,
     guard: Option<Rc<RefCell<Guard>>>,
+    correlation: Option<Rc<Correlation>>,
     metrics: Option<Rc<Metrics>>,
 }
 
@@ -145,7 +228,8 @@ impl Context for GuardHttp {}
 impl HttpContext for GuardHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let mut host = ProxyWasmHost;
-        let outcome = on_request_headers(&mut host, self.context_id, self.guard.as_deref());
+        let outcome =
+            on_request_headers(&mut host, self.context_id, self.guard.as_deref(), self.correlation.as_deref());
         if let Some(m) = &self.metrics {
             m.count(&mut host, outcome);
         }
@@ -169,8 +253,13 @@ pub enum Outcome {
     Failed,
 }
 
-/// The request-headers step, over any [`Host`]: read, decide, reply.
-pub fn on_request_headers(host: &mut impl Host, context_id: u32, guard: Option<&RefCell<Guard>>) -> Outcome {
+/// The request-headers step, over any [`Host`]: read, decide, reply or tag for correlation.
+pub fn on_request_headers(
+    host: &mut impl Host,
+    context_id: u32,
+    guard: Option<&RefCell<Guard>>,
+    correlation: Option<&Correlation>,
+) -> Outcome {
     let Some(guard) = guard else {
         return fail(host, context_id, "filter is not configured");
     };
@@ -185,12 +274,14 @@ pub fn on_request_headers(host: &mut impl Host, context_id: u32, guard: Option<&
     let mut method = None;
     let mut path = None;
     let mut content_type = None;
+    let mut request_id = None;
     let mut authorization: Vec<&str> = Vec::new();
     for (name, value) in &headers {
         match name.as_str() {
             ":method" => method = Some(value.as_str()),
             ":path" => path = Some(value.as_str()),
             "content-type" => content_type = Some(value.as_str()),
+            "x-request-id" => request_id = Some(value.as_str()),
             "authorization" => authorization.push(value),
             _ => {}
         }
@@ -203,9 +294,9 @@ pub fn on_request_headers(host: &mut impl Host, context_id: u32, guard: Option<&
     };
     let checked = guard.check(method, path, content_type, &authorization, now);
     drop(guard);
-    match checked.decision {
+    let allowed = match checked.decision {
         Decision::Allow { would_deny: None, .. } => Outcome::Allowed,
-        Decision::Allow { would_deny: Some((rule, message)), subject, .. } => {
+        Decision::Allow { would_deny: Some((rule, message)), ref subject, .. } => {
             log::info!(
                 "[{context_id}] would deny (dry run) {method} {} subject={subject} rule={rule} revision={}: {message}",
                 path.split('?').next().unwrap_or_default(),
@@ -232,16 +323,36 @@ pub fn on_request_headers(host: &mut impl Host, context_id: u32, guard: Option<&
                 headers.push(("www-authenticate", w));
             }
             let body = d.body();
-            match host.send_response(d.status, &headers, body.as_bytes()) {
+            return match host.send_response(d.status, &headers, body.as_bytes()) {
                 Ok(()) if d.rule.is_some() => Outcome::DeniedByRule,
                 Ok(()) => Outcome::Denied,
                 Err(e) => {
                     log::error!("[{context_id}] cannot send local reply: {e}");
                     Outcome::Failed
                 }
-            }
+            };
+        }
+    };
+    if let (Some(correlation), Some(subject)) = (correlation, checked.subject) {
+        // Tag the forwarded request so its events can be attributed (see core `events`).
+        let addr = correlation.next_address();
+        let attribution = Attribution {
+            addr: addr.clone(),
+            name: subject,
+            user_type: checked.auth_type.unwrap_or_else(|| "unknown".into()),
+            user: checked.user,
+            request_id: request_id.map(str::to_owned),
+            client_addr: host.client_address().ok().flatten(),
+        };
+        let stored = serde_json::to_vec(&attribution)
+            .map_err(|e| e.to_string())
+            .and_then(|record| host.set_shared(&slot_key(slot_of(&addr, correlation.slots)), &record));
+        if let Err(e) = stored.and_then(|()| host.set_request_header("x-forwarded-for", &addr)) {
+            // Attribution is best effort; the request itself was allowed.
+            log::warn!("[{context_id}] cannot record the request for event attribution: {e}");
         }
     }
+    allowed
 }
 
 /// Fail closed: 503 with an OCI error body.
@@ -250,4 +361,116 @@ fn fail(host: &mut impl Host, context_id: u32, why: &str) -> Outcome {
     let body = r#"{"errors":[{"code":"UNAVAILABLE","message":"registry-guard cannot decide this request; refused","detail":null}]}"#;
     let _ = host.send_response(503, &[("content-type", "application/json")], body.as_bytes());
     Outcome::Failed
+}
+
+/// One notification envelope from the registry.
+pub struct EventsHttp {
+    context_id: u32,
+    config: EventsConfig,
+    metrics: Option<Rc<Metrics>>,
+    /// Forward unmodified (too large).
+    passthrough: bool,
+}
+
+impl Context for EventsHttp {}
+
+impl HttpContext for EventsHttp {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        if end_of_stream {
+            return Action::Continue;
+        }
+        let mut host = ProxyWasmHost;
+        let length = host.request_header("content-length").ok().flatten().and_then(|v| v.parse::<usize>().ok());
+        if length.is_some_and(|l| l > self.config.max_envelope_bytes) {
+            self.pass_oversize(length.unwrap_or_default());
+            return Action::Continue;
+        }
+        // Proxy-Wasm cannot hold headers while reading the body (a paused header phase gets
+        // no body callbacks), so the length goes now, and Envoy's buffer filter after this
+        // one recomputes Content-Length from the rewritten body.
+        if let Err(e) = host.remove_request_header("content-length") {
+            log::warn!("[{}] cannot remove Content-Length: {e}; envelope forwarded unchanged", self.context_id);
+            self.passthrough = true;
+        }
+        Action::Continue
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.passthrough {
+            return Action::Continue;
+        }
+        if body_size > self.config.max_envelope_bytes {
+            self.pass_oversize(body_size);
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let mut host = ProxyWasmHost;
+        let outcome = rewrite_request_body(&mut host, self.context_id, body_size, self.config.correlation_slots);
+        if let Some(m) = &self.metrics {
+            m.envelope(&mut host, outcome);
+        }
+        Action::Continue
+    }
+}
+
+impl EventsHttp {
+    fn pass_oversize(&mut self, size: usize) {
+        self.passthrough = true;
+        log::warn!(
+            "[{}] events envelope of {size} bytes exceeds {} bytes; forwarded unmodified",
+            self.context_id,
+            self.config.max_envelope_bytes
+        );
+        if let Some(m) = &self.metrics {
+            m.envelope(&mut ProxyWasmHost, EnvelopeOutcome::Oversize);
+        }
+    }
+}
+
+/// What happened to an events envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvelopeOutcome {
+    Rewritten {
+        attributed: u32,
+        unattributed: u32,
+    },
+    Oversize,
+    /// Not an events envelope (or unreadable): forwarded unchanged.
+    Malformed,
+}
+
+/// Rewrites the buffered envelope in place; anything unexpected forwards it unchanged.
+pub fn rewrite_request_body(host: &mut impl Host, context_id: u32, body_size: usize, slots: u32) -> EnvelopeOutcome {
+    let body = match host.request_body(body_size) {
+        Ok(b) => b,
+        Err(e) => {
+            log::error!("[{context_id}] cannot read events envelope: {e}; forwarded unchanged");
+            return EnvelopeOutcome::Malformed;
+        }
+    };
+    let lookup = |addr: &str| -> Option<Attribution> {
+        let record = host.get_shared(&slot_key(slot_of(addr, slots))).ok().flatten()?;
+        serde_json::from_slice(&record).ok()
+    };
+    let (rewritten, stats) = match rewrite_envelope(&body, lookup) {
+        Ok(r) => r,
+        Err(e) => {
+            log::warn!("[{context_id}] events envelope not rewritten ({e}); forwarded unchanged");
+            return EnvelopeOutcome::Malformed;
+        }
+    };
+    if let Err(e) = host.replace_request_body(body_size, &rewritten) {
+        log::error!("[{context_id}] cannot replace events envelope: {e}");
+        return EnvelopeOutcome::Malformed;
+    }
+    if stats.unattributed > 0 {
+        log::info!(
+            "[{context_id}] events envelope: {} of {} events could not be attributed with certainty; actor left unchanged",
+            stats.unattributed,
+            stats.events
+        );
+    }
+    EnvelopeOutcome::Rewritten { attributed: stats.attributed, unattributed: stats.unattributed }
 }

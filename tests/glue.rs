@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 
 use registry_guard::host::Host;
-use registry_guard::{on_request_headers, Outcome};
+use registry_guard::{on_request_headers, rewrite_request_body, Correlation, EnvelopeOutcome, Outcome};
 use registry_guard_core::config::FilterConfig;
 use registry_guard_core::guard::Guard;
 use registry_guard_core::token::testing::{es256_key, jwks};
@@ -17,6 +17,8 @@ struct FakeHost {
     headers: Vec<(String, String)>,
     fail_headers: bool,
     replies: Vec<(u16, Vec<(String, String)>, String)>,
+    shared: std::collections::HashMap<String, Vec<u8>>,
+    body: Vec<u8>,
 }
 
 impl FakeHost {
@@ -48,6 +50,38 @@ impl Host for FakeHost {
         Ok(())
     }
     fn record(&mut self, _metric: u32, _value: u64) -> Result<(), String> {
+        Ok(())
+    }
+    fn add(&mut self, _metric: u32, _value: u64) -> Result<(), String> {
+        Ok(())
+    }
+    fn request_header(&mut self, name: &str) -> Result<Option<String>, String> {
+        Ok(self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+    }
+    fn set_request_header(&mut self, name: &str, value: &str) -> Result<(), String> {
+        self.headers.retain(|(k, _)| k != name);
+        self.headers.push((name.into(), value.into()));
+        Ok(())
+    }
+    fn remove_request_header(&mut self, name: &str) -> Result<(), String> {
+        self.headers.retain(|(k, _)| k != name);
+        Ok(())
+    }
+    fn client_address(&mut self) -> Result<Option<String>, String> {
+        Ok(Some("127.0.0.1:40000".into()))
+    }
+    fn set_shared(&mut self, key: &str, value: &[u8]) -> Result<(), String> {
+        self.shared.insert(key.into(), value.to_vec());
+        Ok(())
+    }
+    fn get_shared(&mut self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        Ok(self.shared.get(key).cloned())
+    }
+    fn request_body(&mut self, size: usize) -> Result<Vec<u8>, String> {
+        Ok(self.body[..size.min(self.body.len())].to_vec())
+    }
+    fn replace_request_body(&mut self, _old_size: usize, body: &[u8]) -> Result<(), String> {
+        self.body = body.to_vec();
         Ok(())
     }
 }
@@ -84,14 +118,14 @@ fn bearer(actions: &[&str]) -> String {
 fn allowed_request_continues_without_a_reply() {
     let mut host =
         FakeHost::request("GET", "/v2/acme/web/app/manifests/v1").with_header("authorization", &bearer(&["pull"]));
-    assert_eq!(on_request_headers(&mut host, 1, Some(&guard())), Outcome::Allowed);
+    assert_eq!(on_request_headers(&mut host, 1, Some(&guard()), None), Outcome::Allowed);
     assert!(host.replies.is_empty());
 }
 
 #[test]
 fn missing_token_gets_401_challenge_and_oci_body() {
     let mut host = FakeHost::request("PUT", "/v2/acme/web/app/manifests/v1");
-    assert_eq!(on_request_headers(&mut host, 1, Some(&guard())), Outcome::Denied);
+    assert_eq!(on_request_headers(&mut host, 1, Some(&guard()), None), Outcome::Denied);
     let (status, headers, body) = &host.replies[0];
     assert_eq!(*status, 401);
     let www = headers.iter().find(|(k, _)| k == "www-authenticate").unwrap();
@@ -105,16 +139,60 @@ fn two_authorization_headers_are_refused() {
     let mut host = FakeHost::request("GET", "/v2/acme/web/app/manifests/v1")
         .with_header("authorization", &b)
         .with_header("authorization", &b);
-    assert_eq!(on_request_headers(&mut host, 1, Some(&guard())), Outcome::Denied);
+    assert_eq!(on_request_headers(&mut host, 1, Some(&guard()), None), Outcome::Denied);
     assert_eq!(host.replies[0].0, 401);
 }
 
 #[test]
 fn internal_errors_fail_closed() {
     let mut host = FakeHost { fail_headers: true, ..FakeHost::request("GET", "/v2/") };
-    assert_eq!(on_request_headers(&mut host, 1, Some(&guard())), Outcome::Failed);
+    assert_eq!(on_request_headers(&mut host, 1, Some(&guard()), None), Outcome::Failed);
     assert_eq!(host.replies[0].0, 503);
     let mut host = FakeHost::request("GET", "/v2/");
-    assert_eq!(on_request_headers(&mut host, 1, None), Outcome::Failed);
+    assert_eq!(on_request_headers(&mut host, 1, None, None), Outcome::Failed);
     assert_eq!(host.replies[0].0, 503);
+}
+
+#[test]
+fn allowed_requests_are_tagged_and_their_events_attributed() {
+    let guard = guard();
+    let correlation = Correlation::new(64, 0xfeed);
+    let mut host = FakeHost::request("PUT", "/v2/acme/web/app/manifests/v1")
+        .with_header("authorization", &bearer(&["pull", "push"]))
+        .with_header("x-request-id", "edge-1")
+        .with_header("x-forwarded-for", "6.6.6.6");
+    assert_eq!(on_request_headers(&mut host, 1, Some(&guard), Some(&correlation)), Outcome::Allowed);
+    let addr = host.request_header("x-forwarded-for").unwrap().unwrap();
+    assert!(addr.starts_with("fd"), "client-supplied X-Forwarded-For is replaced: {addr}");
+    // The registry's event for that request comes back on the events path.
+    let envelope = serde_json::json!({"events": [
+        {"id": "e1", "action": "push", "target": {"repository": "acme/web/app", "tag": "v1"},
+         "request": {"id": "random", "addr": addr, "method": "PUT"}, "actor": {}},
+        {"id": "e2", "action": "pull", "target": {"repository": "acme/web/app"},
+         "request": {"id": "random2", "addr": "fd00::1", "method": "GET"}, "actor": {}}
+    ]});
+    let mut events =
+        FakeHost { shared: host.shared.clone(), body: envelope.to_string().into_bytes(), ..FakeHost::default() };
+    let size = events.body.len();
+    let outcome = rewrite_request_body(&mut events, 2, size, 64);
+    assert_eq!(outcome, EnvelopeOutcome::Rewritten { attributed: 1, unattributed: 1 });
+    let out: serde_json::Value = serde_json::from_slice(&events.body).unwrap();
+    assert_eq!(out["events"][0]["actor"]["name"], "dev");
+    assert_eq!(out["events"][0]["actor"]["user_type"], "password");
+    assert_eq!(out["events"][0]["request"]["id"], "edge-1");
+    assert_eq!(out["events"][0]["request"]["addr"], "127.0.0.1:40000");
+    assert_eq!(out["events"][1]["actor"], serde_json::json!({}));
+}
+
+#[test]
+fn denied_requests_are_not_tagged_and_malformed_envelopes_pass() {
+    let guard = guard();
+    let correlation = Correlation::new(64, 1);
+    let mut host =
+        FakeHost::request("PUT", "/v2/acme/web/app/manifests/v1").with_header("authorization", &bearer(&["pull"]));
+    assert_eq!(on_request_headers(&mut host, 1, Some(&guard), Some(&correlation)), Outcome::Denied);
+    assert!(host.shared.is_empty());
+    let mut events = FakeHost { body: b"not json".to_vec(), ..FakeHost::default() };
+    assert_eq!(rewrite_request_body(&mut events, 2, 8, 64), EnvelopeOutcome::Malformed);
+    assert_eq!(events.body, b"not json");
 }

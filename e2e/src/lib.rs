@@ -44,6 +44,8 @@ pub struct Stack {
     pub admin_port: u16,
     pub cache_port: u16,
     pub hub_port: u16,
+    pub consumer_port: u16,
+    pub events_port: u16,
     procs: Vec<Proc>,
 }
 
@@ -64,12 +66,16 @@ impl Stack {
             admin_port: free_port(),
             cache_port: free_port(),
             hub_port: free_port(),
+            consumer_port: free_port(),
+            events_port: free_port(),
             procs: Vec::new(),
             dir,
         };
         let keys = stack.config_dir.join("keys").display().to_string();
         stack.rgctl(&["keygen", "--out", &keys]);
         stack.rgctl(&["keygen", "--out", &keys, "--name", "operator"]);
+        fs::write(stack.path("events-secret"), "e2e-events-secret").expect("events secret");
+        stack.start_consumer();
         stack.start_registry();
         stack.start_token_service();
         stack.start_envoy();
@@ -128,6 +134,9 @@ impl Stack {
                 ("STORAGE_DIR", storage.display().to_string()),
                 ("REGISTRY_PORT", self.registry_port.to_string()),
                 ("HTTP_SECRET", "e2e-http-secret".into()),
+                ("NOTIFICATIONS_DISABLED", "false".into()),
+                ("EVENTS_URL", format!("http://127.0.0.1:{}/events", self.events_port)),
+                ("EVENTS_SECRET", "e2e-events-secret".into()),
             ],
             &[],
         );
@@ -143,6 +152,9 @@ impl Stack {
                 ("STORAGE_DIR", hub_storage.display().to_string()),
                 ("REGISTRY_PORT", self.hub_port.to_string()),
                 ("HTTP_SECRET", "e2e-http-secret".into()),
+                ("NOTIFICATIONS_DISABLED", "true".into()),
+                ("EVENTS_URL", "http://127.0.0.1:1/unused".into()),
+                ("EVENTS_SECRET", "unused".into()),
             ],
             &[],
         );
@@ -172,6 +184,52 @@ impl Stack {
         let dst = format!("docker://127.0.0.1:{}/{repo}:{tag}", self.hub_port);
         let out = self.skopeo(&["copy", "--dest-tls-verify=false", src.trim(), &dst]);
         assert!(out.status.success(), "seeding the hub failed");
+    }
+
+    /// Starts (or restarts) the reference event consumer on its fixed port and database.
+    pub fn start_consumer(&mut self) {
+        let bin = artifact("target/release/registry-guard-consumer");
+        let listen = format!("127.0.0.1:{}", self.consumer_port);
+        let (db, jwks, secret) =
+            (self.path("events.sqlite"), self.config_dir.join("keys/jwks.json"), self.path("events-secret"));
+        self.spawn(
+            "consumer",
+            Command::new(bin)
+                .arg("--listen")
+                .arg(listen)
+                .arg("--database")
+                .arg(db)
+                .arg("--jwks")
+                .arg(jwks)
+                .arg("--secret-file")
+                .arg(secret),
+        );
+        self.wait_http(self.consumer_port, "/healthz", "consumer");
+    }
+
+    /// Stops the event consumer (the registry's deliveries then fail and are retried).
+    pub fn stop_consumer(&mut self) {
+        self.stop("consumer");
+    }
+
+    fn stop(&mut self, name: &str) {
+        if let Some(p) = self.procs.iter_mut().find(|p| p.name == name) {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+        self.procs.retain(|p| p.name != name);
+    }
+
+    /// The consumer's `/counts` document.
+    pub fn counts(&self) -> serde_json::Value {
+        let url = format!("http://127.0.0.1:{}/counts", self.consumer_port);
+        let text = ureq::get(&url)
+            .timeout(Duration::from_secs(5))
+            .call()
+            .expect("consumer counts")
+            .into_string()
+            .expect("body");
+        serde_json::from_str(&text).expect("counts json")
     }
 
     fn start_token_service(&mut self) {
@@ -220,6 +278,9 @@ impl Stack {
                 ("LISTEN_PORT", self.envoy_port.to_string()),
                 ("REGISTRY_PORT", self.registry_port.to_string()),
                 ("DEPENDENCY_PROXY_PORT", self.cache_port.to_string()),
+                ("EVENTS_PORT", self.events_port.to_string()),
+                ("CONSUMER_PORT", self.consumer_port.to_string()),
+                ("WASM_PATH", wasm.display().to_string()),
                 ("ECDS_DIR", self.path("ecds").display().to_string()),
             ],
             &[],
@@ -245,11 +306,7 @@ impl Stack {
 
     /// Stops Envoy and starts it again from the same files (bootstrap + ECDS file).
     pub fn restart_envoy(&mut self) {
-        if let Some(p) = self.procs.iter_mut().find(|p| p.name == "envoy") {
-            let _ = p.child.kill();
-            let _ = p.child.wait();
-        }
-        self.procs.retain(|p| p.name != "envoy");
+        self.stop("envoy");
         self.spawn_envoy();
     }
 
@@ -407,7 +464,7 @@ impl Stack {
 
     /// Pushes a freshly generated image to `repo:tag` as `user:secret`.
     pub fn push(&self, user: &str, secret: &str, repo: &str, tag: &str) -> Output {
-        let layout = self.path(&format!("layout-{}", repo.replace('/', "_")));
+        let layout = self.path(&format!("layout-{}-{tag}-{user}", repo.replace('/', "_")));
         let src = self.rgctl(&["demo-image", "--out", &layout.display().to_string(), "--tag", tag, "--salt", repo]);
         let src = src.trim();
         let dst = format!("docker://{}/{repo}:{tag}", self.registry_host());

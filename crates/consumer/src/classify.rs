@@ -261,7 +261,10 @@ mod tests {
 
     #[test]
     fn metric_names_follow_seed_001() {
-        assert_eq!(metric_name(Kind::PushTag, PrincipalType::DeployToken), "i_container_registry_push_tag_deploy_token");
+        assert_eq!(
+            metric_name(Kind::PushTag, PrincipalType::DeployToken),
+            "i_container_registry_push_tag_deploy_token"
+        );
         assert_eq!(metric_name(Kind::DeleteTag, PrincipalType::User), "i_container_registry_delete_tag_user");
         assert_eq!(all_metric_names().len(), 10);
     }

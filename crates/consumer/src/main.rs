@@ -1,1 +1,84 @@
-fn main(){}
+//! `registry-guard-consumer --database PATH --jwks PATH --secret-file PATH [--listen ADDR]
+//! [--tolerance-seconds N]`
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use registry_guard_consumer::{Application, Settings, DEFAULT_LISTEN, DEFAULT_TOLERANCE_SECONDS};
+
+/// Counts container-registry usage per principal type from the registry's attributed events.
+#[derive(Debug, Parser)]
+#[command(name = "registry-guard-consumer", version, about)]
+struct Cli {
+    /// Address to listen on (the registry's notification endpoint is `POST /events`).
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// SQLite file holding the events and counts (created if missing).
+    #[arg(long, value_name = "PATH")]
+    database: PathBuf,
+    /// The token service's JWKS file: the public keys that sign the nested `user` JWTs.
+    #[arg(long, value_name = "PATH")]
+    jwks: PathBuf,
+    /// File holding the bearer secret the registry sends in `Authorization`.
+    #[arg(long, value_name = "PATH")]
+    secret_file: PathBuf,
+    /// Seconds a `user` JWT is still accepted after its expiry (events arrive late).
+    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_TOLERANCE_SECONDS,
+          value_parser = clap::value_parser!(i64).range(0..))]
+    tolerance_seconds: i64,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).init();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let app = Application::build(Settings {
+        listen: cli.listen,
+        database: cli.database,
+        jwks: cli.jwks,
+        secret_file: cli.secret_file,
+        tolerance_seconds: cli.tolerance_seconds,
+    })
+    .await?;
+    eprintln!("{}", app.startup_line());
+    app.run_until(shutdown_signal()).await.context("serving HTTP")?;
+    eprintln!("registry event consumer stopped");
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

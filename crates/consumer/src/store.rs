@@ -47,12 +47,19 @@ CREATE TABLE IF NOT EXISTS tallies (name TEXT PRIMARY KEY, value INTEGER NOT NUL
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{}: cannot open the database: {source}", path.display())]
-    Open { path: PathBuf, source: rusqlite::Error },
+    #[error("{}: cannot open the database: {error}", path.display())]
+    Open { path: PathBuf, error: rusqlite::Error },
     #[error("{}: schema version {found} is newer than this consumer's ({SCHEMA_VERSION})", path.display())]
     Version { path: PathBuf, found: i64 },
     #[error("database: {0}")]
-    Sql(#[from] rusqlite::Error),
+    Sql(rusqlite::Error),
+}
+
+// Not `#[from]`: that would make the error its own source, and `{:#}` print it twice.
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> StoreError {
+        StoreError::Sql(error)
+    }
 }
 
 /// Events that are not usage, counted by kind.
@@ -66,7 +73,8 @@ pub enum Tally {
 }
 
 impl Tally {
-    pub const ALL: [Tally; 5] = [Tally::Rejected, Tally::Unattributed, Tally::Duplicates, Tally::Ignored, Tally::Invalid];
+    pub const ALL: [Tally; 5] =
+        [Tally::Rejected, Tally::Unattributed, Tally::Duplicates, Tally::Ignored, Tally::Invalid];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -167,7 +175,7 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the database at `path`, in WAL mode.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let open_err = |source| StoreError::Open { path: path.to_path_buf(), source };
+        let open_err = |error| StoreError::Open { path: path.to_path_buf(), error };
         let conn = Connection::open(path).map_err(open_err)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(open_err)?;
         conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0)).map_err(open_err)?;

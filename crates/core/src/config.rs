@@ -121,7 +121,10 @@ impl PluginConfig {
 
 fn path_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> ConfigError {
     let path = e.path().to_string();
-    ConfigError { field: if path == "." { "$".into() } else { format!("$.{path}") }, reason: e.into_inner().to_string() }
+    ConfigError {
+        field: if path == "." { "$".into() } else { format!("$.{path}") },
+        reason: e.into_inner().to_string(),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -267,7 +270,8 @@ mod tests {
 
     #[test]
     fn roles() {
-        let reg = PluginConfig::from_json(config(serde_json::json!({"role": "registry"})).to_string().as_bytes()).unwrap();
+        let reg =
+            PluginConfig::from_json(config(serde_json::json!({"role": "registry"})).to_string().as_bytes()).unwrap();
         assert!(matches!(reg, PluginConfig::Registry(c) if c.correlation_slots == 4096));
         let ev = PluginConfig::from_json(br#"{"role": "events", "max_envelope_bytes": 1000}"#).unwrap();
         assert_eq!(ev_config(ev), EventsConfig { max_envelope_bytes: 1000, correlation_slots: 4096 });

@@ -102,11 +102,23 @@ impl Guard {
         let token = match bearer_token(authorization) {
             Err(why) => {
                 let decision = decide(route.as_ref(), Credential::NotBearer(why), challenge, &self.config.policy, now);
-                return Checked { decision, subject: None, revision: self.config.policy.revision, auth_type: None, user: None };
+                return Checked {
+                    decision,
+                    subject: None,
+                    revision: self.config.policy.revision,
+                    auth_type: None,
+                    user: None,
+                };
             }
             Ok(None) => {
                 let decision = decide(route.as_ref(), Credential::Missing, challenge, &self.config.policy, now);
-                return Checked { decision, subject: None, revision: self.config.policy.revision, auth_type: None, user: None };
+                return Checked {
+                    decision,
+                    subject: None,
+                    revision: self.config.policy.revision,
+                    auth_type: None,
+                    user: None,
+                };
             }
             Ok(Some(t)) => t,
         };
