@@ -38,6 +38,30 @@ impl VerifyingKey {
     }
 }
 
+impl VerifyingKey {
+    /// Checks `token`'s signature with this key — and so with this key's one algorithm:
+    /// jwt-compact refuses a header naming another before looking at the signature — and
+    /// deserializes its claims.
+    pub fn validate<T: serde::de::DeserializeOwned, H: Clone>(
+        &self,
+        token: &UntrustedToken<'_, H>,
+    ) -> Result<Claims<T>, jwt_compact::ValidationError> {
+        let validated = match self {
+            VerifyingKey::Es256(k) => Es256.validator::<T>(k).validate(token),
+            VerifyingKey::Rs256(k) => Rsa::rs256().validator::<T>(k).validate(token),
+            VerifyingKey::EdDsa(k) => Ed25519.validator::<T>(k).validate(token),
+        }?;
+        Ok(validated.into_parts().1)
+    }
+}
+
+fn token_error(e: jwt_compact::ValidationError) -> TokenError {
+    match e {
+        jwt_compact::ValidationError::MalformedClaims(e) => TokenError::BadClaims(e.to_string()),
+        other => TokenError::BadSignature(other.to_string()),
+    }
+}
+
 impl std::fmt::Debug for VerifyingKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "VerifyingKey({})", self.algorithm())
@@ -321,17 +345,7 @@ impl Verifier {
         }
         let kid = header.key_id.clone().ok_or(TokenError::MissingKid)?;
         let key = self.keys.get(&kid).ok_or_else(|| TokenError::UnknownKey(kid.clone()))?;
-        let claims: Claims<RegistryClaims> = match key {
-            VerifyingKey::Es256(k) => Es256.validator(k).validate(&untrusted),
-            VerifyingKey::Rs256(k) => Rsa::rs256().validator(k).validate(&untrusted),
-            VerifyingKey::EdDsa(k) => Ed25519.validator(k).validate(&untrusted),
-        }
-        .map_err(|e| match e {
-            jwt_compact::ValidationError::MalformedClaims(e) => TokenError::BadClaims(e.to_string()),
-            other => TokenError::BadSignature(other.to_string()),
-        })?
-        .claims()
-        .clone();
+        let claims: Claims<RegistryClaims> = key.validate(&untrusted).map_err(token_error)?;
         let custom = claims.custom;
         if custom.iss != self.issuer {
             return Err(TokenError::Issuer(custom.iss));
@@ -468,17 +482,7 @@ pub fn verify_user_jwt(token: &str, keys: &KeySet, now: i64, tolerance: i64) -> 
         UntrustedToken::<'_, HeaderExtras>::try_from(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
     let kid = untrusted.header().key_id.clone().ok_or(TokenError::MissingKid)?;
     let key = keys.get(&kid).ok_or_else(|| TokenError::UnknownKey(kid.clone()))?;
-    let claims: Claims<UserClaims> = match key {
-        VerifyingKey::Es256(k) => Es256.validator(k).validate(&untrusted),
-        VerifyingKey::Rs256(k) => Rsa::rs256().validator(k).validate(&untrusted),
-        VerifyingKey::EdDsa(k) => Ed25519.validator(k).validate(&untrusted),
-    }
-    .map_err(|e| match e {
-        jwt_compact::ValidationError::MalformedClaims(e) => TokenError::BadClaims(e.to_string()),
-        other => TokenError::BadSignature(other.to_string()),
-    })?
-    .claims()
-    .clone();
+    let claims: Claims<UserClaims> = key.validate(&untrusted).map_err(token_error)?;
     let expires_at = claims.expiration.ok_or(TokenError::NoExpiry)?.timestamp();
     if now > expires_at.saturating_add(tolerance) {
         return Err(TokenError::Expired(expires_at));
