@@ -22,7 +22,7 @@ help:
 run: deps build
 	CONFIG_DIR=$(CONFIG_DIR) deploy/run.sh
 
-test: deps build test-unit test-wasm test-envoy test-e2e
+test: deps build test-unit test-wasm test-envoy test-e2e bench-smoke
 	@echo "all tests passed"
 
 # ---- set-up -------------------------------------------------------------------------------
@@ -82,6 +82,22 @@ test-envoy: $(ENVOY) build
 
 test-e2e: deps build
 	cargo test -p registry-guard-e2e -- --test-threads 2
+
+# ---- benchmarks (bench/README.md) -------------------------------------------------------------
+# `make bench`: the full run (< 15 min), writes bench/results/latest.md. `make bench-smoke`: the
+# same harness, 1 round, ~1 s per configuration, small rule counts; fails only if it breaks.
+.PHONY: bench bench-smoke
+bench: deps build
+	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk; }
+	cargo build --release -p registry-guard-bench
+	cargo build --release --target wasm32-wasip1 -p registry-guard-bench
+	python3 bench/run.py
+
+bench-smoke: deps build
+	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk; }
+	cargo build --release -p registry-guard-bench
+	cargo build --release --target wasm32-wasip1 -p registry-guard-bench
+	python3 bench/run.py --smoke
 
 lint: .deps/rust
 	cargo fmt --all -- --check

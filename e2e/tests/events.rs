@@ -124,7 +124,7 @@ fn events_are_attributed_verified_and_counted() {
     assert!(stack.push("dev", "dev-pass", "acme/web/app", "while-down").status.success());
     std::thread::sleep(Duration::from_secs(2));
     stack.start_consumer();
-    let counts = wait_for(&stack, "the retried delivery", |c| rows(c, "while-down").len() == 1);
+    wait_for(&stack, "the retried delivery", |c| rows(c, "while-down").len() == 1);
     std::thread::sleep(Duration::from_secs(2));
     let counts_later = stack.counts();
     assert_eq!(rows(&counts_later, "while-down").len(), 1, "counted once: {counts_later:#}");

@@ -6,6 +6,7 @@
 
 mod deliver;
 mod image;
+mod mint;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -104,6 +105,31 @@ enum Command {
         /// The ECDS file to write (e.g. `.run/example/ecds/registry-guard.json`).
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Sign registry tokens offline with a PEM key, one per line (for load generators).
+    Mint {
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[arg(long, default_value = "bench")]
+        sub: String,
+        #[arg(long, default_value = "registry-guard")]
+        issuer: String,
+        #[arg(long, default_value = "container_registry")]
+        audience: String,
+        /// e.g. `repository:acme/web/app:pull,push` (repeatable).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// `meta.access_level` of every grant (e.g. 40 for maintainer).
+        #[arg(long)]
+        access_level: Option<u8>,
+        #[arg(long, default_value = "pat")]
+        auth_type: String,
+        #[arg(long, default_value_t = 3600)]
+        ttl_seconds: i64,
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Print the JWKS (public keys) of one or more PEM signing keys.
     Jwks {
@@ -210,6 +236,22 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::FilterResource { config, wasm, out } => deliver::write_filter_resource(&read(&config)?, &wasm, &out),
+        Command::Mint { key, count, sub, issuer, audience, scopes, access_level, auth_type, ttl_seconds, out } => {
+            let key = load_signing_key(&key)?;
+            let m = mint::Mint {
+                key,
+                count,
+                subject: sub,
+                issuer,
+                audience,
+                scopes,
+                access_level,
+                auth_type,
+                ttl_seconds,
+                out,
+            };
+            mint::mint(&m)
+        }
         Command::Jwks { keys } => {
             let mut jwks = Vec::new();
             for k in keys {

@@ -1,0 +1,834 @@
+#!/usr/bin/env python3
+"""registry-guard benchmarks: `make bench` (full) and `make bench-smoke` (the harness, briefly).
+
+Runs on this machine, in one go, with the release artifacts of `make build`:
+
+* Envoy configurations side by side (same Envoy binary, `--concurrency 1`, pinned to CPU 1;
+  the same upstream, a second Envoy answering with `direct_response`, and wrk, both on CPU 0),
+  alternated over rounds, medians reported:
+  1 plain pass-through, 2 native jwt_authn + rbac, 3 registry-guard cached token,
+  4 registry-guard / native with a unique token per request, 5 registry-guard with 10,
+  1 000 and 100 000 protection rules on a push-like request;
+* the token service's issuance rate vs its own `/healthz`;
+* decision time (criterion natively; rg-bench in wasm under Node's V8), bundle activation and
+  memory at 100 000 rules, notification rewrite cost, the .wasm size.
+
+Writes bench/results/latest.md (full) or .run/bench/smoke.md (smoke) and prints it. Fails when
+the harness breaks (a configuration that does not answer as expected, wrk errors, non-2xx
+answers under load), never because of a figure.
+"""
+
+import argparse
+import base64
+import datetime
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENVOY = os.path.join(ROOT, ".venv/bin/envoy")
+RGCTL = os.path.join(ROOT, "target/release/rgctl")
+RG_BENCH = os.path.join(ROOT, "target/release/rg-bench")
+RG_BENCH_WASM = os.path.join(ROOT, "target/wasm32-wasip1/release/rg-bench.wasm")
+RG_BENCH_HEAP = os.path.join(ROOT, "target/release/rg-bench-heap")
+RG_BENCH_HEAP_WASM = os.path.join(ROOT, "target/wasm32-wasip1/release/rg-bench-heap.wasm")
+TOKEN_SERVICE = os.path.join(ROOT, "target/release/registry-guard-token-service")
+FILTER_WASM = os.path.join(ROOT, "target/wasm32-wasip1/release/registry_guard.wasm")
+LUA = os.path.join(ROOT, "bench/wrk/bench.lua")
+NODE_RUNNER = os.path.join(ROOT, "bench/wasm/run.mjs")
+
+PULL_PATH = "/v2/acme/web/app/manifests/v1"
+PUSH_PATH = "/v2/acme/web/app/manifests/v1"
+REPO_SCOPE = "repository:acme/web/app"
+PROXY_CPU = "1"
+LOAD_CPU = "0"
+
+STARTED = []  # processes this harness started (stopped by pid at exit)
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class HarnessError(Exception):
+    pass
+
+
+def run(cmd, **kw):
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        raise HarnessError(f"{' '.join(cmd[:4])}… failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
+    return r.stdout
+
+
+def run_wasm(cmd):
+    """Runs a wasm32-wasip1 rg-bench command under bench/wasm/run.mjs. Success is the command's
+    own completion line `{"bench": "done"}`: Node 20 can crash (SIGSEGV) right after a large
+    instance has returned."""
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if '{"bench":"done"}' not in r.stdout.splitlines():
+        raise HarnessError(f"{' '.join(cmd[2:6])}… failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
+    if r.returncode != 0:
+        log(f"note: node exited {r.returncode} after the wasm command completed successfully (teardown crash)")
+    return r.stdout
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fetch(port, method, path, headers=None, timeout=10):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request(method, path, headers=headers or {})
+        r = c.getresponse()
+        return r.status, r.read().decode("utf-8", "replace"), dict(r.getheaders())
+    finally:
+        c.close()
+
+
+def start(cmd, logfile, cpu=None, env=None):
+    if cpu is not None:
+        cmd = ["taskset", "-c", cpu] + cmd
+    f = open(logfile, "w")
+    p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    STARTED.append(p)
+    return p
+
+
+def stop(p):
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    if p in STARTED:
+        STARTED.remove(p)
+
+
+def stop_all():
+    for p in list(STARTED):
+        stop(p)
+
+
+def wait_ready(admin_port, p, logfile, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if p.poll() is not None:
+            raise HarnessError(f"Envoy exited ({p.returncode}); log {logfile}:\n{tail(logfile)}")
+        try:
+            status, body, _ = fetch(admin_port, "GET", "/ready", timeout=2)
+            if status == 200 and "LIVE" in body:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise HarnessError(f"Envoy not ready after {timeout}s; log {logfile}:\n{tail(logfile)}")
+
+
+def tail(path, n=30):
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return ""
+
+
+def cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def rss_bytes(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def admin_stats(port):
+    _, body, _ = fetch(port, "GET", "/stats")
+    out = {}
+    for line in body.splitlines():
+        k, _, v = line.partition(": ")
+        if v.strip().lstrip("-").isdigit():
+            out[k] = int(v)
+    return out
+
+
+# ---- Envoy configurations -------------------------------------------------------------------
+
+def bootstrap(admin_port, listen_port, upstream_port, http_filters):
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "bench",
+        # The same request normalisation as envoy/envoy.yaml, in every configuration.
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "REJECT_REQUEST",
+        "route_config": {
+            "name": "bench",
+            "virtual_hosts": [{"name": "bench", "domains": ["*"],
+                               "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}]}],
+        },
+        "http_filters": http_filters + [{
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+        }],
+    }
+    return {
+        "node": {"id": "bench", "cluster": "bench"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "bench",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
+                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                                "typed_config": hcm}]}],
+            }],
+            "clusters": [{
+                "name": "upstream", "type": "STATIC", "connect_timeout": "1s",
+                "load_assignment": {"cluster_name": "upstream", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": upstream_port}}}}]}]},
+            }],
+        },
+    }
+
+
+def upstream_bootstrap(admin_port, port):
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "upstream",
+        "route_config": {"name": "upstream", "virtual_hosts": [{
+            "name": "upstream", "domains": ["*"],
+            "routes": [{"match": {"prefix": "/"},
+                        "direct_response": {"status": 200, "body": {"inline_string": "{\"bench\":\"upstream\"}"}}}]}]},
+        "http_filters": [{"name": "envoy.filters.http.router",
+                          "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+    }
+    return {
+        "node": {"id": "bench-upstream", "cluster": "bench"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {"listeners": [{
+            "name": "upstream",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                            "typed_config": hcm}]}],
+        }]},
+    }
+
+
+def wasm_filter(filter_json_text):
+    return [{
+        "name": "registry-guard",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": "registry-guard",
+                "root_id": "registry-guard",
+                "failure_policy": "FAIL_CLOSED",
+                "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                                  "value": filter_json_text},
+                "vm_config": {"vm_id": "registry-guard", "runtime": "envoy.wasm.runtime.v8",
+                              "code": {"local": {"filename": FILTER_WASM}}},
+            },
+        },
+    }]
+
+
+def without_correlation(filter_json_text):
+    doc = json.loads(filter_json_text)
+    doc["correlation"] = {"slots": 0}
+    return json.dumps(doc)
+
+
+def native_filters(jwks_text):
+    """jwt_authn (signature with the same ES256 key, iss, aud, exp required, nbf, 30 s skew,
+    JWT cache of 4096 like the filter's) + rbac (method and path rule, issuer and subject
+    from the verified payload)."""
+    meta = lambda key, value: {"metadata": {  # noqa: E731
+        "filter": "envoy.filters.http.jwt_authn",
+        "path": [{"key": "jwt_payload"}, {"key": key}], "value": value}}
+    return [{
+        "name": "envoy.filters.http.jwt_authn",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            "providers": {"registry-guard": {
+                "issuer": "registry-guard",
+                "audiences": ["container_registry"],
+                "local_jwks": {"inline_string": jwks_text},
+                "forward": True,
+                "require_expiration": True,
+                "clock_skew_seconds": 30,
+                "payload_in_metadata": "jwt_payload",
+                "jwt_cache_config": {"jwt_cache_size": 4096},
+            }},
+            "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "registry-guard"}}],
+        },
+    }, {
+        "name": "envoy.filters.http.rbac",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+            "rules": {"action": "ALLOW", "policies": {"pull-acme-web-app": {
+                "permissions": [{"and_rules": {"rules": [
+                    {"header": {"name": ":method", "string_match": {"exact": "GET"}}},
+                    {"url_path": {"path": {"safe_regex": {
+                        "regex": "^/v2/acme/web/app/(manifests|blobs)/[A-Za-z0-9_.:-]+$"}}}},
+                ]}}],
+                "principals": [{"and_ids": {"ids": [
+                    meta("iss", {"string_match": {"exact": "registry-guard"}}),
+                    meta("sub", {"present_match": True}),
+                ]}}],
+            }}},
+        },
+    }]
+
+
+# ---- load --------------------------------------------------------------------------------------
+
+def wrk(port, tokens_file, method, path, seconds, connections, scheme="Bearer", offset=0):
+    env = dict(os.environ, RG_TOKENS=tokens_file, RG_METHOD=method, RG_PATH=path, RG_SCHEME=scheme,
+               RG_OFFSET=str(offset))
+    cmd = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
+           "-s", LUA, f"http://127.0.0.1:{port}"]
+    out = run(cmd, env=env, timeout=seconds + 60)
+    m = re.search(r"^RGJSON (\{.*\})$", out, re.M)
+    if not m:
+        raise HarnessError(f"no result from wrk:\n{out}")
+    r = json.loads(m.group(1))
+    r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+    errors = {k: v for k, v in r.items() if k.startswith("err_") and v}
+    if errors or r["requests"] == 0:
+        raise HarnessError(f"wrk {method} {path} on :{port}: errors {errors} in {r['requests']} requests "
+                           "(non-2xx answers or socket errors: the configuration does not answer as expected)")
+    return r
+
+
+# ---- the harness -------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, smoke):
+        self.smoke = smoke
+        self.work = os.path.join(ROOT, ".run/bench-smoke" if smoke else ".run/bench")
+        self.rounds = 1 if smoke else 3
+        self.seconds = 1 if smoke else 5
+        self.warmup = 0 if smoke else 2
+        self.lowload_seconds = 1 if smoke else 2
+        self.unique_tokens = 5000 if smoke else 20000
+        self.rule_counts = [10, 100, 1000] if smoke else [10, 1000, 100000]
+        self.results = {}       # config -> list of round results
+        self.envoy_info = {}    # config -> list of per-round Envoy facts
+        self.extra = {}
+
+    def path(self, *p):
+        return os.path.join(self.work, *p)
+
+    # -- inputs
+    def prepare(self):
+        for f in [ENVOY, RGCTL, RG_BENCH, RG_BENCH_WASM, RG_BENCH_HEAP, RG_BENCH_HEAP_WASM, TOKEN_SERVICE, FILTER_WASM]:
+            if not os.path.exists(f):
+                raise HarnessError(f"missing {f}: run `make build` and the bench build step first")
+        for tool in ["wrk", "taskset"]:
+            if not shutil.which(tool):
+                raise HarnessError(f"`{tool}` not found (make bench installs wrk)")
+        shutil.rmtree(self.work, ignore_errors=True)
+        os.makedirs(self.path("keys"))
+        os.makedirs(self.path("logs"))
+        run([RGCTL, "keygen", "--out", self.path("keys")])
+        run([RGCTL, "keygen", "--out", self.path("keys"), "--name", "operator"])
+        key = self.path("keys/signing-key.pem")
+        mint = lambda name, count, actions, level: run([  # noqa: E731
+            RGCTL, "mint", "--key", key, "--count", str(count), "--sub", "bench",
+            "--scope", f"{REPO_SCOPE}:{actions}", "--access-level", str(level), "--ttl-seconds", "7200",
+            "--out", self.path(name)])
+        mint("pull-1.txt", 1, "pull", 40)
+        mint("push-1.txt", 1, "pull,push", 40)
+        mint("push-dev.txt", 1, "pull,push", 30)
+        log(f"minting {self.unique_tokens} unique pull tokens")
+        mint("pull-unique.txt", self.unique_tokens, "pull", 40)
+        with open(self.path("keys/jwks.json")) as f:
+            self.jwks_text = f.read()
+        self.filter_json = {}
+        for n in self.rule_counts:
+            with open(self.path(f"bundle-{n}.json"), "w") as f:
+                f.write(run([RG_BENCH, "bundle", str(n)]))
+            with open(self.path(f"bundle-{n}.jws"), "w") as f:
+                f.write(run([RGCTL, "sign", self.path(f"bundle-{n}.json"),
+                             "--key", self.path("keys/operator-key.pem")]))
+            text = run([RGCTL, "filter-config", "--realm", "http://127.0.0.1:5001/jwt/auth",
+                        "--jwks", self.path("keys/jwks.json"), "--bundle-keys", self.path("keys/operator-jwks.json"),
+                        "--bundle", self.path(f"bundle-{n}.jws")]).strip()
+            with open(self.path(f"filter-{n}.json"), "w") as f:
+                f.write(text)
+            self.filter_json[n] = text
+        self.define_configs()
+
+    def define_configs(self):
+        """The configurations, in the order each round runs them; filters are built lazily."""
+        small, big = self.rule_counts[0], self.rule_counts[-1]
+        self.small, self.big = small, big
+        guard = lambda n, **kw: lambda: wasm_filter(  # noqa: E731
+            without_correlation(self.filter_json[n]) if kw.get("no_corr") else self.filter_json[n])
+        native = lambda: native_filters(self.jwks_text)  # noqa: E731
+        self.configs = [
+            # key, label, filters, tokens, method, path, checks
+            ("1", "1 plain Envoy pass-through", lambda: [], "pull-1.txt", "GET", PULL_PATH, "plain"),
+            ("2", "2 native jwt_authn + rbac, one token (JWT cache)", native, "pull-1.txt", "GET", PULL_PATH, "native"),
+            ("3", f"3 registry-guard, one token (cache hits), {small} rules", guard(small),
+             "pull-1.txt", "GET", PULL_PATH, "guard"),
+            ("3x", "3x (diagnostic) as 3, event correlation off (`correlation.slots: 0`)", guard(small, no_corr=True),
+             "pull-1.txt", "GET", PULL_PATH, "guard"),
+            ("4", f"4 registry-guard, unique token per request, {small} rules", guard(small),
+             "pull-unique.txt", "GET", PULL_PATH, "guard"),
+            ("4n", "4n native jwt_authn + rbac, unique token per request", native,
+             "pull-unique.txt", "GET", PULL_PATH, "native"),
+        ] + [
+            (f"5-{n}", f"5 registry-guard, {n:,} rules, PUT manifest by tag (rules consulted)", guard(n),
+             "push-1.txt", "PUT", PUSH_PATH, "rules")
+            for n in self.rule_counts
+        ]
+
+    def start_upstream(self):
+        admin, port = free_port(), free_port()
+        cfg = self.path("upstream.json")
+        with open(cfg, "w") as f:
+            json.dump(upstream_bootstrap(admin, port), f)
+        logf = self.path("logs/upstream.log")
+        p = start([ENVOY, "-c", cfg, "--concurrency", "1", "--log-level", "warn", "--disable-hot-restart"],
+                  logf, cpu=LOAD_CPU)
+        wait_ready(admin, p, logf)
+        self.upstream_port = port
+        log(f"upstream (Envoy direct_response) on :{port}, CPU {LOAD_CPU}")
+
+    # -- one configuration, one round
+    def run_config(self, key, label, filters, tokens, method, path, checks, rnd):
+        admin, port = free_port(), free_port()
+        cfg = self.path(f"envoy-{key}.json")
+        with open(cfg, "w") as f:
+            json.dump(bootstrap(admin, port, self.upstream_port, filters()), f)
+        logf = self.path(f"logs/envoy-{key}-r{rnd + 1}.log")
+        t0 = time.time()
+        p = start([ENVOY, "-c", cfg, "--concurrency", "1", "--log-level", "warn", "--component-log-level",
+                   "wasm:info", "--log-format", "[%Y-%m-%d %T.%e][%t][%l][%n] %v", "--disable-hot-restart"],
+                  logf, cpu=PROXY_CPU)
+        wait_ready(admin, p, logf)
+        ready_s = time.time() - t0
+        self.check_answers(key, port, checks)
+        tokens_file = self.path(tokens)
+        w = wrk(port, tokens_file, method, path, self.warmup, 16) if self.warmup else {"requests": 0}
+        c0, w0 = cpu_ticks(p.pid), time.time()
+        r = wrk(port, tokens_file, method, path, self.seconds, 16, offset=w["requests"] + 100)
+        r["proxy_cpu"] = (cpu_ticks(p.pid) - c0) / os.sysconf("SC_CLK_TCK") / (time.time() - w0)
+        r1 = wrk(port, tokens_file, method, path, self.lowload_seconds, 1, offset=w["requests"] + r["requests"] + 200)
+        r["p50_us_c1"], r["p99_us_c1"], r["rps_c1"] = r1["p50_us"], r1["p99_us"], r1["rps"]
+        stats = admin_stats(admin)
+        info = {"ready_s": ready_s, "rss": rss_bytes(p.pid),
+                "vms": stats.get("wasm.envoy.wasm.runtime.v8.active"),
+                "allowed": stats.get("wasmcustom.registry_guard.requests_allowed"),
+                "jwt_cache_hit": stats.get("http.bench.jwt_authn.jwt_cache_hit"),
+                "jwt_cache_miss": stats.get("http.bench.jwt_authn.jwt_cache_miss")}
+        stop(p)
+        info["activation_ms"] = activation_from_log(logf)
+        self.results.setdefault(key, []).append(r)
+        self.envoy_info.setdefault(key, []).append(info)
+        log(f"  {label}: {r['rps']:.0f} req/s, p50 {r['p50_us']} µs, p99 {r['p99_us']} µs, "
+            f"1-conn p50 {r['p50_us_c1']} µs, proxy CPU {r['proxy_cpu'] * 100:.0f}%, ready {ready_s:.1f}s")
+
+    def check_answers(self, key, port, checks):
+        """The configuration answers as it should before it is measured."""
+        def tok(name):
+            with open(self.path(name)) as f:
+                return f.readline().strip()
+        bearer = lambda name: {"Authorization": f"Bearer {tok(name)}", "Host": "registry.bench"}  # noqa: E731
+        expect = []
+        if checks in ("plain", "native", "guard"):
+            expect.append(("GET", PULL_PATH, bearer("pull-1.txt"), 200, "upstream"))
+        if checks in ("native", "guard", "rules"):
+            expect.append(("GET", PULL_PATH, {}, 401, None))
+        if checks == "native":
+            expect.append(("GET", "/v2/other/tools/manifests/v1", bearer("pull-1.txt"), 403, None))
+        if checks == "guard":
+            expect.append(("GET", "/v2/other/tools/manifests/v1", bearer("pull-1.txt"), 401, "DENIED"))
+        if checks == "rules":
+            expect.append(("PUT", PUSH_PATH, bearer("push-1.txt"), 200, "upstream"))
+            # A developer pushing a release tag: the generated rule `web-release-tags` denies.
+            expect.append(("PUT", PUSH_PATH, bearer("push-dev.txt"), 403, "web-release-tags"))
+        for method, path, headers, status, needle in expect:
+            got, body, _ = fetch(port, method, path, headers)
+            if got != status or (needle and needle not in body):
+                raise HarnessError(f"config {key}: {method} {path} answered {got} {body[:300]!r}; "
+                                   f"expected {status} containing {needle!r}")
+
+    def envoy_runs(self):
+        self.start_upstream()
+        for rnd in range(self.rounds):
+            log(f"round {rnd + 1}/{self.rounds}")
+            for c in self.configs:
+                self.run_config(*c, rnd)
+
+    # -- token service
+    def token_service(self):
+        d = self.path("ts")
+        os.makedirs(os.path.join(d, "keys"))
+        for f in ["principals.json", "token-service.json"]:
+            shutil.copy(os.path.join(ROOT, "policies/example", f), d)
+        for f in ["signing-key.pem", "jwks.json", "operator-jwks.json"]:
+            shutil.copy(self.path("keys", f), os.path.join(d, "keys"))
+        with open(os.path.join(d, "bundle.jws"), "w") as f:
+            f.write(run([RGCTL, "sign", os.path.join(ROOT, "policies/example/bundle.json"),
+                         "--key", self.path("keys/operator-key.pem")]))
+        port = free_port()
+        logf = self.path("logs/token-service.log")
+        p = start([TOKEN_SERVICE, "--config-dir", d, "--listen", f"127.0.0.1:{port}"], logf, cpu=PROXY_CPU)
+        deadline = time.time() + 30
+        while True:
+            try:
+                if fetch(port, "GET", "/healthz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.time() > deadline or p.poll() is not None:
+                raise HarnessError(f"token service did not start:\n{tail(logf)}")
+            time.sleep(0.05)
+        # A PAT login: the secret is looked up by SHA-256 (a password would cost an argon2id
+        # verification per request, by design).
+        basic = base64.b64encode(b"dev:glpat-dev-example-token").decode()
+        creds = self.path("basic.txt")
+        with open(creds, "w") as f:
+            f.write(basic + "\n")
+        issue = "/jwt/auth?service=container_registry&scope=repository:acme/web/app:pull,push"
+        status, body, _ = fetch(port, "GET", issue, {"Authorization": f"Basic {basic}"})
+        if status != 200 or "token" not in json.loads(body):
+            raise HarnessError(f"token service: {issue} answered {status} {body[:300]}")
+        res = {"healthz": [], "issue": []}
+        for rnd in range(self.rounds):
+            for name, path in [("healthz", "/healthz"), ("issue", issue)]:
+                if self.warmup:
+                    wrk(port, creds, "GET", path, self.warmup, 16, scheme="Basic")
+                r = wrk(port, creds, "GET", path, self.seconds, 16, scheme="Basic")
+                res[name].append(r)
+                log(f"  token service {name}: {r['rps']:.0f} req/s, p50 {r['p50_us']} µs")
+        stop(p)
+        self.extra["token_service"] = res
+
+    # -- micro benchmarks
+    def micro(self):
+        small = [10, 100] if self.smoke else [100, 100000]
+        out = {}
+        log("rg-bench natively: decision, activation, rewrite")
+        out["native_decide"] = jsonl(run([RG_BENCH, "decide", ",".join(map(str, small)),
+                                          "2000" if self.smoke else "20000"]))
+        big_cfg = self.path(f"filter-{self.big}.json")
+        out["native_activate"] = jsonl(run([RG_BENCH, "activate", big_cfg, "1" if self.smoke else "3"]))
+        heap = jsonl(run([RG_BENCH_HEAP, "activate", big_cfg, "1"]))[0]
+        out["native_activate"][0].update({k: v for k, v in heap.items() if k.startswith("heap_")})
+        out["native_rewrite"] = jsonl(run([RG_BENCH, "rewrite", "1,100,1000", "2" if self.smoke else "20"]))
+        node = shutil.which("node")
+        if node:
+            log("rg-bench as wasm32-wasip1 under Node's V8: decision, activation, rewrite")
+            wasm = lambda *a, binary=RG_BENCH_WASM: jsonl(  # noqa: E731
+                run_wasm([node, "--no-warnings", NODE_RUNNER, binary, self.work, *a]))
+            out["wasm_decide"] = wasm("decide", ",".join(map(str, small)), "1000" if self.smoke else "10000")
+            out["wasm_activate"] = wasm("activate", f"/data/filter-{self.big}.json", "1" if self.smoke else "3")
+            heap = wasm("activate", f"/data/filter-{self.big}.json", "1", binary=RG_BENCH_HEAP_WASM)[0]
+            out["wasm_activate"][0].update({k: v for k, v in heap.items() if k.startswith("heap_")})
+            out["wasm_rewrite"] = wasm("rewrite", "1,100,1000", "2" if self.smoke else "10")
+        else:
+            out["wasm_skipped"] = "node not found"
+        log("criterion: Guard::check and rewrite_envelope")
+        env = dict(os.environ, RG_BENCH_RULES=",".join(map(str, small)))
+        if self.smoke:
+            # Every benchmark once, in the test profile: the harness works.
+            run(["cargo", "test", "-q", "-p", "registry-guard-core", "--benches"], env=env, cwd=ROOT)
+            out["criterion"] = {}
+        else:
+            shutil.rmtree(os.path.join(ROOT, "target/criterion"), ignore_errors=True)
+            run(["cargo", "bench", "-q", "-p", "registry-guard-core", "--bench", "guard", "--bench", "events", "--",
+                 "--warm-up-time", "1", "--measurement-time", "3", "--noplot"], env=env, cwd=ROOT)
+            out["criterion"] = criterion_estimates(os.path.join(ROOT, "target/criterion"))
+        out["wasm_size"] = os.path.getsize(FILTER_WASM)
+        self.extra["micro"] = out
+        self.extra["micro_rules"] = small
+
+    # -- report
+    def report(self):
+        med = lambda key, field: statistics.median(r[field] for r in self.results[key])  # noqa: E731
+        for rs in self.results.values():
+            for r in rs:
+                r["cpu_us_per_req"] = r["proxy_cpu"] / r["rps"] * 1e6
+        rows = []
+        for key, label, *_ in self.configs:
+            infos = self.envoy_info[key]
+            per_round = " / ".join(f"{r['rps']:,.0f}" for r in self.results[key])
+            rows.append(f"| {label} | {med(key, 'rps'):,.0f} | {med(key, 'p50_us'):.0f} | {med(key, 'p99_us'):.0f} | "
+                        f"{med(key, 'p50_us_c1'):.0f} | {med(key, 'p99_us_c1'):.0f} | "
+                        f"{statistics.median(r['proxy_cpu'] for r in self.results[key]) * 100:.0f}% | "
+                        f"{med(key, 'cpu_us_per_req'):.0f} | "
+                        f"{per_round} | "
+                        f"{statistics.median(i['rss'] for i in infos) / 2**20:.0f} |")
+        rps = lambda k: med(k, "rps")  # noqa: E731
+        ratios = {
+            "3/1": rps("3") / rps("1"),
+            "3/2": rps("3") / rps("2"),
+            "4/4n": rps("4") / rps("4n"),
+            f"5({self.big})/5({self.small})": rps(f"5-{self.big}") / rps(f"5-{self.small}"),
+        }
+        added_p50 = med("3", "p50_us") - med("1", "p50_us")
+        added_p50_c1 = med("3", "p50_us_c1") - med("1", "p50_us_c1")
+        c1_rounds = lambda k: "/".join(str(r["p50_us_c1"]) for r in self.results[k])  # noqa: E731
+        cpu = lambda k: med(k, "cpu_us_per_req")  # noqa: E731
+        m = self.extra["micro"]
+        crit = m.get("criterion", {})
+        mr = self.extra["micro_rules"]
+        nd = {d["rules"]: d for d in m["native_decide"] if d["bench"] == "decide"}
+        wd = {d["rules"]: d for d in m.get("wasm_decide", []) if d["bench"] == "decide"}
+        c_small = crit.get(f"guard_check_cached/push/{mr[0]}")
+        c_big = crit.get(f"guard_check_cached/push/{mr[-1]}")
+        decide_ratio_native = (c_big / c_small) if c_small and c_big else nd[mr[-1]]["cached_push_ns"] / nd[mr[0]]["cached_push_ns"]
+        decide_ratio_wasm = (wd[mr[-1]]["cached_push_ns"] / wd[mr[0]]["cached_push_ns"]) if wd else None
+        act_n = m["native_activate"][0]
+        act_w = (m.get("wasm_activate") or [None])[0]
+        big_info = self.envoy_info[f"5-{self.big}"]
+        small_info = self.envoy_info[f"5-{self.small}"]
+        act_envoy = [a for i in big_info for a in (i["activation_ms"] or [])]
+        vms = statistics.median(i["vms"] or 0 for i in big_info)
+        rss_delta = statistics.median(i["rss"] for i in big_info) - statistics.median(i["rss"] for i in small_info)
+        ts = self.extra["token_service"]
+        ts_issue = statistics.median(r["rps"] for r in ts["issue"])
+        ts_noop = statistics.median(r["rps"] for r in ts["healthz"])
+        rw_n = {d["events"]: d["ns"] for d in m["native_rewrite"]}
+        rw_c = {n: crit.get(f"rewrite_envelope/{n}") for n in (1, 100, 1000)}
+        rw_w = {d["events"]: d["ns"] for d in m.get("wasm_rewrite", [])}
+        rw100 = rw_c[100] or rw_n[100]
+        size = m["wasm_size"]
+        mem_vm = act_w["memory_after_activation"] if act_w else None
+
+        def verdict(ok):
+            return "context, not a target" if ok is None else "**met**" if ok else "**not met**"
+
+        targets = [
+            ("cached path (3) ≥ 0.85× plain (1)", f"{ratios['3/1']:.2f}×", ratios["3/1"] >= 0.85),
+            ("added p50 (3 − 1) ≤ 50 µs, 16 connections", f"{added_p50:+.0f} µs", added_p50 <= 50),
+            ("added p50 (3 − 1) ≤ 50 µs, 1 connection (unloaded)",
+             f"{added_p50_c1:+.0f} µs (rounds: 1 = {c1_rounds('1')}, 3 = {c1_rounds('3')} µs)", added_p50_c1 <= 50),
+            ("(context) proxy CPU per request added by the filter, 3 − 1", f"{cpu('3') - cpu('1'):+.0f} µs",
+             None),
+            ("cached path (3) ≥ 1.0× native jwt_authn + rbac (2)", f"{ratios['3/2']:.2f}×", ratios["3/2"] >= 1.0),
+            ("uncached (4) ≥ 0.3× native uncached (4n)", f"{ratios['4/4n']:.2f}×", ratios["4/4n"] >= 0.3),
+            (f"decision time at {mr[-1]:,} rules ≤ 1.2× at {mr[0]:,} (native, criterion)",
+             f"{decide_ratio_native:.2f}×", decide_ratio_native <= 1.2),
+        ]
+        if decide_ratio_wasm is not None:
+            targets.append((f"decision time at {mr[-1]:,} rules ≤ 1.2× at {mr[0]:,} (wasm, V8)",
+                            f"{decide_ratio_wasm:.2f}×", decide_ratio_wasm <= 1.2))
+        if act_envoy:
+            targets.append((f"activation of {self.big:,} rules ≤ 1 s (in Envoy, per VM, median; max)",
+                            f"{statistics.median(act_envoy):.0f} ms; {max(act_envoy):.0f} ms",
+                            statistics.median(act_envoy) <= 1000))
+        if act_w:
+            first = act_w.get("activate_ms_first") or act_w["activate_ms"]
+            targets.append((f"activation of {self.big:,} rules ≤ 1 s (wasm under Node's V8, first call: cold code)",
+                            f"{first:.0f} ms", first <= 1000))
+        if mem_vm:
+            targets.append((f"≤ 64 MiB per VM at {self.big:,} rules (wasm linear memory)",
+                            f"{mem_vm / 2**20:.0f} MiB", mem_vm <= 64 * 2**20))
+        targets += [
+            ("token issuance ≥ 0.5× no-op (/healthz)", f"{ts_issue / ts_noop:.2f}×", ts_issue / ts_noop >= 0.5),
+        ]
+        if 100 in rw_w:
+            targets.append(("rewrite of 100 events ≤ 1 ms (wasm, V8: what the filter runs)", f"{rw_w[100] / 1e6:.2f} ms",
+                            rw_w[100] <= 1e6))
+        targets.append(("rewrite of 100 events ≤ 1 ms (native)", f"{rw100 / 1e6:.2f} ms", rw100 <= 1e6))
+        targets.append((".wasm ≤ 1 MiB", f"{size:,} bytes ({size / 2**20:.2f} MiB)", size <= 2**20))
+
+        load = self.extra.setdefault("load_average", os.getloadavg())
+        lines = [
+            f"# registry-guard benchmark results{' (SMOKE: harness check only, not figures)' if self.smoke else ''}",
+            "",
+            f"{self.extra.setdefault('finished', datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'))}; "
+            f"{os.cpu_count()} cores; {envoy_version()}; wrk -t1 -c16 -d{self.seconds}s "
+            f"(after {self.warmup}s warm-up; then -c1 for {self.lowload_seconds}s); {self.rounds} round(s), configurations "
+            f"alternated, medians; proxy Envoy `--concurrency 1` on CPU {PROXY_CPU}, upstream Envoy "
+            f"(`direct_response`) and wrk on CPU {LOAD_CPU}; load average at the end {load[0]:.2f}. "
+            f"Reproduce: `make bench` (method: bench/README.md).",
+            "",
+            "## Envoy side by side",
+            "",
+            "| configuration | req/s | p50 µs | p99 µs | p50 µs (1 conn) | p99 µs (1 conn) | proxy CPU | proxy CPU µs/request | req/s per round | proxy RSS MiB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *rows,
+            "",
+            "Ratios of median throughput: " + ", ".join(f"{k} = **{v:.2f}**" for k, v in ratios.items()) + ". "
+            f"Diagnostic: 3x/1 = {rps('3x') / rps('1'):.2f} (the filter without its per-request correlation "
+            "record and `X-Forwarded-For` rewrite).",
+            "",
+            "## Targets",
+            "",
+            "| target | measured | |",
+            "|---|---:|---|",
+            *[f"| {t} | {v} | {verdict(ok)} |" for t, v, ok in targets],
+            "",
+            "## Other figures",
+            "",
+            "| what | native | wasm (Node 20 V8) |",
+            "|---|---:|---:|",
+        ]
+        for n in mr:
+            cn = crit.get(f"guard_check_cached/push/{n}")
+            lines.append(f"| `Guard::check`, cached token, PUT manifest by tag, {n:,} rules | "
+                         f"{fmt_ns(cn) + ' (criterion)' if cn else fmt_ns(nd[n]['cached_push_ns'])} | "
+                         f"{fmt_ns(wd[n]['cached_push_ns']) if wd else 'n/a'} |")
+            cp = crit.get(f"guard_check_cached/pull/{n}")
+            lines.append(f"| `Guard::check`, cached token, GET manifest (pull), {n:,} rules | "
+                         f"{fmt_ns(cp) + ' (criterion)' if cp else fmt_ns(nd[n]['cached_pull_ns'])} | "
+                         f"{fmt_ns(wd[n]['cached_pull_ns']) if wd else 'n/a'} |")
+        un = [d for d in m["native_decide"] if d["bench"] == "decide_uncached"][0]
+        uw = [d for d in m.get("wasm_decide", []) if d["bench"] == "decide_uncached"]
+        lines.append(f"| `Guard::check`, new token every request (ES256 verify + claims) | "
+                     f"{fmt_ns(un['uncached_pull_ns'])} | {fmt_ns(uw[0]['uncached_pull_ns']) if uw else 'n/a'} |")
+        act_fmt = lambda a: (f"{a.get('activate_ms_first') or a['activate_ms']:.0f} ms first, "  # noqa: E731
+                             f"{a['activate_ms']:.0f} ms median of {'3' if not self.smoke else '1'}") if a else "n/a"
+        lines.append(f"| activation (`PluginConfig::from_json`) of {self.big:,} rules, "
+                     f"{act_n['bytes'] / 2**20:.1f} MiB config | {act_fmt(act_n)} | {act_fmt(act_w)} |")
+        lines.append(f"| of which the role probe (config parsed to a `Value`; the bundle is one JWS string) | {act_n['probe_parse_ms']:.0f} ms | "
+                     f"{(str(round(act_w['probe_parse_ms'])) + ' ms') if act_w else 'n/a'} |")
+        heap = lambda a, k: f"{a[k] / 2**20:.0f} MiB" if a and a.get(k) is not None else "n/a"  # noqa: E731
+        lines.append(f"| heap during activation: peak / live after (configuration bytes excluded) | "
+                     f"{heap(act_n, 'heap_peak_during_activation')} / {heap(act_n, 'heap_live_after_activation')} | "
+                     f"{heap(act_w, 'heap_peak_during_activation')} / {heap(act_w, 'heap_live_after_activation')} |")
+        if act_w:
+            lines.append(f"| wasm linear memory: start / config read / after activation | | "
+                         f"{act_w['memory_before'] / 2**20:.0f} / {act_w['memory_after_read'] / 2**20:.0f} / "
+                         f"{act_w['memory_after_activation'] / 2**20:.0f} MiB |")
+        if act_envoy:
+            lines.append(f"| in Envoy: `on_vm_start` → configured, per VM ({len(act_envoy)} VM starts over the rounds) | | "
+                         f"median {statistics.median(act_envoy):.0f} ms (min {min(act_envoy):.0f}, max {max(act_envoy):.0f}) |")
+        lines.append(f"| in Envoy: proxy RSS {self.big:,} rules − {self.small:,} rules; active V8 VMs | | "
+                     f"{rss_delta / 2**20:.0f} MiB; {vms:.0f} VMs → {rss_delta / max(vms, 1) / 2**20:.0f} MiB per VM "
+                     f"(upper bound: includes Envoy's own copies of the {act_n['bytes'] / 2**20:.1f} MiB configuration) |")
+        for n in (1, 100, 1000):
+            lines.append(f"| `rewrite_envelope`, {n:,} event(s) | "
+                         f"{fmt_ns(rw_c[n]) + ' (criterion)' if rw_c[n] else fmt_ns(rw_n[n])} | "
+                         f"{fmt_ns(rw_w[n]) if n in rw_w else 'n/a'} |")
+        lines.append(f"| token service: `/jwt/auth` (PAT login, 2 ES256 signatures) vs `/healthz`, req/s | "
+                     f"{ts_issue:,.0f} vs {ts_noop:,.0f} | |")
+        lines.append(f"| registry_guard.wasm | {size:,} bytes | |")
+        lines.append("")
+        lines.append("Unique-token runs: " + "; ".join(
+            f"{k}: {self.unique_tokens:,} tokens round-robin, cache capacity 4,096"
+            + (f", jwt_authn cache hits {self.envoy_info[k][-1]['jwt_cache_hit']}" if self.envoy_info[k][-1]["jwt_cache_hit"] is not None else "")
+            for k in ("4", "4n")) + ".")
+        text = "\n".join(lines) + "\n"
+        out = os.path.join(ROOT, "bench/results/latest.md") if not self.smoke else self.path("smoke.md")
+        with open(out, "w") as f:
+            f.write(text)
+        with open(self.path("raw.json"), "w") as f:
+            json.dump({"results": self.results, "envoy": self.envoy_info, "extra": self.extra, "settings": {
+                "rounds": self.rounds, "seconds": self.seconds, "warmup": self.warmup,
+                "lowload_seconds": self.lowload_seconds, "rule_counts": self.rule_counts,
+                "unique_tokens": self.unique_tokens}}, f, indent=1)
+        print(text)
+        log(f"wrote {os.path.relpath(out, ROOT)} (raw data: {os.path.relpath(self.path('raw.json'), ROOT)})")
+
+
+def fmt_ns(ns):
+    if ns is None:
+        return "n/a"
+    if ns >= 1e6:
+        return f"{ns / 1e6:.2f} ms"
+    if ns >= 1e3:
+        return f"{ns / 1e3:.2f} µs"
+    return f"{ns:.0f} ns"
+
+
+def jsonl(text):
+    rows = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    return [r for r in rows if r.get("bench") != "done"]
+
+
+def criterion_estimates(root):
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        if "estimates.json" in files and dirpath.endswith("/new"):
+            with open(os.path.join(dirpath, "estimates.json")) as f:
+                est = json.load(f)
+            out[os.path.relpath(os.path.dirname(dirpath), root)] = est["median"]["point_estimate"]
+    return out
+
+
+def envoy_version():
+    v = run([ENVOY, "--version"])
+    m = re.search(r"/(\d+\.\d+\.\d+)/", v)
+    return f"Envoy {m.group(1)}" if m else "Envoy"
+
+
+LOG_RE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})\]\[(\d+)\].*?(VM started|registry-guard configured:)")
+
+
+def activation_from_log(logf):
+    """ms from each VM's `on_vm_start` to its `configured` line, per thread."""
+    started, out = {}, []
+    try:
+        with open(logf, errors="replace") as f:
+            for line in f:
+                m = LOG_RE.match(line)
+                if not m:
+                    continue
+                ts = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()
+                if m.group(3) == "VM started":
+                    started[m.group(2)] = ts
+                elif m.group(2) in started:
+                    out.append((ts - started.pop(m.group(2))) * 1000)
+    except OSError:
+        return None
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="1 round, ~1 s per configuration, small rule counts")
+    ap.add_argument("--report-from", metavar="RAW_JSON", help="only rewrite the report from a run's raw.json")
+    args = ap.parse_args()
+    b = Bench(args.smoke)
+    if args.report_from:
+        with open(args.report_from) as f:
+            raw = json.load(f)
+        b.results, b.envoy_info, b.extra = raw["results"], raw["envoy"], raw["extra"]
+        b.rounds, b.seconds, b.warmup, b.lowload_seconds = (raw["settings"][k] for k in
+                                                            ("rounds", "seconds", "warmup", "lowload_seconds"))
+        b.rule_counts, b.unique_tokens = raw["settings"]["rule_counts"], raw["settings"]["unique_tokens"]
+        b.define_configs()
+        b.report()
+        return 0
+    t0 = time.time()
+    try:
+        b.prepare()
+        b.envoy_runs()
+        b.token_service()
+        b.micro()
+        b.report()
+    except HarnessError as e:
+        print(f"bench: FAILED: {e}", file=sys.stderr)
+        return 1
+    finally:
+        stop_all()
+    log(f"done in {time.time() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
