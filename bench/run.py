@@ -152,6 +152,18 @@ def cpu_ticks(pid):
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
+def busy_ticks():
+    """All CPUs' busy ticks (user, nice, system, irq, softirq, steal) from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+
+
+def children_ticks():
+    t = os.times()
+    return (t.children_user + t.children_system) * os.sysconf("SC_CLK_TCK")
+
+
 def rss_bytes(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -412,6 +424,7 @@ class Bench:
                   logf, cpu=LOAD_CPU)
         wait_ready(admin, p, logf)
         self.upstream_port = port
+        self.upstream = p
         log(f"upstream (Envoy direct_response) on :{port}, CPU {LOAD_CPU}")
 
     # -- one configuration, one round
@@ -430,9 +443,15 @@ class Bench:
         self.check_answers(key, port, checks)
         tokens_file = self.path(tokens)
         w = wrk(port, tokens_file, method, path, self.warmup, 16) if self.warmup else {"requests": 0}
-        c0, w0 = cpu_ticks(p.pid), time.time()
+        c0, u0, b0, k0, w0 = cpu_ticks(p.pid), cpu_ticks(self.upstream.pid), busy_ticks(), children_ticks(), time.time()
         r = wrk(port, tokens_file, method, path, self.seconds, 16, offset=w["requests"] + 100)
-        r["proxy_cpu"] = (cpu_ticks(p.pid) - c0) / os.sysconf("SC_CLK_TCK") / (time.time() - w0)
+        hz, elapsed = os.sysconf("SC_CLK_TCK"), time.time() - w0
+        proxy = cpu_ticks(p.pid) - c0
+        ours = proxy + (cpu_ticks(self.upstream.pid) - u0) + (children_ticks() - k0)
+        r["proxy_cpu"] = proxy / hz / elapsed
+        # CPU used by anything but the proxy, the upstream and wrk during the measurement (other
+        # work on the machine), in cores: the run is disturbed when this is not near 0.
+        r["foreign_cpu"] = max(0.0, (busy_ticks() - b0 - ours) / hz / elapsed)
         r1 = wrk(port, tokens_file, method, path, self.lowload_seconds, 1, offset=w["requests"] + r["requests"] + 200)
         r["p50_us_c1"], r["p99_us_c1"], r["rps_c1"] = r1["p50_us"], r1["p99_us"], r1["rps"]
         stats = admin_stats(admin)
@@ -446,7 +465,8 @@ class Bench:
         self.results.setdefault(key, []).append(r)
         self.envoy_info.setdefault(key, []).append(info)
         log(f"  {label}: {r['rps']:.0f} req/s, p50 {r['p50_us']} µs, p99 {r['p99_us']} µs, "
-            f"1-conn p50 {r['p50_us_c1']} µs, proxy CPU {r['proxy_cpu'] * 100:.0f}%, ready {ready_s:.1f}s")
+            f"1-conn p50 {r['p50_us_c1']} µs, proxy CPU {r['proxy_cpu'] * 100:.0f}%, other CPU "
+            f"{r['foreign_cpu'] * 100:.0f}%, ready {ready_s:.1f}s")
 
     def check_answers(self, key, port, checks):
         """The configuration answers as it should before it is measured."""
@@ -578,6 +598,7 @@ class Bench:
                         f"{med(key, 'p50_us_c1'):.0f} | {med(key, 'p99_us_c1'):.0f} | "
                         f"{statistics.median(r['proxy_cpu'] for r in self.results[key]) * 100:.0f}% | "
                         f"{med(key, 'cpu_us_per_req'):.0f} | "
+                        f"{max(r.get('foreign_cpu', 0) for r in self.results[key]) * 100:.0f}% | "
                         f"{per_round} | "
                         f"{statistics.median(i['rss'] for i in infos) / 2**20:.0f} |")
         rps = lambda k: med(k, "rps")  # noqa: E731
@@ -663,13 +684,15 @@ class Bench:
             f"{os.cpu_count()} cores; {envoy_version()}; wrk -t1 -c16 -d{self.seconds}s "
             f"(after {self.warmup}s warm-up; then -c1 for {self.lowload_seconds}s); {self.rounds} round(s), configurations "
             f"alternated, medians; proxy Envoy `--concurrency 1` on CPU {PROXY_CPU}, upstream Envoy "
-            f"(`direct_response`) and wrk on CPU {LOAD_CPU}; load average at the end {load[0]:.2f}. "
+            f"(`direct_response`) and wrk on CPU {LOAD_CPU}; load average at the end {load[0]:.2f}; "
+            f"\"other CPU\" is CPU used during a measurement by anything but the proxy, the upstream and wrk "
+            f"(other work on the machine: near 0 % means an undisturbed run). "
             f"Reproduce: `make bench` (method: bench/README.md).",
             "",
             "## Envoy side by side",
             "",
-            "| configuration | req/s | p50 µs | p99 µs | p50 µs (1 conn) | p99 µs (1 conn) | proxy CPU | proxy CPU µs/request | req/s per round | proxy RSS MiB |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| configuration | req/s | p50 µs | p99 µs | p50 µs (1 conn) | p99 µs (1 conn) | proxy CPU | proxy CPU µs/request | other CPU (max) | req/s per round | proxy RSS MiB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             *rows,
             "",
             "Ratios of median throughput: " + ", ".join(f"{k} = **{v:.2f}**" for k, v in ratios.items()) + ". "
