@@ -11,6 +11,11 @@ WBG_RUNNER := $(TOOLS)/bin/wasm-bindgen-test-runner
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CONFIG_DIR ?= policies/example
 WASM      := target/wasm32-wasip1/release/registry_guard.wasm
+# The filter as deployed: $(WASM) after binaryen's wasm-opt -O3 (smaller; bench/README.md).
+FILTER    := target/filter/registry_guard.wasm
+# The wasm features rustc enables by default for wasm32-wasip1 (wasm-opt must be told).
+WASM_FEATURES := --enable-bulk-memory --enable-multivalue --enable-mutable-globals \
+                 --enable-nontrapping-float-to-int --enable-reference-types --enable-sign-ext
 
 .PHONY: help run test deps build test-unit test-wasm test-envoy test-e2e lint clean
 
@@ -33,8 +38,9 @@ deps: .deps/rust .deps/apt $(ENVOY)
 	@mkdir -p .deps && touch $@
 
 .deps/apt:
-	@if ! command -v docker-registry >/dev/null || ! command -v skopeo >/dev/null || ! command -v curl >/dev/null; then \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq docker-registry skopeo curl; fi
+	@if ! command -v docker-registry >/dev/null || ! command -v skopeo >/dev/null || ! command -v curl >/dev/null \
+	    || ! command -v wasm-opt >/dev/null; then \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq docker-registry skopeo curl binaryen; fi
 	@mkdir -p .deps && touch $@
 
 $(ENVOY):
@@ -47,10 +53,14 @@ $(WBG_RUNNER): Cargo.lock
 	@touch $@
 
 # ---- build --------------------------------------------------------------------------------
-build: .deps/rust
+build: .deps/rust .deps/apt
 	cargo build --release --target wasm32-wasip1 -p registry-guard
+	@mkdir -p $(dir $(FILTER))
+	@if [ ! -e $(FILTER) ] || [ $(WASM) -nt $(FILTER) ]; then \
+	  echo "wasm-opt -O3 $(WASM) -> $(FILTER)"; \
+	  wasm-opt $(WASM_FEATURES) -O3 $(WASM) -o $(FILTER).tmp && mv $(FILTER).tmp $(FILTER); fi
 	cargo build --release -p registry-guard-token-service -p registry-guard-ctl -p registry-guard-consumer
-	@ls -l $(WASM) | awk '{print "filter: $(WASM) (" $$5 " bytes)"}'
+	@ls -l $(FILTER) | awk '{print "filter: $(FILTER) (" $$5 " bytes)"}'
 
 # ---- tests --------------------------------------------------------------------------------
 test-unit:
@@ -69,9 +79,9 @@ test-envoy: $(ENVOY) build
 	target/release/rgctl sign policies/example/bundle.json --key $$out/keys/operator-key.pem > $$out/bundle.jws 2>/dev/null; \
 	target/release/rgctl filter-config --realm http://127.0.0.1:5001/jwt/auth --jwks $$out/keys/jwks.json \
 	  --bundle-keys $$out/keys/operator-jwks.json --bundle $$out/bundle.jws > $$out/filter.json; \
-	target/release/rgctl filter-resource --config $$out/filter.json --wasm $(WASM) --out $$out/ecds/registry-guard.json; \
+	target/release/rgctl filter-resource --config $$out/filter.json --wasm $(FILTER) --out $$out/ecds/registry-guard.json; \
 	target/release/rgctl render envoy/envoy.yaml --set ADMIN_PORT=9901 --set LISTEN_PORT=5000 --set REGISTRY_PORT=5002 \
-	  --set DEPENDENCY_PROXY_PORT=5003 --set EVENTS_PORT=5006 --set CONSUMER_PORT=5005 --set WASM_PATH=$(ROOT)/$(WASM) \
+	  --set DEPENDENCY_PROXY_PORT=5003 --set EVENTS_PORT=5006 --set CONSUMER_PORT=5005 --set WASM_PATH=$(ROOT)/$(FILTER) \
 	  --set ECDS_DIR=$$out/ecds > $$out/envoy.yaml; \
 	$(ENVOY) --mode validate -c $$out/envoy.yaml --log-level error && echo "validated envoy/envoy.yaml"; \
 	target/release/rgctl validate policies/example/bundle.json

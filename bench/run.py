@@ -41,7 +41,7 @@ RG_BENCH_WASM = os.path.join(ROOT, "target/wasm32-wasip1/release/rg-bench.wasm")
 RG_BENCH_HEAP = os.path.join(ROOT, "target/release/rg-bench-heap")
 RG_BENCH_HEAP_WASM = os.path.join(ROOT, "target/wasm32-wasip1/release/rg-bench-heap.wasm")
 TOKEN_SERVICE = os.path.join(ROOT, "target/release/registry-guard-token-service")
-FILTER_WASM = os.path.join(ROOT, "target/wasm32-wasip1/release/registry_guard.wasm")
+FILTER_WASM = os.path.join(ROOT, "target/filter/registry_guard.wasm")
 LUA = os.path.join(ROOT, "bench/wrk/bench.lua")
 NODE_RUNNER = os.path.join(ROOT, "bench/wasm/run.mjs")
 

@@ -27,7 +27,7 @@ CONSUMER=$ROOT/target/release/registry-guard-consumer
 RUN_DIR=$ROOT/.run/$(basename "$CONFIG_DIR")
 RGCTL=$ROOT/target/release/rgctl
 TOKEN_SERVICE=$ROOT/target/release/registry-guard-token-service
-WASM=$ROOT/target/wasm32-wasip1/release/registry_guard.wasm
+WASM=$ROOT/target/filter/registry_guard.wasm
 ENVOY=$ROOT/.venv/bin/envoy
 
 for f in principals.json token-service.json; do

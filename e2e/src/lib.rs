@@ -5,7 +5,7 @@
 //!
 //! Artifacts are the release builds (`make test` builds them first):
 //! `target/release/{rgctl,registry-guard-token-service}`,
-//! `target/wasm32-wasip1/release/registry_guard.wasm`, `.venv/bin/envoy`.
+//! `target/filter/registry_guard.wasm`, `.venv/bin/envoy`.
 
 use std::fs;
 use std::net::TcpListener;
@@ -260,7 +260,7 @@ impl Stack {
         ]);
         let filter_path = self.path("filter.json");
         fs::write(&filter_path, filter).expect("write filter config");
-        let wasm = artifact("target/wasm32-wasip1/release/registry_guard.wasm");
+        let wasm = artifact("target/filter/registry_guard.wasm");
         self.rgctl(&[
             "filter-resource",
             "--config",

@@ -8,7 +8,7 @@ use crate::token::{KeySet, Verifier};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawFilterConfig {
+struct RawFilterConfig<'a> {
     /// Token endpoint URL clients are sent to (`realm` of the challenge).
     realm: String,
     /// Service name: the challenge's `service` and the required token audience.
@@ -22,8 +22,10 @@ struct RawFilterConfig {
     #[serde(default)]
     cache: RawCache,
     /// The active policy bundle: a compact JWS signed by an operator key (`rgctl sign`).
-    #[serde(default)]
-    bundle: Option<String>,
+    /// Borrowed from the configuration bytes (a JWS has no JSON escapes), so a large bundle
+    /// is not copied during activation.
+    #[serde(default, borrow)]
+    bundle: Option<std::borrow::Cow<'a, str>>,
     /// JWKS with the operator keys that may sign bundles; required with `bundle`.
     #[serde(default)]
     bundle_keys: Option<serde_json::Value>,
@@ -100,11 +102,18 @@ pub enum PluginConfig {
 
 impl PluginConfig {
     pub fn from_json(bytes: &[u8]) -> Result<PluginConfig, ConfigError> {
-        let probe: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| error("$", format!("not JSON: {e}")))?;
-        match probe.get("role").and_then(|r| r.as_str()) {
+        // Only `role` is read here; everything else (the bundle can be megabytes) is skipped
+        // without being copied.
+        #[derive(Deserialize)]
+        struct Probe {
+            #[serde(default)]
+            role: Option<String>,
+        }
+        let probe: Probe = serde_json::from_slice(bytes).map_err(|e| error("$", format!("not JSON: {e}")))?;
+        match probe.role.as_deref() {
             Some("events") => {
-                let raw: RawEventsConfig = serde_path_to_error::deserialize(probe).map_err(path_error)?;
+                let de = &mut serde_json::Deserializer::from_slice(bytes);
+                let raw: RawEventsConfig = serde_path_to_error::deserialize(de).map_err(path_error)?;
                 if raw.max_envelope_bytes == 0 || raw.max_envelope_bytes > 64 << 20 {
                     return Err(error("$.max_envelope_bytes", "must be between 1 and 67108864"));
                 }

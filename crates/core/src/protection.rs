@@ -15,12 +15,12 @@ use std::fmt;
 
 use crate::access::AccessLevel;
 
-/// A compiled repository path pattern.
+/// A compiled repository path pattern: the checked source text only (the literal pieces
+/// between `*`s are found by splitting when matching, which allocates nothing; at 100 000
+/// rules a stored copy of the pieces was a tenth of the filter's memory).
 #[derive(Debug, Clone)]
 pub struct PathPattern {
-    source: String,
-    /// Literal pieces between the `*`s.
-    parts: Vec<String>,
+    source: Box<str>,
 }
 
 impl PathPattern {
@@ -34,7 +34,7 @@ impl PathPattern {
         {
             return Err(format!("character {c:?} is not allowed (lowercase repository path characters and `*`)"));
         }
-        Ok(PathPattern { source: p.to_owned(), parts: p.split('*').map(str::to_owned).collect() })
+        Ok(PathPattern { source: p.into() })
     }
 
     pub fn as_str(&self) -> &str {
@@ -42,29 +42,29 @@ impl PathPattern {
     }
 
     fn has_wildcard(&self) -> bool {
-        self.parts.len() > 1
+        self.source.contains('*')
     }
 
     fn literal_prefix(&self) -> &str {
-        self.parts.first().map(String::as_str).unwrap_or_default()
+        self.source.split('*').next().unwrap_or_default()
     }
 
     /// Anchored glob match.
     pub fn matches(&self, s: &str) -> bool {
-        let mut parts = self.parts.iter();
-        let Some(first) = parts.next() else { return false };
-        let Some(mut rest) = s.strip_prefix(first.as_str()) else { return false };
-        let remaining: Vec<&String> = parts.collect();
-        let Some((last, middle)) = remaining.split_last() else {
+        let mut parts = self.source.split('*');
+        let Some(mut rest) = s.strip_prefix(parts.next().unwrap_or_default()) else { return false };
+        let Some(mut part) = parts.next() else {
             return rest.is_empty(); // no `*` at all
         };
-        for part in middle {
-            match rest.find(part.as_str()) {
+        // Every piece but the last is found leftmost; the last must end the string.
+        for next in parts {
+            match rest.find(part) {
                 Some(i) => rest = rest.get(i + part.len()..).unwrap_or_default(),
                 None => return false,
             }
+            part = next;
         }
-        rest.len() >= last.len() && rest.ends_with(last.as_str())
+        rest.ends_with(part)
     }
 }
 
@@ -105,7 +105,8 @@ impl fmt::Display for Requirement {
 pub struct Rule {
     pub id: String,
     pub repository: PathPattern,
-    pub tag: Option<regex::bytes::Regex>,
+    /// Shared between rules with the same pattern (compiled once per bundle).
+    pub tag: Option<std::sync::Arc<regex::bytes::Regex>>,
     pub push: Option<Requirement>,
     pub delete: Option<Requirement>,
     /// `false`: dry run — never denies, records "would deny".
@@ -306,7 +307,7 @@ mod tests {
         Rule {
             id: id.into(),
             repository: PathPattern::parse(repo).unwrap(),
-            tag: tag.map(|t| regex::bytes::RegexBuilder::new(t).unicode(false).build().unwrap()),
+            tag: tag.map(|t| std::sync::Arc::new(regex::bytes::RegexBuilder::new(t).unicode(false).build().unwrap())),
             push,
             delete,
             enforce: true,
