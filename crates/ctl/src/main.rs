@@ -199,11 +199,15 @@ fn run(cli: Cli) -> Result<()> {
                 Some(k) => registry_guard_core::bundle::verify(&text, &load_keyset(&k)?),
             }
             .map_err(|e| anyhow::anyhow!("{}: {e}", bundle.display()))?;
+            let claims = policy.claims.levels();
+            let claim_count: usize = claims.iter().map(|l| l.claims.len()).sum();
             println!(
-                "ok: {} is valid: revision {}, {} protection rules",
+                "ok: {} is valid: revision {}, {} protection rules, {} additional claims at {} levels",
                 bundle.display(),
                 policy.revision,
-                policy.rules.len()
+                policy.rules.len(),
+                claim_count,
+                claims.len()
             );
             Ok(())
         }

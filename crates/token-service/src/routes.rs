@@ -23,7 +23,7 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 use registry_guard_core::bundle::Policy;
 use registry_guard_core::directory::Directory;
-use registry_guard_core::scope::Scope;
+use registry_guard_core::scope::{Resource, Scope};
 use registry_guard_core::token::{self, Verifier};
 use serde::Serialize;
 use serde_json::json;
@@ -262,14 +262,21 @@ fn issue(
         }
         state.directory.grant_under(policy, user, scopes)
     };
-    let token = state.issuer.registry_token(who, &grants, now)?;
+    // Additional claims (seed 004): those every granted repository's hierarchy agrees on.
+    let claims = policy.claims.for_repositories(grants.iter().filter_map(|g| match &g.scope.resource {
+        Resource::Repository(name) => Some(name.as_str()),
+        Resource::Catalog => None,
+    }));
+    let claim_names: Vec<&str> = claims.keys().map(String::as_str).collect();
+    let claims_log = if claim_names.is_empty() { String::new() } else { format!(" claims={claim_names:?}") };
+    let token = state.issuer.registry_token(who, &grants, claims, now)?;
     let refresh_token = if offline { Some(state.issuer.refresh_token(who, now)?) } else { None };
     let requested: Vec<String> = scopes.iter().map(ToString::to_string).collect();
     let granted: Vec<String> = grants.iter().map(|g| g.scope.to_string()).collect();
     let deploy_token = who.deploy_token_id.map(|id| format!(" deploy_token_id={id}")).unwrap_or_default();
     tracing::info!(
         "issued token: sub={:?} auth_type={}{deploy_token} requested={requested:?} granted={granted:?} \
-         withheld={withheld:?} bundle_revision={} refresh_token={}",
+         withheld={withheld:?}{claims_log} bundle_revision={} refresh_token={}",
         who.username,
         who.auth_type.as_str(),
         policy.revision,

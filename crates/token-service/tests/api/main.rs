@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 mod bundle;
+mod claims;
 mod config_errors;
 mod deploy_tokens;
 mod helpers;
