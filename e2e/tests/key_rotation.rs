@@ -160,7 +160,7 @@ fn rotating_the_signing_key_fails_no_request() {
     std::thread::sleep(Duration::from_secs((TTL + LEEWAY + 1) as u64));
     assert!(now() >= switched_at + TTL + LEEWAY);
     write_settings(&stack, serde_json::json!([{"path": "keys/next-key.pem"}]));
-    stack.reload_token_service_keys(&[new.kid.clone()]);
+    stack.reload_token_service_keys(std::slice::from_ref(&new.kid));
     push_keys(&stack);
     std::thread::sleep(Duration::from_secs(1));
 
