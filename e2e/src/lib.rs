@@ -46,18 +46,46 @@ pub struct Stack {
     pub hub_port: u16,
     pub consumer_port: u16,
     pub events_port: u16,
+    /// Whether the registry verifies tokens itself (see [`Options::registry_token_auth`]).
+    pub registry_token_auth: bool,
     procs: Vec<Proc>,
+}
+
+/// How to start a [`Stack`]; `Options::default()` is what [`Stack::start`] uses.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// `token_ttl_seconds` of the token service (the example's 300 when `None`).
+    pub token_ttl_seconds: Option<i64>,
+    /// Defence in depth: the registry verifies the same tokens itself (`auth: token`, with a
+    /// self-signed certificate of the token signing key as `rootcertbundle`), and the token
+    /// service puts libtrust key ids in token headers (`kid_format: libtrust`).
+    pub registry_token_auth: bool,
 }
 
 impl Stack {
     /// Starts everything with the example principals and a fresh signing key.
     pub fn start() -> Stack {
+        Stack::start_with(Options::default())
+    }
+
+    /// Starts everything as [`Stack::start`] does, adjusted by `options`.
+    pub fn start_with(options: Options) -> Stack {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_dir = dir.path().join("config");
         fs::create_dir_all(&config_dir).expect("mkdir config");
         for f in ["principals.json", "token-service.json"] {
             fs::copy(root().join("policies/example").join(f), config_dir.join(f)).expect("copy example config");
         }
+        let settings_path = config_dir.join("token-service.json");
+        let mut settings: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&settings_path).expect("read settings")).expect("settings json");
+        if let Some(ttl) = options.token_ttl_seconds {
+            settings["token_ttl_seconds"] = ttl.into();
+        }
+        if options.registry_token_auth {
+            settings["kid_format"] = "libtrust".into();
+        }
+        fs::write(&settings_path, settings.to_string()).expect("write settings");
         let mut stack = Stack {
             config_dir,
             envoy_port: free_port(),
@@ -68,6 +96,7 @@ impl Stack {
             hub_port: free_port(),
             consumer_port: free_port(),
             events_port: free_port(),
+            registry_token_auth: false,
             procs: Vec::new(),
             dir,
         };
@@ -76,6 +105,7 @@ impl Stack {
         stack.rgctl(&["keygen", "--out", &keys, "--name", "operator"]);
         fs::write(stack.path("events-secret"), "e2e-events-secret").expect("events secret");
         stack.start_consumer();
+        stack.registry_token_auth = options.registry_token_auth;
         stack.start_registry();
         stack.start_token_service();
         stack.start_envoy();
@@ -140,6 +170,12 @@ impl Stack {
             ],
             &[],
         );
+        if self.registry_token_auth {
+            let auth = self.registry_auth_section();
+            let mut text = fs::read_to_string(&cfg).expect("read registry.yml");
+            text.push_str(&auth);
+            fs::write(&cfg, text).expect("write registry.yml");
+        }
         self.spawn("registry", Command::new("docker-registry").arg("serve").arg(cfg));
         self.wait_http(self.registry_port, "/v2/", "registry");
         // The dependency proxy: a pull-through cache in front of a local "hub".
@@ -175,6 +211,55 @@ impl Stack {
         );
         self.spawn("dependency-proxy", Command::new("docker-registry").arg("serve").arg(cache));
         self.wait_http(self.cache_port, "/v2/", "dependency-proxy");
+    }
+
+    /// A self-signed X.509 certificate (openssl) of the token signing key, and the registry's
+    /// `auth: token` section trusting it: distribution 2.8 looks a token's `kid` up among
+    /// the libtrust key ids of the certificates in `rootcertbundle`.
+    fn registry_auth_section(&self) -> String {
+        let cert = self.path("token-signing-cert.pem");
+        let out = Command::new("openssl")
+            .args(["req", "-new", "-x509", "-days", "2", "-subj", "/CN=registry-guard token signing"])
+            .arg("-key")
+            .arg(self.config_dir.join("keys/signing-key.pem"))
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("run openssl");
+        assert!(out.status.success(), "openssl req failed: {}", String::from_utf8_lossy(&out.stderr));
+        format!(
+            "auth:\n  token:\n    realm: {}\n    service: container_registry\n    issuer: registry-guard\n    rootcertbundle: {}\n",
+            self.realm(),
+            cert.display()
+        )
+    }
+
+    /// Sends SIGHUP to the token service (it re-reads its key ring) and waits until its
+    /// `/jwks` lists exactly `kids` (in order).
+    pub fn reload_token_service_keys(&self, kids: &[String]) {
+        let pid = self.procs.iter().find(|p| p.name == "token-service").expect("token service").child.id();
+        let status = Command::new("kill").args(["-HUP", &pid.to_string()]).status().expect("run kill");
+        assert!(status.success(), "kill -HUP {pid} failed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let listed = self.jwks_kids();
+            if listed == kids {
+                return;
+            }
+            assert!(Instant::now() < deadline, "token service /jwks lists {listed:?}, expected {kids:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The key ids the token service publishes at `/jwks`.
+    pub fn jwks_kids(&self) -> Vec<String> {
+        let text = ureq::get(&format!("http://127.0.0.1:{}/jwks", self.token_port))
+            .call()
+            .expect("GET /jwks")
+            .into_string()
+            .expect("jwks body");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("jwks json");
+        v["keys"].as_array().expect("keys").iter().map(|k| k["kid"].as_str().expect("kid").to_owned()).collect()
     }
 
     /// Pushes a generated image straight into the hub (no auth there) as `repo:tag`.

@@ -69,3 +69,27 @@ fn route_grammar_in_wasm() {
         Some("a/blobs/b")
     );
 }
+
+/// Key ids and additional claims behave the same under V8: the libtrust id of a known key,
+/// a key set resolving both id formats, and claim inheritance/merging of a bundle.
+#[wasm_bindgen_test]
+fn key_ids_and_claims_in_wasm() {
+    let key = es256_key(1);
+    assert_eq!(key.libtrust_kid(), "ZPCH:6X4H:X3PL:IE44:AARF:5Y35:FEQW:M2HZ:NH5C:BWPT:BABH:XCH3");
+    let keys = KeySet::from_jwks(&jwks(&[&key])).unwrap();
+    assert!(keys.get(&key.libtrust_kid()).is_some());
+    assert!(keys.get(&key.thumbprint()).is_some());
+    let policy = bundle::Policy::from_json(
+        r#"{"revision": 1, "additional_claims": [
+            {"group": "acme", "claims": {"tenant": {"value": "acme"}, "cc": {"value": 1, "mutable": true}}},
+            {"project": "acme/web", "claims": {"cc": {"value": 2}}}]}"#,
+    )
+    .unwrap();
+    assert_eq!(policy.claims.for_repository("acme/web/app").get("cc"), Some(&serde_json::json!(2)));
+    assert_eq!(policy.claims.for_repositories(["acme/web/app", "acme/x"]).len(), 1);
+    let refused = bundle::Policy::from_json(
+        r#"{"revision": 1, "additional_claims": [{"project": "acme/web", "claims": {"jti": {"value": "x"}}}]}"#,
+    )
+    .unwrap_err();
+    assert_eq!(refused.path, "$.additional_claims[0].claims.jti");
+}

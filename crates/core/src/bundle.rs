@@ -1,5 +1,5 @@
 //! The policy bundle: one versioned, operator-signed document with the protection rules
-//! (and, later, deploy tokens and extra claims). Raw serde types → a compiled [`Policy`];
+//! deploy tokens, revocations and additional claims. Raw serde types → a compiled [`Policy`];
 //! every error names the JSON path and the reason.
 //!
 //! Signing: the bundle is the payload of a compact JWS (ES256, header `typ: rg-bundle+jwt`,
@@ -41,6 +41,9 @@ struct RawBundle {
     deploy_tokens: Vec<crate::deploy::RawDeployToken>,
     #[serde(default)]
     revocations: crate::deploy::RawRevocations,
+    /// Operator-defined token claims by group, subgroup and project (seed 004).
+    #[serde(default)]
+    additional_claims: Vec<crate::claims::RawLevel>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,6 +104,8 @@ pub struct Policy {
     pub rules: RuleSet,
     /// Deploy tokens and revocations.
     pub credentials: crate::deploy::Credentials,
+    /// Additional token claims by group, subgroup and project.
+    pub claims: crate::claims::Claims,
 }
 
 impl Policy {
@@ -172,10 +177,12 @@ fn compile(raw: RawBundle) -> Result<Policy, BundleError> {
     }
     let credentials =
         crate::deploy::compile(raw.deploy_tokens, raw.revocations).map_err(|(path, reason)| error(path, reason))?;
+    let claims = crate::claims::compile(raw.additional_claims).map_err(|(path, reason)| error(path, reason))?;
     Ok(Policy {
         revision: raw.revision,
         rules: RuleSet::new(rules, raw.settings.admins_bypass_protection),
         credentials,
+        claims,
     })
 }
 

@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod bundle;
+pub mod claims;
 pub mod config;
 pub mod corpus;
 pub mod decision;

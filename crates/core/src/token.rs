@@ -38,6 +38,79 @@ impl VerifyingKey {
     }
 }
 
+/// DER `SubjectPublicKeyInfo` prefix of an uncompressed P-256 point (id-ecPublicKey,
+/// prime256v1, BIT STRING of 66 bytes); the 65-byte point follows.
+const P256_SPKI_PREFIX: [u8; 26] = [
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce,
+    0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+];
+/// DER `SubjectPublicKeyInfo` prefix of an Ed25519 key (RFC 8410); the 32-byte key follows.
+const ED25519_SPKI_PREFIX: [u8; 12] = [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
+
+impl VerifyingKey {
+    /// The DER `SubjectPublicKeyInfo` of the key (what Go's `x509.MarshalPKIXPublicKey`
+    /// produces), or `None` if it cannot be encoded.
+    pub fn spki_der(&self) -> Option<Vec<u8>> {
+        match self {
+            VerifyingKey::Es256(k) => {
+                let point = k.to_encoded_point(false);
+                Some([P256_SPKI_PREFIX.as_slice(), point.as_bytes()].concat())
+            }
+            VerifyingKey::Rs256(k) => {
+                use rsa::pkcs8::EncodePublicKey as _;
+                k.to_public_key_der().ok().map(|d| d.as_bytes().to_vec())
+            }
+            VerifyingKey::EdDsa(k) => Some([ED25519_SPKI_PREFIX.as_slice(), k.as_ref()].concat()),
+        }
+    }
+
+    /// The libtrust key id of the key (what distribution 2.8 looks a token's `kid` up by).
+    pub fn libtrust_kid(&self) -> Option<String> {
+        self.spki_der().map(|der| libtrust_kid(&der))
+    }
+
+    /// The RFC 7638 thumbprint of the key.
+    pub fn thumbprint(&self) -> String {
+        let jwk = match self {
+            VerifyingKey::Es256(k) => JsonWebKey::from(k),
+            VerifyingKey::Rs256(k) => JsonWebKey::from(k),
+            VerifyingKey::EdDsa(k) => JsonWebKey::from(k),
+        };
+        thumbprint(&jwk)
+    }
+}
+
+/// The libtrust key id (docker/libtrust `keyIDFromCryptoKey`, which distribution 2.8 uses
+/// for a token's `kid`): SHA-256 of the DER `SubjectPublicKeyInfo`, first 240 bits, base32
+/// (RFC 4648 alphabet, no padding: 48 characters), in 12 groups of 4 joined by `:`.
+pub fn libtrust_kid(spki_der: &[u8]) -> String {
+    use sha2::Digest as _;
+    let digest = Sha256::digest(spki_der);
+    let encoded = base32(digest.get(..30).unwrap_or_default());
+    let groups: Vec<&str> = (0..encoded.len()).step_by(4).filter_map(|i| encoded.get(i..i + 4)).collect();
+    groups.join(":")
+}
+
+/// RFC 4648 base32 without padding.
+fn base32(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut out = String::with_capacity(bytes.len().div_ceil(5) * 8);
+    let (mut buffer, mut bits) = (0u32, 0u32);
+    for &b in bytes {
+        buffer = (buffer << 8) | u32::from(b);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.extend(ALPHABET.get(((buffer >> bits) & 31) as usize).map(|&c| char::from(c)));
+        }
+        buffer &= (1 << bits) - 1;
+    }
+    if bits > 0 {
+        out.extend(ALPHABET.get(((buffer << (5 - bits)) & 31) as usize).map(|&c| char::from(c)));
+    }
+    out
+}
+
 impl VerifyingKey {
     /// Checks `token`'s signature with this key — and so with this key's one algorithm:
     /// jwt-compact refuses a header naming another before looking at the signature — and
@@ -81,9 +154,15 @@ pub enum KeySetError {
 }
 
 /// The keys a verifier accepts, by key id. Several keys at once allow rotation.
+///
+/// Each key is found by the `kid` it is listed under and also by its other names: its RFC
+/// 7638 thumbprint and its libtrust key id. So tokens whose header carries either format
+/// verify against the same JWKS; the listed `kid` wins over another key's other name.
 #[derive(Debug, Clone, Default)]
 pub struct KeySet {
     keys: Vec<(String, VerifyingKey)>,
+    /// (other name, index into `keys`).
+    aliases: Vec<(String, usize)>,
 }
 
 impl KeySet {
@@ -130,8 +209,14 @@ impl KeySet {
                 Some(_) => return Err(err("`kid` must be a non-empty string".into())),
                 None => thumbprint(&jwk),
             };
-            if set.get(&kid).is_some() {
+            if set.keys.iter().any(|(k, _)| *k == kid) {
                 return Err(KeySetError::DuplicateKid { index, kid });
+            }
+            let position = set.keys.len();
+            for alias in [Some(key.thumbprint()), key.libtrust_kid()].into_iter().flatten() {
+                if alias != kid {
+                    set.aliases.push((alias, position));
+                }
             }
             set.keys.push((kid, key));
         }
@@ -141,8 +226,11 @@ impl KeySet {
         Ok(set)
     }
 
+    /// The key listed under `kid`, else the key whose thumbprint or libtrust key id is `kid`.
     pub fn get(&self, kid: &str) -> Option<&VerifyingKey> {
-        self.keys.iter().find(|(k, _)| k == kid).map(|(_, key)| key)
+        self.keys.iter().find(|(k, _)| k == kid).map(|(_, key)| key).or_else(|| {
+            self.aliases.iter().find(|(a, _)| a == kid).and_then(|(_, i)| self.keys.get(*i)).map(|(_, key)| key)
+        })
     }
 
     pub fn kids(&self) -> impl Iterator<Item = &str> {
@@ -394,11 +482,51 @@ pub struct SigningKey {
     pub key: p256::ecdsa::SigningKey,
 }
 
+/// Which key id a signing key puts in token headers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KidFormat {
+    /// RFC 7638 thumbprint (SHA-256, base64url).
+    #[default]
+    Rfc7638,
+    /// The libtrust key id distribution 2.8 requires when it verifies tokens itself.
+    Libtrust,
+}
+
 impl SigningKey {
     /// Uses the RFC 7638 thumbprint of the public key as key id.
     pub fn new(key: p256::ecdsa::SigningKey) -> SigningKey {
         let kid = thumbprint(&JsonWebKey::from(key.verifying_key()));
         SigningKey { kid, key }
+    }
+
+    /// The same key, naming itself in token headers with `format`.
+    pub fn with_kid_format(self, format: KidFormat) -> SigningKey {
+        let kid = match format {
+            KidFormat::Rfc7638 => self.thumbprint(),
+            KidFormat::Libtrust => self.libtrust_kid(),
+        };
+        SigningKey { kid, key: self.key }
+    }
+
+    /// RFC 7638 thumbprint of the public key.
+    pub fn thumbprint(&self) -> String {
+        thumbprint(&JsonWebKey::from(self.key.verifying_key()))
+    }
+
+    /// libtrust key id of the public key.
+    pub fn libtrust_kid(&self) -> String {
+        let point = self.key.verifying_key().to_encoded_point(false);
+        libtrust_kid(&[P256_SPKI_PREFIX.as_slice(), point.as_bytes()].concat())
+    }
+
+    /// The public JWK listed under `kid` (for a JWKS that names the key both ways).
+    pub fn public_jwk_as(&self, kid: &str) -> serde_json::Value {
+        let mut v = self.public_jwk();
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("kid".into(), kid.into());
+        }
+        v
     }
 
     /// The public JWK (with `kid`, `alg`, `use`) for a JWKS document.
@@ -697,5 +825,95 @@ mod tests {
         let h = Header::empty().with_key_id(k.kid.clone()).with_key_set_url("http://evil/jwks");
         let t = Es256.token(&h, &c, &k.key).unwrap();
         assert_eq!(verifier(&[&k]).verify(&t, NOW), Err(TokenError::ForbiddenHeader("jku")));
+    }
+}
+
+#[cfg(test)]
+mod kid_tests {
+    use super::testing::*;
+    use super::*;
+
+    #[test]
+    fn base32_matches_rfc_4648() {
+        for (input, expected) in [
+            ("", ""),
+            ("f", "MY"),
+            ("fo", "MZXQ"),
+            ("foo", "MZXW6"),
+            ("foob", "MZXW6YQ"),
+            ("fooba", "MZXW6YTB"),
+            ("foobar", "MZXW6YTBOI"),
+        ] {
+            assert_eq!(base32(input.as_bytes()), expected, "{input}");
+        }
+    }
+
+    /// Checked independently: `openssl pkey -pubin -outform DER` re-encodes the same DER, and
+    /// base32(sha256(der)[:30]) in 4-character groups gives this id.
+    #[test]
+    fn libtrust_kid_of_a_known_key() {
+        let key = es256_key(1);
+        assert_eq!(key.libtrust_kid(), "ZPCH:6X4H:X3PL:IE44:AARF:5Y35:FEQW:M2HZ:NH5C:BWPT:BABH:XCH3");
+        let der = VerifyingKey::Es256(*key.key.verifying_key()).spki_der().unwrap();
+        use base64::Engine as _;
+        assert_eq!(
+            base64::engine::general_purpose::STANDARD.encode(&der),
+            "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEe19lbSzPgE9L3OuHKfVK0fhkiqxH4lf3gnnmudhDC7W9cTJcrmvfPoLXaKXSi8gwsd2E5MdSTMSBllTg1w/AaQ=="
+        );
+        let kid = key.libtrust_kid();
+        assert_eq!(kid.len(), 12 * 4 + 11);
+        assert!(kid
+            .split(':')
+            .all(|g| g.len() == 4 && g.bytes().all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b))));
+        assert_ne!(es256_key(2).libtrust_kid(), kid);
+    }
+
+    #[test]
+    fn key_sets_resolve_both_key_id_formats() {
+        let a = es256_key(1);
+        let b = es256_key(2);
+        let keys = KeySet::from_jwks(&jwks(&[&a, &b])).unwrap();
+        for key in [&a, &b] {
+            for kid in [key.thumbprint(), key.libtrust_kid()] {
+                let found = keys.get(&kid).unwrap();
+                assert_eq!(found.thumbprint(), key.thumbprint(), "{kid}");
+            }
+        }
+        assert!(keys.get("ZPCH:6X4H:X3PL:IE44:AARF:5Y35:FEQW:M2HZ:NH5C:BWPT:BABH:XCH4").is_none());
+        // A token whose header names the libtrust id verifies against the same JWKS.
+        let libtrust = a.clone().with_kid_format(KidFormat::Libtrust);
+        assert_eq!(libtrust.kid, a.libtrust_kid());
+        let claims = RegistryClaims {
+            iss: "i".into(),
+            sub: "s".into(),
+            aud: Audience::One("a".into()),
+            jti: "j".into(),
+            access: vec![],
+            auth_type: None,
+            user: None,
+            extra: Default::default(),
+        };
+        let token = sign(&libtrust, claims, Validity { issued_at: 100, not_before: 100, expires_at: 200 }).unwrap();
+        let verifier = Verifier { keys, issuer: "i".into(), audience: "a".into(), leeway_seconds: 0 };
+        let verified = verifier.verify(&token, 150).unwrap();
+        assert_eq!(verified.kid, a.libtrust_kid());
+        // Signed by b but naming a's libtrust id: the signature check fails.
+        let forged = b.clone().with_kid_format(KidFormat::Libtrust);
+        let forged = SigningKey { kid: a.libtrust_kid(), key: forged.key };
+        let claims = RegistryClaims {
+            iss: "i".into(),
+            sub: "s".into(),
+            aud: Audience::One("a".into()),
+            jti: "j".into(),
+            access: vec![],
+            auth_type: None,
+            user: None,
+            extra: Default::default(),
+        };
+        let token = sign(&forged, claims, Validity { issued_at: 100, not_before: 100, expires_at: 200 }).unwrap();
+        assert!(matches!(verifier.verify(&token, 150), Err(TokenError::BadSignature(_))));
+        // A JWKS listing the same key under both ids is accepted too.
+        let both = serde_json::json!({"keys": [a.public_jwk(), a.public_jwk_as(&a.libtrust_kid())]});
+        assert_eq!(KeySet::from_jwks(&both).unwrap().len(), 2);
     }
 }

@@ -153,7 +153,20 @@ fn push_envoy(jws: &str, ecds: &Path, admin: &str, force: bool) -> Result<String
         .as_object_mut()
         .with_context(|| format!("filter configuration in `{}` is not a JSON object", ecds.display()))?
         .insert("bundle".into(), jws.into());
-    let config_text = serde_json::to_string(&config)?;
+    replace_config(ecds, admin, &previous, &mut doc, &config)
+}
+
+/// Writes `config` into the ECDS document `doc` (read from `ecds`, whose bytes were
+/// `previous`) and waits for Envoy to load or reject it; on a rejection the previous file is
+/// put back.
+fn replace_config(
+    ecds: &Path,
+    admin: &str,
+    previous: &[u8],
+    doc: &mut serde_json::Value,
+    config: &serde_json::Value,
+) -> Result<String> {
+    let config_text = serde_json::to_string(config)?;
     if let Some(v) = doc.pointer_mut("/resources/0/typed_config/config/configuration/value") {
         *v = config_text.into();
     }
@@ -166,7 +179,7 @@ fn push_envoy(jws: &str, ecds: &Path, admin: &str, force: bool) -> Result<String
         let now = envoy_stats(admin)?;
         if stat(&now, &rejected) > stat(&before, &rejected) {
             // Keep the last known good configuration on disk too, so a restart serves it.
-            write_atomically(ecds, &previous)?;
+            write_atomically(ecds, previous)?;
             bail!(
                 "Envoy rejected the configuration (see its log for the filter's reason); active revision stays {}",
                 stat(&now, "wasmcustom.registry_guard.bundle_revision")
@@ -183,6 +196,62 @@ fn push_envoy(jws: &str, ecds: &Path, admin: &str, force: bool) -> Result<String
             bail!("Envoy did not pick up `{}` within 15 s", ecds.display());
         }
     }
+}
+
+/// Reads a JWKS from a file or an `http://` URL (a token service's `/jwks`).
+pub fn read_jwks(source: &str) -> Result<serde_json::Value> {
+    let value: serde_json::Value = if source.starts_with("http://") || source.starts_with("https://") {
+        let text = ureq::get(source)
+            .timeout(Duration::from_secs(10))
+            .call()
+            .with_context(|| format!("cannot fetch the JWKS at {source}"))?
+            .into_string()?;
+        serde_json::from_str(&text).with_context(|| format!("{source} did not answer JSON"))?
+    } else {
+        let text = fs::read_to_string(source).with_context(|| format!("cannot read `{source}`"))?;
+        serde_json::from_str(&text).with_context(|| format!("`{source}` is not JSON"))?
+    };
+    KeySet::from_jwks(&value).map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+    Ok(value)
+}
+
+/// Replaces the trusted token keys (`jwks`) of running Envoys (key rotation), keeping the
+/// rest of their filter configuration (bundle included), and reports what each did.
+pub fn push_keys(jwks_source: &str, envoys: &[String]) -> Result<()> {
+    if envoys.is_empty() {
+        bail!("nothing to push to: give --envoy ECDS_FILE=ADMIN_URL");
+    }
+    let jwks = read_jwks(jwks_source)?;
+    let keys = KeySet::from_jwks(&jwks).map_err(|e| anyhow::anyhow!("{jwks_source}: {e}"))?;
+    let kids: Vec<&str> = keys.kids().collect();
+    let mut failures = 0;
+    for spec in envoys {
+        let (ecds, admin) =
+            spec.split_once('=').with_context(|| format!("`--envoy {spec}` is not ECDS_FILE=ADMIN_URL"))?;
+        let result = (|| {
+            let ecds = Path::new(ecds);
+            let previous = fs::read(ecds).with_context(|| format!("cannot read ECDS file `{}`", ecds.display()))?;
+            let (mut doc, mut config) = read_filter_config(ecds)?;
+            config
+                .as_object_mut()
+                .with_context(|| format!("filter configuration in `{}` is not a JSON object", ecds.display()))?
+                .insert("jwks".into(), jwks.clone());
+            registry_guard_core::config::FilterConfig::from_json(serde_json::to_string(&config)?.as_bytes())
+                .map_err(|e| anyhow::anyhow!("refused locally: {e}"))?;
+            replace_config(ecds, admin, &previous, &mut doc, &config)
+        })();
+        match result {
+            Ok(msg) => println!("envoy {admin}: trusts {} key id(s) {kids:?}; {msg}", kids.len()),
+            Err(e) => {
+                failures += 1;
+                println!("envoy {admin}: REJECTED the keys: {e:#}");
+            }
+        }
+    }
+    if failures > 0 {
+        bail!("{failures} Envoy(s) did not accept the keys; they keep their previous keys");
+    }
+    Ok(())
 }
 
 fn push_token_service(jws: &str, url: &str) -> Result<String> {

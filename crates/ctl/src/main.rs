@@ -34,11 +34,12 @@ struct Cli {
 enum Command {
     /// Create an ES256 key (PKCS#8 PEM, mode 0600) unless one exists, and write its JWKS.
     /// `--name signing` (default): the token service's key → `signing-key.pem`, `jwks.json`;
-    /// `--name operator`: the bundle-signing key → `operator-key.pem`, `operator-jwks.json`.
+    /// `--name operator`: the bundle-signing key → `operator-key.pem`, `operator-jwks.json`;
+    /// any other name (e.g. `next`, for key rotation) → `<name>-key.pem`, `<name>-jwks.json`.
     Keygen {
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value = "signing", value_parser = ["signing", "operator"])]
+        #[arg(long, default_value = "signing")]
         name: String,
     },
     /// Check a policy bundle (JSON) and print its revision and rule count; errors name the
@@ -68,6 +69,21 @@ enum Command {
         /// Deliver even if the local check fails (to exercise the components' own checks).
         #[arg(long)]
         force: bool,
+    },
+    /// Replace the token keys running Envoys trust (key rotation): the JWKS from a file or a
+    /// token service's `/jwks` URL goes into each filter configuration; the bundle stays.
+    PushKeys {
+        /// A JWKS file or URL (e.g. `http://127.0.0.1:5001/jwks`).
+        #[arg(long, value_name = "FILE_OR_URL")]
+        jwks: String,
+        /// An Envoy to update: `ECDS_FILE=ADMIN_URL`.
+        #[arg(long = "envoy", value_name = "ECDS_FILE=ADMIN_URL")]
+        envoys: Vec<String>,
+    },
+    /// Print a signing key's ids: RFC 7638 thumbprint and libtrust key id.
+    Kid {
+        /// PKCS#8 PEM P-256 private key.
+        key: PathBuf,
     },
     /// Show the active bundle revision (and rejections) of each component.
     Status {
@@ -199,11 +215,15 @@ fn run(cli: Cli) -> Result<()> {
                 Some(k) => registry_guard_core::bundle::verify(&text, &load_keyset(&k)?),
             }
             .map_err(|e| anyhow::anyhow!("{}: {e}", bundle.display()))?;
+            let claims = policy.claims.levels();
+            let claim_count: usize = claims.iter().map(|l| l.claims.len()).sum();
             println!(
-                "ok: {} is valid: revision {}, {} protection rules",
+                "ok: {} is valid: revision {}, {} protection rules, {} additional claims at {} levels",
                 bundle.display(),
                 policy.revision,
-                policy.rules.len()
+                policy.rules.len(),
+                claim_count,
+                claims.len()
             );
             Ok(())
         }
@@ -220,6 +240,13 @@ fn run(cli: Cli) -> Result<()> {
             deliver::push(&bundle, &envoys, &token_services, force)
         }
         Command::Status { envoys, token_services } => deliver::status(&envoys, &token_services),
+        Command::PushKeys { jwks, envoys } => deliver::push_keys(&jwks, &envoys),
+        Command::Kid { key } => {
+            let key = load_signing_key(&key)?;
+            println!("rfc7638  {}", key.thumbprint());
+            println!("libtrust {}", key.libtrust_kid());
+            Ok(())
+        }
         Command::Explain { bundle, keys, principals, user, method, path } => {
             let text = read(&bundle)?;
             let policy = match keys {
@@ -342,9 +369,14 @@ fn load_keyset(path: &Path) -> Result<KeySet> {
 
 fn keygen(out: &Path, name: &str) -> Result<()> {
     fs::create_dir_all(out).with_context(|| format!("cannot create `{}`", out.display()))?;
-    let (pem_name, jwks_name) =
-        if name == "operator" { ("operator-key.pem", "operator-jwks.json") } else { ("signing-key.pem", "jwks.json") };
-    let pem_path = out.join(pem_name);
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        bail!("key name `{name}` must be letters, digits, `-` or `_`");
+    }
+    let (pem_name, jwks_name) = match name {
+        "signing" => ("signing-key.pem".to_owned(), "jwks.json".to_owned()),
+        other => (format!("{other}-key.pem"), format!("{other}-jwks.json")),
+    };
+    let pem_path = out.join(&pem_name);
     if pem_path.exists() {
         eprintln!("keeping existing {name} key {}", pem_path.display());
     } else {
@@ -355,8 +387,8 @@ fn keygen(out: &Path, name: &str) -> Result<()> {
     }
     let key = load_signing_key(&pem_path)?;
     let jwks = serde_json::json!({ "keys": [key.public_jwk()] });
-    fs::write(out.join(jwks_name), serde_json::to_string_pretty(&jwks)? + "\n")?;
-    eprintln!("key id {} (JWKS in {})", key.kid, out.join(jwks_name).display());
+    fs::write(out.join(&jwks_name), serde_json::to_string_pretty(&jwks)? + "\n")?;
+    eprintln!("key id {} (JWKS in {})", key.kid, out.join(&jwks_name).display());
     Ok(())
 }
 

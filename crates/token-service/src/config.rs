@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use argon2::password_hash::PasswordHash;
 use registry_guard_core::bundle::{self, Policy};
 use registry_guard_core::directory::Directory;
-use registry_guard_core::token::{KeySet, SigningKey};
+use registry_guard_core::token::{KeySet, KidFormat, SigningKey};
 use serde::Deserialize;
 
 use crate::keys;
@@ -33,7 +33,14 @@ struct RawSettings {
     issuer: String,
     service: String,
     token_ttl_seconds: i64,
-    signing_key: PathBuf,
+    /// The one signing key (shorthand for `signing_keys: [{"path": …}]`).
+    signing_key: Option<PathBuf>,
+    /// Every key of the ring, oldest first: all are published in `/jwks`; the newest with
+    /// `active: true` signs (key rotation).
+    signing_keys: Option<Vec<RawKeyEntry>>,
+    /// Key id in token headers: `rfc7638` (default) or `libtrust` (for a registry verifying
+    /// tokens itself with `auth: token`).
+    kid_format: KidFormat,
     /// JWKS of the operator keys that sign policy bundles; without it no bundle is accepted.
     bundle_keys: Option<PathBuf>,
     /// Where the active signed bundle lives (read at startup, written on `PUT /bundle`).
@@ -46,11 +53,111 @@ impl Default for RawSettings {
             issuer: "registry-guard".into(),
             service: "container_registry".into(),
             token_ttl_seconds: 300,
-            signing_key: PathBuf::from("keys/signing-key.pem"),
+            signing_key: None,
+            signing_keys: None,
+            kid_format: KidFormat::default(),
             bundle_keys: None,
             bundle: PathBuf::from(DEFAULT_BUNDLE_FILE),
         }
     }
+}
+
+/// Default path of the signing key, relative to the configuration directory.
+pub const DEFAULT_SIGNING_KEY: &str = "keys/signing-key.pem";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeyEntry {
+    path: PathBuf,
+    #[serde(default = "yes")]
+    active: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The token signing keys: the one that signs and every key that is published.
+#[derive(Debug, Clone)]
+pub struct KeyRing {
+    /// The newest active key; its `kid` is in the configured format.
+    pub signing: SigningKey,
+    pub signing_path: PathBuf,
+    /// Every key of the ring (the signing key included), oldest first, with its path.
+    pub keys: Vec<(PathBuf, SigningKey)>,
+    pub kid_format: KidFormat,
+}
+
+impl KeyRing {
+    /// The JWKS to publish: every key under its RFC 7638 thumbprint and, with
+    /// `kid_format: libtrust`, also under its libtrust key id (for verifiers that look keys
+    /// up by the header's `kid` literally).
+    pub fn jwks(&self) -> serde_json::Value {
+        let mut keys = Vec::new();
+        for (_, key) in &self.keys {
+            keys.push(key.public_jwk_as(&key.thumbprint()));
+            if self.kid_format == KidFormat::Libtrust {
+                keys.push(key.public_jwk_as(&key.libtrust_kid()));
+            }
+        }
+        serde_json::json!({ "keys": keys })
+    }
+}
+
+/// Reads the key ring named by `token-service.json` in `dir` (at startup and on reload).
+pub fn load_key_ring(dir: &Path) -> Result<KeyRing, ConfigError> {
+    let settings_path = dir.join(SETTINGS_FILE);
+    let raw = read_settings(&settings_path)?;
+    key_ring(dir, &settings_path, raw.signing_key, raw.signing_keys, raw.kid_format)
+}
+
+fn key_ring(
+    dir: &Path,
+    settings_path: &Path,
+    signing_key: Option<PathBuf>,
+    signing_keys: Option<Vec<RawKeyEntry>>,
+    kid_format: KidFormat,
+) -> Result<KeyRing, ConfigError> {
+    let entries = match (signing_key, signing_keys) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                settings_path,
+                Some("$.signing_keys".into()),
+                "set either `signing_key` or `signing_keys`, not both",
+            ))
+        }
+        (Some(path), None) => vec![RawKeyEntry { path, active: true }],
+        (None, Some(entries)) => entries,
+        (None, None) => vec![RawKeyEntry { path: PathBuf::from(DEFAULT_SIGNING_KEY), active: true }],
+    };
+    if entries.is_empty() {
+        return Err(ConfigError::new(settings_path, Some("$.signing_keys".into()), "must list at least one key"));
+    }
+    let mut keys: Vec<(PathBuf, SigningKey)> = Vec::with_capacity(entries.len());
+    let mut signing = None;
+    for (i, entry) in entries.into_iter().enumerate() {
+        let path = dir.join(&entry.path);
+        let key = load_signing_key(&path)?.with_kid_format(kid_format);
+        if let Some((other, _)) = keys.iter().find(|(_, k)| k.thumbprint() == key.thumbprint()) {
+            return Err(ConfigError::new(
+                settings_path,
+                Some(format!("$.signing_keys[{i}].path")),
+                format!("`{}` is the same key as `{}`", path.display(), other.display()),
+            ));
+        }
+        if entry.active {
+            signing = Some((path.clone(), key.clone()));
+        }
+        keys.push((path, key));
+    }
+    let (signing_path, signing) = signing.ok_or_else(|| {
+        ConfigError::new(
+            settings_path,
+            Some("$.signing_keys".into()),
+            "no key is `active`: at least one key must sign (the newest active key does)",
+        )
+    })?;
+    Ok(KeyRing { signing, signing_path, keys, kid_format })
 }
 
 /// A problem in the configuration directory.
@@ -87,9 +194,8 @@ pub struct Config {
     pub issuer: String,
     pub service: String,
     pub token_ttl_seconds: i64,
-    pub signing_key: SigningKey,
-    /// Where the signing key was read from (for the startup line).
-    pub signing_key_path: PathBuf,
+    /// The signing key and every published key.
+    pub keys: KeyRing,
     pub directory: Directory,
     /// Operator keys that may sign bundles (`bundle_keys`), if configured.
     pub bundle_keys: Option<KeySet>,
@@ -122,8 +228,7 @@ impl Config {
                 format!("must be between 1 and {MAX_TOKEN_TTL_SECONDS}, got {}", raw.token_ttl_seconds),
             ));
         }
-        let signing_key_path = dir.join(&raw.signing_key);
-        let signing_key = load_signing_key(&signing_key_path)?;
+        let keys = key_ring(dir, &settings_path, raw.signing_key, raw.signing_keys, raw.kid_format)?;
         let directory = load_principals(&dir.join(PRINCIPALS_FILE))?;
         if raw.bundle.as_os_str().is_empty() {
             return Err(ConfigError::new(&settings_path, field("bundle"), "must not be empty"));
@@ -142,8 +247,7 @@ impl Config {
             issuer: raw.issuer,
             service: raw.service,
             token_ttl_seconds: raw.token_ttl_seconds,
-            signing_key,
-            signing_key_path,
+            keys,
             directory,
             bundle_keys,
             bundle_keys_path,
@@ -201,7 +305,11 @@ fn read_settings(path: &Path) -> Result<RawSettings, ConfigError> {
 
 fn load_signing_key(path: &Path) -> Result<SigningKey, ConfigError> {
     let pem = std::fs::read_to_string(path).map_err(|e| {
-        ConfigError::new(path, None, format!("cannot read the signing key (`$.signing_key` of {SETTINGS_FILE}): {e}"))
+        ConfigError::new(
+            path,
+            None,
+            format!("cannot read the signing key (`$.signing_key` or `$.signing_keys` of {SETTINGS_FILE}): {e}"),
+        )
     })?;
     keys::signing_key_from_pem(&pem).map_err(|e| ConfigError::new(path, None, e.to_string()))
 }

@@ -2,10 +2,9 @@
 //! JWT) and refresh tokens. Grants come from the core (`Directory::grant_under` for users,
 //! `DeployToken::grant` for deploy tokens); signing is the core's `token::sign`.
 
-use std::collections::BTreeMap;
-
 use rand_core::RngCore as _;
 use registry_guard_core::access::AccessLevel;
+use registry_guard_core::claims::{is_built_in, ClaimMap};
 use registry_guard_core::directory::Grant;
 use registry_guard_core::token::{self, AccessClaim, AccessMeta, Audience, RegistryClaims, SigningKey, Validity};
 use serde::{Deserialize, Serialize};
@@ -117,8 +116,17 @@ impl TokenIssuer {
         }
     }
 
-    /// A registry token for `who` carrying `grants`, issued at `now`.
-    pub fn registry_token(&self, who: &Authenticated, grants: &[Grant], now: i64) -> Result<String, IssueError> {
+    /// A registry token for `who` carrying `grants` and the bundle's additional claims for
+    /// them (`extra`, from `Claims::for_repositories`), issued at `now`. Built-in claims are
+    /// always the service's own: an `extra` entry naming one is dropped (bundle validation
+    /// already refuses them).
+    pub fn registry_token(
+        &self,
+        who: &Authenticated,
+        grants: &[Grant],
+        extra: ClaimMap,
+        now: i64,
+    ) -> Result<String, IssueError> {
         let validity = self.validity(now, self.ttl_seconds);
         let user_claims = UserClaims {
             jti: random_hex(16)?,
@@ -138,7 +146,7 @@ impl TokenIssuer {
             access: access_claims(grants),
             auth_type: Some(who.auth_type.as_str().to_owned()),
             user: Some(user),
-            extra: BTreeMap::new(),
+            extra: extra.into_iter().filter(|(name, _)| !is_built_in(name)).collect(),
         };
         Ok(token::sign(&self.key, claims, validity)?)
     }

@@ -13,4 +13,4 @@ pub mod startup;
 
 pub use config::{Config, ConfigError};
 pub use keys::{generate_signing_key_pem, signing_key_from_pem};
-pub use startup::{Application, Settings, StartupError, DEFAULT_LISTEN};
+pub use startup::{Application, KeyReloader, Settings, StartupError, DEFAULT_LISTEN};

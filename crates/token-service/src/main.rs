@@ -36,9 +36,30 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let app = Application::build(Settings { config_dir: cli.config_dir, listen: cli.listen }).await?;
     eprintln!("{}", app.startup_line());
+    reload_keys_on_sighup(app.key_reloader());
     app.run_until(shutdown_signal()).await.context("serving HTTP")?;
     eprintln!("token service stopped");
     Ok(())
+}
+
+/// SIGHUP re-reads the key ring (rotation without a restart); a bad ring is logged and the
+/// current keys stay.
+fn reload_keys_on_sighup(reloader: registry_guard_token_service::KeyReloader) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            tracing::error!("cannot listen for SIGHUP: keys reload only on restart");
+            return;
+        };
+        while hangup.recv().await.is_some() {
+            match reloader.reload() {
+                Ok((kid, published)) => tracing::info!("keys reloaded: signing key id {kid}, {published} published"),
+                Err(e) => tracing::error!("keys not reloaded, current keys stay: {e}"),
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    drop(reloader);
 }
 
 /// Ctrl-C or SIGTERM.

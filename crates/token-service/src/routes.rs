@@ -11,7 +11,7 @@
 //! revision.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
@@ -23,7 +23,7 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 use registry_guard_core::bundle::Policy;
 use registry_guard_core::directory::Directory;
-use registry_guard_core::scope::Scope;
+use registry_guard_core::scope::{Resource, Scope};
 use registry_guard_core::token::{self, Verifier};
 use serde::Serialize;
 use serde_json::json;
@@ -43,20 +43,42 @@ pub const INVALID_CREDENTIALS_MESSAGE: &str = "invalid username or password";
 /// Largest accepted `POST /jwt/auth` body.
 pub const MAX_FORM_BYTES: usize = 64 * 1024;
 
-/// Everything a request handler needs, shared read-only between requests.
+/// What the key ring gives a request: the issuer (newest active key), the verifier of this
+/// service's own refresh tokens (every published key) and the JWKS. Replaced as a whole on
+/// a key reload, so a request sees one consistent set.
+#[derive(Debug)]
+pub struct ActiveKeys {
+    pub issuer: TokenIssuer,
+    /// Verifies this service's own refresh tokens (its public keys, its issuer and service).
+    pub refresh_verifier: Verifier,
+    pub jwks: serde_json::Value,
+}
+
+/// Everything a request handler needs, shared between requests.
 #[derive(Debug)]
 pub struct AppState {
     pub directory: Directory,
-    pub issuer: TokenIssuer,
-    /// Verifies this service's own refresh tokens (its public key, its issuer and service).
-    pub refresh_verifier: Verifier,
-    pub jwks: serde_json::Value,
+    /// The service's `service` (token audience), fixed for its lifetime.
+    pub service: String,
+    pub keys: RwLock<Arc<ActiveKeys>>,
     /// A real argon2 hash verified for unknown users, so that timing does not reveal them.
     pub decoy_hash: Option<String>,
     /// Permits for concurrent argon2 verifications.
     pub password_slots: Semaphore,
     /// The active policy bundle and the operator keys that may replace it.
     pub policy: PolicyStore,
+}
+
+impl AppState {
+    /// The key set to use for one request.
+    pub fn keys(&self) -> Arc<ActiveKeys> {
+        Arc::clone(&self.keys.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Makes `keys` the key set of every following request.
+    pub fn replace_keys(&self, keys: ActiveKeys) {
+        *self.keys.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(keys);
+    }
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -209,10 +231,10 @@ impl Params {
     /// Checks `service` (if given) and parses every `scope`.
     fn service_and_scopes(&self, state: &AppState) -> Result<Vec<Scope>, Problem> {
         if let Some(service) = self.get("service") {
-            if service != state.issuer.service {
+            if service != state.service {
                 return Err(Problem::InvalidRequest(format!(
                     "unknown service `{service}`; this token service issues tokens for `{}`",
-                    state.issuer.service
+                    state.service
                 )));
             }
         }
@@ -262,14 +284,22 @@ fn issue(
         }
         state.directory.grant_under(policy, user, scopes)
     };
-    let token = state.issuer.registry_token(who, &grants, now)?;
-    let refresh_token = if offline { Some(state.issuer.refresh_token(who, now)?) } else { None };
+    // Additional claims (seed 004): those every granted repository's hierarchy agrees on.
+    let claims = policy.claims.for_repositories(grants.iter().filter_map(|g| match &g.scope.resource {
+        Resource::Repository(name) => Some(name.as_str()),
+        Resource::Catalog => None,
+    }));
+    let claim_names: Vec<&str> = claims.keys().map(String::as_str).collect();
+    let claims_log = if claim_names.is_empty() { String::new() } else { format!(" claims={claim_names:?}") };
+    let keys = state.keys();
+    let token = keys.issuer.registry_token(who, &grants, claims, now)?;
+    let refresh_token = if offline { Some(keys.issuer.refresh_token(who, now)?) } else { None };
     let requested: Vec<String> = scopes.iter().map(ToString::to_string).collect();
     let granted: Vec<String> = grants.iter().map(|g| g.scope.to_string()).collect();
     let deploy_token = who.deploy_token_id.map(|id| format!(" deploy_token_id={id}")).unwrap_or_default();
     tracing::info!(
         "issued token: sub={:?} auth_type={}{deploy_token} requested={requested:?} granted={granted:?} \
-         withheld={withheld:?} bundle_revision={} refresh_token={}",
+         withheld={withheld:?}{claims_log} bundle_revision={} refresh_token={}",
         who.username,
         who.auth_type.as_str(),
         policy.revision,
@@ -278,7 +308,7 @@ fn issue(
     Ok(TokenResponse {
         access_token: token.clone(),
         token,
-        expires_in: state.issuer.ttl_seconds,
+        expires_in: keys.issuer.ttl_seconds,
         issued_at: rfc3339(now),
         refresh_token,
     })
@@ -391,7 +421,7 @@ fn redeem_refresh_token(
     now: i64,
 ) -> Result<Authenticated, Problem> {
     let invalid = |why: &str| Problem::InvalidCredentials(format!("invalid refresh token: {why}"));
-    let verified = state.refresh_verifier.verify(refresh_token, now).map_err(|e| {
+    let verified = state.keys().refresh_verifier.verify(refresh_token, now).map_err(|e| {
         tracing::info!("refresh token refused: {e}");
         invalid("it is not a valid token from this service")
     })?;
@@ -442,9 +472,10 @@ fn redeem_refresh_token(
     Ok(Authenticated::user(&user.username, user.id, auth_type, claims.pat_name))
 }
 
-/// `GET /jwks`: the public key tokens are signed with.
+/// `GET /jwks`: every public key of the ring (the signing key and the others published for
+/// rotation).
 async fn jwks(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    Json(state.jwks.clone())
+    Json(state.keys().jwks.clone())
 }
 
 async fn healthz() -> &'static str {

@@ -3,16 +3,16 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use registry_guard_core::token::{KeySet, KeySetError, Verifier};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{load_key_ring, Config, ConfigError, KeyRing};
 use crate::issue::TokenIssuer;
 use crate::policy::PolicyStore;
-use crate::routes::{self, AppState};
+use crate::routes::{self, ActiveKeys, AppState};
 
 /// Default `--listen` address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5001";
@@ -51,6 +51,8 @@ pub struct Summary {
     pub service: String,
     pub key_id: String,
     pub signing_key_path: PathBuf,
+    /// Keys published in `/jwks` (the signing key included).
+    pub published_keys: usize,
     pub token_ttl_seconds: i64,
     pub users: usize,
     /// Revision and rule count of the active bundle (0 and 0 without one).
@@ -66,24 +68,69 @@ pub struct Application {
     local_addr: SocketAddr,
     router: axum::Router,
     summary: Summary,
+    reloader: KeyReloader,
+}
+
+/// The issuer, refresh verifier and JWKS of a key ring.
+fn active_keys(ring: &KeyRing, issuer: &str, service: &str, ttl_seconds: i64) -> Result<ActiveKeys, StartupError> {
+    let jwks = ring.jwks();
+    let refresh_verifier = Verifier {
+        keys: KeySet::from_jwks(&jwks).map_err(StartupError::Jwks)?,
+        issuer: issuer.to_owned(),
+        audience: crate::issue::refresh_audience(service),
+        leeway_seconds: REFRESH_LEEWAY_SECONDS,
+    };
+    Ok(ActiveKeys {
+        issuer: TokenIssuer {
+            key: ring.signing.clone(),
+            issuer: issuer.to_owned(),
+            service: service.to_owned(),
+            ttl_seconds,
+        },
+        refresh_verifier,
+        jwks,
+    })
+}
+
+/// Re-reads the key ring of `token-service.json` (`signing_key`/`signing_keys`,
+/// `kid_format`) and swaps it in for the following requests; on any error the current keys
+/// stay. Other settings are read at startup only.
+#[derive(Clone)]
+pub struct KeyReloader {
+    state: Arc<AppState>,
+    config_dir: PathBuf,
+    issuer: String,
+    service: String,
+    ttl_seconds: i64,
+}
+
+impl std::fmt::Debug for KeyReloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyReloader({})", self.config_dir.display())
+    }
+}
+
+impl KeyReloader {
+    /// Returns the new signing key id and the number of published keys.
+    pub fn reload(&self) -> Result<(String, usize), StartupError> {
+        let ring = load_key_ring(&self.config_dir)?;
+        let keys = active_keys(&ring, &self.issuer, &self.service, self.ttl_seconds)?;
+        self.state.replace_keys(keys);
+        Ok((ring.signing.kid, ring.keys.len()))
+    }
 }
 
 impl Application {
     /// Loads and checks the configuration directory, then binds the listener.
     pub async fn build(settings: Settings) -> Result<Application, StartupError> {
         let config = Config::load(&settings.config_dir)?;
-        let jwks = serde_json::json!({ "keys": [config.signing_key.public_jwk()] });
-        let refresh_verifier = Verifier {
-            keys: KeySet::from_jwks(&jwks).map_err(StartupError::Jwks)?,
-            issuer: config.issuer.clone(),
-            audience: crate::issue::refresh_audience(&config.service),
-            leeway_seconds: REFRESH_LEEWAY_SECONDS,
-        };
+        let keys = active_keys(&config.keys, &config.issuer, &config.service, config.token_ttl_seconds)?;
         let summary = Summary {
             issuer: config.issuer.clone(),
             service: config.service.clone(),
-            key_id: config.signing_key.kid.clone(),
-            signing_key_path: config.signing_key_path.clone(),
+            key_id: config.keys.signing.kid.clone(),
+            signing_key_path: config.keys.signing_path.clone(),
+            published_keys: config.keys.keys.len(),
             token_ttl_seconds: config.token_ttl_seconds,
             users: config.directory.users().len(),
             bundle_revision: config.policy.revision,
@@ -93,26 +140,32 @@ impl Application {
         let activated_at = config.bundle_loaded.then(routes::now_unix);
         let policy = PolicyStore::new(config.policy, activated_at, config.bundle_keys, config.bundle_path);
         let decoy_hash = config.directory.users().iter().find_map(|u| u.password_hash.clone());
-        let state = AppState {
-            issuer: TokenIssuer {
-                key: config.signing_key,
-                issuer: config.issuer,
-                service: config.service,
-                ttl_seconds: config.token_ttl_seconds,
-            },
+        let state = Arc::new(AppState {
+            service: config.service.clone(),
+            keys: RwLock::new(Arc::new(keys)),
             directory: config.directory,
-            refresh_verifier,
-            jwks,
             decoy_hash,
             password_slots: Semaphore::new(password_slots()),
             policy,
+        });
+        let reloader = KeyReloader {
+            state: Arc::clone(&state),
+            config_dir: settings.config_dir.clone(),
+            issuer: config.issuer,
+            service: config.service,
+            ttl_seconds: config.token_ttl_seconds,
         };
         let listener = TcpListener::bind(settings.listen)
             .await
             .map_err(|source| StartupError::Bind { addr: settings.listen, source })?;
         let local_addr =
             listener.local_addr().map_err(|source| StartupError::Bind { addr: settings.listen, source })?;
-        Ok(Application { listener, local_addr, router: routes::router(Arc::new(state)), summary })
+        Ok(Application { listener, local_addr, router: routes::router(state), summary, reloader })
+    }
+
+    /// A handle that re-reads the key ring (`main` calls it on SIGHUP).
+    pub fn key_reloader(&self) -> KeyReloader {
+        self.reloader.clone()
     }
 
     /// The port actually bound (useful with port 0).
@@ -132,11 +185,13 @@ impl Application {
     pub fn startup_line(&self) -> String {
         let s = &self.summary;
         format!(
-            "token service listening on http://{} (issuer={}, service={}, key id={}, {} user{}, token ttl {}s, signing key {}, bundle revision {} ({} rule{}))",
+            "token service listening on http://{} (issuer={}, service={}, key id={}, {} published key{}, {} user{}, token ttl {}s, signing key {}, bundle revision {} ({} rule{}))",
             self.local_addr,
             s.issuer,
             s.service,
             s.key_id,
+            s.published_keys,
+            if s.published_keys == 1 { "" } else { "s" },
             s.users,
             if s.users == 1 { "" } else { "s" },
             s.token_ttl_seconds,

@@ -171,6 +171,11 @@ pub fn basic(user: &str, secret: &str) -> String {
 }
 
 impl TestApp {
+    /// A handle on a service started elsewhere (it runs until the test process ends).
+    pub fn attach(address: String, dir: tempfile::TempDir) -> TestApp {
+        TestApp { address, client: reqwest::Client::new(), dir, shutdown: None }
+    }
+
     /// Stops this instance and starts a new one on the same configuration directory.
     pub async fn restart(mut self) -> TestApp {
         if let Some(shutdown) = self.shutdown.take() {

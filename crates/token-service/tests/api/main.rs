@@ -3,9 +3,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 mod bundle;
+mod claims;
 mod config_errors;
 mod deploy_tokens;
 mod helpers;
+mod keys;
 mod revocations;
 mod token_get;
 mod token_post;
