@@ -24,9 +24,20 @@ fn artifact(rel: &str) -> PathBuf {
 }
 
 /// A free loopback port (bound then released; good enough on a test machine).
+/// A loopback port nobody listens on now and that this test process has not handed out
+/// before: the port is released before the component binds it, so without the memory two
+/// stacks started in parallel could be given the same port.
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    l.local_addr().expect("local addr").port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+        let port = l.local_addr().expect("local addr").port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 pub struct Proc {
