@@ -115,11 +115,6 @@ impl Policy {
         let raw: RawBundle = serde_path_to_error::deserialize(de).map_err(path_error)?;
         compile(raw)
     }
-
-    fn from_value(value: serde_json::Value) -> Result<Policy, BundleError> {
-        let raw: RawBundle = serde_path_to_error::deserialize(value).map_err(path_error)?;
-        compile(raw)
-    }
 }
 
 fn path_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> BundleError {

@@ -2,6 +2,7 @@
 //! proxy-wasm, no I/O and no clock. Time and inputs are arguments.
 
 pub mod access;
+pub mod audit;
 pub mod bundle;
 pub mod claims;
 pub mod config;
