@@ -144,6 +144,28 @@ fn two_authorization_headers_are_refused() {
 }
 
 #[test]
+fn a_form_body_behind_a_second_content_type_is_refused() {
+    // Regression (issue 7): the glue kept only the last Content-Type, so a form type first
+    // (which distribution's `r.FormValue` reads, `from` included) hid behind a second one.
+    let b = bearer(&["pull", "push"]);
+    for (first, second) in [
+        ("application/x-www-form-urlencoded", "application/octet-stream"),
+        ("application/octet-stream", "multipart/form-data; boundary=x"),
+    ] {
+        let mut host = FakeHost::request("POST", "/v2/acme/web/app/blobs/uploads/")
+            .with_header("authorization", &b)
+            .with_header("content-type", first)
+            .with_header("content-type", second);
+        assert_eq!(on_request_headers(&mut host, 1, Some(&guard()), None), Outcome::Denied, "{first} + {second}");
+        assert_eq!(host.replies[0].0, 400);
+    }
+    let mut host = FakeHost::request("POST", "/v2/acme/web/app/blobs/uploads/")
+        .with_header("authorization", &b)
+        .with_header("content-type", "application/octet-stream");
+    assert_eq!(on_request_headers(&mut host, 1, Some(&guard()), None), Outcome::Allowed);
+}
+
+#[test]
 fn internal_errors_fail_closed() {
     let mut host = FakeHost { fail_headers: true, ..FakeHost::request("GET", "/v2/") };
     assert_eq!(on_request_headers(&mut host, 1, Some(&guard()), None), Outcome::Failed);
