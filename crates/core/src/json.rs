@@ -85,7 +85,8 @@ fn check_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<Vec<String>, A::Error
     while let Some(key) = map.next_key::<String>()? {
         map.next_value::<Checked>()?;
         if !seen.insert(key.clone()) {
-            return Err(serde::de::Error::custom(format_args!("duplicate key `{key}`")));
+            let shown: String = key.chars().take(64).flat_map(char::escape_debug).collect();
+            return Err(serde::de::Error::custom(format_args!("duplicate key `{shown}`")));
         }
         order.push(key);
     }

@@ -286,6 +286,16 @@ pub enum TokenError {
     NotYetValid(i64),
 }
 
+/// Token text quoted in an error (and so in logs): control characters escaped, at most 64
+/// characters, so a hostile `kid` cannot forge log lines or flood them.
+fn shown(s: &str) -> String {
+    let mut out: String = s.chars().take(64).flat_map(char::escape_debug).collect();
+    if s.chars().nth(64).is_some() {
+        out.push('…');
+    }
+    out
+}
+
 /// A token whose signature and issuer/audience were checked; time is checked on every use.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VerifiedToken {
@@ -344,11 +354,11 @@ impl Verifier {
         check_strict_json(token)?;
         let header = untrusted.header();
         let kid = header.key_id.clone().ok_or(TokenError::MissingKid)?;
-        let key = self.keys.get(&kid).ok_or_else(|| TokenError::UnknownKey(kid.clone()))?;
+        let key = self.keys.get(&kid).ok_or_else(|| TokenError::UnknownKey(shown(&kid)))?;
         let claims: Claims<RegistryClaims> = key.validate(&untrusted).map_err(token_error)?;
         let custom = claims.custom;
         if custom.iss != self.issuer {
-            return Err(TokenError::Issuer(custom.iss));
+            return Err(TokenError::Issuer(shown(&custom.iss)));
         }
         if !custom.aud.contains(&self.audience) {
             return Err(TokenError::Audience(self.audience.clone()));
@@ -481,7 +491,7 @@ pub fn verify_user_jwt(token: &str, keys: &KeySet, now: i64, tolerance: i64) -> 
     let untrusted = UntrustedToken::new(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
     check_strict_json(token)?;
     let kid = untrusted.header().key_id.clone().ok_or(TokenError::MissingKid)?;
-    let key = keys.get(&kid).ok_or_else(|| TokenError::UnknownKey(kid.clone()))?;
+    let key = keys.get(&kid).ok_or_else(|| TokenError::UnknownKey(shown(&kid)))?;
     let claims: Claims<UserClaims> = key.validate(&untrusted).map_err(token_error)?;
     let expires_at = claims.expiration.ok_or(TokenError::NoExpiry)?.timestamp();
     if now > expires_at.saturating_add(tolerance) {
@@ -687,6 +697,21 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(verify_user_jwt(&stranger, &keys, NOW, 0), Err(TokenError::UnknownKey(_))));
+    }
+
+    #[test]
+    fn token_text_in_errors_is_escaped_and_bounded() {
+        // Regression (issue 7): an unknown `kid` with control characters reached the error
+        // message, and so the logs, verbatim.
+        assert_eq!(shown("a\nb\0"), "a\\nb\\0");
+        assert_eq!(shown(&"k".repeat(100)), format!("{}…", "k".repeat(64)));
+        let k = es256_key(1);
+        let h = Header::empty().with_key_id("x\nINFO forged");
+        let mut c = Claims::new(claims(vec![]));
+        c.expiration = DateTime::from_timestamp(NOW + 60, 0);
+        let t = Es256.token(&h, &c, &k.key).unwrap();
+        let e = verifier(&[&k]).verify(&t, NOW).unwrap_err().to_string();
+        assert!(!e.contains('\n') && e.contains("x\\nINFO"), "{e}");
     }
 
     #[test]

@@ -269,6 +269,9 @@ fn attacks() -> Vec<(String, String)> {
         &format!(" {kid}"),
         &kid.to_uppercase(),
         &format!("{kid}\u{0}"),
+        "line\nINFO forged log line",
+        "\u{1b}[31mred",
+        &"k".repeat(10_000),
     ] {
         add(&format!("kid {bad_kid:?}"), sign_raw(&k, &header(bad_kid), &payload));
     }
@@ -292,6 +295,7 @@ fn attacks() -> Vec<(String, String)> {
         ("kid unknown then trusted", format!(r#"{{"alg":"ES256","kid":"evil","kid":"{kid}"}}"#)),
         ("typ twice", hdup(r#","typ":"JWT","typ":"JWT""#)),
         ("unknown header field twice", hdup(r#","x":1,"x":2"#)),
+        ("control characters in a repeated key", hdup(r#","a\nb":1,"a\nb":2"#)),
     ] {
         add(&format!("header duplicate: {name}"), sign_raw(&k, &hh, &payload));
     }
@@ -529,7 +533,13 @@ fn every_attack_token_is_refused_with_401() {
         match verdict {
             Err(_) => failures.push(format!("{name}: verifier panicked")),
             Ok(Ok(v)) => failures.push(format!("{name}: verifier ACCEPTED (sub `{}`)", v.subject)),
-            Ok(Err(_)) => {}
+            // Reasons reach logs: no raw control characters (log forging), bounded length.
+            Ok(Err(e)) => {
+                let m = e.to_string();
+                if m.chars().any(char::is_control) || m.len() > 400 {
+                    failures.push(format!("{name}: unsafe refusal message {m:?}"));
+                }
+            }
         }
         let mut g = guard();
         let status = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
