@@ -297,19 +297,22 @@ fn decide_request(
     };
     let mut method = None;
     let mut path = None;
-    let mut content_type = None;
+    let mut content_types: Vec<&str> = Vec::new();
     let mut request_id = None;
     let mut authorization: Vec<&str> = Vec::new();
     for (name, value) in &headers {
         match name.as_str() {
             ":method" => method = Some(value.as_str()),
             ":path" => path = Some(value.as_str()),
-            "content-type" => content_type = Some(value.as_str()),
+            "content-type" => content_types.push(value),
             "x-request-id" => request_id = Some(value.as_str()),
             "authorization" => authorization.push(value),
             _ => {}
         }
     }
+    // A repeated Content-Type is judged on all its values (the registry reads the first).
+    let content_type = (!content_types.is_empty()).then(|| content_types.join(","));
+    let content_type = content_type.as_deref();
     let (Some(method), Some(path)) = (method, path) else {
         return fail(host, context_id, "request has no :method or :path");
     };

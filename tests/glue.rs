@@ -162,6 +162,28 @@ fn two_authorization_headers_are_refused() {
 }
 
 #[test]
+fn a_form_body_behind_a_second_content_type_is_refused() {
+    // Regression (issue 7): the glue kept only the last Content-Type, so a form type first
+    // (which distribution's `r.FormValue` reads, `from` included) hid behind a second one.
+    let b = bearer(&["pull", "push"]);
+    for (first, second) in [
+        ("application/x-www-form-urlencoded", "application/octet-stream"),
+        ("application/octet-stream", "multipart/form-data; boundary=x"),
+    ] {
+        let mut host = FakeHost::request("POST", "/v2/acme/web/app/blobs/uploads/")
+            .with_header("authorization", &b)
+            .with_header("content-type", first)
+            .with_header("content-type", second);
+        assert_eq!(on_request_headers(&mut host, 1, Some(&guard()), None, None), Outcome::Denied, "{first} + {second}");
+        assert_eq!(host.replies[0].0, 400);
+    }
+    let mut host = FakeHost::request("POST", "/v2/acme/web/app/blobs/uploads/")
+        .with_header("authorization", &b)
+        .with_header("content-type", "application/octet-stream");
+    assert_eq!(on_request_headers(&mut host, 1, Some(&guard()), None, None), Outcome::Allowed);
+}
+
+#[test]
 fn internal_errors_fail_closed() {
     let mut host = FakeHost { fail_headers: true, ..FakeHost::request("GET", "/v2/") };
     assert_eq!(on_request_headers(&mut host, 1, Some(&guard()), None, None), Outcome::Failed);
@@ -251,7 +273,7 @@ fn decisions_are_counted_by_kind_rule_and_cache() {
     let validity = Validity { issued_at: NOW, not_before: NOW, expires_at: NOW + 60 };
     let developer = format!("Bearer {}", sign(&es256_key(1), claims(30), validity).unwrap());
     let maintainer = format!("Bearer {}", sign(&es256_key(1), claims(40), validity).unwrap());
-    let mut run = |host: &mut FakeHost, method: &str, path: &str, auth: Option<&str>| {
+    let run = |host: &mut FakeHost, method: &str, path: &str, auth: Option<&str>| {
         host.headers = vec![(":method".into(), method.into()), (":path".into(), path.into())];
         if let Some(a) = auth {
             host.headers.push(("authorization".into(), a.into()));

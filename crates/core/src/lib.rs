@@ -13,6 +13,7 @@ pub mod directory;
 pub mod events;
 pub mod explain;
 pub mod guard;
+pub mod json;
 pub mod name;
 pub mod protection;
 pub mod route;
