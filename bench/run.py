@@ -262,6 +262,11 @@ def wasm_filter(filter_json_text):
     }]
 
 
+# The events role does nothing with a request that has no body: a no-op proxy-wasm filter
+# in the same module, V8 and SDK — what any Rust proxy-wasm filter costs before it decides.
+EVENTS_ROLE_CONFIG = json.dumps({"role": "events", "max_envelope_bytes": 1048576})
+
+
 def without_correlation(filter_json_text):
     doc = json.loads(filter_json_text)
     doc["correlation"] = {"slots": 0}
@@ -404,6 +409,9 @@ class Bench:
              "pull-1.txt", "GET", PULL_PATH, "guard"),
             ("3x", "3x (diagnostic) as 3, event correlation off (`correlation.slots: 0`)", guard(small, no_corr=True),
              "pull-1.txt", "GET", PULL_PATH, "guard"),
+            ("3n", "3n (diagnostic) the same .wasm in its events role: a body-less GET returns `Continue` "
+             "at once (the proxy-wasm floor)", lambda: wasm_filter(EVENTS_ROLE_CONFIG),
+             "pull-1.txt", "GET", PULL_PATH, "plain"),
             ("4", f"4 registry-guard, unique token per request, {small} rules", guard(small),
              "pull-unique.txt", "GET", PULL_PATH, "guard"),
             ("4n", "4n native jwt_authn + rbac, unique token per request", native,
@@ -697,7 +705,9 @@ class Bench:
             "",
             "Ratios of median throughput: " + ", ".join(f"{k} = **{v:.2f}**" for k, v in ratios.items()) + ". "
             f"Diagnostic: 3x/1 = {rps('3x') / rps('1'):.2f} (the filter without its per-request correlation "
-            "record and `X-Forwarded-For` rewrite).",
+            f"record and `X-Forwarded-For` rewrite); 3n/1 = {rps('3n') / rps('1'):.2f} (a proxy-wasm filter that "
+            f"does nothing: the floor of any Rust proxy-wasm filter here); 3/3n = {rps('3') / rps('3n'):.2f} "
+            "(registry-guard's own cost above that floor).",
             "",
             "## Targets",
             "",
