@@ -11,7 +11,7 @@ WBG_RUNNER := $(TOOLS)/bin/wasm-bindgen-test-runner
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CONFIG_DIR ?= policies/example
 WASM      := target/wasm32-wasip1/release/registry_guard.wasm
-# The filter as deployed: $(WASM) after binaryen's wasm-opt -O3 (smaller; bench/README.md).
+# The filter as deployed: $(WASM) after binaryen's wasm-opt -Oz (bench/README.md: .wasm size).
 FILTER    := target/filter/registry_guard.wasm
 # The wasm features rustc enables by default for wasm32-wasip1 (wasm-opt must be told).
 WASM_FEATURES := --enable-bulk-memory --enable-multivalue --enable-mutable-globals \
@@ -58,8 +58,8 @@ build: .deps/rust .deps/apt
 	cargo build --release --target wasm32-wasip1 -p registry-guard
 	@mkdir -p $(dir $(FILTER))
 	@if [ ! -e $(FILTER) ] || [ $(WASM) -nt $(FILTER) ]; then \
-	  echo "wasm-opt -O3 $(WASM) -> $(FILTER)"; \
-	  wasm-opt $(WASM_FEATURES) -O3 $(WASM) -o $(FILTER).tmp && mv $(FILTER).tmp $(FILTER); fi
+	  echo "wasm-opt -Oz $(WASM) -> $(FILTER)"; \
+	  wasm-opt $(WASM_FEATURES) -Oz $(WASM) -o $(FILTER).tmp && mv $(FILTER).tmp $(FILTER); fi
 	cargo build --release -p registry-guard-token-service -p registry-guard-ctl -p registry-guard-consumer
 	@ls -l $(FILTER) | awk '{print "filter: $(FILTER) (" $$5 " bytes)"}'
 

@@ -111,17 +111,14 @@ pub struct Policy {
 impl Policy {
     /// Parses and validates bundle JSON text (unsigned; for `validate`, `explain`, tests).
     pub fn from_json(text: &str) -> Result<Policy, BundleError> {
-        let de = &mut serde_json::Deserializer::from_str(text);
-        let raw: RawBundle = serde_path_to_error::deserialize(de).map_err(path_error)?;
+        let raw: RawBundle = crate::de::from_slice(text.as_bytes()).map_err(path_error)?;
         crate::json::strict_object_keys(text.as_bytes()).map_err(|e| error("$", e))?;
         compile(raw)
     }
 }
 
-fn path_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> BundleError {
-    let path = e.path().to_string();
-    let path = if path == "." || path == "?" { "$".to_owned() } else { format!("$.{path}") };
-    error(path, e.into_inner().to_string())
+fn path_error(e: crate::de::PathError) -> BundleError {
+    error(e.path, e.reason)
 }
 
 fn compile(raw: RawBundle) -> Result<Policy, BundleError> {
@@ -282,8 +279,7 @@ pub fn verify(jws: &str, keys: &KeySet) -> Result<Policy, BundleError> {
         engine.decode(payload_b64).map_err(|e| error("signature", format!("payload is not base64url: {e}")))?;
     // Signed, but still refused if any object repeats a key (a map would keep the last one).
     crate::json::strict_object_keys(&payload).map_err(|e| error("$", e))?;
-    let de = &mut serde_json::Deserializer::from_slice(&payload);
-    let raw: RawBundle = serde_path_to_error::deserialize(de).map_err(path_error)?;
+    let raw: RawBundle = crate::de::from_slice(&payload).map_err(path_error)?;
     drop(payload);
     compile(raw)
 }

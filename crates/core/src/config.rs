@@ -112,8 +112,7 @@ impl PluginConfig {
         let probe: Probe = serde_json::from_slice(bytes).map_err(|e| error("$", format!("not JSON: {e}")))?;
         match probe.role.as_deref() {
             Some("events") => {
-                let de = &mut serde_json::Deserializer::from_slice(bytes);
-                let raw: RawEventsConfig = serde_path_to_error::deserialize(de).map_err(path_error)?;
+                let raw: RawEventsConfig = crate::de::from_slice(bytes).map_err(path_error)?;
                 if raw.max_envelope_bytes == 0 || raw.max_envelope_bytes > 64 << 20 {
                     return Err(error("$.max_envelope_bytes", "must be between 1 and 67108864"));
                 }
@@ -128,12 +127,8 @@ impl PluginConfig {
     }
 }
 
-fn path_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> ConfigError {
-    let path = e.path().to_string();
-    ConfigError {
-        field: if path == "." { "$".into() } else { format!("$.{path}") },
-        reason: e.into_inner().to_string(),
-    }
+fn path_error(e: crate::de::PathError) -> ConfigError {
+    ConfigError { field: e.path, reason: e.reason }
 }
 
 #[derive(Debug, Deserialize)]
@@ -183,14 +178,7 @@ fn error(field: &str, reason: impl Into<String>) -> ConfigError {
 
 impl FilterConfig {
     pub fn from_json(bytes: &[u8]) -> Result<FilterConfig, ConfigError> {
-        let de = &mut serde_json::Deserializer::from_slice(bytes);
-        let raw: RawFilterConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            ConfigError {
-                field: if path == "." { "$".into() } else { format!("$.{path}") },
-                reason: e.into_inner().to_string(),
-            }
-        })?;
+        let raw: RawFilterConfig = crate::de::from_slice(bytes).map_err(path_error)?;
         if !(raw.realm.starts_with("http://") || raw.realm.starts_with("https://")) {
             return Err(error("$.realm", format!("`{}` is not an http(s) URL", raw.realm)));
         }

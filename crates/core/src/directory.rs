@@ -134,11 +134,7 @@ pub struct Directory {
 impl Directory {
     /// Parses and validates a principals document; errors name the JSON path and the reason.
     pub fn from_json(text: &str) -> Result<Directory, DirectoryError> {
-        let de = &mut serde_json::Deserializer::from_str(text);
-        let raw: RawDirectory = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            error(if path == "." { "$".into() } else { format!("$.{path}") }, e.into_inner().to_string())
-        })?;
+        let raw: RawDirectory = crate::de::from_slice(text.as_bytes()).map_err(|e| error(e.path, e.reason))?;
         Directory::compile(raw)
     }
 

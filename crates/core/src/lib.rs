@@ -6,6 +6,7 @@ pub mod audit;
 pub mod bundle;
 pub mod claims;
 pub mod config;
+pub mod de;
 pub mod corpus;
 pub mod decision;
 pub mod deploy;
