@@ -359,7 +359,8 @@ pub fn on_request_headers(
 /// TEST ONLY (`fault_injection.trap_on_header`, absent unless configured): a request carrying
 /// the header executes wasm `unreachable`, a real VM trap (the e2e fault suite).
 fn trap_if_injected(host: &mut impl Host, guard: Option<&RefCell<Guard>>) {
-    let header = guard.and_then(|g| g.try_borrow().ok()?.config.fault_injection.as_ref().map(|f| f.trap_on_header.clone()));
+    let header =
+        guard.and_then(|g| g.try_borrow().ok()?.config.fault_injection.as_ref().map(|f| f.trap_on_header.clone()));
     if let Some(h) = header {
         if matches!(host.request_header(&h), Ok(Some(_))) {
             #[cfg(target_arch = "wasm32")]

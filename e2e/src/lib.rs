@@ -609,6 +609,11 @@ impl Stack {
         self.skopeo(&["inspect", "--tls-verify=false", "--creds", &creds, &src])
     }
 
+    /// The process id of a running component (`envoy`, `registry`, `token-service`, …).
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.procs.iter().find(|p| p.name == name).map(|p| p.child.id())
+    }
+
     pub fn dump_logs(&self) {
         for p in &self.procs {
             let text = fs::read_to_string(&p.log).unwrap_or_default();

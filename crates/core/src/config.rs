@@ -294,12 +294,19 @@ mod tests {
     #[test]
     fn fault_injection_is_explicit() {
         let c = FilterConfig::from_json(
-            config(serde_json::json!({"fault_injection": {"trap_on_header": "X-Registry-Guard-Trap"}})).to_string().as_bytes(),
+            config(serde_json::json!({"fault_injection": {"trap_on_header": "X-Registry-Guard-Trap"}}))
+                .to_string()
+                .as_bytes(),
         )
         .unwrap();
         assert_eq!(c.fault_injection, Some(FaultInjection { trap_on_header: "x-registry-guard-trap".into() }));
-        for bad in [serde_json::json!({"trap_on_header": ""}), serde_json::json!({"trap_on_header": "a b"}), serde_json::json!({"header": "x"})] {
-            let e = FilterConfig::from_json(config(serde_json::json!({"fault_injection": bad})).to_string().as_bytes()).unwrap_err();
+        for bad in [
+            serde_json::json!({"trap_on_header": ""}),
+            serde_json::json!({"trap_on_header": "a b"}),
+            serde_json::json!({"header": "x"}),
+        ] {
+            let e = FilterConfig::from_json(config(serde_json::json!({"fault_injection": bad})).to_string().as_bytes())
+                .unwrap_err();
             assert!(e.field.starts_with("$.fault_injection"), "{e}");
         }
     }
