@@ -23,12 +23,13 @@ help:
 	@echo "make run    start registry + token service + Envoy with the filter (CONFIG_DIR=$(CONFIG_DIR))"
 	@echo "make test   every test: unit, wasm (V8 via Node), Envoy config validation, end-to-end"
 	@echo "make lint   rustfmt check and clippy -D warnings (host and wasm targets)"
+	@echo "make fuzz   every cargo-fuzz target for FUZZ_SECONDS each (default $(FUZZ_SECONDS)); make fuzz-smoke: $(FUZZ_SMOKE_SECONDS) s each"
 	@echo "make soak   mixed traffic + bundle pushes for SOAK_SECONDS (default 600), checks decisions, 5xx, memory"
 
 run: deps build
 	CONFIG_DIR=$(CONFIG_DIR) deploy/run.sh
 
-test: deps build test-unit test-wasm test-envoy test-e2e bench-smoke soak-smoke
+test: deps build test-unit test-wasm test-envoy test-e2e bench-smoke fuzz-smoke soak-smoke
 	@echo "all tests passed"
 
 # ---- set-up -------------------------------------------------------------------------------
@@ -123,6 +124,33 @@ bench-smoke: deps build
 	cargo build --release -p registry-guard-bench
 	cargo build --release --target wasm32-wasip1 -p registry-guard-bench
 	python3 bench/run.py --smoke
+
+# ---- fuzzing (fuzz/, README "Fuzzing") ------------------------------------------------------
+# cargo-fuzz needs a nightly toolchain (sanitizers); it is not downloaded here: NIGHTLY names an
+# installed one. Each target starts from the committed seeds (fuzz/seeds/<target>) and keeps
+# what it finds in fuzz/corpus/<target> (not committed); a crash stops the run and leaves its
+# input in fuzz/artifacts/<target>/ — turn it into a core regression test.
+.PHONY: fuzz fuzz-smoke
+FUZZ_TARGETS       ?= token route bundle envelope
+FUZZ_SECONDS       ?= 600
+FUZZ_SMOKE_SECONDS ?= 20
+NIGHTLY            ?= nightly
+CARGO_FUZZ         := $(TOOLS)/bin/cargo-fuzz
+FUZZ_RUN = set -e; for t in $(FUZZ_TARGETS); do mkdir -p fuzz/corpus/$$t; log=fuzz/corpus/$$t.log; \
+	  echo "fuzz: $$t, $(1) s (log: $$log)"; \
+	  if ! RUSTUP_TOOLCHAIN=$(NIGHTLY) $(CARGO_FUZZ) fuzz run --fuzz-dir fuzz $$t fuzz/corpus/$$t fuzz/seeds/$$t -- \
+	      -max_total_time=$(1) -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 >$$log 2>&1; then \
+	    tail -n 60 $$log; echo "fuzz: $$t FAILED: the crashing input is in fuzz/artifacts/$$t/"; exit 1; fi; \
+	  grep -E "^(INFO: seed corpus|Done [0-9]+ runs|stat::number_of_executed_units|stat::peak_rss_mb)" $$log | sed "s/^/  /"; done
+
+$(CARGO_FUZZ):
+	cargo install cargo-fuzz --locked --root $(TOOLS)
+
+fuzz: $(CARGO_FUZZ)
+	@$(call FUZZ_RUN,$(FUZZ_SECONDS))
+
+fuzz-smoke: $(CARGO_FUZZ)
+	@$(call FUZZ_RUN,$(FUZZ_SMOKE_SECONDS))
 
 lint: .deps/rust
 	cargo fmt --all -- --check

@@ -1,9 +1,16 @@
 //! Host access behind a small trait, so the glue is testable natively with a fake.
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, MapType, MetricType};
+pub use proxy_wasm::types::MetricType;
+use proxy_wasm::types::{BufferType, MapType};
 
-use crate::{EnvelopeOutcome, Outcome};
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use registry_guard_core::decision::{Decision, DenyKind};
+use registry_guard_core::guard::Checked;
+
+use crate::EnvelopeOutcome;
 
 /// The few host calls the filter needs; every one may fail and none panics.
 pub trait Host {
@@ -22,6 +29,8 @@ pub trait Host {
     fn get_shared(&mut self, key: &str) -> Result<Option<Vec<u8>>, String>;
     fn request_body(&mut self, size: usize) -> Result<Vec<u8>, String>;
     fn replace_request_body(&mut self, old_size: usize, body: &[u8]) -> Result<(), String>;
+    /// Defines (or finds) a metric; Envoy shows it as `wasmcustom.<name>`.
+    fn define_metric(&mut self, kind: MetricType, name: &str) -> Result<u32, String>;
 }
 
 /// The real host: proxy-wasm host calls (not the SDK helpers that `unwrap` host errors).
@@ -89,16 +98,33 @@ impl Host for ProxyWasmHost {
     fn replace_request_body(&mut self, old_size: usize, body: &[u8]) -> Result<(), String> {
         hostcalls::set_buffer(BufferType::HttpRequestBody, 0, old_size, body).map_err(|s| format!("{s:?}"))
     }
+
+    fn define_metric(&mut self, kind: MetricType, name: &str) -> Result<u32, String> {
+        hostcalls::define_metric(kind, name).map_err(|s| format!("{s:?}"))
+    }
 }
 
-/// Envoy metrics (`wasmcustom.registry_guard.*` in `/stats`).
+/// Per-rule counters are defined when a rule first decides something; at most this many
+/// rules get their own counters (a bundle may hold 200 000), the rest count in
+/// `registry_guard.rule_metrics_overflow`.
+pub const MAX_RULE_METRICS: usize = 1024;
+
+/// Envoy metrics (`wasmcustom.registry_guard.*` in `/stats`, `wasmcustom_registry_guard_*`
+/// in `/stats/prometheus`).
 #[derive(Debug)]
 pub struct Metrics {
     allowed: u32,
     denied: u32,
     failed: u32,
+    /// `registry_guard.denied.<kind>`, in [`DenyKind::ALL`] order.
+    denied_by_kind: Vec<(DenyKind, u32)>,
     protection_denied: u32,
     protection_would_deny: u32,
+    cache_hits: u32,
+    cache_misses: u32,
+    rule_overflow: u32,
+    /// `registry_guard.rule.<id>.denied|would_deny`, defined on first use.
+    by_rule: RefCell<HashMap<(String, bool), u32>>,
     bundle_revision: u32,
     bundle_rejected: u32,
     events_attributed: u32,
@@ -109,14 +135,24 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn define() -> Result<Metrics, String> {
-        let define = |kind, name: &str| hostcalls::define_metric(kind, name).map_err(|s| format!("{s:?}"));
+    pub fn define(host: &mut impl Host) -> Result<Metrics, String> {
+        let mut define = |kind, name: &str| host.define_metric(kind, name);
+        let mut denied_by_kind = Vec::new();
+        for kind in DenyKind::ALL {
+            denied_by_kind
+                .push((kind, define(MetricType::Counter, &format!("registry_guard.denied.{}", kind.label()))?));
+        }
         Ok(Metrics {
             allowed: define(MetricType::Counter, "registry_guard.requests_allowed")?,
             denied: define(MetricType::Counter, "registry_guard.requests_denied")?,
             failed: define(MetricType::Counter, "registry_guard.requests_failed")?,
+            denied_by_kind,
             protection_denied: define(MetricType::Counter, "registry_guard.protection_denied")?,
             protection_would_deny: define(MetricType::Counter, "registry_guard.protection_would_deny")?,
+            cache_hits: define(MetricType::Counter, "registry_guard.token_cache_hits")?,
+            cache_misses: define(MetricType::Counter, "registry_guard.token_cache_misses")?,
+            rule_overflow: define(MetricType::Counter, "registry_guard.rule_metrics_overflow")?,
+            by_rule: RefCell::new(HashMap::new()),
             bundle_revision: define(MetricType::Gauge, "registry_guard.bundle_revision")?,
             bundle_rejected: define(MetricType::Counter, "registry_guard.bundle_rejected")?,
             events_attributed: define(MetricType::Counter, "registry_guard.events_attributed")?,
@@ -127,17 +163,59 @@ impl Metrics {
         })
     }
 
-    pub fn count(&self, host: &mut impl Host, outcome: Outcome) {
-        let ids: &[u32] = match outcome {
-            Outcome::Allowed => &[self.allowed],
-            Outcome::AllowedWouldDeny => &[self.allowed, self.protection_would_deny],
-            Outcome::Denied => &[self.denied],
-            Outcome::DeniedByRule => &[self.denied, self.protection_denied],
-            Outcome::Failed => &[self.failed],
-        };
-        for id in ids {
-            let _ = host.increment(*id);
+    /// Counts one decided request: allowed/denied, the denial's kind, the deciding rule
+    /// (enforced or dry run) and the token cache.
+    pub fn decided(&self, host: &mut impl Host, checked: &Checked) {
+        match checked.cache_hit {
+            Some(true) => {
+                let _ = host.increment(self.cache_hits);
+            }
+            Some(false) => {
+                let _ = host.increment(self.cache_misses);
+            }
+            None => {}
         }
+        match &checked.decision {
+            Decision::Allow { would_deny, .. } => {
+                let _ = host.increment(self.allowed);
+                if let Some((rule, _)) = would_deny {
+                    let _ = host.increment(self.protection_would_deny);
+                    self.rule(host, rule, false);
+                }
+            }
+            Decision::Deny(d) => {
+                let _ = host.increment(self.denied);
+                if let Some((_, id)) = self.denied_by_kind.iter().find(|(k, _)| *k == d.kind) {
+                    let _ = host.increment(*id);
+                }
+                if let Some(rule) = &d.rule {
+                    let _ = host.increment(self.protection_denied);
+                    self.rule(host, rule, true);
+                }
+            }
+        }
+    }
+
+    fn rule(&self, host: &mut impl Host, rule: &str, enforced: bool) {
+        let Ok(mut by_rule) = self.by_rule.try_borrow_mut() else { return };
+        let key = (rule.to_owned(), enforced);
+        let id = match by_rule.get(&key) {
+            Some(id) => Some(*id),
+            None if by_rule.len() < MAX_RULE_METRICS => {
+                let name = format!("registry_guard.rule.{rule}.{}", if enforced { "denied" } else { "would_deny" });
+                let id = host.define_metric(MetricType::Counter, &name).ok();
+                if let Some(id) = id {
+                    by_rule.insert(key, id);
+                }
+                id
+            }
+            None => None,
+        };
+        let _ = host.increment(id.unwrap_or(self.rule_overflow));
+    }
+
+    pub fn failed(&self, host: &mut impl Host) {
+        let _ = host.increment(self.failed);
     }
 
     pub fn bundle_activated(&self, host: &mut impl Host, revision: u64) {

@@ -18,6 +18,7 @@ use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
+use registry_guard_core::audit::{self, RequestInfo};
 use registry_guard_core::config::{EventsConfig, PluginConfig};
 use registry_guard_core::decision::Decision;
 use registry_guard_core::events::{correlation_address, rewrite_envelope, slot_of, Attribution};
@@ -132,10 +133,13 @@ impl RootContext for GuardRoot {
                 return false;
             }
         };
-        if self.metrics.is_none() {
-            self.metrics = Metrics::define().ok().map(Rc::new);
-        }
         let mut host = ProxyWasmHost;
+        if self.metrics.is_none() {
+            match Metrics::define(&mut host) {
+                Ok(m) => self.metrics = Some(Rc::new(m)),
+                Err(e) => log::warn!("registry-guard: cannot define metrics: {e}"),
+            }
+        }
         let config = match PluginConfig::from_json(&bytes) {
             Ok(PluginConfig::Events(events)) => {
                 log::info!(
@@ -229,11 +233,13 @@ impl HttpContext for GuardHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let mut host = ProxyWasmHost;
         trap_if_injected(&mut host, self.guard.as_deref());
-        let outcome =
-            on_request_headers(&mut host, self.context_id, self.guard.as_deref(), self.correlation.as_deref());
-        if let Some(m) = &self.metrics {
-            m.count(&mut host, outcome);
-        }
+        let outcome = on_request_headers(
+            &mut host,
+            self.context_id,
+            self.guard.as_deref(),
+            self.correlation.as_deref(),
+            self.metrics.as_deref(),
+        );
         match outcome {
             Outcome::Allowed | Outcome::AllowedWouldDeny => Action::Continue,
             Outcome::Denied | Outcome::DeniedByRule | Outcome::Failed => Action::Pause,
@@ -254,12 +260,30 @@ pub enum Outcome {
     Failed,
 }
 
-/// The request-headers step, over any [`Host`]: read, decide, reply or tag for correlation.
+/// The request-headers step, over any [`Host`]: read, decide, count, audit, then reply or
+/// tag the request for correlation.
 pub fn on_request_headers(
     host: &mut impl Host,
     context_id: u32,
     guard: Option<&RefCell<Guard>>,
     correlation: Option<&Correlation>,
+    metrics: Option<&Metrics>,
+) -> Outcome {
+    let outcome = decide_request(host, context_id, guard, correlation, metrics);
+    if outcome == Outcome::Failed {
+        if let Some(m) = metrics {
+            m.failed(host);
+        }
+    }
+    outcome
+}
+
+fn decide_request(
+    host: &mut impl Host,
+    context_id: u32,
+    guard: Option<&RefCell<Guard>>,
+    correlation: Option<&Correlation>,
+    metrics: Option<&Metrics>,
 ) -> Outcome {
     let Some(guard) = guard else {
         return fail(host, context_id, "filter is not configured");
@@ -274,19 +298,22 @@ pub fn on_request_headers(
     };
     let mut method = None;
     let mut path = None;
-    let mut content_type = None;
+    let mut content_types: Vec<&str> = Vec::new();
     let mut request_id = None;
     let mut authorization: Vec<&str> = Vec::new();
     for (name, value) in &headers {
         match name.as_str() {
             ":method" => method = Some(value.as_str()),
             ":path" => path = Some(value.as_str()),
-            "content-type" => content_type = Some(value.as_str()),
+            "content-type" => content_types.push(value),
             "x-request-id" => request_id = Some(value.as_str()),
             "authorization" => authorization.push(value),
             _ => {}
         }
     }
+    // A repeated Content-Type is judged on all its values (the registry reads the first).
+    let content_type = (!content_types.is_empty()).then(|| content_types.join(","));
+    let content_type = content_type.as_deref();
     let (Some(method), Some(path)) = (method, path) else {
         return fail(host, context_id, "request has no :method or :path");
     };
@@ -295,25 +322,21 @@ pub fn on_request_headers(
     };
     let checked = guard.check(method, path, content_type, &authorization, now);
     drop(guard);
+    if let Some(m) = metrics {
+        m.decided(host, &checked);
+    }
+    if checked.is_audited() {
+        // One JSON line per denial or dry-run would-deny (never a token); see core `audit`.
+        let client = host.client_address().ok().flatten();
+        let info = RequestInfo { method, path, request_id, client: client.as_deref() };
+        if let Some(line) = audit::line(&checked, info, now) {
+            log::warn!("{line}");
+        }
+    }
     let allowed = match checked.decision {
         Decision::Allow { would_deny: None, .. } => Outcome::Allowed,
-        Decision::Allow { would_deny: Some((rule, message)), ref subject, .. } => {
-            log::info!(
-                "[{context_id}] would deny (dry run) {method} {} subject={subject} rule={rule} revision={}: {message}",
-                path.split('?').next().unwrap_or_default(),
-                checked.revision
-            );
-            Outcome::AllowedWouldDeny
-        }
+        Decision::Allow { would_deny: Some(_), .. } => Outcome::AllowedWouldDeny,
         Decision::Deny(d) => {
-            log::info!(
-                "[{context_id}] deny {} {method} {} subject={} revision={}: {}",
-                d.status,
-                path.split('?').next().unwrap_or_default(),
-                checked.subject.as_deref().unwrap_or("-"),
-                checked.revision,
-                d.reason
-            );
             let mut headers = vec![
                 ("content-type", "application/json"),
                 ("docker-distribution-api-version", "registry/2.0"),

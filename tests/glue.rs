@@ -3,7 +3,7 @@
 
 use std::cell::RefCell;
 
-use registry_guard::host::Host;
+use registry_guard::host::{Host, MetricType, Metrics};
 use registry_guard::{on_request_headers, rewrite_request_body, Correlation, EnvelopeOutcome, Outcome};
 use registry_guard_core::config::FilterConfig;
 use registry_guard_core::guard::Guard;
@@ -19,6 +19,15 @@ struct FakeHost {
     replies: Vec<(u16, Vec<(String, String)>, String)>,
     shared: std::collections::HashMap<String, Vec<u8>>,
     body: Vec<u8>,
+    metric_names: Vec<String>,
+    metric_values: std::collections::HashMap<u32, u64>,
+}
+
+impl FakeHost {
+    fn metric(&self, name: &str) -> u64 {
+        let id = self.metric_names.iter().position(|n| n == name).unwrap_or_else(|| panic!("no metric {name}"));
+        self.metric_values.get(&(id as u32)).copied().unwrap_or(0)
+    }
 }
 
 impl FakeHost {
@@ -32,6 +41,14 @@ impl FakeHost {
 }
 
 impl Host for FakeHost {
+    fn define_metric(&mut self, _kind: MetricType, name: &str) -> Result<u32, String> {
+        if let Some(i) = self.metric_names.iter().position(|n| n == name) {
+            return Ok(i as u32);
+        }
+        self.metric_names.push(name.to_owned());
+        Ok(self.metric_names.len() as u32 - 1)
+    }
+
     fn request_headers(&mut self) -> Result<Vec<(String, String)>, String> {
         if self.fail_headers {
             return Err("InternalFailure".into());
@@ -46,7 +63,8 @@ impl Host for FakeHost {
         self.replies.push((status, h, String::from_utf8_lossy(body).into_owned()));
         Ok(())
     }
-    fn increment(&mut self, _metric: u32) -> Result<(), String> {
+    fn increment(&mut self, metric: u32) -> Result<(), String> {
+        *self.metric_values.entry(metric).or_default() += 1;
         Ok(())
     }
     fn record(&mut self, _metric: u32, _value: u64) -> Result<(), String> {
@@ -118,14 +136,14 @@ fn bearer(actions: &[&str]) -> String {
 fn allowed_request_continues_without_a_reply() {
     let mut host =
         FakeHost::request("GET", "/v2/acme/web/app/manifests/v1").with_header("authorization", &bearer(&["pull"]));
-    assert_eq!(on_request_headers(&mut host, 1, Some(&guard()), None), Outcome::Allowed);
+    assert_eq!(on_request_headers(&mut host, 1, Some(&guard()), None, None), Outcome::Allowed);
     assert!(host.replies.is_empty());
 }
 
 #[test]
 fn missing_token_gets_401_challenge_and_oci_body() {
     let mut host = FakeHost::request("PUT", "/v2/acme/web/app/manifests/v1");
-    assert_eq!(on_request_headers(&mut host, 1, Some(&guard()), None), Outcome::Denied);
+    assert_eq!(on_request_headers(&mut host, 1, Some(&guard()), None, None), Outcome::Denied);
     let (status, headers, body) = &host.replies[0];
     assert_eq!(*status, 401);
     let www = headers.iter().find(|(k, _)| k == "www-authenticate").unwrap();
@@ -139,17 +157,39 @@ fn two_authorization_headers_are_refused() {
     let mut host = FakeHost::request("GET", "/v2/acme/web/app/manifests/v1")
         .with_header("authorization", &b)
         .with_header("authorization", &b);
-    assert_eq!(on_request_headers(&mut host, 1, Some(&guard()), None), Outcome::Denied);
+    assert_eq!(on_request_headers(&mut host, 1, Some(&guard()), None, None), Outcome::Denied);
     assert_eq!(host.replies[0].0, 401);
+}
+
+#[test]
+fn a_form_body_behind_a_second_content_type_is_refused() {
+    // Regression (issue 7): the glue kept only the last Content-Type, so a form type first
+    // (which distribution's `r.FormValue` reads, `from` included) hid behind a second one.
+    let b = bearer(&["pull", "push"]);
+    for (first, second) in [
+        ("application/x-www-form-urlencoded", "application/octet-stream"),
+        ("application/octet-stream", "multipart/form-data; boundary=x"),
+    ] {
+        let mut host = FakeHost::request("POST", "/v2/acme/web/app/blobs/uploads/")
+            .with_header("authorization", &b)
+            .with_header("content-type", first)
+            .with_header("content-type", second);
+        assert_eq!(on_request_headers(&mut host, 1, Some(&guard()), None, None), Outcome::Denied, "{first} + {second}");
+        assert_eq!(host.replies[0].0, 400);
+    }
+    let mut host = FakeHost::request("POST", "/v2/acme/web/app/blobs/uploads/")
+        .with_header("authorization", &b)
+        .with_header("content-type", "application/octet-stream");
+    assert_eq!(on_request_headers(&mut host, 1, Some(&guard()), None, None), Outcome::Allowed);
 }
 
 #[test]
 fn internal_errors_fail_closed() {
     let mut host = FakeHost { fail_headers: true, ..FakeHost::request("GET", "/v2/") };
-    assert_eq!(on_request_headers(&mut host, 1, Some(&guard()), None), Outcome::Failed);
+    assert_eq!(on_request_headers(&mut host, 1, Some(&guard()), None, None), Outcome::Failed);
     assert_eq!(host.replies[0].0, 503);
     let mut host = FakeHost::request("GET", "/v2/");
-    assert_eq!(on_request_headers(&mut host, 1, None, None), Outcome::Failed);
+    assert_eq!(on_request_headers(&mut host, 1, None, None, None), Outcome::Failed);
     assert_eq!(host.replies[0].0, 503);
 }
 
@@ -161,7 +201,7 @@ fn allowed_requests_are_tagged_and_their_events_attributed() {
         .with_header("authorization", &bearer(&["pull", "push"]))
         .with_header("x-request-id", "edge-1")
         .with_header("x-forwarded-for", "6.6.6.6");
-    assert_eq!(on_request_headers(&mut host, 1, Some(&guard), Some(&correlation)), Outcome::Allowed);
+    assert_eq!(on_request_headers(&mut host, 1, Some(&guard), Some(&correlation), None), Outcome::Allowed);
     let addr = host.request_header("x-forwarded-for").unwrap().unwrap();
     assert!(addr.starts_with("fd"), "client-supplied X-Forwarded-For is replaced: {addr}");
     // The registry's event for that request comes back on the events path.
@@ -190,9 +230,78 @@ fn denied_requests_are_not_tagged_and_malformed_envelopes_pass() {
     let correlation = Correlation::new(64, 1);
     let mut host =
         FakeHost::request("PUT", "/v2/acme/web/app/manifests/v1").with_header("authorization", &bearer(&["pull"]));
-    assert_eq!(on_request_headers(&mut host, 1, Some(&guard), Some(&correlation)), Outcome::Denied);
+    assert_eq!(on_request_headers(&mut host, 1, Some(&guard), Some(&correlation), None), Outcome::Denied);
     assert!(host.shared.is_empty());
     let mut events = FakeHost { body: b"not json".to_vec(), ..FakeHost::default() };
     assert_eq!(rewrite_request_body(&mut events, 2, 8, 64), EnvelopeOutcome::Malformed);
     assert_eq!(events.body, b"not json");
+}
+
+#[test]
+fn decisions_are_counted_by_kind_rule_and_cache() {
+    let operator = es256_key(7);
+    let bundle = serde_json::json!({"revision": 3, "protection_rules": [
+        {"id": "web-release-tags", "repository_path_pattern": "acme/web/*", "tag_name_pattern": "^v",
+         "minimum_access_level_for_push": "maintainer"},
+        {"id": "dry-delete", "repository_path_pattern": "acme/web/app", "minimum_access_level_for_push": "owner",
+         "enforce": false},
+    ]});
+    let cfg = serde_json::json!({
+        "realm": "http://127.0.0.1:5001/jwt/auth", "service": "container_registry",
+        "issuer": "registry-guard", "jwks": jwks(&[&es256_key(1)]),
+        "bundle_keys": jwks(&[&operator]),
+        "bundle": registry_guard_core::bundle::sign(&bundle.to_string(), &operator).unwrap(),
+    });
+    let guard = RefCell::new(Guard::new(FilterConfig::from_json(cfg.to_string().as_bytes()).unwrap()));
+    let mut host = FakeHost::default();
+    let metrics = Metrics::define(&mut host).unwrap();
+    let claims = |level: u8| RegistryClaims {
+        iss: "registry-guard".into(),
+        sub: "dev".into(),
+        aud: Audience::One("container_registry".into()),
+        jti: format!("j{level}"),
+        access: vec![AccessClaim {
+            resource_type: "repository".into(),
+            name: "acme/web/app".into(),
+            actions: vec!["pull".into(), "push".into()],
+            meta: Some(registry_guard_core::token::AccessMeta { project_path: None, access_level: Some(level) }),
+        }],
+        auth_type: Some("pat".into()),
+        user: None,
+        extra: Default::default(),
+    };
+    let validity = Validity { issued_at: NOW, not_before: NOW, expires_at: NOW + 60 };
+    let developer = format!("Bearer {}", sign(&es256_key(1), claims(30), validity).unwrap());
+    let maintainer = format!("Bearer {}", sign(&es256_key(1), claims(40), validity).unwrap());
+    let run = |host: &mut FakeHost, method: &str, path: &str, auth: Option<&str>| {
+        host.headers = vec![(":method".into(), method.into()), (":path".into(), path.into())];
+        if let Some(a) = auth {
+            host.headers.push(("authorization".into(), a.into()));
+        }
+        on_request_headers(host, 1, Some(&guard), None, Some(&metrics))
+    };
+    let put_v1 = "/v2/acme/web/app/manifests/v1";
+    assert_eq!(run(&mut host, "GET", "/v2/", None), Outcome::Denied);
+    assert_eq!(run(&mut host, "PUT", put_v1, Some(&developer)), Outcome::DeniedByRule);
+    assert_eq!(run(&mut host, "PUT", put_v1, Some(&developer)), Outcome::DeniedByRule);
+    assert_eq!(run(&mut host, "PUT", put_v1, Some(&maintainer)), Outcome::AllowedWouldDeny);
+    assert_eq!(run(&mut host, "GET", put_v1, Some("Bearer not-a-token")), Outcome::Denied);
+    assert_eq!(run(&mut host, "GET", "/v2/acme/web/app/../x/manifests/v1", Some(&maintainer)), Outcome::Denied);
+    for (name, want) in [
+        ("registry_guard.requests_allowed", 1),
+        ("registry_guard.requests_denied", 5),
+        ("registry_guard.denied.no_credentials", 1),
+        ("registry_guard.denied.protected", 2),
+        ("registry_guard.denied.invalid_token", 1),
+        ("registry_guard.denied.bad_request", 1),
+        ("registry_guard.denied.insufficient_scope", 0),
+        ("registry_guard.protection_denied", 2),
+        ("registry_guard.protection_would_deny", 1),
+        ("registry_guard.rule.web-release-tags.denied", 2),
+        ("registry_guard.rule.dry-delete.would_deny", 1),
+        ("registry_guard.token_cache_misses", 3),
+        ("registry_guard.token_cache_hits", 2),
+    ] {
+        assert_eq!(host.metric(name), want, "{name}");
+    }
 }

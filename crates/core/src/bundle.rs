@@ -113,11 +113,7 @@ impl Policy {
     pub fn from_json(text: &str) -> Result<Policy, BundleError> {
         let de = &mut serde_json::Deserializer::from_str(text);
         let raw: RawBundle = serde_path_to_error::deserialize(de).map_err(path_error)?;
-        compile(raw)
-    }
-
-    fn from_value(value: serde_json::Value) -> Result<Policy, BundleError> {
-        let raw: RawBundle = serde_path_to_error::deserialize(value).map_err(path_error)?;
+        crate::json::strict_object_keys(text.as_bytes()).map_err(|e| error("$", e))?;
         compile(raw)
     }
 }
@@ -284,6 +280,8 @@ pub fn verify(jws: &str, keys: &KeySet) -> Result<Policy, BundleError> {
         .map_err(|_| error("signature", "invalid signature: does not match the payload"))?;
     let payload =
         engine.decode(payload_b64).map_err(|e| error("signature", format!("payload is not base64url: {e}")))?;
+    // Signed, but still refused if any object repeats a key (a map would keep the last one).
+    crate::json::strict_object_keys(&payload).map_err(|e| error("$", e))?;
     let de = &mut serde_json::Deserializer::from_slice(&payload);
     let raw: RawBundle = serde_path_to_error::deserialize(de).map_err(path_error)?;
     drop(payload);
@@ -302,6 +300,29 @@ mod tests {
         let p = Policy::from_json(EXAMPLE).unwrap();
         assert!(p.revision >= 1);
         assert!(!p.rules.is_empty());
+    }
+
+    #[test]
+    fn repeated_keys_are_refused_signed_or_not() {
+        // Regression (issue 7): `serde_json::Value` and flattened maps kept the last value.
+        let text = r#"{"revision": 2, "revision": 1}"#;
+        assert!(Policy::from_json(text).unwrap_err().reason.contains("duplicate"));
+        let mut b: serde_json::Value = serde_json::from_str(EXAMPLE).unwrap();
+        b["revision"] = 7.into();
+        let text = b.to_string().replacen(r#""revision":7"#, r#""revision":7,"revision":8"#, 1);
+        assert!(text.contains(r#""revision":8"#));
+        let k = es256_key(3);
+        let jws = crate::token::sign_jws_unchecked(&k, &serde_json::Value::Null, BUNDLE_TYP).unwrap();
+        // Re-sign the raw text (sign_jws_unchecked would re-serialise and drop the repeat).
+        use base64::Engine as _;
+        use p256::ecdsa::signature::Signer as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let header = jws.split('.').next().unwrap();
+        let input = format!("{header}.{}", b64.encode(&text));
+        let sig: p256::ecdsa::Signature = k.key.sign(input.as_bytes());
+        let raw = format!("{input}.{}", b64.encode(sig.to_bytes()));
+        let e = verify(&raw, &KeySet::from_jwks(&jwks(&[&k])).unwrap()).unwrap_err();
+        assert!(e.reason.contains("duplicate key `revision`"), "{e}");
     }
 
     #[test]

@@ -78,6 +78,59 @@ pub struct Denial {
     pub reason: String,
     /// The protection rule that decided, if one did.
     pub rule: Option<String>,
+    /// Why, as a fixed label (metrics and audit lines).
+    pub kind: DenyKind,
+}
+
+/// The class of a denial: one Envoy counter each (`registry_guard.denied.<label>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DenyKind {
+    /// The route grammar refused the request (bad name, unknown endpoint, …).
+    BadRequest,
+    /// No credentials: the first 401 of every docker login.
+    NoCredentials,
+    /// A credential that is not a valid bearer token (bad signature, expired, malformed, …).
+    InvalidToken,
+    /// The token, its user or its deploy token is revoked by the bundle.
+    Revoked,
+    /// A deploy token the bundle does not know, or that expired or was revoked there.
+    DeployTokenUnusable,
+    /// The token does not grant the action (`insufficient_scope`).
+    InsufficientScope,
+    /// A deploy token used outside its scopes.
+    Forbidden,
+    /// Outside a deploy token's owner, or the dependency proxy of a group the user is not in.
+    NotFound,
+    /// An enforced protection rule.
+    Protected,
+}
+
+impl DenyKind {
+    pub const ALL: [DenyKind; 9] = [
+        DenyKind::BadRequest,
+        DenyKind::NoCredentials,
+        DenyKind::InvalidToken,
+        DenyKind::Revoked,
+        DenyKind::DeployTokenUnusable,
+        DenyKind::InsufficientScope,
+        DenyKind::Forbidden,
+        DenyKind::NotFound,
+        DenyKind::Protected,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            DenyKind::BadRequest => "bad_request",
+            DenyKind::NoCredentials => "no_credentials",
+            DenyKind::InvalidToken => "invalid_token",
+            DenyKind::Revoked => "revoked",
+            DenyKind::DeployTokenUnusable => "deploy_token_unusable",
+            DenyKind::InsufficientScope => "insufficient_scope",
+            DenyKind::Forbidden => "forbidden",
+            DenyKind::NotFound => "not_found",
+            DenyKind::Protected => "protected",
+        }
+    }
 }
 
 impl Denial {
@@ -118,6 +171,7 @@ pub fn decide(
                 www_authenticate: None,
                 reason: format!("request refused by the route grammar: {}", e.message),
                 rule: None,
+                kind: DenyKind::BadRequest,
             })
         }
     };
@@ -129,6 +183,7 @@ pub fn decide(
             www_authenticate: Some(www_authenticate(challenge, &route.scopes, error)),
             reason,
             rule: None,
+            kind: if error.is_some() { DenyKind::InvalidToken } else { DenyKind::NoCredentials },
         })
     };
     let token = match credential {
@@ -174,6 +229,7 @@ pub fn decide(
             www_authenticate: None,
             reason: format!("rule `{rule}` (bundle revision {}): {message}", policy.revision),
             rule: Some(rule.clone()),
+            kind: DenyKind::Protected,
         });
     }
     if missing.is_empty() {
@@ -193,6 +249,7 @@ pub fn decide(
         www_authenticate: Some(www_authenticate(challenge, &route.scopes, Some("insufficient_scope"))),
         reason: format!("subject `{}` lacks {missing}", token.subject),
         rule: None,
+        kind: DenyKind::InsufficientScope,
     })
 }
 
@@ -208,16 +265,17 @@ fn principal_check(
 ) -> Option<Denial> {
     let creds = &policy.credentials;
     let is_deploy = token.auth_type.as_deref() == Some("deploy_token");
-    let unauthorized = |why: String| Denial {
+    let unauthorized = |why: String, kind: DenyKind| Denial {
         status: 401,
         code: "UNAUTHORIZED",
         message: format!("authentication required: {why}"),
         www_authenticate: Some(www_authenticate(challenge, &route.scopes, Some("invalid_token"))),
         reason: format!("{why} (bundle revision {})", policy.revision),
         rule: None,
+        kind,
     };
     if let Some(why) = creds.revocations.check(&token.jti, &token.subject, token.issued_at, !is_deploy) {
-        return Some(unauthorized(why));
+        return Some(unauthorized(why, DenyKind::Revoked));
     }
     let repositories = || {
         route.scopes.iter().filter_map(|s| match &s.resource {
@@ -227,10 +285,13 @@ fn principal_check(
     };
     if is_deploy {
         let Some(dt) = creds.by_username(&token.subject) else {
-            return Some(unauthorized(format!("deploy token `{}` is not known", token.subject)));
+            return Some(unauthorized(
+                format!("deploy token `{}` is not known", token.subject),
+                DenyKind::DeployTokenUnusable,
+            ));
         };
         if let Err(DeployDenial::Unusable(why)) = dt.usable(now) {
-            return Some(unauthorized(why));
+            return Some(unauthorized(why, DenyKind::DeployTokenUnusable));
         }
         if route.endpoint == Endpoint::Base && dt.actions().is_empty() {
             return Some(forbidden(format!("deploy token `{}` has no registry scopes", dt.username), policy));
@@ -240,7 +301,7 @@ fn principal_check(
                 Ok(()) => {}
                 Err(DeployDenial::OutsideOwner(why)) => return Some(name_unknown(repo, why, policy)),
                 Err(DeployDenial::Forbidden(why)) => return Some(forbidden(why, policy)),
-                Err(DeployDenial::Unusable(why)) => return Some(unauthorized(why)),
+                Err(DeployDenial::Unusable(why)) => return Some(unauthorized(why, DenyKind::DeployTokenUnusable)),
             }
         }
         return None;
@@ -269,6 +330,7 @@ fn name_unknown(repo: &str, why: String, policy: &Policy) -> Denial {
         www_authenticate: None,
         reason: format!("{why} (bundle revision {})", policy.revision),
         rule: None,
+        kind: DenyKind::NotFound,
     }
 }
 
@@ -280,6 +342,7 @@ fn forbidden(why: String, policy: &Policy) -> Denial {
         www_authenticate: None,
         reason: format!("{why} (bundle revision {})", policy.revision),
         rule: None,
+        kind: DenyKind::Forbidden,
     }
 }
 

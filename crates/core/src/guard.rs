@@ -80,6 +80,22 @@ pub struct Checked {
     /// `auth_type` and the nested `user` JWT of a verified token (for event attribution).
     pub auth_type: Option<String>,
     pub user: Option<String>,
+    /// Whether the token was found in the cache (`None`: no bearer token presented).
+    pub cache_hit: Option<bool>,
+    /// The scopes the request needs (`repository:acme/web:pull,push` …), filled only for
+    /// denials and dry-run would-denies, for the audit line.
+    pub scopes: Option<String>,
+}
+
+impl Checked {
+    fn new(decision: Decision, revision: u64) -> Checked {
+        Checked { decision, subject: None, revision, auth_type: None, user: None, cache_hit: None, scopes: None }
+    }
+
+    /// Whether this request gets an audit line: a denial, or a dry-run rule that would deny.
+    pub fn is_audited(&self) -> bool {
+        matches!(self.decision, Decision::Deny(_) | Decision::Allow { would_deny: Some(_), .. })
+    }
 }
 
 impl Guard {
@@ -98,54 +114,61 @@ impl Guard {
         now: i64,
     ) -> Checked {
         let route = classify(method, path, content_type);
+        let mut checked = self.check_route(route.as_ref(), authorization, now);
+        if checked.is_audited() {
+            if let Ok(route) = &route {
+                checked.scopes = Some(route.scopes.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(" "));
+            }
+        }
+        checked
+    }
+
+    fn check_route(
+        &mut self,
+        route: Result<&crate::route::Route, &crate::route::RouteError>,
+        authorization: &[&str],
+        now: i64,
+    ) -> Checked {
         let challenge = &self.config.challenge;
+        let revision = self.config.policy.revision;
         let token = match bearer_token(authorization) {
             Err(why) => {
-                let decision = decide(route.as_ref(), Credential::NotBearer(why), challenge, &self.config.policy, now);
-                return Checked {
-                    decision,
-                    subject: None,
-                    revision: self.config.policy.revision,
-                    auth_type: None,
-                    user: None,
-                };
+                let decision = decide(route, Credential::NotBearer(why), challenge, &self.config.policy, now);
+                return Checked::new(decision, revision);
             }
             Ok(None) => {
-                let decision = decide(route.as_ref(), Credential::Missing, challenge, &self.config.policy, now);
-                return Checked {
-                    decision,
-                    subject: None,
-                    revision: self.config.policy.revision,
-                    auth_type: None,
-                    user: None,
-                };
+                let decision = decide(route, Credential::Missing, challenge, &self.config.policy, now);
+                return Checked::new(decision, revision);
             }
             Ok(Some(t)) => t,
         };
         let leeway = self.config.verifier.leeway_seconds;
-        if self.cache.get(token, now, leeway).is_some() {
+        let hit = self.cache.get(token, now, leeway).is_some();
+        if hit {
             self.cache.hits += 1;
         } else {
             self.cache.misses += 1;
             match self.config.verifier.verify_signature_and_claims(token) {
                 Ok(v) => self.cache.insert(token, v),
-                Err(e) => return invalid(route.as_ref(), &e, challenge, self.config.policy.revision),
+                Err(e) => return invalid(route, &e, challenge, revision, hit),
             }
         }
         let Some(verified) = self.cache.entries.get(token) else {
             let e = TokenError::Malformed("cache inconsistency".into());
-            return invalid(route.as_ref(), &e, challenge, self.config.policy.revision);
+            return invalid(route, &e, challenge, revision, hit);
         };
         if let Err(e) = verified.check_time(now, leeway) {
-            return invalid(route.as_ref(), &e, challenge, self.config.policy.revision);
+            return invalid(route, &e, challenge, revision, hit);
         }
-        let decision = decide(route.as_ref(), Credential::Valid(verified), challenge, &self.config.policy, now);
+        let decision = decide(route, Credential::Valid(verified), challenge, &self.config.policy, now);
         Checked {
             decision,
             subject: Some(verified.subject.clone()),
-            revision: self.config.policy.revision,
+            revision,
             auth_type: verified.auth_type.clone(),
             user: verified.user.clone(),
+            cache_hit: Some(hit),
+            scopes: None,
         }
     }
 }
@@ -155,9 +178,10 @@ fn invalid(
     e: &TokenError,
     challenge: &crate::decision::ChallengeConfig,
     revision: u64,
+    cache_hit: bool,
 ) -> Checked {
     let decision = decide(route, Credential::Invalid(e), challenge, &crate::bundle::Policy::default(), 0);
-    Checked { decision, subject: None, revision, auth_type: None, user: None }
+    Checked { cache_hit: Some(cache_hit), ..Checked::new(decision, revision) }
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! proxy-wasm, no I/O and no clock. Time and inputs are arguments.
 
 pub mod access;
+pub mod audit;
 pub mod bundle;
 pub mod claims;
 pub mod config;
@@ -12,6 +13,7 @@ pub mod directory;
 pub mod events;
 pub mod explain;
 pub mod guard;
+pub mod json;
 pub mod name;
 pub mod protection;
 pub mod route;

@@ -286,8 +286,10 @@ struct UploadQuery {
 }
 
 fn parse_upload_query(query: Option<&str>, content_type: Option<&str>) -> Result<UploadQuery, RouteError> {
-    if let Some(ct) = content_type {
-        let media = ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    // `content_type` may hold several values joined by `,` (a repeated header, as Envoy
+    // merges it): refused if any of them is a form type, whichever one the registry reads.
+    for value in content_type.unwrap_or_default().split(',') {
+        let media = value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
         if media == "application/x-www-form-urlencoded" || media == "multipart/form-data" {
             return Err(RouteError::new(
                 400,
@@ -427,5 +429,8 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.status, 400);
         assert!(classify("POST", "/v2/a/blobs/uploads/", Some("application/octet-stream")).is_ok());
+        // Regression (issue 7): a repeated Content-Type arrives joined; the form one counted.
+        let joined = "application/octet-stream, application/x-www-form-urlencoded";
+        assert_eq!(classify("POST", "/v2/a/blobs/uploads/", Some(joined)).unwrap_err().status, 400);
     }
 }

@@ -310,15 +310,30 @@ pub struct RegistryClaims {
     pub extra: BTreeMap<String, serde_json::Value>,
 }
 
-/// Header fields we refuse to honour: keys must come from configuration, never the token.
-#[derive(Debug, Clone, Default, Deserialize)]
-struct HeaderExtras {
-    #[serde(default)]
-    jwk: Option<serde_json::Value>,
-    #[serde(default)]
-    x5c: Option<serde_json::Value>,
-    #[serde(default)]
-    crit: Option<serde_json::Value>,
+/// Header fields we refuse to honour, by presence (even `null`): keys must come from
+/// configuration, never from the token, and no extension may be critical.
+const FORBIDDEN_HEADERS: [&str; 5] = ["jku", "x5u", "jwk", "x5c", "crit"];
+
+/// Checks what serde alone does not: header and claims are each exactly one JSON object with
+/// no repeated key at any depth (no "last wins"), and no forbidden header field is present.
+/// `token` has already parsed as a compact JWS.
+fn check_strict_json(token: &str) -> Result<(), TokenError> {
+    let mut segments = token.split('.');
+    let mut decode = |what: &str| {
+        let segment = segments.next().ok_or_else(|| TokenError::Malformed(format!("missing {what}")))?;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(segment)
+            .map_err(|e| TokenError::Malformed(format!("{what} is not base64url: {e}")))
+    };
+    let header = decode("header")?;
+    let claims = decode("claims")?;
+    let header_keys =
+        crate::json::strict_object_keys(&header).map_err(|e| TokenError::Malformed(format!("header: {e}")))?;
+    if let Some(name) = FORBIDDEN_HEADERS.iter().find(|f| header_keys.iter().any(|k| k == *f)) {
+        return Err(TokenError::ForbiddenHeader(name));
+    }
+    crate::json::strict_object_keys(&claims).map_err(TokenError::BadClaims)?;
+    Ok(())
 }
 
 /// What the verifier checks besides the signature.
@@ -357,6 +372,16 @@ pub enum TokenError {
     Expired(i64),
     #[error("token is not valid before {0}")]
     NotYetValid(i64),
+}
+
+/// Token text quoted in an error (and so in logs): control characters escaped, at most 64
+/// characters, so a hostile `kid` cannot forge log lines or flood them.
+fn shown(s: &str) -> String {
+    let mut out: String = s.chars().take(64).flat_map(char::escape_debug).collect();
+    if s.chars().nth(64).is_some() {
+        out.push('…');
+    }
+    out
 }
 
 /// A token whose signature and issuer/audience were checked; time is checked on every use.
@@ -413,30 +438,15 @@ impl Verifier {
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::TooLong);
         }
-        let untrusted =
-            UntrustedToken::<'_, HeaderExtras>::try_from(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
+        let untrusted = UntrustedToken::new(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
+        check_strict_json(token)?;
         let header = untrusted.header();
-        if header.key_set_url.is_some() {
-            return Err(TokenError::ForbiddenHeader("jku"));
-        }
-        if header.certificate_url.is_some() {
-            return Err(TokenError::ForbiddenHeader("x5u"));
-        }
-        if header.other_fields.jwk.is_some() {
-            return Err(TokenError::ForbiddenHeader("jwk"));
-        }
-        if header.other_fields.x5c.is_some() {
-            return Err(TokenError::ForbiddenHeader("x5c"));
-        }
-        if header.other_fields.crit.is_some() {
-            return Err(TokenError::ForbiddenHeader("crit"));
-        }
         let kid = header.key_id.clone().ok_or(TokenError::MissingKid)?;
-        let key = self.keys.get(&kid).ok_or_else(|| TokenError::UnknownKey(kid.clone()))?;
+        let key = self.keys.get(&kid).ok_or_else(|| TokenError::UnknownKey(shown(&kid)))?;
         let claims: Claims<RegistryClaims> = key.validate(&untrusted).map_err(token_error)?;
         let custom = claims.custom;
         if custom.iss != self.issuer {
-            return Err(TokenError::Issuer(custom.iss));
+            return Err(TokenError::Issuer(shown(&custom.iss)));
         }
         if !custom.aud.contains(&self.audience) {
             return Err(TokenError::Audience(self.audience.clone()));
@@ -606,10 +616,10 @@ pub fn verify_user_jwt(token: &str, keys: &KeySet, now: i64, tolerance: i64) -> 
     if token.len() > MAX_TOKEN_LEN {
         return Err(TokenError::TooLong);
     }
-    let untrusted =
-        UntrustedToken::<'_, HeaderExtras>::try_from(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
+    let untrusted = UntrustedToken::new(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
+    check_strict_json(token)?;
     let kid = untrusted.header().key_id.clone().ok_or(TokenError::MissingKid)?;
-    let key = keys.get(&kid).ok_or_else(|| TokenError::UnknownKey(kid.clone()))?;
+    let key = keys.get(&kid).ok_or_else(|| TokenError::UnknownKey(shown(&kid)))?;
     let claims: Claims<UserClaims> = key.validate(&untrusted).map_err(token_error)?;
     let expires_at = claims.expiration.ok_or(TokenError::NoExpiry)?.timestamp();
     if now > expires_at.saturating_add(tolerance) {
@@ -815,6 +825,49 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(verify_user_jwt(&stranger, &keys, NOW, 0), Err(TokenError::UnknownKey(_))));
+    }
+
+    #[test]
+    fn token_text_in_errors_is_escaped_and_bounded() {
+        // Regression (issue 7): an unknown `kid` with control characters reached the error
+        // message, and so the logs, verbatim.
+        assert_eq!(shown("a\nb\0"), "a\\nb\\0");
+        assert_eq!(shown(&"k".repeat(100)), format!("{}…", "k".repeat(64)));
+        let k = es256_key(1);
+        let h = Header::empty().with_key_id("x\nINFO forged");
+        let mut c = Claims::new(claims(vec![]));
+        c.expiration = DateTime::from_timestamp(NOW + 60, 0);
+        let t = Es256.token(&h, &c, &k.key).unwrap();
+        let e = verifier(&[&k]).verify(&t, NOW).unwrap_err().to_string();
+        assert!(!e.contains('\n') && e.contains("x\\nINFO"), "{e}");
+    }
+
+    #[test]
+    fn null_crit_and_repeated_unknown_keys_are_refused() {
+        // Regressions (issue 7): `"crit": null` deserialised to `None` and was accepted, and
+        // repeated keys outside serde's known fields were "last wins".
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+        use p256::ecdsa::signature::Signer as _;
+        let k = es256_key(1);
+        let raw = |header: String, claims: &str| {
+            let input = format!("{}.{}", B64.encode(header), B64.encode(claims));
+            let sig: p256::ecdsa::Signature = k.key.sign(input.as_bytes());
+            format!("{input}.{}", B64.encode(sig.to_bytes()))
+        };
+        let claims = r#"{"iss":"issuer","sub":"alice","aud":"container_registry","jti":"j","exp":1800000060}"#;
+        let ok = raw(format!(r#"{{"alg":"ES256","kid":"{}"}}"#, k.kid), claims);
+        assert!(verifier(&[&k]).verify(&ok, NOW).is_ok());
+        let t = raw(format!(r#"{{"alg":"ES256","kid":"{}","crit":null}}"#, k.kid), claims);
+        assert_eq!(verifier(&[&k]).verify(&t, NOW), Err(TokenError::ForbiddenHeader("crit")));
+        let t = raw(format!(r#"{{"alg":"ES256","kid":"{}","x":1,"x":2}}"#, k.kid), claims);
+        assert!(
+            matches!(verifier(&[&k]).verify(&t, NOW), Err(TokenError::Malformed(m)) if m.contains("duplicate key `x`"))
+        );
+        let dup = claims.replace(r#""jti":"j""#, r#""jti":"j","x":{"a":1,"a":2}"#);
+        let t = raw(format!(r#"{{"alg":"ES256","kid":"{}"}}"#, k.kid), &dup);
+        assert!(
+            matches!(verifier(&[&k]).verify(&t, NOW), Err(TokenError::BadClaims(m)) if m.contains("duplicate key `a`"))
+        );
     }
 
     #[test]

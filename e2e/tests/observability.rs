@@ -1,0 +1,88 @@
+//! Operators' view of decisions through real Envoy: per-decision counters in
+//! `/stats/prometheus` and one JSON audit line per denial in Envoy's log, never a token.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+
+use registry_guard_e2e::Stack;
+
+/// The value of the Prometheus series whose name (labels aside) ends with `suffix`.
+fn series(text: &str, suffix: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once(' '))
+        .find(|(name, _)| name.split('{').next().is_some_and(|n| n.ends_with(suffix)))
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+#[test]
+fn decisions_show_up_as_prometheus_counters_and_audit_lines() {
+    let stack = Stack::start();
+    // The example bundle: `web-release-tags` needs maintainer to push `v*` tags of acme/web/*.
+    let example: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(registry_guard_e2e::root().join("policies/example/bundle.json")).unwrap(),
+    )
+    .unwrap();
+    let bundle = stack.sign_bundle("example", &example);
+    assert!(stack.push_bundle(&bundle, &[]).status.success());
+    let push = ["repository:acme/web/app:pull,push"];
+    let dev = stack.token("dev", "dev-pass", &push).unwrap();
+    let mia = stack.token("mia", "mia-pass", &push).unwrap();
+
+    // dev (developer) may not push release tags: rule `web-release-tags`.
+    let r = stack.request("PUT", "/v2/acme/web/app/manifests/v1", Some(&dev));
+    assert_eq!(r.status, 403, "{}", r.body);
+    // The same token again (a cache hit when the same worker VM takes it).
+    assert_eq!(stack.request("PUT", "/v2/acme/web/app/manifests/v2", Some(&dev)).status, 403);
+    // mia (maintainer): allowed, forwarded to the registry.
+    assert_eq!(stack.request("GET", "/v2/", Some(&mia)).status, 200);
+    // No credentials; a forged token.
+    assert_eq!(stack.request("GET", "/v2/", None).status, 401);
+    let forged = format!("{}.{}", &dev[..dev.rfind('.').unwrap()], "AAAA");
+    assert_eq!(stack.request("GET", "/v2/acme/web/app/tags/list", Some(&forged)).status, 401);
+
+    let admin = format!("http://127.0.0.1:{}/stats/prometheus", stack.admin_port);
+    let text = ureq::get(&admin).call().unwrap().into_string().unwrap();
+    for (suffix, want) in [
+        ("registry_guard_denied_protected", 2.0),
+        ("registry_guard_rule_web_release_tags_denied", 2.0),
+        ("registry_guard_protection_denied", 2.0),
+        ("registry_guard_denied_invalid_token", 1.0),
+    ] {
+        assert_eq!(series(&text, suffix), Some(want), "{suffix} in:\n{}", grep(&text, "registry_guard"));
+    }
+    // Four requests carried a bearer token; each worker VM has its own cache.
+    let hits = series(&text, "registry_guard_token_cache_hits").unwrap();
+    let misses = series(&text, "registry_guard_token_cache_misses").unwrap();
+    assert_eq!(hits + misses, 4.0, "hits {hits}, misses {misses}");
+    assert!(misses >= 3.0, "dev, mia and the forged token are each verified at least once");
+    assert!(series(&text, "registry_guard_denied_no_credentials").unwrap() >= 1.0);
+    assert!(series(&text, "registry_guard_requests_allowed").unwrap() >= 1.0);
+    assert!(series(&text, "registry_guard_bundle_revision").unwrap() >= 1.0);
+
+    // One audit line per denial; parseable JSON; the rule, revision and principal; no token.
+    let log = stack.log("envoy");
+    let audits: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| l.find(r#"{"audit":"registry-guard""#).map(|i| &l[i..]))
+        .map(|j| serde_json::from_str(j).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {j}")))
+        .collect();
+    let protected: Vec<_> = audits.iter().filter(|a| a["kind"] == "protected").collect();
+    assert_eq!(protected.len(), 2, "{audits:#?}");
+    let a = protected[0];
+    assert_eq!(a["decision"], "deny");
+    assert_eq!(a["status"], 403);
+    assert_eq!(a["rule"], "web-release-tags");
+    assert_eq!(a["principal"], "dev");
+    assert_eq!(a["path"], "/v2/acme/web/app/manifests/v1");
+    assert_eq!(a["scopes"], "repository:acme/web/app:pull,push");
+    assert!(a["revision"].as_u64().unwrap() >= 1);
+    assert!(a["request_id"].as_str().is_some_and(|s| !s.is_empty()), "{a}");
+    assert!(audits.iter().any(|a| a["kind"] == "invalid_token"), "{audits:#?}");
+    let signature = dev.rsplit('.').next().unwrap();
+    assert!(!log.contains(signature), "a token signature reached Envoy's log");
+    assert!(!log.contains(&forged));
+    println!("audit lines: {}; e.g. {}", audits.len(), protected[0]);
+}
+
+fn grep(text: &str, needle: &str) -> String {
+    text.lines().filter(|l| l.contains(needle)).collect::<Vec<_>>().join("\n")
+}
