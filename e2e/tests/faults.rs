@@ -50,14 +50,15 @@ fn a_trapped_filter_fails_closed_and_the_vm_is_reloaded() {
     let rita = stack.token("rita", "rita-pass", &["repository:acme/web/app:pull"]).unwrap();
     assert_eq!(get(&stack, "/v2/", Some(&rita), None).0, 200);
 
-    // Two workers (`--concurrency 2`), one VM each: trap until both have trapped at least
-    // once is not needed; every trapped request must be refused with an OCI 503.
+    // Two workers (`--concurrency 2`), one VM each; every trapped request is refused with an
+    // OCI 503 (Envoy's empty 503, given its body by `local_reply_config`).
     let mut traps = 0;
     for _ in 0..4 {
         let (status, ct, body) = get(&stack, "/v2/", Some(&rita), Some((TRAP, "1")));
         assert_eq!(status, 503, "a trapped request is refused, never passed: {body}");
         assert_eq!(ct, "application/json");
         assert_eq!(oci_code(&body), "UNAVAILABLE", "{body}");
+        assert!(body.contains("registry-guard cannot decide this request; refused"), "{body}");
         traps += 1;
     }
     assert!(stack.log("envoy").contains("Uncaught RuntimeError: unreachable"), "a real wasm trap happened");
