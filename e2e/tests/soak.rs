@@ -30,7 +30,7 @@
 //!
 //! **Memory.** Envoy's RSS (`/proc/PID/status` `VmRSS`) is sampled every second. After a
 //! warm-up (20 % of the run, at least 10 s), RSS may grow by at most
-//! `SOAK_RSS_GROWTH_MIB` (default 64 MiB) above its value at the end of the warm-up, and the
+//! `SOAK_RSS_GROWTH_MIB` (default 32 MiB) above its value at the end of the warm-up, and the
 //! number of live wasm VMs (`wasm.envoy.wasm.runtime.v8.active`) at the end must not exceed
 //! its maximum during the warm-up (old VMs are freed after each push).
 
@@ -168,7 +168,7 @@ end
 fn soak() {
     let seconds = env_u64("SOAK_SECONDS", 600);
     let push_every = Duration::from_secs(env_u64("SOAK_PUSH_SECONDS", 3));
-    let rss_bound_mib = env_u64("SOAK_RSS_GROWTH_MIB", 64);
+    let rss_bound_mib = env_u64("SOAK_RSS_GROWTH_MIB", 32);
     let warmup = Duration::from_secs((seconds / 5).max(10));
     eprintln!("soak: {seconds} s, bundle push every {push_every:?}, RSS growth bound {rss_bound_mib} MiB after {warmup:?} warm-up");
 
