@@ -24,11 +24,12 @@ help:
 	@echo "make test   every test: unit, wasm (V8 via Node), Envoy config validation, end-to-end"
 	@echo "make lint   rustfmt check and clippy -D warnings (host and wasm targets)"
 	@echo "make fuzz   every cargo-fuzz target for FUZZ_SECONDS each (default $(FUZZ_SECONDS)); make fuzz-smoke: $(FUZZ_SMOKE_SECONDS) s each"
+	@echo "make soak   mixed traffic + bundle pushes for SOAK_SECONDS (default 600), checks decisions, 5xx, memory"
 
 run: deps build
 	CONFIG_DIR=$(CONFIG_DIR) deploy/run.sh
 
-test: deps build test-unit test-wasm test-envoy test-e2e bench-smoke fuzz-smoke
+test: deps build test-unit test-wasm test-envoy test-e2e bench-smoke fuzz-smoke soak-smoke
 	@echo "all tests passed"
 
 # ---- set-up -------------------------------------------------------------------------------
@@ -93,6 +94,20 @@ test-envoy: $(ENVOY) build
 
 test-e2e: deps build
 	cargo test -p registry-guard-e2e -- --test-threads 2
+
+# ---- soak (e2e/tests/soak.rs) ------------------------------------------------------------
+# Mixed traffic (wrk, skopeo, a classifying client) through the real stack while signed
+# bundles are pushed every SOAK_PUSH_SECONDS; fails on any request decided contrary to the
+# active bundle, any unexpected 5xx, or Envoy RSS growing more than SOAK_RSS_GROWTH_MIB.
+SOAK_SECONDS ?= 600
+.PHONY: soak soak-smoke
+soak: deps build
+	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk; }
+	SOAK_SECONDS=$(SOAK_SECONDS) cargo test -p registry-guard-e2e --test soak -- --ignored --nocapture
+
+soak-smoke: deps build
+	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk; }
+	SOAK_SECONDS=45 cargo test -p registry-guard-e2e --test soak -- --ignored --nocapture
 
 # ---- benchmarks (bench/README.md) -------------------------------------------------------------
 # `make bench`: the full run (< 15 min), writes bench/results/latest.md. `make bench-smoke`: the

@@ -232,6 +232,7 @@ impl Context for GuardHttp {}
 impl HttpContext for GuardHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let mut host = ProxyWasmHost;
+        trap_if_injected(&mut host, self.guard.as_deref());
         let outcome = on_request_headers(
             &mut host,
             self.context_id,
@@ -376,6 +377,19 @@ fn decide_request(
         }
     }
     allowed
+}
+
+/// TEST ONLY (`fault_injection.trap_on_header`, absent unless configured): a request carrying
+/// the header executes wasm `unreachable`, a real VM trap (the e2e fault suite).
+fn trap_if_injected(host: &mut impl Host, guard: Option<&RefCell<Guard>>) {
+    let header =
+        guard.and_then(|g| g.try_borrow().ok()?.config.fault_injection.as_ref().map(|f| f.trap_on_header.clone()));
+    if let Some(h) = header {
+        if matches!(host.request_header(&h), Ok(Some(_))) {
+            #[cfg(target_arch = "wasm32")]
+            core::arch::wasm32::unreachable();
+        }
+    }
 }
 
 /// Fail closed: 503 with an OCI error body.

@@ -59,6 +59,8 @@ pub struct Stack {
     pub events_port: u16,
     /// Whether the registry verifies tokens itself (see [`Options::registry_token_auth`]).
     pub registry_token_auth: bool,
+    /// TEST ONLY: see [`Options::trap_on_header`].
+    pub trap_on_header: Option<String>,
     procs: Vec<Proc>,
 }
 
@@ -71,6 +73,9 @@ pub struct Options {
     /// self-signed certificate of the token signing key as `rootcertbundle`), and the token
     /// service puts libtrust key ids in token headers (`kid_format: libtrust`).
     pub registry_token_auth: bool,
+    /// TEST ONLY fault injection: the filter traps its wasm VM on requests carrying this
+    /// header (`fault_injection.trap_on_header` in the filter configuration).
+    pub trap_on_header: Option<String>,
 }
 
 impl Stack {
@@ -108,6 +113,7 @@ impl Stack {
             consumer_port: free_port(),
             events_port: free_port(),
             registry_token_auth: false,
+            trap_on_header: options.trap_on_header.clone(),
             procs: Vec::new(),
             dir,
         };
@@ -328,7 +334,27 @@ impl Stack {
         serde_json::from_str(&text).expect("counts json")
     }
 
-    fn start_token_service(&mut self) {
+    /// Stops the registry (Envoy's `registry` cluster then has no one to connect to).
+    pub fn stop_registry(&mut self) {
+        self.stop("registry");
+    }
+
+    /// Starts the registry again from the same configuration and storage.
+    pub fn restart_registry(&mut self) {
+        self.stop("registry");
+        let cfg = self.path("registry.yml");
+        self.spawn("registry", Command::new("docker-registry").arg("serve").arg(cfg));
+        self.wait_http(self.registry_port, "/v2/", "registry");
+    }
+
+    /// Stops the token service (logins fail; tokens already issued stay valid).
+    pub fn stop_token_service(&mut self) {
+        self.stop("token-service");
+    }
+
+    /// Starts (or restarts) the token service on its port with the same configuration.
+    pub fn start_token_service(&mut self) {
+        self.stop("token-service");
         let bin = artifact("target/release/registry-guard-token-service");
         let listen = format!("127.0.0.1:{}", self.token_port);
         let config_dir = self.config_dir.clone();
@@ -355,6 +381,14 @@ impl Stack {
             "2",
         ]);
         let filter_path = self.path("filter.json");
+        let filter = match &self.trap_on_header {
+            None => filter,
+            Some(h) => {
+                let mut v: serde_json::Value = serde_json::from_str(&filter).expect("filter config json");
+                v["fault_injection"] = serde_json::json!({ "trap_on_header": h });
+                v.to_string()
+            }
+        };
         fs::write(&filter_path, filter).expect("write filter config");
         let wasm = artifact("target/filter/registry_guard.wasm");
         self.rgctl(&[
@@ -573,6 +607,11 @@ impl Stack {
         let creds = format!("{user}:{secret}");
         let src = format!("docker://{}/{repo}:{tag}", self.registry_host());
         self.skopeo(&["inspect", "--tls-verify=false", "--creds", &creds, &src])
+    }
+
+    /// The process id of a running component (`envoy`, `registry`, `token-service`, …).
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.procs.iter().find(|p| p.name == name).map(|p| p.child.id())
     }
 
     pub fn dump_logs(&self) {

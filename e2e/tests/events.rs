@@ -121,6 +121,12 @@ fn events_are_attributed_verified_and_counted() {
 
     // The consumer is down during a push: the registry retries, and every event is counted once.
     stack.stop_consumer();
+    // What the registry is told meanwhile: Envoy's 503, never a 2xx, so it keeps retrying.
+    let probe = ureq::post(&format!("http://127.0.0.1:{}/events", stack.events_port))
+        .set("Authorization", "Bearer e2e-events-secret")
+        .set("Content-Type", "application/vnd.docker.distribution.events.v1+json")
+        .send_string(r#"{"events":[]}"#);
+    assert!(matches!(probe, Err(ureq::Error::Status(503, _))), "consumer down must not be acknowledged");
     assert!(stack.push("dev", "dev-pass", "acme/web/app", "while-down").status.success());
     std::thread::sleep(Duration::from_secs(2));
     stack.start_consumer();

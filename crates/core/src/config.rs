@@ -36,6 +36,24 @@ struct RawFilterConfig<'a> {
     /// Correlation of requests with the registry's events (see `events`).
     #[serde(default)]
     correlation: RawCorrelation,
+    /// TEST ONLY, off by default: deliberately trap the wasm VM (see [`FaultInjection`]).
+    #[serde(default)]
+    fault_injection: Option<RawFaultInjection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFaultInjection {
+    trap_on_header: String,
+}
+
+/// TEST ONLY (the e2e fault suite): a request carrying this header makes the filter execute
+/// a wasm `unreachable` instruction, a real VM trap, to prove Envoy then fails closed and
+/// recovers. Absent from every production configuration (`rgctl filter-config` never writes it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaultInjection {
+    /// Lower-case request header name.
+    pub trap_on_header: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -162,6 +180,8 @@ pub struct FilterConfig {
     pub policy: Policy,
     /// Shared-data slots for request ↔ event correlation (0: off).
     pub correlation_slots: u32,
+    /// TEST ONLY fault injection; `None` unless the configuration asks for it.
+    pub fault_injection: Option<FaultInjection>,
 }
 
 /// A configuration error naming the field (JSON path) and the reason.
@@ -200,6 +220,16 @@ impl FilterConfig {
         if raw.cache.max_entries == 0 || raw.cache.max_entries > 1_000_000 {
             return Err(error("$.cache.max_entries", "must be between 1 and 1000000"));
         }
+        let fault_injection = match raw.fault_injection {
+            None => None,
+            Some(f) => {
+                let header = f.trap_on_header.to_ascii_lowercase();
+                if header.is_empty() || !header.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+                    return Err(error("$.fault_injection.trap_on_header", "must be a header name ([A-Za-z0-9-]+)"));
+                }
+                Some(FaultInjection { trap_on_header: header })
+            }
+        };
         let keys = KeySet::from_jwks(&raw.jwks).map_err(|e| error("$.jwks", e.to_string()))?;
         let policy = match (&raw.bundle, &raw.bundle_keys) {
             (None, _) => Policy::default(),
@@ -215,6 +245,7 @@ impl FilterConfig {
             cache_entries: raw.cache.max_entries,
             policy,
             correlation_slots: raw.correlation.slots,
+            fault_injection,
         })
     }
 }
@@ -245,6 +276,27 @@ mod tests {
         assert_eq!(c.verifier.leeway_seconds, 30);
         assert_eq!(c.cache_entries, 4096);
         assert_eq!(c.verifier.keys.len(), 1);
+        assert_eq!(c.fault_injection, None, "fault injection is off by default");
+    }
+
+    #[test]
+    fn fault_injection_is_explicit() {
+        let c = FilterConfig::from_json(
+            config(serde_json::json!({"fault_injection": {"trap_on_header": "X-Registry-Guard-Trap"}}))
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(c.fault_injection, Some(FaultInjection { trap_on_header: "x-registry-guard-trap".into() }));
+        for bad in [
+            serde_json::json!({"trap_on_header": ""}),
+            serde_json::json!({"trap_on_header": "a b"}),
+            serde_json::json!({"header": "x"}),
+        ] {
+            let e = FilterConfig::from_json(config(serde_json::json!({"fault_injection": bad})).to_string().as_bytes())
+                .unwrap_err();
+            assert!(e.field.starts_with("$.fault_injection"), "{e}");
+        }
     }
 
     #[test]

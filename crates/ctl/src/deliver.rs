@@ -28,7 +28,10 @@ fn resource(config_json: &str, wasm: &str) -> serde_json::Value {
                 "config": {
                     "name": "registry-guard",
                     "root_id": "registry-guard",
-                    "failure_policy": "FAIL_CLOSED",
+                    // A trap kills the worker's VM: its requests get 503 (never a pass) and
+                    // Envoy builds a new VM with this same configuration after a backoff
+                    // (1 s base); FAIL_CLOSED would leave the worker refusing until restart.
+                    "failure_policy": "FAIL_RELOAD",
                     "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": config_json},
                     "vm_config": {
                         "vm_id": "registry-guard",
