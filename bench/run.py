@@ -252,7 +252,7 @@ def wasm_filter(filter_json_text):
             "config": {
                 "name": "registry-guard",
                 "root_id": "registry-guard",
-                "failure_policy": "FAIL_CLOSED",
+                "failure_policy": "FAIL_RELOAD",
                 "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
                                   "value": filter_json_text},
                 "vm_config": {"vm_id": "registry-guard", "runtime": "envoy.wasm.runtime.v8",
