@@ -936,7 +936,7 @@ mod kid_tests {
         // A token whose header names the libtrust id verifies against the same JWKS.
         let libtrust = a.clone().with_kid_format(KidFormat::Libtrust);
         assert_eq!(libtrust.kid, a.libtrust_kid());
-        let claims = RegistryClaims {
+        let claims = || RegistryClaims {
             iss: "i".into(),
             sub: "s".into(),
             aud: Audience::One("a".into()),
@@ -946,24 +946,14 @@ mod kid_tests {
             user: None,
             extra: Default::default(),
         };
-        let token = sign(&libtrust, claims, Validity { issued_at: 100, not_before: 100, expires_at: 200 }).unwrap();
+        let token = sign(&libtrust, claims(), Validity { issued_at: 100, not_before: 100, expires_at: 200 }).unwrap();
         let verifier = Verifier { keys, issuer: "i".into(), audience: "a".into(), leeway_seconds: 0 };
         let verified = verifier.verify(&token, 150).unwrap();
         assert_eq!(verified.kid, a.libtrust_kid());
         // Signed by b but naming a's libtrust id: the signature check fails.
         let forged = b.clone().with_kid_format(KidFormat::Libtrust);
         let forged = SigningKey { kid: a.libtrust_kid(), key: forged.key };
-        let claims = RegistryClaims {
-            iss: "i".into(),
-            sub: "s".into(),
-            aud: Audience::One("a".into()),
-            jti: "j".into(),
-            access: vec![],
-            auth_type: None,
-            user: None,
-            extra: Default::default(),
-        };
-        let token = sign(&forged, claims, Validity { issued_at: 100, not_before: 100, expires_at: 200 }).unwrap();
+        let token = sign(&forged, claims(), Validity { issued_at: 100, not_before: 100, expires_at: 200 }).unwrap();
         assert!(matches!(verifier.verify(&token, 150), Err(TokenError::BadSignature(_))));
         // A JWKS listing the same key under both ids is accepted too.
         let both = serde_json::json!({"keys": [a.public_jwk(), a.public_jwk_as(&a.libtrust_kid())]});
