@@ -192,6 +192,8 @@ def bootstrap(admin_port, listen_port, upstream_port, http_filters):
         "normalize_path": True,
         "merge_slashes": True,
         "path_with_escaped_slashes_action": "REJECT_REQUEST",
+        "use_remote_address": True,
+        "preserve_external_request_id": True,
         "route_config": {
             "name": "bench",
             "virtual_hosts": [{"name": "bench", "domains": ["*"],
@@ -386,7 +388,8 @@ class Bench:
             with open(self.path(f"bundle-{n}.jws"), "w") as f:
                 f.write(run([RGCTL, "sign", self.path(f"bundle-{n}.json"),
                              "--key", self.path("keys/operator-key.pem")]))
-            text = run([RGCTL, "filter-config", "--realm", "http://127.0.0.1:5001/jwt/auth",
+            text = run([RGCTL, "filter-config", "--client-address", "x-forwarded-for",
+                        "--realm", "http://127.0.0.1:5001/jwt/auth",
                         "--jwks", self.path("keys/jwks.json"), "--bundle-keys", self.path("keys/operator-jwks.json"),
                         "--bundle", self.path(f"bundle-{n}.jws")]).strip()
             with open(self.path(f"filter-{n}.json"), "w") as f:

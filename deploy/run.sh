@@ -49,7 +49,7 @@ bundle_args=()
 [ -f "$CONFIG_DIR/bundle.jws" ] && bundle_args=(--bundle "$CONFIG_DIR/bundle.jws")
 "$RGCTL" filter-config --realm "http://127.0.0.1:$TOKEN_PORT/jwt/auth" --service "$SERVICE" --issuer "$ISSUER" \
   --jwks "$CONFIG_DIR/keys/jwks.json" --bundle-keys "$CONFIG_DIR/keys/operator-jwks.json" "${bundle_args[@]}" \
-  > "$RUN_DIR/filter.json"
+  --client-address x-forwarded-for > "$RUN_DIR/filter.json"
 "$RGCTL" filter-resource --config "$RUN_DIR/filter.json" --wasm "$WASM" --out "$RUN_DIR/ecds/registry-guard.json"
 [ -f "$RUN_DIR/http-secret" ] || head -c 32 /dev/urandom | base64 | tr -d '/+=' > "$RUN_DIR/http-secret"
 [ -f "$RUN_DIR/events-secret" ] || head -c 32 /dev/urandom | base64 | tr -d '/+=' > "$RUN_DIR/events-secret"

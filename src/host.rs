@@ -10,11 +10,12 @@ use std::collections::HashMap;
 use registry_guard_core::decision::{Decision, DenyKind};
 use registry_guard_core::guard::Checked;
 
+use crate::headers::HeaderMap;
 use crate::EnvelopeOutcome;
 
 /// The few host calls the filter needs; every one may fail and none panics.
 pub trait Host {
-    fn request_headers(&mut self) -> Result<Vec<(String, String)>, String>;
+    fn request_headers(&mut self) -> Result<HeaderMap, String>;
     fn now_unix_seconds(&mut self) -> Result<i64, String>;
     fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> Result<(), String>;
     fn increment(&mut self, metric: u32) -> Result<(), String>;
@@ -37,8 +38,8 @@ pub trait Host {
 pub struct ProxyWasmHost;
 
 impl Host for ProxyWasmHost {
-    fn request_headers(&mut self) -> Result<Vec<(String, String)>, String> {
-        hostcalls::get_map(MapType::HttpRequestHeaders).map_err(|s| format!("{s:?}"))
+    fn request_headers(&mut self) -> Result<HeaderMap, String> {
+        raw_request_headers()
     }
 
     fn now_unix_seconds(&mut self) -> Result<i64, String> {
@@ -65,7 +66,9 @@ impl Host for ProxyWasmHost {
     }
 
     fn request_header(&mut self, name: &str) -> Result<Option<String>, String> {
-        hostcalls::get_map_value(MapType::HttpRequestHeaders, name).map_err(|s| format!("{s:?}"))
+        // Bytes, not the SDK's `String` (which `unwrap`s UTF-8): see `headers`.
+        let value = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name).map_err(|s| format!("{s:?}"))?;
+        Ok(value.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     fn set_request_header(&mut self, name: &str, value: &str) -> Result<(), String> {
@@ -104,6 +107,33 @@ impl Host for ProxyWasmHost {
     }
 }
 
+/// All request headers in one host call, as the host serialised them (no copy per header).
+#[cfg(target_arch = "wasm32")]
+fn raw_request_headers() -> Result<HeaderMap, String> {
+    use proxy_wasm::types::Status;
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        fn proxy_get_header_map_pairs(map_type: MapType, data: *mut *mut u8, size: *mut usize) -> Status;
+    }
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes a pointer to `size` bytes it allocated through this module's
+    // `proxy_on_memory_allocate` (the SDK's allocator: a boxed slice of exactly `size`
+    // bytes), which this function then owns — as the SDK's own `get_map` does.
+    unsafe {
+        match proxy_get_header_map_pairs(MapType::HttpRequestHeaders, &mut data, &mut size) {
+            Status::Ok if data.is_null() => Ok(HeaderMap::default()),
+            Status::Ok => Ok(HeaderMap::from_serialized(Vec::from_raw_parts(data, size, size))),
+            status => Err(format!("{status:?}")),
+        }
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn raw_request_headers() -> Result<HeaderMap, String> {
+    Err("proxy-wasm host calls exist only in wasm".into())
+}
+
 /// Per-rule counters are defined when a rule first decides something; at most this many
 /// rules get their own counters (a bundle may hold 200 000), the rest count in
 /// `registry_guard.rule_metrics_overflow`.
@@ -132,7 +162,22 @@ pub struct Metrics {
     envelopes_rewritten: u32,
     envelopes_oversize: u32,
     envelopes_malformed: u32,
+    /// Counts not yet handed to the host, by metric id (see [`Metrics::flush`]).
+    pending: RefCell<Pending>,
 }
+
+/// Counter increments kept in the VM and handed to Envoy in batches: a host call costs about
+/// as much as the whole cached decision, and every request counts two or more.
+#[derive(Debug, Default)]
+struct Pending {
+    counts: Vec<(u32, u64)>,
+    total: u64,
+}
+
+/// Pending increments handed to the host at once when this many accumulate; the root
+/// context also flushes every [`FLUSH_PERIOD_MS`], so a counter is at most that late.
+pub const FLUSH_EVERY: u64 = 64;
+pub const FLUSH_PERIOD_MS: u64 = 1000;
 
 impl Metrics {
     pub fn define(host: &mut impl Host) -> Result<Metrics, String> {
@@ -160,7 +205,39 @@ impl Metrics {
             envelopes_rewritten: define(MetricType::Counter, "registry_guard.envelopes_rewritten")?,
             envelopes_oversize: define(MetricType::Counter, "registry_guard.envelopes_oversize")?,
             envelopes_malformed: define(MetricType::Counter, "registry_guard.envelopes_malformed")?,
+            pending: RefCell::new(Pending::default()),
         })
+    }
+
+    /// Counts `n` on counter `id`, handing the batch to the host when it is full.
+    fn count(&self, host: &mut impl Host, id: u32, n: u64) {
+        let full = {
+            let Ok(mut p) = self.pending.try_borrow_mut() else {
+                let _ = host.add(id, n);
+                return;
+            };
+            match p.counts.iter_mut().find(|(i, _)| *i == id) {
+                Some((_, c)) => *c += n,
+                None => p.counts.push((id, n)),
+            }
+            p.total += 1;
+            p.total >= FLUSH_EVERY
+        };
+        if full {
+            self.flush(host);
+        }
+    }
+
+    /// Hands every pending count to the host (on a full batch, and from the root's tick).
+    pub fn flush(&self, host: &mut impl Host) {
+        let Ok(mut p) = self.pending.try_borrow_mut() else { return };
+        for (id, n) in p.counts.iter_mut() {
+            if *n > 0 {
+                let _ = host.add(*id, *n);
+                *n = 0;
+            }
+        }
+        p.total = 0;
     }
 
     /// Counts one decided request: allowed/denied, the denial's kind, the deciding rule
@@ -168,28 +245,28 @@ impl Metrics {
     pub fn decided(&self, host: &mut impl Host, checked: &Checked) {
         match checked.cache_hit {
             Some(true) => {
-                let _ = host.increment(self.cache_hits);
+                self.count(host, self.cache_hits, 1);
             }
             Some(false) => {
-                let _ = host.increment(self.cache_misses);
+                self.count(host, self.cache_misses, 1);
             }
             None => {}
         }
         match &checked.decision {
             Decision::Allow { would_deny, .. } => {
-                let _ = host.increment(self.allowed);
+                self.count(host, self.allowed, 1);
                 if let Some((rule, _)) = would_deny {
-                    let _ = host.increment(self.protection_would_deny);
+                    self.count(host, self.protection_would_deny, 1);
                     self.rule(host, rule, false);
                 }
             }
             Decision::Deny(d) => {
-                let _ = host.increment(self.denied);
+                self.count(host, self.denied, 1);
                 if let Some((_, id)) = self.denied_by_kind.iter().find(|(k, _)| *k == d.kind) {
-                    let _ = host.increment(*id);
+                    self.count(host, *id, 1);
                 }
                 if let Some(rule) = &d.rule {
-                    let _ = host.increment(self.protection_denied);
+                    self.count(host, self.protection_denied, 1);
                     self.rule(host, rule, true);
                 }
             }
@@ -211,7 +288,7 @@ impl Metrics {
             }
             None => None,
         };
-        let _ = host.increment(id.unwrap_or(self.rule_overflow));
+        self.count(host, id.unwrap_or(self.rule_overflow), 1);
     }
 
     pub fn failed(&self, host: &mut impl Host) {

@@ -11,20 +11,22 @@
 //!
 //! No policy logic lives here.
 
+pub mod headers;
 pub mod host;
 
+use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 use registry_guard_core::audit::{self, RequestInfo};
-use registry_guard_core::config::{EventsConfig, PluginConfig};
+use registry_guard_core::config::{ClientAddress, EventsConfig, PluginConfig};
 use registry_guard_core::decision::Decision;
-use registry_guard_core::events::{correlation_address, rewrite_envelope, slot_of, Attribution};
+use registry_guard_core::events::{correlation_address, rewrite_envelope, slot_of, Attribution, AttributionRecord};
 use registry_guard_core::guard::Guard;
 
-use crate::host::{Host, Metrics, ProxyWasmHost};
+use crate::host::{Host, Metrics, ProxyWasmHost, FLUSH_PERIOD_MS};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -139,6 +141,11 @@ impl RootContext for GuardRoot {
                 Ok(m) => self.metrics = Some(Rc::new(m)),
                 Err(e) => log::warn!("registry-guard: cannot define metrics: {e}"),
             }
+            // Batched counters are flushed on this tick (see `Metrics::flush`).
+            let period = std::time::Duration::from_millis(FLUSH_PERIOD_MS);
+            if let Err(e) = proxy_wasm::hostcalls::set_tick_period(period) {
+                log::warn!("registry-guard: cannot set the metrics tick: {e:?}");
+            }
         }
         let config = match PluginConfig::from_json(&bytes) {
             Ok(PluginConfig::Events(events)) => {
@@ -192,6 +199,12 @@ impl RootContext for GuardRoot {
         self.correlation = (slots > 0).then(|| Rc::new(Correlation::new(slots, vm_prefix())));
         self.role = Some(Role::Registry(Rc::new(RefCell::new(Guard::new(*config)))));
         true
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(m) = &self.metrics {
+            m.flush(&mut ProxyWasmHost);
+        }
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -292,35 +305,49 @@ fn decide_request(
         Ok(h) => h,
         Err(e) => return fail(host, context_id, &format!("cannot read request headers: {e}")),
     };
+    let pairs = match headers.pairs() {
+        Ok(p) => p,
+        Err(e) => return fail(host, context_id, &format!("cannot read request headers: {e}")),
+    };
     let now = match host.now_unix_seconds() {
         Ok(t) => t,
         Err(e) => return fail(host, context_id, &format!("cannot read host time: {e}")),
     };
+    // Values are bytes (obs-text is legal in HTTP); as text, invalid UTF-8 becomes U+FFFD,
+    // which no route, token or media type accepts.
+    fn text(v: &[u8]) -> Cow<'_, str> {
+        String::from_utf8_lossy(v)
+    }
     let mut method = None;
     let mut path = None;
-    let mut content_types: Vec<&str> = Vec::new();
+    let mut content_types: Vec<Cow<str>> = Vec::new();
     let mut request_id = None;
-    let mut authorization: Vec<&str> = Vec::new();
-    for (name, value) in &headers {
-        match name.as_str() {
-            ":method" => method = Some(value.as_str()),
-            ":path" => path = Some(value.as_str()),
-            "content-type" => content_types.push(value),
-            "x-request-id" => request_id = Some(value.as_str()),
-            "authorization" => authorization.push(value),
+    let mut authorization: Vec<Cow<str>> = Vec::new();
+    let mut forwarded_for = None;
+    for (name, value) in pairs {
+        match name {
+            b":method" => method = Some(text(value)),
+            b":path" => path = Some(text(value)),
+            b"content-type" => content_types.push(text(value)),
+            b"x-request-id" => request_id = Some(text(value)),
+            b"authorization" => authorization.push(text(value)),
+            b"x-forwarded-for" => forwarded_for = Some(value),
             _ => {}
         }
     }
+    let authorization: Vec<&str> = authorization.iter().map(|a| a.as_ref()).collect();
+    let request_id = request_id.as_deref();
     // A repeated Content-Type is judged on all its values (the registry reads the first).
     let content_type = (!content_types.is_empty()).then(|| content_types.join(","));
     let content_type = content_type.as_deref();
-    let (Some(method), Some(path)) = (method, path) else {
+    let (Some(method), Some(path)) = (method.as_deref(), path.as_deref()) else {
         return fail(host, context_id, "request has no :method or :path");
     };
     let Ok(mut guard) = guard.try_borrow_mut() else {
         return fail(host, context_id, "guard state is busy");
     };
     let checked = guard.check(method, path, content_type, &authorization, now);
+    let client_from = guard.config.client_address;
     drop(guard);
     if let Some(m) = metrics {
         m.decided(host, &checked);
@@ -357,18 +384,22 @@ fn decide_request(
             };
         }
     };
-    if let (Some(correlation), Some(subject)) = (correlation, checked.subject) {
+    if let (Some(correlation), Some(subject)) = (correlation, checked.subject()) {
         // Tag the forwarded request so its events can be attributed (see core `events`).
         let addr = correlation.next_address();
-        let attribution = Attribution {
-            addr: addr.clone(),
-            name: subject,
-            user_type: checked.auth_type.unwrap_or_else(|| "unknown".into()),
-            user: checked.user,
-            request_id: request_id.map(str::to_owned),
-            client_addr: host.client_address().ok().flatten(),
+        let client = match (client_from, forwarded_for.and_then(last_forwarded_for)) {
+            (ClientAddress::XForwardedFor, Some(last)) => Some(last),
+            _ => host.client_address().ok().flatten(),
         };
-        let stored = serde_json::to_vec(&attribution)
+        let record = AttributionRecord {
+            addr: &addr,
+            name: subject,
+            user_type: checked.auth_type().unwrap_or("unknown"),
+            user: checked.user(),
+            request_id,
+            client_addr: client.as_deref(),
+        };
+        let stored = serde_json::to_vec(&record)
             .map_err(|e| e.to_string())
             .and_then(|record| host.set_shared(&slot_key(slot_of(&addr, correlation.slots)), &record));
         if let Err(e) = stored.and_then(|()| host.set_request_header("x-forwarded-for", &addr)) {
@@ -377,6 +408,14 @@ fn decide_request(
         }
     }
     allowed
+}
+
+/// The last entry of an `X-Forwarded-For` value: the address Envoy appended when it has
+/// `use_remote_address: true` (see `ClientAddress::XForwardedFor`).
+fn last_forwarded_for(value: &[u8]) -> Option<String> {
+    let last = value.rsplit(|&b| b == b',').next()?;
+    let last = std::str::from_utf8(last).ok()?.trim();
+    (!last.is_empty()).then(|| last.to_owned())
 }
 
 /// TEST ONLY (`fault_injection.trap_on_header`, absent unless configured): a request carrying

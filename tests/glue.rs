@@ -3,7 +3,8 @@
 
 use std::cell::RefCell;
 
-use registry_guard::host::{Host, MetricType, Metrics};
+use registry_guard::headers::HeaderMap;
+use registry_guard::host::{Host, MetricType, Metrics, FLUSH_EVERY};
 use registry_guard::{on_request_headers, rewrite_request_body, Correlation, EnvelopeOutcome, Outcome};
 use registry_guard_core::config::FilterConfig;
 use registry_guard_core::guard::Guard;
@@ -15,6 +16,8 @@ const NOW: i64 = 1_800_000_000;
 #[derive(Default)]
 struct FakeHost {
     headers: Vec<(String, String)>,
+    /// Raw header values (bytes that are not UTF-8), sent after `headers`.
+    raw_headers: Vec<(String, Vec<u8>)>,
     fail_headers: bool,
     replies: Vec<(u16, Vec<(String, String)>, String)>,
     shared: std::collections::HashMap<String, Vec<u8>>,
@@ -49,11 +52,13 @@ impl Host for FakeHost {
         Ok(self.metric_names.len() as u32 - 1)
     }
 
-    fn request_headers(&mut self) -> Result<Vec<(String, String)>, String> {
+    fn request_headers(&mut self) -> Result<HeaderMap, String> {
         if self.fail_headers {
             return Err("InternalFailure".into());
         }
-        Ok(self.headers.clone())
+        let text = self.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes()));
+        let raw = self.raw_headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+        Ok(HeaderMap::from_pairs(text.chain(raw)))
     }
     fn now_unix_seconds(&mut self) -> Result<i64, String> {
         Ok(NOW)
@@ -70,7 +75,8 @@ impl Host for FakeHost {
     fn record(&mut self, _metric: u32, _value: u64) -> Result<(), String> {
         Ok(())
     }
-    fn add(&mut self, _metric: u32, _value: u64) -> Result<(), String> {
+    fn add(&mut self, metric: u32, value: u64) -> Result<(), String> {
+        *self.metric_values.entry(metric).or_default() += value;
         Ok(())
     }
     fn request_header(&mut self, name: &str) -> Result<Option<String>, String> {
@@ -105,10 +111,17 @@ impl Host for FakeHost {
 }
 
 fn guard() -> RefCell<Guard> {
-    let cfg = serde_json::json!({
+    guard_with(serde_json::json!({}))
+}
+
+fn guard_with(extra: serde_json::Value) -> RefCell<Guard> {
+    let mut cfg = serde_json::json!({
         "realm": "http://127.0.0.1:5001/jwt/auth", "service": "container_registry",
         "issuer": "registry-guard", "jwks": jwks(&[&es256_key(1)]),
     });
+    for (k, v) in extra.as_object().unwrap() {
+        cfg[k] = v.clone();
+    }
     RefCell::new(Guard::new(FilterConfig::from_json(cfg.to_string().as_bytes()).unwrap()))
 }
 
@@ -225,6 +238,40 @@ fn allowed_requests_are_tagged_and_their_events_attributed() {
 }
 
 #[test]
+fn the_client_address_comes_from_the_peer_or_the_last_forwarded_for_entry() {
+    // (mode, X-Forwarded-For as Envoy passes it, the address restored into the event)
+    let cases = [
+        ("peer", Some("6.6.6.6, 10.9.8.7"), "127.0.0.1:40000"),
+        ("x-forwarded-for", Some("6.6.6.6, 10.9.8.7"), "10.9.8.7"),
+        ("x-forwarded-for", Some("10.9.8.7"), "10.9.8.7"),
+        ("x-forwarded-for", None, "127.0.0.1:40000"),
+        ("x-forwarded-for", Some(" , "), "127.0.0.1:40000"),
+    ];
+    for (mode, xff, want) in cases {
+        let guard = guard_with(serde_json::json!({"correlation": {"client_address": mode}}));
+        let correlation = Correlation::new(64, 7);
+        let mut host =
+            FakeHost::request("GET", "/v2/acme/web/app/manifests/v1").with_header("authorization", &bearer(&["pull"]));
+        if let Some(v) = xff {
+            host = host.with_header("x-forwarded-for", v);
+        }
+        assert_eq!(on_request_headers(&mut host, 1, Some(&guard), Some(&correlation), None), Outcome::Allowed);
+        let addr = host.request_header("x-forwarded-for").unwrap().unwrap();
+        let record = host.shared.values().next().unwrap();
+        let record: registry_guard_core::events::Attribution = serde_json::from_slice(record).unwrap();
+        assert_eq!(
+            (record.addr.as_str(), record.client_addr.as_deref()),
+            (addr.as_str(), Some(want)),
+            "{mode} {xff:?}"
+        );
+    }
+    let bad = serde_json::json!({"realm": "http://x/", "issuer": "i", "jwks": jwks(&[&es256_key(1)]),
+        "correlation": {"client_address": "header"}});
+    let err = FilterConfig::from_json(bad.to_string().as_bytes()).unwrap_err().to_string();
+    assert!(err.contains("client_address") || err.contains("header"), "{err}");
+}
+
+#[test]
 fn denied_requests_are_not_tagged_and_malformed_envelopes_pass() {
     let guard = guard();
     let correlation = Correlation::new(64, 1);
@@ -287,6 +334,9 @@ fn decisions_are_counted_by_kind_rule_and_cache() {
     assert_eq!(run(&mut host, "PUT", put_v1, Some(&maintainer)), Outcome::AllowedWouldDeny);
     assert_eq!(run(&mut host, "GET", put_v1, Some("Bearer not-a-token")), Outcome::Denied);
     assert_eq!(run(&mut host, "GET", "/v2/acme/web/app/../x/manifests/v1", Some(&maintainer)), Outcome::Denied);
+    // Counts are batched in the VM until a full batch or the root's tick flushes them.
+    assert_eq!(host.metric("registry_guard.requests_denied"), 0, "not flushed yet");
+    metrics.flush(&mut host);
     for (name, want) in [
         ("registry_guard.requests_allowed", 1),
         ("registry_guard.requests_denied", 5),
@@ -304,4 +354,34 @@ fn decisions_are_counted_by_kind_rule_and_cache() {
     ] {
         assert_eq!(host.metric(name), want, "{name}");
     }
+}
+
+#[test]
+fn a_full_batch_of_counts_is_flushed_without_waiting_for_the_tick() {
+    let mut host = FakeHost::default();
+    let metrics = Metrics::define(&mut host).unwrap();
+    let guard = guard();
+    // One count per unauthenticated request (allowed/denied + kind = 2 per request).
+    let requests = FLUSH_EVERY / 2;
+    for _ in 0..requests {
+        host.headers = vec![(":method".into(), "GET".into()), (":path".into(), "/v2/".into())];
+        assert_eq!(on_request_headers(&mut host, 1, Some(&guard), None, Some(&metrics)), Outcome::Denied);
+    }
+    assert_eq!(host.metric("registry_guard.requests_denied"), requests);
+    assert_eq!(host.metric("registry_guard.denied.no_credentials"), requests);
+}
+
+#[test]
+fn header_values_that_are_not_utf8_are_decided_not_trapped() {
+    // obs-text (`\xff`) is legal in a header value and Envoy forwards it; the SDK's `get_map`
+    // panicked on it (a VM trap). The value is judged as text with U+FFFD instead.
+    let mut host = FakeHost::request("GET", "/v2/acme/web/app/manifests/v1");
+    host.raw_headers.push(("x-latin1".into(), b"caf\xe9".to_vec()));
+    host.raw_headers.push(("authorization".into(), [bearer(&["pull"]).as_bytes(), b"\xff"].concat()));
+    assert_eq!(on_request_headers(&mut host, 1, Some(&guard()), None, None), Outcome::Denied);
+    assert_eq!(host.replies[0].0, 401);
+    let mut host =
+        FakeHost::request("GET", "/v2/acme/web/app/manifests/v1").with_header("authorization", &bearer(&["pull"]));
+    host.raw_headers.push(("x-latin1".into(), b"caf\xe9".to_vec()));
+    assert_eq!(on_request_headers(&mut host, 1, Some(&guard()), None, None), Outcome::Allowed);
 }

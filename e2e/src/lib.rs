@@ -379,6 +379,9 @@ impl Stack {
             &keys.join("operator-jwks.json").display().to_string(),
             "--leeway-seconds",
             "2",
+            // envoy/envoy.yaml has `use_remote_address: true`.
+            "--client-address",
+            "x-forwarded-for",
         ]);
         let filter_path = self.path("filter.json");
         let filter = match &self.trap_on_header {

@@ -40,7 +40,19 @@ fn decisions_show_up_as_prometheus_counters_and_audit_lines() {
     assert_eq!(stack.request("GET", "/v2/acme/web/app/tags/list", Some(&forged)).status, 401);
 
     let admin = format!("http://127.0.0.1:{}/stats/prometheus", stack.admin_port);
-    let text = ureq::get(&admin).call().unwrap().into_string().unwrap();
+    // Request counters are batched in each VM and flushed every second (`Metrics::flush`).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let text = ureq::get(&admin).call().unwrap().into_string().unwrap();
+        let counted = series(&text, "registry_guard_token_cache_hits").unwrap_or(0.0)
+            + series(&text, "registry_guard_token_cache_misses").unwrap_or(0.0);
+        if counted >= 4.0 && series(&text, "registry_guard_denied_protected") == Some(2.0)
+            || std::time::Instant::now() > deadline
+        {
+            break text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
     for (suffix, want) in [
         ("registry_guard_denied_protected", 2.0),
         ("registry_guard_rule_web_release_tags_denied", 2.0),

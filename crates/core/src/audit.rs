@@ -39,8 +39,8 @@ pub fn line(checked: &Checked, request: RequestInfo<'_>, now: i64) -> Option<Str
         "kind": kind,
         "rule": rule,
         "revision": checked.revision,
-        "principal": checked.subject,
-        "auth_type": checked.auth_type,
+        "principal": checked.subject(),
+        "auth_type": checked.auth_type(),
         "method": request.method,
         "path": request.path.split('?').next().unwrap_or_default(),
         "scopes": checked.scopes,
@@ -95,10 +95,19 @@ mod tests {
                 rule: Some("web-release-tags".into()),
                 kind: DenyKind::Protected,
             }),
-            subject: Some("dev".into()),
+            token: Some(std::rc::Rc::new(crate::token::VerifiedToken {
+                kid: "k1".into(),
+                subject: "dev".into(),
+                jti: "j1".into(),
+                auth_type: Some("pat".into()),
+                user: Some("eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJkZXYifQ.c2lnbmF0dXJlLWJ5dGVz".into()),
+                expires_at: i64::MAX,
+                not_before: None,
+                issued_at: None,
+                grants: Vec::new(),
+                access_levels: Vec::new(),
+            })),
             revision: 7,
-            auth_type: Some("pat".into()),
-            user: Some("eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJkZXYifQ.c2lnbmF0dXJlLWJ5dGVz".into()),
             cache_hit: Some(true),
             scopes: Some("repository:acme/web/app:pull,push".into()),
         }
@@ -139,10 +148,7 @@ mod tests {
 
     #[test]
     fn plain_allows_have_no_line() {
-        let c = Checked {
-            decision: Decision::Allow { subject: "dev".into(), reason: "ok".into(), would_deny: None },
-            ..denial("")
-        };
+        let c = Checked { decision: Decision::Allow { would_deny: None }, ..denial("") };
         assert!(line(&c, RequestInfo::default(), 0).is_none());
     }
 }

@@ -68,12 +68,30 @@ struct RawCorrelation {
     /// Shared-data slots (a bounded ring); 0 turns correlation off.
     #[serde(default = "default_slots")]
     slots: u32,
+    /// Where the client's address recorded for its events comes from.
+    #[serde(default)]
+    client_address: ClientAddress,
 }
 
 impl Default for RawCorrelation {
     fn default() -> Self {
-        RawCorrelation { slots: default_slots() }
+        RawCorrelation { slots: default_slots(), client_address: ClientAddress::default() }
     }
+}
+
+/// Where the registry role reads the client's address that the events role restores into
+/// each event's `request.addr` (the registry itself only sees the correlation address).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientAddress {
+    /// The downstream peer (`source.address`: one property lookup per request).
+    #[default]
+    Peer,
+    /// The last `X-Forwarded-For` entry, which Envoy appends itself when the listener's
+    /// connection manager has `use_remote_address: true` (as `envoy/envoy.yaml` does). Free:
+    /// the filter already holds the headers. Without `use_remote_address` that entry is
+    /// whatever the client sent, so use this only with it. No header: the peer is looked up.
+    XForwardedFor,
 }
 
 fn default_slots() -> u32 {
@@ -180,6 +198,8 @@ pub struct FilterConfig {
     pub policy: Policy,
     /// Shared-data slots for request ↔ event correlation (0: off).
     pub correlation_slots: u32,
+    /// Where the client address for event attribution comes from.
+    pub client_address: ClientAddress,
     /// TEST ONLY fault injection; `None` unless the configuration asks for it.
     pub fault_injection: Option<FaultInjection>,
 }
@@ -245,6 +265,7 @@ impl FilterConfig {
             cache_entries: raw.cache.max_entries,
             policy,
             correlation_slots: raw.correlation.slots,
+            client_address: raw.correlation.client_address,
             fault_injection,
         })
     }

@@ -35,16 +35,28 @@ pub enum Credential<'a> {
 /// Extracts the bearer token from the `Authorization` header values of a request. Exactly
 /// one header with scheme `Bearer` (case-insensitive) is accepted.
 pub fn bearer_token<'a>(values: &[&'a str]) -> Result<Option<&'a str>, &'static str> {
+    match bearer_candidate(values)? {
+        Some(token) if !is_b64token(token) => Err(NOT_BEARER),
+        t => Ok(t),
+    }
+}
+
+/// Why a header is not a bearer token.
+pub const NOT_BEARER: &str = "`Authorization` header is not `Bearer <token>`";
+
+/// [`bearer_token`] without the byte check of the token ([`is_b64token`]): the guard runs that
+/// check only for tokens not already in its cache of verified tokens.
+pub fn bearer_candidate<'a>(values: &[&'a str]) -> Result<Option<&'a str>, &'static str> {
     match values {
         [] => Ok(None),
         [one] => {
-            let (scheme, rest) = one.trim().split_once(' ').ok_or("`Authorization` header is not `Bearer <token>`")?;
+            let (scheme, rest) = one.trim().split_once(' ').ok_or(NOT_BEARER)?;
             if !scheme.eq_ignore_ascii_case("bearer") {
                 return Err("only `Bearer` tokens are accepted on the registry API");
             }
             let token = rest.trim();
-            if token.is_empty() || token.contains(char::is_whitespace) {
-                return Err("`Authorization` header is not `Bearer <token>`");
+            if token.is_empty() {
+                return Err(NOT_BEARER);
             }
             Ok(Some(token))
         }
@@ -52,13 +64,22 @@ pub fn bearer_token<'a>(values: &[&'a str]) -> Result<Option<&'a str>, &'static 
     }
 }
 
+/// Whether `token` is RFC 6750 `b64token` (a JWT is base64url segments joined by `.`): checked
+/// as bytes, so whitespace, control and non-ASCII characters are all refused.
+pub fn is_b64token(token: &str) -> bool {
+    token.bytes().all(is_b64token_byte)
+}
+
+/// A byte of RFC 6750's `b64token`: `ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/"`, and `=` (its padding).
+fn is_b64token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/' | b'=')
+}
+
 /// A decision with its reason, for logs and `explain`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Forward. `would_deny`: a dry-run rule that would have denied (rule id, message).
     Allow {
-        subject: String,
-        reason: String,
         would_deny: Option<(String, String)>,
     },
     Deny(Denial),
@@ -233,13 +254,11 @@ pub fn decide(
         });
     }
     if missing.is_empty() {
-        let scopes = route.scopes.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(" ");
-        let reason = if scopes.is_empty() { "valid token".to_owned() } else { format!("token grants {scopes}") };
         let would_deny = match protection {
             Protection::WouldDeny { rule, message } => Some((rule, message)),
             _ => None,
         };
-        return Decision::Allow { subject: token.subject.clone(), reason, would_deny };
+        return Decision::Allow { would_deny };
     }
     let missing = missing.join(", ");
     Decision::Deny(Denial {
@@ -421,6 +440,11 @@ mod tests {
         assert_eq!(bearer_token(&["bearer  abc "]), Ok(Some("abc")));
         assert!(bearer_token(&["Basic abc"]).is_err());
         assert!(bearer_token(&["Bearer a b"]).is_err());
+        // Only RFC 6750 b64token bytes: no control, non-ASCII whitespace or other characters.
+        assert_eq!(bearer_token(&["Bearer aZ09-._~+/=="]), Ok(Some("aZ09-._~+/==")));
+        for bad in ["Bearer a\u{a0}b", "Bearer a\tb", "Bearer a\u{0}b", "Bearer a,b", "Bearer a\"b", "Bearer é"] {
+            assert!(bearer_token(&[bad]).is_err(), "{bad:?}");
+        }
         assert!(bearer_token(&["Bearer a", "Bearer a"]).is_err());
         assert!(bearer_token(&["Bearer"]).is_err());
     }

@@ -16,7 +16,11 @@ use crate::scope::{Resource, Scope};
 /// `<group>/dependency_proxy/containers/<image>`: the group whose pull-through cache serves
 /// `<image>`, if `repo` is a dependency proxy path.
 pub fn dependency_proxy_group(repo: &str) -> Option<&str> {
-    let (group, image) = repo.split_once("/dependency_proxy/containers/")?;
+    const MARKER: &str = "/dependency_proxy/containers/";
+    // The first `/` followed by the marker (what `split_once(MARKER)` finds), by `memchr` on
+    // `/`: this runs on every request, and a substring searcher's set-up costs more.
+    let at = repo.match_indices('/').map(|(i, _)| i).find(|&i| repo[i..].starts_with(MARKER))?;
+    let (group, image) = (&repo[..at], &repo[at + MARKER.len()..]);
     (!group.is_empty() && !image.is_empty()).then_some(group)
 }
 
@@ -372,6 +376,14 @@ mod tests {
         assert_eq!(dependency_proxy_group("acme/platform/dependency_proxy/containers/alpine"), Some("acme/platform"));
         assert_eq!(dependency_proxy_group("acme/dependency_proxy/containers/"), None);
         assert_eq!(dependency_proxy_group("acme/web/app"), None);
+        assert_eq!(dependency_proxy_group("dependency_proxy/containers/alpine"), None);
+        assert_eq!(dependency_proxy_group("/dependency_proxy/containers/alpine"), None);
+        assert_eq!(
+            dependency_proxy_group("a/dependency_proxy/containers/b/dependency_proxy/containers/c"),
+            Some("a"),
+            "the first marker, like split_once"
+        );
+        assert_eq!(dependency_proxy_group("a/dependency_proxy/containersx/b"), None);
     }
 
     #[test]

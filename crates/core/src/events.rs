@@ -13,6 +13,8 @@
 //! a bounded ring) is detected and the event left unattributed and counted, never
 //! misattributed.
 
+use std::fmt::Write as _;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -36,6 +38,21 @@ pub struct Attribution {
     pub client_addr: Option<String>,
 }
 
+/// An [`Attribution`] borrowed from the request and its verified token, as the registry role
+/// writes it: the same JSON, without copying the nested `user` JWT on every request.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct AttributionRecord<'a> {
+    pub addr: &'a str,
+    pub name: &'a str,
+    pub user_type: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_addr: Option<&'a str>,
+}
+
 /// The correlation address for request number `counter` of a VM whose random prefix is
 /// `vm_prefix` (48 bits used): `fdPP:PPPP:PPPP:PPCC:CCCC:CCCC:CCCC:CCCC` in hex groups.
 pub fn correlation_address(vm_prefix: u64, counter: u64) -> String {
@@ -50,7 +67,14 @@ pub fn correlation_address(vm_prefix: u64, counter: u64) -> String {
         ((counter >> 8) & 0xffff) as u16,
         ((counter & 0xff) << 8) as u16,
     ];
-    groups.iter().map(|g| format!("{g:x}")).collect::<Vec<_>>().join(":")
+    let mut out = String::with_capacity(39);
+    for (i, g) in groups.iter().enumerate() {
+        if i > 0 {
+            out.push(':');
+        }
+        let _ = write!(out, "{g:x}");
+    }
+    out
 }
 
 /// Shared-data slot of an address in a table of `slots` entries (FNV-1a).
@@ -170,6 +194,25 @@ mod tests {
             assert!(seen.insert(correlation_address(7, n)));
         }
         assert!(slot_of(&a, 4096) < 4096);
+    }
+
+    #[test]
+    fn borrowed_records_read_back_as_attributions() {
+        let full = attribution("fd00::1", "dev", "pat");
+        let record = AttributionRecord {
+            addr: &full.addr,
+            name: &full.name,
+            user_type: &full.user_type,
+            user: full.user.as_deref(),
+            request_id: full.request_id.as_deref(),
+            client_addr: full.client_addr.as_deref(),
+        };
+        let back: Attribution = serde_json::from_slice(&serde_json::to_vec(&record).unwrap()).unwrap();
+        assert_eq!(back, full);
+        let bare = AttributionRecord { user: None, request_id: None, client_addr: None, ..record };
+        let text = serde_json::to_string(&bare).unwrap();
+        assert_eq!(text, r#"{"addr":"fd00::1","name":"dev","user_type":"pat"}"#);
+        assert_eq!(serde_json::from_str::<Attribution>(&text).unwrap().user, None);
     }
 
     #[test]

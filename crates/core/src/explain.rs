@@ -84,8 +84,8 @@ pub fn explain(
 impl std::fmt::Display for Explanation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.decision {
-            Decision::Allow { reason, would_deny, .. } => {
-                writeln!(f, "decision: ALLOW ({reason})")?;
+            Decision::Allow { would_deny } => {
+                writeln!(f, "decision: ALLOW (the token grants what the request needs)")?;
                 if let Some((rule, message)) = would_deny {
                     writeln!(f, "dry run: rule `{rule}` would deny: {message}")?;
                 }

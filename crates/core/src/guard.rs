@@ -5,16 +5,20 @@ use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
 use crate::config::FilterConfig;
-use crate::decision::{bearer_token, decide, Credential, Decision};
+use crate::decision::{bearer_candidate, decide, is_b64token, Credential, Decision};
 use crate::route::classify;
 use crate::token::{TokenError, VerifiedToken};
 
 /// Verified tokens, bounded in entries (oldest evicted first) and by each token's expiry.
 /// Only successful verifications are cached; time claims are rechecked on every hit.
+///
+/// Keys are whole tokens compared byte for byte; the hash is foldhash (SipHash over a 1 kB
+/// token was a sixth of a cached decision). Flooding is not a concern: only tokens whose
+/// signature verified are ever inserted.
 #[derive(Debug)]
 pub struct TokenCache {
     capacity: usize,
-    entries: HashMap<Rc<str>, VerifiedToken>,
+    entries: HashMap<Rc<str>, Rc<VerifiedToken>, foldhash::fast::RandomState>,
     order: VecDeque<Rc<str>>,
     pub hits: u64,
     pub misses: u64,
@@ -22,7 +26,13 @@ pub struct TokenCache {
 
 impl TokenCache {
     pub fn new(capacity: usize) -> TokenCache {
-        TokenCache { capacity: capacity.max(1), entries: HashMap::new(), order: VecDeque::new(), hits: 0, misses: 0 }
+        TokenCache {
+            capacity: capacity.max(1),
+            entries: HashMap::default(),
+            order: VecDeque::new(),
+            hits: 0,
+            misses: 0,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -33,21 +43,22 @@ impl TokenCache {
         self.entries.is_empty()
     }
 
-    /// Returns the cached verification of `token`, dropping it if it expired.
-    fn get(&mut self, token: &str, now: i64, leeway: i64) -> Option<&VerifiedToken> {
+    /// Whether `token` is cached and not expired; an expired entry is dropped.
+    fn contains_live(&mut self, token: &str, now: i64, leeway: i64) -> bool {
         let expired = match self.entries.get(token) {
-            None => return None,
+            None => return false,
             Some(v) => now > v.expires_at.saturating_add(leeway),
         };
         if expired {
             self.entries.remove(token);
             self.order.retain(|k| &**k != token);
-            return None;
+            return false;
         }
-        self.entries.get(token)
+        true
     }
 
-    fn insert(&mut self, token: &str, verified: VerifiedToken) {
+    /// Inserts a verified token (evicting the oldest at capacity) and returns the entry.
+    fn insert(&mut self, token: &str, verified: VerifiedToken) -> Rc<VerifiedToken> {
         while self.entries.len() >= self.capacity {
             match self.order.pop_front() {
                 Some(oldest) => {
@@ -58,7 +69,9 @@ impl TokenCache {
         }
         let key: Rc<str> = Rc::from(token);
         self.order.push_back(key.clone());
-        self.entries.insert(key, verified);
+        let verified = Rc::new(verified);
+        self.entries.insert(key, verified.clone());
+        verified
     }
 }
 
@@ -73,13 +86,10 @@ pub struct Guard {
 #[derive(Debug)]
 pub struct Checked {
     pub decision: Decision,
-    /// Subject of a verified token, if one was presented.
-    pub subject: Option<String>,
+    /// The verified token, if one was presented and verified (shared with the cache).
+    pub token: Option<Rc<VerifiedToken>>,
     /// Revision of the bundle the request was decided under.
     pub revision: u64,
-    /// `auth_type` and the nested `user` JWT of a verified token (for event attribution).
-    pub auth_type: Option<String>,
-    pub user: Option<String>,
     /// Whether the token was found in the cache (`None`: no bearer token presented).
     pub cache_hit: Option<bool>,
     /// The scopes the request needs (`repository:acme/web:pull,push` …), filled only for
@@ -89,7 +99,22 @@ pub struct Checked {
 
 impl Checked {
     fn new(decision: Decision, revision: u64) -> Checked {
-        Checked { decision, subject: None, revision, auth_type: None, user: None, cache_hit: None, scopes: None }
+        Checked { decision, token: None, revision, cache_hit: None, scopes: None }
+    }
+
+    /// `sub` of the verified token.
+    pub fn subject(&self) -> Option<&str> {
+        self.token.as_deref().map(|t| t.subject.as_str())
+    }
+
+    /// `auth_type` of the verified token (`password`, `pat`, `deploy_token`, …).
+    pub fn auth_type(&self) -> Option<&str> {
+        self.token.as_deref()?.auth_type.as_deref()
+    }
+
+    /// The nested `user` JWT of the verified token (for event attribution).
+    pub fn user(&self) -> Option<&str> {
+        self.token.as_deref()?.user.as_deref()
     }
 
     /// Whether this request gets an audit line: a denial, or a dry-run rule that would deny.
@@ -131,7 +156,7 @@ impl Guard {
     ) -> Checked {
         let challenge = &self.config.challenge;
         let revision = self.config.policy.revision;
-        let token = match bearer_token(authorization) {
+        let token = match bearer_candidate(authorization) {
             Err(why) => {
                 let decision = decide(route, Credential::NotBearer(why), challenge, &self.config.policy, now);
                 return Checked::new(decision, revision);
@@ -143,33 +168,35 @@ impl Guard {
             Ok(Some(t)) => t,
         };
         let leeway = self.config.verifier.leeway_seconds;
-        let hit = self.cache.get(token, now, leeway).is_some();
-        if hit {
+        let hit = self.cache.contains_live(token, now, leeway);
+        let verified = if hit {
             self.cache.hits += 1;
+            match self.cache.entries.get(token) {
+                Some(v) => v.clone(),
+                None => {
+                    let e = TokenError::Malformed("cache inconsistency".into());
+                    return invalid(route, &e, challenge, revision, hit);
+                }
+            }
         } else {
+            // The byte-level check runs before verification; a cached token passed it when
+            // it was inserted (the cache compares whole tokens), so a hit skips it.
+            if !is_b64token(token) {
+                let why = crate::decision::NOT_BEARER;
+                let decision = decide(route, Credential::NotBearer(why), challenge, &self.config.policy, now);
+                return Checked::new(decision, revision);
+            }
             self.cache.misses += 1;
             match self.config.verifier.verify_signature_and_claims(token) {
                 Ok(v) => self.cache.insert(token, v),
                 Err(e) => return invalid(route, &e, challenge, revision, hit),
             }
-        }
-        let Some(verified) = self.cache.entries.get(token) else {
-            let e = TokenError::Malformed("cache inconsistency".into());
-            return invalid(route, &e, challenge, revision, hit);
         };
         if let Err(e) = verified.check_time(now, leeway) {
             return invalid(route, &e, challenge, revision, hit);
         }
-        let decision = decide(route, Credential::Valid(verified), challenge, &self.config.policy, now);
-        Checked {
-            decision,
-            subject: Some(verified.subject.clone()),
-            revision,
-            auth_type: verified.auth_type.clone(),
-            user: verified.user.clone(),
-            cache_hit: Some(hit),
-            scopes: None,
-        }
+        let decision = decide(route, Credential::Valid(&verified), challenge, &self.config.policy, now);
+        Checked { decision, token: Some(verified), revision, cache_hit: Some(hit), scopes: None }
     }
 }
 

@@ -174,6 +174,11 @@ enum Command {
         /// JWKS of the operator keys that may sign bundles.
         #[arg(long)]
         bundle_keys: Option<PathBuf>,
+        /// Where the client address restored into events comes from: `peer` (a property
+        /// lookup per request) or `x-forwarded-for` (its last entry; only with the listener's
+        /// `use_remote_address: true`, as in envoy/envoy.yaml).
+        #[arg(long, value_parser = ["peer", "x-forwarded-for"], default_value = "peer")]
+        client_address: String,
     },
     /// Write a small OCI image layout (one layer) to push in demos and tests; no network.
     DemoImage {
@@ -301,12 +306,15 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", hex(&Sha256::digest(token.as_bytes())));
             Ok(())
         }
-        Command::FilterConfig { realm, service, issuer, jwks, leeway_seconds, bundle, bundle_keys } => {
+        Command::FilterConfig { realm, service, issuer, jwks, leeway_seconds, bundle, bundle_keys, client_address } => {
             let jwks = read_json(&jwks)?;
             let mut config = serde_json::json!({
                 "realm": realm, "service": service, "issuer": issuer,
                 "leeway_seconds": leeway_seconds, "jwks": jwks,
             });
+            if client_address != "peer" {
+                config["correlation"] = serde_json::json!({ "client_address": client_address });
+            }
             if let Some(obj) = config.as_object_mut() {
                 if let Some(keys) = bundle_keys {
                     obj.insert("bundle_keys".into(), read_json(&keys)?);
