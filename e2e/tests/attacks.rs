@@ -46,17 +46,22 @@ impl Reply {
 
 /// Sends `head` (request line and headers, without the final blank line) and `body` as is.
 fn raw(port: u16, head: &str, body: &[u8]) -> Reply {
+    raw_bytes(port, head.as_bytes(), body)
+}
+
+/// [`raw`] with a head that may hold any bytes (obs-text in header values).
+fn raw_bytes(port: u16, head: &[u8], body: &[u8]) -> Reply {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    let mut req = head.as_bytes().to_vec();
+    let mut req = head.to_vec();
     req.extend_from_slice(format!("Host: 127.0.0.1:{port}\r\nConnection: close\r\n").as_bytes());
-    if !head.to_ascii_lowercase().contains("\ncontent-length:") && !body.is_empty() {
+    if !String::from_utf8_lossy(head).to_ascii_lowercase().contains("\ncontent-length:") && !body.is_empty() {
         req.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
     }
     req.extend_from_slice(b"\r\n");
     req.extend_from_slice(body);
     let _ = s.write_all(&req);
-    let is_head = head.starts_with("HEAD ");
+    let is_head = head.starts_with(b"HEAD ");
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {
@@ -306,6 +311,26 @@ fn hostile_tokens_get_401_from_the_filter() {
         table.push(format!("{:<48} {} {:?}", format!("two Authorization headers, {name}"), r.status, r.from));
         if r.status != 401 || r.from != From::Filter {
             failures.push(format!("two Authorization headers ({name}): {} from {:?}", r.status, r.from));
+        }
+    }
+    // A header value with obs-text bytes (legal in HTTP/1.1; Envoy forwards it): the filter
+    // decides as usual. The proxy-wasm SDK's `get_map` panicked on it, trapping the VM (503).
+    for (name, token, want) in
+        [("obs-text header, valid token", &good, None), ("obs-text header, no token", &String::new(), Some(401))]
+    {
+        let mut head = format!("GET {path} HTTP/1.1\r\n").into_bytes();
+        if !token.is_empty() {
+            head.extend_from_slice(format!("Authorization: Bearer {token}\r\n").as_bytes());
+        }
+        head.extend_from_slice(b"X-Latin1: caf\xe9 \xff\r\n");
+        let r = raw_bytes(port, &head, b"");
+        table.push(format!("{name:<48} {} {:?}", r.status, r.from));
+        let ok = match want {
+            None => r.from == From::Registry,
+            Some(status) => r.status == status && r.from == From::Filter,
+        };
+        if !ok {
+            failures.push(format!("{name}: {} from {:?}: {}", r.status, r.from, r.body));
         }
     }
     // Larger than Envoy's request-header limit (60 KiB by default): Envoy refuses it before

@@ -273,7 +273,8 @@ pub fn verify(jws: &str, keys: &KeySet) -> Result<Policy, BundleError> {
         .ok()
         .and_then(|bytes| p256::ecdsa::Signature::from_slice(&bytes).ok())
         .ok_or_else(|| error("signature", "invalid signature: not a 64-byte ES256 signature"))?;
-    key.verify(signing_input.as_bytes(), &signature)
+    // p256's own verification: once per activation, so no table for the operator key.
+    p256::ecdsa::VerifyingKey::verify(key, signing_input.as_bytes(), &signature)
         .map_err(|_| error("signature", "invalid signature: does not match the payload"))?;
     let payload =
         engine.decode(payload_b64).map_err(|e| error("signature", format!("payload is not base64url: {e}")))?;

@@ -11,6 +11,7 @@ pub mod de;
 pub mod decision;
 pub mod deploy;
 pub mod directory;
+pub mod es256;
 pub mod events;
 pub mod explain;
 pub mod guard;

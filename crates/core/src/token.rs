@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use jwt_compact::alg::{Ed25519, Es256, Rsa, RsaPublicKey, StrongKey};
+
+use crate::es256::{Es256Key, Es256Tables};
 use jwt_compact::jwk::JsonWebKey;
 use jwt_compact::{AlgorithmExt as _, Claims, Header, UntrustedToken};
 use serde::{Deserialize, Serialize};
@@ -23,7 +25,8 @@ pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 /// A public key the filter trusts, with the one algorithm it may be used with.
 #[derive(Clone)]
 pub enum VerifyingKey {
-    Es256(p256::ecdsa::VerifyingKey),
+    /// P-256, verified with precomputed tables (`crate::es256`).
+    Es256(Es256Key),
     Rs256(RsaPublicKey),
     EdDsa(ed25519_compact::PublicKey),
 }
@@ -72,7 +75,7 @@ impl VerifyingKey {
     /// The RFC 7638 thumbprint of the key.
     pub fn thumbprint(&self) -> String {
         let jwk = match self {
-            VerifyingKey::Es256(k) => JsonWebKey::from(k),
+            VerifyingKey::Es256(k) => JsonWebKey::from(&**k),
             VerifyingKey::Rs256(k) => JsonWebKey::from(k),
             VerifyingKey::EdDsa(k) => JsonWebKey::from(k),
         };
@@ -120,7 +123,7 @@ impl VerifyingKey {
         token: &UntrustedToken<'_, H>,
     ) -> Result<Claims<T>, jwt_compact::ValidationError> {
         let validated = match self {
-            VerifyingKey::Es256(k) => Es256.validator::<T>(k).validate(token),
+            VerifyingKey::Es256(k) => Es256Tables.validator::<T>(k).validate(token),
             VerifyingKey::Rs256(k) => Rsa::rs256().validator::<T>(k).validate(token),
             VerifyingKey::EdDsa(k) => Ed25519.validator::<T>(k).validate(token),
         }?;
@@ -180,9 +183,9 @@ impl KeySet {
             let jwk: JsonWebKey<'_> =
                 serde_json::from_value(raw.clone()).map_err(|e| err(format!("not a JSON web key: {e}")))?;
             let key = match &jwk {
-                JsonWebKey::EllipticCurve { .. } => VerifyingKey::Es256(
+                JsonWebKey::EllipticCurve { .. } => VerifyingKey::Es256(Es256Key::new(
                     p256::ecdsa::VerifyingKey::try_from(&jwk).map_err(|e| err(format!("bad P-256 key: {e}")))?,
-                ),
+                )),
                 JsonWebKey::Rsa { .. } => {
                     let k = RsaPublicKey::try_from(&jwk).map_err(|e| err(format!("bad RSA key: {e}")))?;
                     let strong = StrongKey::try_from(k).map_err(|_| err("RSA key shorter than 2048 bits".into()))?;
@@ -907,7 +910,7 @@ mod kid_tests {
     fn libtrust_kid_of_a_known_key() {
         let key = es256_key(1);
         assert_eq!(key.libtrust_kid(), "ZPCH:6X4H:X3PL:IE44:AARF:5Y35:FEQW:M2HZ:NH5C:BWPT:BABH:XCH3");
-        let der = VerifyingKey::Es256(*key.key.verifying_key()).spki_der().unwrap();
+        let der = VerifyingKey::Es256(Es256Key::new(*key.key.verifying_key())).spki_der().unwrap();
         use base64::Engine as _;
         assert_eq!(
             base64::engine::general_purpose::STANDARD.encode(&der),
