@@ -111,7 +111,15 @@ pub struct GuardRoot {
     metrics: Option<Rc<Metrics>>,
 }
 
-impl Context for GuardRoot {}
+impl Context for GuardRoot {
+    /// The plugin is going away (a new configuration replaces it): hand over pending counts.
+    fn on_done(&mut self) -> bool {
+        if let Some(m) = &self.metrics {
+            m.flush(&mut ProxyWasmHost);
+        }
+        true
+    }
+}
 
 impl RootContext for GuardRoot {
     fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
