@@ -43,18 +43,16 @@ impl TokenCache {
         self.entries.is_empty()
     }
 
-    /// Whether `token` is cached and not expired; an expired entry is dropped.
-    fn contains_live(&mut self, token: &str, now: i64, leeway: i64) -> bool {
-        let expired = match self.entries.get(token) {
-            None => return false,
-            Some(v) => now > v.expires_at.saturating_add(leeway),
-        };
-        if expired {
-            self.entries.remove(token);
-            self.order.retain(|k| &**k != token);
-            return false;
+    /// The cached verification of `token` if it has not expired; an expired entry is dropped.
+    fn live(&mut self, token: &str, now: i64, leeway: i64) -> Option<Rc<VerifiedToken>> {
+        match self.entries.get(token) {
+            None => return None,
+            Some(v) if now <= v.expires_at.saturating_add(leeway) => return Some(v.clone()),
+            Some(_) => {}
         }
-        true
+        self.entries.remove(token);
+        self.order.retain(|k| &**k != token);
+        None
     }
 
     /// Inserts a verified token (evicting the oldest at capacity) and returns the entry.
@@ -168,28 +166,26 @@ impl Guard {
             Ok(Some(t)) => t,
         };
         let leeway = self.config.verifier.leeway_seconds;
-        let hit = self.cache.contains_live(token, now, leeway);
-        let verified = if hit {
-            self.cache.hits += 1;
-            match self.cache.entries.get(token) {
-                Some(v) => v.clone(),
-                None => {
-                    let e = TokenError::Malformed("cache inconsistency".into());
-                    return invalid(route, &e, challenge, revision, hit);
+        let cached = self.cache.live(token, now, leeway);
+        let hit = cached.is_some();
+        let verified = match cached {
+            Some(v) => {
+                self.cache.hits += 1;
+                v
+            }
+            None => {
+                // The byte-level check runs before verification; a cached token passed it
+                // when it was inserted (the cache compares whole tokens), so a hit skips it.
+                if !is_b64token(token) {
+                    let why = crate::decision::NOT_BEARER;
+                    let decision = decide(route, Credential::NotBearer(why), challenge, &self.config.policy, now);
+                    return Checked::new(decision, revision);
                 }
-            }
-        } else {
-            // The byte-level check runs before verification; a cached token passed it when
-            // it was inserted (the cache compares whole tokens), so a hit skips it.
-            if !is_b64token(token) {
-                let why = crate::decision::NOT_BEARER;
-                let decision = decide(route, Credential::NotBearer(why), challenge, &self.config.policy, now);
-                return Checked::new(decision, revision);
-            }
-            self.cache.misses += 1;
-            match self.config.verifier.verify_signature_and_claims(token) {
-                Ok(v) => self.cache.insert(token, v),
-                Err(e) => return invalid(route, &e, challenge, revision, hit),
+                self.cache.misses += 1;
+                match self.config.verifier.verify_signature_and_claims(token) {
+                    Ok(v) => self.cache.insert(token, v),
+                    Err(e) => return invalid(route, &e, challenge, revision, hit),
+                }
             }
         };
         if let Err(e) = verified.check_time(now, leeway) {
