@@ -184,7 +184,21 @@ def admin_stats(port):
 
 # ---- Envoy configurations -------------------------------------------------------------------
 
-def bootstrap(admin_port, listen_port, upstream_port, http_filters):
+# The fail-closed backstop of envoy/envoy.yaml (docs/failing-closed.md), part of every
+# registry-guard configuration as shipped: the connection manager strips a client-sent
+# decision header, the route forwards only requests the filter marked allowed, anything else
+# gets 503.
+DECISION_HEADER = "x-registry-guard-decision"
+BACKSTOP_ROUTES = [
+    {"match": {"prefix": "/", "headers": [{"name": DECISION_HEADER, "string_match": {"exact": "allow"}}]},
+     "route": {"cluster": "upstream"}},
+    {"match": {"prefix": "/"}, "direct_response": {"status": 503, "body": {"inline_string":
+        '{"errors":[{"code":"UNAVAILABLE","message":"registry-guard cannot decide this request; refused","detail":null}]}'}}},
+]
+
+
+def bootstrap(admin_port, listen_port, upstream_port, http_filters, backstop=False):
+    routes = BACKSTOP_ROUTES if backstop else [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}]
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "bench",
@@ -196,8 +210,9 @@ def bootstrap(admin_port, listen_port, upstream_port, http_filters):
         "preserve_external_request_id": True,
         "route_config": {
             "name": "bench",
-            "virtual_hosts": [{"name": "bench", "domains": ["*"],
-                               "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}]}],
+            "internal_only_headers": [DECISION_HEADER] if backstop else [],
+            "virtual_hosts": [{"name": "bench", "domains": ["*"], "routes": routes,
+                               "request_headers_to_remove": [DECISION_HEADER] if backstop else []}],
         },
         "http_filters": http_filters + [{
             "name": "envoy.filters.http.router",
@@ -391,11 +406,17 @@ class Bench:
             text = run([RGCTL, "filter-config", "--client-address", "x-forwarded-for",
                         "--realm", "http://127.0.0.1:5001/jwt/auth",
                         "--jwks", self.path("keys/jwks.json"), "--bundle-keys", self.path("keys/operator-jwks.json"),
-                        "--bundle", self.path(f"bundle-{n}.jws")]).strip()
+                        "--bundle", self.path(f"bundle-{n}.jws")] + self.environment_args(n)).strip()
             with open(self.path(f"filter-{n}.json"), "w") as f:
                 f.write(text)
             self.filter_json[n] = text
         self.define_configs()
+
+    def environment_args(self, n):
+        """`--environment` when the generated bundle names one (it is checked like any other)."""
+        with open(self.path(f"bundle-{n}.json")) as f:
+            env = json.load(f).get("environment")
+        return ["--environment", env] if env else []
 
     def define_configs(self):
         """The configurations, in the order each round runs them; filters are built lazily."""
@@ -443,7 +464,7 @@ class Bench:
         admin, port = free_port(), free_port()
         cfg = self.path(f"envoy-{key}.json")
         with open(cfg, "w") as f:
-            json.dump(bootstrap(admin, port, self.upstream_port, filters()), f)
+            json.dump(bootstrap(admin, port, self.upstream_port, filters(), backstop=checks in ("guard", "rules")), f)
         logf = self.path(f"logs/envoy-{key}-r{rnd + 1}.log")
         t0 = time.time()
         p = start([ENVOY, "-c", cfg, "--concurrency", "1", "--log-level", "warn", "--component-log-level",

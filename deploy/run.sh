@@ -38,18 +38,40 @@ setting() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get(
 ISSUER=$(setting issuer registry-guard)
 SERVICE=$(setting service container_registry)
 
+ENVIRONMENT=$(setting environment "")
 "$RGCTL" keygen --out "$CONFIG_DIR/keys"
 "$RGCTL" keygen --out "$CONFIG_DIR/keys" --name operator
-# The active bundle is $CONFIG_DIR/bundle.jws: the token service rewrites it on every accepted
-# push, so a restart comes back with the last pushed bundle. First run: sign bundle.json.
+# The operator token authorises `rgctl push` to the token service (PUT /bundle).
+"$RGCTL" operator-token --out "$CONFIG_DIR/keys"
+# First run: sign bundle.json once; the token service takes it as its starting bundle and
+# rewrites $CONFIG_DIR/bundle.jws on every push it accepts (its own state).
 if [ ! -f "$CONFIG_DIR/bundle.jws" ] && [ -f "$CONFIG_DIR/bundle.json" ]; then
   "$RGCTL" sign "$CONFIG_DIR/bundle.json" --key "$CONFIG_DIR/keys/operator-key.pem" > "$CONFIG_DIR/bundle.jws"
 fi
+# Envoy boots only from what an operator delivered to it: the bundle in its own ECDS file
+# (written by `rgctl push`), never from a file another component writes. With no ECDS file
+# yet, the bundle signed above.
+ECDS="$RUN_DIR/ecds/registry-guard.json"
+if [ -f "$ECDS" ]; then
+  python3 - "$ECDS" "$RUN_DIR/envoy-bundle.jws" <<'PY'
+import json, sys
+doc = json.load(open(sys.argv[1]))
+config = json.loads(doc["resources"][0]["typed_config"]["config"]["configuration"]["value"])
+bundle = config.get("bundle")
+if bundle:
+    open(sys.argv[2], "w").write(bundle)
+PY
+fi
+if [ ! -f "$RUN_DIR/envoy-bundle.jws" ] && [ -f "$CONFIG_DIR/bundle.json" ]; then
+  "$RGCTL" sign "$CONFIG_DIR/bundle.json" --key "$CONFIG_DIR/keys/operator-key.pem" > "$RUN_DIR/envoy-bundle.jws"
+fi
 bundle_args=()
-[ -f "$CONFIG_DIR/bundle.jws" ] && bundle_args=(--bundle "$CONFIG_DIR/bundle.jws")
+[ -f "$RUN_DIR/envoy-bundle.jws" ] && bundle_args=(--bundle "$RUN_DIR/envoy-bundle.jws")
+env_args=()
+[ -n "$ENVIRONMENT" ] && env_args=(--environment "$ENVIRONMENT")
 "$RGCTL" filter-config --realm "http://127.0.0.1:$TOKEN_PORT/jwt/auth" --service "$SERVICE" --issuer "$ISSUER" \
   --jwks "$CONFIG_DIR/keys/jwks.json" --bundle-keys "$CONFIG_DIR/keys/operator-jwks.json" "${bundle_args[@]}" \
-  --client-address x-forwarded-for > "$RUN_DIR/filter.json"
+  "${env_args[@]}" --client-address x-forwarded-for > "$RUN_DIR/filter.json"
 "$RGCTL" filter-resource --config "$RUN_DIR/filter.json" --wasm "$WASM" --out "$RUN_DIR/ecds/registry-guard.json"
 [ -f "$RUN_DIR/http-secret" ] || head -c 32 /dev/urandom | base64 | tr -d '/+=' > "$RUN_DIR/http-secret"
 [ -f "$RUN_DIR/events-secret" ] || head -c 32 /dev/urandom | base64 | tr -d '/+=' > "$RUN_DIR/events-secret"
@@ -122,7 +144,8 @@ registry-guard is up (config: $CONFIG_DIR)
 
 Push a policy bundle (edit $CONFIG_DIR/bundle.json, raise "revision"):
   target/release/rgctl sign $CONFIG_DIR/bundle.json --key $CONFIG_DIR/keys/operator-key.pem > /tmp/bundle.jws
-  target/release/rgctl push /tmp/bundle.jws --envoy $RUN_DIR/ecds/registry-guard.json=http://127.0.0.1:$ADMIN_PORT --token-service http://127.0.0.1:$TOKEN_PORT
+  target/release/rgctl push /tmp/bundle.jws --operator-token-file $CONFIG_DIR/keys/operator-token \\
+    --envoy $RUN_DIR/ecds/registry-guard.json=http://127.0.0.1:$ADMIN_PORT --token-service http://127.0.0.1:$TOKEN_PORT
   target/release/rgctl status --envoy-admin http://127.0.0.1:$ADMIN_PORT --token-service http://127.0.0.1:$TOKEN_PORT
 Press Ctrl-C to stop.
 MSG

@@ -21,7 +21,7 @@ use std::rc::Rc;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 use registry_guard_core::audit::{self, RequestInfo};
-use registry_guard_core::config::{ClientAddress, EventsConfig, PluginConfig};
+use registry_guard_core::config::{ClientAddress, EventsConfig, PluginConfig, DECISION_ALLOW, DECISION_HEADER};
 use registry_guard_core::decision::Decision;
 use registry_guard_core::events::{correlation_address, rewrite_envelope, slot_of, Attribution, AttributionRecord};
 use registry_guard_core::guard::Guard;
@@ -30,10 +30,39 @@ use crate::host::{Host, Metrics, ProxyWasmHost, FLUSH_PERIOD_MS};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Shared-data key (per `vm_id`, process-wide, survives VM re-creation on reconfiguration)
-/// holding the highest bundle revision activated: a configuration carrying an older bundle
-/// is refused (rollback protection; Envoy then keeps the running configuration).
-const HIGHEST_REVISION_KEY: &str = "registry_guard.highest_bundle_revision";
+/// Shared-data key (per `vm_id`, process-wide) of the number of registry-role VMs that have
+/// claimed a worker slot (see [`vm_slot`]).
+const VM_SLOTS_KEY: &str = "registry_guard.vm_slots";
+
+thread_local! {
+    /// This VM's slot: its index among the VMs of this `vm_id` (a VM lives on one thread and
+    /// outlives the plugin configurations it serves, so the slot is claimed once).
+    static VM_SLOT: Cell<Option<u32>> = const { Cell::new(None) };
+}
+
+/// This VM's slot number, claimed on first use by a compare-and-swap on [`VM_SLOTS_KEY`]:
+/// `registry_guard.vm.<slot>.revision` and `.heartbeat` are its own gauges, so `rgctl
+/// status` can tell when a worker does not enforce the revision the others report.
+fn vm_slot() -> Option<u32> {
+    if let Some(slot) = VM_SLOT.with(Cell::get) {
+        return Some(slot);
+    }
+    for _ in 0..64 {
+        let (current, cas) = match proxy_wasm::hostcalls::get_shared_data(VM_SLOTS_KEY) {
+            Ok((Some(bytes), cas)) => {
+                (std::str::from_utf8(&bytes).ok().and_then(|s| s.parse::<u32>().ok()).unwrap_or(0), cas)
+            }
+            Ok((None, cas)) => (0, cas),
+            Err(_) => return None,
+        };
+        let next = current.saturating_add(1).to_string();
+        if proxy_wasm::hostcalls::set_shared_data(VM_SLOTS_KEY, Some(next.as_bytes()), cas).is_ok() {
+            VM_SLOT.with(|s| s.set(Some(current)));
+            return Some(current);
+        }
+    }
+    None
+}
 
 /// Shared-data key of a correlation slot. The table is a bounded ring of `slots` keys:
 /// proxy-wasm shared data has no eviction, so records overwrite older ones in place.
@@ -41,21 +70,20 @@ fn slot_key(slot: u32) -> String {
     format!("registry_guard.correlation.{slot}")
 }
 
-fn highest_revision() -> (u64, Option<u32>) {
-    match proxy_wasm::hostcalls::get_shared_data(HIGHEST_REVISION_KEY) {
-        Ok((Some(bytes), cas)) => {
-            let n = std::str::from_utf8(&bytes).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
-            (n, cas)
+/// TEST ONLY (`fault_injection.refuse_configure_after_first`): whether this is the first
+/// time any VM of this Envoy process is configured with `bytes` (a shared-data flag per
+/// configuration digest).
+fn first_configure(bytes: &[u8]) -> bool {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    let key = format!("registry_guard.fault.configured.{:016x}", h.finish());
+    match proxy_wasm::hostcalls::get_shared_data(&key) {
+        Ok((Some(_), _)) => false,
+        _ => {
+            let _ = proxy_wasm::hostcalls::set_shared_data(&key, Some(b"1"), None);
+            true
         }
-        Ok((None, cas)) => (0, cas),
-        Err(_) => (0, None),
-    }
-}
-
-fn record_highest_revision(revision: u64, cas: Option<u32>) {
-    let value = revision.to_string();
-    if let Err(e) = proxy_wasm::hostcalls::set_shared_data(HIGHEST_REVISION_KEY, Some(value.as_bytes()), cas) {
-        log::warn!("registry-guard: cannot record bundle revision {revision} in shared data: {e:?}");
     }
 }
 
@@ -109,6 +137,38 @@ pub struct GuardRoot {
     role: Option<Role>,
     correlation: Option<Rc<Correlation>>,
     metrics: Option<Rc<Metrics>>,
+    worker: Option<WorkerGauges>,
+}
+
+/// This VM's own gauges, `registry_guard.vm.<slot>.revision` (the bundle revision its
+/// registry filter enforces) and `.heartbeat` (unix seconds, renewed every tick): a worker
+/// whose filter is not configured stops beating, one left on an older configuration reports
+/// its revision, and `rgctl status` names both.
+struct WorkerGauges {
+    revision: u32,
+    heartbeat: u32,
+    bundle_revision: u64,
+}
+
+impl WorkerGauges {
+    fn define(host: &mut impl Host, bundle_revision: u64) -> Option<WorkerGauges> {
+        let slot = vm_slot()?;
+        let gauge = |host: &mut _, what: &str| {
+            Host::define_metric(host, proxy_wasm::types::MetricType::Gauge, &format!("registry_guard.vm.{slot}.{what}"))
+                .map_err(|e| log::warn!("registry-guard: cannot define the worker gauge `{what}`: {e}"))
+                .ok()
+        };
+        let w =
+            WorkerGauges { revision: gauge(host, "revision")?, heartbeat: gauge(host, "heartbeat")?, bundle_revision };
+        w.beat(host);
+        Some(w)
+    }
+
+    fn beat(&self, host: &mut impl Host) {
+        let now = host.now_unix_seconds().ok().and_then(|t| u64::try_from(t).ok()).unwrap_or(0);
+        let _ = host.record(self.revision, self.bundle_revision);
+        let _ = host.record(self.heartbeat, now);
+    }
 }
 
 impl Context for GuardRoot {
@@ -174,20 +234,16 @@ impl RootContext for GuardRoot {
                 return false;
             }
         };
-        let revision = config.policy.revision;
-        let (highest, cas) = highest_revision();
-        if revision < highest {
-            log::error!(
-                "registry-guard: rejected configuration: bundle revision {revision} is older than the active revision {highest}"
-            );
-            if let Some(m) = &self.metrics {
-                m.bundle_rejected(&mut host);
-            }
+        if config.fault_injection.as_ref().is_some_and(|f| f.refuse_configure_after_first) && !first_configure(&bytes) {
+            log::error!("registry-guard: TEST ONLY fault injection: refusing a configuration accepted before");
             return false;
         }
-        if revision > highest {
-            record_highest_revision(revision, cas);
-        }
+        // Whether to accept depends on the configuration alone: Envoy validates it on the main
+        // thread and then configures every worker with the same bytes, so a decision that
+        // read anything else (shared data, time) could refuse on a worker what the main
+        // thread accepted, and leave that worker without a filter (docs/failing-closed.md).
+        // Rollback protection lives in the delivery tools and the token service.
+        let revision = config.policy.revision;
         let kids: Vec<&str> = config.verifier.keys.kids().collect();
         log::info!(
             "registry-guard configured: bundle revision {revision} ({} protection rules, {} deploy tokens), issuer={} service={} realm={} keys={:?} cache={} correlation slots={}",
@@ -203,6 +259,7 @@ impl RootContext for GuardRoot {
         if let Some(m) = &self.metrics {
             m.bundle_activated(&mut host, revision);
         }
+        self.worker = WorkerGauges::define(&mut host, revision);
         let slots = config.correlation_slots;
         self.correlation = (slots > 0).then(|| Rc::new(Correlation::new(slots, vm_prefix())));
         self.role = Some(Role::Registry(Rc::new(RefCell::new(Guard::new(*config)))));
@@ -212,6 +269,9 @@ impl RootContext for GuardRoot {
     fn on_tick(&mut self) {
         if let Some(m) = &self.metrics {
             m.flush(&mut ProxyWasmHost);
+        }
+        if let Some(w) = &self.worker {
+            w.beat(&mut ProxyWasmHost);
         }
     }
 
@@ -262,8 +322,13 @@ impl HttpContext for GuardHttp {
             self.metrics.as_deref(),
         );
         match outcome {
+            // Marked allowed: the route forwards it.
             Outcome::Allowed | Outcome::AllowedWouldDeny => Action::Continue,
+            // A local reply was sent.
             Outcome::Denied | Outcome::DeniedByRule | Outcome::Failed => Action::Pause,
+            // No reply could be sent: the request goes on unmarked, and Envoy's backstop
+            // route refuses it.
+            Outcome::Unanswered => Action::Continue,
         }
     }
 }
@@ -279,6 +344,8 @@ pub enum Outcome {
     DeniedByRule,
     /// Internal error: the request was refused (fail closed).
     Failed,
+    /// Refused, but the local reply could not be sent: left unmarked for Envoy's backstop.
+    Unanswered,
 }
 
 /// The request-headers step, over any [`Host`]: read, decide, count, audit, then reply or
@@ -291,7 +358,7 @@ pub fn on_request_headers(
     metrics: Option<&Metrics>,
 ) -> Outcome {
     let outcome = decide_request(host, context_id, guard, correlation, metrics);
-    if outcome == Outcome::Failed {
+    if matches!(outcome, Outcome::Failed | Outcome::Unanswered) {
         if let Some(m) = metrics {
             m.failed(host);
         }
@@ -386,8 +453,8 @@ fn decide_request(
                 Ok(()) if d.rule.is_some() => Outcome::DeniedByRule,
                 Ok(()) => Outcome::Denied,
                 Err(e) => {
-                    log::error!("[{context_id}] cannot send local reply: {e}");
-                    Outcome::Failed
+                    log::error!("[{context_id}] cannot send local reply: {e}; Envoy's backstop refuses the request");
+                    Outcome::Unanswered
                 }
             };
         }
@@ -415,6 +482,10 @@ fn decide_request(
             log::warn!("[{context_id}] cannot record the request for event attribution: {e}");
         }
     }
+    // The positive decision Envoy's route requires before forwarding (core `DECISION_HEADER`).
+    if let Err(e) = host.set_request_header(DECISION_HEADER, DECISION_ALLOW) {
+        return fail(host, context_id, &format!("cannot mark the request as allowed: {e}"));
+    }
     allowed
 }
 
@@ -430,7 +501,7 @@ fn last_forwarded_for(value: &[u8]) -> Option<String> {
 /// the header executes wasm `unreachable`, a real VM trap (the e2e fault suite).
 fn trap_if_injected(host: &mut impl Host, guard: Option<&RefCell<Guard>>) {
     let header =
-        guard.and_then(|g| g.try_borrow().ok()?.config.fault_injection.as_ref().map(|f| f.trap_on_header.clone()));
+        guard.and_then(|g| g.try_borrow().ok()?.config.fault_injection.as_ref().and_then(|f| f.trap_on_header.clone()));
     if let Some(h) = header {
         if matches!(host.request_header(&h), Ok(Some(_))) {
             #[cfg(target_arch = "wasm32")]
@@ -439,12 +510,19 @@ fn trap_if_injected(host: &mut impl Host, guard: Option<&RefCell<Guard>>) {
     }
 }
 
-/// Fail closed: 503 with an OCI error body.
+/// Fail closed: 503 with an OCI error body. If even that reply cannot be sent, the request
+/// goes on unmarked and Envoy's backstop route refuses it (never a pause with nothing sent,
+/// which would hang the client until a timeout).
 fn fail(host: &mut impl Host, context_id: u32, why: &str) -> Outcome {
     log::error!("[{context_id}] registry-guard internal error, refusing request: {why}");
     let body = r#"{"errors":[{"code":"UNAVAILABLE","message":"registry-guard cannot decide this request; refused","detail":null}]}"#;
-    let _ = host.send_response(503, &[("content-type", "application/json")], body.as_bytes());
-    Outcome::Failed
+    match host.send_response(503, &[("content-type", "application/json")], body.as_bytes()) {
+        Ok(()) => Outcome::Failed,
+        Err(e) => {
+            log::error!("[{context_id}] cannot send local reply: {e}; Envoy's backstop refuses the request");
+            Outcome::Unanswered
+        }
+    }
 }
 
 /// One notification envelope from the registry.

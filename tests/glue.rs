@@ -19,6 +19,8 @@ struct FakeHost {
     /// Raw header values (bytes that are not UTF-8), sent after `headers`.
     raw_headers: Vec<(String, Vec<u8>)>,
     fail_headers: bool,
+    /// `send_response` fails (the host cannot send a local reply).
+    fail_reply: bool,
     replies: Vec<(u16, Vec<(String, String)>, String)>,
     shared: std::collections::HashMap<String, Vec<u8>>,
     body: Vec<u8>,
@@ -64,6 +66,9 @@ impl Host for FakeHost {
         Ok(NOW)
     }
     fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> Result<(), String> {
+        if self.fail_reply {
+            return Err("InternalFailure".into());
+        }
         let h = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         self.replies.push((status, h, String::from_utf8_lossy(body).into_owned()));
         Ok(())
@@ -151,6 +156,32 @@ fn allowed_request_continues_without_a_reply() {
         FakeHost::request("GET", "/v2/acme/web/app/manifests/v1").with_header("authorization", &bearer(&["pull"]));
     assert_eq!(on_request_headers(&mut host, 1, Some(&guard()), None, None), Outcome::Allowed);
     assert!(host.replies.is_empty());
+    // The positive decision Envoy's route requires (the backstop).
+    assert_eq!(host.request_header("x-registry-guard-decision").unwrap().as_deref(), Some("allow"));
+}
+
+#[test]
+fn only_allowed_requests_carry_the_decision() {
+    // A client-sent decision header on a denied request: the request is answered locally
+    // and never marked (Envoy also strips client copies before the filter runs).
+    let mut host = FakeHost::request("GET", "/v2/_catalog").with_header("x-registry-guard-decision", "allow");
+    assert_eq!(on_request_headers(&mut host, 1, Some(&guard()), None, None), Outcome::Denied);
+    assert_eq!(host.replies[0].0, 401);
+    // Unconfigured: 503, never marked.
+    let mut host = FakeHost::request("GET", "/v2/");
+    assert_eq!(on_request_headers(&mut host, 1, None, None, None), Outcome::Failed);
+    assert_eq!(host.request_header("x-registry-guard-decision").unwrap(), None);
+}
+
+#[test]
+fn a_refusal_that_cannot_be_sent_is_left_to_envoys_backstop() {
+    // No local reply possible: the request goes on unmarked (Action::Continue), and Envoy's
+    // route refuses it, instead of a pause with nothing sent (a hang until a timeout).
+    let mut host = FakeHost { fail_reply: true, ..FakeHost::request("PUT", "/v2/acme/web/app/manifests/v1") };
+    assert_eq!(on_request_headers(&mut host, 1, Some(&guard()), None, None), Outcome::Unanswered);
+    assert_eq!(host.request_header("x-registry-guard-decision").unwrap(), None);
+    let mut host = FakeHost { fail_reply: true, ..FakeHost::request("GET", "/v2/") };
+    assert_eq!(on_request_headers(&mut host, 1, None, None, None), Outcome::Unanswered);
 }
 
 #[test]

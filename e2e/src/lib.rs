@@ -40,6 +40,56 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// The environment every stack's components serve (`environment` in the example
+/// token-service.json; `rgctl filter-config --environment`).
+pub const ENVIRONMENT: &str = "example";
+/// The id of the rule [`Stack::sign_bundle`] adds to every bundle.
+pub const CANARY_RULE: &str = "e2e-canary";
+/// The tag the canary rule protects (push needs admin, so an owner is denied).
+pub const CANARY_TAG: &str = "e2e-canary";
+
+/// `bundle` with this stack's environment (if it names none) and the canary rule (if absent).
+pub fn with_canary(bundle: &serde_json::Value) -> serde_json::Value {
+    let mut bundle = bundle.clone();
+    let Some(obj) = bundle.as_object_mut() else { return bundle };
+    obj.entry("environment").or_insert_with(|| ENVIRONMENT.into());
+    let rules = obj.entry("protection_rules").or_insert_with(|| serde_json::json!([]));
+    if let Some(rules) = rules.as_array_mut() {
+        if !rules.iter().any(|r| r["id"] == CANARY_RULE) {
+            rules.push(serde_json::json!({
+                "id": CANARY_RULE,
+                "description": "e2e harness: proves after every push that protection is enforced",
+                "repository_path_pattern": "acme/web/*",
+                "tag_name_pattern": format!("^{CANARY_TAG}$"),
+                "minimum_access_level_for_push": "admin",
+            }));
+        }
+    }
+    bundle
+}
+
+/// A registry token signed with `key` for `subject`, granting `actions` on `repository` (with
+/// `meta.access_level` when given); valid for five minutes.
+pub fn mint_token(
+    key: &registry_guard_core::token::SigningKey,
+    subject: &str,
+    repository: &str,
+    actions: &[&str],
+    access_level: Option<u8>,
+) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() as i64;
+    let mut grant = serde_json::json!({"type": "repository", "name": repository, "actions": actions});
+    if let Some(level) = access_level {
+        grant["meta"] = serde_json::json!({ "access_level": level });
+    }
+    let claims = serde_json::json!({
+        "iss": "registry-guard", "sub": subject, "aud": "container_registry", "jti": format!("e2e-{now}-{subject}"),
+        "auth_type": "password", "access": [grant],
+    });
+    let validity = registry_guard_core::token::Validity { issued_at: now, not_before: now, expires_at: now + 300 };
+    registry_guard_core::token::sign(key, claims, validity).expect("sign token")
+}
+
 pub struct Proc {
     name: &'static str,
     child: Child,
@@ -61,6 +111,8 @@ pub struct Stack {
     pub registry_token_auth: bool,
     /// TEST ONLY: see [`Options::trap_on_header`].
     pub trap_on_header: Option<String>,
+    /// TEST ONLY: see [`Options::refuse_configure_after_first`].
+    pub refuse_configure_after_first: bool,
     procs: Vec<Proc>,
 }
 
@@ -76,6 +128,10 @@ pub struct Options {
     /// TEST ONLY fault injection: the filter traps its wasm VM on requests carrying this
     /// header (`fault_injection.trap_on_header` in the filter configuration).
     pub trap_on_header: Option<String>,
+    /// TEST ONLY fault injection: the filter refuses its configuration on every VM after
+    /// the first (Envoy's main thread), so workers end up with no filter and Envoy's
+    /// backstop must refuse every request (`fault_injection.refuse_configure_after_first`).
+    pub refuse_configure_after_first: bool,
 }
 
 impl Stack {
@@ -114,12 +170,14 @@ impl Stack {
             events_port: free_port(),
             registry_token_auth: false,
             trap_on_header: options.trap_on_header.clone(),
+            refuse_configure_after_first: options.refuse_configure_after_first,
             procs: Vec::new(),
             dir,
         };
         let keys = stack.config_dir.join("keys").display().to_string();
         stack.rgctl(&["keygen", "--out", &keys]);
         stack.rgctl(&["keygen", "--out", &keys, "--name", "operator"]);
+        stack.rgctl(&["operator-token", "--out", &keys]);
         fs::write(stack.path("events-secret"), "e2e-events-secret").expect("events secret");
         stack.start_consumer();
         stack.registry_token_auth = options.registry_token_auth;
@@ -382,15 +440,19 @@ impl Stack {
             // envoy/envoy.yaml has `use_remote_address: true`.
             "--client-address",
             "x-forwarded-for",
+            "--environment",
+            ENVIRONMENT,
         ]);
         let filter_path = self.path("filter.json");
-        let filter = match &self.trap_on_header {
-            None => filter,
-            Some(h) => {
-                let mut v: serde_json::Value = serde_json::from_str(&filter).expect("filter config json");
-                v["fault_injection"] = serde_json::json!({ "trap_on_header": h });
-                v.to_string()
-            }
+        let filter = if self.trap_on_header.is_none() && !self.refuse_configure_after_first {
+            filter
+        } else {
+            let mut v: serde_json::Value = serde_json::from_str(&filter).expect("filter config json");
+            v["fault_injection"] = serde_json::json!({
+                "trap_on_header": self.trap_on_header,
+                "refuse_configure_after_first": self.refuse_configure_after_first,
+            });
+            v.to_string()
         };
         fs::write(&filter_path, filter).expect("write filter config");
         let wasm = artifact("target/filter/registry_guard.wasm");
@@ -443,8 +505,12 @@ impl Stack {
         self.spawn_envoy();
     }
 
-    /// Signs bundle JSON with the operator key; returns the path of the JWS.
+    /// Signs bundle JSON with the operator key; returns the path of the JWS. A bundle that
+    /// names no environment is signed for this stack's ([`ENVIRONMENT`]), and every bundle
+    /// gets the canary rule [`CANARY_RULE`] (unless it has a rule with that id), which
+    /// [`Stack::push_bundle`] uses to check that protection is still enforced after a push.
     pub fn sign_bundle(&self, name: &str, bundle: &serde_json::Value) -> PathBuf {
+        let bundle = with_canary(bundle);
         let json = self.path(&format!("{name}.json"));
         fs::write(&json, bundle.to_string()).expect("write bundle");
         let key = self.config_dir.join("keys/operator-key.pem").display().to_string();
@@ -460,19 +526,34 @@ impl Stack {
         use registry_guard_core::token::SigningKey;
         let pem = fs::read_to_string(self.config_dir.join("keys/operator-key.pem")).expect("operator key");
         let key = SigningKey::new(p256::ecdsa::SigningKey::from_pkcs8_pem(&pem).expect("pem"));
-        let jws = registry_guard_core::token::sign_jws_unchecked(&key, bundle, registry_guard_core::bundle::BUNDLE_TYP)
-            .expect("sign");
+        let jws = registry_guard_core::token::sign_jws_unchecked(
+            &key,
+            &with_canary(bundle),
+            registry_guard_core::bundle::BUNDLE_TYP,
+        )
+        .expect("sign");
         let out = self.path(&format!("{name}.jws"));
         fs::write(&out, jws).expect("write jws");
         out
     }
 
-    /// `rgctl push FILE` to this stack's Envoy and token service (extra args, e.g. `--force`).
+    /// `rgctl push FILE` to this stack's Envoy and token service (extra args, e.g. `--force`),
+    /// as the operator (with the operator token). After every push, accepted or refused,
+    /// checks the fail-closed invariant ([`Stack::assert_fail_closed`]).
     pub fn push_bundle(&self, file: &Path, extra: &[&str]) -> Output {
         let envoy = format!("{}=http://127.0.0.1:{}", self.ecds_file().display(), self.admin_port);
         let ts = format!("http://127.0.0.1:{}", self.token_port);
-        let mut args =
-            vec!["push".to_owned(), file.display().to_string(), "--envoy".into(), envoy, "--token-service".into(), ts];
+        let token = self.config_dir.join("keys/operator-token").display().to_string();
+        let mut args = vec![
+            "push".to_owned(),
+            file.display().to_string(),
+            "--operator-token-file".into(),
+            token,
+            "--envoy".into(),
+            envoy,
+            "--token-service".into(),
+            ts,
+        ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let out = Command::new(artifact("target/release/rgctl")).args(&args).output().expect("run rgctl push");
         eprintln!(
@@ -482,7 +563,97 @@ impl Stack {
             indent(&String::from_utf8_lossy(&out.stdout)),
             indent(&String::from_utf8_lossy(&out.stderr))
         );
+        self.assert_fail_closed();
         out
+    }
+
+    /// The fail-closed invariant, checked through Envoy: an anonymous request, an `alg: none`
+    /// token and a token with a forged signature are refused (401) on every route kind, and,
+    /// once a bundle with the canary rule is active, that enforced rule still denies (403) a
+    /// push by an owner. Requests are repeated so that both Envoy workers are reached.
+    pub fn assert_fail_closed(&self) {
+        // Let Envoy finish any update in flight (ECDS reloads are asynchronous on workers).
+        std::thread::sleep(Duration::from_millis(300));
+        let key = self.signing_key();
+        let owner = mint_token(&key, "e2e-owner", "acme/web/app", &["pull", "push", "delete"], Some(50));
+        let (head, _) = owner.rsplit_once('.').expect("jws");
+        let forged = format!("{head}.{}", "A".repeat(86));
+        let unsigned = {
+            let claims = owner.split('.').nth(1).expect("claims");
+            let header = base64::Engine::encode(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                br#"{"alg":"none","typ":"JWT"}"#,
+            );
+            format!("{header}.{claims}.")
+        };
+        for round in 0..4 {
+            for (what, method, path, bearer) in [
+                ("anonymous catalog", "GET", "/v2/_catalog", None),
+                ("anonymous base", "GET", "/v2/", None),
+                ("anonymous manifest push", "PUT", "/v2/acme/web/app/manifests/e2e-anonymous", None),
+                (
+                    "anonymous dependency proxy",
+                    "GET",
+                    "/v2/acme/dependency_proxy/containers/alpine/manifests/latest",
+                    None,
+                ),
+                ("alg none", "GET", "/v2/acme/web/app/tags/list", Some(unsigned.as_str())),
+                ("forged signature", "GET", "/v2/acme/web/app/tags/list", Some(forged.as_str())),
+                ("forged signature push", "PUT", "/v2/acme/web/app/manifests/e2e-forged", Some(forged.as_str())),
+            ] {
+                let r = self.request(method, path, bearer);
+                assert_eq!(
+                    r.status, 401,
+                    "fail-closed invariant (round {round}): {what}: {method} {path} -> {} {}",
+                    r.status, r.body
+                );
+            }
+            if self.canary_active() {
+                let r = self.request("PUT", &format!("/v2/acme/web/app/manifests/{CANARY_TAG}"), Some(&owner));
+                assert!(
+                    r.status == 403 && r.body.contains(CANARY_RULE),
+                    "fail-closed invariant (round {round}): the enforced canary rule no longer denies: {} {}",
+                    r.status,
+                    r.body
+                );
+            }
+        }
+    }
+
+    /// Whether the bundle in Envoy's ECDS file has the canary rule (then it must be enforced).
+    fn canary_active(&self) -> bool {
+        let Ok(text) = fs::read_to_string(self.ecds_file()) else { return false };
+        let Ok(doc) = serde_json::from_str::<serde_json::Value>(&text) else { return false };
+        let Some(config) = doc.pointer("/resources/0/typed_config/config/configuration/value").and_then(|v| v.as_str())
+        else {
+            return false;
+        };
+        let Ok(config) = serde_json::from_str::<serde_json::Value>(config) else { return false };
+        let Some(jws) = config["bundle"].as_str() else { return false };
+        registry_guard_core::token::decode_unverified(jws)
+            .ok()
+            .and_then(|b| b["protection_rules"].as_array().cloned())
+            .is_some_and(|rules| rules.iter().any(|r| r["id"] == CANARY_RULE))
+    }
+
+    /// `PUT /bundle` on the token service with raw `body` and an optional `Authorization`
+    /// value; returns status and body.
+    pub fn put_bundle_raw(&self, body: &[u8], authorization: Option<&str>) -> (u16, String) {
+        let mut req =
+            ureq::put(&format!("http://127.0.0.1:{}/bundle", self.token_port)).timeout(Duration::from_secs(30));
+        if let Some(a) = authorization {
+            req = req.set("Authorization", a);
+        }
+        match req.send_bytes(body) {
+            Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+            Err(e) => (0, e.to_string()),
+        }
+    }
+
+    /// The operator token of this stack (for `Authorization: Bearer …`).
+    pub fn operator_token(&self) -> String {
+        fs::read_to_string(self.config_dir.join("keys/operator-token")).expect("operator token").trim().to_owned()
     }
 
     /// `rgctl status` for this stack.

@@ -30,6 +30,10 @@ struct RawBundle {
     #[allow(dead_code)]
     schema: Option<String>,
     revision: u64,
+    /// The deployment this bundle is for (`production`, `staging`, …); every component
+    /// configured with an environment refuses a bundle for another one.
+    #[serde(default)]
+    environment: Option<String>,
     #[serde(default)]
     #[allow(dead_code)]
     description: Option<String>,
@@ -101,6 +105,8 @@ fn error(path: impl Into<String>, reason: impl Into<String>) -> BundleError {
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
     pub revision: u64,
+    /// The deployment the bundle names (`None`: it names none).
+    pub environment: Option<String>,
     pub rules: RuleSet,
     /// Deploy tokens and revocations.
     pub credentials: crate::deploy::Credentials,
@@ -171,8 +177,14 @@ fn compile(raw: RawBundle) -> Result<Policy, BundleError> {
     let credentials =
         crate::deploy::compile(raw.deploy_tokens, raw.revocations).map_err(|(path, reason)| error(path, reason))?;
     let claims = crate::claims::compile(raw.additional_claims).map_err(|(path, reason)| error(path, reason))?;
+    if let Some(env) = &raw.environment {
+        if !valid_environment(env) {
+            return Err(error("$.environment", format!("`{}` must be 1-64 of [A-Za-z0-9._-]", excerpt(env, 64))));
+        }
+    }
     Ok(Policy {
         revision: raw.revision,
+        environment: raw.environment,
         rules: RuleSet::new(rules, raw.settings.admins_bypass_protection),
         credentials,
         claims,
@@ -195,6 +207,44 @@ fn requirement(
         (Some(l), None) => Ok(Some(Requirement::AtLeast(l))),
         (None, Some(l)) => Ok(Some(Requirement::Above(l))),
         (None, None) => Ok(None),
+    }
+}
+
+/// Untrusted text quoted in an error or a log line: at most `max` characters, control and
+/// non-ASCII characters escaped, so a hostile bundle can neither forge log lines nor flood them.
+pub fn excerpt(text: &str, max: usize) -> String {
+    let mut out: String = text.chars().take(max).flat_map(char::escape_default).collect();
+    if text.chars().nth(max).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+/// Whether `name` is a usable environment name: 1-64 of `[A-Za-z0-9._-]`.
+pub fn valid_environment(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+impl Policy {
+    /// Refuses a policy signed for another deployment: a component configured with an
+    /// environment accepts only bundles naming exactly that environment, and a component
+    /// configured without one only bundles that name none.
+    pub fn check_environment(&self, expected: Option<&str>) -> Result<(), BundleError> {
+        match (expected, self.environment.as_deref()) {
+            (Some(want), Some(got)) if want == got => Ok(()),
+            (None, None) => Ok(()),
+            (Some(want), Some(got)) => {
+                Err(error("$.environment", format!("bundle is for environment `{got}`; this deployment is `{want}`")))
+            }
+            (Some(want), None) => Err(error(
+                "$.environment",
+                format!("bundle names no environment; this deployment accepts only bundles for `{want}`"),
+            )),
+            (None, Some(got)) => Err(error(
+                "$.environment",
+                format!("bundle is for environment `{got}`; this deployment has no environment configured"),
+            )),
+        }
     }
 }
 
@@ -222,6 +272,14 @@ struct JwsHeader {
     kid: Option<String>,
     #[serde(default)]
     crit: Option<serde::de::IgnoredAny>,
+}
+
+/// [`verify`], then refuses a bundle signed for another environment (see
+/// [`Policy::check_environment`]).
+pub fn verify_for(jws: &str, keys: &KeySet, environment: Option<&str>) -> Result<Policy, BundleError> {
+    let policy = verify(jws, keys)?;
+    policy.check_environment(environment)?;
+    Ok(policy)
 }
 
 /// Verifies a signed bundle against the operator keys, then parses and validates it.
@@ -258,15 +316,20 @@ pub fn verify(jws: &str, keys: &KeySet) -> Result<Policy, BundleError> {
         return Err(error("signature", format!("JWS `typ` is not `{BUNDLE_TYP}`")));
     }
     if header.alg != "ES256" {
-        return Err(error("signature", format!("JWS `alg` is `{}`; bundles are signed with ES256", header.alg)));
+        return Err(error(
+            "signature",
+            format!("JWS `alg` is `{}`; bundles are signed with ES256", excerpt(&header.alg, 16)),
+        ));
     }
     if header.crit.is_some() {
         return Err(error("signature", "JWS header has `crit` extensions, which are not supported"));
     }
     let kid = header.kid.ok_or_else(|| error("signature", "JWS header has no `kid`"))?;
-    let key = keys.get(&kid).ok_or_else(|| error("signature", format!("signed by unknown operator key `{kid}`")))?;
+    let key = keys
+        .get(&kid)
+        .ok_or_else(|| error("signature", format!("signed by unknown operator key `{}`", excerpt(&kid, 64))))?;
     let VerifyingKey::Es256(key) = key else {
-        return Err(error("signature", format!("operator key `{kid}` is not a P-256 (ES256) key")));
+        return Err(error("signature", format!("operator key `{}` is not a P-256 (ES256) key", excerpt(&kid, 64))));
     };
     let signature = engine
         .decode(signature)
@@ -291,6 +354,41 @@ mod tests {
     use crate::token::testing::{es256_key, jwks};
 
     const EXAMPLE: &str = include_str!("../../../policies/example/bundle.json");
+
+    #[test]
+    fn a_bundle_is_for_one_environment() {
+        let key = es256_key(3);
+        let keys = KeySet::from_jwks(&jwks(&[&key])).unwrap();
+        let staging = sign(r#"{"revision": 1, "environment": "staging"}"#, &key).unwrap();
+        let none = sign(r#"{"revision": 1}"#, &key).unwrap();
+        assert_eq!(verify_for(&staging, &keys, Some("staging")).unwrap().environment.as_deref(), Some("staging"));
+        let e = verify_for(&staging, &keys, Some("production")).unwrap_err();
+        assert_eq!(e.path, "$.environment");
+        assert!(e.reason.contains("`staging`") && e.reason.contains("`production`"), "{e}");
+        assert!(verify_for(&none, &keys, Some("production")).unwrap_err().reason.contains("names no environment"));
+        assert!(verify_for(&staging, &keys, None).is_err());
+        assert!(verify_for(&none, &keys, None).is_ok());
+        let bad = Policy::from_json(r#"{"revision": 1, "environment": "a b\n"}"#).unwrap_err();
+        assert_eq!(bad.path, "$.environment");
+        assert!(!bad.reason.contains('\n'), "{bad}");
+    }
+
+    #[test]
+    fn refusals_quote_hostile_header_text_escaped_and_bounded() {
+        let keys = KeySet::from_jwks(&jwks(&[&es256_key(3)])).unwrap();
+        let engine = &base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let kid = format!("evil\n{}", "k".repeat(5000));
+        let header = serde_json::json!({"alg": "ES256", "typ": BUNDLE_TYP, "kid": kid}).to_string();
+        let jws = format!(
+            "{}.{}.{}",
+            base64::Engine::encode(engine, header),
+            base64::Engine::encode(engine, "{}"),
+            base64::Engine::encode(engine, [0u8; 64])
+        );
+        let e = verify(&jws, &keys).unwrap_err();
+        assert!(e.reason.contains("unknown operator key"), "{e}");
+        assert!(!e.reason.contains('\n') && e.reason.len() < 200, "{e}");
+    }
 
     #[test]
     fn example_bundle_is_valid() {

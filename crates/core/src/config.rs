@@ -29,6 +29,10 @@ struct RawFilterConfig<'a> {
     /// JWKS with the operator keys that may sign bundles; required with `bundle`.
     #[serde(default)]
     bundle_keys: Option<serde_json::Value>,
+    /// The deployment this filter serves: a bundle must name exactly this environment
+    /// (or none, when this is absent).
+    #[serde(default)]
+    environment: Option<String>,
     /// `registry` (default) for this role.
     #[serde(default)]
     #[allow(dead_code)]
@@ -44,7 +48,10 @@ struct RawFilterConfig<'a> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFaultInjection {
-    trap_on_header: String,
+    #[serde(default)]
+    trap_on_header: Option<String>,
+    #[serde(default)]
+    refuse_configure_after_first: bool,
 }
 
 /// TEST ONLY (the e2e fault suite): a request carrying this header makes the filter execute
@@ -53,7 +60,12 @@ struct RawFaultInjection {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FaultInjection {
     /// Lower-case request header name.
-    pub trap_on_header: String,
+    pub trap_on_header: Option<String>,
+    /// The filter accepts this configuration the first time a VM of this Envoy process is
+    /// configured with it and refuses it every later time (counted in shared data): Envoy's
+    /// main thread checks a configuration first, so its workers refuse what it accepted —
+    /// the failure that once let requests pass unfiltered; Envoy's backstop must refuse them.
+    pub refuse_configure_after_first: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -188,6 +200,15 @@ fn default_cache_entries() -> usize {
     4096
 }
 
+/// The request header the registry role sets on every request it allows, and that Envoy's
+/// route requires before it forwards anything to the registry (the backstop: a request the
+/// filter did not positively allow — filter absent, unconfigured, failed, bypassed — meets
+/// Envoy's own refusal). Envoy removes any client-sent copy before the filter runs and
+/// removes the filter's copy before forwarding (`envoy/envoy.yaml`).
+pub const DECISION_HEADER: &str = "x-registry-guard-decision";
+/// The value of [`DECISION_HEADER`] on an allowed request.
+pub const DECISION_ALLOW: &str = "allow";
+
 /// The compiled configuration.
 #[derive(Debug, Clone)]
 pub struct FilterConfig {
@@ -196,6 +217,8 @@ pub struct FilterConfig {
     pub cache_entries: usize,
     /// The verified bundle (`Policy::default()`, revision 0, when none is configured).
     pub policy: Policy,
+    /// The deployment this filter serves (bundles must name it).
+    pub environment: Option<String>,
     /// Shared-data slots for request ↔ event correlation (0: off).
     pub correlation_slots: u32,
     /// Where the client address for event attribution comes from.
@@ -243,20 +266,35 @@ impl FilterConfig {
         let fault_injection = match raw.fault_injection {
             None => None,
             Some(f) => {
-                let header = f.trap_on_header.to_ascii_lowercase();
-                if header.is_empty() || !header.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+                let header = f.trap_on_header.map(|h| h.to_ascii_lowercase());
+                if header
+                    .as_ref()
+                    .is_some_and(|h| h.is_empty() || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+                {
                     return Err(error("$.fault_injection.trap_on_header", "must be a header name ([A-Za-z0-9-]+)"));
                 }
-                Some(FaultInjection { trap_on_header: header })
+                Some(FaultInjection {
+                    trap_on_header: header,
+                    refuse_configure_after_first: f.refuse_configure_after_first,
+                })
             }
         };
         let keys = KeySet::from_jwks(&raw.jwks).map_err(|e| error("$.jwks", e.to_string()))?;
+        if let Some(env) = &raw.environment {
+            if !bundle::valid_environment(env) {
+                return Err(error(
+                    "$.environment",
+                    format!("`{}` must be 1-64 of [A-Za-z0-9._-]", bundle::excerpt(env, 64)),
+                ));
+            }
+        }
         let policy = match (&raw.bundle, &raw.bundle_keys) {
             (None, _) => Policy::default(),
             (Some(_), None) => return Err(error("$.bundle_keys", "required when `bundle` is set")),
             (Some(jws), Some(keys)) => {
                 let keys = KeySet::from_jwks(keys).map_err(|e| error("$.bundle_keys", e.to_string()))?;
-                bundle::verify(jws, &keys).map_err(|e| error("$.bundle", format!("bundle rejected: {e}")))?
+                bundle::verify_for(jws, &keys, raw.environment.as_deref())
+                    .map_err(|e| error("$.bundle", format!("bundle rejected: {e}")))?
             }
         };
         Ok(FilterConfig {
@@ -264,6 +302,7 @@ impl FilterConfig {
             verifier: Verifier { keys, issuer: raw.issuer, audience: raw.service, leeway_seconds: raw.leeway_seconds },
             cache_entries: raw.cache.max_entries,
             policy,
+            environment: raw.environment,
             correlation_slots: raw.correlation.slots,
             client_address: raw.correlation.client_address,
             fault_injection,
@@ -308,11 +347,18 @@ mod tests {
                 .as_bytes(),
         )
         .unwrap();
-        assert_eq!(c.fault_injection, Some(FaultInjection { trap_on_header: "x-registry-guard-trap".into() }));
+        assert_eq!(
+            c.fault_injection,
+            Some(FaultInjection {
+                trap_on_header: Some("x-registry-guard-trap".into()),
+                refuse_configure_after_first: false
+            })
+        );
         for bad in [
             serde_json::json!({"trap_on_header": ""}),
             serde_json::json!({"trap_on_header": "a b"}),
             serde_json::json!({"header": "x"}),
+            serde_json::json!({"refuse_configure_after_first": "yes"}),
         ] {
             let e = FilterConfig::from_json(config(serde_json::json!({"fault_injection": bad})).to_string().as_bytes())
                 .unwrap_err();

@@ -78,7 +78,10 @@ fn read_filter_config(ecds: &Path) -> Result<(serde_json::Value, serde_json::Val
 }
 
 fn envoy_stats(admin: &str) -> Result<std::collections::BTreeMap<String, i64>> {
-    let url = format!("{}/stats?filter=registry_guard|registry-guard", admin.trim_end_matches('/'));
+    let url = format!(
+        "{}/stats?filter=registry_guard|registry-guard|^server.concurrency$|rq_direct_response$",
+        admin.trim_end_matches('/')
+    );
     let text = ureq::get(&url)
         .timeout(Duration::from_secs(5))
         .call()
@@ -104,7 +107,13 @@ fn claimed_revision(jws: &str) -> Option<u64> {
     payload.get("revision")?.as_u64()
 }
 
-pub fn push(bundle_path: &Path, envoys: &[String], token_services: &[String], force: bool) -> Result<()> {
+pub fn push(
+    bundle_path: &Path,
+    envoys: &[String],
+    token_services: &[String],
+    force: bool,
+    operator_token: Option<&str>,
+) -> Result<()> {
     if envoys.is_empty() && token_services.is_empty() {
         bail!("nothing to push to: give --envoy ECDS_FILE=ADMIN_URL and/or --token-service URL");
     }
@@ -112,10 +121,25 @@ pub fn push(bundle_path: &Path, envoys: &[String], token_services: &[String], fo
     let jws = jws.trim();
     let revision = claimed_revision(jws).map_or("?".to_owned(), |r| r.to_string());
     let mut failures = 0;
+    // Every Envoy is checked before any ECDS file is written: one refusing the revision
+    // (older than what it runs) stops the push for all, so the fleet is not left split.
+    let mut plans = Vec::new();
     for spec in envoys {
         let (ecds, admin) =
             spec.split_once('=').with_context(|| format!("`--envoy {spec}` is not ECDS_FILE=ADMIN_URL"))?;
-        match push_envoy(jws, Path::new(ecds), admin, force) {
+        match plan_envoy(jws, Path::new(ecds), admin, force) {
+            Ok(plan) => plans.push((admin, plan)),
+            Err(e) => {
+                failures += 1;
+                println!("envoy {admin}: REFUSED revision {revision}: {e:#}");
+            }
+        }
+    }
+    if failures > 0 {
+        bail!("{failures} Envoy(s) refused the bundle before delivery; nothing was delivered");
+    }
+    for (admin, plan) in plans {
+        match deliver_envoy(plan, admin) {
             Ok(msg) => println!("envoy {admin}: {msg}"),
             Err(e) => {
                 failures += 1;
@@ -124,7 +148,7 @@ pub fn push(bundle_path: &Path, envoys: &[String], token_services: &[String], fo
         }
     }
     for url in token_services {
-        match push_token_service(jws, url) {
+        match push_token_service(jws, url, operator_token) {
             Ok(msg) => println!("token service {url}: {msg}"),
             Err(e) => {
                 failures += 1;
@@ -138,25 +162,96 @@ pub fn push(bundle_path: &Path, envoys: &[String], token_services: &[String], fo
     Ok(())
 }
 
-fn push_envoy(jws: &str, ecds: &Path, admin: &str, force: bool) -> Result<String> {
+/// Rollback protection for an Envoy, decided before its ECDS file is touched: the revision
+/// to deliver must be above both the revision of the bundle in the file (what a restart
+/// would load) and the revision Envoy reports active; the same revision is a no-op only if
+/// the bundle is byte for byte the one in the file. The filter itself accepts any valid
+/// configuration (its decision depends on the configuration alone), so this is where an
+/// older bundle is stopped; `--force` is an explicit rollback.
+enum Delivery {
+    Deliver,
+    Unchanged(u64),
+}
+
+fn check_revision(
+    new: u64,
+    jws: &str,
+    in_file: Option<(&str, u64)>,
+    active: Option<i64>,
+    force: bool,
+) -> Result<Delivery> {
+    if let Some((file_jws, file_revision)) = in_file {
+        if new == file_revision && file_jws.trim() == jws.trim() {
+            return Ok(Delivery::Unchanged(new));
+        }
+    }
+    let current = in_file.map(|(_, r)| r).into_iter().chain(active.and_then(|a| u64::try_from(a).ok())).max();
+    match current {
+        Some(current) if new <= current && !force => bail!(
+            "revision {new} is not newer than the active revision {current}: refused before touching the ECDS file \
+             (a changed bundle needs a new revision; to roll back, sign the old content with a revision above \
+             {current}, or pass --force)"
+        ),
+        Some(current) if new < current => {
+            eprintln!("warning: --force: rolling back from revision {current} to {new}");
+            Ok(Delivery::Deliver)
+        }
+        _ => Ok(Delivery::Deliver),
+    }
+}
+
+/// What delivering a bundle to one Envoy will do, decided before anything is written.
+struct EnvoyPlan<'a> {
+    ecds: &'a Path,
+    previous: Vec<u8>,
+    doc: serde_json::Value,
+    config: serde_json::Value,
+    /// `Some(revision)`: the file already holds this very bundle.
+    unchanged: Option<u64>,
+}
+
+fn deliver_envoy(mut plan: EnvoyPlan<'_>, admin: &str) -> Result<String> {
+    if let Some(r) = plan.unchanged {
+        return Ok(format!("revision {r} is already delivered, byte for byte: unchanged"));
+    }
+    replace_config(plan.ecds, admin, &plan.previous, &mut plan.doc, &plan.config)
+}
+
+fn plan_envoy<'a>(jws: &str, ecds: &'a Path, admin: &str, force: bool) -> Result<EnvoyPlan<'a>> {
     let previous = fs::read(ecds).with_context(|| format!("cannot read ECDS file `{}`", ecds.display()))?;
-    let (mut doc, mut config) = read_filter_config(ecds)?;
-    // The local check uses exactly the keys the filter will use.
+    let (doc, mut config) = read_filter_config(ecds)?;
+    let environment = config.get("environment").and_then(|e| e.as_str()).map(str::to_owned);
+    // The local check uses exactly the keys and environment the filter will use.
+    let mut new_revision = None;
+    let mut in_file = None;
     if let Some(keys) = config.get("bundle_keys") {
         let keys = KeySet::from_jwks(keys).map_err(|e| anyhow::anyhow!("bundle_keys in `{}`: {e}", ecds.display()))?;
-        match bundle::verify(jws, &keys) {
-            Ok(_) => {}
+        match bundle::verify_for(jws, &keys, environment.as_deref()) {
+            Ok(policy) => new_revision = Some(policy.revision),
             Err(e) if !force => bail!("refused locally (use --force to deliver anyway): {e}"),
             Err(e) => eprintln!("warning: delivering a bundle that fails the local check: {e}"),
         }
+        if let Some(current) = config.get("bundle").and_then(|b| b.as_str()) {
+            // The file's own bundle was accepted by this Envoy; read its revision the same way.
+            if let Ok(policy) = bundle::verify(current, &keys) {
+                in_file = Some((current.to_owned(), policy.revision));
+            }
+        }
     } else if !force {
         bail!("`{}` has no `bundle_keys`: the filter would refuse any bundle", ecds.display());
+    }
+    if let Some(new) = new_revision {
+        let active = envoy_stats(admin).ok().map(|s| stat(&s, "wasmcustom.registry_guard.bundle_revision"));
+        let in_file = in_file.as_ref().map(|(j, r)| (j.as_str(), *r));
+        if let Delivery::Unchanged(r) = check_revision(new, jws, in_file, active, force)? {
+            return Ok(EnvoyPlan { ecds, previous, doc, config, unchanged: Some(r) });
+        }
     }
     config
         .as_object_mut()
         .with_context(|| format!("filter configuration in `{}` is not a JSON object", ecds.display()))?
         .insert("bundle".into(), jws.into());
-    replace_config(ecds, admin, &previous, &mut doc, &config)
+    Ok(EnvoyPlan { ecds, previous, doc, config, unchanged: None })
 }
 
 /// Writes `config` into the ECDS document `doc` (read from `ecds`, whose bytes were
@@ -257,9 +352,16 @@ pub fn push_keys(jwks_source: &str, envoys: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn push_token_service(jws: &str, url: &str) -> Result<String> {
+fn push_token_service(jws: &str, url: &str, operator_token: Option<&str>) -> Result<String> {
     let endpoint = format!("{}/bundle", url.trim_end_matches('/'));
-    let resp = match ureq::put(&endpoint).timeout(Duration::from_secs(30)).send_string(jws) {
+    let Some(token) = operator_token else {
+        bail!(
+            "token services require the operator token: pass --operator-token-file (`rgctl operator-token` writes it)"
+        );
+    };
+    let request =
+        ureq::put(&endpoint).timeout(Duration::from_secs(30)).set("authorization", &format!("Bearer {token}"));
+    let resp = match request.send_string(jws) {
         Ok(r) => r,
         Err(ureq::Error::Status(_, r)) => {
             let body: serde_json::Value =
@@ -274,25 +376,103 @@ fn push_token_service(jws: &str, url: &str) -> Result<String> {
         Err(e) => return Err(e).with_context(|| format!("cannot reach {endpoint}")),
     };
     let body: serde_json::Value = serde_json::from_str(&resp.into_string()?)?;
-    Ok(format!("active revision {} ({} rules)", body["active_revision"], body["rules"]))
+    let unchanged = if body["unchanged"].as_bool() == Some(true) { "; unchanged (same bundle)" } else { "" };
+    Ok(format!("active revision {} ({} rules){unchanged}", body["active_revision"], body["rules"]))
 }
 
 pub fn status(envoys: &[String], token_services: &[String]) -> Result<()> {
     if envoys.is_empty() && token_services.is_empty() {
         bail!("give --envoy-admin URL and/or --token-service URL");
     }
+    let mut warnings = 0;
     for admin in envoys {
         let s = envoy_stats(admin)?;
+        let revision = stat(&s, "wasmcustom.registry_guard.bundle_revision");
         println!(
-            "envoy {admin}: active revision {}; config reloads {}, rejected updates {} (filter refusals {}); protection denied {}, would deny {}",
-            stat(&s, "wasmcustom.registry_guard.bundle_revision"),
+            "envoy {admin}: active revision {revision}; config reloads {}, rejected updates {} (filter refusals {}); protection denied {}, would deny {}",
             stat(&s, &format!("{STAT_PREFIX}config_reload")),
             stat(&s, &format!("{STAT_PREFIX}update_rejected")),
             stat(&s, "wasmcustom.registry_guard.bundle_rejected"),
             stat(&s, "wasmcustom.registry_guard.protection_denied"),
             stat(&s, "wasmcustom.registry_guard.protection_would_deny"),
         );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let report = workers(&s, revision, now);
+        println!("  {}", report.summary);
+        for w in &report.warnings {
+            println!("  WARNING: {w}");
+        }
+        warnings += report.warnings.len();
     }
+    token_service_status(token_services)?;
+    if warnings > 0 {
+        bail!("{warnings} warning(s): some Envoy worker is not enforcing the revision its Envoy reports");
+    }
+    Ok(())
+}
+
+/// What the per-VM gauges of one Envoy say.
+struct Workers {
+    summary: String,
+    warnings: Vec<String>,
+}
+
+/// A VM whose heartbeat is older than this many seconds is gone or not configured.
+const HEARTBEAT_STALE_SECONDS: i64 = 5;
+
+/// Reads `registry_guard.vm.<slot>.{revision,heartbeat}` (one pair per registry-role VM:
+/// Envoy's main thread and each worker) against `server.concurrency`, and the backstop's
+/// refusals (`http.registry.rq_direct_response`: requests the filter did not mark allowed).
+fn workers(s: &std::collections::BTreeMap<String, i64>, revision: i64, now: i64) -> Workers {
+    let mut vms: std::collections::BTreeMap<u32, (Option<i64>, Option<i64>)> = Default::default();
+    for (name, value) in s {
+        let Some(rest) = name.strip_prefix("wasmcustom.registry_guard.vm.") else { continue };
+        let Some((slot, what)) = rest.split_once('.') else { continue };
+        let Ok(slot) = slot.parse::<u32>() else { continue };
+        let entry = vms.entry(slot).or_default();
+        match what {
+            "revision" => entry.0 = Some(*value),
+            "heartbeat" => entry.1 = Some(*value),
+            _ => {}
+        }
+    }
+    let live: Vec<(u32, i64)> = vms
+        .iter()
+        .filter(|(_, (_, beat))| beat.is_some_and(|b| now - b <= HEARTBEAT_STALE_SECONDS))
+        .map(|(slot, (rev, _))| (*slot, rev.unwrap_or(-1)))
+        .collect();
+    let mut warnings = Vec::new();
+    for (slot, rev) in &live {
+        if *rev != revision {
+            warnings.push(format!("VM slot {slot} enforces revision {rev}, not {revision}"));
+        }
+    }
+    let concurrency = stat(s, "server.concurrency");
+    // Envoy runs one VM per worker plus one on the main thread.
+    let expected = usize::try_from(concurrency).unwrap_or(0) + 1;
+    if live.len() < expected {
+        warnings.push(format!(
+            "{} of {expected} filter VMs (main thread + {concurrency} workers) report a heartbeat within {HEARTBEAT_STALE_SECONDS} s: \
+             a worker without a configured filter refuses every request (Envoy's backstop) until Envoy restarts",
+            live.len()
+        ));
+    }
+    // Cumulative since Envoy started: a rising figure means requests met no deciding filter.
+    let backstop = stat(s, "http.registry.rq_direct_response");
+    let slots: Vec<String> = live.iter().map(|(slot, rev)| format!("{slot}:r{rev}")).collect();
+    Workers {
+        summary: format!(
+            "filter VMs live {} of {expected} [{}]; refused by Envoy's backstop (no filter decided) since start: {backstop}",
+            live.len(),
+            slots.join(" ")
+        ),
+        warnings,
+    }
+}
+
+fn token_service_status(token_services: &[String]) -> Result<()> {
     for url in token_services {
         let endpoint = format!("{}/bundle/status", url.trim_end_matches('/'));
         let body: serde_json::Value = serde_json::from_str(

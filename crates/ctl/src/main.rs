@@ -66,9 +66,22 @@ enum Command {
         /// A token service to update (base URL, e.g. `http://127.0.0.1:5001`).
         #[arg(long = "token-service", value_name = "URL")]
         token_services: Vec<String>,
-        /// Deliver even if the local check fails (to exercise the components' own checks).
+        /// Deliver even if the local check fails or the revision is older than the active
+        /// one (an explicit rollback; also to exercise the components' own checks).
         #[arg(long)]
         force: bool,
+        /// File holding the operator token that token services require for `PUT /bundle`
+        /// (`rgctl operator-token` writes it).
+        #[arg(long, value_name = "FILE", env = "RGCTL_OPERATOR_TOKEN_FILE")]
+        operator_token_file: Option<PathBuf>,
+    },
+    /// Create the operator token that authorises `PUT /bundle` on token services, unless one
+    /// exists: `<out>/operator-token` (the secret, mode 0600, for `rgctl push`) and
+    /// `<out>/operator-token.sha256` (its digest, for `operator_token_sha256` in
+    /// token-service.json).
+    OperatorToken {
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Replace the token keys running Envoys trust (key rotation): the JWKS from a file or a
     /// token service's `/jwks` URL goes into each filter configuration; the bundle stays.
@@ -174,6 +187,9 @@ enum Command {
         /// JWKS of the operator keys that may sign bundles.
         #[arg(long)]
         bundle_keys: Option<PathBuf>,
+        /// The deployment this filter serves: only bundles naming it are accepted.
+        #[arg(long)]
+        environment: Option<String>,
         /// Where the client address restored into events comes from: `peer` (a property
         /// lookup per request) or `x-forwarded-for` (its last entry; only with the listener's
         /// `use_remote_address: true`, as in envoy/envoy.yaml).
@@ -241,9 +257,11 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("signed {} with operator key {}", bundle.display(), key.kid);
             Ok(())
         }
-        Command::Push { bundle, envoys, token_services, force } => {
-            deliver::push(&bundle, &envoys, &token_services, force)
+        Command::Push { bundle, envoys, token_services, force, operator_token_file } => {
+            let token = operator_token_file.map(|f| read(&f).map(|t| t.trim().to_owned())).transpose()?;
+            deliver::push(&bundle, &envoys, &token_services, force, token.as_deref())
         }
+        Command::OperatorToken { out } => operator_token(&out),
         Command::Status { envoys, token_services } => deliver::status(&envoys, &token_services),
         Command::PushKeys { jwks, envoys } => deliver::push_keys(&jwks, &envoys),
         Command::Kid { key } => {
@@ -306,7 +324,17 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", hex(&Sha256::digest(token.as_bytes())));
             Ok(())
         }
-        Command::FilterConfig { realm, service, issuer, jwks, leeway_seconds, bundle, bundle_keys, client_address } => {
+        Command::FilterConfig {
+            realm,
+            service,
+            issuer,
+            jwks,
+            leeway_seconds,
+            bundle,
+            bundle_keys,
+            environment,
+            client_address,
+        } => {
             let jwks = read_json(&jwks)?;
             let mut config = serde_json::json!({
                 "realm": realm, "service": service, "issuer": issuer,
@@ -321,6 +349,9 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 if let Some(b) = bundle {
                     obj.insert("bundle".into(), read(&b)?.trim().into());
+                }
+                if let Some(env) = environment {
+                    obj.insert("environment".into(), env.into());
                 }
             }
             let text = serde_json::to_string(&config)?;
@@ -373,6 +404,25 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
 
 fn load_keyset(path: &Path) -> Result<KeySet> {
     KeySet::from_jwks(&read_json(path)?).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+fn operator_token(out: &Path) -> Result<()> {
+    fs::create_dir_all(out).with_context(|| format!("cannot create `{}`", out.display()))?;
+    let secret_path = out.join("operator-token");
+    if secret_path.exists() {
+        eprintln!("keeping existing operator token {}", secret_path.display());
+    } else {
+        let mut bytes = [0u8; 32];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
+        let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        write_private(&secret_path, format!("{secret}\n").as_bytes())?;
+        eprintln!("generated operator token {}", secret_path.display());
+    }
+    let secret = read(&secret_path)?;
+    let digest: String = Sha256::digest(secret.trim().as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    fs::write(out.join("operator-token.sha256"), format!("{digest}\n"))?;
+    eprintln!("its SHA-256 is in {}", out.join("operator-token.sha256").display());
+    Ok(())
 }
 
 fn keygen(out: &Path, name: &str) -> Result<()> {

@@ -45,6 +45,11 @@ struct RawSettings {
     bundle_keys: Option<PathBuf>,
     /// Where the active signed bundle lives (read at startup, written on `PUT /bundle`).
     bundle: PathBuf,
+    /// The deployment this service serves: a bundle must name exactly this environment.
+    environment: Option<String>,
+    /// A file holding the SHA-256 (hex) of the operator token that `PUT /bundle` requires
+    /// (`rgctl operator-token`); without it no bundle can be pushed over HTTP.
+    operator_token_sha256: Option<PathBuf>,
 }
 
 impl Default for RawSettings {
@@ -58,6 +63,8 @@ impl Default for RawSettings {
             kid_format: KidFormat::default(),
             bundle_keys: None,
             bundle: PathBuf::from(DEFAULT_BUNDLE_FILE),
+            environment: None,
+            operator_token_sha256: None,
         }
     }
 }
@@ -207,6 +214,12 @@ pub struct Config {
     pub policy: Policy,
     /// Whether `policy` came from a bundle file (rather than being the default).
     pub bundle_loaded: bool,
+    /// SHA-256 (hex) of that bundle's JWS text (trimmed), when one was loaded.
+    pub bundle_sha256: Option<String>,
+    /// The deployment bundles must name (`environment`), if configured.
+    pub environment: Option<String>,
+    /// SHA-256 (hex, lower case) of the operator token `PUT /bundle` requires, if configured.
+    pub operator_token_sha256: Option<String>,
 }
 
 impl Config {
@@ -238,11 +251,25 @@ impl Config {
         }
         let bundle_keys_path = raw.bundle_keys.map(|p| dir.join(p));
         let bundle_keys = bundle_keys_path.as_deref().map(load_bundle_keys).transpose()?;
-        let bundle_path = dir.join(&raw.bundle);
-        let (policy, bundle_loaded) = match load_bundle(&bundle_path, bundle_keys.as_ref())? {
-            Some(policy) => (policy, true),
-            None => (Policy::default(), false),
+        if let Some(env) = &raw.environment {
+            if !bundle::valid_environment(env) {
+                return Err(ConfigError::new(&settings_path, field("environment"), "must be 1-64 of [A-Za-z0-9._-]"));
+            }
+        }
+        let operator_token_sha256 = match raw.operator_token_sha256 {
+            None => None,
+            Some(p) if p.as_os_str().is_empty() => {
+                return Err(ConfigError::new(&settings_path, field("operator_token_sha256"), "must not be empty"))
+            }
+            Some(p) => Some(load_operator_token_digest(&dir.join(p))?),
         };
+        let bundle_path = dir.join(&raw.bundle);
+        let (policy, bundle_sha256) = match load_bundle(&bundle_path, bundle_keys.as_ref(), raw.environment.as_deref())?
+        {
+            Some((policy, digest)) => (policy, Some(digest)),
+            None => (Policy::default(), None),
+        };
+        let bundle_loaded = bundle_sha256.is_some();
         Ok(Config {
             issuer: raw.issuer,
             service: raw.service,
@@ -254,8 +281,31 @@ impl Config {
             bundle_path,
             policy,
             bundle_loaded,
+            bundle_sha256,
+            environment: raw.environment,
+            operator_token_sha256,
         })
     }
+}
+
+/// Reads the operator token digest file: 64 hex digits (surrounding whitespace ignored).
+fn load_operator_token_digest(path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new(
+            path,
+            None,
+            format!("cannot read the operator token digest (`$.operator_token_sha256` of {SETTINGS_FILE}): {e}"),
+        )
+    })?;
+    let digest = text.trim().to_ascii_lowercase();
+    if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ConfigError::new(
+            path,
+            None,
+            "expected the SHA-256 of the operator token as 64 hex digits (`rgctl operator-token` writes it)",
+        ));
+    }
+    Ok(digest)
 }
 
 /// Reads the operator JWKS (`bundle_keys`).
@@ -270,7 +320,11 @@ fn load_bundle_keys(path: &Path) -> Result<KeySet, ConfigError> {
 
 /// Reads and verifies the active bundle, if there is one. A bundle without operator keys to
 /// check it with is an error: it would otherwise be ignored silently.
-fn load_bundle(path: &Path, keys: Option<&KeySet>) -> Result<Option<Policy>, ConfigError> {
+fn load_bundle(
+    path: &Path,
+    keys: Option<&KeySet>,
+    environment: Option<&str>,
+) -> Result<Option<(Policy, String)>, ConfigError> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -286,7 +340,9 @@ fn load_bundle(path: &Path, keys: Option<&KeySet>) -> Result<Option<Policy>, Con
             ),
         ));
     };
-    bundle::verify(&text, keys).map(Some).map_err(|e| ConfigError::new(path, Some(e.path), e.reason))
+    let policy =
+        bundle::verify_for(&text, keys, environment).map_err(|e| ConfigError::new(path, Some(e.path), e.reason))?;
+    Ok(Some((policy, crate::auth::sha256_hex(text.trim()))))
 }
 
 fn read_settings(path: &Path) -> Result<RawSettings, ConfigError> {

@@ -12,11 +12,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use registry_guard_core::bundle::{self, BundleError, Policy};
-use registry_guard_core::token::{self, KeySet};
+use registry_guard_core::token::KeySet;
 use serde::Serialize;
 
-/// Largest accepted `PUT /bundle` body: a bundle of 100k rules is some 20 MB of JWS.
-pub const MAX_BUNDLE_BYTES: usize = 64 * 1024 * 1024;
+/// Largest accepted `PUT /bundle` body: 32 MiB. A bundle of 100 000 protection rules is
+/// some 20 MB of JWS; the example bundle is 3 KB.
+pub const MAX_BUNDLE_BYTES: usize = 32 * 1024 * 1024;
 
 /// A refused bundle push, as `GET /bundle/status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,7 +38,7 @@ pub enum PushError {
     KeysNotConfigured { reason: String, active_revision: u64 },
     /// Signature or content invalid (400).
     Rejected { path: String, reason: String, active_revision: u64 },
-    /// Older than the active revision (409).
+    /// Older than the active revision, or the active revision with other content (409).
     Rollback { path: String, reason: String, active_revision: u64 },
     /// Our fault (the bundle could not be written to disk, or verification crashed); the
     /// old policy stays (500).
@@ -50,11 +51,15 @@ pub struct Accepted {
     pub previous_revision: u64,
     pub revision: u64,
     pub rules: usize,
+    /// The pushed bundle is byte for byte the active one: nothing changed.
+    pub unchanged: bool,
 }
 
 #[derive(Debug)]
 struct Active {
     policy: Arc<Policy>,
+    /// SHA-256 (hex) of the active JWS text; `None` for the built-in empty policy.
+    sha256: Option<String>,
     /// Unix seconds; `None` for the built-in empty policy.
     activated_at: Option<i64>,
 }
@@ -80,6 +85,8 @@ pub struct RejectionView {
 #[derive(Debug)]
 pub struct PolicyStore {
     keys: Option<Arc<KeySet>>,
+    /// The deployment bundles must name.
+    environment: Option<String>,
     path: PathBuf,
     active: RwLock<Active>,
     last_rejected: Mutex<Option<Rejection>>,
@@ -88,12 +95,21 @@ pub struct PolicyStore {
 }
 
 impl PolicyStore {
-    /// `activated_at` is when `policy` became active (startup), `None` for the default policy.
-    pub fn new(policy: Policy, activated_at: Option<i64>, keys: Option<KeySet>, path: PathBuf) -> PolicyStore {
+    /// `active` is the policy found at startup with the SHA-256 of its JWS and when it became
+    /// active, `None` for the default (empty) policy.
+    pub fn new(
+        policy: Policy,
+        active: Option<(String, i64)>,
+        keys: Option<KeySet>,
+        environment: Option<String>,
+        path: PathBuf,
+    ) -> PolicyStore {
+        let (sha256, activated_at) = active.map_or((None, None), |(d, t)| (Some(d), Some(t)));
         PolicyStore {
             keys: keys.map(Arc::new),
+            environment,
             path,
-            active: RwLock::new(Active { policy: Arc::new(policy), activated_at }),
+            active: RwLock::new(Active { policy: Arc::new(policy), sha256, activated_at }),
             last_rejected: Mutex::new(None),
             update: tokio::sync::Mutex::new(()),
         }
@@ -127,9 +143,10 @@ impl PolicyStore {
         }
     }
 
-    fn reject(&self, text: &str, path: &str, reason: &str, now: i64) {
-        let rejection =
-            Rejection { revision: claimed_revision(text), path: path.to_owned(), reason: reason.to_owned(), at: now };
+    /// Remembers a refusal. `revision` is known only for a bundle whose signature checked:
+    /// nothing of an unverified payload is parsed or shown.
+    fn reject(&self, revision: Option<u64>, path: &str, reason: &str, now: i64) {
+        let rejection = Rejection { revision, path: path.to_owned(), reason: reason.to_owned(), at: now };
         *self.last_rejected.lock().unwrap_or_else(PoisonError::into_inner) = Some(rejection);
     }
 
@@ -143,8 +160,10 @@ impl PolicyStore {
         active_revision
     }
 
-    /// Verifies `text` (a compact JWS) and, if it is valid and not older than the active
-    /// revision, persists it and makes it the active policy. Every refusal is remembered for
+    /// Verifies `text` (a compact JWS, from an authenticated operator) and, if it is valid,
+    /// for this environment and newer than the active revision, persists it and makes it the
+    /// active policy. The active revision again is accepted only byte for byte (nothing
+    /// changes); anything else at or below it is refused. Every refusal is remembered for
     /// [`PolicyStore::status`] and logged.
     pub async fn push(&self, text: String, now: i64) -> Result<Accepted, PushError> {
         let _serial = self.update.lock().await;
@@ -154,12 +173,13 @@ impl PolicyStore {
                 "no operator keys are configured: set `bundle_keys` in {} to accept signed bundles",
                 crate::config::SETTINGS_FILE
             );
-            self.reject(&text, "signature", &reason, now);
+            self.reject(None, "signature", &reason, now);
             tracing::warn!("bundle rejected: {reason}; active revision {active_revision} stays");
             return Err(PushError::KeysNotConfigured { reason, active_revision });
         };
+        let environment = self.environment.clone();
         let (text, verified) = tokio::task::spawn_blocking(move || {
-            let verified = bundle::verify(&text, &keys);
+            let verified = bundle::verify_for(&text, &keys, environment.as_deref());
             (text, verified)
         })
         .await
@@ -171,22 +191,37 @@ impl PolicyStore {
         let policy = match verified {
             Ok(policy) => policy,
             Err(BundleError { path, reason }) => {
-                self.reject(&text, &path, &reason, now);
-                tracing::warn!(
-                    "bundle rejected (revision {}): {path}: {reason}; active revision {active_revision} stays",
-                    claimed_revision(&text).map_or_else(|| "unknown".to_owned(), |r| r.to_string()),
-                );
+                self.reject(None, &path, &reason, now);
+                tracing::warn!("bundle rejected: {path}: {reason}; active revision {active_revision} stays");
                 return Err(PushError::Rejected { path, reason, active_revision });
             }
         };
-        if policy.revision < active_revision {
+        let digest = crate::auth::sha256_hex(text.trim());
+        let active_digest = self.active.read().unwrap_or_else(PoisonError::into_inner).sha256.clone();
+        if policy.revision == active_revision && active_digest.as_deref() == Some(digest.as_str()) {
+            tracing::info!("bundle revision {active_revision} pushed again, byte for byte: unchanged");
+            return Ok(Accepted {
+                previous_revision: active_revision,
+                revision: active_revision,
+                rules: policy.rules.len(),
+                unchanged: true,
+            });
+        }
+        if policy.revision <= active_revision {
             let path = "$.revision".to_owned();
-            let reason = format!(
-                "revision {} is older than the active revision {active_revision}: rollback refused \
-                 (sign the bundle with a revision of at least {active_revision})",
-                policy.revision
-            );
-            self.reject(&text, &path, &reason, now);
+            let reason = if policy.revision == active_revision {
+                format!(
+                    "revision {active_revision} is already active with other content: a changed bundle needs a \
+                     new revision (sign it with a revision above {active_revision})"
+                )
+            } else {
+                format!(
+                    "revision {} is older than the active revision {active_revision}: rollback refused \
+                     (to go back, sign the old content again with a revision above {active_revision})",
+                    policy.revision
+                )
+            };
+            self.reject(Some(policy.revision), &path, &reason, now);
             tracing::warn!("bundle rejected (revision {}): {path}: {reason}", policy.revision);
             return Err(PushError::Rollback { path, reason, active_revision });
         }
@@ -200,10 +235,14 @@ impl PolicyStore {
             tracing::error!("bundle revision {} not activated: {reason}", policy.revision);
             return Err(PushError::Internal { reason, active_revision });
         }
-        let accepted =
-            Accepted { previous_revision: active_revision, revision: policy.revision, rules: policy.rules.len() };
+        let accepted = Accepted {
+            previous_revision: active_revision,
+            revision: policy.revision,
+            rules: policy.rules.len(),
+            unchanged: false,
+        };
         *self.active.write().unwrap_or_else(PoisonError::into_inner) =
-            Active { policy: Arc::new(policy), activated_at: Some(now) };
+            Active { policy: Arc::new(policy), sha256: Some(digest), activated_at: Some(now) };
         tracing::info!(
             "bundle revision {} accepted ({} rule{}), replacing revision {}; persisted to {}",
             accepted.revision,
@@ -214,18 +253,6 @@ impl PolicyStore {
         );
         Ok(accepted)
     }
-}
-
-/// The revision a bundle claims, read without verifying anything: from the JWS payload, or
-/// from the JSON itself if an unsigned bundle was sent.
-pub fn claimed_revision(text: &str) -> Option<u64> {
-    let text = text.trim();
-    let value = if text.starts_with('{') {
-        serde_json::from_str::<serde_json::Value>(text).ok()?
-    } else {
-        token::decode_unverified(text).ok()?
-    };
-    value.get("revision")?.as_u64()
 }
 
 /// Writes `bytes` to `path` so that readers see either the old or the new content: a
@@ -274,15 +301,6 @@ mod tests {
         {"id": "p", "repository_path_pattern": "acme/*", "minimum_access_level_for_push": "owner"}]}"#;
 
     #[test]
-    fn claimed_revision_is_best_effort() {
-        let signed = bundle::sign(BUNDLE, &es256_key(7)).unwrap();
-        assert_eq!(claimed_revision(&signed), Some(4));
-        assert_eq!(claimed_revision(BUNDLE), Some(4));
-        assert_eq!(claimed_revision(r#"{"revision": "four"}"#), None);
-        assert_eq!(claimed_revision("garbage"), None);
-    }
-
-    #[test]
     fn atomic_write_replaces_and_leaves_no_temporary_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/bundle.jws");
@@ -297,31 +315,82 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = es256_key(7);
         let keys = KeySet::from_jwks(&jwks(&[&key])).unwrap();
-        let store = PolicyStore::new(Policy::default(), None, Some(keys), dir.path().join("bundle.jws"));
+        let store = PolicyStore::new(Policy::default(), None, Some(keys), None, dir.path().join("bundle.jws"));
         assert_eq!(store.status().active_revision, 0);
         let signed = bundle::sign(BUNDLE, &key).unwrap();
         let ok = store.push(signed.clone(), 100).await.unwrap();
-        assert_eq!((ok.previous_revision, ok.revision, ok.rules), (0, 4, 1));
+        assert_eq!((ok.previous_revision, ok.revision, ok.rules, ok.unchanged), (0, 4, 1, false));
         assert_eq!(store.snapshot().revision, 4);
         assert_eq!(std::fs::read_to_string(dir.path().join("bundle.jws")).unwrap(), signed);
-        // Same revision again: accepted. Older: refused and remembered.
-        assert!(store.push(signed, 101).await.is_ok());
+        // The same bytes again: accepted, nothing changes.
+        let again = store.push(signed, 101).await.unwrap();
+        assert!(again.unchanged);
+        assert_eq!(store.status().activated_at.as_deref(), Some("1970-01-01T00:01:40Z"));
+        // The same revision with other content: refused.
+        let other = bundle::sign(&BUNDLE.replace("acme/*", "acme/web/*"), &key).unwrap();
+        let err = store.push(other, 102).await.unwrap_err();
+        assert!(
+            matches!(&err, PushError::Rollback { active_revision: 4, reason, .. } if reason.contains("already active"))
+        );
+        // Older: refused and remembered.
         let old = bundle::sign(&BUNDLE.replace("\"revision\": 4", "\"revision\": 3"), &key).unwrap();
-        let err = store.push(old, 102).await.unwrap_err();
+        let err = store.push(old, 103).await.unwrap_err();
         assert!(
             matches!(&err, PushError::Rollback { active_revision: 4, reason, .. } if reason.contains("revision 3"))
         );
         let status = store.status();
         assert_eq!(status.active_revision, 4);
-        assert_eq!(status.activated_at.as_deref(), Some("1970-01-01T00:01:41Z"));
         let rejected = status.last_rejected.unwrap();
         assert_eq!((rejected.revision, rejected.path.as_str()), (Some(3), "$.revision"));
     }
 
     #[tokio::test]
+    async fn push_checks_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = es256_key(7);
+        let keys = KeySet::from_jwks(&jwks(&[&key])).unwrap();
+        let store = PolicyStore::new(
+            Policy::default(),
+            None,
+            Some(keys),
+            Some("production".into()),
+            dir.path().join("bundle.jws"),
+        );
+        let staging =
+            bundle::sign(&BUNDLE.replace("{\"revision\"", "{\"environment\": \"staging\", \"revision\""), &key)
+                .unwrap();
+        let err = store.push(staging, 1).await.unwrap_err();
+        assert!(
+            matches!(&err, PushError::Rejected { path, reason, .. }
+            if path == "$.environment" && reason.contains("`staging`") && reason.contains("`production`")),
+            "{err:?}"
+        );
+        let none = bundle::sign(BUNDLE, &key).unwrap();
+        assert!(matches!(store.push(none, 2).await, Err(PushError::Rejected { .. })));
+        let production =
+            bundle::sign(&BUNDLE.replace("{\"revision\"", "{\"environment\": \"production\", \"revision\""), &key)
+                .unwrap();
+        assert_eq!(store.push(production, 3).await.unwrap().revision, 4);
+        assert!(
+            !dir.path().join("bundle.jws").exists() || store.snapshot().environment.as_deref() == Some("production")
+        );
+    }
+
+    #[tokio::test]
+    async fn unverified_payloads_are_never_parsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = KeySet::from_jwks(&jwks(&[&es256_key(7)])).unwrap();
+        let store = PolicyStore::new(Policy::default(), None, Some(keys), None, dir.path().join("bundle.jws"));
+        // Signed by an unknown key, claiming a revision: the claim is not reported.
+        let forged = bundle::sign(BUNDLE, &es256_key(9)).unwrap();
+        assert!(matches!(store.push(forged, 1).await, Err(PushError::Rejected { .. })));
+        assert_eq!(store.status().last_rejected.unwrap().revision, None);
+    }
+
+    #[tokio::test]
     async fn push_without_keys_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let store = PolicyStore::new(Policy::default(), None, None, dir.path().join("bundle.jws"));
+        let store = PolicyStore::new(Policy::default(), None, None, None, dir.path().join("bundle.jws"));
         let signed = bundle::sign(BUNDLE, &es256_key(7)).unwrap();
         assert!(matches!(store.push(signed, 1).await, Err(PushError::KeysNotConfigured { .. })));
         assert!(!dir.path().join("bundle.jws").exists());

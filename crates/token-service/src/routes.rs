@@ -6,9 +6,10 @@
 //! (`Directory::grant_under` the active policy for users, `DeployToken::grant` for the
 //! policy's deploy tokens), and every token is signed by the core (`token::sign`). Each token
 //! request takes one snapshot of the active policy and decides everything under it: deploy
-//! tokens, revocations and grants. The bundle endpoints need no credentials: a bundle is
-//! accepted only when signed by an operator key, and never when older than the active
-//! revision.
+//! tokens, revocations and grants. `PUT /bundle` requires the operator token (a bearer
+//! secret whose SHA-256 is configured) before anything of the body is read; a bundle is then
+//! accepted only when signed by an operator key for this environment and newer than the
+//! active revision (or byte for byte the active bundle).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -67,6 +68,8 @@ pub struct AppState {
     pub password_slots: Semaphore,
     /// The active policy bundle and the operator keys that may replace it.
     pub policy: PolicyStore,
+    /// SHA-256 (hex) of the operator token `PUT /bundle` requires; `None`: no push is accepted.
+    pub operator_token_sha256: Option<String>,
 }
 
 impl AppState {
@@ -88,8 +91,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/bundle/status", get(bundle_status))
         .layer(DefaultBodyLimit::max(MAX_FORM_BYTES))
-        // Added after the form limit, so only this route gets the larger one.
-        .route("/bundle", put(put_bundle).layer(DefaultBodyLimit::max(MAX_BUNDLE_BYTES)))
+        // Added after the form limit, so only this route gets the larger one; the operator
+        // check runs first, before any of the body is read.
+        .route(
+            "/bundle",
+            put(put_bundle)
+                .layer(DefaultBodyLimit::max(MAX_BUNDLE_BYTES))
+                .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), require_operator)),
+        )
         .with_state(state)
 }
 
@@ -482,6 +491,52 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
+/// The Bearer challenge on a 401 from `PUT /bundle`.
+pub const OPERATOR_CHALLENGE: &str = "Bearer realm=\"registry-guard-operator\"";
+
+/// Lets a request through only with `Authorization: Bearer <operator token>` and a body
+/// announced within the limit; anything else is a 401 (413) before the body is read (registry clients, who can reach this service to log
+/// in, cannot push or replay bundles).
+async fn require_operator(
+    State(state): State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let refused = |reason: &str| {
+        tracing::warn!("PUT /bundle refused before reading the body: {reason}");
+        let challenge = HeaderValue::from_static(OPERATOR_CHALLENGE);
+        let body = json!({"error": "unauthorized", "path": "authorization", "reason": reason,
+                          "active_revision": state.policy.snapshot().revision});
+        (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, challenge)], Json(body)).into_response()
+    };
+    let Some(expected) = state.operator_token_sha256.as_deref() else {
+        return refused("no operator token is configured (`operator_token_sha256` in token-service.json): bundle pushes are disabled");
+    };
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    let Some(presented) = presented.filter(|t| !t.is_empty()) else {
+        return refused("operator authentication required: `Authorization: Bearer <operator token>`");
+    };
+    if !auth::constant_time_eq(auth::sha256_hex(presented).as_bytes(), expected.as_bytes()) {
+        return refused("the operator token is not valid");
+    }
+    // A body announced over the limit is refused from its length, before it is read.
+    let announced =
+        request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_BUNDLE_BYTES as u64) {
+        let reason = format!("the bundle is larger than {MAX_BUNDLE_BYTES} bytes");
+        let active_revision = state.policy.refuse_unread("$", &reason, now_unix());
+        let body =
+            json!({"error": "bundle_rejected", "path": "$", "reason": reason, "active_revision": active_revision});
+        return (StatusCode::PAYLOAD_TOO_LARGE, Json(body)).into_response();
+    }
+    next.run(request).await
+}
+
 /// `PUT /bundle`: the body is a compact JWS as written by `rgctl sign`.
 async fn put_bundle(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
     let now = now_unix();
@@ -500,7 +555,12 @@ async fn put_bundle(State(state): State<Arc<AppState>>, body: Result<Bytes, Byte
 
 async fn push_bundle(state: &AppState, text: String, now: i64) -> Response {
     match state.policy.push(text, now).await {
-        Ok(accepted) => (StatusCode::OK, Json(json!({"active_revision": accepted.revision, "rules": accepted.rules})))
+        Ok(accepted) => (
+            StatusCode::OK,
+            Json(
+                json!({"active_revision": accepted.revision, "rules": accepted.rules, "unchanged": accepted.unchanged}),
+            ),
+        )
             .into_response(),
         Err(PushError::KeysNotConfigured { reason, active_revision }) => (
             StatusCode::CONFLICT,

@@ -137,8 +137,9 @@ impl Application {
             bundle_rules: config.policy.rules.len(),
             bundle_keys_path: config.bundle_keys_path.clone(),
         };
-        let activated_at = config.bundle_loaded.then(routes::now_unix);
-        let policy = PolicyStore::new(config.policy, activated_at, config.bundle_keys, config.bundle_path);
+        let active = config.bundle_sha256.map(|digest| (digest, routes::now_unix()));
+        let policy =
+            PolicyStore::new(config.policy, active, config.bundle_keys, config.environment.clone(), config.bundle_path);
         let decoy_hash = config.directory.users().iter().find_map(|u| u.password_hash.clone());
         let state = Arc::new(AppState {
             service: config.service.clone(),
@@ -147,6 +148,7 @@ impl Application {
             decoy_hash,
             password_slots: Semaphore::new(password_slots()),
             policy,
+            operator_token_sha256: config.operator_token_sha256,
         });
         let reloader = KeyReloader {
             state: Arc::clone(&state),

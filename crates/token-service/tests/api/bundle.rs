@@ -117,7 +117,7 @@ async fn put_bundle_activates_persists_and_refuses() {
     let jws = sign_bundle(&platform_bundle(2));
     let resp = app.put_bundle(jws.clone()).await;
     assert_eq!(resp.status(), 200);
-    assert_eq!(resp.json::<Value>().await.unwrap(), json!({"active_revision": 2, "rules": 3}));
+    assert_eq!(resp.json::<Value>().await.unwrap(), json!({"active_revision": 2, "rules": 3, "unchanged": false}));
     assert_eq!(actions(&app.access("dev", DEV_PASSWORD, PLATFORM_PULL_PUSH).await), ["pull"]);
     assert_eq!(std::fs::read_to_string(app.dir.path().join("bundle.jws")).unwrap(), jws);
     let status = app.bundle_status().await;
@@ -125,11 +125,11 @@ async fn put_bundle_activates_persists_and_refuses() {
     assert!(status["activated_at"].is_string(), "{status}");
     assert_eq!(status["last_rejected"], Value::Null);
 
-    // Unsigned JSON.
-    assert_refused(&app, platform_bundle(5), rejected("signature", "not signed", json!(5)), 2).await;
+    // Unsigned JSON. Nothing of an unverified body is parsed: no revision is reported.
+    assert_refused(&app, platform_bundle(5), rejected("signature", "not signed", Value::Null), 2).await;
     // Signed by a key that is not an operator key.
     let stranger = registry_guard_core::bundle::sign(&platform_bundle(6), &testing::es256_key(8)).unwrap();
-    assert_refused(&app, stranger, rejected("signature", "unknown operator key", json!(6)), 2).await;
+    assert_refused(&app, stranger, rejected("signature", "unknown operator key", Value::Null), 2).await;
     // Not a JWS at all.
     assert_refused(&app, "junk".into(), rejected("signature", "not a compact JWS", Value::Null), 2).await;
     // Signed, but semantically invalid: the JSON path of the fault.
@@ -138,7 +138,7 @@ async fn put_bundle_activates_persists_and_refuses() {
                 "tag_name_pattern": "v(", "minimum_access_level_for_push": "owner"}]}),
         &operator_key(),
     );
-    let want = rejected("$.protection_rules[0].tag_name_pattern", "not a valid RE2 pattern", json!(7));
+    let want = rejected("$.protection_rules[0].tag_name_pattern", "not a valid RE2 pattern", Value::Null);
     assert_refused(&app, invalid, want, 2).await;
     // Older than the active revision: rollback refused, naming both revisions.
     let want = Refused {
@@ -153,9 +153,20 @@ async fn put_bundle_activates_persists_and_refuses() {
     assert_eq!(actions(&app.access("dev", DEV_PASSWORD, PLATFORM_PULL_PUSH).await), ["pull"]);
     assert_eq!(std::fs::read_to_string(app.dir.path().join("bundle.jws")).unwrap(), jws);
 
-    // The same revision again is accepted (idempotent re-push).
+    // The same bundle again, byte for byte, is accepted and changes nothing; the same
+    // revision with other content is refused.
     let resp = app.put_bundle(jws.clone()).await;
     assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<Value>().await.unwrap()["unchanged"], true);
+    let want = Refused {
+        status: 409,
+        error: "bundle_rollback",
+        path: "$.revision",
+        reason: "revision 2 is already active with other content",
+        revision: json!(2),
+    };
+    let other = platform_bundle(2).replace("acme/platform/*", "acme/platform/x/*");
+    assert_refused(&app, sign_bundle(&other), want, 2).await;
 
     // A restart comes back with the last accepted bundle.
     let app = app.restart().await;
@@ -165,7 +176,7 @@ async fn put_bundle_activates_persists_and_refuses() {
 
     // A newer bundle without the rule gives the push back, and survives a restart too.
     let resp = app.put_bundle(sign_bundle(r#"{"revision": 9}"#)).await;
-    assert_eq!(resp.json::<Value>().await.unwrap(), json!({"active_revision": 9, "rules": 0}));
+    assert_eq!(resp.json::<Value>().await.unwrap(), json!({"active_revision": 9, "rules": 0, "unchanged": false}));
     assert_eq!(actions(&app.access("dev", DEV_PASSWORD, PLATFORM_PULL_PUSH).await), ["pull,push"]);
     let app = app.restart().await;
     assert_eq!(app.bundle_status().await["active_revision"], 9);
@@ -175,7 +186,8 @@ async fn put_bundle_activates_persists_and_refuses() {
 #[tokio::test]
 async fn bundle_path_is_configurable() {
     let dir = tempfile::tempdir().unwrap();
-    let settings = r#"{"bundle_keys": "keys/operator-jwks.json", "bundle": "policy/active.jws"}"#;
+    let settings = r#"{"bundle_keys": "keys/operator-jwks.json", "bundle": "policy/active.jws",
+                       "operator_token_sha256": "keys/operator-token.sha256"}"#;
     write_config(dir.path(), &principals(), Some(settings));
     write_operator_keys(dir.path());
     let app = spawn_in(dir).await;
@@ -189,7 +201,11 @@ async fn bundle_path_is_configurable() {
 
 #[tokio::test]
 async fn put_bundle_without_operator_keys_is_409() {
-    let app = spawn_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), &principals(), Some(r#"{"operator_token_sha256": "keys/operator-token.sha256"}"#));
+    write_operator_keys(dir.path());
+    std::fs::remove_file(dir.path().join("keys/operator-jwks.json")).unwrap();
+    let app = spawn_in(dir).await;
     let resp = app.put_bundle(sign_bundle(&platform_bundle(2))).await;
     assert_eq!(resp.status(), 409);
     let body: Value = resp.json().await.unwrap();
@@ -198,8 +214,59 @@ async fn put_bundle_without_operator_keys_is_409() {
     assert_eq!(body["active_revision"], 0);
     let status = app.bundle_status().await;
     assert_eq!(status["active_revision"], 0);
-    assert_eq!(status["last_rejected"]["revision"], 2);
+    // Nothing of an unverified bundle is parsed: its claimed revision is not reported.
+    assert_eq!(status["last_rejected"]["revision"], Value::Null);
     assert!(!app.dir.path().join("bundle.jws").exists());
+}
+
+#[tokio::test]
+async fn put_bundle_needs_the_operator_token_before_the_body_is_read() {
+    let app = spawn_in(config_with_bundle(None)).await;
+    let jws = sign_bundle(&platform_bundle(2));
+    for auth in [None, Some("Bearer nope"), Some("Basic ZGV2OmRldg=="), Some("Bearer")] {
+        let resp = app.put_bundle_as(auth, jws.clone()).await;
+        assert_eq!(resp.status(), 401, "{auth:?}");
+        assert_eq!(resp.headers()["www-authenticate"], r#"Bearer realm="registry-guard-operator""#);
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"], "unauthorized", "{body}");
+    }
+    assert_eq!(app.bundle_status().await["active_revision"], 0);
+    assert_eq!(app.put_bundle(jws).await.status(), 200);
+}
+
+#[tokio::test]
+async fn without_an_operator_token_configured_no_push_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), &principals(), Some(r#"{"bundle_keys": "keys/operator-jwks.json"}"#));
+    write_operator_keys(dir.path());
+    let app = spawn_in(dir).await;
+    let resp = app.put_bundle(sign_bundle(&platform_bundle(2))).await;
+    assert_eq!(resp.status(), 401);
+    let body: Value = resp.json().await.unwrap();
+    assert!(body["reason"].as_str().unwrap().contains("operator_token_sha256"), "{body}");
+}
+
+#[tokio::test]
+async fn a_bundle_for_another_environment_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write_config(
+        dir.path(),
+        &principals(),
+        Some(
+            r#"{"bundle_keys": "keys/operator-jwks.json", "operator_token_sha256": "keys/operator-token.sha256",
+                 "environment": "production"}"#,
+        ),
+    );
+    write_operator_keys(dir.path());
+    let app = spawn_in(dir).await;
+    let mut staging: Value = serde_json::from_str(&platform_bundle(2)).unwrap();
+    staging["environment"] = "staging".into();
+    let resp = app.put_bundle(sign_bundle(&staging.to_string())).await;
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["path"], "$.environment", "{body}");
+    staging["environment"] = "production".into();
+    assert_eq!(app.put_bundle(sign_bundle(&staging.to_string())).await.status(), 200);
 }
 
 #[tokio::test]
@@ -217,7 +284,10 @@ async fn a_bundle_of_100k_rules_fits() {
     let app = spawn_in(config_with_bundle(None)).await;
     let resp = app.put_bundle(jws).await;
     assert_eq!(resp.status(), 200);
-    assert_eq!(resp.json::<Value>().await.unwrap(), json!({"active_revision": 5, "rules": 100_000}));
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        json!({"active_revision": 5, "rules": 100_000, "unchanged": false})
+    );
     assert_eq!(actions(&app.access("dev", DEV_PASSWORD, PLATFORM_PULL_PUSH).await), ["pull,push"]);
 }
 

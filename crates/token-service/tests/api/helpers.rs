@@ -109,7 +109,12 @@ pub async fn spawn_in(dir: tempfile::TempDir) -> TestApp {
 }
 
 /// Settings naming the operator keys written by [`write_operator_keys`].
-pub const BUNDLE_SETTINGS: &str = r#"{"bundle_keys": "keys/operator-jwks.json"}"#;
+pub const BUNDLE_SETTINGS: &str =
+    r#"{"bundle_keys": "keys/operator-jwks.json", "operator_token_sha256": "keys/operator-token.sha256"}"#;
+
+/// The operator token of test configurations (its SHA-256 is written by
+/// [`write_operator_keys`]); `PUT /bundle` requires it.
+pub const OPERATOR_TOKEN: &str = "test-operator-token";
 
 /// The operator key that signs test bundles.
 pub fn operator_key() -> SigningKey {
@@ -121,6 +126,8 @@ pub fn write_operator_keys(dir: &Path) {
     std::fs::create_dir_all(dir.join("keys")).unwrap();
     let jwks = testing::jwks(&[&operator_key()]);
     std::fs::write(dir.join("keys/operator-jwks.json"), serde_json::to_string_pretty(&jwks).unwrap()).unwrap();
+    let digest: String = Sha256::digest(OPERATOR_TOKEN.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(dir.join("keys/operator-token.sha256"), format!("{digest}\n")).unwrap();
 }
 
 /// A bundle protecting `acme/platform/*` from pushes by developers and below (seed 003
@@ -184,9 +191,22 @@ impl TestApp {
         spawn_in(self.dir).await
     }
 
-    /// `PUT /bundle` with a raw body.
+    /// `PUT /bundle` with a raw body, as the operator.
     pub async fn put_bundle(&self, body: impl Into<reqwest::Body>) -> reqwest::Response {
-        self.client.put(format!("{}/bundle", self.address)).body(body).send().await.unwrap()
+        self.put_bundle_as(Some(&format!("Bearer {OPERATOR_TOKEN}")), body).await
+    }
+
+    /// `PUT /bundle` with a raw body and the given `Authorization` (none: `None`).
+    pub async fn put_bundle_as(
+        &self,
+        authorization: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
+        let mut req = self.client.put(format!("{}/bundle", self.address)).body(body);
+        if let Some(a) = authorization {
+            req = req.header("authorization", a);
+        }
+        req.send().await.unwrap()
     }
 
     /// `GET /bundle/status`, checked to be 200.
