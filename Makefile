@@ -80,7 +80,7 @@ test-envoy: $(ENVOY) build
 	target/release/rgctl keygen --out $$out/keys --name operator 2>/dev/null; \
 	target/release/rgctl sign policies/example/bundle.json --key $$out/keys/operator-key.pem > $$out/bundle.jws 2>/dev/null; \
 	target/release/rgctl filter-config --realm http://127.0.0.1:5001/jwt/auth --jwks $$out/keys/jwks.json \
-	  --bundle-keys $$out/keys/operator-jwks.json --bundle $$out/bundle.jws > $$out/filter.json; \
+	  --bundle-keys $$out/keys/operator-jwks.json --bundle $$out/bundle.jws --environment example > $$out/filter.json; \
 	target/release/rgctl filter-resource --config $$out/filter.json --wasm $(FILTER) --out $$out/ecds/registry-guard.json; \
 	target/release/rgctl render envoy/envoy.yaml --set ADMIN_PORT=9901 --set LISTEN_PORT=5000 --set REGISTRY_PORT=5002 \
 	  --set DEPENDENCY_PROXY_PORT=5003 --set EVENTS_PORT=5006 --set CONSUMER_PORT=5005 --set WASM_PATH=$(ROOT)/$(FILTER) \
