@@ -11,6 +11,7 @@
 #   HUB_PORT     the cache's upstream "hub", a local registry seeded with alpine:latest (5004)
 #   CONSUMER_PORT  the reference event consumer (5005)
 #   EVENTS_PORT  Envoy's notifications listener: registry → filter (events role) → consumer (5006)
+#   CONSUMER_RETENTION_DAYS  days the consumer keeps raw event rows (90)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -75,6 +76,7 @@ env_args=()
 "$RGCTL" filter-resource --config "$RUN_DIR/filter.json" --wasm "$WASM" --out "$RUN_DIR/ecds/registry-guard.json"
 [ -f "$RUN_DIR/http-secret" ] || head -c 32 /dev/urandom | base64 | tr -d '/+=' > "$RUN_DIR/http-secret"
 [ -f "$RUN_DIR/events-secret" ] || head -c 32 /dev/urandom | base64 | tr -d '/+=' > "$RUN_DIR/events-secret"
+[ -f "$RUN_DIR/consumer-read-token" ] || head -c 32 /dev/urandom | base64 | tr -d '/+=' > "$RUN_DIR/consumer-read-token"
 "$RGCTL" render deploy/registry.yml --set STORAGE_DIR="$RUN_DIR/storage" --set REGISTRY_PORT="$REGISTRY_PORT" \
   --set HTTP_SECRET="$(cat "$RUN_DIR/http-secret")" --set NOTIFICATIONS_DISABLED=false \
   --set EVENTS_URL="http://127.0.0.1:$EVENTS_PORT/events" --set EVENTS_SECRET="$(cat "$RUN_DIR/events-secret")" \
@@ -125,7 +127,8 @@ fi
 start dependency-proxy docker-registry serve "$RUN_DIR/dependency-proxy.yml"
 wait_for "http://127.0.0.1:$DEPENDENCY_PROXY_PORT/v2/" "dependency proxy"
 start consumer "$CONSUMER" --listen "127.0.0.1:$CONSUMER_PORT" --database "$RUN_DIR/events.sqlite" \
-  --jwks "$CONFIG_DIR/keys/jwks.json" --secret-file "$RUN_DIR/events-secret"
+  --jwks "$CONFIG_DIR/keys/jwks.json" --secret-file "$RUN_DIR/events-secret" \
+  --read-token-file "$RUN_DIR/consumer-read-token" --retention-days "${CONSUMER_RETENTION_DAYS:-90}"
 wait_for "http://127.0.0.1:$CONSUMER_PORT/healthz" "event consumer"
 start token "$TOKEN_SERVICE" --config-dir "$CONFIG_DIR" --listen "127.0.0.1:$TOKEN_PORT"
 wait_for "http://127.0.0.1:$TOKEN_PORT/healthz" "token service"
@@ -140,7 +143,7 @@ registry-guard is up (config: $CONFIG_DIR)
   stock registry (loopback only):     http://127.0.0.1:$REGISTRY_PORT
   dependency proxy (pull-through):    127.0.0.1:$LISTEN_PORT/<group>/dependency_proxy/containers/alpine:latest (cache :$DEPENDENCY_PROXY_PORT, hub :$HUB_PORT)
   Envoy admin / stats:                http://127.0.0.1:$ADMIN_PORT/stats?filter=registry_guard
-  event consumer (counts):            http://127.0.0.1:$CONSUMER_PORT/counts  and  /metrics
+  event consumer (counts):            curl -H "Authorization: Bearer \$(cat $RUN_DIR/consumer-read-token)" 'http://127.0.0.1:$CONSUMER_PORT/counts?period=week'   (open: /metrics)
 
 Push a policy bundle (edit $CONFIG_DIR/bundle.json, raise "revision"):
   target/release/rgctl sign $CONFIG_DIR/bundle.json --key $CONFIG_DIR/keys/operator-key.pem > /tmp/bundle.jws

@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// The consumer's read credential (`--read-token-file`) in every stack.
+pub const CONSUMER_READ_TOKEN: &str = "e2e-consumer-read-token";
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -179,6 +182,7 @@ impl Stack {
         stack.rgctl(&["keygen", "--out", &keys, "--name", "operator"]);
         stack.rgctl(&["operator-token", "--out", &keys]);
         fs::write(stack.path("events-secret"), "e2e-events-secret").expect("events secret");
+        fs::write(stack.path("consumer-read-token"), CONSUMER_READ_TOKEN).expect("consumer read token");
         stack.start_consumer();
         stack.registry_token_auth = options.registry_token_auth;
         stack.start_registry();
@@ -362,7 +366,9 @@ impl Stack {
                 .arg("--jwks")
                 .arg(jwks)
                 .arg("--secret-file")
-                .arg(secret),
+                .arg(secret)
+                .arg("--read-token-file")
+                .arg(self.path("consumer-read-token")),
         );
         self.wait_http(self.consumer_port, "/healthz", "consumer");
     }
@@ -380,16 +386,38 @@ impl Stack {
         self.procs.retain(|p| p.name != name);
     }
 
-    /// The consumer's `/counts` document.
+    /// The consumer's `/counts` document (this week's unique actors, the lifetime `counters`
+    /// and the tallies), with every recorded event under `events` (read from the paged
+    /// `GET /events`), as tests have always read it.
     pub fn counts(&self) -> serde_json::Value {
-        let url = format!("http://127.0.0.1:{}/counts", self.consumer_port);
+        let mut counts = self.consumer_get("/counts");
+        let mut events = Vec::new();
+        let mut after = 0;
+        loop {
+            let mut page = self.consumer_get(&format!("/events?after={after}&limit=1000"));
+            if let Some(rows) = page["events"].as_array_mut() {
+                events.append(rows);
+            }
+            match page["next_after"].as_i64() {
+                Some(next) => after = next,
+                None => break,
+            }
+        }
+        counts["events"] = serde_json::Value::Array(events);
+        counts
+    }
+
+    /// `GET path_and_query` on the consumer with its read token, as JSON.
+    pub fn consumer_get(&self, path_and_query: &str) -> serde_json::Value {
+        let url = format!("http://127.0.0.1:{}{path_and_query}", self.consumer_port);
         let text = ureq::get(&url)
+            .set("Authorization", &format!("Bearer {CONSUMER_READ_TOKEN}"))
             .timeout(Duration::from_secs(5))
             .call()
-            .expect("consumer counts")
+            .unwrap_or_else(|e| panic!("consumer {path_and_query}: {e}"))
             .into_string()
             .expect("body");
-        serde_json::from_str(&text).expect("counts json")
+        serde_json::from_str(&text).expect("consumer json")
     }
 
     /// Stops the registry (Envoy's `registry` cluster then has no one to connect to).

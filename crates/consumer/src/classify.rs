@@ -1,11 +1,44 @@
 //! Classifying one registry event (seed 001): which usage metric it counts, and for whom.
 //!
+//! Every string kept from an event is capped ([`limits`]): the registry copies client input
+//! (the `X-Request-Id`, names, tags) into events, and none of it may grow the database
+//! beyond a known size per row.
+//!
 //! Pure: the key set, the time and the tolerance are arguments. The durable part — dedupe on
 //! the event id, `create_repository` on the first counted push of a repository, the counters —
 //! is [`crate::store`]'s.
 
 use registry_guard_core::token::{verify_user_jwt, KeySet, UserInfo};
 use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+
+use crate::period;
+
+/// The most bytes kept of each string taken from an event (longer ones are cut at a
+/// character boundary; an id is replaced by its digest instead, so dedupe stays exact).
+pub mod limits {
+    /// `id`: longer ids are stored as `sha256:<hex of the id>` (71 bytes).
+    pub const ID: usize = 128;
+    pub const ACTION: usize = 32;
+    /// `target.repository`: the OCI spec's limit for a name.
+    pub const REPOSITORY: usize = 255;
+    /// `target.tag`: the OCI spec's limit for a tag.
+    pub const TAG: usize = 128;
+    /// `target.digest`: room for `sha512:` and 128 hex digits.
+    pub const DIGEST: usize = 160;
+    /// `target.mediaType`: RFC 6838's 127 + `/` + 127.
+    pub const MEDIA_TYPE: usize = 255;
+    /// `request.id` (a client's `X-Request-Id` once the filter has rewritten the event).
+    pub const REQUEST_ID: usize = 128;
+    /// `user_info.username` and `user_info.token_type` of a verified `user` JWT.
+    pub const USERNAME: usize = 255;
+    pub const TOKEN_TYPE: usize = 32;
+    /// The reason an event was ignored or rejected.
+    pub const REASON: usize = 512;
+}
+
+/// How far after its arrival an event's `timestamp` may lie (registry and consumer clocks).
+pub const MAX_CLOCK_SKEW_SECONDS: i64 = 300;
 
 /// Prefix of every usage metric name (GitLab's `EVENT_PREFIX`).
 pub const METRIC_PREFIX: &str = "i_container_registry";
@@ -125,6 +158,23 @@ pub struct Assessment {
     pub outcome: Outcome,
     /// Why the event is ignored or rejected (no token material in it).
     pub reason: Option<String>,
+    /// Unix seconds the event happened (see [`occurred_at`]): its week and month.
+    pub occurred_at: i64,
+}
+
+impl Assessment {
+    /// The id the unique counts are kept by: the user id for a user, the deploy token's id
+    /// for a deploy token; `None` for anything not usage, or a `user_info` without that id.
+    pub fn actor_id(&self) -> Option<i64> {
+        let (Outcome::Usage { principal, .. }, Some(user)) = (&self.outcome, &self.user) else {
+            return None;
+        };
+        let id = match principal {
+            PrincipalType::User => user.user_id,
+            PrincipalType::DeployToken => user.deploy_token_id,
+        };
+        id.and_then(|i| i64::try_from(i).ok())
+    }
 }
 
 /// An array element that cannot be recorded: not an object, or no string `id` to dedupe on.
@@ -135,8 +185,45 @@ pub struct InvalidEvent {
     pub reason: String,
 }
 
-fn string_at(value: Option<&Value>, key: &str) -> Option<String> {
-    value.and_then(|v| v.get(key)).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned)
+/// `s` cut to at most `max` bytes, at a character boundary.
+pub fn capped(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.get(..end).unwrap_or_default().to_owned()
+}
+
+/// The id as stored: itself up to [`limits::ID`] bytes, else `sha256:<hex>` of it.
+pub fn stored_id(id: &str) -> String {
+    if id.len() <= limits::ID {
+        return id.to_owned();
+    }
+    let digest = Sha256::digest(id.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+fn string_at(value: Option<&Value>, key: &str, max: usize) -> Option<String> {
+    value.and_then(|v| v.get(key)).and_then(Value::as_str).filter(|s| !s.is_empty()).map(|s| capped(s, max))
+}
+
+/// When the event happened, for the weekly and monthly counts: its `timestamp` (RFC 3339) when
+/// that lies between `now - tolerance` (the oldest delivery a `user` JWT survives) and
+/// `now + MAX_CLOCK_SKEW_SECONDS`; otherwise `now`, its arrival.
+pub fn occurred_at(event: &Value, now: i64, tolerance: i64) -> i64 {
+    event
+        .get("timestamp")
+        .and_then(Value::as_str)
+        .and_then(period::parse_rfc3339)
+        .filter(|t| *t >= now.saturating_sub(tolerance) && *t <= now.saturating_add(MAX_CLOCK_SKEW_SECONDS))
+        .unwrap_or(now)
+}
+
+fn capped_user(mut u: UserInfo) -> UserInfo {
+    u.username = capped(&u.username, limits::USERNAME);
+    u.token_type = capped(&u.token_type, limits::TOKEN_TYPE);
+    u
 }
 
 /// A manifest or an index (tag list, image index): what seed 001 counts. Delete events carry
@@ -161,16 +248,21 @@ pub fn assess(
     if !event.is_object() {
         return Err(invalid("not a JSON object"));
     }
-    let id = string_at(Some(event), "id").ok_or_else(|| invalid("no string `id` to deduplicate on"))?;
+    let id = event
+        .get("id")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(stored_id)
+        .ok_or_else(|| invalid("no string `id` to deduplicate on"))?;
     let target = event.get("target");
     let facts = EventFacts {
         id,
-        action: string_at(Some(event), "action"),
-        repository: string_at(target, "repository"),
-        tag: string_at(target, "tag"),
-        digest: string_at(target, "digest"),
-        media_type: string_at(target, "mediaType"),
-        request_id: string_at(event.get("request"), "id"),
+        action: string_at(Some(event), "action", limits::ACTION),
+        repository: string_at(target, "repository", limits::REPOSITORY),
+        tag: string_at(target, "tag", limits::TAG),
+        digest: string_at(target, "digest", limits::DIGEST),
+        media_type: string_at(target, "mediaType", limits::MEDIA_TYPE),
+        request_id: string_at(event.get("request"), "id", limits::REQUEST_ID),
     };
     let verified = match event.get("actor").and_then(|a| a.get("user")) {
         None | Some(Value::Null) => None,
@@ -208,7 +300,10 @@ pub fn assess(
             (Some(v.user_info), Outcome::Usage { kind, principal }, None)
         }
     };
-    Ok(Assessment { facts, user, outcome, reason })
+    let user = user.map(capped_user);
+    let reason = reason.map(|r| capped(&r, limits::REASON));
+    let occurred_at = occurred_at(event, now, tolerance);
+    Ok(Assessment { facts, user, outcome, reason, occurred_at })
 }
 
 #[cfg(test)]
@@ -349,5 +444,72 @@ mod tests {
                 request_id: Some("rid-1".into()),
             }
         );
+    }
+
+    #[test]
+    fn stored_strings_are_capped_and_long_ids_digested() {
+        let mut e = event("push", MANIFEST, Some(&"t".repeat(5000)), Some(user_jwt("pat", NOW + 60)));
+        e["id"] = json!("i".repeat(100_000));
+        e["request"]["id"] = json!("r".repeat(60_000));
+        e["target"]["repository"] = json!("é".repeat(1000));
+        e["action"] = json!("push");
+        let a = assess(0, &e, &keys(), NOW, 60).unwrap();
+        assert_eq!(a.facts.id, stored_id(&"i".repeat(100_000)));
+        assert!(a.facts.id.starts_with("sha256:") && a.facts.id.len() == 71, "{}", a.facts.id);
+        assert_ne!(stored_id(&"i".repeat(129)), stored_id(&"i".repeat(130)), "dedupe stays exact");
+        assert_eq!(stored_id("short-id"), "short-id");
+        assert_eq!(a.facts.request_id.unwrap().len(), limits::REQUEST_ID);
+        assert_eq!(a.facts.tag.unwrap().len(), limits::TAG);
+        let repository = a.facts.repository.unwrap();
+        assert!(
+            repository.len() <= limits::REPOSITORY && repository.chars().all(|c| c == 'é'),
+            "cut at a char boundary"
+        );
+        // A hostile action name ends up in the reason: capped too.
+        let mut e = event("x", MANIFEST, None, None);
+        e["action"] = json!("a".repeat(10_000));
+        let a = assess(0, &e, &keys(), NOW, 60).unwrap();
+        assert_eq!(a.facts.action.unwrap().len(), limits::ACTION);
+        assert!(a.reason.unwrap().len() <= limits::REASON);
+    }
+
+    #[test]
+    fn the_event_timestamp_places_it_in_a_period_within_the_tolerance() {
+        let at = |ts: &str| {
+            let mut e = event("push", MANIFEST, Some("v1"), Some(user_jwt("pat", NOW + 60)));
+            e["timestamp"] = json!(ts);
+            assess(0, &e, &keys(), NOW, 3600).unwrap().occurred_at
+        };
+        let iso = |t: i64| chrono::DateTime::from_timestamp(t, 0).unwrap().to_rfc3339();
+        assert_eq!(at(&iso(NOW - 3600)), NOW - 3600, "a late delivery keeps its time");
+        assert_eq!(at(&iso(NOW + 300)), NOW + 300, "clock skew");
+        assert_eq!(at(&iso(NOW - 3601)), NOW, "older than the tolerance: its arrival");
+        assert_eq!(at(&iso(NOW + 301)), NOW, "from the future: its arrival");
+        assert_eq!(at("not a time"), NOW);
+        let mut e = event("push", MANIFEST, Some("v1"), None);
+        e.as_object_mut().unwrap().remove("timestamp");
+        assert_eq!(assess(0, &e, &keys(), NOW, 3600).unwrap().occurred_at, NOW);
+    }
+
+    #[test]
+    fn the_actor_is_the_user_id_or_the_deploy_token_id() {
+        let a = assess(0, &event("push", MANIFEST, Some("v1"), Some(user_jwt("pat", NOW + 60))), &keys(), NOW, 60);
+        assert_eq!(a.unwrap().actor_id(), Some(5));
+        let dt = sign(
+            &es256_key(1),
+            json!({"jti": "d", "user_info": {"token_type": "deploy_token", "username": "ci", "deploy_token_id": 9}}),
+            Validity { issued_at: NOW - 300, not_before: NOW - 300, expires_at: NOW + 60 },
+        )
+        .unwrap();
+        let a = assess(0, &event("push", MANIFEST, Some("v1"), Some(dt)), &keys(), NOW, 60).unwrap();
+        assert_eq!(a.actor_id(), Some(9));
+        let blob = assess(
+            0,
+            &event("push", Some("application/octet-stream"), None, Some(user_jwt("pat", NOW + 60))),
+            &keys(),
+            NOW,
+            60,
+        );
+        assert_eq!(blob.unwrap().actor_id(), None, "not usage: no actor");
     }
 }

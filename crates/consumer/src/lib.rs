@@ -6,8 +6,12 @@
 //! event id.
 
 pub mod classify;
+pub mod period;
 pub mod routes;
 pub mod startup;
 pub mod store;
 
-pub use startup::{Application, Settings, StartupError, DEFAULT_LISTEN, DEFAULT_TOLERANCE_SECONDS};
+pub use startup::{
+    Application, Settings, StartupError, DEFAULT_LISTEN, DEFAULT_MAX_EVENTS, DEFAULT_RETENTION_DAYS,
+    DEFAULT_TOLERANCE_SECONDS,
+};

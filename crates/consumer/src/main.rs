@@ -1,5 +1,5 @@
-//! `registry-guard-consumer --database PATH --jwks PATH --secret-file PATH [--listen ADDR]
-//! [--tolerance-seconds N]`
+//! `registry-guard-consumer --database PATH --jwks PATH --secret-file PATH --read-token-file PATH
+//! [--listen ADDR] [--tolerance-seconds N] [--retention-days N] [--max-events N]`
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use registry_guard_consumer::{Application, Settings, DEFAULT_LISTEN, DEFAULT_TOLERANCE_SECONDS};
+use registry_guard_consumer::{
+    Application, Settings, DEFAULT_LISTEN, DEFAULT_MAX_EVENTS, DEFAULT_RETENTION_DAYS, DEFAULT_TOLERANCE_SECONDS,
+};
 
 /// Counts container-registry usage per principal type from the registry's attributed events.
 #[derive(Debug, Parser)]
@@ -25,10 +27,21 @@ struct Cli {
     /// File holding the bearer secret the registry sends in `Authorization`.
     #[arg(long, value_name = "PATH")]
     secret_file: PathBuf,
+    /// File holding the bearer token that `GET /counts` and `GET /events` require.
+    #[arg(long, value_name = "PATH")]
+    read_token_file: PathBuf,
     /// Seconds a `user` JWT is still accepted after its expiry (events arrive late).
     #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_TOLERANCE_SECONDS,
           value_parser = clap::value_parser!(i64).range(0..))]
     tolerance_seconds: i64,
+    /// Days raw event rows are kept (at least 1, and at least the tolerance).
+    #[arg(long, value_name = "DAYS", default_value_t = DEFAULT_RETENTION_DAYS,
+          value_parser = clap::value_parser!(i64).range(1..))]
+    retention_days: i64,
+    /// The most raw event rows kept; the oldest are deleted first.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_EVENTS,
+          value_parser = clap::value_parser!(i64).range(1..))]
+    max_events: i64,
 }
 
 #[tokio::main]
@@ -50,7 +63,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         database: cli.database,
         jwks: cli.jwks,
         secret_file: cli.secret_file,
+        read_token_file: cli.read_token_file,
         tolerance_seconds: cli.tolerance_seconds,
+        retention_days: cli.retention_days,
+        max_events: cli.max_events,
     })
     .await?;
     eprintln!("{}", app.startup_line());

@@ -1,9 +1,14 @@
 //! The durable record, in one SQLite file: every event seen (by id, for dedupe, and to say who
-//! did what), the repositories seen pushed (for `create_repository`), the usage counters and
-//! the tallies of rejected, unattributed, duplicate, ignored and invalid events.
+//! did what), the repositories seen pushed (for `create_repository`), the lifetime usage
+//! counters, the tallies of rejected, unattributed, duplicate, ignored and invalid events, and
+//! the unique actors per usage metric and period (ISO week, calendar month).
 //!
 //! One envelope is one transaction: either all of its events are recorded and counted, or
 //! none is (and the registry retries the envelope).
+//!
+//! Bounded: [`Store::prune`] deletes raw event rows older than the retention (and beyond a
+//! row limit), and the per-period sets of actor ids once their period ended longer than the
+//! retention ago; each period's unique counts are kept as numbers (ten per period) for good.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,10 +17,11 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension as _, Transaction};
 use serde::Serialize;
 
-use crate::classify::{metric_name, Assessment, InvalidEvent, Kind, Outcome};
+use crate::classify::{all_metric_names, metric_name, Assessment, InvalidEvent, Kind, Outcome};
+use crate::period::{Period, PeriodKind};
 
-/// `PRAGMA user_version` of the schema below.
-pub const SCHEMA_VERSION: i64 = 1;
+/// `PRAGMA user_version` of the schema below (1: no periods; 2: unique actors per period).
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -34,7 +40,8 @@ CREATE TABLE IF NOT EXISTS events (
     deploy_token_id INTEGER,
     request_id TEXT,
     reason TEXT,
-    received_at INTEGER NOT NULL
+    received_at INTEGER NOT NULL,
+    occurred_at INTEGER
 );
 CREATE TABLE IF NOT EXISTS repositories (
     repository TEXT PRIMARY KEY,
@@ -43,6 +50,25 @@ CREATE TABLE IF NOT EXISTS repositories (
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS tallies (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+";
+
+/// Added by version 2 (also to a version-1 file, after `occurred_at` is added to `events`).
+const SCHEMA_V2: &str = "
+CREATE INDEX IF NOT EXISTS events_received_at ON events (received_at);
+CREATE TABLE IF NOT EXISTS unique_actors (
+    period TEXT NOT NULL,
+    event TEXT NOT NULL,
+    actor INTEGER NOT NULL,
+    ends_at INTEGER NOT NULL,
+    PRIMARY KEY (period, event, actor)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS unique_actors_ends_at ON unique_actors (ends_at);
+CREATE TABLE IF NOT EXISTS unique_counts (
+    period TEXT NOT NULL,
+    event TEXT NOT NULL,
+    value INTEGER NOT NULL,
+    PRIMARY KEY (period, event)
+) WITHOUT ROWID;
 ";
 
 #[derive(Debug, thiserror::Error)]
@@ -136,9 +162,11 @@ impl Totals {
     }
 }
 
-/// One recorded event, as `GET /counts` shows it.
+/// One recorded event, as `GET /events` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct EventRow {
+    /// Arrival order; `GET /events?after=SEQ` pages on it.
+    pub seq: i64,
     pub id: String,
     pub action: Option<String>,
     pub repository: Option<String>,
@@ -157,14 +185,49 @@ pub struct EventRow {
     pub reason: Option<String>,
     /// Unix seconds.
     pub received_at: i64,
+    /// Unix seconds the event happened (its week and month); `null` for rows recorded before
+    /// schema version 2.
+    pub occurred_at: Option<i64>,
 }
 
-/// Totals and every recorded event in arrival order.
+/// A page of recorded events in arrival order.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Counts {
-    #[serde(flatten)]
-    pub totals: Totals,
+pub struct EventsPage {
     pub events: Vec<EventRow>,
+    /// Pass as `after` for the next page; `null` when this page is the last.
+    pub next_after: Option<i64>,
+}
+
+/// The unique actors of every usage metric in one period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeriodCounts {
+    /// `week` or `month`.
+    pub period: &'static str,
+    /// `2026-W53` or `2026-12`.
+    pub key: String,
+    /// First and last day (UTC, inclusive).
+    pub from: String,
+    pub to: String,
+    /// Every usage metric name (all ten, 0 included) → distinct user ids (`…_user`) or
+    /// distinct deploy-token ids (`…_deploy_token`) that did it in the period.
+    pub unique: BTreeMap<String, i64>,
+}
+
+/// What the retention keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Raw event rows (and the per-period sets of actor ids, once the period ended) older
+    /// than this are deleted.
+    pub seconds: i64,
+    /// At most this many raw event rows are kept (the oldest go first).
+    pub max_events: i64,
+}
+
+/// What [`Store::prune`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub events: usize,
+    pub actor_ids: usize,
 }
 
 #[derive(Debug)]
@@ -173,18 +236,31 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) the database at `path`, in WAL mode.
+    /// Opens (creating if needed) the database at `path`, in WAL mode, migrating a version-1
+    /// file (its unique actors are rebuilt from its recorded events).
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let open_err = |error| StoreError::Open { path: path.to_path_buf(), error };
-        let conn = Connection::open(path).map_err(open_err)?;
+        let mut conn = Connection::open(path).map_err(open_err)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(open_err)?;
         conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0)).map_err(open_err)?;
+        // The WAL file is truncated back to this after a checkpoint.
+        conn.pragma_update_and_check(None, "journal_size_limit", 64 * 1024 * 1024, |r| r.get::<_, i64>(0))
+            .map_err(open_err)?;
         let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(open_err)?;
         if found > SCHEMA_VERSION {
             return Err(StoreError::Version { path: path.to_path_buf(), found });
         }
-        conn.execute_batch(SCHEMA).map_err(open_err)?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(open_err)?;
+        let tx = conn.transaction().map_err(open_err)?;
+        if found == 1 {
+            tx.execute_batch("ALTER TABLE events ADD COLUMN occurred_at INTEGER").map_err(open_err)?;
+        }
+        tx.execute_batch(SCHEMA).map_err(open_err)?;
+        tx.execute_batch(SCHEMA_V2).map_err(open_err)?;
+        if found == 1 {
+            rebuild_unique_actors(&tx).map_err(open_err)?;
+        }
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(open_err)?;
+        tx.commit().map_err(open_err)?;
         Ok(Store { conn })
     }
 
@@ -250,41 +326,86 @@ impl Store {
         Ok(totals)
     }
 
-    /// Totals and all events in arrival order.
-    pub fn counts(&self) -> Result<Counts, StoreError> {
-        let totals = self.totals()?;
+    /// The unique actors of every usage metric in `period`.
+    pub fn period_counts(&self, period: &Period) -> Result<PeriodCounts, StoreError> {
+        let mut unique: BTreeMap<String, i64> = all_metric_names().into_iter().map(|n| (n, 0)).collect();
+        let mut stmt = self.conn.prepare("SELECT event, value FROM unique_counts WHERE period = ?1")?;
+        for row in stmt.query_map([&period.key], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+            let (name, value) = row?;
+            unique.insert(name, value);
+        }
+        Ok(PeriodCounts {
+            period: period.kind.as_str(),
+            key: period.key.clone(),
+            from: period.first_day.to_string(),
+            to: period.last_day.to_string(),
+            unique,
+        })
+    }
+
+    /// At most `limit` recorded events with `seq > after`, in arrival order.
+    pub fn events_page(&self, after: i64, limit: u32) -> Result<EventsPage, StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT id, action, repository, tag, digest, media_type, outcome, counted, token_type, username,
-                    user_id, deploy_token_id, request_id, reason, received_at
-             FROM events ORDER BY seq",
+            "SELECT seq, id, action, repository, tag, digest, media_type, outcome, counted, token_type, username,
+                    user_id, deploy_token_id, request_id, reason, received_at, occurred_at
+             FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
+        // One more than asked, to know whether another page follows.
         let events = stmt
-            .query_map([], |r| {
+            .query_map(params![after, i64::from(limit) + 1], |r| {
                 Ok(EventRow {
-                    id: r.get(0)?,
-                    action: r.get(1)?,
-                    repository: r.get(2)?,
-                    tag: r.get(3)?,
-                    digest: r.get(4)?,
-                    media_type: r.get(5)?,
-                    outcome: r.get(6)?,
-                    counted: r.get::<_, String>(7)?.split_whitespace().map(str::to_owned).collect(),
-                    token_type: r.get(8)?,
-                    username: r.get(9)?,
-                    user_id: r.get(10)?,
-                    deploy_token_id: r.get(11)?,
-                    request_id: r.get(12)?,
-                    reason: r.get(13)?,
-                    received_at: r.get(14)?,
+                    seq: r.get(0)?,
+                    id: r.get(1)?,
+                    action: r.get(2)?,
+                    repository: r.get(3)?,
+                    tag: r.get(4)?,
+                    digest: r.get(5)?,
+                    media_type: r.get(6)?,
+                    outcome: r.get(7)?,
+                    counted: r.get::<_, String>(8)?.split_whitespace().map(str::to_owned).collect(),
+                    token_type: r.get(9)?,
+                    username: r.get(10)?,
+                    user_id: r.get(11)?,
+                    deploy_token_id: r.get(12)?,
+                    request_id: r.get(13)?,
+                    reason: r.get(14)?,
+                    received_at: r.get(15)?,
+                    occurred_at: r.get(16)?,
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Counts { totals, events })
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let mut events = events;
+        let next_after = if events.len() > limit {
+            events.truncate(limit);
+            events.last().map(|e| e.seq)
+        } else {
+            None
+        };
+        Ok(EventsPage { events, next_after })
     }
 
-    /// How many distinct events have been recorded.
+    /// How many distinct events are recorded (within the retention).
     pub fn event_count(&self) -> Result<i64, StoreError> {
         Ok(self.conn.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))?)
+    }
+
+    /// Deletes what the retention no longer keeps, as of `now`: raw event rows received before
+    /// `now - retention.seconds`, the oldest rows beyond `retention.max_events`, and the sets of
+    /// actor ids of periods that ended before `now - retention.seconds` (their unique counts
+    /// stay). Then checkpoints the WAL.
+    pub fn prune(&mut self, now: i64, retention: Retention) -> Result<Pruned, StoreError> {
+        let cutoff = now.saturating_sub(retention.seconds);
+        let tx = self.conn.transaction()?;
+        let mut events = tx.execute("DELETE FROM events WHERE received_at < ?1", [cutoff])?;
+        events += tx.execute(
+            "DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - ?1",
+            [retention.max_events.max(0)],
+        )?;
+        let actor_ids = tx.execute("DELETE FROM unique_actors WHERE ends_at < ?1", [cutoff])?;
+        tx.commit()?;
+        self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(Pruned { events, actor_ids })
     }
 }
 
@@ -297,8 +418,51 @@ fn bump(tx: &Transaction<'_>, table: &'static str, name: &str) -> rusqlite::Resu
     Ok(())
 }
 
+/// Adds `actor` to the week's and the month's set of `metric` around `occurred_at`, and counts
+/// it there when it is new.
+fn add_unique(tx: &Transaction<'_>, metric: &str, actor: i64, occurred_at: i64) -> rusqlite::Result<()> {
+    for kind in PeriodKind::ALL {
+        let period = Period::at_unix(kind, occurred_at);
+        let added = tx.execute(
+            "INSERT OR IGNORE INTO unique_actors (period, event, actor, ends_at) VALUES (?1, ?2, ?3, ?4)",
+            params![period.key, metric, actor, period.end_unix()],
+        )?;
+        if added == 1 {
+            tx.execute(
+                "INSERT INTO unique_counts (period, event, value) VALUES (?1, ?2, 1)
+                 ON CONFLICT(period, event) DO UPDATE SET value = value + 1",
+                params![period.key, metric],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Rebuilds the unique actors from the recorded events (migrating a version-1 file, whose
+/// events carry no `occurred_at`: their arrival stands in).
+fn rebuild_unique_actors(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    let rows: Vec<(String, Option<i64>, Option<i64>, i64)> = {
+        let mut stmt = tx.prepare(
+            "SELECT counted, user_id, deploy_token_id, COALESCE(occurred_at, received_at) FROM events
+             WHERE outcome = 'counted' ORDER BY seq",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    for (counted, user_id, deploy_token_id, at) in rows {
+        for metric in counted.split_whitespace() {
+            let actor = if metric.ends_with("_deploy_token") { deploy_token_id } else { user_id };
+            if let Some(actor) = actor {
+                add_unique(tx, metric, actor, at)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Counts a new event: its usage metric, `create_repository` for the first counted push of
-/// its repository, or its tally. Returns the usage metrics incremented.
+/// its repository, or its tally; and its actor among the period's unique actors of each.
+/// Returns the usage metrics incremented.
 fn count(tx: &Transaction<'_>, a: &Assessment, received_at: i64) -> rusqlite::Result<Vec<String>> {
     let (kind, principal) = match a.outcome {
         Outcome::Usage { kind, principal } => (kind, principal),
@@ -318,6 +482,9 @@ fn count(tx: &Transaction<'_>, a: &Assessment, received_at: i64) -> rusqlite::Re
     }
     for metric in &counted {
         bump(tx, "counters", metric)?;
+        if let Some(actor) = a.actor_id() {
+            add_unique(tx, metric, actor, a.occurred_at)?;
+        }
     }
     Ok(counted)
 }
@@ -328,8 +495,8 @@ fn insert_event(tx: &Transaction<'_>, a: &Assessment, counted: &[String], receiv
     let id_of = |id: Option<u64>| id.and_then(|i| i64::try_from(i).ok());
     tx.execute(
         "INSERT INTO events (id, action, repository, tag, digest, media_type, outcome, counted, token_type,
-                             username, user_id, deploy_token_id, request_id, reason, received_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                             username, user_id, deploy_token_id, request_id, reason, received_at, occurred_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
         params![
             f.id,
             f.action,
@@ -346,6 +513,7 @@ fn insert_event(tx: &Transaction<'_>, a: &Assessment, counted: &[String], receiv
             f.request_id,
             a.reason,
             received_at,
+            a.occurred_at,
         ],
     )?;
     Ok(())
@@ -360,6 +528,12 @@ mod tests {
     use registry_guard_core::token::UserInfo;
 
     fn push(id: &str, repository: &str, token_type: &str) -> Result<Assessment, InvalidEvent> {
+        push_by(id, repository, token_type, 5, 1)
+    }
+
+    /// A tag push by user `actor` (or deploy token `actor`), happening at `at`.
+    fn push_by(id: &str, repository: &str, token_type: &str, actor: u64, at: i64) -> Result<Assessment, InvalidEvent> {
+        let deploy = token_type == "deploy_token";
         Ok(Assessment {
             facts: EventFacts {
                 id: id.into(),
@@ -370,13 +544,167 @@ mod tests {
             },
             user: Some(UserInfo {
                 token_type: token_type.into(),
-                username: "dev".into(),
-                user_id: Some(5),
-                deploy_token_id: None,
+                username: format!("actor-{actor}"),
+                user_id: (!deploy).then_some(actor),
+                deploy_token_id: deploy.then_some(actor),
             }),
             outcome: Outcome::Usage { kind: Kind::PushTag, principal: PrincipalType::of(token_type) },
             reason: None,
+            occurred_at: at,
         })
+    }
+
+    fn unix(rfc3339: &str) -> i64 {
+        crate::period::parse_rfc3339(rfc3339).unwrap()
+    }
+
+    fn unique(store: &Store, kind: PeriodKind, at: &str, metric: &str) -> i64 {
+        store.period_counts(&Period::at_unix(kind, unix(at))).unwrap().unique[metric]
+    }
+
+    const PUSH_TAG_USER: &str = "i_container_registry_push_tag_user";
+    const PUSH_TAG_DT: &str = "i_container_registry_push_tag_deploy_token";
+    const CREATE_USER: &str = "i_container_registry_create_repository_user";
+
+    #[test]
+    fn one_user_pushing_three_tags_is_one_unique_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("c.sqlite")).unwrap();
+        let t = unix("2026-11-18T10:00:00Z");
+        store
+            .record(
+                vec![
+                    push_by("a", "acme/app", "pat", 5, t),
+                    push_by("b", "acme/app", "pat", 5, t + 60),
+                    push_by("c", "acme/lib", "password", 5, t + 120),
+                    push_by("d", "acme/app", "pat", 7, t + 180),
+                    push_by("e", "acme/app", "deploy_token", 5, t + 240),
+                    push_by("f", "acme/app", "deploy_token", 5, t + 300),
+                ],
+                t + 400,
+            )
+            .unwrap();
+        let totals = store.totals().unwrap();
+        assert_eq!(totals.counters[PUSH_TAG_USER], 4, "lifetime totals count events");
+        assert_eq!(totals.counters[PUSH_TAG_DT], 2);
+        let at = "2026-11-18T00:00:00Z";
+        for kind in PeriodKind::ALL {
+            // Users 5 and 7; user 5 and deploy token 5 are different actors.
+            assert_eq!(unique(&store, kind, at, PUSH_TAG_USER), 2, "{kind:?}");
+            assert_eq!(unique(&store, kind, at, PUSH_TAG_DT), 1, "{kind:?}");
+            // acme/app by user 5, acme/lib by user 5: one unique creator.
+            assert_eq!(unique(&store, kind, at, CREATE_USER), 1, "{kind:?}");
+        }
+        let p = store.period_counts(&Period::at_unix(PeriodKind::Week, t)).unwrap();
+        assert_eq!(
+            (p.period, p.key.as_str(), p.from.as_str(), p.to.as_str()),
+            ("week", "2026-W47", "2026-11-16", "2026-11-22")
+        );
+        assert_eq!(p.unique.len(), 10, "every metric, 0 included");
+        assert_eq!(p.unique["i_container_registry_delete_tag_user"], 0);
+    }
+
+    #[test]
+    fn weeks_and_months_split_at_utc_boundaries_across_new_year() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sqlite");
+        let mut store = Store::open(&path).unwrap();
+        store
+            .record(
+                vec![
+                    push_by("a", "r", "pat", 1, unix("2026-12-27T23:59:59Z")), // Sunday of W52
+                    push_by("b", "r", "pat", 2, unix("2026-12-28T00:00:00Z")), // Monday of W53
+                    push_by("c", "r", "pat", 3, unix("2026-12-31T23:59:59Z")), // W53, December
+                    push_by("d", "r", "pat", 4, unix("2027-01-01T00:00:00Z")), // W53, January
+                    push_by("e", "r", "pat", 3, unix("2027-01-03T23:59:59Z")), // W53, January
+                    push_by("f", "r", "pat", 5, unix("2027-01-04T00:00:00Z")), // W01, January
+                ],
+                unix("2027-01-05T00:00:00Z"),
+            )
+            .unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        let week = |at| unique(&store, PeriodKind::Week, at, PUSH_TAG_USER);
+        let month = |at| unique(&store, PeriodKind::Month, at, PUSH_TAG_USER);
+        assert_eq!(week("2026-12-27T12:00:00Z"), 1);
+        assert_eq!(week("2026-12-31T12:00:00Z"), 3, "users 2, 3, 4 (3 twice)");
+        assert_eq!(week("2027-01-01T12:00:00Z"), 3, "2027-01-01 is in 2026-W53 too");
+        assert_eq!(week("2027-01-04T12:00:00Z"), 1);
+        assert_eq!(month("2026-12-15T00:00:00Z"), 3, "users 1, 2, 3");
+        assert_eq!(month("2027-01-15T00:00:00Z"), 3, "users 4, 3, 5");
+        assert_eq!(month("2027-02-01T00:00:00Z"), 0);
+    }
+
+    #[test]
+    fn prune_deletes_old_rows_and_expired_sets_but_keeps_the_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("c.sqlite")).unwrap();
+        let day = 86_400;
+        let t0 = unix("2026-11-02T12:00:00Z"); // Monday of W45
+        store.record(vec![push_by("old", "r", "pat", 1, t0)], t0).unwrap();
+        store.record(vec![push_by("new", "r", "pat", 2, t0 + 20 * day)], t0 + 20 * day).unwrap();
+        let retention = Retention { seconds: 10 * day, max_events: 100 };
+        let pruned = store.prune(t0 + 21 * day, retention).unwrap();
+        assert_eq!(pruned.events, 1);
+        // W45's sets (ended 2026-11-09: push_tag and create_repository of user 1) and nothing
+        // else: November has not ended.
+        assert_eq!(pruned.actor_ids, 2);
+        let page = store.events_page(0, 10).unwrap();
+        assert_eq!(page.events.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["new"]);
+        assert_eq!(unique(&store, PeriodKind::Week, "2026-11-02T00:00:00Z", PUSH_TAG_USER), 1, "count kept");
+        assert_eq!(unique(&store, PeriodKind::Month, "2026-11-02T00:00:00Z", PUSH_TAG_USER), 2);
+        assert_eq!(store.totals().unwrap().counters[PUSH_TAG_USER], 2, "lifetime totals kept");
+        // The row limit: only the newest rows stay.
+        let batch = (0..5).map(|i| push_by(&format!("n{i}"), "r", "pat", 2, t0 + 21 * day)).collect();
+        store.record(batch, t0 + 21 * day).unwrap();
+        let pruned = store.prune(t0 + 21 * day, Retention { seconds: 10 * day, max_events: 3 }).unwrap();
+        assert_eq!(pruned.events, 3);
+        let ids: Vec<String> = store.events_page(0, 10).unwrap().events.into_iter().map(|e| e.id).collect();
+        assert_eq!(ids, ["n2", "n3", "n4"]);
+    }
+
+    #[test]
+    fn events_are_paged_in_arrival_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("c.sqlite")).unwrap();
+        store.record((0..5).map(|i| push(&format!("e{i}"), "r", "pat")).collect(), 1).unwrap();
+        let first = store.events_page(0, 2).unwrap();
+        assert_eq!(first.events.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["e0", "e1"]);
+        let second = store.events_page(first.next_after.unwrap(), 2).unwrap();
+        assert_eq!(second.events.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["e2", "e3"]);
+        let last = store.events_page(second.next_after.unwrap(), 2).unwrap();
+        assert_eq!(last.events.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["e4"]);
+        assert_eq!(last.next_after, None);
+    }
+
+    #[test]
+    fn a_version_1_file_is_migrated_and_its_unique_actors_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.sqlite");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(&SCHEMA.replace(
+            "    received_at INTEGER NOT NULL,\n    occurred_at INTEGER\n",
+            "    received_at INTEGER NOT NULL\n",
+        ))
+        .unwrap();
+        let t = unix("2026-12-31T12:00:00Z");
+        for (id, user) in [("a", 5), ("b", 5), ("c", 6)] {
+            conn.execute(
+                "INSERT INTO events (id, outcome, counted, user_id, received_at) VALUES (?1, 'counted', ?2, ?3, ?4)",
+                params![id, PUSH_TAG_USER, user, t],
+            )
+            .unwrap();
+        }
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        drop(conn);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(unique(&store, PeriodKind::Week, "2026-12-31T00:00:00Z", PUSH_TAG_USER), 2);
+        assert_eq!(unique(&store, PeriodKind::Month, "2026-12-31T00:00:00Z", PUSH_TAG_USER), 2);
+        assert_eq!(store.events_page(0, 10).unwrap().events[0].occurred_at, None);
+        drop(store);
+        // Reopening does not rebuild (or double) anything.
+        let store = Store::open(&path).unwrap();
+        assert_eq!(unique(&store, PeriodKind::Week, "2026-12-31T00:00:00Z", PUSH_TAG_USER), 2);
     }
 
     #[test]
@@ -392,7 +720,7 @@ mod tests {
         assert_eq!(t.counters["i_container_registry_push_tag_user"], 2);
         assert_eq!(t.counters["i_container_registry_create_repository_user"], 1);
         assert_eq!(t.duplicates, 1);
-        let c = store.counts().unwrap();
+        let c = store.events_page(0, 10).unwrap();
         assert_eq!(c.events[0].counted.len(), 2);
         assert_eq!(c.events[1].counted, ["i_container_registry_push_tag_user"]);
     }
@@ -408,5 +736,12 @@ mod tests {
         drop(Store::open(&path).unwrap());
         Connection::open(&path).unwrap().pragma_update(None, "user_version", 9).unwrap();
         assert!(matches!(Store::open(&path), Err(StoreError::Version { found: 9, .. })));
+        // The version written is this consumer's.
+        let conn = Connection::open(dir.path().join("fresh.sqlite")).unwrap();
+        drop(conn);
+        drop(Store::open(&dir.path().join("fresh.sqlite")).unwrap());
+        let conn = Connection::open(dir.path().join("fresh.sqlite")).unwrap();
+        let v: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
     }
 }

@@ -21,6 +21,8 @@ fn args(dir: &Path) -> Vec<String> {
         p("jwks.json"),
         "--secret-file".into(),
         p("secret"),
+        "--read-token-file".into(),
+        p("read-token"),
     ]
 }
 
@@ -50,7 +52,9 @@ fn the_startup_line_names_address_database_and_key_count() {
     assert!(line.contains(&format!("database {d}/consumer.sqlite, 0 events recorded")), "{line}");
     assert!(line.contains(&format!("1 verification key from {d}/jwks.json")), "{line}");
     assert!(line.contains("tolerance 86400s"), "{line}");
+    assert!(line.contains("retention 90 days, at most 1000000 events"), "{line}");
     assert!(!line.contains(SECRET));
+    assert!(!line.contains(READ_TOKEN));
 }
 
 #[test]
@@ -69,6 +73,15 @@ fn bad_input_exits_1_with_one_line_naming_the_file() {
     assert!(err.starts_with(&format!("error: {d}/jwks.json: keys[0]: symmetric keys are not accepted")), "{err}");
     let (err, d) = failure(|d| std::fs::remove_file(d.join("jwks.json")).unwrap());
     assert!(err.starts_with(&format!("error: {d}/jwks.json: cannot read the JWKS: ")), "{err}");
+    let (err, d) = failure(|d| std::fs::write(d.join("read-token"), "\n").unwrap());
+    assert_eq!(err, format!("error: {d}/read-token: the read token is empty\n"));
+    let (err, d) = failure(|d| std::fs::write(d.join("read-token"), SECRET).unwrap());
+    assert!(
+        err.starts_with(&format!("error: {d}/read-token: the read token must differ from the registry's secret")),
+        "{err}"
+    );
+    let (err, d) = failure(|d| std::fs::remove_file(d.join("read-token")).unwrap());
+    assert!(err.starts_with(&format!("error: {d}/read-token: cannot read the read token: ")), "{err}");
     let (err, d) = failure(|d| std::fs::write(d.join("consumer.sqlite"), vec![b'x'; 4096]).unwrap());
     assert_eq!(err, format!("error: {d}/consumer.sqlite: cannot open the database: file is not a database\n"));
 }
@@ -84,4 +97,12 @@ async fn a_database_in_a_missing_directory_or_a_negative_tolerance_fails_startup
     let mut s = settings(dir.path());
     s.tolerance_seconds = -1;
     assert!(matches!(build(s).await, Err(StartupError::Tolerance(-1))));
+    // The retention must outlive every delivery that could still count (dedupe).
+    let mut s = settings(dir.path());
+    (s.retention_days, s.tolerance_seconds) = (1, 2 * 86_400);
+    let err = build(s).await.err().unwrap();
+    assert!(matches!(err, StartupError::Retention { days: 1, tolerance_seconds: 172_800 }), "{err}");
+    let mut s = settings(dir.path());
+    s.max_events = 0;
+    assert!(matches!(build(s).await, Err(StartupError::MaxEvents(0))));
 }

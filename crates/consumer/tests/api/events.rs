@@ -10,7 +10,7 @@ async fn a_user_pushing_a_tag_counts_push_tag_and_create_repository() {
     let jwt = dev_jwt();
     let report = app.deliver(&envelope(vec![push("e1", "acme/web/app", Some("v1"), Some(&jwt))])).await;
     assert_eq!(report["counted"], 1);
-    let counts = app.counts().await;
+    let counts = app.snapshot().await;
     assert_eq!(
         counts["counters"],
         json!({"i_container_registry_create_repository_user": 1, "i_container_registry_push_tag_user": 1})
@@ -39,7 +39,7 @@ async fn a_deploy_token_pushing_a_tag_counts_as_deploy_token() {
     let app = spawn_app().await;
     let jwt = deploy_jwt();
     app.deliver(&envelope(vec![push("e1", "acme/web/app", Some("v1"), Some(&jwt))])).await;
-    let counts = app.counts().await;
+    let counts = app.snapshot().await;
     assert_eq!(
         counts["counters"],
         json!({"i_container_registry_create_repository_deploy_token": 1, "i_container_registry_push_tag_deploy_token": 1})
@@ -64,7 +64,7 @@ async fn tags_digests_and_the_first_push_of_each_repository() {
     .await;
     // A later envelope: the repository is not new any more.
     app.deliver(&envelope(vec![push("e4", "acme/platform/db", Some("v1"), Some(&ci))])).await;
-    let counts = app.counts().await;
+    let counts = app.snapshot().await;
     assert_eq!(
         counts["counters"],
         json!({
@@ -91,7 +91,7 @@ async fn deletes_count_delete_tag_and_delete_repository_but_never_create() {
         delete("d2", "acme/web/app", None, Some(&ci)),
     ]))
     .await;
-    let counts = app.counts().await;
+    let counts = app.snapshot().await;
     assert_eq!(
         counts["counters"],
         json!({"i_container_registry_delete_repository_deploy_token": 1, "i_container_registry_delete_tag_user": 1})
@@ -100,7 +100,7 @@ async fn deletes_count_delete_tag_and_delete_repository_but_never_create() {
     assert_eq!(row(&counts, "d2")["username"], "acme-ci");
     // Deletes do not make a repository "seen": the first push after them creates it.
     app.deliver(&envelope(vec![push("p1", "acme/web/app", Some("v1"), Some(&dev))])).await;
-    assert_eq!(app.counts().await["counters"]["i_container_registry_create_repository_user"], 1);
+    assert_eq!(app.snapshot().await["counters"]["i_container_registry_create_repository_user"], 1);
 }
 
 #[tokio::test]
@@ -116,7 +116,7 @@ async fn blob_events_and_pulls_are_recorded_but_never_counted() {
         ]))
         .await;
     assert_eq!(report["ignored"], 4);
-    let counts = app.counts().await;
+    let counts = app.snapshot().await;
     assert_eq!(counts["counters"], json!({}));
     assert_eq!(counts["ignored"], 4);
     assert_eq!(counts["unattributed"], 0);
@@ -131,7 +131,7 @@ async fn blob_events_and_pulls_are_recorded_but_never_counted() {
         push("m2", "acme/web/app", Some("v1"), Some(&dev)),
     ]))
     .await;
-    let counts = app.counts().await;
+    let counts = app.snapshot().await;
     assert_eq!(
         counts["counters"],
         json!({"i_container_registry_create_repository_user": 1, "i_container_registry_push_tag_user": 1})
@@ -151,11 +151,11 @@ async fn a_redelivered_envelope_counts_once() {
         push("e3", "acme/web/app", Some("v2"), None),
     ]);
     app.deliver(&env).await;
-    let first = app.counts().await;
+    let first = app.snapshot().await;
     let report = app.deliver(&env).await;
     assert_eq!(report["duplicates"], 4);
     assert_eq!(report["counted"], 0);
-    let second = app.counts().await;
+    let second = app.snapshot().await;
     assert_eq!(second["counters"], first["counters"]);
     assert_eq!(second["events"], first["events"]);
     assert_eq!(second["duplicates"], 4);
@@ -167,7 +167,7 @@ async fn a_redelivered_envelope_counts_once() {
         push("e9", "acme/x", Some("v1"), Some(&dev)),
     ]))
     .await;
-    let third = app.counts().await;
+    let third = app.snapshot().await;
     assert_eq!(third["counters"]["i_container_registry_push_tag_user"], 1);
     assert_eq!(third["duplicates"], 5);
 }
@@ -190,7 +190,7 @@ async fn a_tampered_or_foreign_user_jwt_is_rejected_and_never_counted() {
         ]))
         .await;
     assert_eq!(report["rejected"], 3);
-    let counts = app.counts().await;
+    let counts = app.snapshot().await;
     assert_eq!(counts["counters"], json!({}));
     assert_eq!(counts["rejected"], 3);
     let t1 = row(&counts, "t1");
@@ -202,7 +202,7 @@ async fn a_tampered_or_foreign_user_jwt_is_rejected_and_never_counted() {
     // A rejected push does not make the repository "seen".
     let dev = dev_jwt();
     app.deliver(&envelope(vec![push("ok", "acme/web/app", Some("v1"), Some(&dev))])).await;
-    assert_eq!(app.counts().await["counters"]["i_container_registry_create_repository_user"], 1);
+    assert_eq!(app.snapshot().await["counters"]["i_container_registry_create_repository_user"], 1);
 }
 
 #[tokio::test]
@@ -219,7 +219,7 @@ async fn expiry_is_checked_with_the_delivery_tolerance() {
         push("too-late", "acme/web/app", Some("v2"), Some(&too_late)),
     ]))
     .await;
-    let counts = app.counts().await;
+    let counts = app.snapshot().await;
     assert_eq!(counts["counters"]["i_container_registry_push_tag_user"], 1);
     assert_eq!(counts["rejected"], 1);
     assert!(row(&counts, "too-late")["reason"].as_str().unwrap().contains("expired"));
@@ -232,7 +232,7 @@ async fn an_event_without_actor_user_is_unattributed() {
     e["actor"] = json!({"name": "registry-said-so"});
     let report = app.deliver(&envelope(vec![e, push("u2", "acme/web/app", None, None)])).await;
     assert_eq!(report["unattributed"], 2);
-    let counts = app.counts().await;
+    let counts = app.snapshot().await;
     assert_eq!(counts["counters"], json!({}));
     assert_eq!(counts["unattributed"], 2);
     assert_eq!(row(&counts, "u1")["outcome"], "unattributed");
@@ -248,7 +248,7 @@ async fn events_without_an_id_are_tallied_as_invalid_and_the_rest_recorded() {
     let report =
         app.deliver(&envelope(vec![json!("junk"), no_id, push("ok", "acme/web/app", Some("v1"), Some(&dev))])).await;
     assert_eq!(report["invalid"], 2);
-    let counts = app.counts().await;
+    let counts = app.snapshot().await;
     assert_eq!(counts["invalid"], 2);
     assert_eq!(counts["counters"]["i_container_registry_push_tag_user"], 1);
     assert_eq!(counts["events"].as_array().unwrap().len(), 1);

@@ -2,12 +2,16 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use registry_guard_consumer::{Application, Settings, StartupError, DEFAULT_TOLERANCE_SECONDS};
+use registry_guard_consumer::{
+    Application, Settings, StartupError, DEFAULT_MAX_EVENTS, DEFAULT_RETENTION_DAYS, DEFAULT_TOLERANCE_SECONDS,
+};
 use registry_guard_core::token::{self, testing, SigningKey, Validity};
 use serde_json::{json, Value};
 
 /// The bearer secret the "registry" sends.
 pub const SECRET: &str = "notification-secret-0123456789";
+/// The read credential for `GET /counts` and `GET /events`.
+pub const READ_TOKEN: &str = "read-token-9876543210";
 pub const EVENTS_V1: &str = "application/vnd.docker.distribution.events.v1+json";
 pub const EVENTS_V2: &str = "application/vnd.docker.distribution.events.v2+json";
 pub const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -118,10 +122,12 @@ pub fn envelope(events: Vec<Value>) -> Value {
     json!({ "events": events })
 }
 
-/// Writes `jwks.json` and `secret` into `dir`; the database is `dir/consumer.sqlite`.
+/// Writes `jwks.json`, `secret` and `read-token` into `dir`; the database is
+/// `dir/consumer.sqlite`.
 pub fn write_inputs(dir: &Path) -> Settings {
     std::fs::write(dir.join("jwks.json"), testing::jwks(&[&signing_key()]).to_string()).unwrap();
     std::fs::write(dir.join("secret"), format!("{SECRET}\n")).unwrap();
+    std::fs::write(dir.join("read-token"), format!("{READ_TOKEN}\n")).unwrap();
     settings(dir)
 }
 
@@ -131,7 +137,10 @@ pub fn settings(dir: &Path) -> Settings {
         database: dir.join("consumer.sqlite"),
         jwks: dir.join("jwks.json"),
         secret_file: dir.join("secret"),
+        read_token_file: dir.join("read-token"),
         tolerance_seconds: DEFAULT_TOLERANCE_SECONDS,
+        retention_days: DEFAULT_RETENTION_DAYS,
+        max_events: DEFAULT_MAX_EVENTS,
     }
 }
 
@@ -186,6 +195,14 @@ impl TestApp {
         spawn_with(dir, settings).await
     }
 
+    /// Starts a new consumer on the same files with `tweak`ed settings.
+    pub async fn restart_with(self, tweak: impl FnOnce(&mut Settings)) -> TestApp {
+        let dir = self.stop().await;
+        let mut settings = settings(dir.path());
+        tweak(&mut settings);
+        spawn_with(dir, settings).await
+    }
+
     /// `POST /events` as the registry does it.
     pub async fn post_events(&self, envelope: &Value) -> reqwest::Response {
         self.post_raw(envelope.to_string(), Some(EVENTS_V1), Some(&format!("Bearer {SECRET}"))).await
@@ -214,16 +231,50 @@ impl TestApp {
         request.send().await.unwrap()
     }
 
+    /// `GET path` with the read token.
+    pub async fn read(&self, path_and_query: &str) -> reqwest::Response {
+        self.client.get(format!("{}{path_and_query}", self.address)).bearer_auth(READ_TOKEN).send().await.unwrap()
+    }
+
+    /// `GET /counts` (this week) with the read token; must succeed.
     pub async fn counts(&self) -> Value {
-        let response = self.client.get(format!("{}/counts", self.address)).send().await.unwrap();
+        self.counts_at("").await
+    }
+
+    /// `GET /counts?{query}` with the read token; must succeed.
+    pub async fn counts_at(&self, query: &str) -> Value {
+        let response = self.read(&format!("/counts?{query}")).await;
         assert_eq!(response.status(), 200);
         response.json().await.unwrap()
+    }
+
+    /// Every recorded event, read a page of 2 at a time (`GET /events?after=&limit=2`).
+    pub async fn events(&self) -> Vec<Value> {
+        let mut all = Vec::new();
+        let mut after = 0;
+        loop {
+            let response = self.read(&format!("/events?after={after}&limit=2")).await;
+            assert_eq!(response.status(), 200);
+            let page: Value = response.json().await.unwrap();
+            all.extend(page["events"].as_array().unwrap().iter().cloned());
+            match page["next_after"].as_i64() {
+                Some(next) => after = next,
+                None => return all,
+            }
+        }
+    }
+
+    /// `/counts` with every recorded event under `events`: everything the consumer knows.
+    pub async fn snapshot(&self) -> Value {
+        let mut counts = self.counts().await;
+        counts["events"] = Value::Array(self.events().await);
+        counts
     }
 
     pub async fn metrics(&self) -> String {
         let response = self.client.get(format!("{}/metrics", self.address)).send().await.unwrap();
         assert_eq!(response.status(), 200);
-        assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+        assert!(response.headers()["content-type"].to_str().unwrap().starts_with("application/openmetrics-text"));
         response.text().await.unwrap()
     }
 }

@@ -25,7 +25,7 @@ async fn a_wrong_or_missing_bearer_secret_is_401_and_records_nothing() {
         let body: serde_json::Value = response.json().await.unwrap();
         assert!(body["error"].as_str().unwrap().contains("Bearer"));
     }
-    let counts = app.counts().await;
+    let counts = app.snapshot().await;
     assert_eq!(counts["events"], json!([]));
     // The scheme is case-insensitive.
     let response = app.post_raw(one_push(), Some(EVENTS_V1), Some(&format!("bearer {SECRET}"))).await;
@@ -40,7 +40,7 @@ async fn unsupported_media_types_are_415() {
         let response = app.post_raw(one_push(), content_type, Some(&auth)).await;
         assert_eq!(response.status(), 415, "{content_type:?}");
     }
-    assert_eq!(app.counts().await["events"], json!([]));
+    assert_eq!(app.snapshot().await["events"], json!([]));
     for (i, content_type) in [
         EVENTS_V1,
         EVENTS_V2,
@@ -55,7 +55,7 @@ async fn unsupported_media_types_are_415() {
         let response = app.post_raw(body, Some(content_type), Some(&auth)).await;
         assert_eq!(response.status(), 200, "{content_type}");
     }
-    assert_eq!(app.counts().await["counters"]["i_container_registry_push_tag_user"], 5);
+    assert_eq!(app.snapshot().await["counters"]["i_container_registry_push_tag_user"], 5);
 }
 
 #[tokio::test]

@@ -15,9 +15,9 @@ async fn counts_and_dedupe_survive_a_restart() {
         push("e4", "acme/web/app", Some("v4"), None),
     ]);
     app.deliver(&env).await;
-    let before = app.counts().await;
+    let before = app.snapshot().await;
     let app = app.restart().await;
-    let after = app.counts().await;
+    let after = app.snapshot().await;
     assert_eq!(after, before);
     assert_eq!(after["counters"]["i_container_registry_push_tag_user"], 1);
     assert_eq!(after["rejected"], 1);
@@ -27,7 +27,7 @@ async fn counts_and_dedupe_survive_a_restart() {
     assert_eq!(report["duplicates"], 4);
     // And the repository is not created a second time.
     app.deliver(&envelope(vec![push("e5", "acme/web/app", Some("v5"), Some(&dev))])).await;
-    let counts = app.counts().await;
+    let counts = app.snapshot().await;
     assert_eq!(counts["counters"]["i_container_registry_create_repository_user"], 1);
     assert_eq!(counts["counters"]["i_container_registry_push_tag_user"], 2);
     assert_eq!(counts["duplicates"], 4);
@@ -45,14 +45,14 @@ async fn a_failed_write_is_500_and_the_retry_counts_once() {
     let response = app.post_events(&env).await;
     assert_eq!(response.status(), 500);
     // Nothing of the envelope was recorded: the first event was rolled back too.
-    let counts = app.counts().await;
+    let counts = app.snapshot().await;
     assert_eq!(counts["events"], json!([]));
     assert_eq!(counts["unattributed"], 0);
     // The consumer restarts (recreating the table); the registry's retry is counted once.
     drop(conn);
     let app = app.restart().await;
     app.deliver(&env).await;
-    let counts = app.counts().await;
+    let counts = app.snapshot().await;
     assert_eq!(
         counts["counters"],
         json!({"i_container_registry_create_repository_user": 1, "i_container_registry_push_tag_user": 1})
@@ -86,9 +86,16 @@ async fn metrics_expose_every_counter_and_tally() {
         "registry_guard_consumer_duplicates_total 5",
         "registry_guard_consumer_ignored_total 1",
         "registry_guard_consumer_invalid_total 0",
-        "# TYPE registry_guard_consumer_events_total counter",
+        "# TYPE registry_guard_consumer_events counter",
+        "# TYPE registry_guard_consumer_unique_actors gauge",
+        r#"registry_guard_consumer_unique_actors{event="i_container_registry_push_tag_user",period="week"} 1"#,
+        r#"registry_guard_consumer_unique_actors{event="i_container_registry_push_tag_user",period="month"} 1"#,
+        r#"registry_guard_consumer_unique_actors{event="i_container_registry_delete_tag_deploy_token",period="month"} 1"#,
+        r#"registry_guard_consumer_unique_actors{event="i_container_registry_push_tag_deploy_token",period="week"} 0"#,
+        "# EOF",
     ] {
         assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
     }
     assert_eq!(text.lines().filter(|l| l.starts_with("registry_guard_consumer_events_total{")).count(), 10);
+    assert_eq!(text.lines().filter(|l| l.starts_with("registry_guard_consumer_unique_actors{")).count(), 20);
 }
