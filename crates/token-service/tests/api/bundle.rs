@@ -134,7 +134,7 @@ async fn put_bundle_activates_persists_and_refuses() {
     assert_refused(&app, "junk".into(), rejected("signature", "not a compact JWS", Value::Null), 2).await;
     // Signed, but semantically invalid: the JSON path of the fault.
     let invalid = sign_raw(
-        &json!({"revision": 7, "protection_rules": [{"id": "t", "repository_path_pattern": "acme/*",
+        &json!({"revision": 7, "protection_rules": [{"id": "t", "owner": {"group": "acme"}, "repository_path_pattern": "acme/*",
                 "tag_name_pattern": "v(", "minimum_access_level_for_push": "owner"}]}),
         &operator_key(),
     );
