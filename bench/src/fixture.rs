@@ -48,15 +48,23 @@ pub fn rules(n: usize) -> Vec<Value> {
     for i in out.len()..n {
         let id = format!("rule-{i}");
         let rule = match i % 4 {
-            0 => json!({"id": id, "owner": {"group": format!("team-{i}")}, "repository_path_pattern": format!("team-{i}/svc-{}", i % 97),
-                        "minimum_access_level_for_push": "maintainer"}),
-            1 => json!({"id": id, "owner": {"group": format!("team-{i}")}, "repository_path_pattern": format!("team-{i}/*"),
-                        "minimum_access_level_for_push": "developer", "minimum_access_level_for_delete": "maintainer"}),
-            2 => json!({"id": id, "owner": {"group": format!("team-{i}")}, "repository_path_pattern": format!("team-{i}/app-*"),
+            0 => {
+                json!({"id": id, "owner": {"group": format!("team-{i}")}, "repository_path_pattern": format!("team-{i}/svc-{}", i % 97),
+                        "minimum_access_level_for_push": "maintainer"})
+            }
+            1 => {
+                json!({"id": id, "owner": {"group": format!("team-{i}")}, "repository_path_pattern": format!("team-{i}/*"),
+                        "minimum_access_level_for_push": "developer", "minimum_access_level_for_delete": "maintainer"})
+            }
+            2 => {
+                json!({"id": id, "owner": {"group": format!("team-{i}")}, "repository_path_pattern": format!("team-{i}/app-*"),
                         "tag_name_pattern": TAG_PATTERNS.get(i % TAG_PATTERNS.len()).copied().unwrap_or("^v"),
-                        "minimum_access_level_for_push": "maintainer"}),
-            _ => json!({"id": id, "owner": {"group": format!("org-{}", i / 100)}, "repository_path_pattern": format!("org-{}/team-{i}/*", i / 100),
-                        "delete_protected_up_to_access_level": "developer"}),
+                        "minimum_access_level_for_push": "maintainer"})
+            }
+            _ => {
+                json!({"id": id, "owner": {"group": format!("org-{}", i / 100)}, "repository_path_pattern": format!("org-{}/team-{i}/*", i / 100),
+                        "delete_protected_up_to_access_level": "developer"})
+            }
         };
         out.push(rule);
     }

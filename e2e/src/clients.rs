@@ -85,9 +85,7 @@ pub fn available(bin: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !found {
-        eprintln!(
-            "\n!!!!!!!! SKIPPED: `{bin}` is not installed (Debian package; `make deps` installs it). !!!!!!!!\n"
-        );
+        eprintln!("\n!!!!!!!! SKIPPED: `{bin}` is not installed (Debian package; `make deps` installs it). !!!!!!!!\n");
     }
     found
 }
@@ -162,14 +160,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         let layout = self.dir.join(format!("layout-{safe}"));
         stack.rgctl(&["demo-image", "--out", &layout.display().to_string(), "--tag", "import", "--salt", salt]);
         let archive = self.dir.join(format!("{safe}.tar"));
-        let tar = Command::new("tar")
-            .arg("-cf")
-            .arg(&archive)
-            .arg("-C")
-            .arg(&layout)
-            .arg(".")
-            .status()
-            .expect("run tar");
+        let tar =
+            Command::new("tar").arg("-cf").arg(&archive).arg("-C").arg(&layout).arg(".").status().expect("run tar");
         assert!(tar.success(), "tar of the OCI layout failed");
         let archive = archive.display().to_string();
         let run = self.ctr(

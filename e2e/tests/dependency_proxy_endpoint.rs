@@ -35,7 +35,7 @@ fn classify(ok: bool, err: &str) -> &'static str {
         "403"
     } else if err.contains("404") || err.contains("name unknown") || err.contains("NAME_UNKNOWN") {
         "404"
-    } else if err.contains("401") || err.contains("unauthorized") {
+    } else if err.contains("401") || err.contains("unauthorized") || err.contains("invalid username/password") {
         "401"
     } else {
         "?"
@@ -140,7 +140,8 @@ fn seed_002_login_and_pull_table() {
     for base in [format!("http://{host}"), stack.url("")] {
         let r = ureq::get(&format!("{base}/v2/{ACME}/manifests/latest")).call();
         assert!(matches!(r, Err(ureq::Error::Status(401, _))), "anonymous on {base}");
-        let r = ureq::get(&format!("{base}/v2/{ACME}/manifests/latest")).set("Authorization", "Bearer e30.e30.e30").call();
+        let r =
+            ureq::get(&format!("{base}/v2/{ACME}/manifests/latest")).set("Authorization", "Bearer e30.e30.e30").call();
         assert!(matches!(r, Err(ureq::Error::Status(401, _))), "forged on {base}");
     }
 }

@@ -154,7 +154,10 @@ fn compile(raw: RawBundle) -> Result<Policy, BundleError> {
             )
         })?;
         if !crate::name::is_repository_name(owner.path()) {
-            return Err(error(format!("{at}.owner"), format!("`{}` is not a valid group or project path", owner.path())));
+            return Err(error(
+                format!("{at}.owner"),
+                format!("`{}` is not a valid group or project path", owner.path()),
+            ));
         }
         if !pattern_within(&r.repository_path_pattern, owner.path()) {
             return Err(error(
@@ -394,6 +397,47 @@ mod tests {
                 "unknown field",
             ),
         ];
+        let owner_cases = [
+            (
+                r#"{"revision": 1, "protection_rules": [{"id": "a", "repository_path_pattern": "acme/web/*", "minimum_access_level_for_push": "owner"}]}"#,
+                "$.protection_rules[0].owner",
+                "every rule names its owner",
+            ),
+            (
+                r#"{"revision": 1, "protection_rules": [{"id": "a", "owner": {"project": "acme/web"}, "repository_path_pattern": "*", "minimum_access_level_for_push": "owner"}]}"#,
+                "$.protection_rules[0].repository_path_pattern",
+                "not within the rule's owner project `acme/web`",
+            ),
+            (
+                r#"{"revision": 1, "protection_rules": [{"id": "a", "owner": {"group": "acme"}, "repository_path_pattern": "acme*", "minimum_access_level_for_push": "owner"}]}"#,
+                "$.protection_rules[0].repository_path_pattern",
+                "must be `acme` or start with `acme/`",
+            ),
+            (
+                r#"{"revision": 1, "protection_rules": [{"id": "a", "owner": {"group": "acme"}, "repository_path_pattern": "other/tools", "minimum_access_level_for_push": "owner"}]}"#,
+                "$.protection_rules[0].repository_path_pattern",
+                "not within",
+            ),
+            (
+                r#"{"revision": 1, "protection_rules": [{"id": "a", "owner": {"team": "acme"}, "repository_path_pattern": "acme", "minimum_access_level_for_push": "owner"}]}"#,
+                "$.protection_rules[0].owner",
+                "unknown variant",
+            ),
+        ];
+        for (text, path, reason) in owner_cases {
+            let e = Policy::from_json(text).unwrap_err();
+            assert_eq!(e.path, path, "{text}: {e}");
+            assert!(e.reason.contains(reason), "{text}: {e}");
+        }
+        for ok in [
+            r#"{"group": "acme"}, "repository_path_pattern": "acme/*""#,
+            r#"{"project": "acme/web"}, "repository_path_pattern": "acme/web""#,
+        ] {
+            let text = format!(
+                r#"{{"revision": 1, "protection_rules": [{{"id": "a", "owner": {ok}, "minimum_access_level_for_push": "owner"}}]}}"#
+            );
+            assert!(Policy::from_json(&text).is_ok(), "{text}");
+        }
         for (text, path, reason) in cases {
             let e = Policy::from_json(text).unwrap_err();
             assert_eq!(e.path, path, "{text}: {e}");

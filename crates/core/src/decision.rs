@@ -176,7 +176,7 @@ impl Decision {
 }
 
 /// [`decide`] for the endpoint a filter guards. On the dependency-proxy endpoint (seed 002,
-/// GitLab's own host): only `GET|HEAD /v2/` and pulls of
+/// GitLab's own host): only `GET|HEAD /v2/` and pulls (manifests, blobs, tag lists) of
 /// `<group>/dependency_proxy/containers/<image>` exist (anything else: 404, or 405 for
 /// writes to a proxy path); a deploy token that passes every registry check must also be
 /// valid for the dependency proxy — a group token with `read_registry` and `write_registry`
@@ -221,24 +221,29 @@ fn dependency_proxy_route(route: &Route, policy: &Policy) -> Option<Denial> {
             "{what} is not served here: the dependency proxy serves `<group>/dependency_proxy/containers/<image>` only"
         ),
         www_authenticate: None,
-        reason: format!("dependency-proxy endpoint: {what} is not a dependency proxy pull (bundle revision {})", policy.revision),
+        reason: format!(
+            "dependency-proxy endpoint: {what} is not a dependency proxy pull (bundle revision {})",
+            policy.revision
+        ),
         rule: None,
         kind: DenyKind::BadRequest,
     };
     match (&route.endpoint, route.method) {
         (Endpoint::Base, _) => None,
-        (Endpoint::Manifest { name, .. } | Endpoint::Blob { name, .. }, Method::Get | Method::Head)
-            if dependency_proxy_group(name).is_some() =>
-        {
-            None
-        }
+        (
+            Endpoint::Manifest { name, .. } | Endpoint::Blob { name, .. } | Endpoint::TagsList { name },
+            Method::Get | Method::Head,
+        ) if dependency_proxy_group(name).is_some() => None,
         (endpoint, _) => match endpoint.repository() {
             Some(name) if dependency_proxy_group(name).is_some() => Some(Denial {
                 status: 405,
                 code: "UNSUPPORTED",
                 message: format!("the dependency proxy is a read-only pull-through cache: `{name}` can only be pulled"),
                 www_authenticate: None,
-                reason: format!("dependency-proxy endpoint: write or listing on `{name}` (bundle revision {})", policy.revision),
+                reason: format!(
+                    "dependency-proxy endpoint: write or listing on `{name}` (bundle revision {})",
+                    policy.revision
+                ),
                 rule: None,
                 kind: DenyKind::BadRequest,
             }),
@@ -318,9 +323,8 @@ pub fn decide(
                 Some(l) if !l.registry_actions(true).covers(lacking) => {
                     may_not.push(format!("`{}` ({}) may not {lacking} on {what}", token.subject, l.name()));
                 }
-                _ => token_lacks.push(format!(
-                    "this token does not grant {lacking} on {what} (it grants: {granted_text})"
-                )),
+                _ => token_lacks
+                    .push(format!("this token does not grant {lacking} on {what} (it grants: {granted_text})")),
             }
         }
     }

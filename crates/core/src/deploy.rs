@@ -144,7 +144,8 @@ impl DeployToken {
                 "{who} belongs to project `{p}`; the dependency proxy accepts group deploy tokens only"
             ));
         }
-        let both = self.scopes.contains(&DeployScope::ReadRegistry) && self.scopes.contains(&DeployScope::WriteRegistry);
+        let both =
+            self.scopes.contains(&DeployScope::ReadRegistry) && self.scopes.contains(&DeployScope::WriteRegistry);
         if !both {
             return Err(format!(
                 "{who} has scopes {}; the dependency proxy needs read_registry and write_registry",

@@ -157,7 +157,8 @@ impl Guard {
         let endpoint = self.config.endpoint;
         let token = match bearer_candidate(authorization) {
             Err(why) => {
-                let decision = decide_at(endpoint, route, Credential::NotBearer(why), challenge, &self.config.policy, now);
+                let decision =
+                    decide_at(endpoint, route, Credential::NotBearer(why), challenge, &self.config.policy, now);
                 return Checked::new(decision, revision);
             }
             Ok(None) => {
@@ -179,7 +180,8 @@ impl Guard {
                 // when it was inserted (the cache compares whole tokens), so a hit skips it.
                 if !is_b64token(token) {
                     let why = crate::decision::NOT_BEARER;
-                    let decision = decide_at(endpoint, route, Credential::NotBearer(why), challenge, &self.config.policy, now);
+                    let decision =
+                        decide_at(endpoint, route, Credential::NotBearer(why), challenge, &self.config.policy, now);
                     return Checked::new(decision, revision);
                 }
                 self.cache.misses += 1;

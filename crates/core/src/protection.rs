@@ -411,7 +411,7 @@ mod tests {
         };
         assert_eq!(rule, "strict");
         assert!(message.starts_with("container protected; you are not allowed to push `acme/web/app`"), "{message}");
-        assert!(message.contains("rule `strict` requires owner or above"), "{message}");
+        assert!(message.contains("rule `strict` of group `acme` requires owner or above"), "{message}");
     }
 
     #[test]

@@ -461,7 +461,7 @@ mod tests {
         assert_eq!(err("GET", "/v2/Acme/manifests/v1"), (400, "NAME_INVALID"));
         assert_eq!(err("GET", "/v2/acme/manifests/-bad"), (404, "MANIFEST_UNKNOWN"));
         assert_eq!(err("GET", "/v1/acme/manifests/v1").0, 404);
-        assert_eq!(err("GET", "/v2/acme/blobs/uploads").0, 400);
+        assert_eq!(err("GET", "/v2/acme/blobs/uploads"), (404, "BLOB_UNKNOWN"));
         assert_eq!(err("POST", "/v2/acme/manifests/v1"), (405, "UNSUPPORTED"));
         assert_eq!(err("TRACE", "/v2/").0, 405);
         assert_eq!(err("POST", "/v2/a/blobs/uploads/?from=b&from=c").0, 400);
