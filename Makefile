@@ -41,8 +41,10 @@ deps: .deps/rust .deps/apt $(ENVOY)
 
 .deps/apt:
 	@if ! command -v docker-registry >/dev/null || ! command -v skopeo >/dev/null || ! command -v curl >/dev/null \
-	    || ! command -v wasm-opt >/dev/null; then \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq docker-registry skopeo curl binaryen; fi
+	    || ! command -v wasm-opt >/dev/null || ! command -v containerd >/dev/null || ! command -v ctr >/dev/null \
+	    || ! command -v podman >/dev/null; then \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq docker-registry skopeo curl binaryen \
+	    containerd podman; fi
 	@mkdir -p .deps && touch $@
 
 $(ENVOY):
@@ -82,9 +84,11 @@ test-envoy: $(ENVOY) build
 	target/release/rgctl filter-config --realm http://127.0.0.1:5001/jwt/auth --jwks $$out/keys/jwks.json \
 	  --bundle-keys $$out/keys/operator-jwks.json --bundle $$out/bundle.jws --environment example > $$out/filter.json; \
 	target/release/rgctl filter-resource --config $$out/filter.json --wasm $(FILTER) --out $$out/ecds/registry-guard.json; \
+	target/release/rgctl filter-resource --config $$out/filter.json --wasm $(FILTER) --out $$out/ecds/registry-guard-dependency-proxy.json \
+	  --name registry-guard-dependency-proxy; \
 	target/release/rgctl render envoy/envoy.yaml --set ADMIN_PORT=9901 --set LISTEN_PORT=5000 --set REGISTRY_PORT=5002 \
 	  --set DEPENDENCY_PROXY_PORT=5003 --set EVENTS_PORT=5006 --set CONSUMER_PORT=5005 --set WASM_PATH=$(ROOT)/$(FILTER) \
-	  --set ECDS_DIR=$$out/ecds > $$out/envoy.yaml; \
+	  --set ECDS_DIR=$$out/ecds --set DEPENDENCY_PROXY_LISTEN_PORT=5007 > $$out/envoy.yaml; \
 	$(ENVOY) --mode validate -c $$out/envoy.yaml --log-level error && echo "validated envoy/envoy.yaml"; \
 	target/release/rgctl validate policies/example/bundle.json
 	@$(VENV)/bin/python -c 'import jsonschema' 2>/dev/null || $(VENV)/bin/pip install -q jsonschema

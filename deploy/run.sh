@@ -12,6 +12,7 @@
 #   CONSUMER_PORT  the reference event consumer (5005)
 #   EVENTS_PORT  Envoy's notifications listener: registry → filter (events role) → consumer (5006)
 #   CONSUMER_RETENTION_DAYS  days the consumer keeps raw event rows (90)
+#   DEPENDENCY_PROXY_LISTEN_PORT  Envoy's dependency-proxy endpoint (seed 002's own host) (5007)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -24,6 +25,7 @@ DEPENDENCY_PROXY_PORT=${DEPENDENCY_PROXY_PORT:-5003}
 HUB_PORT=${HUB_PORT:-5004}
 CONSUMER_PORT=${CONSUMER_PORT:-5005}
 EVENTS_PORT=${EVENTS_PORT:-5006}
+DEPENDENCY_PROXY_LISTEN_PORT=${DEPENDENCY_PROXY_LISTEN_PORT:-5007}
 CONSUMER=$ROOT/target/release/registry-guard-consumer
 RUN_DIR=$ROOT/.run/$(basename "$CONFIG_DIR")
 RGCTL=$ROOT/target/release/rgctl
@@ -74,6 +76,12 @@ env_args=()
   --jwks "$CONFIG_DIR/keys/jwks.json" --bundle-keys "$CONFIG_DIR/keys/operator-jwks.json" "${bundle_args[@]}" \
   "${env_args[@]}" --client-address x-forwarded-for > "$RUN_DIR/filter.json"
 "$RGCTL" filter-resource --config "$RUN_DIR/filter.json" --wasm "$WASM" --out "$RUN_DIR/ecds/registry-guard.json"
+# The dependency-proxy endpoint: the same configuration with `"endpoint": "dependency-proxy"`.
+"$RGCTL" filter-config --realm "http://127.0.0.1:$TOKEN_PORT/jwt/auth" --service "$SERVICE" --issuer "$ISSUER" \
+  --jwks "$CONFIG_DIR/keys/jwks.json" --bundle-keys "$CONFIG_DIR/keys/operator-jwks.json" "${bundle_args[@]}" \
+  "${env_args[@]}" --client-address x-forwarded-for --endpoint dependency-proxy > "$RUN_DIR/filter-dependency-proxy.json"
+"$RGCTL" filter-resource --config "$RUN_DIR/filter-dependency-proxy.json" --wasm "$WASM" \
+  --out "$RUN_DIR/ecds/registry-guard-dependency-proxy.json" --name registry-guard-dependency-proxy
 [ -f "$RUN_DIR/http-secret" ] || head -c 32 /dev/urandom | base64 | tr -d '/+=' > "$RUN_DIR/http-secret"
 [ -f "$RUN_DIR/events-secret" ] || head -c 32 /dev/urandom | base64 | tr -d '/+=' > "$RUN_DIR/events-secret"
 [ -f "$RUN_DIR/consumer-read-token" ] || head -c 32 /dev/urandom | base64 | tr -d '/+=' > "$RUN_DIR/consumer-read-token"
@@ -90,7 +98,7 @@ env_args=()
 "$RGCTL" render envoy/envoy.yaml --set ADMIN_PORT="$ADMIN_PORT" --set LISTEN_PORT="$LISTEN_PORT" \
   --set REGISTRY_PORT="$REGISTRY_PORT" --set DEPENDENCY_PROXY_PORT="$DEPENDENCY_PROXY_PORT" \
   --set EVENTS_PORT="$EVENTS_PORT" --set CONSUMER_PORT="$CONSUMER_PORT" --set WASM_PATH="$WASM" \
-  --set ECDS_DIR="$RUN_DIR/ecds" > "$RUN_DIR/envoy.yaml"
+  --set ECDS_DIR="$RUN_DIR/ecds" --set DEPENDENCY_PROXY_LISTEN_PORT="$DEPENDENCY_PROXY_LISTEN_PORT" > "$RUN_DIR/envoy.yaml"
 
 pids=()
 stop() {
@@ -141,14 +149,17 @@ registry-guard is up (config: $CONFIG_DIR)
   registry endpoint (Envoy + filter): http://127.0.0.1:$LISTEN_PORT   e.g. skopeo login --tls-verify=false 127.0.0.1:$LISTEN_PORT
   token service:                      http://127.0.0.1:$TOKEN_PORT/jwt/auth
   stock registry (loopback only):     http://127.0.0.1:$REGISTRY_PORT
-  dependency proxy (pull-through):    127.0.0.1:$LISTEN_PORT/<group>/dependency_proxy/containers/alpine:latest (cache :$DEPENDENCY_PROXY_PORT, hub :$HUB_PORT)
+  dependency proxy endpoint (seed 002): http://127.0.0.1:$DEPENDENCY_PROXY_LISTEN_PORT   e.g. skopeo login --tls-verify=false 127.0.0.1:$DEPENDENCY_PROXY_LISTEN_PORT
+                                      skopeo inspect --tls-verify=false docker://127.0.0.1:$DEPENDENCY_PROXY_LISTEN_PORT/acme/dependency_proxy/containers/alpine:latest
+    (also on the registry endpoint:   127.0.0.1:$LISTEN_PORT/<group>/dependency_proxy/containers/alpine:latest; cache :$DEPENDENCY_PROXY_PORT, hub :$HUB_PORT)
   Envoy admin / stats:                http://127.0.0.1:$ADMIN_PORT/stats?filter=registry_guard
   event consumer (counts):            curl -H "Authorization: Bearer \$(cat $RUN_DIR/consumer-read-token)" 'http://127.0.0.1:$CONSUMER_PORT/counts?period=week'   (open: /metrics)
 
 Push a policy bundle (edit $CONFIG_DIR/bundle.json, raise "revision"):
   target/release/rgctl sign $CONFIG_DIR/bundle.json --key $CONFIG_DIR/keys/operator-key.pem > /tmp/bundle.jws
   target/release/rgctl push /tmp/bundle.jws --operator-token-file $CONFIG_DIR/keys/operator-token \\
-    --envoy $RUN_DIR/ecds/registry-guard.json=http://127.0.0.1:$ADMIN_PORT --token-service http://127.0.0.1:$TOKEN_PORT
+    --envoy $RUN_DIR/ecds/registry-guard.json=http://127.0.0.1:$ADMIN_PORT \\
+    --envoy $RUN_DIR/ecds/registry-guard-dependency-proxy.json=http://127.0.0.1:$ADMIN_PORT --token-service http://127.0.0.1:$TOKEN_PORT
   target/release/rgctl status --envoy-admin http://127.0.0.1:$ADMIN_PORT --token-service http://127.0.0.1:$TOKEN_PORT
 Press Ctrl-C to stop.
 MSG

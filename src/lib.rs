@@ -288,10 +288,15 @@ impl RootContext for GuardRoot {
                 guard: Some(guard.clone()),
                 correlation: self.correlation.clone(),
                 metrics: self.metrics.clone(),
+                denied_body: None,
             })),
-            None => {
-                Some(Box::new(GuardHttp { context_id, guard: None, correlation: None, metrics: self.metrics.clone() }))
-            }
+            None => Some(Box::new(GuardHttp {
+                context_id,
+                guard: None,
+                correlation: None,
+                metrics: self.metrics.clone(),
+                denied_body: None,
+            })),
         }
     }
 
@@ -306,31 +311,160 @@ pub struct GuardHttp {
     guard: Option<Rc<RefCell<Guard>>>,
     correlation: Option<Rc<Correlation>>,
     metrics: Option<Rc<Metrics>>,
+    /// A refused request whose body is still arriving: its reply waits for the body's end.
+    denied_body: Option<DeniedBody>,
 }
 
 impl Context for GuardHttp {}
 
 impl HttpContext for GuardHttp {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let mut host = ProxyWasmHost;
         trap_if_injected(&mut host, self.guard.as_deref());
-        let outcome = on_request_headers(
-            &mut host,
-            self.context_id,
-            self.guard.as_deref(),
-            self.correlation.as_deref(),
-            self.metrics.as_deref(),
-        );
+        let outcome = if end_of_stream {
+            on_request_headers(
+                &mut host,
+                self.context_id,
+                self.guard.as_deref(),
+                self.correlation.as_deref(),
+                self.metrics.as_deref(),
+            )
+        } else {
+            // A body follows: a refusal is held until the body has been read (and dropped),
+            // so the client is not cut off while still sending it (see `DeniedBody`).
+            let cap = self
+                .guard
+                .as_deref()
+                .and_then(|g| g.try_borrow().ok().map(|g| g.config.denied_body_drain_bytes))
+                .unwrap_or(DEFAULT_DENIED_BODY_DRAIN_BYTES);
+            let (outcome, held) = on_request_headers_before_body(
+                &mut host,
+                self.context_id,
+                self.guard.as_deref(),
+                self.correlation.as_deref(),
+                self.metrics.as_deref(),
+            );
+            self.denied_body = held.map(|reply| DeniedBody::new(reply, cap));
+            outcome
+        };
         match outcome {
             // Marked allowed: the route forwards it.
             Outcome::Allowed | Outcome::AllowedWouldDeny => Action::Continue,
-            // A local reply was sent.
+            // A local reply was sent, or is held until the body has been read: Envoy's
+            // `allow_on_headers_stop_iteration` (set by `rgctl filter-resource`) turns this
+            // into StopIteration, so the body still reaches `on_http_request_body`.
             Outcome::Denied | Outcome::DeniedByRule | Outcome::Failed => Action::Pause,
             // No reply could be sent: the request goes on unmarked, and Envoy's backstop
             // route refuses it.
             Outcome::Unanswered => Action::Continue,
         }
     }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(held) = self.denied_body.as_mut() else {
+            return Action::Continue;
+        };
+        match held.on_body(&mut ProxyWasmHost, self.context_id, body_size, end_of_stream) {
+            HeldReply::Waiting => Action::Pause,
+            HeldReply::Sent => {
+                self.denied_body = None;
+                Action::Pause
+            }
+            // Unmarked, the request meets Envoy's backstop route (503), never the registry.
+            HeldReply::Unsent => {
+                self.denied_body = None;
+                Action::Continue
+            }
+        }
+    }
+}
+
+/// Default of `denied_body_drain_bytes` (the filter configuration's, when unreadable here).
+const DEFAULT_DENIED_BODY_DRAIN_BYTES: u64 = registry_guard_core::config::DEFAULT_DENIED_BODY_DRAIN_BYTES;
+
+/// A local reply decided at the request headers and held until the request body is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: String,
+}
+
+impl LocalReply {
+    fn send(&self, host: &mut impl Host, extra: &[(&'static str, &str)]) -> Result<(), String> {
+        let mut headers: Vec<(&str, &str)> = self.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        headers.extend_from_slice(extra);
+        host.send_response(self.status, &headers, self.body.as_bytes())
+    }
+}
+
+/// The body of a refused request. HTTP/1.1 clients that write a body while reading the
+/// answer (containerd's pusher, BuildKit) break or hang when the server answers and closes
+/// before the body is read, so the refusal is sent only once the body has ended. Each chunk
+/// is dropped from Envoy's buffer as it arrives (memory: one chunk), and at most `cap` bytes
+/// are read: past that the reply goes out at once and Envoy closes the connection.
+#[derive(Debug)]
+pub struct DeniedBody {
+    reply: LocalReply,
+    drained: u64,
+    cap: u64,
+}
+
+impl DeniedBody {
+    pub fn new(reply: LocalReply, cap: u64) -> DeniedBody {
+        DeniedBody { reply, drained: 0, cap }
+    }
+
+    /// Bytes of the body read and dropped so far.
+    pub fn drained(&self) -> u64 {
+        self.drained
+    }
+
+    /// One body callback: whether the refusal is still waiting for the body, was sent, or
+    /// could not be sent (then the request must go on unmarked, to Envoy's backstop).
+    pub fn on_body(
+        &mut self,
+        host: &mut impl Host,
+        context_id: u32,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> HeldReply {
+        self.drained = self.drained.saturating_add(body_size as u64);
+        if body_size > 0 {
+            if let Err(e) = host.replace_request_body(body_size, &[]) {
+                // Envoy's own buffer limit still bounds what it keeps.
+                log::warn!("[{context_id}] cannot drop the body of a refused request: {e}");
+            }
+        }
+        let over = self.drained > self.cap;
+        if !end_of_stream && !over {
+            return HeldReply::Waiting;
+        }
+        let extra: &[(&str, &str)] = if over { &[("connection", "close")] } else { &[] };
+        if over {
+            log::info!(
+                "[{context_id}] refused request's body exceeds {} bytes: replying now and closing the connection",
+                self.cap
+            );
+        }
+        match self.reply.send(host, extra) {
+            Ok(()) => HeldReply::Sent,
+            Err(e) => {
+                log::error!("[{context_id}] cannot send local reply: {e}; Envoy's backstop refuses the request");
+                HeldReply::Unsent
+            }
+        }
+    }
+}
+
+/// Where a held refusal stands after a body callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeldReply {
+    /// The body has not ended yet.
+    Waiting,
+    Sent,
+    /// The local reply could not be sent.
+    Unsent,
 }
 
 /// What happened to a request, for metrics.
@@ -357,7 +491,7 @@ pub fn on_request_headers(
     correlation: Option<&Correlation>,
     metrics: Option<&Metrics>,
 ) -> Outcome {
-    let outcome = decide_request(host, context_id, guard, correlation, metrics);
+    let outcome = decide_request(host, context_id, guard, correlation, metrics, None);
     if matches!(outcome, Outcome::Failed | Outcome::Unanswered) {
         if let Some(m) = metrics {
             m.failed(host);
@@ -366,27 +500,58 @@ pub fn on_request_headers(
     outcome
 }
 
+/// [`on_request_headers`] for a request whose body is still to come: a refusal is returned
+/// instead of sent, to be sent when the body has ended ([`DeniedBody`]).
+pub fn on_request_headers_before_body(
+    host: &mut impl Host,
+    context_id: u32,
+    guard: Option<&RefCell<Guard>>,
+    correlation: Option<&Correlation>,
+    metrics: Option<&Metrics>,
+) -> (Outcome, Option<LocalReply>) {
+    let mut held = None;
+    let outcome = decide_request(host, context_id, guard, correlation, metrics, Some(&mut held));
+    if matches!(outcome, Outcome::Failed | Outcome::Unanswered) {
+        if let Some(m) = metrics {
+            m.failed(host);
+        }
+    }
+    (outcome, held)
+}
+
+/// Sends `reply` now, or hands it to `hold` when the request body is still to come.
+fn reply_or_hold(host: &mut impl Host, reply: LocalReply, hold: Option<&mut Option<LocalReply>>) -> Result<(), String> {
+    match hold {
+        Some(slot) => {
+            *slot = Some(reply);
+            Ok(())
+        }
+        None => reply.send(host, &[]),
+    }
+}
+
 fn decide_request(
     host: &mut impl Host,
     context_id: u32,
     guard: Option<&RefCell<Guard>>,
     correlation: Option<&Correlation>,
     metrics: Option<&Metrics>,
+    hold: Option<&mut Option<LocalReply>>,
 ) -> Outcome {
     let Some(guard) = guard else {
-        return fail(host, context_id, "filter is not configured");
+        return fail(host, context_id, "filter is not configured", hold);
     };
     let headers = match host.request_headers() {
         Ok(h) => h,
-        Err(e) => return fail(host, context_id, &format!("cannot read request headers: {e}")),
+        Err(e) => return fail(host, context_id, &format!("cannot read request headers: {e}"), hold),
     };
     let pairs = match headers.pairs() {
         Ok(p) => p,
-        Err(e) => return fail(host, context_id, &format!("cannot read request headers: {e}")),
+        Err(e) => return fail(host, context_id, &format!("cannot read request headers: {e}"), hold),
     };
     let now = match host.now_unix_seconds() {
         Ok(t) => t,
-        Err(e) => return fail(host, context_id, &format!("cannot read host time: {e}")),
+        Err(e) => return fail(host, context_id, &format!("cannot read host time: {e}"), hold),
     };
     // Values are bytes (obs-text is legal in HTTP); as text, invalid UTF-8 becomes U+FFFD,
     // which no route, token or media type accepts.
@@ -416,10 +581,10 @@ fn decide_request(
     let content_type = (!content_types.is_empty()).then(|| content_types.join(","));
     let content_type = content_type.as_deref();
     let (Some(method), Some(path)) = (method.as_deref(), path.as_deref()) else {
-        return fail(host, context_id, "request has no :method or :path");
+        return fail(host, context_id, "request has no :method or :path", hold);
     };
     let Ok(mut guard) = guard.try_borrow_mut() else {
-        return fail(host, context_id, "guard state is busy");
+        return fail(host, context_id, "guard state is busy", hold);
     };
     let checked = guard.check(method, path, content_type, &authorization, now);
     let client_from = guard.config.client_address;
@@ -440,16 +605,16 @@ fn decide_request(
         Decision::Allow { would_deny: Some(_), .. } => Outcome::AllowedWouldDeny,
         Decision::Deny(d) => {
             let mut headers = vec![
-                ("content-type", "application/json"),
-                ("docker-distribution-api-version", "registry/2.0"),
+                ("content-type", "application/json".to_owned()),
+                ("docker-distribution-api-version", "registry/2.0".to_owned()),
                 // Tells operators (and the e2e corpus replay) the reply came from the filter.
-                ("x-registry-guard", "denied"),
+                ("x-registry-guard", "denied".to_owned()),
             ];
             if let Some(w) = d.www_authenticate.as_deref() {
-                headers.push(("www-authenticate", w));
+                headers.push(("www-authenticate", w.to_owned()));
             }
-            let body = d.body();
-            return match host.send_response(d.status, &headers, body.as_bytes()) {
+            let reply = LocalReply { status: d.status, headers, body: d.body() };
+            return match reply_or_hold(host, reply, hold) {
                 Ok(()) if d.rule.is_some() => Outcome::DeniedByRule,
                 Ok(()) => Outcome::Denied,
                 Err(e) => {
@@ -484,7 +649,7 @@ fn decide_request(
     }
     // The positive decision Envoy's route requires before forwarding (core `DECISION_HEADER`).
     if let Err(e) = host.set_request_header(DECISION_HEADER, DECISION_ALLOW) {
-        return fail(host, context_id, &format!("cannot mark the request as allowed: {e}"));
+        return fail(host, context_id, &format!("cannot mark the request as allowed: {e}"), hold);
     }
     allowed
 }
@@ -510,13 +675,18 @@ fn trap_if_injected(host: &mut impl Host, guard: Option<&RefCell<Guard>>) {
     }
 }
 
-/// Fail closed: 503 with an OCI error body. If even that reply cannot be sent, the request
-/// goes on unmarked and Envoy's backstop route refuses it (never a pause with nothing sent,
-/// which would hang the client until a timeout).
-fn fail(host: &mut impl Host, context_id: u32, why: &str) -> Outcome {
+/// Fail closed: 503 with an OCI error body (sent now, or held until the body has been read).
+/// If even that reply cannot be sent, the request goes on unmarked and Envoy's backstop route
+/// refuses it (never a pause with nothing sent, which would hang the client until a timeout).
+fn fail(host: &mut impl Host, context_id: u32, why: &str, hold: Option<&mut Option<LocalReply>>) -> Outcome {
     log::error!("[{context_id}] registry-guard internal error, refusing request: {why}");
     let body = r#"{"errors":[{"code":"UNAVAILABLE","message":"registry-guard cannot decide this request; refused","detail":null}]}"#;
-    match host.send_response(503, &[("content-type", "application/json")], body.as_bytes()) {
+    let reply = LocalReply {
+        status: 503,
+        headers: vec![("content-type", "application/json".to_owned())],
+        body: body.to_owned(),
+    };
+    match reply_or_hold(host, reply, hold) {
         Ok(()) => Outcome::Failed,
         Err(e) => {
             log::error!("[{context_id}] cannot send local reply: {e}; Envoy's backstop refuses the request");

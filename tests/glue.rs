@@ -319,9 +319,9 @@ fn denied_requests_are_not_tagged_and_malformed_envelopes_pass() {
 fn decisions_are_counted_by_kind_rule_and_cache() {
     let operator = es256_key(7);
     let bundle = serde_json::json!({"revision": 3, "protection_rules": [
-        {"id": "web-release-tags", "repository_path_pattern": "acme/web/*", "tag_name_pattern": "^v",
+        {"id": "web-release-tags", "owner": {"project": "acme/web"}, "repository_path_pattern": "acme/web/*", "tag_name_pattern": "^v",
          "minimum_access_level_for_push": "maintainer"},
-        {"id": "dry-delete", "repository_path_pattern": "acme/web/app", "minimum_access_level_for_push": "owner",
+        {"id": "dry-delete", "owner": {"project": "acme/web"}, "repository_path_pattern": "acme/web/app", "minimum_access_level_for_push": "owner",
          "enforce": false},
     ]});
     let cfg = serde_json::json!({

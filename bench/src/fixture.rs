@@ -37,26 +37,34 @@ const TAG_PATTERNS: [&str; 8] =
 /// The `protection_rules` array of a bundle with `n` rules.
 pub fn rules(n: usize) -> Vec<Value> {
     let fixed = [
-        json!({"id": "acme-delete", "repository_path_pattern": "acme/*",
+        json!({"id": "acme-delete", "owner": {"group": "acme"}, "repository_path_pattern": "acme/*",
                "minimum_access_level_for_delete": "maintainer"}),
-        json!({"id": "web-release-tags", "repository_path_pattern": "acme/web/*", "tag_name_pattern": "^v[0-9]+",
+        json!({"id": "web-release-tags", "owner": {"project": "acme/web"}, "repository_path_pattern": "acme/web/*", "tag_name_pattern": "^v[0-9]+",
                "minimum_access_level_for_push": "maintainer", "minimum_access_level_for_delete": "maintainer"}),
-        json!({"id": "web-app-push", "repository_path_pattern": "acme/web/app",
+        json!({"id": "web-app-push", "owner": {"project": "acme/web"}, "repository_path_pattern": "acme/web/app",
                "minimum_access_level_for_push": "developer"}),
     ];
     let mut out: Vec<Value> = fixed.into_iter().take(n).collect();
     for i in out.len()..n {
         let id = format!("rule-{i}");
         let rule = match i % 4 {
-            0 => json!({"id": id, "repository_path_pattern": format!("team-{i}/svc-{}", i % 97),
-                        "minimum_access_level_for_push": "maintainer"}),
-            1 => json!({"id": id, "repository_path_pattern": format!("team-{i}/*"),
-                        "minimum_access_level_for_push": "developer", "minimum_access_level_for_delete": "maintainer"}),
-            2 => json!({"id": id, "repository_path_pattern": format!("team-{i}/app-*"),
+            0 => {
+                json!({"id": id, "owner": {"group": format!("team-{i}")}, "repository_path_pattern": format!("team-{i}/svc-{}", i % 97),
+                        "minimum_access_level_for_push": "maintainer"})
+            }
+            1 => {
+                json!({"id": id, "owner": {"group": format!("team-{i}")}, "repository_path_pattern": format!("team-{i}/*"),
+                        "minimum_access_level_for_push": "developer", "minimum_access_level_for_delete": "maintainer"})
+            }
+            2 => {
+                json!({"id": id, "owner": {"group": format!("team-{i}")}, "repository_path_pattern": format!("team-{i}/app-*"),
                         "tag_name_pattern": TAG_PATTERNS.get(i % TAG_PATTERNS.len()).copied().unwrap_or("^v"),
-                        "minimum_access_level_for_push": "maintainer"}),
-            _ => json!({"id": id, "repository_path_pattern": format!("org-{}/team-{i}/*", i / 100),
-                        "delete_protected_up_to_access_level": "developer"}),
+                        "minimum_access_level_for_push": "maintainer"})
+            }
+            _ => {
+                json!({"id": id, "owner": {"group": format!("org-{}", i / 100)}, "repository_path_pattern": format!("org-{}/team-{i}/*", i / 100),
+                        "delete_protected_up_to_access_level": "developer"})
+            }
         };
         out.push(rule);
     }

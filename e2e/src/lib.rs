@@ -7,6 +7,8 @@
 //! `target/release/{rgctl,registry-guard-token-service}`,
 //! `target/filter/registry_guard.wasm`, `.venv/bin/envoy`.
 
+pub mod clients;
+
 use std::fs;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -61,6 +63,7 @@ pub fn with_canary(bundle: &serde_json::Value) -> serde_json::Value {
         if !rules.iter().any(|r| r["id"] == CANARY_RULE) {
             rules.push(serde_json::json!({
                 "id": CANARY_RULE,
+                "owner": {"project": "acme/web"},
                 "description": "e2e harness: proves after every push that protection is enforced",
                 "repository_path_pattern": "acme/web/*",
                 "tag_name_pattern": format!("^{CANARY_TAG}$"),
@@ -110,6 +113,8 @@ pub struct Stack {
     pub hub_port: u16,
     pub consumer_port: u16,
     pub events_port: u16,
+    /// Envoy's dependency-proxy listener (seed 002's own endpoint).
+    pub dependency_proxy_listen_port: u16,
     /// Whether the registry verifies tokens itself (see [`Options::registry_token_auth`]).
     pub registry_token_auth: bool,
     /// TEST ONLY: see [`Options::trap_on_header`].
@@ -171,6 +176,7 @@ impl Stack {
             hub_port: free_port(),
             consumer_port: free_port(),
             events_port: free_port(),
+            dependency_proxy_listen_port: free_port(),
             registry_token_auth: false,
             trap_on_header: options.trap_on_header.clone(),
             refuse_configure_after_first: options.refuse_configure_after_first,
@@ -453,6 +459,36 @@ impl Stack {
         self.path("ecds/registry-guard.json")
     }
 
+    /// The ECDS file of the dependency-proxy listener's filter.
+    pub fn dependency_proxy_ecds_file(&self) -> PathBuf {
+        self.path("ecds/registry-guard-dependency-proxy.json")
+    }
+
+    /// `host:port` of the dependency-proxy endpoint.
+    pub fn dependency_proxy_host(&self) -> String {
+        format!("127.0.0.1:{}", self.dependency_proxy_listen_port)
+    }
+
+    /// The dependency-proxy endpoint's filter: the registry's configuration with
+    /// `"endpoint": "dependency-proxy"`, as its own ECDS resource.
+    fn write_dependency_proxy_resource(&self, filter: &str, wasm: &Path) {
+        let mut v: serde_json::Value = serde_json::from_str(filter).expect("filter config json");
+        v["endpoint"] = "dependency-proxy".into();
+        let path = self.path("filter-dependency-proxy.json");
+        fs::write(&path, v.to_string()).expect("write dependency proxy filter config");
+        self.rgctl(&[
+            "filter-resource",
+            "--config",
+            &path.display().to_string(),
+            "--wasm",
+            &wasm.display().to_string(),
+            "--out",
+            &self.dependency_proxy_ecds_file().display().to_string(),
+            "--name",
+            "registry-guard-dependency-proxy",
+        ]);
+    }
+
     fn start_envoy(&mut self) {
         let keys = self.config_dir.join("keys");
         let filter = self.rgctl(&[
@@ -482,7 +518,7 @@ impl Stack {
             });
             v.to_string()
         };
-        fs::write(&filter_path, filter).expect("write filter config");
+        fs::write(&filter_path, &filter).expect("write filter config");
         let wasm = artifact("target/filter/registry_guard.wasm");
         self.rgctl(&[
             "filter-resource",
@@ -493,6 +529,7 @@ impl Stack {
             "--out",
             &self.ecds_file().display().to_string(),
         ]);
+        self.write_dependency_proxy_resource(&filter, &wasm);
         self.render(
             "envoy/envoy.yaml",
             "envoy.yaml",
@@ -505,6 +542,7 @@ impl Stack {
                 ("CONSUMER_PORT", self.consumer_port.to_string()),
                 ("WASM_PATH", wasm.display().to_string()),
                 ("ECDS_DIR", self.path("ecds").display().to_string()),
+                ("DEPENDENCY_PROXY_LISTEN_PORT", self.dependency_proxy_listen_port.to_string()),
             ],
             &[],
         );
@@ -582,6 +620,9 @@ impl Stack {
             "--token-service".into(),
             ts,
         ];
+        // The dependency-proxy endpoint's filter gets the same bundle.
+        let dp = format!("{}=http://127.0.0.1:{}", self.dependency_proxy_ecds_file().display(), self.admin_port);
+        args.extend(["--envoy".to_owned(), dp]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let out = Command::new(artifact("target/release/rgctl")).args(&args).output().expect("run rgctl push");
         eprintln!(

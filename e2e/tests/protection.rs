@@ -15,7 +15,7 @@ fn rules(revision: u64, rules: serde_json::Value) -> serde_json::Value {
 fn release_tags(revision: u64) -> serde_json::Value {
     rules(
         revision,
-        json!([{"id": "web-release-tags", "repository_path_pattern": "acme/web/*", "tag_name_pattern": "^v[0-9]+",
+        json!([{"id": "web-release-tags", "owner": {"project": "acme/web"}, "repository_path_pattern": "acme/web/*", "tag_name_pattern": "^v[0-9]+",
                 "minimum_access_level_for_push": "maintainer", "minimum_access_level_for_delete": "owner"}]),
     )
 }
@@ -84,7 +84,7 @@ fn protection_rules_on_real_pushes_and_deletes() {
     // withholds push from dev, and the client shows the rule, not a bare "denied".
     let b2 = stack.sign_bundle(
         "b2",
-        &rules(2, json!([{"id": "web-up-to-developer", "repository_path_pattern": "acme/web/*", "push_protected_up_to_access_level": "developer"}])),
+        &rules(2, json!([{"id": "web-up-to-developer", "owner": {"project": "acme/web"}, "repository_path_pattern": "acme/web/*", "push_protected_up_to_access_level": "developer"}])),
     );
     assert!(stack.push_bundle(&b2, &[]).status.success());
     let t = stack.token("dev", "dev-pass", &["repository:acme/web/app:pull,push"]).unwrap();
@@ -114,7 +114,7 @@ fn rejected_bundles_keep_the_last_good_revision() {
     // A signed bundle with an invalid rule: refused locally with its JSON path …
     let bad = stack.sign_bundle_unchecked(
         "bad",
-        &rules(5, json!([{"id": "x", "repository_path_pattern": "acme/*", "tag_name_pattern": "v(", "minimum_access_level_for_push": "owner"}])),
+        &rules(5, json!([{"id": "x", "owner": {"group": "acme"}, "repository_path_pattern": "acme/*", "tag_name_pattern": "v(", "minimum_access_level_for_push": "owner"}])),
     );
     let out = stack.push_bundle(&bad, &[]);
     assert!(!out.status.success());
@@ -177,7 +177,7 @@ fn live_pushes_drop_no_requests_and_apply_to_the_next_request() {
     }
     let block = stack.sign_bundle(
         "block",
-        &rules(5, json!([{"id": "freeze-web", "repository_path_pattern": "acme/web/*", "minimum_access_level_for_push": "owner"}])),
+        &rules(5, json!([{"id": "freeze-web", "owner": {"project": "acme/web"}, "repository_path_pattern": "acme/web/*", "minimum_access_level_for_push": "owner"}])),
     );
     assert!(stack.push_bundle(&block, &[]).status.success());
     std::thread::sleep(Duration::from_millis(300));

@@ -48,7 +48,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 
 fn bundle(revision: u64) -> serde_json::Value {
     let rules = if revision % 2 == 1 {
-        json!([{"id": "web-release-tags", "repository_path_pattern": "acme/web/*", "tag_name_pattern": "^v[0-9]+",
+        json!([{"id": "web-release-tags", "owner": {"project": "acme/web"}, "repository_path_pattern": "acme/web/*", "tag_name_pattern": "^v[0-9]+",
                 "minimum_access_level_for_push": "maintainer"}])
     } else {
         json!([])

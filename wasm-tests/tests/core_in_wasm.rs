@@ -22,11 +22,11 @@ fn decision_corpus_replays_in_wasm() {
 fn bundle_signature_and_validation_in_wasm() {
     let operator = es256_key(7);
     let keys = KeySet::from_jwks(&jwks(&[&operator])).unwrap();
-    let text = r#"{"revision": 3, "protection_rules": [{"id": "r", "repository_path_pattern": "acme/*", "tag_name_pattern": "^v[0-9]+", "minimum_access_level_for_push": "owner"}]}"#;
+    let text = r#"{"revision": 3, "protection_rules": [{"id": "r", "owner": {"group": "acme"}, "repository_path_pattern": "acme/*", "tag_name_pattern": "^v[0-9]+", "minimum_access_level_for_push": "owner"}]}"#;
     let signed = bundle::sign(text, &operator).unwrap();
     assert_eq!(bundle::verify(&signed, &keys).unwrap().revision, 3);
     assert!(bundle::verify(text, &keys).is_err());
-    let e = bundle::Policy::from_json(r#"{"revision": 1, "protection_rules": [{"id": "r", "repository_path_pattern": "a", "tag_name_pattern": "(", "minimum_access_level_for_push": "owner"}]}"#).unwrap_err();
+    let e = bundle::Policy::from_json(r#"{"revision": 1, "protection_rules": [{"id": "r", "owner": {"group": "a"}, "repository_path_pattern": "a", "tag_name_pattern": "(", "minimum_access_level_for_push": "owner"}]}"#).unwrap_err();
     assert_eq!(e.path, "$.protection_rules[0].tag_name_pattern");
 }
 

@@ -163,6 +163,41 @@ impl AccessLevel {
     }
 }
 
+impl AccessLevel {
+    /// The level with GitLab number `n`, if it is one.
+    pub fn from_number(n: u8) -> Option<AccessLevel> {
+        const ALL: [AccessLevel; 9] = [
+            AccessLevel::NoAccess,
+            AccessLevel::MinimalAccess,
+            AccessLevel::Guest,
+            AccessLevel::Planner,
+            AccessLevel::Reporter,
+            AccessLevel::Developer,
+            AccessLevel::Maintainer,
+            AccessLevel::Owner,
+            AccessLevel::Admin,
+        ];
+        ALL.into_iter().find(|l| l.number() == n)
+    }
+
+    /// Registry actions a principal at this level has on a project's repositories: pull
+    /// from reporter (anyone may pull a public or internal project: `public` adds it), push
+    /// from developer, delete from maintainer; admins everything.
+    pub fn registry_actions(self, public: bool) -> ActionSet {
+        let mut set = ActionSet::EMPTY;
+        if self >= AccessLevel::Reporter || public {
+            set = set.with(Action::Pull);
+        }
+        if self >= AccessLevel::Developer {
+            set = set.with(Action::Push);
+        }
+        if self >= AccessLevel::Maintainer {
+            set = set.with(Action::Delete);
+        }
+        set
+    }
+}
+
 impl fmt::Display for AccessLevel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} ({})", self.name(), self.number())

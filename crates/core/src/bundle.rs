@@ -71,6 +71,11 @@ fn yes() -> bool {
 #[serde(deny_unknown_fields)]
 struct RawRule {
     id: String,
+    /// The project or group the rule belongs to (seed 003's `project_id`/`namespace_id`),
+    /// as deploy tokens name theirs: `{"project": "acme/web"}` or `{"group": "acme"}`. The
+    /// pattern must lie within the owner's path.
+    #[serde(default)]
+    owner: Option<crate::deploy::Owner>,
     #[serde(default)]
     #[allow(dead_code)]
     description: Option<String>,
@@ -148,6 +153,28 @@ fn compile(raw: RawBundle) -> Result<Policy, BundleError> {
         let repository = PathPattern::parse(&r.repository_path_pattern).map_err(|e| {
             error(format!("{at}.repository_path_pattern"), format!("`{}`: {e}", r.repository_path_pattern))
         })?;
+        let owner = r.owner.ok_or_else(|| {
+            error(
+                format!("{at}.owner"),
+                "every rule names its owner: add `\"owner\": {\"project\": \"<path>\"}` or `{\"group\": \"<path>\"}`",
+            )
+        })?;
+        if !crate::name::is_repository_name(owner.path()) {
+            return Err(error(
+                format!("{at}.owner"),
+                format!("`{}` is not a valid group or project path", owner.path()),
+            ));
+        }
+        if !pattern_within(&r.repository_path_pattern, owner.path()) {
+            return Err(error(
+                format!("{at}.repository_path_pattern"),
+                format!(
+                    "`{}` is not within the rule's owner {owner}: the pattern must be `{p}` or start with `{p}/`",
+                    r.repository_path_pattern,
+                    p = owner.path()
+                ),
+            ));
+        }
         let tag = match &r.tag_name_pattern {
             None => None,
             Some(p) => Some(match regex_cache.get(p) {
@@ -172,7 +199,7 @@ fn compile(raw: RawBundle) -> Result<Policy, BundleError> {
                 "rule protects nothing: set `minimum_access_level_for_push|delete` or `push|delete_protected_up_to_access_level`",
             ));
         }
-        rules.push(Rule { id: r.id, repository, tag, push, delete, enforce: r.enforce });
+        rules.push(Rule { id: r.id, owner, repository, tag, push, delete, enforce: r.enforce });
     }
     let credentials =
         crate::deploy::compile(raw.deploy_tokens, raw.revocations).map_err(|(path, reason)| error(path, reason))?;
@@ -189,6 +216,12 @@ fn compile(raw: RawBundle) -> Result<Policy, BundleError> {
         credentials,
         claims,
     })
+}
+
+/// Whether every path `pattern` can match lies in `owner`'s subtree: the pattern is the
+/// owner's path itself or starts with it and `/` (its literal part then pins the owner).
+fn pattern_within(pattern: &str, owner: &str) -> bool {
+    pattern == owner || pattern.strip_prefix(owner).is_some_and(|rest| rest.starts_with('/'))
 }
 
 fn requirement(
@@ -427,7 +460,7 @@ mod tests {
             (r#"{"revision": "one"}"#, "$.revision", "invalid type"),
             (r#"{}"#, "$", "missing field `revision`"),
             (
-                r#"{"revision": 1, "protection_rules": [{"id": "a", "repository_path_pattern": "x", "minimum_access_level_for_push": "boss"}]}"#,
+                r#"{"revision": 1, "protection_rules": [{"id": "a", "owner": {"group": "x"}, "repository_path_pattern": "x", "minimum_access_level_for_push": "boss"}]}"#,
                 "$.protection_rules[0].minimum_access_level_for_push",
                 "unknown variant `boss`",
             ),
@@ -437,31 +470,72 @@ mod tests {
                 "not allowed",
             ),
             (
-                r#"{"revision": 1, "protection_rules": [{"id": "a", "repository_path_pattern": "x", "tag_name_pattern": "v(", "minimum_access_level_for_push": "owner"}]}"#,
+                r#"{"revision": 1, "protection_rules": [{"id": "a", "owner": {"group": "x"}, "repository_path_pattern": "x", "tag_name_pattern": "v(", "minimum_access_level_for_push": "owner"}]}"#,
                 "$.protection_rules[0].tag_name_pattern",
                 "not a valid RE2 pattern",
             ),
             (
-                r#"{"revision": 1, "protection_rules": [{"id": "a", "repository_path_pattern": "x", "minimum_access_level_for_push": "owner"}, {"id": "a", "repository_path_pattern": "y", "minimum_access_level_for_push": "owner"}]}"#,
+                r#"{"revision": 1, "protection_rules": [{"id": "a", "owner": {"group": "x"}, "repository_path_pattern": "x", "minimum_access_level_for_push": "owner"}, {"id": "a", "owner": {"group": "y"}, "repository_path_pattern": "y", "minimum_access_level_for_push": "owner"}]}"#,
                 "$.protection_rules[1].id",
                 "duplicate rule id `a`",
             ),
             (
-                r#"{"revision": 1, "protection_rules": [{"id": "a", "repository_path_pattern": "x"}]}"#,
+                r#"{"revision": 1, "protection_rules": [{"id": "a", "owner": {"group": "x"}, "repository_path_pattern": "x"}]}"#,
                 "$.protection_rules[0]",
                 "protects nothing",
             ),
             (
-                r#"{"revision": 1, "protection_rules": [{"id": "a", "repository_path_pattern": "x", "minimum_access_level_for_push": "owner", "push_protected_up_to_access_level": "developer"}]}"#,
+                r#"{"revision": 1, "protection_rules": [{"id": "a", "owner": {"group": "x"}, "repository_path_pattern": "x", "minimum_access_level_for_push": "owner", "push_protected_up_to_access_level": "developer"}]}"#,
                 "$.protection_rules[0].push_protected_up_to_access_level",
                 "not both",
             ),
             (
-                r#"{"revision": 1, "protection_rules": [{"id": "a", "repository_path_pattern": "x", "minimum_access_level_for_push": "owner", "colour": 1}]}"#,
+                r#"{"revision": 1, "protection_rules": [{"id": "a", "owner": {"group": "x"}, "repository_path_pattern": "x", "minimum_access_level_for_push": "owner", "colour": 1}]}"#,
                 "$.protection_rules[0].colour",
                 "unknown field",
             ),
         ];
+        let owner_cases = [
+            (
+                r#"{"revision": 1, "protection_rules": [{"id": "a", "repository_path_pattern": "acme/web/*", "minimum_access_level_for_push": "owner"}]}"#,
+                "$.protection_rules[0].owner",
+                "every rule names its owner",
+            ),
+            (
+                r#"{"revision": 1, "protection_rules": [{"id": "a", "owner": {"project": "acme/web"}, "repository_path_pattern": "*", "minimum_access_level_for_push": "owner"}]}"#,
+                "$.protection_rules[0].repository_path_pattern",
+                "not within the rule's owner project `acme/web`",
+            ),
+            (
+                r#"{"revision": 1, "protection_rules": [{"id": "a", "owner": {"group": "acme"}, "repository_path_pattern": "acme*", "minimum_access_level_for_push": "owner"}]}"#,
+                "$.protection_rules[0].repository_path_pattern",
+                "must be `acme` or start with `acme/`",
+            ),
+            (
+                r#"{"revision": 1, "protection_rules": [{"id": "a", "owner": {"group": "acme"}, "repository_path_pattern": "other/tools", "minimum_access_level_for_push": "owner"}]}"#,
+                "$.protection_rules[0].repository_path_pattern",
+                "not within",
+            ),
+            (
+                r#"{"revision": 1, "protection_rules": [{"id": "a", "owner": {"team": "acme"}, "repository_path_pattern": "acme", "minimum_access_level_for_push": "owner"}]}"#,
+                "$.protection_rules[0].owner",
+                "unknown variant",
+            ),
+        ];
+        for (text, path, reason) in owner_cases {
+            let e = Policy::from_json(text).unwrap_err();
+            assert_eq!(e.path, path, "{text}: {e}");
+            assert!(e.reason.contains(reason), "{text}: {e}");
+        }
+        for ok in [
+            r#"{"group": "acme"}, "repository_path_pattern": "acme/*""#,
+            r#"{"project": "acme/web"}, "repository_path_pattern": "acme/web""#,
+        ] {
+            let text = format!(
+                r#"{{"revision": 1, "protection_rules": [{{"id": "a", "owner": {ok}, "minimum_access_level_for_push": "owner"}}]}}"#
+            );
+            assert!(Policy::from_json(&text).is_ok(), "{text}");
+        }
         for (text, path, reason) in cases {
             let e = Policy::from_json(text).unwrap_err();
             assert_eq!(e.path, path, "{text}: {e}");

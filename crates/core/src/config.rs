@@ -43,6 +43,34 @@ struct RawFilterConfig<'a> {
     /// TEST ONLY, off by default: deliberately trap the wasm VM (see [`FaultInjection`]).
     #[serde(default)]
     fault_injection: Option<RawFaultInjection>,
+    /// At most this many bytes of a refused request's body are read (and dropped) before the
+    /// refusal is sent; past it the refusal goes out at once and the connection is closed.
+    #[serde(default = "default_denied_body_drain_bytes")]
+    denied_body_drain_bytes: u64,
+    /// Which endpoint this filter guards: `registry` (default) or `dependency-proxy`.
+    #[serde(default)]
+    endpoint: ServedEndpoint,
+}
+
+/// The endpoint a registry-role filter guards (its Envoy listener).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServedEndpoint {
+    /// The registry API (and, as before, the in-registry dependency proxy route).
+    #[default]
+    Registry,
+    /// The group dependency proxy on its own host, as GitLab serves it (seed 002): only
+    /// `GET /v2/` and pulls of `<group>/dependency_proxy/containers/<image>`; a deploy token
+    /// logs in and pulls only if it is a group token with `read_registry` and `write_registry`.
+    DependencyProxy,
+}
+
+/// Default of `denied_body_drain_bytes`: 8 MiB, twice the manifest size limit of registries
+/// (distribution 3, GitLab): every refused manifest `PUT` is read to its end.
+pub const DEFAULT_DENIED_BODY_DRAIN_BYTES: u64 = 8 << 20;
+
+fn default_denied_body_drain_bytes() -> u64 {
+    DEFAULT_DENIED_BODY_DRAIN_BYTES
 }
 
 #[derive(Debug, Deserialize)]
@@ -225,6 +253,10 @@ pub struct FilterConfig {
     pub client_address: ClientAddress,
     /// TEST ONLY fault injection; `None` unless the configuration asks for it.
     pub fault_injection: Option<FaultInjection>,
+    /// How much of a refused request's body is read before the refusal (see the raw field).
+    pub denied_body_drain_bytes: u64,
+    /// The endpoint this filter guards.
+    pub endpoint: ServedEndpoint,
 }
 
 /// A configuration error naming the field (JSON path) and the reason.
@@ -262,6 +294,9 @@ impl FilterConfig {
         }
         if raw.cache.max_entries == 0 || raw.cache.max_entries > 1_000_000 {
             return Err(error("$.cache.max_entries", "must be between 1 and 1000000"));
+        }
+        if raw.denied_body_drain_bytes > 1 << 30 {
+            return Err(error("$.denied_body_drain_bytes", "must be at most 1073741824"));
         }
         let fault_injection = match raw.fault_injection {
             None => None,
@@ -306,6 +341,8 @@ impl FilterConfig {
             correlation_slots: raw.correlation.slots,
             client_address: raw.correlation.client_address,
             fault_injection,
+            denied_body_drain_bytes: raw.denied_body_drain_bytes,
+            endpoint: raw.endpoint,
         })
     }
 }
@@ -382,6 +419,26 @@ mod tests {
             assert_eq!(e.field, field, "{extra}: {e}");
         }
         assert_eq!(FilterConfig::from_json(b"nope").unwrap_err().field, "$");
+    }
+
+    #[test]
+    fn endpoint_and_drain_settings() {
+        let c = FilterConfig::from_json(config(serde_json::json!({})).to_string().as_bytes()).unwrap();
+        assert_eq!((c.endpoint, c.denied_body_drain_bytes), (ServedEndpoint::Registry, 8 << 20));
+        let c = FilterConfig::from_json(
+            config(serde_json::json!({"endpoint": "dependency-proxy", "denied_body_drain_bytes": 1024}))
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!((c.endpoint, c.denied_body_drain_bytes), (ServedEndpoint::DependencyProxy, 1024));
+        for (bad, field) in [
+            (serde_json::json!({"endpoint": "proxy"}), "$.endpoint"),
+            (serde_json::json!({"denied_body_drain_bytes": 2u64 << 30}), "$.denied_body_drain_bytes"),
+        ] {
+            let e = FilterConfig::from_json(config(bad).to_string().as_bytes()).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+        }
     }
 
     #[test]

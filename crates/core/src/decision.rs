@@ -3,8 +3,9 @@
 
 use std::fmt::Write as _;
 
-use crate::access::AccessLevel;
+use crate::access::{AccessLevel, ActionSet};
 use crate::bundle::Policy;
+use crate::config::ServedEndpoint;
 use crate::deploy::{dependency_proxy_group, DeployDenial, DEPENDENCY_PROXY_LEVEL};
 use crate::name::is_tag;
 use crate::protection::{Actor, Operation, Protection};
@@ -174,6 +175,84 @@ impl Decision {
     }
 }
 
+/// [`decide`] for the endpoint a filter guards. On the dependency-proxy endpoint (seed 002,
+/// GitLab's own host): only `GET|HEAD /v2/` and pulls (manifests, blobs, tag lists) of
+/// `<group>/dependency_proxy/containers/<image>` exist (anything else: 404, or 405 for
+/// writes to a proxy path); a deploy token that passes every registry check must also be
+/// valid for the dependency proxy — a group token with `read_registry` and `write_registry`
+/// (GitLab's `valid_for_dependency_proxy?`) — or its login and pulls get 403.
+pub fn decide_at(
+    endpoint: ServedEndpoint,
+    route: Result<&Route, &RouteError>,
+    credential: Credential<'_>,
+    challenge: &ChallengeConfig,
+    policy: &Policy,
+    now: i64,
+) -> Decision {
+    if endpoint == ServedEndpoint::Registry {
+        return decide(route, credential, challenge, policy, now);
+    }
+    if let Ok(r) = route {
+        if let Some(denial) = dependency_proxy_route(r, policy) {
+            return Decision::Deny(denial);
+        }
+    }
+    let deploy_token = match &credential {
+        Credential::Valid(t) if is_deploy_token(t) => Some(t.subject.clone()),
+        _ => None,
+    };
+    let decision = decide(route, credential, challenge, policy, now);
+    if let (Decision::Allow { .. }, Some(username)) = (&decision, deploy_token) {
+        if let Some(dt) = policy.credentials.by_username(&username) {
+            if let Err(why) = dt.valid_for_dependency_proxy() {
+                return Decision::Deny(forbidden(why, policy));
+            }
+        }
+    }
+    decision
+}
+
+/// What the dependency-proxy endpoint refuses by shape, before any credential.
+fn dependency_proxy_route(route: &Route, policy: &Policy) -> Option<Denial> {
+    let not_here = |what: &str| Denial {
+        status: 404,
+        code: "NAME_UNKNOWN",
+        message: format!(
+            "{what} is not served here: the dependency proxy serves `<group>/dependency_proxy/containers/<image>` only"
+        ),
+        www_authenticate: None,
+        reason: format!(
+            "dependency-proxy endpoint: {what} is not a dependency proxy pull (bundle revision {})",
+            policy.revision
+        ),
+        rule: None,
+        kind: DenyKind::BadRequest,
+    };
+    match (&route.endpoint, route.method) {
+        (Endpoint::Base, _) => None,
+        (
+            Endpoint::Manifest { name, .. } | Endpoint::Blob { name, .. } | Endpoint::TagsList { name },
+            Method::Get | Method::Head,
+        ) if dependency_proxy_group(name).is_some() => None,
+        (endpoint, _) => match endpoint.repository() {
+            Some(name) if dependency_proxy_group(name).is_some() => Some(Denial {
+                status: 405,
+                code: "UNSUPPORTED",
+                message: format!("the dependency proxy is a read-only pull-through cache: `{name}` can only be pulled"),
+                www_authenticate: None,
+                reason: format!(
+                    "dependency-proxy endpoint: write or listing on `{name}` (bundle revision {})",
+                    policy.revision
+                ),
+                rule: None,
+                kind: DenyKind::BadRequest,
+            }),
+            Some(name) => Some(not_here(&format!("repository `{name}`"))),
+            None => Some(not_here("the catalog")),
+        },
+    }
+}
+
 /// Decides one request under `policy` (the active bundle; `Policy::default()` has no rules).
 pub fn decide(
     route: Result<&Route, &RouteError>,
@@ -222,17 +301,31 @@ pub fn decide(
     if let Some(denial) = principal_check(route, token, challenge, policy, now) {
         return Decision::Deny(denial);
     }
+    // What the request needs and the token lacks, split by whose it is: the principal's own
+    // level (stated in the token) permits it — only the token is short, a new token helps —
+    // or not: the person may not, and no token would help.
     let mut missing = Vec::new();
+    let mut token_lacks = Vec::new();
+    let mut may_not = Vec::new();
     for needed in &route.scopes {
         let granted = token.granted(&needed.resource);
         if !granted.covers(needed.actions) {
-            let granted = if granted.is_empty() { "nothing".to_owned() } else { granted.to_string() };
-            missing.push(format!(
-                "{} on {} `{}` (granted: {granted})",
-                needed.actions,
-                needed.resource.type_str(),
-                needed.resource.name()
-            ));
+            let granted_text = if granted.is_empty() { "nothing".to_owned() } else { granted.to_string() };
+            let lacking = granted.iter().fold(needed.actions, ActionSet::without);
+            let what = format!("{} `{}`", needed.resource.type_str(), needed.resource.name());
+            missing.push(format!("{} on {what} (granted: {granted_text})", needed.actions));
+            let level = match &needed.resource {
+                crate::scope::Resource::Repository(repo) if !is_deploy_token(token) => token.access_level(repo),
+                _ => None,
+            };
+            match level.and_then(AccessLevel::from_number) {
+                // Pull of a public project is not level-bound: only push/delete are judged.
+                Some(l) if !l.registry_actions(true).covers(lacking) => {
+                    may_not.push(format!("`{}` ({}) may not {lacking} on {what}", token.subject, l.name()));
+                }
+                _ => token_lacks
+                    .push(format!("this token does not grant {lacking} on {what} (it grants: {granted_text})")),
+            }
         }
     }
     let protection = protect(route, token, policy);
@@ -261,15 +354,28 @@ pub fn decide(
         return Decision::Allow { would_deny };
     }
     let missing = missing.join(", ");
+    let message = if may_not.is_empty() {
+        let wanted = route.scopes.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(" ");
+        format!(
+            "requested access to the resource is denied: {}; request a new token with scope `{wanted}`",
+            token_lacks.join(", ")
+        )
+    } else {
+        format!("requested access to the resource is denied: {}", may_not.join(", "))
+    };
     Decision::Deny(Denial {
         status: 401,
         code: "DENIED",
-        message: format!("requested access to the resource is denied: `{}` may not {missing}", token.subject),
+        message,
         www_authenticate: Some(www_authenticate(challenge, &route.scopes, Some("insufficient_scope"))),
-        reason: format!("subject `{}` lacks {missing}", token.subject),
+        reason: format!("token of `{}` lacks {missing}", token.subject),
         rule: None,
         kind: DenyKind::InsufficientScope,
     })
+}
+
+fn is_deploy_token(token: &VerifiedToken) -> bool {
+    token.auth_type.as_deref() == Some("deploy_token")
 }
 
 /// The bundle's view of the principal, before the token's grants: revocations; deploy
@@ -476,10 +582,43 @@ mod tests {
         assert_eq!((d.status, d.code), (401, "DENIED"));
         assert!(d.www_authenticate.unwrap().ends_with(r#"error="insufficient_scope""#));
         assert!(
-            d.message.contains("`dev` may not pull,push on repository `acme/web` (granted: pull)"),
+            d.message.contains("this token does not grant push on repository `acme/web` (it grants: pull)"),
             "{}",
             d.message
         );
+        assert!(d.message.ends_with("request a new token with scope `repository:acme/web:pull,push`"), "{}", d.message);
+        assert!(d.reason.contains("lacks pull,push on repository `acme/web` (granted: pull)"), "{}", d.reason);
+    }
+
+    #[test]
+    fn token_short_versus_person_may_not() {
+        // The token states the principal's level on the repository (`meta.access_level`).
+        let with_level = |level: u8, actions: &[&str]| {
+            let mut t = token(&[&format!("repository:acme/web:{}", actions.join(","))]);
+            t.access_levels = vec![("acme/web".into(), level)];
+            t
+        };
+        let del = classify("DELETE", "/v2/acme/web/manifests/v1", None).unwrap();
+        // mia is a maintainer (40): she may delete, her pull-only token does not grant it.
+        let t = with_level(40, &["pull"]);
+        let Decision::Deny(d) = decide(Ok(&del), Credential::Valid(&t), &challenge(), &Policy::default(), 0) else {
+            panic!()
+        };
+        assert!(d.message.contains("this token does not grant delete on repository `acme/web`"), "{}", d.message);
+        assert!(d.message.contains("request a new token"), "{}", d.message);
+        // A reporter (20) may not delete, whatever the token.
+        let t = with_level(20, &["pull"]);
+        let Decision::Deny(d) = decide(Ok(&del), Credential::Valid(&t), &challenge(), &Policy::default(), 0) else {
+            panic!()
+        };
+        assert!(d.message.contains("`dev` (reporter) may not delete on repository `acme/web`"), "{}", d.message);
+        assert!(!d.message.contains("new token"), "{}", d.message);
+        let push = classify("PUT", "/v2/acme/web/manifests/v1", None).unwrap();
+        let t = with_level(20, &["pull"]);
+        let Decision::Deny(d) = decide(Ok(&push), Credential::Valid(&t), &challenge(), &Policy::default(), 0) else {
+            panic!()
+        };
+        assert!(d.message.contains("`dev` (reporter) may not push on repository `acme/web`"), "{}", d.message);
     }
 
     #[test]

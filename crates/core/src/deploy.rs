@@ -46,6 +46,15 @@ pub enum Owner {
     Project(String),
 }
 
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Owner::Group(p) => write!(f, "group `{p}`"),
+            Owner::Project(p) => write!(f, "project `{p}`"),
+        }
+    }
+}
+
 impl Owner {
     pub fn path(&self) -> &str {
         match self {
@@ -122,6 +131,26 @@ impl DeployToken {
                     self.id, self.username
                 )));
             }
+        }
+        Ok(())
+    }
+
+    /// Whether this token may use the dependency proxy on its own endpoint, as GitLab's
+    /// `DeployToken#valid_for_dependency_proxy?`: a group token with both registry scopes.
+    pub fn valid_for_dependency_proxy(&self) -> Result<(), String> {
+        let who = format!("deploy token `{}`", self.username);
+        if let Owner::Project(p) = &self.owner {
+            return Err(format!(
+                "{who} belongs to project `{p}`; the dependency proxy accepts group deploy tokens only"
+            ));
+        }
+        let both =
+            self.scopes.contains(&DeployScope::ReadRegistry) && self.scopes.contains(&DeployScope::WriteRegistry);
+        if !both {
+            return Err(format!(
+                "{who} has scopes {}; the dependency proxy needs read_registry and write_registry",
+                self.scope_names()
+            ));
         }
         Ok(())
     }

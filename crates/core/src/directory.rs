@@ -293,17 +293,7 @@ impl Directory {
             return (ActionSet::of(&[Action::Pull, Action::Push, Action::Delete]), Some(project));
         }
         let level = self.access_level(user, &project.path);
-        let mut set = ActionSet::EMPTY;
-        if level >= AccessLevel::Reporter || project.visibility != Visibility::Private {
-            set = set.with(Action::Pull);
-        }
-        if level >= AccessLevel::Developer {
-            set = set.with(Action::Push);
-        }
-        if level >= AccessLevel::Maintainer {
-            set = set.with(Action::Delete);
-        }
-        (set, Some(project))
+        (level.registry_actions(project.visibility != Visibility::Private), Some(project))
     }
 
     /// Grants for a token request: requested ∩ permitted, per scope, dropping empty ones.

@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
 use crate::config::FilterConfig;
-use crate::decision::{bearer_candidate, decide, is_b64token, Credential, Decision};
+use crate::decision::{bearer_candidate, decide_at, is_b64token, Credential, Decision};
 use crate::route::classify;
 use crate::token::{TokenError, VerifiedToken};
 
@@ -154,13 +154,15 @@ impl Guard {
     ) -> Checked {
         let challenge = &self.config.challenge;
         let revision = self.config.policy.revision;
+        let endpoint = self.config.endpoint;
         let token = match bearer_candidate(authorization) {
             Err(why) => {
-                let decision = decide(route, Credential::NotBearer(why), challenge, &self.config.policy, now);
+                let decision =
+                    decide_at(endpoint, route, Credential::NotBearer(why), challenge, &self.config.policy, now);
                 return Checked::new(decision, revision);
             }
             Ok(None) => {
-                let decision = decide(route, Credential::Missing, challenge, &self.config.policy, now);
+                let decision = decide_at(endpoint, route, Credential::Missing, challenge, &self.config.policy, now);
                 return Checked::new(decision, revision);
             }
             Ok(Some(t)) => t,
@@ -178,32 +180,34 @@ impl Guard {
                 // when it was inserted (the cache compares whole tokens), so a hit skips it.
                 if !is_b64token(token) {
                     let why = crate::decision::NOT_BEARER;
-                    let decision = decide(route, Credential::NotBearer(why), challenge, &self.config.policy, now);
+                    let decision =
+                        decide_at(endpoint, route, Credential::NotBearer(why), challenge, &self.config.policy, now);
                     return Checked::new(decision, revision);
                 }
                 self.cache.misses += 1;
                 match self.config.verifier.verify_signature_and_claims(token) {
                     Ok(v) => self.cache.insert(token, v),
-                    Err(e) => return invalid(route, &e, challenge, revision, hit),
+                    Err(e) => return invalid(endpoint, route, &e, challenge, revision, hit),
                 }
             }
         };
         if let Err(e) = verified.check_time(now, leeway) {
-            return invalid(route, &e, challenge, revision, hit);
+            return invalid(endpoint, route, &e, challenge, revision, hit);
         }
-        let decision = decide(route, Credential::Valid(&verified), challenge, &self.config.policy, now);
+        let decision = decide_at(endpoint, route, Credential::Valid(&verified), challenge, &self.config.policy, now);
         Checked { decision, token: Some(verified), revision, cache_hit: Some(hit), scopes: None }
     }
 }
 
 fn invalid(
+    endpoint: crate::config::ServedEndpoint,
     route: Result<&crate::route::Route, &crate::route::RouteError>,
     e: &TokenError,
     challenge: &crate::decision::ChallengeConfig,
     revision: u64,
     cache_hit: bool,
 ) -> Checked {
-    let decision = decide(route, Credential::Invalid(e), challenge, &crate::bundle::Policy::default(), 0);
+    let decision = decide_at(endpoint, route, Credential::Invalid(e), challenge, &crate::bundle::Policy::default(), 0);
     Checked { cache_hit: Some(cache_hit), ..Checked::new(decision, revision) }
 }
 

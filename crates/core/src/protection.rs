@@ -104,6 +104,8 @@ impl fmt::Display for Requirement {
 #[derive(Debug, Clone)]
 pub struct Rule {
     pub id: String,
+    /// The project or group the rule belongs to; its pattern lies within the owner's path.
+    pub owner: crate::deploy::Owner,
     pub repository: PathPattern,
     /// Shared between rules with the same pattern (compiled once per bundle).
     pub tag: Option<std::sync::Arc<regex::bytes::Regex>>,
@@ -290,9 +292,10 @@ fn message(repo: &str, op: Operation<'_>, actor: Actor<'_>, (rule, req): (&Rule,
         ""
     };
     format!(
-        "container protected; you are not allowed to {} {what}: rule `{}` requires {} to {}, `{}` has {level}{digest_note}",
+        "container protected; you are not allowed to {} {what}: rule `{}` of {} requires {} to {}, `{}` has {level}{digest_note}",
         op.verb(),
         rule.id,
+        rule.owner,
         req,
         op.verb(),
         actor.name,
@@ -306,6 +309,7 @@ mod tests {
     fn rule(id: &str, repo: &str, tag: Option<&str>, push: Option<Requirement>, delete: Option<Requirement>) -> Rule {
         Rule {
             id: id.into(),
+            owner: crate::deploy::Owner::Group(repo.split('/').next().unwrap_or_default().trim_end_matches('*').into()),
             repository: PathPattern::parse(repo).unwrap(),
             tag: tag.map(|t| std::sync::Arc::new(regex::bytes::RegexBuilder::new(t).unicode(false).build().unwrap())),
             push,
@@ -407,7 +411,7 @@ mod tests {
         };
         assert_eq!(rule, "strict");
         assert!(message.starts_with("container protected; you are not allowed to push `acme/web/app`"), "{message}");
-        assert!(message.contains("rule `strict` requires owner or above"), "{message}");
+        assert!(message.contains("rule `strict` of group `acme` requires owner or above"), "{message}");
     }
 
     #[test]

@@ -231,7 +231,7 @@ fn classify_repository_path(
     match kind {
         "manifests" => {
             if !is_reference(last) {
-                return Err(RouteError::new(400, "MANIFEST_INVALID", format!("invalid manifest reference `{last}`")));
+                return Err(invalid_manifest_reference(last));
             }
             let name = named(name_part)?;
             let actions = match m {
@@ -244,7 +244,7 @@ fn classify_repository_path(
         }
         "blobs" => {
             if !is_digest(last) {
-                return Err(RouteError::new(400, "DIGEST_INVALID", format!("invalid blob digest `{last}`")));
+                return Err(invalid_blob_digest(last));
             }
             let name = named(name_part)?;
             let actions = match m {
@@ -278,6 +278,55 @@ fn classify_repository_path(
         }
         _ => Err(RouteError::not_found(path)),
     }
+}
+
+/// A manifest reference that is neither a tag nor a digest. Distribution 2.8.2's router
+/// only knows `<tag>` and `<digest>` references, so anything else is 404 there, and the OCI
+/// spec answers 404 (conformance: `manifests/.INVALID_MANIFEST_NAME`): 404 `MANIFEST_UNKNOWN`.
+/// A digest-shaped reference that does not verify (`sha256:totallywrong`, where distribution
+/// answers 500) stays a clean 400 `MANIFEST_INVALID`. Never forwarded either way.
+fn invalid_manifest_reference(reference: &str) -> RouteError {
+    let shown = truncate(reference);
+    if is_digest_shaped(reference) {
+        RouteError::new(400, "MANIFEST_INVALID", format!("invalid manifest digest `{shown}`"))
+    } else {
+        RouteError::new(404, "MANIFEST_UNKNOWN", format!("manifest unknown: `{shown}` is neither a tag nor a digest"))
+    }
+}
+
+/// A blob path segment that is not a valid digest: 404 `BLOB_UNKNOWN` when it does not even
+/// look like one (distribution's router: 404; the spec: 404), 400 `DIGEST_INVALID` when it
+/// does but fails (as distribution answers, e.g. `sha256:abc`).
+fn invalid_blob_digest(digest: &str) -> RouteError {
+    let shown = truncate(digest);
+    if is_digest_shaped(digest) {
+        RouteError::new(400, "DIGEST_INVALID", format!("invalid blob digest `{shown}`"))
+    } else {
+        RouteError::new(404, "BLOB_UNKNOWN", format!("blob unknown: `{shown}` is not a digest"))
+    }
+}
+
+/// The shape distribution's router accepts as a digest before parsing it (go-digest's
+/// `DigestRegexp`): `[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+`.
+fn is_digest_shaped(s: &str) -> bool {
+    let Some((algorithm, encoded)) = s.split_once(':') else { return false };
+    let component = |c: &str| !c.is_empty() && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    let mut rest = algorithm;
+    let algorithm_ok = loop {
+        match rest.find(['.', '+', '_', '-']) {
+            Some(i) => {
+                let (head, tail) = rest.split_at(i);
+                if !component(head) {
+                    break false;
+                }
+                rest = tail.get(1..).unwrap_or_default();
+            }
+            None => break component(rest),
+        }
+    };
+    algorithm_ok
+        && !encoded.is_empty()
+        && encoded.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'=' | b'_' | b'-'))
 }
 
 struct UploadQuery {
@@ -410,9 +459,9 @@ mod tests {
         assert_eq!(err("GET", "/v2/acme/../web/manifests/v1").0, 400);
         assert_eq!(err("GET", "/v2/acme;x/manifests/v1").0, 400);
         assert_eq!(err("GET", "/v2/Acme/manifests/v1"), (400, "NAME_INVALID"));
-        assert_eq!(err("GET", "/v2/acme/manifests/-bad"), (400, "MANIFEST_INVALID"));
+        assert_eq!(err("GET", "/v2/acme/manifests/-bad"), (404, "MANIFEST_UNKNOWN"));
         assert_eq!(err("GET", "/v1/acme/manifests/v1").0, 404);
-        assert_eq!(err("GET", "/v2/acme/blobs/uploads").0, 400);
+        assert_eq!(err("GET", "/v2/acme/blobs/uploads"), (404, "BLOB_UNKNOWN"));
         assert_eq!(err("POST", "/v2/acme/manifests/v1"), (405, "UNSUPPORTED"));
         assert_eq!(err("TRACE", "/v2/").0, 405);
         assert_eq!(err("POST", "/v2/a/blobs/uploads/?from=b&from=c").0, 400);
@@ -421,6 +470,25 @@ mod tests {
         assert_eq!(err("POST", "/v2/a/blobs/uploads/?from=%zz").0, 400);
         let long = format!("/v2/{}/manifests/v1", "a".repeat(256));
         assert_eq!(err("GET", &long), (400, "NAME_INVALID"));
+    }
+
+    #[test]
+    fn invalid_references_and_digests_answer_as_distribution_does() {
+        // (issue 15, OCI conformance) 404 where distribution's router does not match …
+        assert_eq!(err("GET", "/v2/acme/web/manifests/.INVALID_MANIFEST_NAME"), (404, "MANIFEST_UNKNOWN"));
+        assert_eq!(err("HEAD", "/v2/acme/web/manifests/.INVALID_MANIFEST_NAME"), (404, "MANIFEST_UNKNOWN"));
+        assert_eq!(err("PUT", "/v2/acme/web/manifests/.INVALID_MANIFEST_NAME"), (404, "MANIFEST_UNKNOWN"));
+        assert_eq!(err("GET", "/v2/acme/web/blobs/.INVALID"), (404, "BLOB_UNKNOWN"));
+        assert_eq!(err("GET", "/v2/acme/web/blobs/notadigest"), (404, "BLOB_UNKNOWN"));
+        assert_eq!(err("DELETE", "/v2/acme/web/blobs/SHA256:abc"), (404, "BLOB_UNKNOWN"));
+        // … and 400 where it parses a digest that fails (distribution: 400, or 500 for manifests).
+        assert_eq!(err("GET", "/v2/acme/web/manifests/sha256:totallywrong"), (400, "MANIFEST_INVALID"));
+        assert_eq!(err("GET", "/v2/acme/web/blobs/sha256:totallywrong"), (400, "DIGEST_INVALID"));
+        assert_eq!(err("GET", "/v2/acme/web/blobs/sha256:abc"), (400, "DIGEST_INVALID"));
+        assert!(is_digest_shaped("sha256+b64u.x-y_z:abc=-_"));
+        for not in ["sha256", ":abc", "sha256:", "Sha256:abc", "sha256:a.b", "-sha:abc", "sha..x:abc"] {
+            assert!(!is_digest_shaped(not), "{not}");
+        }
     }
 
     #[test]

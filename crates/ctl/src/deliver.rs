@@ -17,24 +17,37 @@ use registry_guard_core::token::KeySet;
 
 const STAT_PREFIX: &str = "extension_config_discovery.http_filter.registry-guard.";
 
+/// The ECDS stats prefix of the resource in `doc` (`registry-guard` unless it names another:
+/// the dependency-proxy endpoint's resource is `registry-guard-dependency-proxy`).
+fn stat_prefix(doc: &serde_json::Value) -> String {
+    match doc.pointer("/resources/0/name").and_then(|v| v.as_str()) {
+        Some(name) if name != "registry-guard" => format!("extension_config_discovery.http_filter.{name}."),
+        _ => STAT_PREFIX.to_owned(),
+    }
+}
+
 /// The ECDS resource (a DiscoveryResponse) holding the wasm filter with `config` JSON.
-fn resource(config_json: &str, wasm: &str) -> serde_json::Value {
+fn resource(config_json: &str, wasm: &str, name: &str) -> serde_json::Value {
     serde_json::json!({
         "resources": [{
             "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
-            "name": "registry-guard",
+            "name": name,
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
                 "config": {
-                    "name": "registry-guard",
+                    "name": name,
                     "root_id": "registry-guard",
                     // A trap kills the worker's VM: its requests get 503 (never a pass) and
                     // Envoy builds a new VM with this same configuration after a backoff
                     // (1 s base); FAIL_CLOSED would leave the worker refusing until restart.
                     "failure_policy": "FAIL_RELOAD",
+                    // A refusal is sent only after the request body has been read (filter
+                    // `DeniedBody`): pausing at the headers must still deliver the body to
+                    // the filter (StopIteration), not stop everything (StopAllIteration).
+                    "allow_on_headers_stop_iteration": true,
                     "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": config_json},
                     "vm_config": {
-                        "vm_id": "registry-guard",
+                        "vm_id": name,
                         "runtime": "envoy.wasm.runtime.v8",
                         "code": {"local": {"filename": wasm}}
                     }
@@ -55,10 +68,10 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-pub fn write_filter_resource(config_json: &str, wasm: &Path, out: &Path) -> Result<()> {
+pub fn write_filter_resource(config_json: &str, wasm: &Path, out: &Path, name: &str) -> Result<()> {
     registry_guard_core::config::FilterConfig::from_json(config_json.trim().as_bytes())?;
     let wasm = fs::canonicalize(wasm).with_context(|| format!("no filter at `{}`", wasm.display()))?;
-    let text = serde_json::to_string_pretty(&resource(config_json.trim(), &wasm.display().to_string()))?;
+    let text = serde_json::to_string_pretty(&resource(config_json.trim(), &wasm.display().to_string(), name))?;
     write_atomically(out, text.as_bytes())?;
     eprintln!("wrote {}", out.display());
     Ok(())
@@ -270,7 +283,8 @@ fn replace_config(
     }
     let before = envoy_stats(admin)?;
     write_atomically(ecds, serde_json::to_string_pretty(&doc)?.as_bytes())?;
-    let (reload, rejected) = (format!("{STAT_PREFIX}config_reload"), format!("{STAT_PREFIX}update_rejected"));
+    let prefix = stat_prefix(doc);
+    let (reload, rejected) = (format!("{prefix}config_reload"), format!("{prefix}update_rejected"));
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         std::thread::sleep(Duration::from_millis(100));

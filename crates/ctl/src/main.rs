@@ -134,6 +134,10 @@ enum Command {
         /// The ECDS file to write (e.g. `.run/example/ecds/registry-guard.json`).
         #[arg(long)]
         out: PathBuf,
+        /// The resource (and VM) name: the listener's `config_discovery` name in envoy.yaml
+        /// (`registry-guard`, or `registry-guard-dependency-proxy` for that endpoint).
+        #[arg(long, default_value = "registry-guard")]
+        name: String,
     },
     /// Sign registry tokens offline with a PEM key, one per line (for load generators).
     Mint {
@@ -195,6 +199,10 @@ enum Command {
         /// `use_remote_address: true`, as in envoy/envoy.yaml).
         #[arg(long, value_parser = ["peer", "x-forwarded-for"], default_value = "peer")]
         client_address: String,
+        /// The endpoint the filter guards: `registry`, or `dependency-proxy` (the group
+        /// dependency proxy on its own listener; seed 002's login and pull rules).
+        #[arg(long, value_parser = ["registry", "dependency-proxy"], default_value = "registry")]
+        endpoint: String,
     },
     /// Write a small OCI image layout (one layer) to push in demos and tests; no network.
     DemoImage {
@@ -285,7 +293,9 @@ fn run(cli: Cli) -> Result<()> {
             print!("{e}");
             Ok(())
         }
-        Command::FilterResource { config, wasm, out } => deliver::write_filter_resource(&read(&config)?, &wasm, &out),
+        Command::FilterResource { config, wasm, out, name } => {
+            deliver::write_filter_resource(&read(&config)?, &wasm, &out, &name)
+        }
         Command::Mint { key, count, sub, issuer, audience, scopes, access_level, auth_type, ttl_seconds, out } => {
             let key = load_signing_key(&key)?;
             let m = mint::Mint {
@@ -334,6 +344,7 @@ fn run(cli: Cli) -> Result<()> {
             bundle_keys,
             environment,
             client_address,
+            endpoint,
         } => {
             let jwks = read_json(&jwks)?;
             let mut config = serde_json::json!({
@@ -342,6 +353,9 @@ fn run(cli: Cli) -> Result<()> {
             });
             if client_address != "peer" {
                 config["correlation"] = serde_json::json!({ "client_address": client_address });
+            }
+            if endpoint != "registry" {
+                config["endpoint"] = endpoint.into();
             }
             if let Some(obj) = config.as_object_mut() {
                 if let Some(keys) = bundle_keys {

@@ -298,7 +298,7 @@ mod tests {
     use registry_guard_core::token::testing::{es256_key, jwks};
 
     const BUNDLE: &str = r#"{"revision": 4, "protection_rules": [
-        {"id": "p", "repository_path_pattern": "acme/*", "minimum_access_level_for_push": "owner"}]}"#;
+        {"id": "p", "owner": {"group": "acme"}, "repository_path_pattern": "acme/*", "minimum_access_level_for_push": "owner"}]}"#;
 
     #[test]
     fn atomic_write_replaces_and_leaves_no_temporary_file() {

@@ -134,7 +134,7 @@ async fn put_bundle_activates_persists_and_refuses() {
     assert_refused(&app, "junk".into(), rejected("signature", "not a compact JWS", Value::Null), 2).await;
     // Signed, but semantically invalid: the JSON path of the fault.
     let invalid = sign_raw(
-        &json!({"revision": 7, "protection_rules": [{"id": "t", "repository_path_pattern": "acme/*",
+        &json!({"revision": 7, "protection_rules": [{"id": "t", "owner": {"group": "acme"}, "repository_path_pattern": "acme/*",
                 "tag_name_pattern": "v(", "minimum_access_level_for_push": "owner"}]}),
         &operator_key(),
     );
@@ -273,7 +273,8 @@ async fn a_bundle_for_another_environment_is_refused() {
 async fn a_bundle_of_100k_rules_fits() {
     let rules: Vec<Value> = (0..100_000)
         .map(|i| {
-            json!({"id": format!("rule-{i}"), "repository_path_pattern": format!("team-{i}/project/*"),
+            json!({"id": format!("rule-{i}"), "owner": {"group": format!("team-{i}")},
+                   "repository_path_pattern": format!("team-{i}/project/*"),
                    "description": "protected up to developer, seed 003 reading",
                    "push_protected_up_to_access_level": "developer"})
         })

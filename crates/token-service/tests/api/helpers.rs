@@ -136,11 +136,11 @@ pub fn platform_bundle(revision: u64) -> String {
     json!({
         "revision": revision,
         "protection_rules": [
-            {"id": "platform", "repository_path_pattern": "acme/platform/*",
+            {"id": "platform", "owner": {"group": "acme/platform"}, "repository_path_pattern": "acme/platform/*",
              "push_protected_up_to_access_level": "developer"},
-            {"id": "web-release-tags", "repository_path_pattern": "acme/web/*", "tag_name_pattern": "^v[0-9]+",
+            {"id": "web-release-tags", "owner": {"project": "acme/web"}, "repository_path_pattern": "acme/web/*", "tag_name_pattern": "^v[0-9]+",
              "minimum_access_level_for_push": "owner"},
-            {"id": "web-delete-dry-run", "repository_path_pattern": "acme/web/*",
+            {"id": "web-delete-dry-run", "owner": {"project": "acme/web"}, "repository_path_pattern": "acme/web/*",
              "minimum_access_level_for_delete": "owner", "enforce": false}
         ]
     })
