@@ -10,6 +10,7 @@ use crate::name::is_tag;
 use crate::protection::{Actor, Operation, Protection};
 use crate::route::{Endpoint, Method, Route, RouteError};
 use crate::scope::Scope;
+use crate::text::quote;
 use crate::token::{TokenError, VerifiedToken};
 
 /// Where clients get tokens: the `realm` and `service` of the Bearer challenge.
@@ -264,9 +265,9 @@ pub fn decide(
     Decision::Deny(Denial {
         status: 401,
         code: "DENIED",
-        message: format!("requested access to the resource is denied: `{}` may not {missing}", token.subject),
+        message: format!("requested access to the resource is denied: `{}` may not {missing}", quote(&token.subject)),
         www_authenticate: Some(www_authenticate(challenge, &route.scopes, Some("insufficient_scope"))),
-        reason: format!("subject `{}` lacks {missing}", token.subject),
+        reason: format!("subject `{}` lacks {missing}", quote(&token.subject)),
         rule: None,
         kind: DenyKind::InsufficientScope,
     })
@@ -305,10 +306,19 @@ fn principal_check(
     if is_deploy {
         let Some(dt) = creds.by_username(&token.subject) else {
             return Some(unauthorized(
-                format!("deploy token `{}` is not known", token.subject),
+                format!("deploy token `{}` is not known", quote(&token.subject)),
                 DenyKind::DeployTokenUnusable,
             ));
         };
+        // Bound to the deploy token's id, not only its username: a JWT of a replaced deploy
+        // token (same username, new id) ends with the replacement.
+        if token.deploy_token_id != Some(dt.id) {
+            let why = match token.deploy_token_id {
+                Some(id) => format!("deploy token {id} (`{}`) was replaced by deploy token {}", dt.username, dt.id),
+                None => format!("token of deploy token `{}` does not name its deploy token id", dt.username),
+            };
+            return Some(unauthorized(why, DenyKind::DeployTokenUnusable));
+        }
         if let Err(DeployDenial::Unusable(why)) = dt.usable(now) {
             return Some(unauthorized(why, DenyKind::DeployTokenUnusable));
         }
@@ -322,6 +332,17 @@ fn principal_check(
                 Err(DeployDenial::Forbidden(why)) => return Some(forbidden(why, policy)),
                 Err(DeployDenial::Unusable(why)) => return Some(unauthorized(why, DenyKind::DeployTokenUnusable)),
             }
+            // Deploy tokens only inside projects, as users: a grant on a repository must name
+            // the project the token service found it in (`meta.project_path`), else the
+            // repository belongs to no project (`acme/rogue` under group `acme`) and no owner
+            // could manage it. The dependency proxy belongs to its group.
+            if dependency_proxy_group(repo).is_none() && !token.granted_repository(repo).is_empty() {
+                let in_project = token.project_path(repo).is_some_and(|p| crate::deploy::in_subtree(p, repo));
+                if !in_project {
+                    let why = format!("repository `{repo}` belongs to no project; deploy tokens only reach projects");
+                    return Some(name_unknown(repo, why, policy));
+                }
+            }
         }
         return None;
     }
@@ -331,7 +352,7 @@ fn principal_check(
             if level < DEPENDENCY_PROXY_LEVEL.number() {
                 let why = format!(
                     "`{}` is not a reporter or above of group `{group}` (dependency proxy needs {})",
-                    token.subject,
+                    quote(&token.subject),
                     DEPENDENCY_PROXY_LEVEL.name()
                 );
                 return Some(name_unknown(repo, why, policy));
@@ -430,6 +451,7 @@ mod tests {
             issued_at: None,
             grants: grants.iter().map(|g| Scope::parse(g).unwrap()).collect(),
             access_levels: vec![],
+            ..Default::default()
         }
     }
 
