@@ -10,7 +10,8 @@ use base64::Engine as _;
 use registry_guard_core::deploy::{self, DeployToken};
 use registry_guard_core::directory::Directory;
 use sha2::{Digest as _, Sha256};
-use tokio::sync::Semaphore;
+
+use crate::limits::{LoginGuard, Throttled};
 
 /// How a user proved who they are; also the `token_type` of the nested `user` JWT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,6 +178,9 @@ pub enum AuthError {
     /// ([`deploy_token_refusal`]) is safe to show, `detail` (the core's reason) is for logs.
     #[error("{message}")]
     DeployTokenUnusable { message: String, detail: String },
+    /// Too many password verifications waiting (the bounded argon2 queue).
+    #[error("{}", .0.message)]
+    Throttled(Throttled),
     #[error("password verification failed: {0}")]
     Internal(String),
 }
@@ -191,13 +195,14 @@ pub enum AuthError {
 /// wrong password. The secret is first looked up as a personal access token (by SHA-256 digest; the owner
 /// must be the Basic username and the token unexpired), then checked as the user's argon2id
 /// password on a blocking thread. An unknown user still costs one argon2 verification (against
-/// `decoy_hash`), so timing does not tell which usernames exist. At most as many argon2
-/// verifications run at once as `password_slots` has permits.
+/// `decoy_hash`), so timing does not tell which usernames exist. Argon2 verifications run in
+/// `login`'s slots behind a bounded queue ([`LoginGuard::argon2_slot`]); a full queue is
+/// [`AuthError::Throttled`].
 pub async fn authenticate(
     directory: &Directory,
     deploy_tokens: &deploy::Credentials,
     decoy_hash: Option<&str>,
-    password_slots: &Semaphore,
+    login: &LoginGuard,
     credentials: &Credentials,
     now: i64,
 ) -> Result<Authenticated, AuthError> {
@@ -225,8 +230,9 @@ pub async fn authenticate(
         return Err(AuthError::InvalidCredentials);
     };
     let secret = credentials.secret.clone();
-    // Bounds concurrent argon2 runs (each may take tens of MiB) however many requests come in.
-    let _slot = password_slots.acquire().await.map_err(|e| AuthError::Internal(e.to_string()))?;
+    // Bounds concurrent argon2 runs (each may take tens of MiB) and the requests waiting for
+    // one, however many come in.
+    let _slot = login.argon2_slot().await.map_err(AuthError::Throttled)?;
     let matches = tokio::task::spawn_blocking(move || verify_password(&hash, &secret))
         .await
         .map_err(|e| AuthError::Internal(e.to_string()))?;

@@ -15,6 +15,8 @@ use registry_guard_core::token::{KeySet, KidFormat, SigningKey};
 use serde::Deserialize;
 
 use crate::keys;
+use crate::limits::LoginLimits;
+use crate::server::ServerLimits;
 
 /// The service's own settings file, optional; every field has a default.
 pub const SETTINGS_FILE: &str = "token-service.json";
@@ -45,6 +47,10 @@ struct RawSettings {
     bundle_keys: Option<PathBuf>,
     /// Where the active signed bundle lives (read at startup, written on `PUT /bundle`).
     bundle: PathBuf,
+    /// Login abuse limits on `/jwt/auth` (see `limits`).
+    login_limits: LoginLimits,
+    /// Connection limits and timeouts of the HTTP server (see `server`).
+    server: ServerLimits,
 }
 
 impl Default for RawSettings {
@@ -58,6 +64,8 @@ impl Default for RawSettings {
             kid_format: KidFormat::default(),
             bundle_keys: None,
             bundle: PathBuf::from(DEFAULT_BUNDLE_FILE),
+            login_limits: LoginLimits::default(),
+            server: ServerLimits::default(),
         }
     }
 }
@@ -207,6 +215,8 @@ pub struct Config {
     pub policy: Policy,
     /// Whether `policy` came from a bundle file (rather than being the default).
     pub bundle_loaded: bool,
+    pub login_limits: LoginLimits,
+    pub server: ServerLimits,
 }
 
 impl Config {
@@ -228,6 +238,8 @@ impl Config {
                 format!("must be between 1 and {MAX_TOKEN_TTL_SECONDS}, got {}", raw.token_ttl_seconds),
             ));
         }
+        raw.login_limits.check().map_err(|(f, reason)| ConfigError::new(&settings_path, Some(f), reason))?;
+        raw.server.check().map_err(|(f, reason)| ConfigError::new(&settings_path, Some(f), reason))?;
         let keys = key_ring(dir, &settings_path, raw.signing_key, raw.signing_keys, raw.kid_format)?;
         let directory = load_principals(&dir.join(PRINCIPALS_FILE))?;
         if raw.bundle.as_os_str().is_empty() {
@@ -254,6 +266,8 @@ impl Config {
             bundle_path,
             policy,
             bundle_loaded,
+            login_limits: raw.login_limits,
+            server: raw.server,
         })
     }
 }
