@@ -545,7 +545,7 @@ impl Stack {
         let mut access = Vec::new();
         let mut approx = 400;
         let mut i = 0;
-        while approx < size * 3 / 4 {
+        while approx < size * 16 / 25 {
             let name = format!("acme/web/app-{n}-{i}-{}", "x".repeat(60));
             approx += name.len() + 80;
             access.push(AccessClaim {

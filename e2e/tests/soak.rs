@@ -312,7 +312,7 @@ fn soak() {
     {
         let (stack, stop, counts, guest) = (stack.clone(), stop.clone(), counts.clone(), guest.clone());
         handles.push(std::thread::spawn(move || {
-            let huge_id = "r".repeat(59 * 1024);
+            let huge_id = "r".repeat(59_000);
             let mut n = 0u64;
             let mut last_login = Instant::now();
             while !stop.load(Ordering::Relaxed) {

@@ -231,11 +231,19 @@ pub async fn authenticate(
     };
     let secret = credentials.secret.clone();
     // Bounds concurrent argon2 runs (each may take tens of MiB) and the requests waiting for
-    // one, however many come in.
-    let _slot = login.argon2_slot().await.map_err(AuthError::Throttled)?;
-    let matches = tokio::task::spawn_blocking(move || verify_password(&hash, &secret))
-        .await
-        .map_err(|e| AuthError::Internal(e.to_string()))?;
+    // one, however many come in. Each run uses the slot's own memory, allocated once and
+    // reused: allocating tens of MiB per run on ever new blocking threads kept hundreds of
+    // MiB resident in the allocator's per-thread arenas.
+    let slot = login.argon2_slot().await.map_err(AuthError::Throttled)?;
+    let mut memory = login.take_memory();
+    let (matches, memory) = tokio::task::spawn_blocking(move || {
+        let matches = verify_password_with(&hash, &secret, &mut memory);
+        (matches, memory)
+    })
+    .await
+    .map_err(|e| AuthError::Internal(e.to_string()))?;
+    login.return_memory(memory);
+    drop(slot);
     match user {
         Some(user) if own_hash.is_some() && matches => {
             Ok(Authenticated::user(&user.username, user.id, AuthType::Password, None))
@@ -247,6 +255,29 @@ pub async fn authenticate(
 /// True when `secret` matches the argon2 PHC string `hash` (parameters come from the string).
 pub fn verify_password(hash: &str, secret: &str) -> bool {
     PasswordHash::new(hash).is_ok_and(|parsed| Argon2::default().verify_password(secret.as_bytes(), &parsed).is_ok())
+}
+
+/// [`verify_password`] computing the hash in `memory` (resized to the hash's `m` blocks and
+/// kept by the caller for the next run), compared in constant time.
+pub fn verify_password_with(hash: &str, secret: &str, memory: &mut Vec<argon2::Block>) -> bool {
+    let Ok(parsed) = PasswordHash::new(hash) else { return false };
+    let (Ok(params), Ok(algorithm)) = (argon2::Params::try_from(&parsed), argon2::Algorithm::try_from(parsed.algorithm))
+    else {
+        return false;
+    };
+    let version = match parsed.version.map(argon2::Version::try_from) {
+        None => argon2::Version::default(),
+        Some(Ok(v)) => v,
+        Some(Err(_)) => return false,
+    };
+    let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else { return false };
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else { return false };
+    memory.resize(params.block_count(), argon2::Block::default());
+    let mut out = vec![0u8; expected.len()];
+    let argon = Argon2::new(algorithm, version, params);
+    argon.hash_password_into_with_memory(secret.as_bytes(), salt, &mut out, memory.as_mut_slice()).is_ok()
+        && constant_time_eq(&out, expected.as_bytes())
 }
 
 #[cfg(test)]
@@ -290,6 +321,20 @@ mod tests {
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
         assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn verification_with_reused_memory_matches_the_library() {
+        use argon2::password_hash::{PasswordHasher as _, SaltString};
+        let params = argon2::Params::new(512, 2, 1, None).unwrap();
+        let argon = Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let hash = argon.hash_password(b"right", &SaltString::encode_b64(b"0123456789abcdef").unwrap()).unwrap().to_string();
+        let mut memory = Vec::new();
+        assert!(verify_password_with(&hash, "right", &mut memory));
+        assert!(!verify_password_with(&hash, "wrong", &mut memory));
+        assert_eq!(memory.len(), 512);
+        assert!(verify_password(&hash, "right") && !verify_password(&hash, "wrong"));
+        assert!(!verify_password_with("not a hash", "right", &mut memory));
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub struct LoginLimits {
     pub per_client: Rate,
     /// Failed logins of one username.
     pub per_username: Rate,
-    /// Concurrent argon2 verifications (default: twice the available cores).
+    /// Concurrent argon2 verifications (default: one per available core).
     pub argon2_slots: Option<usize>,
     /// Verifications that may wait for a slot; more are refused at once.
     pub argon2_queue: usize,
@@ -204,12 +204,15 @@ pub struct LoginGuard {
     pub per_username: KeyedLimiter,
     slots: Semaphore,
     waiting: AtomicUsize,
+    /// argon2 memory, one buffer per slot, reused from run to run.
+    memory: Mutex<Vec<Vec<argon2::Block>>>,
     pub stats: LoginStats,
 }
 
-/// Concurrent argon2 verifications by default: twice the available cores.
+/// Concurrent argon2 verifications by default: one per available core (argon2 is CPU-bound;
+/// more slots only add memory: each holds the hash's `m` KiB, 19 MiB for OWASP's default).
 fn default_slots() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get().saturating_mul(2))
+    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 impl LoginGuard {
@@ -219,6 +222,7 @@ impl LoginGuard {
             per_username: KeyedLimiter::new(limits.per_username, limits.max_tracked_keys),
             slots: Semaphore::new(limits.argon2_slots.unwrap_or_else(default_slots)),
             waiting: AtomicUsize::new(0),
+            memory: Mutex::new(Vec::new()),
             stats: LoginStats::default(),
             limits,
         }
@@ -248,6 +252,16 @@ impl LoginGuard {
     /// Counts a failed login; returns the running total.
     pub fn login_failed(&self) -> u64 {
         self.stats.failed_logins.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// argon2 memory for a run in a slot (a buffer kept from an earlier run, or a new one).
+    pub fn take_memory(&self) -> Vec<argon2::Block> {
+        self.memory.lock().unwrap_or_else(PoisonError::into_inner).pop().unwrap_or_default()
+    }
+
+    /// Gives a run's memory back for the next run.
+    pub fn return_memory(&self, memory: Vec<argon2::Block>) {
+        self.memory.lock().unwrap_or_else(PoisonError::into_inner).push(memory);
     }
 
     /// A slot for one argon2 verification: at once, or after waiting in a bounded queue.
