@@ -269,6 +269,13 @@ fn slow_clients_cannot_hold_connections() {
     }
     // And the service still answers.
     assert_eq!(stack.request("GET", "/v2/", None).status, 401);
+
+    // One route grammar: a name ending in `dependency_proxy/containers` would be routed by
+    // Envoy to the pull-through cache as `/v2/manifests/latest`; the filter refuses it.
+    let token = stack.token("alice", "alice-pass", &[]).expect("token");
+    let reply = stack.request("GET", "/v2/acme/dependency_proxy/containers/manifests/latest", Some(&token));
+    assert_eq!(reply.status, 400, "{}", reply.body);
+    assert!(reply.body.contains("NAME_INVALID"), "{}", reply.body);
 }
 
 #[test]
