@@ -317,7 +317,7 @@ fn soak() {
             let mut last_login = Instant::now();
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
-                let (class, ok) = if n % 2 == 0 {
+                let (class, ok) = if n.is_multiple_of(2) {
                     let r = ureq::get(&stack.url("/v2/"))
                         .timeout(Duration::from_secs(30))
                         .set("Authorization", &format!("Bearer {guest}"))

@@ -261,7 +261,8 @@ pub fn verify_password(hash: &str, secret: &str) -> bool {
 /// kept by the caller for the next run), compared in constant time.
 pub fn verify_password_with(hash: &str, secret: &str, memory: &mut Vec<argon2::Block>) -> bool {
     let Ok(parsed) = PasswordHash::new(hash) else { return false };
-    let (Ok(params), Ok(algorithm)) = (argon2::Params::try_from(&parsed), argon2::Algorithm::try_from(parsed.algorithm))
+    let (Ok(params), Ok(algorithm)) =
+        (argon2::Params::try_from(&parsed), argon2::Algorithm::try_from(parsed.algorithm))
     else {
         return false;
     };
@@ -328,7 +329,8 @@ mod tests {
         use argon2::password_hash::{PasswordHasher as _, SaltString};
         let params = argon2::Params::new(512, 2, 1, None).unwrap();
         let argon = Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
-        let hash = argon.hash_password(b"right", &SaltString::encode_b64(b"0123456789abcdef").unwrap()).unwrap().to_string();
+        let hash =
+            argon.hash_password(b"right", &SaltString::encode_b64(b"0123456789abcdef").unwrap()).unwrap().to_string();
         let mut memory = Vec::new();
         assert!(verify_password_with(&hash, "right", &mut memory));
         assert!(!verify_password_with(&hash, "wrong", &mut memory));
