@@ -576,7 +576,9 @@ fn decide_request(
         }
     }
     let authorization: Vec<&str> = authorization.iter().map(|a| a.as_ref()).collect();
-    let request_id = request_id.as_deref();
+    // Client-controlled: kept (audited, stored for correlation, copied into events) only
+    // when short and of safe characters; a hostile id is dropped (core `text::request_id`).
+    let request_id = request_id.as_deref().and_then(registry_guard_core::text::request_id);
     // A repeated Content-Type is judged on all its values (the registry reads the first).
     let content_type = (!content_types.is_empty()).then(|| content_types.join(","));
     let content_type = content_type.as_deref();
@@ -656,10 +658,15 @@ fn decide_request(
 
 /// The last entry of an `X-Forwarded-For` value: the address Envoy appended when it has
 /// `use_remote_address: true` (see `ClientAddress::XForwardedFor`).
+/// Only text shaped like an IP address is taken (at most 45 bytes of hex digits, `.` and
+/// `:`), since it is stored and restored into events; anything else is dropped. (A byte
+/// check, not `IpAddr` parsing, which costs the filter kilobytes of code.)
 fn last_forwarded_for(value: &[u8]) -> Option<String> {
     let last = value.rsplit(|&b| b == b',').next()?;
     let last = std::str::from_utf8(last).ok()?.trim();
-    (!last.is_empty()).then(|| last.to_owned())
+    let shaped =
+        !last.is_empty() && last.len() <= 45 && last.bytes().all(|b| b.is_ascii_hexdigit() || b == b'.' || b == b':');
+    shaped.then(|| last.to_owned())
 }
 
 /// TEST ONLY (`fault_injection.trap_on_header`, absent unless configured): a request carrying

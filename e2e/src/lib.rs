@@ -776,6 +776,41 @@ impl Stack {
         registry_guard_core::token::SigningKey::new(p256::ecdsa::SigningKey::from_pkcs8_pem(&pem).expect("pem"))
     }
 
+    /// A valid registry token (signed with the token service's key) for `sub` of about
+    /// `size` bytes — many pull grants on `acme/web/*` repositories, each naming project
+    /// `acme/web` — with `jti` `hostile-<n>`, so every call yields a distinct token: what a
+    /// client minting many large tokens sends (issue 14).
+    pub fn large_token(&self, sub: &str, n: u64, size: usize) -> String {
+        use registry_guard_core::token::{sign, AccessClaim, AccessMeta, Audience, RegistryClaims, Validity};
+        let mut access = Vec::new();
+        let mut approx = 400;
+        let mut i = 0;
+        while approx < size * 16 / 25 {
+            let name = format!("acme/web/app-{n}-{i}-{}", "x".repeat(60));
+            approx += name.len() + 80;
+            access.push(AccessClaim {
+                resource_type: "repository".into(),
+                name,
+                actions: vec!["pull".into()],
+                meta: Some(AccessMeta { project_path: Some("acme/web".into()), access_level: Some(30) }),
+            });
+            i += 1;
+        }
+        let claims = RegistryClaims {
+            iss: "registry-guard".into(),
+            sub: sub.into(),
+            aud: Audience::One("container_registry".into()),
+            jti: format!("hostile-{n}"),
+            access,
+            auth_type: Some("password".into()),
+            user: None,
+            extra: Default::default(),
+        };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        let validity = Validity { issued_at: now, not_before: now - 5, expires_at: now + 3600 };
+        sign(&self.signing_key(), claims, validity).expect("sign a large token")
+    }
+
     /// Fetches a token from the token service as `user:secret` for `scopes`.
     pub fn token(&self, user: &str, secret: &str, scopes: &[&str]) -> Result<String, (u16, String)> {
         let mut req = ureq::get(&self.realm()).query("service", "container_registry");

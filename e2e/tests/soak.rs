@@ -18,6 +18,13 @@
 //!   odd revisions carry rule `web-release-tags` (push of `v*` tags of `acme/web/*` needs
 //!   maintainer), even revisions no rule.
 //!
+//! - **hostile client** (issue 14, one request at a time): a guest's `GET /v2/` with a 59 KB
+//!   `X-Request-Id` → 200; a fresh valid ~15 KB token (many scopes, a new one every time, so
+//!   each is verified and cached) → 200; and once a second a wrong password for a new unknown
+//!   user at the token service → 401 or 429. The token service's RSS is sampled too and may
+//!   not exceed `SOAK_TOKEN_SERVICE_RSS_MIB` (default 128 MiB); Envoy's RSS bound below
+//!   covers this class as well.
+//!
 //! **Which bundle was active.** The pusher bumps an epoch counter before it writes the ECDS
 //! file (odd: push in flight) and again after `rgctl push` has confirmed the new revision in
 //! Envoy's stats (even: stable), storing the confirmed revision in between. The flip probe
@@ -183,6 +190,16 @@ fn soak() {
         parts.join(".")
     };
     let envoy_pid = stack.pid("envoy").expect("envoy pid");
+    let token_service_pid = stack.pid("token-service").expect("token service pid");
+    let token_service_rss_bound_mib = env_u64("SOAK_TOKEN_SERVICE_RSS_MIB", 128);
+    let guest = stack.token("gus", "gus-pass", &[]).unwrap();
+
+    // The hostile class's large tokens fill the filter's token caches up to their byte bound
+    // (16 MiB per VM); fill them before the run, so the warm-up baseline includes them.
+    for n in 0..1_200 {
+        let t = stack.large_token("dev", 1_000_000 + n, 15 * 1024);
+        assert_eq!(call(&stack, "GET", "/v2/", Some(&t)).map(|r| r.status).unwrap_or(0), 200, "cache fill {n}");
+    }
 
     let start = Instant::now();
     let end = start + Duration::from_secs(seconds);
@@ -291,6 +308,51 @@ fn soak() {
         }));
     }
 
+    // Hostile client (issue 14): huge request ids, many large valid tokens, wrong passwords.
+    {
+        let (stack, stop, counts, guest) = (stack.clone(), stop.clone(), counts.clone(), guest.clone());
+        handles.push(std::thread::spawn(move || {
+            let huge_id = "r".repeat(59_000);
+            let mut n = 0u64;
+            let mut last_login = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let (class, ok) = if n.is_multiple_of(2) {
+                    let r = ureq::get(&stack.url("/v2/"))
+                        .timeout(Duration::from_secs(30))
+                        .set("Authorization", &format!("Bearer {guest}"))
+                        .set("X-Request-Id", &format!("{n}-{huge_id}"))
+                        .call();
+                    ("hostile: 59 KB request id", matches!(r, Ok(ref r) if r.status() == 200))
+                } else {
+                    let t = stack.large_token("dev", n, 15 * 1024);
+                    let r = call(&stack, "GET", "/v2/", Some(&t));
+                    ("hostile: new 15 KB token", matches!(r, Ok(ref r) if r.status == 200))
+                };
+                let mut c = counts.lock().unwrap();
+                if ok {
+                    c.ok(class);
+                } else {
+                    c.violation(format!("{class}: request {n} not answered 200"));
+                }
+                drop(c);
+                if last_login.elapsed() >= Duration::from_secs(1) {
+                    last_login = Instant::now();
+                    let status = match stack.token(&format!("hostile-{n}"), "wrong-password", &[]) {
+                        Ok(_) => 200,
+                        Err((status, _)) => status,
+                    };
+                    let mut c = counts.lock().unwrap();
+                    if status == 401 || status == 429 {
+                        c.ok("hostile: bad login");
+                    } else {
+                        c.violation(format!("hostile: a wrong password was answered {status}"));
+                    }
+                }
+            }
+        }));
+    }
+
     // skopeo pushes and pulls.
     let skopeo_runs = Arc::new(AtomicU64::new(0));
     {
@@ -319,12 +381,15 @@ fn soak() {
 
     // Memory sampler.
     let samples = Arc::new(Mutex::new(Vec::<(Duration, u64, i64)>::new()));
+    let token_service_rss_max = Arc::new(AtomicU64::new(0));
     {
-        let (stack, stop, samples) = (stack.clone(), stop.clone(), samples.clone());
+        let (stack, stop, samples, ts_max) =
+            (stack.clone(), stop.clone(), samples.clone(), token_service_rss_max.clone());
         handles.push(std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 let vms = stat(&stack, "wasm.envoy.wasm.runtime.v8.active");
                 samples.lock().unwrap().push((start.elapsed(), rss_kib(envoy_pid), vms));
+                ts_max.fetch_max(rss_kib(token_service_pid), Ordering::Relaxed);
                 std::thread::sleep(Duration::from_secs(1));
             }
         }));
@@ -374,6 +439,13 @@ fn soak() {
             rss_max_after / 1024
         ));
     }
+    let ts_rss_max = token_service_rss_max.load(Ordering::Relaxed);
+    if ts_rss_max > token_service_rss_bound_mib * 1024 {
+        counts.violation(format!(
+            "token service RSS reached {} MiB (bound {token_service_rss_bound_mib} MiB)",
+            ts_rss_max / 1024
+        ));
+    }
     if vms_end > vms_warm_max {
         counts.violation(format!("live wasm VMs grew: {vms_end} at the end, at most {vms_warm_max} during warm-up"));
     }
@@ -400,6 +472,7 @@ fn soak() {
         rss_max / 1024
     );
     eprintln!("live wasm VMs: max {vms_warm_max} during warm-up, max {vms_max} overall, {vms_end} at end");
+    eprintln!("token service RSS: max {} MiB (bound {token_service_rss_bound_mib})", ts_rss_max / 1024);
     eprintln!("violations: {} (unexpected 5xx: {fivexx})", counts.violations.len());
     assert!(
         counts.violations.is_empty(),

@@ -6,6 +6,7 @@ use serde_json::json;
 
 use crate::decision::Decision;
 use crate::guard::Checked;
+use crate::text::{bounded, quote, quote_max, MAX_AUDIT_PATH_CHARS, MAX_REASON_CHARS};
 
 /// What the glue knows about the request besides the decision.
 #[derive(Debug, Clone, Copy, Default)]
@@ -13,6 +14,8 @@ pub struct RequestInfo<'a> {
     pub method: &'a str,
     /// The request path; the query is dropped.
     pub path: &'a str,
+    /// The request's `X-Request-Id`; only an id that [`crate::text::request_id`] accepts
+    /// is written (a hostile one is left out, however long).
     pub request_id: Option<&'a str>,
     /// The downstream peer.
     pub client: Option<&'a str>,
@@ -30,22 +33,25 @@ pub fn line(checked: &Checked, request: RequestInfo<'_>, now: i64) -> Option<Str
     let time = u64::try_from(now).ok().map(|secs| {
         humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)).to_string()
     });
+    // Every field a client controls is bounded and escaped (see `crate::text`): one audit
+    // line stays under ~2 KiB whatever the request carried.
+    let path = request.path.split('?').next().unwrap_or_default();
     let line = json!({
         "audit": "registry-guard",
         "time": time,
-        "request_id": request.request_id,
+        "request_id": request.request_id.and_then(crate::text::request_id),
         "decision": decision,
         "status": status,
         "kind": kind,
         "rule": rule,
         "revision": checked.revision,
-        "principal": checked.subject(),
-        "auth_type": checked.auth_type(),
-        "method": request.method,
-        "path": request.path.split('?').next().unwrap_or_default(),
-        "scopes": checked.scopes,
-        "client": request.client,
-        "reason": redact(reason),
+        "principal": checked.subject().map(quote),
+        "auth_type": checked.auth_type().map(quote),
+        "method": quote(request.method),
+        "path": quote_max(path, MAX_AUDIT_PATH_CHARS),
+        "scopes": checked.scopes.as_deref().map(|s| quote_max(s, MAX_AUDIT_PATH_CHARS)),
+        "client": request.client.map(quote),
+        "reason": redact(&bounded(reason, MAX_REASON_CHARS)),
     });
     Some(line.to_string())
 }
@@ -106,6 +112,7 @@ mod tests {
                 issued_at: None,
                 grants: Vec::new(),
                 access_levels: Vec::new(),
+                ..Default::default()
             })),
             revision: 7,
             cache_hit: Some(true),
@@ -144,6 +151,25 @@ mod tests {
         let text = line(&c, RequestInfo::default(), 0).unwrap();
         assert!(text.contains("token [redacted] is bad"), "{text}");
         assert!(text.contains("`a.b.c` and v1.2.3"), "{text}");
+    }
+
+    #[test]
+    fn hostile_request_ids_and_paths_are_bounded() {
+        // Issue 14: a 59 KB X-Request-Id and a huge path wrote an 85 KB audit line.
+        let c = denial("no");
+        let huge_id = "x".repeat(59 * 1024);
+        let huge_path = format!("/v2/{}/manifests/v1", "a".repeat(60_000));
+        let info = RequestInfo { method: "GET", path: &huge_path, request_id: Some(&huge_id), client: None };
+        let text = line(&c, info, 0).unwrap();
+        assert!(text.len() < 2048, "{} bytes", text.len());
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(v["request_id"].is_null());
+        assert!(v["path"].as_str().unwrap().contains("bytes)"), "{}", v["path"]);
+        // A request id with a newline or quotes is dropped, not stored.
+        let info = RequestInfo { request_id: Some("a\nb"), ..info };
+        assert!(serde_json::from_str::<serde_json::Value>(&line(&c, info, 0).unwrap()).unwrap()["request_id"].is_null());
+        let c = denial(&"reason ".repeat(10_000));
+        assert!(line(&c, RequestInfo::default(), 0).unwrap().len() < 2048);
     }
 
     #[test]

@@ -212,12 +212,23 @@ fn path_error(e: crate::de::PathError) -> ConfigError {
 struct RawCache {
     #[serde(default = "default_cache_entries")]
     max_entries: usize,
+    /// Bound on the bytes of cached tokens and their parsed claims (see `guard::TokenCache`).
+    #[serde(default = "default_cache_bytes")]
+    max_bytes: usize,
 }
 
 impl Default for RawCache {
     fn default() -> Self {
-        RawCache { max_entries: default_cache_entries() }
+        RawCache { max_entries: default_cache_entries(), max_bytes: default_cache_bytes() }
     }
+}
+
+/// Default byte bound of the token cache: 16 MiB per VM (about 4,000 typical 2 KiB tokens
+/// with their claims; about 500 of the largest, 16 KiB, tokens).
+pub const DEFAULT_CACHE_BYTES: usize = 16 << 20;
+
+fn default_cache_bytes() -> usize {
+    DEFAULT_CACHE_BYTES
 }
 
 fn default_leeway() -> i64 {
@@ -243,6 +254,8 @@ pub struct FilterConfig {
     pub challenge: ChallengeConfig,
     pub verifier: Verifier,
     pub cache_entries: usize,
+    /// Byte bound of the token cache (`cache.max_bytes`).
+    pub cache_bytes: usize,
     /// The verified bundle (`Policy::default()`, revision 0, when none is configured).
     pub policy: Policy,
     /// The deployment this filter serves (bundles must name it).
@@ -298,6 +311,9 @@ impl FilterConfig {
         if raw.denied_body_drain_bytes > 1 << 30 {
             return Err(error("$.denied_body_drain_bytes", "must be at most 1073741824"));
         }
+        if raw.cache.max_bytes < 64 * 1024 || raw.cache.max_bytes > 1 << 30 {
+            return Err(error("$.cache.max_bytes", "must be between 65536 and 1073741824"));
+        }
         let fault_injection = match raw.fault_injection {
             None => None,
             Some(f) => {
@@ -336,6 +352,7 @@ impl FilterConfig {
             challenge: ChallengeConfig { realm: raw.realm, service: raw.service.clone() },
             verifier: Verifier { keys, issuer: raw.issuer, audience: raw.service, leeway_seconds: raw.leeway_seconds },
             cache_entries: raw.cache.max_entries,
+            cache_bytes: raw.cache.max_bytes,
             policy,
             environment: raw.environment,
             correlation_slots: raw.correlation.slots,

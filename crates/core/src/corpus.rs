@@ -62,6 +62,10 @@ pub struct CaseToken {
     /// `jti` claim (default `corpus-<case name>`).
     #[serde(default)]
     pub jti: Option<String>,
+    /// For a deploy token: the id put into the nested `user` JWT's `user_info`, as the
+    /// token service issues it (the filter binds deploy-token JWTs to it).
+    #[serde(default)]
+    pub deploy_token_id: Option<u64>,
 }
 
 fn trusted() -> String {
@@ -118,6 +122,17 @@ impl Case {
                     "unknown" => untrusted,
                     other => return Err(format!("case `{}`: unknown key `{other}`", self.name)),
                 };
+                let validity = Validity { issued_at: now, not_before: now + t.nbf, expires_at: now + t.exp };
+                let user = match t.deploy_token_id {
+                    Some(id) => {
+                        let user_claims = serde_json::json!({
+                            "jti": format!("corpus-user-{}", self.name),
+                            "user_info": {"token_type": "deploy_token", "username": t.sub, "deploy_token_id": id},
+                        });
+                        Some(sign(key, user_claims, validity).map_err(|e| e.to_string())?)
+                    }
+                    None => None,
+                };
                 let claims = RegistryClaims {
                     iss: t.iss.clone().unwrap_or_else(|| ISSUER.into()),
                     sub: t.sub.clone(),
@@ -125,10 +140,9 @@ impl Case {
                     jti: t.jti.clone().unwrap_or_else(|| format!("corpus-{}", self.name)),
                     access: t.access.clone(),
                     auth_type: Some(t.auth_type.clone().unwrap_or_else(|| "password".into())),
-                    user: None,
+                    user,
                     extra: Default::default(),
                 };
-                let validity = Validity { issued_at: now, not_before: now + t.nbf, expires_at: now + t.exp };
                 Some(sign(key, claims, validity).map_err(|e| e.to_string())?)
             }
         };

@@ -11,6 +11,7 @@ use crate::name::is_tag;
 use crate::protection::{Actor, Operation, Protection};
 use crate::route::{Endpoint, Method, Route, RouteError};
 use crate::scope::Scope;
+use crate::text::quote;
 use crate::token::{TokenError, VerifiedToken};
 
 /// Where clients get tokens: the `realm` and `service` of the Bearer challenge.
@@ -312,7 +313,7 @@ pub fn decide(
         if !granted.covers(needed.actions) {
             let granted_text = if granted.is_empty() { "nothing".to_owned() } else { granted.to_string() };
             let lacking = granted.iter().fold(needed.actions, ActionSet::without);
-            let what = format!("{} `{}`", needed.resource.type_str(), needed.resource.name());
+            let what = format!("{} `{}`", needed.resource.type_str(), quote(needed.resource.name()));
             missing.push(format!("{} on {what} (granted: {granted_text})", needed.actions));
             let level = match &needed.resource {
                 crate::scope::Resource::Repository(repo) if !is_deploy_token(token) => token.access_level(repo),
@@ -321,7 +322,7 @@ pub fn decide(
             match level.and_then(AccessLevel::from_number) {
                 // Pull of a public project is not level-bound: only push/delete are judged.
                 Some(l) if !l.registry_actions(true).covers(lacking) => {
-                    may_not.push(format!("`{}` ({}) may not {lacking} on {what}", token.subject, l.name()));
+                    may_not.push(format!("`{}` ({}) may not {lacking} on {what}", quote(&token.subject), l.name()));
                 }
                 _ => token_lacks
                     .push(format!("this token does not grant {lacking} on {what} (it grants: {granted_text})")),
@@ -368,7 +369,7 @@ pub fn decide(
         code: "DENIED",
         message,
         www_authenticate: Some(www_authenticate(challenge, &route.scopes, Some("insufficient_scope"))),
-        reason: format!("token of `{}` lacks {missing}", token.subject),
+        reason: format!("token of `{}` lacks {missing}", quote(&token.subject)),
         rule: None,
         kind: DenyKind::InsufficientScope,
     })
@@ -411,10 +412,19 @@ fn principal_check(
     if is_deploy {
         let Some(dt) = creds.by_username(&token.subject) else {
             return Some(unauthorized(
-                format!("deploy token `{}` is not known", token.subject),
+                format!("deploy token `{}` is not known", quote(&token.subject)),
                 DenyKind::DeployTokenUnusable,
             ));
         };
+        // Bound to the deploy token's id, not only its username: a JWT of a replaced deploy
+        // token (same username, new id) ends with the replacement.
+        if token.deploy_token_id != Some(dt.id) {
+            let why = match token.deploy_token_id {
+                Some(id) => format!("deploy token {id} (`{}`) was replaced by deploy token {}", dt.username, dt.id),
+                None => format!("token of deploy token `{}` does not name its deploy token id", dt.username),
+            };
+            return Some(unauthorized(why, DenyKind::DeployTokenUnusable));
+        }
         if let Err(DeployDenial::Unusable(why)) = dt.usable(now) {
             return Some(unauthorized(why, DenyKind::DeployTokenUnusable));
         }
@@ -428,6 +438,17 @@ fn principal_check(
                 Err(DeployDenial::Forbidden(why)) => return Some(forbidden(why, policy)),
                 Err(DeployDenial::Unusable(why)) => return Some(unauthorized(why, DenyKind::DeployTokenUnusable)),
             }
+            // Deploy tokens only inside projects, as users: a grant on a repository must name
+            // the project the token service found it in (`meta.project_path`), else the
+            // repository belongs to no project (`acme/rogue` under group `acme`) and no owner
+            // could manage it. The dependency proxy belongs to its group.
+            if dependency_proxy_group(repo).is_none() && !token.granted_repository(repo).is_empty() {
+                let in_project = token.project_path(repo).is_some_and(|p| crate::deploy::in_subtree(p, repo));
+                if !in_project {
+                    let why = format!("repository `{repo}` belongs to no project; deploy tokens only reach projects");
+                    return Some(name_unknown(repo, why, policy));
+                }
+            }
         }
         return None;
     }
@@ -437,7 +458,7 @@ fn principal_check(
             if level < DEPENDENCY_PROXY_LEVEL.number() {
                 let why = format!(
                     "`{}` is not a reporter or above of group `{group}` (dependency proxy needs {})",
-                    token.subject,
+                    quote(&token.subject),
                     DEPENDENCY_PROXY_LEVEL.name()
                 );
                 return Some(name_unknown(repo, why, policy));
@@ -536,6 +557,7 @@ mod tests {
             issued_at: None,
             grants: grants.iter().map(|g| Scope::parse(g).unwrap()).collect(),
             access_levels: vec![],
+            ..Default::default()
         }
     }
 

@@ -345,6 +345,27 @@ impl Directory {
         }))
     }
 
+    /// Grants for a deploy token: [`crate::deploy::DeployToken::grant`] (requested ∩ scopes
+    /// ∩ owner subtree), kept only on repositories inside a project — each named with its
+    /// project in `meta.project_path`, which the filter requires — or on the dependency proxy
+    /// of an existing group. A repository under no project (`acme/rogue` where `acme` is a
+    /// group and no project contains it) is granted nothing, as for users.
+    pub fn deploy_grant(&self, token: &crate::deploy::DeployToken, requested: &[Scope]) -> Vec<Grant> {
+        token
+            .grant(requested)
+            .into_iter()
+            .filter_map(|mut g| {
+                let Resource::Repository(repo) = &g.scope.resource else { return None };
+                if let Some(group) = crate::deploy::dependency_proxy_group(repo) {
+                    return self.groups.contains_key(group).then_some(g);
+                }
+                let project = self.project_of(repo)?;
+                g.project_path = Some(project.path.clone());
+                Some(g)
+            })
+            .collect()
+    }
+
     /// The level stated in tokens: `admin` for admins, else the membership level.
     pub fn effective_level(&self, user: &User, path: &str) -> AccessLevel {
         if user.admin {
@@ -467,6 +488,26 @@ mod tests {
         assert_eq!(dir.grant(rita, &req)[0].access_level, Some(AccessLevel::Reporter));
         let nowhere = Scope::parse_all(["repository:nogroup/dependency_proxy/containers/alpine:pull"]).unwrap();
         assert!(dir.grant(rita, &nowhere).is_empty());
+    }
+
+    #[test]
+    fn deploy_tokens_are_granted_only_inside_projects() {
+        let dir = Directory::from_json(EXAMPLE).unwrap();
+        let policy = Policy::from_json(include_str!("../../../policies/example/bundle.json")).unwrap();
+        let acme_ci = policy.credentials.by_username("acme-ci").unwrap();
+        let req = Scope::parse_all([
+            "repository:acme/web/app:pull,push repository:acme/rogue:pull,push repository:acme:pull \
+             repository:acme/dependency_proxy/containers/alpine:pull repository:nogroup/dependency_proxy/containers/x:pull",
+        ])
+        .unwrap();
+        let g = dir.deploy_grant(acme_ci, &req);
+        let granted: Vec<String> = g.iter().map(|g| g.scope.to_string()).collect();
+        assert_eq!(
+            granted,
+            ["repository:acme/web/app:pull,push", "repository:acme/dependency_proxy/containers/alpine:pull"]
+        );
+        assert_eq!(g[0].project_path.as_deref(), Some("acme/web"));
+        assert_eq!(g[1].project_path, None);
     }
 
     #[test]

@@ -75,7 +75,15 @@ pub fn explain(
                 Resource::Catalog => None,
             })
             .collect(),
+        project_paths: grants
+            .iter()
+            .filter_map(|g| match &g.scope.resource {
+                Resource::Repository(r) => Some((r.clone(), g.project_path.clone()?)),
+                Resource::Catalog => None,
+            })
+            .collect(),
         grants: grants.into_iter().map(|g| g.scope).collect(),
+        deploy_token_id: None,
     };
     let decision = decide(Ok(&route), Credential::Valid(&token), &challenge, policy, 0);
     Ok(Explanation { decision, lines })

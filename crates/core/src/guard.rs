@@ -9,8 +9,11 @@ use crate::decision::{bearer_candidate, decide_at, is_b64token, Credential, Deci
 use crate::route::classify;
 use crate::token::{TokenError, VerifiedToken};
 
-/// Verified tokens, bounded in entries (oldest evicted first) and by each token's expiry.
-/// Only successful verifications are cached; time claims are rechecked on every hit.
+/// Verified tokens, bounded in entries and in bytes (oldest evicted first) and by each
+/// token's expiry. Only successful verifications are cached; time claims are rechecked on
+/// every hit. An entry costs the token's length plus its parsed claims
+/// ([`VerifiedToken::approx_bytes`]) plus a fixed overhead; an entry larger than the whole
+/// byte budget is not cached (it is verified on every use).
 ///
 /// Keys are whole tokens compared byte for byte; the hash is foldhash (SipHash over a 1 kB
 /// token was a sixth of a cached decision). Flooding is not a concern: only tokens whose
@@ -18,16 +21,29 @@ use crate::token::{TokenError, VerifiedToken};
 #[derive(Debug)]
 pub struct TokenCache {
     capacity: usize,
-    entries: HashMap<Rc<str>, Rc<VerifiedToken>, foldhash::fast::RandomState>,
+    max_bytes: usize,
+    bytes: usize,
+    entries: HashMap<Rc<str>, (Rc<VerifiedToken>, usize), foldhash::fast::RandomState>,
     order: VecDeque<Rc<str>>,
     pub hits: u64,
     pub misses: u64,
 }
 
+/// Fixed cost of a cache entry besides the token and its claims (hash slot, order slot,
+/// `Rc` headers), in bytes.
+const ENTRY_OVERHEAD: usize = 96;
+
 impl TokenCache {
     pub fn new(capacity: usize) -> TokenCache {
+        TokenCache::with_limits(capacity, usize::MAX)
+    }
+
+    /// A cache of at most `capacity` entries and about `max_bytes` bytes.
+    pub fn with_limits(capacity: usize, max_bytes: usize) -> TokenCache {
         TokenCache {
             capacity: capacity.max(1),
+            max_bytes,
+            bytes: 0,
             entries: HashMap::default(),
             order: VecDeque::new(),
             hits: 0,
@@ -39,6 +55,17 @@ impl TokenCache {
         self.entries.len()
     }
 
+    /// Bytes accounted to the cached entries.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn remove(&mut self, key: &str) {
+        if let Some((_, cost)) = self.entries.remove(key) {
+            self.bytes = self.bytes.saturating_sub(cost);
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -47,28 +74,34 @@ impl TokenCache {
     fn live(&mut self, token: &str, now: i64, leeway: i64) -> Option<Rc<VerifiedToken>> {
         match self.entries.get(token) {
             None => return None,
-            Some(v) if now <= v.expires_at.saturating_add(leeway) => return Some(v.clone()),
+            Some((v, _)) if now <= v.expires_at.saturating_add(leeway) => return Some(v.clone()),
             Some(_) => {}
         }
-        self.entries.remove(token);
+        self.remove(token);
         self.order.retain(|k| &**k != token);
         None
     }
 
-    /// Inserts a verified token (evicting the oldest at capacity) and returns the entry.
+    /// Inserts a verified token (evicting the oldest while over the entry or byte bound)
+    /// and returns the entry. An entry larger than the byte bound is returned uncached.
     fn insert(&mut self, token: &str, verified: VerifiedToken) -> Rc<VerifiedToken> {
-        while self.entries.len() >= self.capacity {
+        let cost = token.len() + verified.approx_bytes() + ENTRY_OVERHEAD;
+        let verified = Rc::new(verified);
+        if cost > self.max_bytes {
+            return verified;
+        }
+        while self.entries.len() >= self.capacity || self.bytes.saturating_add(cost) > self.max_bytes {
             match self.order.pop_front() {
-                Some(oldest) => {
-                    self.entries.remove(&oldest);
-                }
+                Some(oldest) => self.remove(&oldest),
                 None => break,
             }
         }
         let key: Rc<str> = Rc::from(token);
         self.order.push_back(key.clone());
-        let verified = Rc::new(verified);
-        self.entries.insert(key, verified.clone());
+        self.bytes = self.bytes.saturating_add(cost);
+        if let Some((_, old)) = self.entries.insert(key, (verified.clone(), cost)) {
+            self.bytes = self.bytes.saturating_sub(old);
+        }
         verified
     }
 }
@@ -123,7 +156,7 @@ impl Checked {
 
 impl Guard {
     pub fn new(config: FilterConfig) -> Guard {
-        let cache = TokenCache::new(config.cache_entries);
+        let cache = TokenCache::with_limits(config.cache_entries, config.cache_bytes);
         Guard { config, cache }
     }
 
@@ -214,6 +247,7 @@ fn invalid(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scope::Scope;
     use crate::token::testing::es256_key;
     use crate::token::{sign, AccessClaim, Audience, RegistryClaims, Validity};
 
@@ -268,6 +302,35 @@ mod tests {
         let c = g.check("GET", "/v2/", None, &[&t1], NOW + 11);
         assert_eq!(c.decision.status(), 401);
         assert!(g.cache.len() <= 2);
+    }
+
+    #[test]
+    fn cache_is_bounded_in_bytes() {
+        // Issue 14: 4,400 valid ~15 KB tokens grew Envoy by hundreds of MiB; the cache is now
+        // bounded in bytes as well as entries.
+        let mut c = TokenCache::with_limits(1000, 64 * 1024);
+        let big = |sub: &str| VerifiedToken {
+            subject: sub.into(),
+            expires_at: NOW + 100,
+            grants: (0..100).map(|i| Scope::parse(&format!("repository:acme/p{i}:pull")).unwrap()).collect(),
+            ..Default::default()
+        };
+        for i in 0..200 {
+            let token = format!("{i}-{}", "t".repeat(15_000));
+            c.insert(&token, big("dev"));
+            assert!(c.bytes() <= 64 * 1024, "{}", c.bytes());
+        }
+        assert!(c.len() >= 2 && c.len() <= 4, "{}", c.len());
+        // An entry larger than the whole budget is not cached.
+        let mut small = TokenCache::with_limits(1000, 1024);
+        small.insert(&"t".repeat(2000), big("dev"));
+        assert_eq!((small.len(), small.bytes()), (0, 0));
+        // Expiry removes the bytes too.
+        let mut c = TokenCache::with_limits(10, 1 << 20);
+        c.insert("a", VerifiedToken { expires_at: NOW, ..Default::default() });
+        assert!(c.bytes() > 0);
+        assert!(c.live("a", NOW + 1, 0).is_none());
+        assert_eq!((c.len(), c.bytes()), (0, 0));
     }
 
     #[test]

@@ -20,4 +20,5 @@ pub mod name;
 pub mod protection;
 pub mod route;
 pub mod scope;
+pub mod text;
 pub mod token;

@@ -7,6 +7,7 @@
 use crate::access::{Action, ActionSet};
 use crate::name::{is_digest, is_reference, is_repository_name, is_upload_id};
 use crate::scope::Scope;
+use crate::text::quote;
 
 /// What a request addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,15 +105,19 @@ impl RouteError {
         RouteError { status, code, message: message.into() }
     }
     fn not_found(path: &str) -> RouteError {
-        RouteError::new(404, "NOT_FOUND", format!("`{path}` is not a registry API endpoint"))
+        RouteError::new(404, "NOT_FOUND", format!("`{}` is not a registry API endpoint", quote(path)))
     }
     fn bad_name(name: &str) -> RouteError {
-        RouteError::new(400, "NAME_INVALID", format!("invalid repository name `{name}`"))
+        RouteError::new(400, "NAME_INVALID", format!("invalid repository name `{}`", quote(name)))
     }
     fn method(method: &str, path: &str) -> RouteError {
-        RouteError::new(405, "UNSUPPORTED", format!("method `{method}` is not allowed on `{path}`"))
+        RouteError::new(405, "UNSUPPORTED", format!("method `{}` is not allowed on `{}`", quote(method), quote(path)))
     }
 }
+
+/// The last two components of a name that Envoy's dependency-proxy route would take for the
+/// marker of a pull-through cache path (see `classify_repository_path`).
+const DEPENDENCY_PROXY_TAIL: &str = "/dependency_proxy/containers";
 
 fn set(actions: &[Action]) -> ActionSet {
     ActionSet::of(actions)
@@ -173,7 +178,7 @@ fn check_path_is_unambiguous(path: &str) -> Result<(), RouteError> {
         Err(RouteError::new(
             400,
             "NAME_INVALID",
-            format!("path `{}` {what}; refusing an ambiguous request", truncate(path)),
+            format!("path `{}` {what}; refusing an ambiguous request", quote(path)),
         ))
     };
     if !path.starts_with('/') {
@@ -189,16 +194,9 @@ fn check_path_is_unambiguous(path: &str) -> Result<(), RouteError> {
         return reject("contains a `.` or `..` segment");
     }
     if let Some(c) = path.chars().find(|c| matches!(c, ';' | '#' | '\\') || !c.is_ascii_graphic()) {
-        return reject(&format!("contains the character {c:?}"));
+        return reject(&format!("contains the character `{}`", quote(c.encode_utf8(&mut [0; 4]))));
     }
     Ok(())
-}
-
-fn truncate(s: &str) -> &str {
-    match s.char_indices().nth(120) {
-        Some((i, _)) => s.get(..i).unwrap_or(s),
-        None => s,
-    }
 }
 
 /// `rest` is the path after `/v2/`. The endpoint is recognised from the end of the path, so a
@@ -213,11 +211,24 @@ fn classify_repository_path(
     let pull_push = set(&[Action::Pull, Action::Push]);
     let delete = set(&[Action::Delete]);
     let named = |name: &str| -> Result<String, RouteError> {
-        if is_repository_name(name) {
-            Ok(name.to_owned())
-        } else {
-            Err(RouteError::bad_name(name))
+        if !is_repository_name(name) {
+            return Err(RouteError::bad_name(name));
         }
+        // One route grammar with Envoy: its dependency-proxy route matches any path with
+        // `/dependency_proxy/containers/` after a group, so a name ending in those two
+        // components (`acme/dependency_proxy/containers`) would be decided here as a plain
+        // repository and routed there as an image named after the endpoint. Refused.
+        if name.ends_with(DEPENDENCY_PROXY_TAIL) && name.len() > DEPENDENCY_PROXY_TAIL.len() {
+            return Err(RouteError::new(
+                400,
+                "NAME_INVALID",
+                format!(
+                    "invalid repository name `{}`: `dependency_proxy/containers` must be followed by an image name",
+                    quote(name)
+                ),
+            ));
+        }
+        Ok(name.to_owned())
     };
 
     // `<name>/blobs/uploads/` (trailing slash: the last segment is empty).
@@ -257,7 +268,11 @@ fn classify_repository_path(
         "uploads" => {
             let name = name_part.strip_suffix("/blobs").ok_or_else(|| RouteError::not_found(path))?;
             if !is_upload_id(last) {
-                return Err(RouteError::new(404, "BLOB_UPLOAD_UNKNOWN", format!("invalid upload id `{last}`")));
+                return Err(RouteError::new(
+                    404,
+                    "BLOB_UPLOAD_UNKNOWN",
+                    format!("invalid upload id `{}`", quote(last)),
+                ));
             }
             let name = named(name)?;
             require(m, &[Method::Get, Method::Patch, Method::Put, Method::Delete], method, path)?;
@@ -270,7 +285,11 @@ fn classify_repository_path(
         }
         "referrers" => {
             if !is_digest(last) {
-                return Err(RouteError::new(400, "DIGEST_INVALID", format!("invalid referrers digest `{last}`")));
+                return Err(RouteError::new(
+                    400,
+                    "DIGEST_INVALID",
+                    format!("invalid referrers digest `{}`", quote(last)),
+                ));
             }
             let name = named(name_part)?;
             require(m, &[Method::Get, Method::Head], method, path)?;
@@ -286,7 +305,7 @@ fn classify_repository_path(
 /// A digest-shaped reference that does not verify (`sha256:totallywrong`, where distribution
 /// answers 500) stays a clean 400 `MANIFEST_INVALID`. Never forwarded either way.
 fn invalid_manifest_reference(reference: &str) -> RouteError {
-    let shown = truncate(reference);
+    let shown = quote(reference);
     if is_digest_shaped(reference) {
         RouteError::new(400, "MANIFEST_INVALID", format!("invalid manifest digest `{shown}`"))
     } else {
@@ -298,7 +317,7 @@ fn invalid_manifest_reference(reference: &str) -> RouteError {
 /// look like one (distribution's router: 404; the spec: 404), 400 `DIGEST_INVALID` when it
 /// does but fails (as distribution answers, e.g. `sha256:abc`).
 fn invalid_blob_digest(digest: &str) -> RouteError {
-    let shown = truncate(digest);
+    let shown = quote(digest);
     if is_digest_shaped(digest) {
         RouteError::new(400, "DIGEST_INVALID", format!("invalid blob digest `{shown}`"))
     } else {
@@ -360,19 +379,19 @@ fn parse_upload_query(query: Option<&str>, content_type: Option<&str>) -> Result
             return Err(RouteError::new(
                 400,
                 "UNSUPPORTED",
-                format!("query parameter `{key}` is given more than once"),
+                format!("query parameter `{}` is given more than once", quote(&key)),
             ));
         }
         *slot = Some(percent_decode(raw_value)?);
     }
     if let Some(from) = &out.from {
         if !is_repository_name(from) {
-            return Err(RouteError::new(400, "NAME_INVALID", format!("invalid `from` repository `{from}`")));
+            return Err(RouteError::new(400, "NAME_INVALID", format!("invalid `from` repository `{}`", quote(from))));
         }
     }
     if let Some(mount) = &out.mount {
         if !is_digest(mount) {
-            return Err(RouteError::new(400, "DIGEST_INVALID", format!("invalid `mount` digest `{mount}`")));
+            return Err(RouteError::new(400, "DIGEST_INVALID", format!("invalid `mount` digest `{}`", quote(mount))));
         }
     }
     Ok(out)
@@ -381,7 +400,7 @@ fn parse_upload_query(query: Option<&str>, content_type: Option<&str>) -> Result
 /// Decodes `application/x-www-form-urlencoded` query text (`+` is a space, as in Go's
 /// `url.ParseQuery`, which distribution uses); malformed escapes are an error.
 fn percent_decode(s: &str) -> Result<String, RouteError> {
-    let bad = || RouteError::new(400, "UNSUPPORTED", format!("malformed percent-encoding in query `{}`", truncate(s)));
+    let bad = || RouteError::new(400, "UNSUPPORTED", format!("malformed percent-encoding in query `{}`", quote(s)));
     let mut out = Vec::with_capacity(s.len());
     let mut bytes = s.bytes();
     while let Some(b) = bytes.next() {

@@ -170,8 +170,10 @@ pub struct KeySet {
 
 impl KeySet {
     /// Parses a JWKS document (`{"keys": [...]}`). Each key needs `kty` (and `crv`); `kid`
-    /// defaults to the RFC 7638 thumbprint; `alg`, if present, must match the key type;
-    /// private parts are ignored; RSA keys shorter than 2048 bits are refused.
+    /// defaults to the RFC 7638 thumbprint; `alg`, if present, must match the key type. A key
+    /// with private members (`d`, RSA `p`/`q`/…), an EC key on another curve than P-256, an
+    /// RSA key shorter than 2048 bits and a small-order or non-canonical Ed25519 key are
+    /// refused, and the error names the key's `kid`.
     pub fn from_jwks(value: &serde_json::Value) -> Result<KeySet, KeySetError> {
         let keys = value
             .get("keys")
@@ -180,25 +182,50 @@ impl KeySet {
         let mut set = KeySet::default();
         for (index, raw) in keys.iter().enumerate() {
             let err = |reason: String| KeySetError::Key { index, reason };
+            // Every refusal below names the key (its `kid`, quoted), so an operator can find it.
+            let named = match raw.get("kid").and_then(serde_json::Value::as_str) {
+                Some(kid) => format!("key `{}`", crate::text::quote(kid)),
+                None => "key without `kid`".to_owned(),
+            };
             let jwk: JsonWebKey<'_> =
-                serde_json::from_value(raw.clone()).map_err(|e| err(format!("not a JSON web key: {e}")))?;
+                serde_json::from_value(raw.clone()).map_err(|e| err(format!("not a JSON web key ({named}): {e}")))?;
             let key = match &jwk {
+                JsonWebKey::EllipticCurve { curve, .. } if curve != "P-256" => {
+                    return Err(err(format!(
+                        "{named}: curve `{}` is not supported (only P-256 for ES256)",
+                        crate::text::quote(curve)
+                    )))
+                }
                 JsonWebKey::EllipticCurve { .. } => VerifyingKey::Es256(Es256Key::new(
-                    p256::ecdsa::VerifyingKey::try_from(&jwk).map_err(|e| err(format!("bad P-256 key: {e}")))?,
+                    p256::ecdsa::VerifyingKey::try_from(&jwk)
+                        .map_err(|e| err(format!("bad P-256 key ({named}): {e}")))?,
                 )),
                 JsonWebKey::Rsa { .. } => {
-                    let k = RsaPublicKey::try_from(&jwk).map_err(|e| err(format!("bad RSA key: {e}")))?;
-                    let strong = StrongKey::try_from(k).map_err(|_| err("RSA key shorter than 2048 bits".into()))?;
+                    let k = RsaPublicKey::try_from(&jwk).map_err(|e| err(format!("bad RSA key ({named}): {e}")))?;
+                    let strong =
+                        StrongKey::try_from(k).map_err(|_| err(format!("{named}: RSA key shorter than 2048 bits")))?;
                     VerifyingKey::Rs256(strong.into_inner())
                 }
-                JsonWebKey::KeyPair { .. } => VerifyingKey::EdDsa(
-                    ed25519_compact::PublicKey::try_from(&jwk).map_err(|e| err(format!("bad Ed25519 key: {e}")))?,
-                ),
+                JsonWebKey::KeyPair { .. } => {
+                    let k = ed25519_compact::PublicKey::try_from(&jwk)
+                        .map_err(|e| err(format!("bad Ed25519 key ({named}): {e}")))?;
+                    // Small-order (and non-canonical) points verify forged signatures for
+                    // some messages: refused at configuration.
+                    k.validate().map_err(|e| err(format!("{named}: weak or invalid Ed25519 public key: {e}")))?;
+                    VerifyingKey::EdDsa(k)
+                }
                 JsonWebKey::Symmetric { .. } => {
                     return Err(err("symmetric keys are not accepted; use ES256, RS256 or EdDSA".into()))
                 }
-                _ => return Err(err("unsupported key type".into())),
+                _ => return Err(err(format!("{named}: unsupported key type"))),
             };
+            // A verification key set holds public keys only: a private member means someone
+            // published (or is about to publish) a signing key.
+            if let Some(member) = PRIVATE_JWK_MEMBERS.iter().find(|m| raw.get(**m).is_some()) {
+                return Err(err(format!(
+                    "{named} carries private key material (`{member}`); list only the public part"
+                )));
+            }
             if let Some(alg) = raw.get("alg") {
                 if alg.as_str() != Some(key.algorithm()) {
                     return Err(err(format!(
@@ -313,6 +340,9 @@ pub struct RegistryClaims {
     pub extra: BTreeMap<String, serde_json::Value>,
 }
 
+/// JWK members that only a private key has (RFC 7518 §6.2.2, §6.3.2; `k` of `oct` keys).
+const PRIVATE_JWK_MEMBERS: [&str; 8] = ["d", "p", "q", "dp", "dq", "qi", "oth", "k"];
+
 /// Header fields we refuse to honour, by presence (even `null`): keys must come from
 /// configuration, never from the token, and no extension may be critical.
 const FORBIDDEN_HEADERS: [&str; 5] = ["jku", "x5u", "jwk", "x5c", "crit"];
@@ -388,7 +418,7 @@ fn shown(s: &str) -> String {
 }
 
 /// A token whose signature and issuer/audience were checked; time is checked on every use.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct VerifiedToken {
     pub kid: String,
     pub subject: String,
@@ -401,6 +431,13 @@ pub struct VerifiedToken {
     pub grants: Vec<Scope>,
     /// `meta.access_level` per repository, as issued.
     pub access_levels: Vec<(String, u8)>,
+    /// `meta.project_path` per repository, as issued (the project the token service found
+    /// the repository in).
+    pub project_paths: Vec<(String, String)>,
+    /// `user_info.deploy_token_id` of the nested `user` JWT: which deploy token (not only
+    /// which username) the token was issued to. The `user` JWT is covered by this token's
+    /// signature, so its payload is read without a second verification.
+    pub deploy_token_id: Option<u64>,
 }
 
 impl VerifiedToken {
@@ -417,9 +454,35 @@ impl VerifiedToken {
         Ok(())
     }
 
+    /// Approximate heap bytes of this entry (strings and vectors), for the cache's byte bound.
+    pub fn approx_bytes(&self) -> usize {
+        let strings = self.kid.len()
+            + self.subject.len()
+            + self.jti.len()
+            + self.auth_type.as_ref().map_or(0, String::len)
+            + self.user.as_ref().map_or(0, String::len);
+        let grants: usize = self.grants.iter().map(|g| std::mem::size_of::<Scope>() + g.resource.name().len()).sum();
+        let levels: usize = self.access_levels.iter().map(|(r, _)| 32 + r.len()).sum();
+        let projects: usize = self.project_paths.iter().map(|(r, p)| 48 + r.len() + p.len()).sum();
+        std::mem::size_of::<VerifiedToken>() + strings + grants + levels + projects
+    }
+
+    /// The project the token service placed `repository` in (`meta.project_path`), if any.
+    pub fn project_path(&self, repository: &str) -> Option<&str> {
+        self.project_paths.iter().find(|(r, _)| r == repository).map(|(_, p)| p.as_str())
+    }
+
     /// The access level the token states for `repository`, if any.
     pub fn access_level(&self, repository: &str) -> Option<u8> {
         self.access_levels.iter().find(|(r, _)| r == repository).map(|(_, l)| *l)
+    }
+
+    /// Actions this token grants on repository `name`.
+    pub fn granted_repository(&self, name: &str) -> ActionSet {
+        self.grants
+            .iter()
+            .filter(|g| matches!(&g.resource, Resource::Repository(r) if r == name))
+            .fold(ActionSet::EMPTY, |acc, g| acc.union(g.actions))
     }
 
     /// Actions this token grants on `resource`.
@@ -462,6 +525,13 @@ impl Verifier {
             .filter(|a| a.resource_type == "repository")
             .filter_map(|a| Some((a.name.clone(), a.meta.as_ref()?.access_level?)))
             .collect();
+        let project_paths = custom
+            .access
+            .iter()
+            .filter(|a| a.resource_type == "repository")
+            .filter_map(|a| Some((a.name.clone(), a.meta.as_ref()?.project_path.clone()?)))
+            .collect();
+        let deploy_token_id = custom.user.as_deref().and_then(nested_deploy_token_id);
         Ok(VerifiedToken {
             kid,
             subject: custom.sub,
@@ -473,8 +543,18 @@ impl Verifier {
             issued_at: claims.issued_at.map(|t| t.timestamp()),
             grants,
             access_levels,
+            project_paths,
+            deploy_token_id,
         })
     }
+}
+
+/// `user_info.deploy_token_id` of a nested `user` JWT, read from its payload (the outer
+/// token's signature covers it). `None` when absent or unreadable.
+fn nested_deploy_token_id(user: &str) -> Option<u64> {
+    let payload = user.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
+    serde_json::from_slice::<serde_json::Value>(&bytes).ok()?.get("user_info")?.get("deploy_token_id")?.as_u64()
 }
 
 /// Converts one `access` entry to a grant; unknown types and actions grant nothing.
@@ -805,6 +885,40 @@ mod tests {
         assert_eq!(KeySet::from_jwks(&serde_json::json!({"keys": []})).unwrap_err(), KeySetError::Empty);
         let dup = jwks(&[&k, &k]);
         assert!(matches!(KeySet::from_jwks(&dup), Err(KeySetError::DuplicateKid { index: 1, .. })));
+    }
+
+    #[test]
+    fn private_weak_and_unsupported_keys_are_refused_by_kid() {
+        let k = es256_key(1);
+        let refused =
+            |jwk: serde_json::Value| KeySet::from_jwks(&serde_json::json!({"keys": [jwk]})).unwrap_err().to_string();
+        // Private material.
+        let mut private = k.public_jwk_as("signing-1");
+        private["d"] = "AAAA".into();
+        let e = refused(private);
+        assert!(e.contains("key `signing-1` carries private key material (`d`)"), "{e}");
+        // Small-order Ed25519 points (order 4: y = 0; order 1: the identity).
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        for (kid, x) in [("zero", [0u8; 32]), ("identity", identity)] {
+            let e = refused(serde_json::json!({"kty": "OKP", "crv": "Ed25519", "kid": kid, "x": b64(&x)}));
+            assert!(e.contains(&format!("key `{kid}`")) && e.contains("weak or invalid Ed25519"), "{e}");
+        }
+        // Other curves.
+        let e = refused(
+            serde_json::json!({"kty": "EC", "crv": "P-384", "kid": "p384", "x": b64(&[1; 48]), "y": b64(&[2; 48])}),
+        );
+        assert!(e.contains("key `p384`: curve `P-384` is not supported"), "{e}");
+        let e = refused(
+            serde_json::json!({"kty": "EC", "crv": "secp256k1", "kid": "k1", "x": b64(&[1; 32]), "y": b64(&[2; 32])}),
+        );
+        assert!(e.contains("key `k1`"), "{e}");
+        // A generated Ed25519 key is fine.
+        let kp = ed25519_compact::KeyPair::generate();
+        let mut ok = serde_json::to_value(JsonWebKey::from(&kp.pk)).unwrap();
+        ok["kid"] = "ed".into();
+        assert!(KeySet::from_jwks(&serde_json::json!({"keys": [ok]})).is_ok());
     }
 
     #[test]

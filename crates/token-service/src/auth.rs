@@ -10,7 +10,8 @@ use base64::Engine as _;
 use registry_guard_core::deploy::{self, DeployToken};
 use registry_guard_core::directory::Directory;
 use sha2::{Digest as _, Sha256};
-use tokio::sync::Semaphore;
+
+use crate::limits::{LoginGuard, Throttled};
 
 /// How a user proved who they are; also the `token_type` of the nested `user` JWT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,6 +178,9 @@ pub enum AuthError {
     /// ([`deploy_token_refusal`]) is safe to show, `detail` (the core's reason) is for logs.
     #[error("{message}")]
     DeployTokenUnusable { message: String, detail: String },
+    /// Too many password verifications waiting (the bounded argon2 queue).
+    #[error("{}", .0.message)]
+    Throttled(Throttled),
     #[error("password verification failed: {0}")]
     Internal(String),
 }
@@ -191,13 +195,14 @@ pub enum AuthError {
 /// wrong password. The secret is first looked up as a personal access token (by SHA-256 digest; the owner
 /// must be the Basic username and the token unexpired), then checked as the user's argon2id
 /// password on a blocking thread. An unknown user still costs one argon2 verification (against
-/// `decoy_hash`), so timing does not tell which usernames exist. At most as many argon2
-/// verifications run at once as `password_slots` has permits.
+/// `decoy_hash`), so timing does not tell which usernames exist. Argon2 verifications run in
+/// `login`'s slots behind a bounded queue ([`LoginGuard::argon2_slot`]); a full queue is
+/// [`AuthError::Throttled`].
 pub async fn authenticate(
     directory: &Directory,
     deploy_tokens: &deploy::Credentials,
     decoy_hash: Option<&str>,
-    password_slots: &Semaphore,
+    login: &LoginGuard,
     credentials: &Credentials,
     now: i64,
 ) -> Result<Authenticated, AuthError> {
@@ -225,11 +230,20 @@ pub async fn authenticate(
         return Err(AuthError::InvalidCredentials);
     };
     let secret = credentials.secret.clone();
-    // Bounds concurrent argon2 runs (each may take tens of MiB) however many requests come in.
-    let _slot = password_slots.acquire().await.map_err(|e| AuthError::Internal(e.to_string()))?;
-    let matches = tokio::task::spawn_blocking(move || verify_password(&hash, &secret))
-        .await
-        .map_err(|e| AuthError::Internal(e.to_string()))?;
+    // Bounds concurrent argon2 runs (each may take tens of MiB) and the requests waiting for
+    // one, however many come in. Each run uses the slot's own memory, allocated once and
+    // reused: allocating tens of MiB per run on ever new blocking threads kept hundreds of
+    // MiB resident in the allocator's per-thread arenas.
+    let slot = login.argon2_slot().await.map_err(AuthError::Throttled)?;
+    let mut memory = login.take_memory();
+    let (matches, memory) = tokio::task::spawn_blocking(move || {
+        let matches = verify_password_with(&hash, &secret, &mut memory);
+        (matches, memory)
+    })
+    .await
+    .map_err(|e| AuthError::Internal(e.to_string()))?;
+    login.return_memory(memory);
+    drop(slot);
     match user {
         Some(user) if own_hash.is_some() && matches => {
             Ok(Authenticated::user(&user.username, user.id, AuthType::Password, None))
@@ -241,6 +255,30 @@ pub async fn authenticate(
 /// True when `secret` matches the argon2 PHC string `hash` (parameters come from the string).
 pub fn verify_password(hash: &str, secret: &str) -> bool {
     PasswordHash::new(hash).is_ok_and(|parsed| Argon2::default().verify_password(secret.as_bytes(), &parsed).is_ok())
+}
+
+/// [`verify_password`] computing the hash in `memory` (resized to the hash's `m` blocks and
+/// kept by the caller for the next run), compared in constant time.
+pub fn verify_password_with(hash: &str, secret: &str, memory: &mut Vec<argon2::Block>) -> bool {
+    let Ok(parsed) = PasswordHash::new(hash) else { return false };
+    let (Ok(params), Ok(algorithm)) =
+        (argon2::Params::try_from(&parsed), argon2::Algorithm::try_from(parsed.algorithm))
+    else {
+        return false;
+    };
+    let version = match parsed.version.map(argon2::Version::try_from) {
+        None => argon2::Version::default(),
+        Some(Ok(v)) => v,
+        Some(Err(_)) => return false,
+    };
+    let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else { return false };
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else { return false };
+    memory.resize(params.block_count(), argon2::Block::default());
+    let mut out = vec![0u8; expected.len()];
+    let argon = Argon2::new(algorithm, version, params);
+    argon.hash_password_into_with_memory(secret.as_bytes(), salt, &mut out, memory.as_mut_slice()).is_ok()
+        && constant_time_eq(&out, expected.as_bytes())
 }
 
 #[cfg(test)]
@@ -284,6 +322,21 @@ mod tests {
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
         assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn verification_with_reused_memory_matches_the_library() {
+        use argon2::password_hash::{PasswordHasher as _, SaltString};
+        let params = argon2::Params::new(512, 2, 1, None).unwrap();
+        let argon = Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let hash =
+            argon.hash_password(b"right", &SaltString::encode_b64(b"0123456789abcdef").unwrap()).unwrap().to_string();
+        let mut memory = Vec::new();
+        assert!(verify_password_with(&hash, "right", &mut memory));
+        assert!(!verify_password_with(&hash, "wrong", &mut memory));
+        assert_eq!(memory.len(), 512);
+        assert!(verify_password(&hash, "right") && !verify_password(&hash, "wrong"));
+        assert!(!verify_password_with("not a hash", "right", &mut memory));
     }
 
     #[test]

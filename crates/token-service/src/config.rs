@@ -15,6 +15,8 @@ use registry_guard_core::token::{KeySet, KidFormat, SigningKey};
 use serde::Deserialize;
 
 use crate::keys;
+use crate::limits::LoginLimits;
+use crate::server::ServerLimits;
 
 /// The service's own settings file, optional; every field has a default.
 pub const SETTINGS_FILE: &str = "token-service.json";
@@ -50,6 +52,10 @@ struct RawSettings {
     /// A file holding the SHA-256 (hex) of the operator token that `PUT /bundle` requires
     /// (`rgctl operator-token`); without it no bundle can be pushed over HTTP.
     operator_token_sha256: Option<PathBuf>,
+    /// Login abuse limits on `/jwt/auth` (see `limits`).
+    login_limits: LoginLimits,
+    /// Connection limits and timeouts of the HTTP server (see `server`).
+    server: ServerLimits,
 }
 
 impl Default for RawSettings {
@@ -65,6 +71,8 @@ impl Default for RawSettings {
             bundle: PathBuf::from(DEFAULT_BUNDLE_FILE),
             environment: None,
             operator_token_sha256: None,
+            login_limits: LoginLimits::default(),
+            server: ServerLimits::default(),
         }
     }
 }
@@ -220,6 +228,8 @@ pub struct Config {
     pub environment: Option<String>,
     /// SHA-256 (hex, lower case) of the operator token `PUT /bundle` requires, if configured.
     pub operator_token_sha256: Option<String>,
+    pub login_limits: LoginLimits,
+    pub server: ServerLimits,
 }
 
 impl Config {
@@ -241,6 +251,8 @@ impl Config {
                 format!("must be between 1 and {MAX_TOKEN_TTL_SECONDS}, got {}", raw.token_ttl_seconds),
             ));
         }
+        raw.login_limits.check().map_err(|(f, reason)| ConfigError::new(&settings_path, Some(f), reason))?;
+        raw.server.check().map_err(|(f, reason)| ConfigError::new(&settings_path, Some(f), reason))?;
         let keys = key_ring(dir, &settings_path, raw.signing_key, raw.signing_keys, raw.kid_format)?;
         let directory = load_principals(&dir.join(PRINCIPALS_FILE))?;
         if raw.bundle.as_os_str().is_empty() {
@@ -284,6 +296,8 @@ impl Config {
             bundle_sha256,
             environment: raw.environment,
             operator_token_sha256,
+            login_limits: raw.login_limits,
+            server: raw.server,
         })
     }
 }

@@ -77,6 +77,25 @@ pub struct RefreshClaims {
     /// once that deploy token is gone (or its username names another one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deploy_token_id: Option<u64>,
+    /// The credential epoch ([`credential_epoch`]) the token was issued under: it stops
+    /// working when the password, the personal access token or the deploy token behind it
+    /// changes, or the user is deleted. A refresh token without one is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
+}
+
+/// The credential epoch of a principal: the first 128 bits (hex) of SHA-256 over a fixed
+/// label, the auth type, the username, the user or deploy token id and the credential's
+/// stored form (the argon2 PHC string, or the SHA-256 digest of a token). It reveals
+/// nothing usable about the credential and changes whenever the credential does.
+pub fn credential_epoch(auth_type: AuthType, username: &str, id: u64, stored_credential: &str) -> String {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    for part in ["registry-guard refresh epoch v1", auth_type.as_str(), username, &id.to_string(), stored_credential] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect()
 }
 
 /// `n` random bytes as lowercase hex.
@@ -151,8 +170,9 @@ impl TokenIssuer {
         Ok(token::sign(&self.key, claims, validity)?)
     }
 
-    /// A refresh token for `who`, valid for [`REFRESH_TOKEN_TTL_SECONDS`].
-    pub fn refresh_token(&self, who: &Authenticated, now: i64) -> Result<String, IssueError> {
+    /// A refresh token for `who` under credential `epoch`, valid for
+    /// [`REFRESH_TOKEN_TTL_SECONDS`].
+    pub fn refresh_token(&self, who: &Authenticated, epoch: &str, now: i64) -> Result<String, IssueError> {
         let claims = RefreshClaims {
             iss: self.issuer.clone(),
             sub: who.username.clone(),
@@ -168,6 +188,7 @@ impl TokenIssuer {
                 AuthType::DeployToken => who.deploy_token_id,
                 AuthType::Password | AuthType::Pat => None,
             },
+            epoch: Some(epoch.to_owned()),
         };
         Ok(token::sign(&self.key, claims, self.validity(now, REFRESH_TOKEN_TTL_SECONDS))?)
     }
@@ -204,6 +225,16 @@ mod tests {
                 {"type": "registry", "name": "catalog", "actions": ["*"]}
             ])
         );
+    }
+
+    #[test]
+    fn credential_epochs_change_with_the_credential() {
+        let a = credential_epoch(AuthType::Password, "alice", 1, "$argon2id$v=19$m=256,t=1,p=1$c2FsdA$aGFzaA");
+        assert_eq!(a.len(), 32);
+        assert_eq!(a, credential_epoch(AuthType::Password, "alice", 1, "$argon2id$v=19$m=256,t=1,p=1$c2FsdA$aGFzaA"));
+        assert_ne!(a, credential_epoch(AuthType::Password, "alice", 1, "$argon2id$v=19$m=256,t=1,p=1$c2FsdA$bmV3"));
+        assert_ne!(a, credential_epoch(AuthType::Password, "alice", 2, "$argon2id$v=19$m=256,t=1,p=1$c2FsdA$aGFzaA"));
+        assert_ne!(a, credential_epoch(AuthType::Pat, "alice", 1, "$argon2id$v=19$m=256,t=1,p=1$c2FsdA$aGFzaA"));
     }
 
     #[test]

@@ -7,8 +7,10 @@ pub mod auth;
 pub mod config;
 pub mod issue;
 pub mod keys;
+pub mod limits;
 pub mod policy;
 pub mod routes;
+pub mod server;
 pub mod startup;
 
 pub use config::{Config, ConfigError};

@@ -17,21 +17,22 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, RawQuery, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, RawQuery, State};
+use axum::http::{header, Extensions, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
 use registry_guard_core::bundle::Policy;
 use registry_guard_core::directory::Directory;
 use registry_guard_core::scope::{Resource, Scope};
-use registry_guard_core::token::{self, Verifier};
+use registry_guard_core::text::quote;
+use registry_guard_core::token::{self, Verifier, MAX_TOKEN_LEN};
 use serde::Serialize;
 use serde_json::json;
-use tokio::sync::Semaphore;
 
 use crate::auth::{self, AuthError, AuthType, Authenticated, BasicAuth};
-use crate::issue::{IssueError, RefreshClaims, TokenIssuer, REFRESH_TOKEN_USE};
+use crate::issue::{credential_epoch, IssueError, RefreshClaims, TokenIssuer, REFRESH_TOKEN_USE};
+use crate::limits::{LoginGuard, Throttled};
 use crate::policy::{PolicyStore, PushError, MAX_BUNDLE_BYTES};
 
 /// The realm of the Basic challenge on a 401 from `GET /jwt/auth`.
@@ -64,8 +65,9 @@ pub struct AppState {
     pub keys: RwLock<Arc<ActiveKeys>>,
     /// A real argon2 hash verified for unknown users, so that timing does not reveal them.
     pub decoy_hash: Option<String>,
-    /// Permits for concurrent argon2 verifications.
-    pub password_slots: Semaphore,
+    /// Login abuse limits: per-client and per-username rate limits, the bounded argon2
+    /// queue, and their counters.
+    pub login: LoginGuard,
     /// The active policy bundle and the operator keys that may replace it.
     pub policy: PolicyStore,
     /// SHA-256 (hex) of the operator token `PUT /bundle` requires; `None`: no push is accepted.
@@ -89,6 +91,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/jwt/auth", get(get_token).post(post_token))
         .route("/jwks", get(jwks))
         .route("/healthz", get(healthz))
+        .route("/stats", get(stats))
         .route("/bundle/status", get(bundle_status))
         .layer(DefaultBodyLimit::max(MAX_FORM_BYTES))
         // Added after the form limit, so only this route gets the larger one; the operator
@@ -144,6 +147,8 @@ enum Problem {
     /// Wrong credentials or an unusable refresh token; the text is safe to show.
     InvalidCredentials(String),
     UnsupportedGrantType(String),
+    /// Over a login limit: 429 `TOOMANYREQUESTS` with `Retry-After`.
+    Throttled(Throttled),
     /// Our fault; the detail is logged, never sent.
     Internal(String),
 }
@@ -159,6 +164,7 @@ impl From<AuthError> for Problem {
         match e {
             AuthError::InvalidCredentials => Problem::InvalidCredentials(INVALID_CREDENTIALS_MESSAGE.into()),
             AuthError::DeployTokenUnusable { message, .. } => Problem::InvalidCredentials(message),
+            AuthError::Throttled(t) => Problem::Throttled(t),
             AuthError::Internal(detail) => Problem::Internal(detail),
         }
     }
@@ -171,10 +177,24 @@ impl Problem {
         }
     }
 
+    /// 429 `TOOMANYREQUESTS` (the OCI/Docker error code) with `Retry-After`; the body also
+    /// carries OAuth2's `error` fields, so both kinds of client read it.
+    fn throttled_response(t: Throttled) -> Response {
+        let body = json!({
+            "errors": [{"code": "TOOMANYREQUESTS", "message": t.message}],
+            "error": "too_many_requests",
+            "error_description": t.message,
+        });
+        let mut response = (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(t.retry_after_seconds()));
+        response
+    }
+
     /// `{"errors":[{"code","message"}]}` as the Docker token spec and OCI use.
     fn docker_response(self) -> Response {
         self.log_internal();
         let (status, code, message) = match self {
+            Problem::Throttled(t) => return Problem::throttled_response(t),
             Problem::InvalidRequest(m) => (StatusCode::BAD_REQUEST, "INVALID_REQUEST", m),
             Problem::InvalidScope(m) => (StatusCode::BAD_REQUEST, "INVALID_SCOPE", m),
             Problem::UnsupportedGrantType(m) => (StatusCode::BAD_REQUEST, "UNSUPPORTED", m),
@@ -195,6 +215,7 @@ impl Problem {
     fn oauth_response(self) -> Response {
         self.log_internal();
         let (status, error, description) = match self {
+            Problem::Throttled(t) => return Problem::throttled_response(t),
             Problem::InvalidRequest(m) => (StatusCode::BAD_REQUEST, "invalid_request", m),
             Problem::InvalidScope(m) => (StatusCode::BAD_REQUEST, "invalid_scope", m),
             Problem::UnsupportedGrantType(m) => (StatusCode::BAD_REQUEST, "unsupported_grant_type", m),
@@ -222,7 +243,7 @@ impl Params {
             if key == "scope" {
                 params.scopes.push(value.into_owned());
             } else if params.values.insert(key.clone().into_owned(), value.into_owned()).is_some() {
-                return Err(Problem::InvalidRequest(format!("parameter `{key}` is given more than once")));
+                return Err(Problem::InvalidRequest(format!("parameter `{}` is given more than once", quote(&key))));
             }
         }
         Ok(params)
@@ -234,7 +255,7 @@ impl Params {
     }
 
     fn require(&self, key: &str) -> Result<&str, Problem> {
-        self.get(key).ok_or_else(|| Problem::InvalidRequest(format!("missing parameter `{key}`")))
+        self.get(key).ok_or_else(|| Problem::InvalidRequest(format!("missing parameter `{}`", quote(key))))
     }
 
     /// Checks `service` (if given) and parses every `scope`.
@@ -242,7 +263,8 @@ impl Params {
         if let Some(service) = self.get("service") {
             if service != state.service {
                 return Err(Problem::InvalidRequest(format!(
-                    "unknown service `{service}`; this token service issues tokens for `{}`",
+                    "unknown service `{}`; this token service issues tokens for `{}`",
+                    quote(service),
                     state.service
                 )));
             }
@@ -277,7 +299,7 @@ fn issue(
             .by_username(&who.username)
             .filter(|t| Some(t.id) == who.deploy_token_id)
             .ok_or_else(|| Problem::InvalidCredentials(INVALID_CREDENTIALS_MESSAGE.into()))?;
-        (deploy_token.grant(scopes), Vec::new())
+        (state.directory.deploy_grant(deploy_token, scopes), Vec::new())
     } else {
         let user = state
             .directory
@@ -302,7 +324,28 @@ fn issue(
     let claims_log = if claim_names.is_empty() { String::new() } else { format!(" claims={claim_names:?}") };
     let keys = state.keys();
     let token = keys.issuer.registry_token(who, &grants, claims, now)?;
-    let refresh_token = if offline { Some(keys.issuer.refresh_token(who, now)?) } else { None };
+    if token.len() > MAX_TOKEN_LEN {
+        // The filter refuses tokens longer than this before parsing them: never issue one.
+        tracing::info!(
+            "token refused: sub={:?} would get a {} byte token for {} grants (the registry accepts {MAX_TOKEN_LEN})",
+            quote(&who.username),
+            token.len(),
+            grants.len()
+        );
+        return Err(Problem::InvalidScope(format!(
+            "the token for these {} scopes would be {} bytes, more than the {MAX_TOKEN_LEN} bytes the registry \
+             accepts; request fewer scopes",
+            scopes.len(),
+            token.len()
+        )));
+    }
+    let refresh_token = if offline {
+        let epoch = credential_epoch_of(state, policy, who)
+            .ok_or_else(|| Problem::Internal(format!("no credential epoch for {:?}", who.username)))?;
+        Some(keys.issuer.refresh_token(who, &epoch, now)?)
+    } else {
+        None
+    };
     let requested: Vec<String> = scopes.iter().map(ToString::to_string).collect();
     let granted: Vec<String> = grants.iter().map(|g| g.scope.to_string()).collect();
     let deploy_token = who.deploy_token_id.map(|id| format!(" deploy_token_id={id}")).unwrap_or_default();
@@ -323,42 +366,86 @@ fn issue(
     })
 }
 
+/// The client address a request came from (the peer), the key of the per-client limit.
+fn client_of(extensions: &Extensions) -> String {
+    extensions
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map_or_else(|| "unknown".to_owned(), |ConnectInfo(addr)| addr.ip().to_string())
+}
+
+/// Counts and logs one failed login: username (quoted, bounded), client, grant and reason;
+/// never the secret.
+fn login_failed(state: &AppState, username: &str, client: &str, grant: &str, reason: &str) {
+    let total = state.login.login_failed();
+    tracing::info!(
+        "login failed: username=\"{}\" client={client} grant={grant} reason={reason} failed_logins_total={total}",
+        quote(username)
+    );
+}
+
+/// Authenticates Basic or password-grant credentials under the per-username limit of
+/// failed logins (a success gives its reservation back).
 async fn authenticate(
     state: &AppState,
     policy: &Policy,
     credentials: &auth::Credentials,
+    client: &str,
+    grant: &str,
     now: i64,
 ) -> Result<Authenticated, Problem> {
-    auth::authenticate(
+    if let Err(t) = state.login.login_attempt(&credentials.username) {
+        tracing::info!(
+            "login throttled: username=\"{}\" client={client} grant={grant} retry_after={}s",
+            quote(&credentials.username),
+            t.retry_after_seconds()
+        );
+        return Err(Problem::Throttled(t));
+    }
+    let result = auth::authenticate(
         &state.directory,
         &policy.credentials,
         state.decoy_hash.as_deref(),
-        &state.password_slots,
+        &state.login,
         credentials,
         now,
     )
-    .await
-    .map_err(|e| {
-        match &e {
-            AuthError::InvalidCredentials => tracing::info!("authentication failed for {:?}", credentials.username),
-            AuthError::DeployTokenUnusable { detail, .. } => {
-                tracing::info!("authentication refused: {detail} (bundle revision {})", policy.revision);
-            }
-            AuthError::Internal(_) => {}
+    .await;
+    match &result {
+        Ok(_) => state.login.login_succeeded(&credentials.username),
+        Err(AuthError::InvalidCredentials) => {
+            login_failed(state, &credentials.username, client, grant, "invalid_credentials");
         }
-        Problem::from(e)
-    })
+        Err(AuthError::DeployTokenUnusable { detail, .. }) => {
+            login_failed(state, &credentials.username, client, grant, "deploy_token_unusable");
+            tracing::info!("authentication refused: {detail} (bundle revision {})", policy.revision);
+        }
+        // Not the client's fault: the reservation is given back.
+        Err(AuthError::Throttled(_) | AuthError::Internal(_)) => state.login.login_succeeded(&credentials.username),
+    }
+    result.map_err(Problem::from)
 }
 
 /// `GET /jwt/auth?service=&scope=&account=&client_id=&offline_token=` with Basic auth.
-async fn get_token(State(state): State<Arc<AppState>>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
-    match get_token_inner(&state, &headers, query.as_deref().unwrap_or("")).await {
+async fn get_token(
+    State(state): State<Arc<AppState>>,
+    extensions: Extensions,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let client = client_of(&extensions);
+    match get_token_inner(&state, &client, &headers, query.as_deref().unwrap_or("")).await {
         Ok(answer) => answer.into_response(),
         Err(problem) => problem.docker_response(),
     }
 }
 
-async fn get_token_inner(state: &AppState, headers: &HeaderMap, query: &str) -> Result<TokenResponse, Problem> {
+async fn get_token_inner(
+    state: &AppState,
+    client: &str,
+    headers: &HeaderMap,
+    query: &str,
+) -> Result<TokenResponse, Problem> {
+    state.login.client_request(client).map_err(Problem::Throttled)?;
     let params = Params::parse(query.as_bytes())?;
     let scopes = params.service_and_scopes(state)?;
     let offline = params.get("offline_token").is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
@@ -370,25 +457,38 @@ async fn get_token_inner(state: &AppState, headers: &HeaderMap, query: &str) -> 
     if let Some(account) = params.get("account") {
         if account != credentials.username {
             return Err(Problem::InvalidRequest(format!(
-                "`account` {account:?} does not match the username of the Basic credentials"
+                "`account` `{}` does not match the username of the Basic credentials",
+                quote(account)
             )));
         }
     }
     let now = now_unix();
     let policy = state.policy.snapshot();
-    let who = authenticate(state, &policy, &credentials, now).await?;
+    let who = authenticate(state, &policy, &credentials, client, "basic", now).await?;
     issue(state, &policy, &who, &scopes, offline, now)
 }
 
 /// `POST /jwt/auth`, OAuth2 form: `grant_type=password` or `grant_type=refresh_token`.
-async fn post_token(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    match post_token_inner(&state, &headers, &body).await {
+async fn post_token(
+    State(state): State<Arc<AppState>>,
+    extensions: Extensions,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let client = client_of(&extensions);
+    match post_token_inner(&state, &client, &headers, &body).await {
         Ok(answer) => answer.into_response(),
         Err(problem) => problem.oauth_response(),
     }
 }
 
-async fn post_token_inner(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<TokenResponse, Problem> {
+async fn post_token_inner(
+    state: &AppState,
+    client: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<TokenResponse, Problem> {
+    state.login.client_request(client).map_err(Problem::Throttled)?;
     let is_form = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -401,7 +501,8 @@ async fn post_token_inner(state: &AppState, headers: &HeaderMap, body: &[u8]) ->
     let grant_type = params.require("grant_type")?;
     if grant_type != "password" && grant_type != "refresh_token" {
         return Err(Problem::UnsupportedGrantType(format!(
-            "grant_type `{grant_type}` is not supported (use `password` or `refresh_token`)"
+            "grant_type `{}` is not supported (use `password` or `refresh_token`)",
+            quote(grant_type)
         )));
     }
     let scopes = params.service_and_scopes(state)?;
@@ -413,11 +514,34 @@ async fn post_token_inner(state: &AppState, headers: &HeaderMap, body: &[u8]) ->
             secret: params.require("password")?.to_owned(),
         };
         let offline = params.get("access_type") == Some("offline");
-        let who = authenticate(state, &policy, &credentials, now).await?;
+        let who = authenticate(state, &policy, &credentials, client, "password", now).await?;
         issue(state, &policy, &who, &scopes, offline, now)
     } else {
-        let who = redeem_refresh_token(state, &policy, params.require("refresh_token")?, now)?;
+        let who = redeem_refresh_token(state, &policy, params.require("refresh_token")?, client, now)?;
         issue(state, &policy, &who, &scopes, false, now)
+    }
+}
+
+/// The credential epoch of `who` now (see [`credential_epoch`]): what a refresh token is
+/// bound to. Password: the user's current password hash; personal access token: that
+/// token's digest; deploy token: its id and digest; each with the user id or deploy token
+/// id. A password change, a removed or replaced token, a replaced deploy token or a deleted
+/// (or re-created) user changes it, and every refresh token issued before ends.
+fn credential_epoch_of(state: &AppState, policy: &Policy, who: &Authenticated) -> Option<String> {
+    match who.auth_type {
+        AuthType::DeployToken => {
+            let t = policy.credentials.by_username(&who.username).filter(|t| Some(t.id) == who.deploy_token_id)?;
+            Some(credential_epoch(who.auth_type, &who.username, t.id, &t.sha256))
+        }
+        AuthType::Password => {
+            let user = state.directory.user(&who.username).filter(|u| Some(u.id) == who.user_id)?;
+            Some(credential_epoch(who.auth_type, &user.username, user.id, user.password_hash.as_deref()?))
+        }
+        AuthType::Pat => {
+            let user = state.directory.user(&who.username).filter(|u| Some(u.id) == who.user_id)?;
+            let pat = user.personal_access_tokens.iter().find(|p| Some(&p.name) == who.pat_name.as_ref())?;
+            Some(credential_epoch(who.auth_type, &user.username, user.id, &pat.sha256))
+        }
     }
 }
 
@@ -427,13 +551,32 @@ fn redeem_refresh_token(
     state: &AppState,
     policy: &Policy,
     refresh_token: &str,
+    client: &str,
+    now: i64,
+) -> Result<Authenticated, Problem> {
+    let verified = state.keys().refresh_verifier.verify(refresh_token, now).map_err(|e| {
+        login_failed(state, "", client, "refresh_token", "refresh_token_invalid");
+        tracing::info!("refresh token refused: {e}");
+        Problem::InvalidCredentials("invalid refresh token: it is not a valid token from this service".into())
+    })?;
+    // The subject is known (the signature verified): the per-username limit of failures.
+    state.login.login_attempt(&verified.subject).map_err(Problem::Throttled)?;
+    let result = redeem_verified_refresh_token(state, policy, refresh_token, &verified, now);
+    match &result {
+        Ok(_) => state.login.login_succeeded(&verified.subject),
+        Err(_) => login_failed(state, &verified.subject, client, "refresh_token", "refresh_token_ended"),
+    }
+    result
+}
+
+fn redeem_verified_refresh_token(
+    state: &AppState,
+    policy: &Policy,
+    refresh_token: &str,
+    verified: &token::VerifiedToken,
     now: i64,
 ) -> Result<Authenticated, Problem> {
     let invalid = |why: &str| Problem::InvalidCredentials(format!("invalid refresh token: {why}"));
-    let verified = state.keys().refresh_verifier.verify(refresh_token, now).map_err(|e| {
-        tracing::info!("refresh token refused: {e}");
-        invalid("it is not a valid token from this service")
-    })?;
     let claims: RefreshClaims = token::decode_unverified(refresh_token)
         .ok()
         .and_then(|v| serde_json::from_value(v).ok())
@@ -464,7 +607,9 @@ fn redeem_refresh_token(
             let why = if deploy_token.revoked { "its deploy token is revoked" } else { "its deploy token has expired" };
             return Err(invalid(why));
         }
-        return Ok(Authenticated::deploy_token(deploy_token));
+        let who = Authenticated::deploy_token(deploy_token);
+        check_epoch(state, policy, &who, &claims)?;
+        return Ok(who);
     }
     let user = state.directory.user(&claims.sub).ok_or_else(|| invalid("its user no longer exists"))?;
     let still_valid = match auth_type {
@@ -478,7 +623,30 @@ fn redeem_refresh_token(
     if !still_valid {
         return Err(invalid("the credential it was issued for is gone or expired"));
     }
-    Ok(Authenticated::user(&user.username, user.id, auth_type, claims.pat_name))
+    let who = Authenticated::user(&user.username, user.id, auth_type, claims.pat_name.clone());
+    check_epoch(state, policy, &who, &claims)?;
+    Ok(who)
+}
+
+/// The refresh token's credential epoch must be the credential's current one: a password
+/// change, a replaced token or a re-created user ends it.
+fn check_epoch(state: &AppState, policy: &Policy, who: &Authenticated, claims: &RefreshClaims) -> Result<(), Problem> {
+    let current = credential_epoch_of(state, policy, who);
+    let matches = match (current.as_deref(), claims.epoch.as_deref()) {
+        (Some(now), Some(then)) => auth::constant_time_eq(now.as_bytes(), then.as_bytes()),
+        _ => false,
+    };
+    if matches {
+        return Ok(());
+    }
+    tracing::info!(
+        "refresh token of {:?} refused: its credential changed since it was issued (auth_type={})",
+        quote(&who.username),
+        who.auth_type.as_str()
+    );
+    Err(Problem::InvalidCredentials(
+        "invalid refresh token: the credential it was issued for has changed since; log in again".into(),
+    ))
 }
 
 /// `GET /jwks`: every public key of the ring (the signing key and the others published for
@@ -495,8 +663,8 @@ async fn healthz() -> &'static str {
 pub const OPERATOR_CHALLENGE: &str = "Bearer realm=\"registry-guard-operator\"";
 
 /// Lets a request through only with `Authorization: Bearer <operator token>` and a body
-/// announced within the limit; anything else is a 401 (413) before the body is read (registry clients, who can reach this service to log
-/// in, cannot push or replay bundles).
+/// announced within the limit; anything else is a 401 (413) before the body is read
+/// (registry clients, who can reach this service to log in, cannot push or replay bundles).
 async fn require_operator(
     State(state): State<Arc<AppState>>,
     request: axum::extract::Request,
@@ -535,6 +703,20 @@ async fn require_operator(
         return (StatusCode::PAYLOAD_TOO_LARGE, Json(body)).into_response();
     }
     next.run(request).await
+}
+
+/// `GET /stats`: counters of the login limits (no usernames, no secrets).
+async fn stats(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = &state.login.stats;
+    Json(json!({
+        "failed_logins": s.failed_logins.load(Relaxed),
+        "throttled_client": s.throttled_client.load(Relaxed),
+        "throttled_username": s.throttled_username.load(Relaxed),
+        "argon2_queue_full": s.argon2_queue_full.load(Relaxed),
+        "tracked_clients": state.login.per_client.len(),
+        "tracked_usernames": state.login.per_username.len(),
+    }))
 }
 
 /// `PUT /bundle`: the body is a compact JWS as written by `rgctl sign`.

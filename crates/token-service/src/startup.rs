@@ -7,22 +7,18 @@ use std::sync::{Arc, RwLock};
 
 use registry_guard_core::token::{KeySet, KeySetError, Verifier};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::config::{load_key_ring, Config, ConfigError, KeyRing};
 use crate::issue::TokenIssuer;
+use crate::limits::LoginGuard;
 use crate::policy::PolicyStore;
 use crate::routes::{self, ActiveKeys, AppState};
+use crate::server::ServerLimits;
 
 /// Default `--listen` address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5001";
 /// Clock skew tolerated when checking this service's own refresh tokens.
 pub const REFRESH_LEEWAY_SECONDS: i64 = 30;
-
-/// Concurrent argon2 verifications: twice the available cores.
-fn password_slots() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get().saturating_mul(2))
-}
 
 /// What the binary is started with.
 #[derive(Debug, Clone)]
@@ -67,6 +63,7 @@ pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
     router: axum::Router,
+    server_limits: ServerLimits,
     summary: Summary,
     reloader: KeyReloader,
 }
@@ -146,7 +143,7 @@ impl Application {
             keys: RwLock::new(Arc::new(keys)),
             directory: config.directory,
             decoy_hash,
-            password_slots: Semaphore::new(password_slots()),
+            login: LoginGuard::new(config.login_limits.clone()),
             policy,
             operator_token_sha256: config.operator_token_sha256,
         });
@@ -162,7 +159,14 @@ impl Application {
             .map_err(|source| StartupError::Bind { addr: settings.listen, source })?;
         let local_addr =
             listener.local_addr().map_err(|source| StartupError::Bind { addr: settings.listen, source })?;
-        Ok(Application { listener, local_addr, router: routes::router(state), summary, reloader })
+        Ok(Application {
+            listener,
+            local_addr,
+            router: routes::router(state),
+            server_limits: config.server.clone(),
+            summary,
+            reloader,
+        })
     }
 
     /// A handle that re-reads the key ring (`main` calls it on SIGHUP).
@@ -206,7 +210,7 @@ impl Application {
 
     /// Serves until the process ends.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        axum::serve(self.listener, self.router).await
+        crate::server::serve(self.listener, self.router, self.server_limits, std::future::pending()).await
     }
 
     /// Serves until `shutdown` completes, then finishes in-flight requests.
@@ -214,6 +218,6 @@ impl Application {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown).await
+        crate::server::serve(self.listener, self.router, self.server_limits, shutdown).await
     }
 }

@@ -14,8 +14,14 @@ async fn access(app: &TestApp, user: &str, secret: &str, scope: &str) -> Value {
     token_claims(app.get_token(&query, Some((user, secret))).await).await["access"].clone()
 }
 
+/// A granted repository; deploy tokens reach projects only, and each grant names its project
+/// (`acme/web`, `acme/platform` in the test principals); the dependency proxy names none.
 fn repo(name: &str, actions: &[&str]) -> Value {
-    json!({"type": "repository", "name": name, "actions": actions})
+    if name.contains("/dependency_proxy/containers/") {
+        return json!({"type": "repository", "name": name, "actions": actions});
+    }
+    let project = name.split('/').take(2).collect::<Vec<_>>().join("/");
+    json!({"type": "repository", "name": name, "actions": actions, "meta": {"project_path": project}})
 }
 
 #[tokio::test]
@@ -28,7 +34,7 @@ async fn group_token_gets_requested_intersect_scopes_intersect_subtree() {
         "repository:acme/platform/api:pull,push repository:other/tools:pull,push repository:acme-other/x:pull",
     )
     .await;
-    // No `meta`: deploy tokens hold no access level.
+    // `meta` names the project only: deploy tokens hold no access level.
     assert_eq!(got, json!([repo("acme/platform/api", &["pull", "push"])]));
     // Never delete (no deploy token scope allows it); `*` is expanded to what the scopes allow.
     let got = access(&app, "acme-ci", ACME_CI_SECRET, "repository:acme/web/app:pull,push,delete").await;
@@ -272,7 +278,10 @@ async fn logs_name_the_deploy_token_never_its_secret() {
     let logs = captured_logs();
     let issued = logs
         .lines()
-        .find(|l| l.contains("issued token: sub=\"acme-ci\""))
+        // This test's line (other tests issue acme-ci tokens too, into the same shared log).
+        .find(|l| {
+            l.contains("issued token: sub=\"acme-ci\"") && l.contains("granted=[\"repository:acme/platform/api:push\"]")
+        })
         .unwrap_or_else(|| panic!("no issued-token line in {logs}"));
     assert!(issued.contains("auth_type=deploy_token deploy_token_id=1 "), "{issued}");
     assert!(issued.contains("granted=[\"repository:acme/platform/api:push\"]"), "{issued}");

@@ -7,6 +7,7 @@ mod claims;
 mod config_errors;
 mod deploy_tokens;
 mod helpers;
+mod hostile;
 mod keys;
 mod revocations;
 mod token_get;
