@@ -15,6 +15,7 @@ fn bundle(revision: u64, tag_pattern: &str) -> serde_json::Value {
         "revision": revision,
         "protection_rules": [{
             "id": "web-release-tags",
+            "owner": {"project": "acme/web"},
             "repository_path_pattern": "acme/web/*",
             "tag_name_pattern": tag_pattern,
             "minimum_access_level_for_push": "maintainer",
@@ -178,7 +179,8 @@ fn forced_older_bundles_and_garbage_never_open_the_gate() {
     // A signed bundle the filter refuses (a rule that protects nothing), forced.
     let invalid = stack.sign_bundle_unchecked(
         "invalid",
-        &json!({"revision": 7, "protection_rules": [{"id": "x", "repository_path_pattern": "acme/*"}]}),
+        &json!({"revision": 7, "protection_rules": [
+            {"id": "x", "owner": {"group": "acme"}, "repository_path_pattern": "acme/*"}]}),
     );
     assert!(!stack.push_bundle(&invalid, &["--force"]).status.success());
     wait_all_workers_on(&stack, 6);
