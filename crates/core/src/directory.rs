@@ -245,6 +245,11 @@ impl Directory {
         &self.users
     }
 
+    /// Every project, in path order.
+    pub fn projects(&self) -> impl Iterator<Item = &Project> {
+        self.projects.values()
+    }
+
     /// The user owning the personal access token with this SHA-256 digest.
     pub fn user_by_pat_digest(&self, sha256_hex: &str) -> Option<(&User, &PersonalAccessToken)> {
         self.users.iter().find_map(|u| u.personal_access_tokens.iter().find(|p| p.sha256 == sha256_hex).map(|p| (u, p)))

@@ -3,11 +3,13 @@
 //! scopes and runs the one decision function on it, so the explanation cannot drift from
 //! what the filter and the token service do.
 
+use crate::access::AccessLevel;
 use crate::bundle::Policy;
 use crate::decision::{decide, ChallengeConfig, Credential, Decision};
-use crate::directory::Directory;
+use crate::deploy::DeployToken;
+use crate::directory::{Directory, Grant, User};
 use crate::route::classify;
-use crate::scope::Resource;
+use crate::scope::{Resource, Scope};
 use crate::token::VerifiedToken;
 
 /// The decision and every fact it rests on, printable.
@@ -17,57 +19,64 @@ pub struct Explanation {
     pub lines: Vec<String>,
 }
 
-pub fn explain(
-    directory: &Directory,
-    policy: &Policy,
-    username: &str,
-    method: &str,
-    path: &str,
-) -> Result<Explanation, String> {
-    let user = directory.user(username).ok_or_else(|| format!("no user `{username}` in the principals"))?;
-    let challenge = ChallengeConfig { realm: "(token service)".into(), service: "(service)".into() };
-    let mut lines = vec![format!("bundle revision {} ({} protection rules)", policy.revision, policy.rules.len())];
-    let route = classify(method, path, None);
-    let route = match route {
-        Ok(r) => r,
-        Err(e) => {
-            let decision = decide(Err(&e), Credential::Missing, &challenge, policy, 0);
-            lines.push(format!("request: refused by the route grammar: {e}"));
-            return Ok(Explanation { decision, lines });
-        }
-    };
-    let needs = route.scopes.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(" ");
-    lines.push(format!(
-        "request: {method} {path} needs {}",
-        if needs.is_empty() { "a valid token".into() } else { needs }
-    ));
-    for scope in &route.scopes {
-        if let Resource::Repository(repo) = &scope.resource {
-            match directory.project_of(repo) {
-                Some(p) => lines.push(format!(
-                    "principal: `{username}` is {} on project `{}` (visibility {:?}){}",
-                    directory.effective_level(user, &p.path),
-                    p.path,
-                    p.visibility,
-                    if user.admin { ", admin" } else { "" }
-                )),
-                None => lines.push(format!("principal: `{repo}` belongs to no project: nothing is granted on it")),
-            }
+/// Who a request is made as: a user of the principals file or a deploy token of the bundle.
+#[derive(Debug, Clone, Copy)]
+pub enum Principal<'a> {
+    User(&'a User),
+    DeployToken(&'a DeployToken),
+}
+
+impl Principal<'_> {
+    pub fn name(&self) -> &str {
+        match self {
+            Principal::User(u) => &u.username,
+            Principal::DeployToken(t) => &t.username,
         }
     }
-    let (grants, notes) = directory.grant_under(policy, user, &route.scopes);
-    let granted = grants.iter().map(|g| g.scope.to_string()).collect::<Vec<_>>().join(" ");
-    lines.push(format!("token service would grant: {}", if granted.is_empty() { "nothing".into() } else { granted }));
-    lines.extend(notes.into_iter().map(|n| format!("token service: {n}")));
+}
+
+/// The user or deploy token named `name` (a deploy token by its username, e.g. `acme-ci` or
+/// `deploy-token-2`). A name that is both is refused: which one a login reaches depends on
+/// the secret presented.
+pub fn principal<'a>(directory: &'a Directory, policy: &'a Policy, name: &str) -> Result<Principal<'a>, String> {
+    match (directory.user(name), policy.credentials.by_username(name)) {
+        (Some(_), Some(_)) => {
+            Err(format!("`{name}` is both a user in the principals and a deploy token in the bundle: rename one"))
+        }
+        (Some(u), None) => Ok(Principal::User(u)),
+        (None, Some(t)) => Ok(Principal::DeployToken(t)),
+        (None, None) => Err(format!("no user and no deploy token `{name}` (principals, bundle `deploy_tokens`)")),
+    }
+}
+
+/// The token the token service would issue to `principal` for `scopes`, with the grant
+/// functions it uses (`Directory::grant_under` for users, `Directory::deploy_grant` for
+/// deploy tokens), issued at `now`, and its notes on withheld actions. It is minted whether or not the
+/// principal may log in at all (revoked users, expired or revoked deploy tokens): the
+/// decision function refuses those, with the reason.
+pub fn issued_token(
+    directory: &Directory,
+    policy: &Policy,
+    principal: Principal<'_>,
+    scopes: &[Scope],
+    now: i64,
+) -> (VerifiedToken, Vec<String>) {
+    let (grants, notes, auth_type, deploy_token_id): (Vec<Grant>, _, _, _) = match principal {
+        Principal::User(user) => {
+            let (grants, notes) = directory.grant_under(policy, user, scopes);
+            (grants, notes, "password", None)
+        }
+        Principal::DeployToken(t) => (directory.deploy_grant(t, scopes), Vec::new(), "deploy_token", Some(t.id)),
+    };
     let token = VerifiedToken {
         kid: String::new(),
-        subject: username.to_owned(),
+        subject: principal.name().to_owned(),
         jti: String::new(),
-        auth_type: Some("password".into()),
+        auth_type: Some(auth_type.into()),
         user: None,
         expires_at: i64::MAX,
         not_before: None,
-        issued_at: None,
+        issued_at: Some(now),
         access_levels: grants
             .iter()
             .filter_map(|g| match &g.scope.resource {
@@ -83,10 +92,113 @@ pub fn explain(
             })
             .collect(),
         grants: grants.into_iter().map(|g| g.scope).collect(),
-        deploy_token_id: None,
+        deploy_token_id,
     };
-    let decision = decide(Ok(&route), Credential::Valid(&token), &challenge, policy, 0);
+    (token, notes)
+}
+
+/// Placeholder challenge: `explain` and the access review show decisions, not challenges.
+pub(crate) fn challenge() -> ChallengeConfig {
+    ChallengeConfig { realm: "(token service)".into(), service: "(service)".into() }
+}
+
+/// What the filter would decide for `name` (a user or a deploy token's username) making
+/// `method path` at `now` (unix seconds: deploy token expiry, user revocations).
+pub fn explain(
+    directory: &Directory,
+    policy: &Policy,
+    name: &str,
+    method: &str,
+    path: &str,
+    now: i64,
+) -> Result<Explanation, String> {
+    let principal = principal(directory, policy, name)?;
+    let challenge = challenge();
+    let mut lines = vec![format!("bundle revision {} ({} protection rules)", policy.revision, policy.rules.len())];
+    let route = classify(method, path, None);
+    let route = match route {
+        Ok(r) => r,
+        Err(e) => {
+            let decision = decide(Err(&e), Credential::Missing, &challenge, policy, now);
+            lines.push(format!("request: refused by the route grammar: {e}"));
+            return Ok(Explanation { decision, lines });
+        }
+    };
+    let needs = route.scopes.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(" ");
+    lines.push(format!(
+        "request: {method} {path} needs {}",
+        if needs.is_empty() { "a valid token".into() } else { needs }
+    ));
+    if let Principal::DeployToken(t) = principal {
+        lines.push(format!("principal: `{name}` is {}", describe_deploy_token(t, now)));
+    }
+    for scope in &route.scopes {
+        if let Resource::Repository(repo) = &scope.resource {
+            match (principal, directory.project_of(repo)) {
+                (Principal::User(user), Some(p)) => lines.push(format!(
+                    "principal: `{name}` is {} on project `{}` (visibility {:?}){}",
+                    directory.effective_level(user, &p.path),
+                    p.path,
+                    p.visibility,
+                    if user.admin { ", admin" } else { "" }
+                )),
+                (Principal::DeployToken(_), Some(p)) => {
+                    lines.push(format!("`{repo}` belongs to project `{}` (visibility {:?})", p.path, p.visibility))
+                }
+                (_, None) => lines.push(format!("principal: `{repo}` belongs to no project: nothing is granted on it")),
+            }
+        }
+    }
+    let (token, notes) = issued_token(directory, policy, principal, &route.scopes, now);
+    let granted = token.grants.iter().map(|g| g.to_string()).collect::<Vec<_>>().join(" ");
+    lines.push(format!("token service would grant: {}", if granted.is_empty() { "nothing".into() } else { granted }));
+    lines.extend(notes.into_iter().map(|n| format!("token service: {n}")));
+    let decision = decide(Ok(&route), Credential::Valid(&token), &challenge, policy, now);
     Ok(Explanation { decision, lines })
+}
+
+/// `deploy token 1 of group `acme` (read_registry, write_registry)`, with its state at `now`.
+pub fn describe_deploy_token(t: &DeployToken, now: i64) -> String {
+    format!("deploy token {} of {} ({}){}, no access level", t.id, t.owner, deploy_token_scopes(t), state(t, now))
+}
+
+/// `group acme: read_registry, write_registry`, with its state at `now` (`, expired`).
+pub fn deploy_token_standing(t: &DeployToken, now: i64) -> String {
+    format!("{}: {}{}", t.owner.to_string().replace('`', ""), deploy_token_scopes(t), state(t, now))
+}
+
+fn deploy_token_scopes(t: &DeployToken) -> String {
+    let mut scopes: Vec<&str> = t
+        .scopes
+        .iter()
+        .map(|s| match s {
+            crate::deploy::DeployScope::ReadRegistry => "read_registry",
+            crate::deploy::DeployScope::WriteRegistry => "write_registry",
+        })
+        .collect();
+    scopes.sort_unstable();
+    if scopes.is_empty() {
+        "no scopes".to_owned()
+    } else {
+        scopes.join(", ")
+    }
+}
+
+fn state(t: &DeployToken, now: i64) -> &'static str {
+    match t.usable(now) {
+        Ok(()) => "",
+        Err(_) if t.revoked => ", revoked",
+        Err(_) => ", expired",
+    }
+}
+
+/// `owner (50)`, `admin`, or `not a member`: a user's standing on a project.
+pub fn describe_level(level: AccessLevel) -> String {
+    match level {
+        AccessLevel::NoAccess => "not a member".to_owned(),
+        AccessLevel::Admin => "admin".to_owned(),
+        l => format!("{} ({})", l.name(), l.number()),
+    }
 }
 
 impl std::fmt::Display for Explanation {
@@ -120,10 +232,13 @@ mod tests {
     const PRINCIPALS: &str = include_str!("../../../policies/example/principals.json");
     const BUNDLE: &str = include_str!("../../../policies/example/bundle.json");
 
+    /// 2027-01-15T08:00:00Z: after the example's expired deploy token expired.
+    const NOW: i64 = 1_800_000_000;
+
     fn run(user: &str, method: &str, path: &str) -> Explanation {
         let dir = Directory::from_json(PRINCIPALS).unwrap();
         let policy = Policy::from_json(BUNDLE).unwrap();
-        explain(&dir, &policy, user, method, path).unwrap()
+        explain(&dir, &policy, user, method, path, NOW).unwrap()
     }
 
     #[test]
@@ -145,8 +260,35 @@ mod tests {
         let e = run("olga", "PUT", "/v2/other/tools/manifests/x");
         assert!(e.decision.is_allow(), "{e}");
         assert!(e.to_string().contains("dry run: rule `other-push-dry-run` would deny"), "{e}");
-        assert!(
-            explain(&Directory::from_json(PRINCIPALS).unwrap(), &Policy::default(), "nobody", "GET", "/v2/").is_err()
-        );
+        assert!(explain(&Directory::from_json(PRINCIPALS).unwrap(), &Policy::default(), "nobody", "GET", "/v2/", NOW)
+            .is_err());
+    }
+
+    #[test]
+    fn explains_deploy_tokens_as_the_filter_decides() {
+        // acme-ci: group `acme`, read_registry + write_registry, no access level.
+        let e = run("acme-ci", "PUT", "/v2/acme/web/app/manifests/dev-1");
+        assert!(e.decision.is_allow(), "{e}");
+        let text = e.to_string();
+        assert!(text.contains("`acme-ci` is deploy token 1 of group `acme`"), "{text}");
+        assert!(text.contains("token service would grant: repository:acme/web/app:pull,push"), "{text}");
+        // A release tag: web-release-tags requires maintainer, a deploy token has no level.
+        let e = run("acme-ci", "PUT", "/v2/acme/web/app/manifests/v1");
+        assert_eq!(e.decision.status(), 403, "{e}");
+        assert!(e.to_string().contains("rule: web-release-tags"), "{e}");
+        let e = run("acme-ci", "DELETE", "/v2/acme/web/app/manifests/dev-1");
+        assert_eq!(e.decision.status(), 403, "{e}");
+        let e = run("acme-ci", "GET", "/v2/other/tools/manifests/x");
+        assert_eq!(e.decision.status(), 404, "{e}");
+        let e = run("deploy-token-2", "GET", "/v2/acme/web/app/manifests/x");
+        assert!(e.decision.is_allow(), "{e}");
+        let e = run("deploy-token-2", "PUT", "/v2/acme/web/app/manifests/x");
+        assert_eq!(e.decision.status(), 403, "{e}");
+        let e = run("deploy-token-4", "GET", "/v2/acme/web/app/manifests/x");
+        assert_eq!(e.decision.status(), 401, "{e}");
+        assert!(e.to_string().contains("expired"), "{e}");
+        let e = run("deploy-token-5", "GET", "/v2/acme/web/app/manifests/x");
+        assert_eq!(e.decision.status(), 401, "{e}");
+        assert!(e.to_string().contains("revoked"), "{e}");
     }
 }

@@ -18,6 +18,7 @@ pub mod guard;
 pub mod json;
 pub mod name;
 pub mod protection;
+pub mod review;
 pub mod route;
 pub mod scope;
 pub mod text;

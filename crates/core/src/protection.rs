@@ -41,6 +41,22 @@ impl PathPattern {
         &self.source
     }
 
+    /// Whether the pattern matches `path` itself or some name under it (`path/...`): whether
+    /// the rule may govern a repository of the project or group at `path`.
+    pub fn may_match_under(&self, path: &str) -> bool {
+        if self.matches(path) {
+            return true;
+        }
+        let under = format!("{path}/");
+        if !self.has_wildcard() {
+            return self.source.starts_with(&under);
+        }
+        // The first `*` can absorb the rest of `under` (and anything after it), so a name
+        // under `path` matches iff the literal prefix and `under` agree where both are defined.
+        let prefix = self.literal_prefix();
+        prefix.starts_with(&under) || under.starts_with(prefix)
+    }
+
     fn has_wildcard(&self) -> bool {
         self.source.contains('*')
     }
@@ -230,17 +246,41 @@ impl RuleSet {
         self.rules.get(usize::try_from(i).ok()?)
     }
 
+    /// Every rule, in bundle order.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// The rules matching `repo` (enforced or dry run, with or without a tag pattern) whose
+    /// push (`push = true`) or delete requirement `actor` does not meet, with that
+    /// requirement, in bundle order. Empty for admins when admins bypass protection.
+    pub fn unmet<'s>(&'s self, repo: &'s str, push: bool, actor: Actor<'_>) -> Vec<(&'s Rule, Requirement)> {
+        self.unmet_among(self.matching(repo), push, actor)
+    }
+
+    /// [`RuleSet::unmet`] for every repository of the project or group at `path`: the rules
+    /// that may match one of them ([`PathPattern::may_match_under`]).
+    pub fn unmet_under<'s>(&'s self, path: &str, push: bool, actor: Actor<'_>) -> Vec<(&'s Rule, Requirement)> {
+        self.unmet_among(self.rules.iter().filter(|r| r.repository.may_match_under(path)).collect(), push, actor)
+    }
+
+    fn unmet_among<'s>(&self, rules: Vec<&'s Rule>, push: bool, actor: Actor<'_>) -> Vec<(&'s Rule, Requirement)> {
+        if actor.admin && self.admins_bypass {
+            return Vec::new();
+        }
+        rules
+            .into_iter()
+            .filter_map(|r| Some((r, if push { r.push? } else { r.delete? })))
+            .filter(|(_, req)| !req.allows(actor.level))
+            .collect()
+    }
+
     /// The id of an enforced rule without a tag pattern that denies `actor` every push
     /// (`push = true`) or delete on `repo`, if any: such an action can never succeed.
     pub fn denies_untagged(&self, repo: &str, push: bool, actor: Actor<'_>) -> Option<String> {
-        if actor.admin && self.admins_bypass {
-            return None;
-        }
-        self.matching(repo)
+        self.unmet(repo, push, actor)
             .into_iter()
-            .filter(|r| r.enforce && r.tag.is_none())
-            .filter_map(|r| Some((r, if push { r.push? } else { r.delete? })))
-            .filter(|(_, req)| !req.allows(actor.level))
+            .filter(|(r, _)| r.enforce && r.tag.is_none())
             .max_by_key(|(_, req)| req.threshold())
             .map(|(r, _)| r.id.clone())
     }
@@ -344,6 +384,22 @@ mod tests {
         ];
         for (p, s, want) in cases {
             assert_eq!(PathPattern::parse(p).unwrap().matches(s), want, "{p} ~ {s}");
+        }
+        let under = [
+            ("acme/web/*", "acme/web", true),
+            ("acme/web/*", "acme", true),
+            ("acme/web/*", "acme/platform", false),
+            ("acme/platform/api/prod", "acme/platform/api", true),
+            ("acme/platform/api/prod", "acme/web", false),
+            ("acme/web", "acme/web", true),
+            ("acme/web", "acme/webapp", false),
+            ("acme/w*", "acme/web", true),
+            ("acme/w*", "acme/platform", false),
+            ("*-prod", "other/tools", true),
+            ("other/*", "other/tools", true),
+        ];
+        for (p, path, want) in under {
+            assert_eq!(PathPattern::parse(p).unwrap().may_match_under(path), want, "{p} under {path}");
         }
         assert!(PathPattern::parse("Acme").is_err());
         assert!(PathPattern::parse("").is_err());

@@ -115,13 +115,36 @@ enum Command {
         /// principals.json
         #[arg(long)]
         principals: PathBuf,
-        /// The user the request is made as.
+        /// The user, or the deploy token (its username, e.g. `acme-ci`), the request is made as.
         #[arg(long = "as", value_name = "USERNAME")]
         user: String,
         /// e.g. `PUT`
         method: String,
         /// e.g. `/v2/acme/web/app/manifests/v1`
         path: String,
+    },
+    /// Access review: every user and deploy token that may pull, push or delete a repository,
+    /// and the protection rules that apply; or what one user or deploy token may do on every
+    /// project. Computed with the token service's grant functions and the filter's decision.
+    #[command(group(clap::ArgGroup::new("subject").required(true).args(["repository", "principal"])))]
+    Access {
+        /// Bundle JSON (unsigned) or signed JWS (`--keys` to verify it).
+        #[arg(long)]
+        bundle: PathBuf,
+        #[arg(long)]
+        keys: Option<PathBuf>,
+        /// principals.json
+        #[arg(long)]
+        principals: PathBuf,
+        /// e.g. `acme/web/app`
+        #[arg(long)]
+        repository: Option<String>,
+        /// A username or a deploy token's username (e.g. `acme-ci`).
+        #[arg(long)]
+        principal: Option<String>,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
     },
     /// Write the Envoy ECDS resource file for the filter (atomically).
     FilterResource {
@@ -279,18 +302,31 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Explain { bundle, keys, principals, user, method, path } => {
-            let text = read(&bundle)?;
-            let policy = match keys {
-                None if text.trim_start().starts_with('{') => Policy::from_json(&text),
-                None => bail!("{} is signed: pass --keys with the operator JWKS to verify it", bundle.display()),
-                Some(k) => registry_guard_core::bundle::verify(&text, &load_keyset(&k)?),
-            }
-            .map_err(|e| anyhow::anyhow!("{}: {e}", bundle.display()))?;
-            let dir = Directory::from_json(&read(&principals)?)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", principals.display()))?;
-            let e = registry_guard_core::explain::explain(&dir, &policy, &user, &method, &path)
+            let (policy, dir) = load_world(&bundle, keys.as_deref(), &principals)?;
+            let e = registry_guard_core::explain::explain(&dir, &policy, &user, &method, &path, unix_now())
                 .map_err(anyhow::Error::msg)?;
             print!("{e}");
+            Ok(())
+        }
+        Command::Access { bundle, keys, principals, repository, principal, json } => {
+            use registry_guard_core::review;
+            let (policy, dir) = load_world(&bundle, keys.as_deref(), &principals)?;
+            let (text, value) = match (repository, principal) {
+                (Some(repo), _) => {
+                    let r = review::review_repository(&dir, &policy, &repo, unix_now()).map_err(anyhow::Error::msg)?;
+                    (r.to_string(), r.to_json())
+                }
+                (None, Some(name)) => {
+                    let r = review::review_principal(&dir, &policy, &name, unix_now()).map_err(anyhow::Error::msg)?;
+                    (r.to_string(), r.to_json())
+                }
+                (None, None) => bail!("pass --repository NAME or --principal NAME"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                print!("{text}");
+            }
             Ok(())
         }
         Command::FilterResource { config, wasm, out, name } => {
@@ -396,6 +432,26 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The bundle (unsigned, or signed and verified with `keys`) and the principals.
+fn load_world(bundle: &Path, keys: Option<&Path>, principals: &Path) -> Result<(Policy, Directory)> {
+    let text = read(bundle)?;
+    let policy = match keys {
+        None if text.trim_start().starts_with('{') => Policy::from_json(&text),
+        None => bail!("{} is signed: pass --keys with the operator JWKS to verify it", bundle.display()),
+        Some(k) => registry_guard_core::bundle::verify(&text, &load_keyset(k)?),
+    }
+    .map_err(|e| anyhow::anyhow!("{}: {e}", bundle.display()))?;
+    let dir = Directory::from_json(&read(principals)?).map_err(|e| anyhow::anyhow!("{}: {e}", principals.display()))?;
+    Ok((policy, dir))
+}
+
+/// Unix seconds now (deploy token expiry, user revocations); 0 if the clock is before 1970.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 fn read_secret() -> Result<String> {
