@@ -38,6 +38,11 @@ thread_local! {
     /// This VM's slot: its index among the VMs of this `vm_id` (a VM lives on one thread and
     /// outlives the plugin configurations it serves, so the slot is claimed once).
     static VM_SLOT: Cell<Option<u32>> = const { Cell::new(None) };
+    /// Configurations of this VM so far, and the newest one per endpoint: while Envoy swaps
+    /// configurations, the old plugin's root context lives on for a while; only the newest
+    /// beats for its endpoint.
+    static GENERATION: Cell<u64> = const { Cell::new(0) };
+    static NEWEST: RefCell<Vec<(&'static str, u64)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// This VM's slot number, claimed on first use by a compare-and-swap on [`VM_SLOTS_KEY`]:
@@ -140,33 +145,61 @@ pub struct GuardRoot {
     worker: Option<WorkerGauges>,
 }
 
-/// This VM's own gauges, `registry_guard.vm.<slot>.revision` (the bundle revision its
-/// registry filter enforces) and `.heartbeat` (unix seconds, renewed every tick): a worker
-/// whose filter is not configured stops beating, one left on an older configuration reports
-/// its revision, and `rgctl status` names both.
+/// This VM's own gauges per endpoint, `registry_guard.vm.<slot>.<endpoint>.revision` (the
+/// bundle revision its filter enforces there) and `.heartbeat` (unix seconds, renewed every
+/// tick by the newest configuration): a worker whose filter is not configured stops beating,
+/// one left on an older configuration reports its revision, and `rgctl status` names both.
 struct WorkerGauges {
     revision: u32,
     heartbeat: u32,
+    /// 1 once this configuration has served a request (workers do; Envoy's main thread,
+    /// which keeps a VM of its own, never does).
+    serving_gauge: u32,
+    serving: Cell<bool>,
     bundle_revision: u64,
+    endpoint: &'static str,
+    generation: u64,
 }
 
 impl WorkerGauges {
-    fn define(host: &mut impl Host, bundle_revision: u64) -> Option<WorkerGauges> {
+    fn define(host: &mut impl Host, endpoint: &'static str, bundle_revision: u64) -> Option<WorkerGauges> {
         let slot = vm_slot()?;
         let gauge = |host: &mut _, what: &str| {
-            Host::define_metric(host, proxy_wasm::types::MetricType::Gauge, &format!("registry_guard.vm.{slot}.{what}"))
-                .map_err(|e| log::warn!("registry-guard: cannot define the worker gauge `{what}`: {e}"))
+            let name = format!("registry_guard.vm.{slot}.{endpoint}.{what}");
+            Host::define_metric(host, proxy_wasm::types::MetricType::Gauge, &name)
+                .map_err(|e| log::warn!("registry-guard: cannot define the worker gauge `{name}`: {e}"))
                 .ok()
         };
-        let w =
-            WorkerGauges { revision: gauge(host, "revision")?, heartbeat: gauge(host, "heartbeat")?, bundle_revision };
+        let generation = GENERATION.with(|g| {
+            g.set(g.get().wrapping_add(1));
+            g.get()
+        });
+        NEWEST.with(|n| {
+            let mut n = n.borrow_mut();
+            n.retain(|(e, _)| *e != endpoint);
+            n.push((endpoint, generation));
+        });
+        let w = WorkerGauges {
+            revision: gauge(host, "revision")?,
+            heartbeat: gauge(host, "heartbeat")?,
+            serving_gauge: gauge(host, "serving")?,
+            serving: Cell::new(false),
+            bundle_revision,
+            endpoint,
+            generation,
+        };
         w.beat(host);
         Some(w)
     }
 
     fn beat(&self, host: &mut impl Host) {
+        let newest = NEWEST.with(|n| n.borrow().iter().any(|(e, g)| *e == self.endpoint && *g == self.generation));
+        if !newest {
+            return;
+        }
         let now = host.now_unix_seconds().ok().and_then(|t| u64::try_from(t).ok()).unwrap_or(0);
         let _ = host.record(self.revision, self.bundle_revision);
+        let _ = host.record(self.serving_gauge, u64::from(self.serving.get()));
         let _ = host.record(self.heartbeat, now);
     }
 }
@@ -259,7 +292,11 @@ impl RootContext for GuardRoot {
         if let Some(m) = &self.metrics {
             m.bundle_activated(&mut host, revision);
         }
-        self.worker = WorkerGauges::define(&mut host, revision);
+        let endpoint = match config.endpoint {
+            registry_guard_core::config::ServedEndpoint::Registry => "registry",
+            registry_guard_core::config::ServedEndpoint::DependencyProxy => "dependency_proxy",
+        };
+        self.worker = WorkerGauges::define(&mut host, endpoint, revision);
         let slots = config.correlation_slots;
         self.correlation = (slots > 0).then(|| Rc::new(Correlation::new(slots, vm_prefix())));
         self.role = Some(Role::Registry(Rc::new(RefCell::new(Guard::new(*config)))));
@@ -285,7 +322,12 @@ impl RootContext for GuardRoot {
             })),
             Some(Role::Registry(guard)) => Some(Box::new(GuardHttp {
                 context_id,
-                guard: Some(guard.clone()),
+                guard: {
+                    if let Some(w) = &self.worker {
+                        w.serving.set(true);
+                    }
+                    Some(guard.clone())
+                },
                 correlation: self.correlation.clone(),
                 metrics: self.metrics.clone(),
                 denied_body: None,

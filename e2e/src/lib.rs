@@ -129,6 +129,10 @@ pub struct Stack {
 pub struct Options {
     /// `token_ttl_seconds` of the token service (the example's 300 when `None`).
     pub token_ttl_seconds: Option<i64>,
+    /// `login_limits.per_client` of the token service as `(burst, per_minute)`: every e2e
+    /// client is 127.0.0.1, so a test that logs in at a high rate raises it (the defaults
+    /// when `None`).
+    pub per_client_login_rate: Option<(u64, u64)>,
     /// Defence in depth: the registry verifies the same tokens itself (`auth: token`, with a
     /// self-signed certificate of the token signing key as `rootcertbundle`), and the token
     /// service puts libtrust key ids in token headers (`kid_format: libtrust`).
@@ -161,6 +165,9 @@ impl Stack {
             serde_json::from_str(&fs::read_to_string(&settings_path).expect("read settings")).expect("settings json");
         if let Some(ttl) = options.token_ttl_seconds {
             settings["token_ttl_seconds"] = ttl.into();
+        }
+        if let Some((burst, per_minute)) = options.per_client_login_rate {
+            settings["login_limits"] = serde_json::json!({"per_client": {"burst": burst, "per_minute": per_minute}});
         }
         if options.registry_token_auth {
             settings["kid_format"] = "libtrust".into();
@@ -729,8 +736,13 @@ impl Stack {
     pub fn status(&self) -> String {
         let envoy = format!("http://127.0.0.1:{}", self.admin_port);
         let ts = format!("http://127.0.0.1:{}", self.token_port);
-        let s = self.rgctl(&["status", "--envoy-admin", &envoy, "--token-service", &ts]);
-        eprintln!("$ rgctl status\n{}", indent(&s));
+        let out = Command::new(artifact("target/release/rgctl"))
+            .args(["status", "--envoy-admin", &envoy, "--token-service", &ts])
+            .output()
+            .expect("run rgctl status");
+        let s = String::from_utf8_lossy(&out.stdout).into_owned();
+        eprintln!("$ rgctl status\n{}{}", indent(&s), indent(&String::from_utf8_lossy(&out.stderr)));
+        assert!(out.status.success(), "rgctl status warns:\n{s}");
         s
     }
 

@@ -179,8 +179,11 @@ fn soak() {
     let warmup = Duration::from_secs((seconds / 5).max(10));
     eprintln!("soak: {seconds} s, bundle push every {push_every:?}, RSS growth bound {rss_bound_mib} MiB after {warmup:?} warm-up");
 
-    let stack =
-        Arc::new(Stack::start_with(Options { token_ttl_seconds: Some(seconds as i64 + 600), ..Options::default() }));
+    let stack = Arc::new(Stack::start_with(Options {
+        token_ttl_seconds: Some(seconds as i64 + 600),
+        per_client_login_rate: Some((100_000, 6_000_000)),
+        ..Options::default()
+    }));
     assert!(stack.push("dev", "dev-pass", "acme/web/app", "base").status.success());
     let rita = stack.token("rita", "rita-pass", &["repository:acme/web/app:pull"]).unwrap();
     let dev = stack.token("dev", "dev-pass", &["repository:acme/web/app:pull,push"]).unwrap();

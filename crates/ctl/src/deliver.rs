@@ -436,51 +436,72 @@ struct Workers {
 /// A VM whose heartbeat is older than this many seconds is gone or not configured.
 const HEARTBEAT_STALE_SECONDS: i64 = 5;
 
-/// Reads `registry_guard.vm.<slot>.{revision,heartbeat}` (one pair per registry-role VM:
-/// Envoy's main thread and each worker) against `server.concurrency`, and the backstop's
-/// refusals (`http.registry.rq_direct_response`: requests the filter did not mark allowed).
+/// Reads `registry_guard.vm.<slot>.<endpoint>.{revision,heartbeat}` (one pair per filter VM
+/// and endpoint: Envoy's main thread and each worker) against `server.concurrency`, and the
+/// backstop's refusals (`http.registry.rq_direct_response`: requests the filter did not mark
+/// allowed). Every live VM of an endpoint must enforce the same revision as Envoy reports.
 fn workers(s: &std::collections::BTreeMap<String, i64>, revision: i64, now: i64) -> Workers {
-    let mut vms: std::collections::BTreeMap<u32, (Option<i64>, Option<i64>)> = Default::default();
+    type Vms = std::collections::BTreeMap<u32, (Option<i64>, Option<i64>, bool)>;
+    let mut endpoints: std::collections::BTreeMap<String, Vms> = Default::default();
     for (name, value) in s {
         let Some(rest) = name.strip_prefix("wasmcustom.registry_guard.vm.") else { continue };
-        let Some((slot, what)) = rest.split_once('.') else { continue };
+        let mut parts = rest.splitn(3, '.');
+        let (Some(slot), Some(endpoint), Some(what)) = (parts.next(), parts.next(), parts.next()) else { continue };
         let Ok(slot) = slot.parse::<u32>() else { continue };
-        let entry = vms.entry(slot).or_default();
+        let entry = endpoints.entry(endpoint.to_owned()).or_default().entry(slot).or_default();
         match what {
             "revision" => entry.0 = Some(*value),
             "heartbeat" => entry.1 = Some(*value),
+            "serving" => entry.2 = *value > 0,
             _ => {}
         }
     }
-    let live: Vec<(u32, i64)> = vms
-        .iter()
-        .filter(|(_, (_, beat))| beat.is_some_and(|b| now - b <= HEARTBEAT_STALE_SECONDS))
-        .map(|(slot, (rev, _))| (*slot, rev.unwrap_or(-1)))
-        .collect();
-    let mut warnings = Vec::new();
-    for (slot, rev) in &live {
-        if *rev != revision {
-            warnings.push(format!("VM slot {slot} enforces revision {rev}, not {revision}"));
-        }
-    }
     let concurrency = stat(s, "server.concurrency");
-    // Envoy runs one VM per worker plus one on the main thread.
-    let expected = usize::try_from(concurrency).unwrap_or(0) + 1;
-    if live.len() < expected {
-        warnings.push(format!(
-            "{} of {expected} filter VMs (main thread + {concurrency} workers) report a heartbeat within {HEARTBEAT_STALE_SECONDS} s: \
-             a worker without a configured filter refuses every request (Envoy's backstop) until Envoy restarts",
-            live.len()
+    let mut warnings = Vec::new();
+    let mut summaries = Vec::new();
+    if endpoints.is_empty() {
+        warnings.push("no filter VM reports a heartbeat: is the registry-guard filter configured?".to_owned());
+    }
+    for (endpoint, vms) in &endpoints {
+        let live: Vec<(u32, i64, bool)> = vms
+            .iter()
+            .filter(|(_, (_, beat, _))| beat.is_some_and(|b| now - b <= HEARTBEAT_STALE_SECONDS))
+            .map(|(slot, (rev, _, serving))| (*slot, rev.unwrap_or(-1), *serving))
+            .collect();
+        // A VM that serves requests under another revision is a worker left behind.
+        for (slot, rev, serving) in &live {
+            if *rev != revision && *serving {
+                warnings
+                    .push(format!("{endpoint}: VM slot {slot} serves requests under revision {rev}, not {revision}"));
+            }
+        }
+        // Every worker must beat at the reported revision (a worker whose filter is not
+        // configured does not beat at all). Envoy's main thread keeps a VM too, which never
+        // serves; when it is at the reported revision it can hide one missing worker here,
+        // but never its requests: those meet the backstop (the count below).
+        let current = live.iter().filter(|(_, rev, _)| *rev == revision).count();
+        let workers_expected = usize::try_from(concurrency).unwrap_or(0);
+        if current < workers_expected {
+            warnings.push(format!(
+                "{endpoint}: {current} filter VMs enforce revision {revision}, fewer than Envoy's {concurrency} workers: a \
+                 worker without a configured filter refuses every request (Envoy's backstop) until Envoy restarts"
+            ));
+        }
+        let slots: Vec<String> = live
+            .iter()
+            .map(|(slot, rev, serving)| format!("{slot}:r{rev}{}", if *serving { "" } else { "(idle)" }))
+            .collect();
+        summaries.push(format!(
+            "{endpoint}: {current} filter VMs on revision {revision} for {concurrency} workers [{}]",
+            slots.join(" ")
         ));
     }
     // Cumulative since Envoy started: a rising figure means requests met no deciding filter.
     let backstop = stat(s, "http.registry.rq_direct_response");
-    let slots: Vec<String> = live.iter().map(|(slot, rev)| format!("{slot}:r{rev}")).collect();
     Workers {
         summary: format!(
-            "filter VMs live {} of {expected} [{}]; refused by Envoy's backstop (no filter decided) since start: {backstop}",
-            live.len(),
-            slots.join(" ")
+            "{}; refused by Envoy's backstop (no filter decided) since start: {backstop}",
+            summaries.join("; ")
         ),
         warnings,
     }
