@@ -496,8 +496,15 @@ fn workers(s: &std::collections::BTreeMap<String, i64>, revision: i64, now: i64)
             slots.join(" ")
         ));
     }
-    // Cumulative since Envoy started: a rising figure means requests met no deciding filter.
+    // Requests that met no deciding filter (cumulative since Envoy started): with every
+    // worker's filter configured there are none, so any is worth a look.
     let backstop = stat(s, "http.registry.rq_direct_response");
+    if backstop > 0 {
+        warnings.push(format!(
+            "Envoy's backstop refused {backstop} request(s) since Envoy started that no registry-guard filter \
+             decided (a worker without a configured filter, or a local reply that could not be sent)"
+        ));
+    }
     Workers {
         summary: format!(
             "{}; refused by Envoy's backstop (no filter decided) since start: {backstop}",
