@@ -536,10 +536,17 @@ class Bench:
     def token_service(self):
         d = self.path("ts")
         os.makedirs(os.path.join(d, "keys"))
-        for f in ["principals.json", "token-service.json"]:
-            shutil.copy(os.path.join(ROOT, "policies/example", f), d)
+        shutil.copy(os.path.join(ROOT, "policies/example/principals.json"), d)
+        with open(os.path.join(ROOT, "policies/example/token-service.json")) as f:
+            settings = json.load(f)
+        # One load generator on one loopback address: the per-client login limit (a defence
+        # against floods from one client) would measure the limiter, not issuance.
+        settings["login_limits"] = {"per_client": {"burst": 1_000_000, "per_minute": 100_000_000}}
+        with open(os.path.join(d, "token-service.json"), "w") as f:
+            json.dump(settings, f)
         for f in ["signing-key.pem", "jwks.json", "operator-jwks.json"]:
             shutil.copy(self.path("keys", f), os.path.join(d, "keys"))
+        run([RGCTL, "operator-token", "--out", os.path.join(d, "keys")])
         with open(os.path.join(d, "bundle.jws"), "w") as f:
             f.write(run([RGCTL, "sign", os.path.join(ROOT, "policies/example/bundle.json"),
                          "--key", self.path("keys/operator-key.pem")]))
