@@ -228,10 +228,12 @@ fn soak() {
                 epoch.fetch_add(1, Ordering::SeqCst); // odd: in flight
                 let envoy = format!("{}=http://127.0.0.1:{}", stack.ecds_file().display(), stack.admin_port);
                 let ts = format!("http://127.0.0.1:{}", stack.token_port);
+                let token = stack.config_dir.join("keys/operator-token");
                 let out = Command::new(registry_guard_e2e::root().join("target/release/rgctl"))
                     .args(["push"])
                     .arg(&jws)
-                    .args(["--envoy", &envoy, "--token-service", &ts])
+                    .args(["--envoy", &envoy, "--token-service", &ts, "--operator-token-file"])
+                    .arg(&token)
                     .output()
                     .expect("rgctl push");
                 let said = String::from_utf8_lossy(&out.stdout).into_owned();
