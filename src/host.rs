@@ -7,8 +7,8 @@ use proxy_wasm::types::{BufferType, MapType};
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use registry_guard_core::decision::{Decision, DenyKind};
-use registry_guard_core::guard::Checked;
+use registry_guard_core::decide::decision::{Decision, DenyKind};
+use registry_guard_core::decide::guard::Checked;
 
 use crate::headers::HeaderMap;
 use crate::EnvelopeOutcome;

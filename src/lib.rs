@@ -20,11 +20,11 @@ use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
-use registry_guard_core::audit::{self, RequestInfo};
-use registry_guard_core::config::{ClientAddress, EventsConfig, PluginConfig, DECISION_ALLOW, DECISION_HEADER};
-use registry_guard_core::decision::Decision;
+use registry_guard_core::decide::audit::{self, RequestInfo};
+use registry_guard_core::decide::config::{ClientAddress, EventsConfig, PluginConfig, DECISION_ALLOW, DECISION_HEADER};
+use registry_guard_core::decide::decision::Decision;
+use registry_guard_core::decide::guard::Guard;
 use registry_guard_core::events::{correlation_address, rewrite_envelope, slot_of, Attribution, AttributionRecord};
-use registry_guard_core::guard::Guard;
 
 use crate::host::{Host, Metrics, ProxyWasmHost, FLUSH_PERIOD_MS};
 
@@ -293,8 +293,8 @@ impl RootContext for GuardRoot {
             m.bundle_activated(&mut host, revision);
         }
         let endpoint = match config.endpoint {
-            registry_guard_core::config::ServedEndpoint::Registry => "registry",
-            registry_guard_core::config::ServedEndpoint::DependencyProxy => "dependency_proxy",
+            registry_guard_core::decide::config::ServedEndpoint::Registry => "registry",
+            registry_guard_core::decide::config::ServedEndpoint::DependencyProxy => "dependency_proxy",
         };
         self.worker = WorkerGauges::define(&mut host, endpoint, revision);
         let slots = config.correlation_slots;
@@ -422,7 +422,7 @@ impl HttpContext for GuardHttp {
 }
 
 /// Default of `denied_body_drain_bytes` (the filter configuration's, when unreadable here).
-const DEFAULT_DENIED_BODY_DRAIN_BYTES: u64 = registry_guard_core::config::DEFAULT_DENIED_BODY_DRAIN_BYTES;
+const DEFAULT_DENIED_BODY_DRAIN_BYTES: u64 = registry_guard_core::decide::config::DEFAULT_DENIED_BODY_DRAIN_BYTES;
 
 /// A local reply decided at the request headers and held until the request body is read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -620,7 +620,7 @@ fn decide_request(
     let authorization: Vec<&str> = authorization.iter().map(|a| a.as_ref()).collect();
     // Client-controlled: kept (audited, stored for correlation, copied into events) only
     // when short and of safe characters; a hostile id is dropped (core `text::request_id`).
-    let request_id = request_id.as_deref().and_then(registry_guard_core::text::request_id);
+    let request_id = request_id.as_deref().and_then(registry_guard_core::support::text::request_id);
     // A repeated Content-Type is judged on all its values (the registry reads the first).
     let content_type = (!content_types.is_empty()).then(|| content_types.join(","));
     let content_type = content_type.as_deref();

@@ -6,10 +6,12 @@ use std::cell::RefCell;
 use registry_guard::headers::HeaderMap;
 use registry_guard::host::{Host, MetricType, Metrics, FLUSH_EVERY};
 use registry_guard::{on_request_headers, rewrite_request_body, Correlation, EnvelopeOutcome, Outcome};
-use registry_guard_core::config::FilterConfig;
-use registry_guard_core::guard::Guard;
+use registry_guard_core::decide::config::FilterConfig;
+use registry_guard_core::decide::guard::Guard;
 use registry_guard_core::token::testing::{es256_key, jwks};
-use registry_guard_core::token::{sign, AccessClaim, Audience, RegistryClaims, Validity};
+use registry_guard_core::token::{
+    claims::AccessClaim, claims::Audience, claims::RegistryClaims, sign::sign, sign::Validity,
+};
 
 const NOW: i64 = 1_800_000_000;
 
@@ -328,7 +330,7 @@ fn decisions_are_counted_by_kind_rule_and_cache() {
         "realm": "http://127.0.0.1:5001/jwt/auth", "service": "container_registry",
         "issuer": "registry-guard", "jwks": jwks(&[&es256_key(1)]),
         "bundle_keys": jwks(&[&operator]),
-        "bundle": registry_guard_core::bundle::sign(&bundle.to_string(), &operator).unwrap(),
+        "bundle": registry_guard_core::policy::bundle::sign(&bundle.to_string(), &operator).unwrap(),
     });
     let guard = RefCell::new(Guard::new(FilterConfig::from_json(cfg.to_string().as_bytes()).unwrap()));
     let mut host = FakeHost::default();
@@ -342,7 +344,10 @@ fn decisions_are_counted_by_kind_rule_and_cache() {
             resource_type: "repository".into(),
             name: "acme/web/app".into(),
             actions: vec!["pull".into(), "push".into()],
-            meta: Some(registry_guard_core::token::AccessMeta { project_path: None, access_level: Some(level) }),
+            meta: Some(registry_guard_core::token::claims::AccessMeta {
+                project_path: None,
+                access_level: Some(level),
+            }),
         }],
         auth_type: Some("pat".into()),
         user: None,

@@ -17,9 +17,11 @@
 
 use std::collections::HashMap;
 
+use registry_guard_core::decide::guard::Guard;
 use registry_guard_core::events::{correlation_address, Attribution};
-use registry_guard_core::guard::Guard;
-use registry_guard_core::token::{self, testing, AccessClaim, AccessMeta, Audience, RegistryClaims, Validity};
+use registry_guard_core::token::{
+    self, claims::AccessClaim, claims::AccessMeta, claims::Audience, claims::RegistryClaims, sign::Validity, testing,
+};
 use serde_json::{json, Value};
 
 /// The repository of the benchmark requests.
@@ -86,7 +88,7 @@ pub fn bundle_json(n: usize, revision: u64) -> String {
 pub fn token(actions: &[&str], access_level: u8, jti: &str) -> Result<String, String> {
     let key = testing::es256_key(1);
     let validity = Validity { issued_at: NOW, not_before: NOW - 5, expires_at: NOW + 3600 };
-    let user = token::sign(
+    let user = token::sign::sign(
         &key,
         json!({"jti": format!("{jti}-user"), "user_info": {"token_type": "pat", "username": "bench", "user_id": 1}}),
         validity,
@@ -107,7 +109,7 @@ pub fn token(actions: &[&str], access_level: u8, jti: &str) -> Result<String, St
         user: Some(user),
         extra: Default::default(),
     };
-    token::sign(&key, claims, validity).map_err(|e| e.to_string())
+    token::sign::sign(&key, claims, validity).map_err(|e| e.to_string())
 }
 
 /// The filter configuration JSON (as `rgctl filter-config` writes it) with a bundle of
@@ -115,7 +117,8 @@ pub fn token(actions: &[&str], access_level: u8, jti: &str) -> Result<String, St
 pub fn filter_config_json(n_rules: usize) -> Result<String, String> {
     let operator = testing::es256_key(7);
     let signing = testing::es256_key(1);
-    let jws = registry_guard_core::bundle::sign(&bundle_json(n_rules, 1), &operator).map_err(|e| e.to_string())?;
+    let jws =
+        registry_guard_core::policy::bundle::sign(&bundle_json(n_rules, 1), &operator).map_err(|e| e.to_string())?;
     Ok(json!({
         "realm": "http://127.0.0.1:5001/jwt/auth",
         "service": "container_registry",
@@ -131,9 +134,9 @@ pub fn filter_config_json(n_rules: usize) -> Result<String, String> {
 /// A guard configured like the filter (via `PluginConfig::from_json`) with `n_rules` rules.
 pub fn guard(n_rules: usize) -> Result<Guard, String> {
     let text = filter_config_json(n_rules)?;
-    match registry_guard_core::config::PluginConfig::from_json(text.as_bytes()).map_err(|e| e.to_string())? {
-        registry_guard_core::config::PluginConfig::Registry(config) => Ok(Guard::new(*config)),
-        registry_guard_core::config::PluginConfig::Events(_) => Err("expected the registry role".into()),
+    match registry_guard_core::decide::config::PluginConfig::from_json(text.as_bytes()).map_err(|e| e.to_string())? {
+        registry_guard_core::decide::config::PluginConfig::Registry(config) => Ok(Guard::new(*config)),
+        registry_guard_core::decide::config::PluginConfig::Events(_) => Err("expected the registry role".into()),
     }
 }
 

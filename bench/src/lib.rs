@@ -7,7 +7,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::time::Instant;
 
-use registry_guard_core::config::PluginConfig;
+use registry_guard_core::decide::config::PluginConfig;
 use serde_json::json;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
@@ -138,7 +138,7 @@ pub fn activate(file: &str, reps: usize, target: &str) -> Result<serde_json::Val
 #[cfg(test)]
 mod tests {
     use super::*;
-    use registry_guard_core::bundle::Policy;
+    use registry_guard_core::policy::bundle::Policy;
 
     #[test]
     fn medians() {

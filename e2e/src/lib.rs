@@ -77,7 +77,7 @@ pub fn with_canary(bundle: &serde_json::Value) -> serde_json::Value {
 /// A registry token signed with `key` for `subject`, granting `actions` on `repository` (with
 /// `meta.access_level` when given); valid for five minutes.
 pub fn mint_token(
-    key: &registry_guard_core::token::SigningKey,
+    key: &registry_guard_core::token::keys::SigningKey,
     subject: &str,
     repository: &str,
     actions: &[&str],
@@ -92,8 +92,9 @@ pub fn mint_token(
         "iss": "registry-guard", "sub": subject, "aud": "container_registry", "jti": format!("e2e-{now}-{subject}"),
         "auth_type": "password", "access": [grant],
     });
-    let validity = registry_guard_core::token::Validity { issued_at: now, not_before: now, expires_at: now + 300 };
-    registry_guard_core::token::sign(key, claims, validity).expect("sign token")
+    let validity =
+        registry_guard_core::token::sign::Validity { issued_at: now, not_before: now, expires_at: now + 300 };
+    registry_guard_core::token::sign::sign(key, claims, validity).expect("sign token")
 }
 
 pub struct Proc {
@@ -596,13 +597,13 @@ impl Stack {
     /// Signs bundle JSON without validating it first (to test the components' own checks).
     pub fn sign_bundle_unchecked(&self, name: &str, bundle: &serde_json::Value) -> PathBuf {
         use p256::pkcs8::DecodePrivateKey as _;
-        use registry_guard_core::token::SigningKey;
+        use registry_guard_core::token::keys::SigningKey;
         let pem = fs::read_to_string(self.config_dir.join("keys/operator-key.pem")).expect("operator key");
         let key = SigningKey::new(p256::ecdsa::SigningKey::from_pkcs8_pem(&pem).expect("pem"));
-        let jws = registry_guard_core::token::sign_jws_unchecked(
+        let jws = registry_guard_core::token::sign::sign_jws_unchecked(
             &key,
             &with_canary(bundle),
-            registry_guard_core::bundle::BUNDLE_TYP,
+            registry_guard_core::policy::bundle::BUNDLE_TYP,
         )
         .expect("sign");
         let out = self.path(&format!("{name}.jws"));
@@ -706,7 +707,7 @@ impl Stack {
         };
         let Ok(config) = serde_json::from_str::<serde_json::Value>(config) else { return false };
         let Some(jws) = config["bundle"].as_str() else { return false };
-        registry_guard_core::token::decode_unverified(jws)
+        registry_guard_core::token::verify::decode_unverified(jws)
             .ok()
             .and_then(|b| b["protection_rules"].as_array().cloned())
             .is_some_and(|rules| rules.iter().any(|r| r["id"] == CANARY_RULE))
@@ -782,10 +783,10 @@ impl Stack {
     }
 
     /// The token service's signing key, for forging tokens with chosen claims in tests.
-    pub fn signing_key(&self) -> registry_guard_core::token::SigningKey {
+    pub fn signing_key(&self) -> registry_guard_core::token::keys::SigningKey {
         use p256::pkcs8::DecodePrivateKey as _;
         let pem = fs::read_to_string(self.config_dir.join("keys/signing-key.pem")).expect("read key");
-        registry_guard_core::token::SigningKey::new(p256::ecdsa::SigningKey::from_pkcs8_pem(&pem).expect("pem"))
+        registry_guard_core::token::keys::SigningKey::new(p256::ecdsa::SigningKey::from_pkcs8_pem(&pem).expect("pem"))
     }
 
     /// A valid registry token (signed with the token service's key) for `sub` of about
@@ -793,7 +794,10 @@ impl Stack {
     /// `acme/web` — with `jti` `hostile-<n>`, so every call yields a distinct token: what a
     /// client minting many large tokens sends (issue 14).
     pub fn large_token(&self, sub: &str, n: u64, size: usize) -> String {
-        use registry_guard_core::token::{sign, AccessClaim, AccessMeta, Audience, RegistryClaims, Validity};
+        use registry_guard_core::token::{
+            claims::AccessClaim, claims::AccessMeta, claims::Audience, claims::RegistryClaims, sign::sign,
+            sign::Validity,
+        };
         let mut access = Vec::new();
         let mut approx = 400;
         let mut i = 0;

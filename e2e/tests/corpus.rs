@@ -7,7 +7,7 @@ use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use registry_guard_core::corpus;
+use registry_guard_core::decide::corpus;
 use registry_guard_core::token::testing::es256_key;
 use registry_guard_e2e::Stack;
 

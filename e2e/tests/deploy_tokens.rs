@@ -124,7 +124,8 @@ fn revocation_applies_to_still_valid_jwts_at_the_next_push() {
 
     let ro = stack.token("deploy-token-2", "gldt-acme-ro", &["repository:acme/web/app:pull"]).unwrap();
     let mia = stack.token("mia", "mia-pass", &["repository:acme/web/app:pull"]).unwrap();
-    let mia_jti = registry_guard_core::token::decode_unverified(&mia).unwrap()["jti"].as_str().unwrap().to_owned();
+    let mia_jti =
+        registry_guard_core::token::verify::decode_unverified(&mia).unwrap()["jti"].as_str().unwrap().to_owned();
     let dev = stack.token("dev", "dev-pass", &["repository:acme/web/app:pull"]).unwrap();
     for t in [&ro, &mia, &dev] {
         assert_eq!(stack.request("GET", "/v2/acme/web/app/manifests/r1", Some(t)).status, 200);

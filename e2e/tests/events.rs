@@ -97,7 +97,8 @@ fn events_are_attributed_verified_and_counted() {
     // A tampered `actor.user` is rejected and never counted as usage.
     let before = stack.counts();
     let real = stack.token("dev", "dev-pass", &[]).unwrap();
-    let user_jwt = registry_guard_core::token::decode_unverified(&real).unwrap()["user"].as_str().unwrap().to_owned();
+    let user_jwt =
+        registry_guard_core::token::verify::decode_unverified(&real).unwrap()["user"].as_str().unwrap().to_owned();
     let mut parts: Vec<String> = user_jwt.split('.').map(str::to_owned).collect();
     parts[1] = base64::Engine::encode(
         &base64::engine::general_purpose::URL_SAFE_NO_PAD,

@@ -148,7 +148,8 @@ fn forced_older_bundles_and_garbage_never_open_the_gate() {
         let mut b = bundle(5, "^v[0-9]+");
         b["environment"] = registry_guard_e2e::ENVIRONMENT.into();
         let key = registry_guard_core::token::testing::es256_key(42);
-        let jws = registry_guard_core::bundle::sign(&registry_guard_e2e::with_canary(&b).to_string(), &key).unwrap();
+        let jws =
+            registry_guard_core::policy::bundle::sign(&registry_guard_e2e::with_canary(&b).to_string(), &key).unwrap();
         let path = stack.path("unknown-key.jws");
         std::fs::write(&path, jws).unwrap();
         path

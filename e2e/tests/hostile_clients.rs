@@ -153,7 +153,7 @@ fn hostile_headers_and_tokens_keep_envoy_memory_bounded() {
     let size = 15 * 1024;
     for i in 0..4_400 {
         let t = stack.large_token("dev", i, size);
-        assert!(t.len() <= registry_guard_core::token::MAX_TOKEN_LEN, "{}", t.len());
+        assert!(t.len() <= registry_guard_core::token::verify::MAX_TOKEN_LEN, "{}", t.len());
         let (status, body) = conn.request("GET", "/v2/", &[("Authorization", &format!("Bearer {t}"))]);
         assert_eq!(status, 200, "token {i}: {body}");
     }
@@ -340,7 +340,7 @@ fn refresh_after_reset_and_deploy_token_replacement_end_to_end() {
     assert!(stack.token("acme-ci", "gldt-new", &["repository:acme/web/app:pull"]).is_ok());
     // Deploy tokens only inside projects: acme/rogue is granted nothing.
     let rogue = stack.token("acme-ci", "gldt-new", &["repository:acme/rogue:pull,push"]).expect("token");
-    let claims = registry_guard_core::token::decode_unverified(&rogue).expect("claims");
+    let claims = registry_guard_core::token::verify::decode_unverified(&rogue).expect("claims");
     assert_eq!(claims["access"], json!([]), "{claims}");
 
     // dev's password is reset: the old refresh token ends.

@@ -88,7 +88,7 @@ fn protection_rules_on_real_pushes_and_deletes() {
     );
     assert!(stack.push_bundle(&b2, &[]).status.success());
     let t = stack.token("dev", "dev-pass", &["repository:acme/web/app:pull,push"]).unwrap();
-    let claims = registry_guard_core::token::decode_unverified(&t).unwrap();
+    let claims = registry_guard_core::token::verify::decode_unverified(&t).unwrap();
     assert_eq!(claims["access"][0]["actions"], json!(["pull"]), "push withheld: {claims}");
     let denied = stack.push("dev", "dev-pass", "acme/web/app", "dev-124");
     assert!(!denied.status.success());

@@ -40,7 +40,7 @@ fn redeem(stack: &Stack, refresh: &str) -> (u16, Value) {
 }
 
 fn jti(token: &str) -> String {
-    registry_guard_core::token::decode_unverified(token).unwrap()["jti"].as_str().unwrap().to_owned()
+    registry_guard_core::token::verify::decode_unverified(token).unwrap()["jti"].as_str().unwrap().to_owned()
 }
 
 fn example_bundle(revision: u64) -> Value {

@@ -47,17 +47,17 @@ fn the_registry_verifies_the_same_tokens_itself() {
     // The same key under its RFC 7638 kid: the filter would accept it, distribution 2.8 does
     // not know that id and refuses — which is why `kid_format: libtrust` is needed here.
     let rfc7638 = {
-        let mut claims = registry_guard_core::token::decode_unverified(&dev).unwrap();
+        let mut claims = registry_guard_core::token::verify::decode_unverified(&dev).unwrap();
         for time in ["exp", "nbf", "iat"] {
             claims.as_object_mut().unwrap().remove(time);
         }
-        let mut claims: registry_guard_core::token::RegistryClaims = serde_json::from_value(claims).unwrap();
+        let mut claims: registry_guard_core::token::claims::RegistryClaims = serde_json::from_value(claims).unwrap();
         claims.jti = "rfc7638-kid".into();
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
-        registry_guard_core::token::sign(
+        registry_guard_core::token::sign::sign(
             &key,
             claims,
-            registry_guard_core::token::Validity { issued_at: t, not_before: t, expires_at: t + 300 },
+            registry_guard_core::token::sign::Validity { issued_at: t, not_before: t, expires_at: t + 300 },
         )
         .unwrap()
     };

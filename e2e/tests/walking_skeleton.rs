@@ -2,7 +2,9 @@
 //! tokens from the real token service, all on loopback.
 
 use registry_guard_core::token::testing::es256_key;
-use registry_guard_core::token::{sign, AccessClaim, Audience, RegistryClaims, SigningKey, Validity};
+use registry_guard_core::token::{
+    claims::AccessClaim, claims::Audience, claims::RegistryClaims, keys::SigningKey, sign::sign, sign::Validity,
+};
 use registry_guard_e2e::{stderr, Stack};
 
 fn now() -> i64 {

@@ -4,9 +4,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use registry_guard_core::bundle::{self, Policy};
+use registry_guard_core::policy::bundle::{self, Policy};
 use registry_guard_core::token::testing::{es256_key, jwks};
-use registry_guard_core::token::{KeySet, SigningKey};
+use registry_guard_core::token::{jwks::KeySet, keys::SigningKey};
 
 /// The operator key and its key set, derived once.
 static OPERATOR: std::sync::OnceLock<Option<(SigningKey, KeySet)>> = std::sync::OnceLock::new();

@@ -4,9 +4,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use registry_guard_core::name::is_repository_name;
-use registry_guard_core::route::{classify, Endpoint};
-use registry_guard_core::scope::Resource;
+use registry_guard_core::request::name::is_repository_name;
+use registry_guard_core::request::route::{classify, Endpoint};
+use registry_guard_core::request::scope::Resource;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };

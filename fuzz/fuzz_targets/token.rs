@@ -4,10 +4,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use registry_guard_core::config::FilterConfig;
-use registry_guard_core::guard::Guard;
+use registry_guard_core::decide::config::FilterConfig;
+use registry_guard_core::decide::guard::Guard;
 use registry_guard_core::token::testing::{es256_key, jwks};
-use registry_guard_core::token::{decode_unverified, verify_user_jwt};
+use registry_guard_core::token::{verify::decode_unverified, user::verify_user_jwt};
 
 const NOW: i64 = 1_800_000_000;
 

@@ -1,11 +1,14 @@
 //! The same core, the same corpus, under V8: `make test` runs these with
 //! `wasm-bindgen-test-runner` (Node) on `wasm32-unknown-unknown`.
 
-use registry_guard_core::bundle;
-use registry_guard_core::corpus::{self, ISSUER, SERVICE};
-use registry_guard_core::route::classify;
+use registry_guard_core::decide::corpus::{self, ISSUER, SERVICE};
+use registry_guard_core::policy::bundle;
+use registry_guard_core::request::route::classify;
 use registry_guard_core::token::testing::{es256_key, jwks};
-use registry_guard_core::token::{sign, Audience, KeySet, RegistryClaims, TokenError, Validity, Verifier};
+use registry_guard_core::token::{
+    claims::Audience, claims::RegistryClaims, jwks::KeySet, sign::sign, sign::Validity, verify::TokenError,
+    verify::Verifier,
+};
 use wasm_bindgen_test::wasm_bindgen_test;
 
 const NOW: i64 = 1_800_000_000;

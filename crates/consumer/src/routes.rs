@@ -24,7 +24,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use registry_guard_core::token::KeySet;
+use registry_guard_core::token::jwks::KeySet;
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 

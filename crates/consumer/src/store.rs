@@ -525,7 +525,7 @@ mod tests {
 
     use super::*;
     use crate::classify::{EventFacts, PrincipalType};
-    use registry_guard_core::token::UserInfo;
+    use registry_guard_core::token::user::UserInfo;
 
     fn push(id: &str, repository: &str, token_type: &str) -> Result<Assessment, InvalidEvent> {
         push_by(id, repository, token_type, 5, 1)

@@ -10,11 +10,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-use registry_guard_core::config::FilterConfig;
-use registry_guard_core::guard::Guard;
-use registry_guard_core::route::classify;
+use registry_guard_core::decide::config::FilterConfig;
+use registry_guard_core::decide::guard::Guard;
+use registry_guard_core::request::route::classify;
 use registry_guard_core::token::testing::{es256_key, jwks};
-use registry_guard_core::token::{sign, AccessClaim, Audience, RegistryClaims, Validity};
+use registry_guard_core::token::{
+    claims::AccessClaim, claims::Audience, claims::RegistryClaims, sign::sign, sign::Validity,
+};
 use serde_json::json;
 
 const D: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";

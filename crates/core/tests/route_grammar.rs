@@ -6,8 +6,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-use registry_guard_core::deploy::dependency_proxy_group;
-use registry_guard_core::route::classify;
+use registry_guard_core::policy::deploy::dependency_proxy_group;
+use registry_guard_core::request::route::classify;
 
 const ENVOY_YAML: &str = include_str!("../../../envoy/envoy.yaml");
 

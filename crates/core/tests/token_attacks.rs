@@ -8,10 +8,10 @@
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use p256::ecdsa::signature::Signer as _;
-use registry_guard_core::config::FilterConfig;
-use registry_guard_core::guard::Guard;
+use registry_guard_core::decide::config::FilterConfig;
+use registry_guard_core::decide::guard::Guard;
 use registry_guard_core::token::testing::{es256_key, jwks};
-use registry_guard_core::token::{SigningKey, TokenError, Verifier, MAX_TOKEN_LEN};
+use registry_guard_core::token::{keys::SigningKey, verify::TokenError, verify::Verifier, verify::MAX_TOKEN_LEN};
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 
@@ -80,7 +80,7 @@ fn with_signature(t: &str, sig: &[u8]) -> String {
 
 fn verifier() -> Verifier {
     Verifier {
-        keys: registry_guard_core::token::KeySet::from_jwks(&jwks(&[&key()])).unwrap(),
+        keys: registry_guard_core::token::jwks::KeySet::from_jwks(&jwks(&[&key()])).unwrap(),
         issuer: ISS.into(),
         audience: AUD.into(),
         leeway_seconds: LEEWAY,
@@ -648,7 +648,7 @@ fn authorization_header_shapes() {
 fn the_nested_user_jwt_and_other_signed_documents_are_not_access_tokens() {
     let k = key();
     // The `user` claim is signed by the same key; it has no iss/sub/aud.
-    let user = registry_guard_core::token::sign_jws_unchecked(
+    let user = registry_guard_core::token::sign::sign_jws_unchecked(
         &k,
         &json!({"exp": NOW + 300, "jti": "u", "user_info": {"token_type": "pat", "username": "root", "user_id": 1}}),
         "JWT",
@@ -656,7 +656,7 @@ fn the_nested_user_jwt_and_other_signed_documents_are_not_access_tokens() {
     .unwrap();
     assert!(verifier().verify(&user, NOW).is_err());
     let bundle =
-        registry_guard_core::token::sign_jws_unchecked(&k, &json!({"revision": 1}), "registry-guard-bundle+jwt")
+        registry_guard_core::token::sign::sign_jws_unchecked(&k, &json!({"revision": 1}), "registry-guard-bundle+jwt")
             .unwrap();
     assert!(verifier().verify(&bundle, NOW).is_err());
 }

@@ -12,8 +12,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
-use registry_guard_core::bundle;
-use registry_guard_core::token::KeySet;
+use registry_guard_core::policy::bundle;
+use registry_guard_core::token::jwks::KeySet;
 
 const STAT_PREFIX: &str = "extension_config_discovery.http_filter.registry-guard.";
 
@@ -69,7 +69,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 pub fn write_filter_resource(config_json: &str, wasm: &Path, out: &Path, name: &str) -> Result<()> {
-    registry_guard_core::config::FilterConfig::from_json(config_json.trim().as_bytes())?;
+    registry_guard_core::decide::config::FilterConfig::from_json(config_json.trim().as_bytes())?;
     let wasm = fs::canonicalize(wasm).with_context(|| format!("no filter at `{}`", wasm.display()))?;
     let text = serde_json::to_string_pretty(&resource(config_json.trim(), &wasm.display().to_string(), name))?;
     write_atomically(out, text.as_bytes())?;
@@ -115,7 +115,7 @@ fn stat(stats: &std::collections::BTreeMap<String, i64>, name: &str) -> i64 {
 fn claimed_revision(jws: &str) -> Option<u64> {
     let payload = match serde_json::from_str::<serde_json::Value>(jws) {
         Ok(json) => json,
-        Err(_) => registry_guard_core::token::decode_unverified(jws).ok()?,
+        Err(_) => registry_guard_core::token::verify::decode_unverified(jws).ok()?,
     };
     payload.get("revision")?.as_u64()
 }
@@ -348,7 +348,7 @@ pub fn push_keys(jwks_source: &str, envoys: &[String]) -> Result<()> {
                 .as_object_mut()
                 .with_context(|| format!("filter configuration in `{}` is not a JSON object", ecds.display()))?
                 .insert("jwks".into(), jwks.clone());
-            registry_guard_core::config::FilterConfig::from_json(serde_json::to_string(&config)?.as_bytes())
+            registry_guard_core::decide::config::FilterConfig::from_json(serde_json::to_string(&config)?.as_bytes())
                 .map_err(|e| anyhow::anyhow!("refused locally: {e}"))?;
             replace_config(ecds, admin, &previous, &mut doc, &config)
         })();

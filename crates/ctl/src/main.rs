@@ -17,10 +17,10 @@ use anyhow::{bail, Context as _, Result};
 use argon2::password_hash::{PasswordHasher as _, SaltString};
 use clap::{Parser, Subcommand};
 use p256::pkcs8::{DecodePrivateKey as _, EncodePrivateKey as _, LineEnding};
-use registry_guard_core::bundle::Policy;
-use registry_guard_core::config::FilterConfig;
-use registry_guard_core::directory::Directory;
-use registry_guard_core::token::{KeySet, SigningKey};
+use registry_guard_core::decide::config::FilterConfig;
+use registry_guard_core::policy::bundle::Policy;
+use registry_guard_core::policy::directory::Directory;
+use registry_guard_core::token::{jwks::KeySet, keys::SigningKey};
 use sha2::{Digest as _, Sha256};
 
 #[derive(Parser)]
@@ -264,7 +264,7 @@ fn run(cli: Cli) -> Result<()> {
             let text = read(&bundle)?;
             let policy = match keys {
                 None => Policy::from_json(&text),
-                Some(k) => registry_guard_core::bundle::verify(&text, &load_keyset(&k)?),
+                Some(k) => registry_guard_core::policy::bundle::verify(&text, &load_keyset(&k)?),
             }
             .map_err(|e| anyhow::anyhow!("{}: {e}", bundle.display()))?;
             let claims = policy.claims.levels();
@@ -282,7 +282,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Sign { bundle, key } => {
             let text = read(&bundle)?;
             let key = load_signing_key(&key)?;
-            let jws = registry_guard_core::bundle::sign(&text, &key)
+            let jws = registry_guard_core::policy::bundle::sign(&text, &key)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", bundle.display()))?;
             println!("{jws}");
             eprintln!("signed {} with operator key {}", bundle.display(), key.kid);
@@ -303,13 +303,13 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Explain { bundle, keys, principals, user, method, path } => {
             let (policy, dir) = load_world(&bundle, keys.as_deref(), &principals)?;
-            let e = registry_guard_core::explain::explain(&dir, &policy, &user, &method, &path, unix_now())
+            let e = registry_guard_core::inspect::explain::explain(&dir, &policy, &user, &method, &path, unix_now())
                 .map_err(anyhow::Error::msg)?;
             print!("{e}");
             Ok(())
         }
         Command::Access { bundle, keys, principals, repository, principal, json } => {
-            use registry_guard_core::review;
+            use registry_guard_core::inspect::review;
             let (policy, dir) = load_world(&bundle, keys.as_deref(), &principals)?;
             let (text, value) = match (repository, principal) {
                 (Some(repo), _) => {
@@ -440,7 +440,7 @@ fn load_world(bundle: &Path, keys: Option<&Path>, principals: &Path) -> Result<(
     let policy = match keys {
         None if text.trim_start().starts_with('{') => Policy::from_json(&text),
         None => bail!("{} is signed: pass --keys with the operator JWKS to verify it", bundle.display()),
-        Some(k) => registry_guard_core::bundle::verify(&text, &load_keyset(k)?),
+        Some(k) => registry_guard_core::policy::bundle::verify(&text, &load_keyset(k)?),
     }
     .map_err(|e| anyhow::anyhow!("{}: {e}", bundle.display()))?;
     let dir = Directory::from_json(&read(principals)?).map_err(|e| anyhow::anyhow!("{}: {e}", principals.display()))?;

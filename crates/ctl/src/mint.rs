@@ -8,8 +8,11 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
-use registry_guard_core::scope::Scope;
-use registry_guard_core::token::{self, AccessClaim, AccessMeta, Audience, RegistryClaims, SigningKey, Validity};
+use registry_guard_core::request::scope::Scope;
+use registry_guard_core::token::{
+    self, claims::AccessClaim, claims::AccessMeta, claims::Audience, claims::RegistryClaims, keys::SigningKey,
+    sign::Validity,
+};
 
 /// What to mint.
 pub struct Mint {
@@ -52,7 +55,7 @@ pub fn mint(m: &Mint) -> Result<()> {
     let mut text = String::with_capacity(m.count * 1200);
     for i in 0..m.count {
         let jti = format!("bench-{now}-{i}");
-        let user = token::sign(
+        let user = token::sign::sign(
             &m.key,
             serde_json::json!({
                 "jti": format!("{jti}-user"),
@@ -70,7 +73,7 @@ pub fn mint(m: &Mint) -> Result<()> {
             user: Some(user),
             extra: Default::default(),
         };
-        text.push_str(&token::sign(&m.key, claims, validity)?);
+        text.push_str(&token::sign::sign(&m.key, claims, validity)?);
         text.push('\n');
     }
     match &m.out {

@@ -7,8 +7,8 @@ use argon2::password_hash::{PasswordHash, PasswordVerifier as _};
 use argon2::Argon2;
 use axum::http::{header, HeaderMap};
 use base64::Engine as _;
-use registry_guard_core::deploy::{self, DeployToken};
-use registry_guard_core::directory::Directory;
+use registry_guard_core::policy::deploy::{self, DeployToken};
+use registry_guard_core::policy::directory::Directory;
 use sha2::{Digest as _, Sha256};
 
 use crate::limits::{LoginGuard, Throttled};

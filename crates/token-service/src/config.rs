@@ -9,9 +9,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use argon2::password_hash::PasswordHash;
-use registry_guard_core::bundle::{self, Policy};
-use registry_guard_core::directory::Directory;
-use registry_guard_core::token::{KeySet, KidFormat, SigningKey};
+use registry_guard_core::policy::bundle::{self, Policy};
+use registry_guard_core::policy::directory::Directory;
+use registry_guard_core::token::{jwks::KeySet, keys::KidFormat, keys::SigningKey};
 use serde::Deserialize;
 
 use crate::keys;

@@ -1,12 +1,15 @@
 //! Building and signing what the service hands out: registry tokens (with their nested `user`
 //! JWT) and refresh tokens. Grants come from the core (`Directory::grant_under` for users,
-//! `DeployToken::grant` for deploy tokens); signing is the core's `token::sign`.
+//! `DeployToken::grant` for deploy tokens); signing is the core's `token::sign::sign`.
 
 use rand_core::RngCore as _;
-use registry_guard_core::access::AccessLevel;
-use registry_guard_core::claims::{is_built_in, ClaimMap};
-use registry_guard_core::directory::Grant;
-use registry_guard_core::token::{self, AccessClaim, AccessMeta, Audience, RegistryClaims, SigningKey, Validity};
+use registry_guard_core::issue::grant::Grant;
+use registry_guard_core::policy::claims::{is_built_in, ClaimMap};
+use registry_guard_core::request::access::AccessLevel;
+use registry_guard_core::token::{
+    self, claims::AccessClaim, claims::AccessMeta, claims::Audience, claims::RegistryClaims, keys::SigningKey,
+    sign::Validity,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{AuthType, Authenticated};
@@ -29,7 +32,7 @@ pub enum IssueError {
     #[error("no randomness available for a token id: {0}")]
     Random(String),
     #[error(transparent)]
-    Sign(#[from] token::SignError),
+    Sign(#[from] token::sign::SignError),
 }
 
 /// Signs tokens for one issuer, service and key.
@@ -156,7 +159,7 @@ impl TokenIssuer {
                 deploy_token_id: who.deploy_token_id,
             },
         };
-        let user = token::sign(&self.key, user_claims, validity)?;
+        let user = token::sign::sign(&self.key, user_claims, validity)?;
         let claims = RegistryClaims {
             iss: self.issuer.clone(),
             sub: who.username.clone(),
@@ -167,7 +170,7 @@ impl TokenIssuer {
             user: Some(user),
             extra: extra.into_iter().filter(|(name, _)| !is_built_in(name)).collect(),
         };
-        Ok(token::sign(&self.key, claims, validity)?)
+        Ok(token::sign::sign(&self.key, claims, validity)?)
     }
 
     /// A refresh token for `who` under credential `epoch`, valid for
@@ -190,7 +193,7 @@ impl TokenIssuer {
             },
             epoch: Some(epoch.to_owned()),
         };
-        Ok(token::sign(&self.key, claims, self.validity(now, REFRESH_TOKEN_TTL_SECONDS))?)
+        Ok(token::sign::sign(&self.key, claims, self.validity(now, REFRESH_TOKEN_TTL_SECONDS))?)
     }
 }
 
@@ -198,7 +201,7 @@ impl TokenIssuer {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use registry_guard_core::scope::Scope;
+    use registry_guard_core::request::scope::Scope;
 
     #[test]
     fn access_claims_keep_canonical_order_and_meta() {

@@ -1,7 +1,7 @@
 //! The ES256 signing key: PKCS#8 PEM in, PKCS#8 PEM out.
 
 use p256::pkcs8::{DecodePrivateKey as _, EncodePrivateKey as _, LineEnding};
-use registry_guard_core::token::SigningKey;
+use registry_guard_core::token::keys::SigningKey;
 
 /// Why a PEM document is not a usable signing key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -11,8 +11,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use registry_guard_core::bundle::{self, BundleError, Policy};
-use registry_guard_core::token::KeySet;
+use registry_guard_core::policy::bundle::{self, BundleError, Policy};
+use registry_guard_core::token::jwks::KeySet;
 use serde::Serialize;
 
 /// Largest accepted `PUT /bundle` body: 32 MiB. A bundle of 100 000 protection rules is

@@ -4,7 +4,7 @@
 //!
 //! Handlers only parse, authenticate and render; what a token grants is decided by the core
 //! (`Directory::grant_under` the active policy for users, `DeployToken::grant` for the
-//! policy's deploy tokens), and every token is signed by the core (`token::sign`). Each token
+//! policy's deploy tokens), and every token is signed by the core (`token::sign::sign`). Each token
 //! request takes one snapshot of the active policy and decides everything under it: deploy
 //! tokens, revocations and grants. `PUT /bundle` requires the operator token (a bearer
 //! secret whose SHA-256 is configured) before anything of the body is read; a bundle is then
@@ -22,11 +22,11 @@ use axum::http::{header, Extensions, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
-use registry_guard_core::bundle::Policy;
-use registry_guard_core::directory::Directory;
-use registry_guard_core::scope::{Resource, Scope};
-use registry_guard_core::text::quote;
-use registry_guard_core::token::{self, Verifier, MAX_TOKEN_LEN};
+use registry_guard_core::policy::bundle::Policy;
+use registry_guard_core::policy::directory::Directory;
+use registry_guard_core::request::scope::{Resource, Scope};
+use registry_guard_core::support::text::quote;
+use registry_guard_core::token::{self, verify::Verifier, verify::MAX_TOKEN_LEN};
 use serde::Serialize;
 use serde_json::json;
 
@@ -573,11 +573,11 @@ fn redeem_verified_refresh_token(
     state: &AppState,
     policy: &Policy,
     refresh_token: &str,
-    verified: &token::VerifiedToken,
+    verified: &token::verify::VerifiedToken,
     now: i64,
 ) -> Result<Authenticated, Problem> {
     let invalid = |why: &str| Problem::InvalidCredentials(format!("invalid refresh token: {why}"));
-    let claims: RefreshClaims = token::decode_unverified(refresh_token)
+    let claims: RefreshClaims = token::verify::decode_unverified(refresh_token)
         .ok()
         .and_then(|v| serde_json::from_value(v).ok())
         .ok_or_else(|| invalid("it is not a refresh token"))?;

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
-use registry_guard_core::token::{KeySet, KeySetError, Verifier};
+use registry_guard_core::token::{jwks::KeySet, jwks::KeySetError, verify::Verifier};
 use tokio::net::TcpListener;
 
 use crate::config::{load_key_ring, Config, ConfigError, KeyRing};

@@ -5,7 +5,7 @@ use base64::Engine as _;
 use registry_guard_consumer::{
     Application, Settings, StartupError, DEFAULT_MAX_EVENTS, DEFAULT_RETENTION_DAYS, DEFAULT_TOLERANCE_SECONDS,
 };
-use registry_guard_core::token::{self, testing, SigningKey, Validity};
+use registry_guard_core::token::{self, keys::SigningKey, sign::Validity, testing};
 use serde_json::{json, Value};
 
 /// The bearer secret the "registry" sends.
@@ -28,7 +28,7 @@ pub fn now() -> i64 {
 
 /// A `user` JWT signed by `key`, expiring at `expires_at`.
 pub fn user_jwt_with(key: &SigningKey, jti: &str, user_info: Value, expires_at: i64) -> String {
-    token::sign(
+    token::sign::sign(
         key,
         json!({"jti": jti, "user_info": user_info}),
         Validity { issued_at: expires_at - 300, not_before: expires_at - 300, expires_at },

@@ -4,9 +4,9 @@
 
 use serde_json::json;
 
-use crate::decision::Decision;
-use crate::guard::Checked;
-use crate::text::{bounded, quote, quote_max, MAX_AUDIT_PATH_CHARS, MAX_REASON_CHARS};
+use crate::decide::decision::Decision;
+use crate::decide::guard::Checked;
+use crate::support::text::{bounded, quote, quote_max, MAX_AUDIT_PATH_CHARS, MAX_REASON_CHARS};
 
 /// What the glue knows about the request besides the decision.
 #[derive(Debug, Clone, Copy, Default)]
@@ -14,7 +14,7 @@ pub struct RequestInfo<'a> {
     pub method: &'a str,
     /// The request path; the query is dropped.
     pub path: &'a str,
-    /// The request's `X-Request-Id`; only an id that [`crate::text::request_id`] accepts
+    /// The request's `X-Request-Id`; only an id that [`crate::support::text::request_id`] accepts
     /// is written (a hostile one is left out, however long).
     pub request_id: Option<&'a str>,
     /// The downstream peer.
@@ -33,13 +33,13 @@ pub fn line(checked: &Checked, request: RequestInfo<'_>, now: i64) -> Option<Str
     let time = u64::try_from(now).ok().map(|secs| {
         humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)).to_string()
     });
-    // Every field a client controls is bounded and escaped (see `crate::text`): one audit
+    // Every field a client controls is bounded and escaped (see `crate::support::text`): one audit
     // line stays under ~2 KiB whatever the request carried.
     let path = request.path.split('?').next().unwrap_or_default();
     let line = json!({
         "audit": "registry-guard",
         "time": time,
-        "request_id": request.request_id.and_then(crate::text::request_id),
+        "request_id": request.request_id.and_then(crate::support::text::request_id),
         "decision": decision,
         "status": status,
         "kind": kind,
@@ -88,7 +88,7 @@ fn looks_like_jws(word: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decision::{Denial, DenyKind};
+    use crate::decide::decision::{Denial, DenyKind};
 
     fn denial(reason: &str) -> Checked {
         Checked {
@@ -101,7 +101,7 @@ mod tests {
                 rule: Some("web-release-tags".into()),
                 kind: DenyKind::Protected,
             }),
-            token: Some(std::rc::Rc::new(crate::token::VerifiedToken {
+            token: Some(std::rc::Rc::new(crate::token::verify::VerifiedToken {
                 kid: "k1".into(),
                 subject: "dev".into(),
                 jti: "j1".into(),

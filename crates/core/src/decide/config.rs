@@ -2,9 +2,8 @@
 
 use serde::Deserialize;
 
-use crate::bundle::{self, Policy};
-use crate::decision::ChallengeConfig;
-use crate::token::{KeySet, Verifier};
+use crate::policy::bundle::{self, Policy};
+use crate::token::{jwks::KeySet, verify::Verifier};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,6 +49,13 @@ struct RawFilterConfig<'a> {
     /// Which endpoint this filter guards: `registry` (default) or `dependency-proxy`.
     #[serde(default)]
     endpoint: ServedEndpoint,
+}
+
+/// Where clients get tokens: the `realm` and `service` of the Bearer challenge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChallengeConfig {
+    pub realm: String,
+    pub service: String,
 }
 
 /// The endpoint a registry-role filter guards (its Envoy listener).
@@ -188,7 +194,7 @@ impl PluginConfig {
         let probe: Probe = serde_json::from_slice(bytes).map_err(|e| error("$", format!("not JSON: {e}")))?;
         match probe.role.as_deref() {
             Some("events") => {
-                let raw: RawEventsConfig = crate::de::from_slice(bytes).map_err(path_error)?;
+                let raw: RawEventsConfig = crate::support::de::from_slice(bytes).map_err(path_error)?;
                 if raw.max_envelope_bytes == 0 || raw.max_envelope_bytes > 64 << 20 {
                     return Err(error("$.max_envelope_bytes", "must be between 1 and 67108864"));
                 }
@@ -203,7 +209,7 @@ impl PluginConfig {
     }
 }
 
-fn path_error(e: crate::de::PathError) -> ConfigError {
+fn path_error(e: crate::support::de::PathError) -> ConfigError {
     ConfigError { field: e.path, reason: e.reason }
 }
 
@@ -286,7 +292,7 @@ fn error(field: &str, reason: impl Into<String>) -> ConfigError {
 
 impl FilterConfig {
     pub fn from_json(bytes: &[u8]) -> Result<FilterConfig, ConfigError> {
-        let raw: RawFilterConfig = crate::de::from_slice(bytes).map_err(path_error)?;
+        let raw: RawFilterConfig = crate::support::de::from_slice(bytes).map_err(path_error)?;
         if !(raw.realm.starts_with("http://") || raw.realm.starts_with("https://")) {
             return Err(error("$.realm", format!("`{}` is not an http(s) URL", raw.realm)));
         }

@@ -4,11 +4,13 @@
 
 use serde::Deserialize;
 
-use crate::decision::Decision;
-use crate::token::{sign, AccessClaim, Audience, RegistryClaims, SigningKey, Validity};
+use crate::decide::decision::Decision;
+use crate::token::{
+    claims::AccessClaim, claims::Audience, claims::RegistryClaims, keys::SigningKey, sign::sign, sign::Validity,
+};
 
 /// The corpus shipped with the core.
-pub const DECISIONS: &str = include_str!("../corpus/decisions.json");
+pub const DECISIONS: &str = include_str!("../../corpus/decisions.json");
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -214,8 +216,8 @@ impl Corpus {
         });
         if let Some(name) = &case.bundle {
             let bundle = self.bundles.get(name).ok_or_else(|| format!("case `{}`: no bundle `{name}`", case.name))?;
-            let jws =
-                crate::bundle::sign(&bundle.to_string(), operator).map_err(|e| format!("bundle `{name}`: {e}"))?;
+            let jws = crate::policy::bundle::sign(&bundle.to_string(), operator)
+                .map_err(|e| format!("bundle `{name}`: {e}"))?;
             if let Some(obj) = cfg.as_object_mut() {
                 obj.insert("bundle".into(), jws.into());
                 obj.insert("bundle_keys".into(), crate::token::testing::jwks(&[operator]));
@@ -224,7 +226,7 @@ impl Corpus {
         Ok(cfg.to_string())
     }
 
-    /// Replays every case through [`Guard`](crate::guard::Guard) at `now`; returns failures.
+    /// Replays every case through [`Guard`](crate::decide::guard::Guard) at `now`; returns failures.
     /// Shared by the native and the wasm tests so both tiers run the same code.
     pub fn replay(&self, now: i64) -> Vec<String> {
         use crate::token::testing::es256_key;
@@ -233,8 +235,8 @@ impl Corpus {
         for case in &self.cases {
             let result = (|| {
                 let cfg = self.filter_config(case, &trusted, &operator)?;
-                let cfg = crate::config::FilterConfig::from_json(cfg.as_bytes()).map_err(|e| e.to_string())?;
-                let mut guard = crate::guard::Guard::new(cfg);
+                let cfg = crate::decide::config::FilterConfig::from_json(cfg.as_bytes()).map_err(|e| e.to_string())?;
+                let mut guard = crate::decide::guard::Guard::new(cfg);
                 let auth = case.authorization(&trusted, &untrusted, now)?;
                 let auth: Vec<&str> = auth.iter().map(String::as_str).collect();
                 let r = &case.request;

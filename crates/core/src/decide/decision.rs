@@ -3,23 +3,16 @@
 
 use std::fmt::Write as _;
 
-use crate::access::{AccessLevel, ActionSet};
-use crate::bundle::Policy;
-use crate::config::ServedEndpoint;
-use crate::deploy::{dependency_proxy_group, DeployDenial, DEPENDENCY_PROXY_LEVEL};
-use crate::name::is_tag;
-use crate::protection::{Actor, Operation, Protection};
-use crate::route::{Endpoint, Method, Route, RouteError};
-use crate::scope::Scope;
-use crate::text::quote;
-use crate::token::{TokenError, VerifiedToken};
-
-/// Where clients get tokens: the `realm` and `service` of the Bearer challenge.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChallengeConfig {
-    pub realm: String,
-    pub service: String,
-}
+use crate::decide::config::{ChallengeConfig, ServedEndpoint};
+use crate::policy::bundle::Policy;
+use crate::policy::deploy::{dependency_proxy_group, DeployDenial, DEPENDENCY_PROXY_LEVEL};
+use crate::policy::protection::{Actor, Operation, Protection};
+use crate::request::access::{AccessLevel, ActionSet};
+use crate::request::name::is_tag;
+use crate::request::route::{Endpoint, Method, Route, RouteError};
+use crate::request::scope::Scope;
+use crate::support::text::quote;
+use crate::token::{verify::TokenError, verify::VerifiedToken};
 
 /// What the request presented in `Authorization`.
 #[derive(Debug, Clone, PartialEq)]
@@ -316,7 +309,9 @@ pub fn decide(
             let what = format!("{} `{}`", needed.resource.type_str(), quote(needed.resource.name()));
             missing.push(format!("{} on {what} (granted: {granted_text})", needed.actions));
             let level = match &needed.resource {
-                crate::scope::Resource::Repository(repo) if !is_deploy_token(token) => token.access_level(repo),
+                crate::request::scope::Resource::Repository(repo) if !is_deploy_token(token) => {
+                    token.access_level(repo)
+                }
                 _ => None,
             };
             match level.and_then(AccessLevel::from_number) {
@@ -405,8 +400,8 @@ fn principal_check(
     }
     let repositories = || {
         route.scopes.iter().filter_map(|s| match &s.resource {
-            crate::scope::Resource::Repository(r) => Some((r.as_str(), s.actions)),
-            crate::scope::Resource::Catalog => None,
+            crate::request::scope::Resource::Repository(r) => Some((r.as_str(), s.actions)),
+            crate::request::scope::Resource::Catalog => None,
         })
     };
     if is_deploy {
@@ -443,7 +438,7 @@ fn principal_check(
             // repository belongs to no project (`acme/rogue` under group `acme`) and no owner
             // could manage it. The dependency proxy belongs to its group.
             if dependency_proxy_group(repo).is_none() && !token.granted_repository(repo).is_empty() {
-                let in_project = token.project_path(repo).is_some_and(|p| crate::deploy::in_subtree(p, repo));
+                let in_project = token.project_path(repo).is_some_and(|p| crate::policy::deploy::in_subtree(p, repo));
                 if !in_project {
                     let why = format!("repository `{repo}` belongs to no project; deploy tokens only reach projects");
                     return Some(name_unknown(repo, why, policy));
@@ -538,8 +533,8 @@ pub fn www_authenticate(challenge: &ChallengeConfig, scopes: &[Scope], error: Op
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::access::{Action, ActionSet};
-    use crate::route::classify;
+    use crate::request::access::{Action, ActionSet};
+    use crate::request::route::classify;
 
     fn challenge() -> ChallengeConfig {
         ChallengeConfig { realm: "http://127.0.0.1:5001/jwt/auth".into(), service: "container_registry".into() }

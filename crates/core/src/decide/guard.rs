@@ -4,10 +4,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
-use crate::config::FilterConfig;
-use crate::decision::{bearer_candidate, decide_at, is_b64token, Credential, Decision};
-use crate::route::classify;
-use crate::token::{TokenError, VerifiedToken};
+use crate::decide::config::FilterConfig;
+use crate::decide::decision::{bearer_candidate, decide_at, is_b64token, Credential, Decision};
+use crate::request::route::classify;
+use crate::token::{verify::TokenError, verify::VerifiedToken};
 
 /// Verified tokens, bounded in entries and in bytes (oldest evicted first) and by each
 /// token's expiry. Only successful verifications are cached; time claims are rechecked on
@@ -181,7 +181,7 @@ impl Guard {
 
     fn check_route(
         &mut self,
-        route: Result<&crate::route::Route, &crate::route::RouteError>,
+        route: Result<&crate::request::route::Route, &crate::request::route::RouteError>,
         authorization: &[&str],
         now: i64,
     ) -> Checked {
@@ -212,7 +212,7 @@ impl Guard {
                 // The byte-level check runs before verification; a cached token passed it
                 // when it was inserted (the cache compares whole tokens), so a hit skips it.
                 if !is_b64token(token) {
-                    let why = crate::decision::NOT_BEARER;
+                    let why = crate::decide::decision::NOT_BEARER;
                     let decision =
                         decide_at(endpoint, route, Credential::NotBearer(why), challenge, &self.config.policy, now);
                     return Checked::new(decision, revision);
@@ -233,23 +233,24 @@ impl Guard {
 }
 
 fn invalid(
-    endpoint: crate::config::ServedEndpoint,
-    route: Result<&crate::route::Route, &crate::route::RouteError>,
+    endpoint: crate::decide::config::ServedEndpoint,
+    route: Result<&crate::request::route::Route, &crate::request::route::RouteError>,
     e: &TokenError,
-    challenge: &crate::decision::ChallengeConfig,
+    challenge: &crate::decide::config::ChallengeConfig,
     revision: u64,
     cache_hit: bool,
 ) -> Checked {
-    let decision = decide_at(endpoint, route, Credential::Invalid(e), challenge, &crate::bundle::Policy::default(), 0);
+    let decision =
+        decide_at(endpoint, route, Credential::Invalid(e), challenge, &crate::policy::bundle::Policy::default(), 0);
     Checked { cache_hit: Some(cache_hit), ..Checked::new(decision, revision) }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scope::Scope;
+    use crate::request::scope::Scope;
     use crate::token::testing::es256_key;
-    use crate::token::{sign, AccessClaim, Audience, RegistryClaims, Validity};
+    use crate::token::{claims::AccessClaim, claims::Audience, claims::RegistryClaims, sign::sign, sign::Validity};
 
     const NOW: i64 = 1_800_000_000;
 

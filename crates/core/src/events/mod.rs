@@ -1,5 +1,6 @@
-//! Notification enrichment (seeds 000/001): attributing the registry's webhook events to the
-//! principal whose request caused them, and rewriting the events envelope.
+//! Layer `events` (a leaf beside the stack): notification enrichment (seeds 000/001),
+//! attributing the registry's webhook events to the principal whose request caused them, and
+//! rewriting the events envelope. Uses nothing else of the core.
 //!
 //! **Correlation.** A stock registry (distribution 2.8) puts a fresh random `request.id` in
 //! its events and ignores `X-Request-Id`, but it copies `X-Forwarded-For` into

@@ -3,98 +3,21 @@
 //! scopes and runs the one decision function on it, so the explanation cannot drift from
 //! what the filter and the token service do.
 
-use crate::access::AccessLevel;
-use crate::bundle::Policy;
-use crate::decision::{decide, ChallengeConfig, Credential, Decision};
-use crate::deploy::DeployToken;
-use crate::directory::{Directory, Grant, User};
-use crate::route::classify;
-use crate::scope::{Resource, Scope};
-use crate::token::VerifiedToken;
+use crate::decide::config::ChallengeConfig;
+use crate::decide::decision::{decide, Credential, Decision};
+use crate::issue::principal::{issued_token, principal, Principal};
+use crate::policy::bundle::Policy;
+use crate::policy::deploy::DeployToken;
+use crate::policy::directory::Directory;
+use crate::request::access::AccessLevel;
+use crate::request::route::classify;
+use crate::request::scope::Resource;
 
 /// The decision and every fact it rests on, printable.
 #[derive(Debug, Clone)]
 pub struct Explanation {
     pub decision: Decision,
     pub lines: Vec<String>,
-}
-
-/// Who a request is made as: a user of the principals file or a deploy token of the bundle.
-#[derive(Debug, Clone, Copy)]
-pub enum Principal<'a> {
-    User(&'a User),
-    DeployToken(&'a DeployToken),
-}
-
-impl Principal<'_> {
-    pub fn name(&self) -> &str {
-        match self {
-            Principal::User(u) => &u.username,
-            Principal::DeployToken(t) => &t.username,
-        }
-    }
-}
-
-/// The user or deploy token named `name` (a deploy token by its username, e.g. `acme-ci` or
-/// `deploy-token-2`). A name that is both is refused: which one a login reaches depends on
-/// the secret presented.
-pub fn principal<'a>(directory: &'a Directory, policy: &'a Policy, name: &str) -> Result<Principal<'a>, String> {
-    match (directory.user(name), policy.credentials.by_username(name)) {
-        (Some(_), Some(_)) => {
-            Err(format!("`{name}` is both a user in the principals and a deploy token in the bundle: rename one"))
-        }
-        (Some(u), None) => Ok(Principal::User(u)),
-        (None, Some(t)) => Ok(Principal::DeployToken(t)),
-        (None, None) => Err(format!("no user and no deploy token `{name}` (principals, bundle `deploy_tokens`)")),
-    }
-}
-
-/// The token the token service would issue to `principal` for `scopes`, with the grant
-/// functions it uses (`Directory::grant_under` for users, `Directory::deploy_grant` for
-/// deploy tokens), issued at `now`, and its notes on withheld actions. It is minted whether or not the
-/// principal may log in at all (revoked users, expired or revoked deploy tokens): the
-/// decision function refuses those, with the reason.
-pub fn issued_token(
-    directory: &Directory,
-    policy: &Policy,
-    principal: Principal<'_>,
-    scopes: &[Scope],
-    now: i64,
-) -> (VerifiedToken, Vec<String>) {
-    let (grants, notes, auth_type, deploy_token_id): (Vec<Grant>, _, _, _) = match principal {
-        Principal::User(user) => {
-            let (grants, notes) = directory.grant_under(policy, user, scopes);
-            (grants, notes, "password", None)
-        }
-        Principal::DeployToken(t) => (directory.deploy_grant(t, scopes), Vec::new(), "deploy_token", Some(t.id)),
-    };
-    let token = VerifiedToken {
-        kid: String::new(),
-        subject: principal.name().to_owned(),
-        jti: String::new(),
-        auth_type: Some(auth_type.into()),
-        user: None,
-        expires_at: i64::MAX,
-        not_before: None,
-        issued_at: Some(now),
-        access_levels: grants
-            .iter()
-            .filter_map(|g| match &g.scope.resource {
-                Resource::Repository(r) => Some((r.clone(), g.access_level?.number())),
-                Resource::Catalog => None,
-            })
-            .collect(),
-        project_paths: grants
-            .iter()
-            .filter_map(|g| match &g.scope.resource {
-                Resource::Repository(r) => Some((r.clone(), g.project_path.clone()?)),
-                Resource::Catalog => None,
-            })
-            .collect(),
-        grants: grants.into_iter().map(|g| g.scope).collect(),
-        deploy_token_id,
-    };
-    (token, notes)
 }
 
 /// Placeholder challenge: `explain` and the access review show decisions, not challenges.
@@ -172,8 +95,8 @@ fn deploy_token_scopes(t: &DeployToken) -> String {
         .scopes
         .iter()
         .map(|s| match s {
-            crate::deploy::DeployScope::ReadRegistry => "read_registry",
-            crate::deploy::DeployScope::WriteRegistry => "write_registry",
+            crate::policy::deploy::DeployScope::ReadRegistry => "read_registry",
+            crate::policy::deploy::DeployScope::WriteRegistry => "write_registry",
         })
         .collect();
     scopes.sort_unstable();
@@ -229,8 +152,8 @@ impl std::fmt::Display for Explanation {
 mod tests {
     use super::*;
 
-    const PRINCIPALS: &str = include_str!("../../../policies/example/principals.json");
-    const BUNDLE: &str = include_str!("../../../policies/example/bundle.json");
+    const PRINCIPALS: &str = include_str!("../../../../policies/example/principals.json");
+    const BUNDLE: &str = include_str!("../../../../policies/example/bundle.json");
 
     /// 2027-01-15T08:00:00Z: after the example's expired deploy token expired.
     const NOW: i64 = 1_800_000_000;

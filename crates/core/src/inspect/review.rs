@@ -2,7 +2,7 @@
 //! to it, or what one principal may do on every project.
 //!
 //! Nothing here decides on its own. Each principal gets the token the token service would
-//! issue ([`crate::explain::issued_token`]: `Directory::grant_under` for users,
+//! issue ([`crate::issue::principal::issued_token`]: `Directory::grant_under` for users,
 //! `Directory::deploy_grant` for deploy tokens), and the one decision function judges a pull,
 //! an untagged push and a delete with it, without the protection rules; the rules then come
 //! from [`RuleSet::unmet`], the function `denies_untagged` (the token service's withholding)
@@ -11,15 +11,16 @@
 
 use std::fmt;
 
-use crate::access::{AccessLevel, Action, ActionSet};
-use crate::bundle::Policy;
-use crate::decision::{decide, Credential};
-use crate::directory::Directory;
-use crate::explain::{challenge, deploy_token_standing, describe_level, issued_token, Principal};
-use crate::name::is_repository_name;
-use crate::protection::{Actor, Rule, RuleSet};
-use crate::route::classify;
-use crate::scope::Scope;
+use crate::decide::decision::{decide, Credential};
+use crate::inspect::explain::{challenge, deploy_token_standing, describe_level};
+use crate::issue::principal::{issued_token, Principal};
+use crate::policy::bundle::Policy;
+use crate::policy::directory::Directory;
+use crate::policy::protection::{Actor, Rule, RuleSet};
+use crate::request::access::{AccessLevel, Action, ActionSet};
+use crate::request::name::is_repository_name;
+use crate::request::route::classify;
+use crate::request::scope::Scope;
 
 /// What the review says about CI job tokens.
 pub const JOB_SCOPES: &str = "none (registry-guard has no CI job tokens)";
@@ -320,7 +321,7 @@ pub fn review_principal(
     name: &str,
     now: i64,
 ) -> Result<PrincipalReview, String> {
-    let principal = crate::explain::principal(directory, policy, name)?;
+    let principal = crate::issue::principal::principal(directory, policy, name)?;
     let reviewer = Reviewer::new(directory, policy, now);
     let access: Vec<Access> =
         directory.projects().map(|p| reviewer.access(principal, &p.path, RuleScope::Under(&p.path))).collect();
@@ -469,8 +470,8 @@ impl fmt::Display for PrincipalReview {
 mod tests {
     use super::*;
 
-    const PRINCIPALS: &str = include_str!("../../../policies/example/principals.json");
-    const BUNDLE: &str = include_str!("../../../policies/example/bundle.json");
+    const PRINCIPALS: &str = include_str!("../../../../policies/example/principals.json");
+    const BUNDLE: &str = include_str!("../../../../policies/example/bundle.json");
     /// 2027-01-15T08:00:00Z: after the example's expired deploy token expired.
     const NOW: i64 = 1_800_000_000;
 
@@ -568,7 +569,10 @@ mod tests {
             let r = review_repository(&dir, &policy, repo, NOW).unwrap();
             for a in &r.access {
                 let allowed = |method: &str, path: String| {
-                    crate::explain::explain(&dir, &policy, &a.name, method, &path, NOW).unwrap().decision.is_allow()
+                    crate::inspect::explain::explain(&dir, &policy, &a.name, method, &path, NOW)
+                        .unwrap()
+                        .decision
+                        .is_allow()
                 };
                 let at = |what: &str| format!("/v2/{repo}/{what}");
                 let ctx = format!("{} on {repo}", a.name);

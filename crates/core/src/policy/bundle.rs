@@ -13,9 +13,9 @@ use jwt_compact::alg::Es256;
 use jwt_compact::{AlgorithmExt as _, Claims, Header};
 use serde::Deserialize;
 
-use crate::access::AccessLevel;
-use crate::protection::{PathPattern, Requirement, Rule, RuleSet};
-use crate::token::{KeySet, SigningKey, VerifyingKey};
+use crate::policy::protection::{PathPattern, Requirement, Rule, RuleSet};
+use crate::request::access::AccessLevel;
+use crate::token::{jwks::KeySet, keys::SigningKey, keys::VerifyingKey};
 
 /// The JWS `typ` of a signed bundle; registry tokens can never pass for bundles.
 pub const BUNDLE_TYP: &str = "rg-bundle+jwt";
@@ -42,12 +42,12 @@ struct RawBundle {
     #[serde(default)]
     protection_rules: Vec<RawRule>,
     #[serde(default)]
-    deploy_tokens: Vec<crate::deploy::RawDeployToken>,
+    deploy_tokens: Vec<crate::policy::deploy::RawDeployToken>,
     #[serde(default)]
-    revocations: crate::deploy::RawRevocations,
+    revocations: crate::policy::deploy::RawRevocations,
     /// Operator-defined token claims by group, subgroup and project (seed 004).
     #[serde(default)]
-    additional_claims: Vec<crate::claims::RawLevel>,
+    additional_claims: Vec<crate::policy::claims::RawLevel>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -75,7 +75,7 @@ struct RawRule {
     /// as deploy tokens name theirs: `{"project": "acme/web"}` or `{"group": "acme"}`. The
     /// pattern must lie within the owner's path.
     #[serde(default)]
-    owner: Option<crate::deploy::Owner>,
+    owner: Option<crate::policy::deploy::Owner>,
     #[serde(default)]
     #[allow(dead_code)]
     description: Option<String>,
@@ -114,21 +114,21 @@ pub struct Policy {
     pub environment: Option<String>,
     pub rules: RuleSet,
     /// Deploy tokens and revocations.
-    pub credentials: crate::deploy::Credentials,
+    pub credentials: crate::policy::deploy::Credentials,
     /// Additional token claims by group, subgroup and project.
-    pub claims: crate::claims::Claims,
+    pub claims: crate::policy::claims::Claims,
 }
 
 impl Policy {
     /// Parses and validates bundle JSON text (unsigned; for `validate`, `explain`, tests).
     pub fn from_json(text: &str) -> Result<Policy, BundleError> {
-        let raw: RawBundle = crate::de::from_slice(text.as_bytes()).map_err(path_error)?;
-        crate::json::strict_object_keys(text.as_bytes()).map_err(|e| error("$", e))?;
+        let raw: RawBundle = crate::support::de::from_slice(text.as_bytes()).map_err(path_error)?;
+        crate::support::json::strict_object_keys(text.as_bytes()).map_err(|e| error("$", e))?;
         compile(raw)
     }
 }
 
-fn path_error(e: crate::de::PathError) -> BundleError {
+fn path_error(e: crate::support::de::PathError) -> BundleError {
     error(e.path, e.reason)
 }
 
@@ -159,7 +159,7 @@ fn compile(raw: RawBundle) -> Result<Policy, BundleError> {
                 "every rule names its owner: add `\"owner\": {\"project\": \"<path>\"}` or `{\"group\": \"<path>\"}`",
             )
         })?;
-        if !crate::name::is_repository_name(owner.path()) {
+        if !crate::request::name::is_repository_name(owner.path()) {
             return Err(error(
                 format!("{at}.owner"),
                 format!("`{}` is not a valid group or project path", owner.path()),
@@ -201,9 +201,9 @@ fn compile(raw: RawBundle) -> Result<Policy, BundleError> {
         }
         rules.push(Rule { id: r.id, owner, repository, tag, push, delete, enforce: r.enforce });
     }
-    let credentials =
-        crate::deploy::compile(raw.deploy_tokens, raw.revocations).map_err(|(path, reason)| error(path, reason))?;
-    let claims = crate::claims::compile(raw.additional_claims).map_err(|(path, reason)| error(path, reason))?;
+    let credentials = crate::policy::deploy::compile(raw.deploy_tokens, raw.revocations)
+        .map_err(|(path, reason)| error(path, reason))?;
+    let claims = crate::policy::claims::compile(raw.additional_claims).map_err(|(path, reason)| error(path, reason))?;
     if let Some(env) = &raw.environment {
         if !valid_environment(env) {
             return Err(error("$.environment", format!("`{}` must be 1-64 of [A-Za-z0-9._-]", excerpt(env, 64))));
@@ -375,8 +375,8 @@ pub fn verify(jws: &str, keys: &KeySet) -> Result<Policy, BundleError> {
     let payload =
         engine.decode(payload_b64).map_err(|e| error("signature", format!("payload is not base64url: {e}")))?;
     // Signed, but still refused if any object repeats a key (a map would keep the last one).
-    crate::json::strict_object_keys(&payload).map_err(|e| error("$", e))?;
-    let raw: RawBundle = crate::de::from_slice(&payload).map_err(path_error)?;
+    crate::support::json::strict_object_keys(&payload).map_err(|e| error("$", e))?;
+    let raw: RawBundle = crate::support::de::from_slice(&payload).map_err(path_error)?;
     drop(payload);
     compile(raw)
 }
@@ -386,7 +386,7 @@ mod tests {
     use super::*;
     use crate::token::testing::{es256_key, jwks};
 
-    const EXAMPLE: &str = include_str!("../../../policies/example/bundle.json");
+    const EXAMPLE: &str = include_str!("../../../../policies/example/bundle.json");
 
     #[test]
     fn a_bundle_is_for_one_environment() {
@@ -440,7 +440,7 @@ mod tests {
         let text = b.to_string().replacen(r#""revision":7"#, r#""revision":7,"revision":8"#, 1);
         assert!(text.contains(r#""revision":8"#));
         let k = es256_key(3);
-        let jws = crate::token::sign_jws_unchecked(&k, &serde_json::Value::Null, BUNDLE_TYP).unwrap();
+        let jws = crate::token::sign::sign_jws_unchecked(&k, &serde_json::Value::Null, BUNDLE_TYP).unwrap();
         // Re-sign the raw text (sign_jws_unchecked would re-serialise and drop the repeat).
         use base64::Engine as _;
         use p256::ecdsa::signature::Signer as _;
@@ -559,20 +559,20 @@ mod tests {
             br#"{"revision": 999, "protection_rules": []}"#,
         );
         assert!(verify(&parts.join("."), &keys).unwrap_err().reason.contains("invalid signature"));
-        let claims = crate::token::RegistryClaims {
+        let claims = crate::token::claims::RegistryClaims {
             iss: "x".into(),
             sub: "x".into(),
-            aud: crate::token::Audience::One("x".into()),
+            aud: crate::token::claims::Audience::One("x".into()),
             jti: "x".into(),
             access: vec![],
             auth_type: None,
             user: None,
             extra: Default::default(),
         };
-        let token = crate::token::sign(
+        let token = crate::token::sign::sign(
             &operator,
             claims,
-            crate::token::Validity { issued_at: 0, not_before: 0, expires_at: 1 },
+            crate::token::sign::Validity { issued_at: 0, not_before: 0, expires_at: 1 },
         )
         .unwrap();
         assert!(verify(&token, &keys).unwrap_err().reason.contains("typ"));

@@ -24,8 +24,8 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::deploy::in_subtree;
-use crate::name::is_repository_name;
+use crate::policy::deploy::in_subtree;
+use crate::request::name::is_repository_name;
 
 /// Claims the token service always sets itself; no level may set any of them.
 pub const BUILT_IN_CLAIMS: [&str; 10] =
@@ -271,7 +271,7 @@ pub(crate) fn compile(raw: Vec<RawLevel>) -> Result<Claims, (String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bundle::Policy;
+    use crate::policy::bundle::Policy;
     use serde_json::json;
 
     fn bundle(levels: serde_json::Value) -> String {
@@ -282,7 +282,7 @@ mod tests {
         Policy::from_json(&bundle(levels)).unwrap()
     }
 
-    fn refused(levels: serde_json::Value) -> crate::bundle::BundleError {
+    fn refused(levels: serde_json::Value) -> crate::policy::bundle::BundleError {
         Policy::from_json(&bundle(levels)).unwrap_err()
     }
 

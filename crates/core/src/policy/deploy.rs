@@ -9,9 +9,8 @@ use std::collections::{HashMap, HashSet};
 
 use serde::Deserialize;
 
-use crate::access::{AccessLevel, Action, ActionSet};
-use crate::name::is_repository_name;
-use crate::scope::{Resource, Scope};
+use crate::request::access::{AccessLevel, Action, ActionSet};
+use crate::request::name::is_repository_name;
 
 /// `<group>/dependency_proxy/containers/<image>`: the group whose pull-through cache serves
 /// `<image>`, if `repo` is a dependency proxy path.
@@ -204,31 +203,6 @@ impl DeployToken {
             names.join(", ")
         }
     }
-
-    /// Grants for a token request: requested ∩ scopes ∩ owner subtree.
-    pub fn grant(&self, requested: &[Scope]) -> Vec<crate::directory::Grant> {
-        requested
-            .iter()
-            .filter_map(|s| {
-                let Resource::Repository(repo) = &s.resource else { return None };
-                let wanted = if s.actions.contains(Action::All) {
-                    ActionSet::of(&[Action::Pull, Action::Push, Action::Delete])
-                } else {
-                    s.actions
-                };
-                let mut actions = wanted.intersect(self.actions());
-                if dependency_proxy_group(repo).is_some() {
-                    actions = actions.intersect(ActionSet::of(&[Action::Pull]));
-                }
-                let covered = self.allows(repo, ActionSet::EMPTY).is_ok();
-                (covered && !actions.is_empty()).then(|| crate::directory::Grant {
-                    scope: Scope { resource: s.resource.clone(), actions },
-                    project_path: None,
-                    access_level: None,
-                })
-            })
-            .collect()
-    }
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -380,6 +354,7 @@ pub const DEPENDENCY_PROXY_LEVEL: AccessLevel = AccessLevel::Reporter;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::request::scope::Scope;
 
     fn token(owner: Owner, scopes: &[DeployScope]) -> DeployToken {
         DeployToken {

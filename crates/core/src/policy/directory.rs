@@ -9,11 +9,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Deserialize;
 
-use crate::access::{AccessLevel, Action, ActionSet};
-use crate::bundle::Policy;
-use crate::name::is_repository_name;
-use crate::protection::Actor;
-use crate::scope::{Resource, Scope};
+use crate::request::access::{AccessLevel, Action, ActionSet};
+use crate::request::name::is_repository_name;
+use crate::request::scope::Resource;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -134,7 +132,7 @@ pub struct Directory {
 impl Directory {
     /// Parses and validates a principals document; errors name the JSON path and the reason.
     pub fn from_json(text: &str) -> Result<Directory, DirectoryError> {
-        let raw: RawDirectory = crate::de::from_slice(text.as_bytes()).map_err(|e| error(e.path, e.reason))?;
+        let raw: RawDirectory = crate::support::de::from_slice(text.as_bytes()).map_err(|e| error(e.path, e.reason))?;
         Directory::compile(raw)
     }
 
@@ -301,76 +299,6 @@ impl Directory {
         (level.registry_actions(project.visibility != Visibility::Private), Some(project))
     }
 
-    /// Grants for a token request: requested ∩ permitted, per scope, dropping empty ones.
-    pub fn grant(&self, user: &User, requested: &[Scope]) -> Vec<Grant> {
-        requested
-            .iter()
-            .filter_map(|s| {
-                if let Some(grant) = self.dependency_proxy_grant(user, s) {
-                    return grant;
-                }
-                let (permitted, project) = self.permitted(user, &s.resource);
-                // `*` on a repository (skopeo asks it for deletes) means every action: grant
-                // the permitted ones explicitly, never a literal `*`.
-                let requested = match s.resource {
-                    Resource::Repository(_) if s.actions.contains(Action::All) => {
-                        ActionSet::of(&[Action::Pull, Action::Push, Action::Delete])
-                    }
-                    _ => s.actions,
-                };
-                let actions = requested.intersect(permitted);
-                let actions =
-                    if permitted.contains(Action::All) && !s.actions.is_empty() { s.actions } else { actions };
-                let access_level = project.map(|p| self.effective_level(user, &p.path));
-                (!actions.is_empty()).then(|| Grant {
-                    scope: Scope { resource: s.resource.clone(), actions },
-                    project_path: project.map(|p| p.path.clone()),
-                    access_level,
-                })
-            })
-            .collect()
-    }
-
-    /// The group dependency proxy (`<group>/dependency_proxy/containers/<image>`): any
-    /// authenticated user gets `pull` on an existing group's proxy, with their level on the
-    /// group in `meta.access_level`; the filter decides (reporter or above, else 404, as
-    /// seed 002 shows). `None` when `s` is not a dependency proxy scope.
-    fn dependency_proxy_grant(&self, user: &User, s: &Scope) -> Option<Option<Grant>> {
-        let Resource::Repository(repo) = &s.resource else { return None };
-        let group = crate::deploy::dependency_proxy_group(repo)?;
-        if !self.groups.contains_key(group) {
-            return Some(None);
-        }
-        let wanted = if s.actions.contains(Action::All) { ActionSet::of(&[Action::Pull]) } else { s.actions };
-        let actions = wanted.intersect(ActionSet::of(&[Action::Pull]));
-        Some((!actions.is_empty()).then(|| Grant {
-            scope: Scope { resource: s.resource.clone(), actions },
-            project_path: None,
-            access_level: Some(self.effective_level(user, group)),
-        }))
-    }
-
-    /// Grants for a deploy token: [`crate::deploy::DeployToken::grant`] (requested ∩ scopes
-    /// ∩ owner subtree), kept only on repositories inside a project — each named with its
-    /// project in `meta.project_path`, which the filter requires — or on the dependency proxy
-    /// of an existing group. A repository under no project (`acme/rogue` where `acme` is a
-    /// group and no project contains it) is granted nothing, as for users.
-    pub fn deploy_grant(&self, token: &crate::deploy::DeployToken, requested: &[Scope]) -> Vec<Grant> {
-        token
-            .grant(requested)
-            .into_iter()
-            .filter_map(|mut g| {
-                let Resource::Repository(repo) = &g.scope.resource else { return None };
-                if let Some(group) = crate::deploy::dependency_proxy_group(repo) {
-                    return self.groups.contains_key(group).then_some(g);
-                }
-                let project = self.project_of(repo)?;
-                g.project_path = Some(project.path.clone());
-                Some(g)
-            })
-            .collect()
-    }
-
     /// The level stated in tokens: `admin` for admins, else the membership level.
     pub fn effective_level(&self, user: &User, path: &str) -> AccessLevel {
         if user.admin {
@@ -380,42 +308,10 @@ impl Directory {
         }
     }
 
-    /// Grants under a policy: like [`Directory::grant`], minus `push`/`delete` on repositories
-    /// where a protection rule denies this user whatever the tag, since the filter would
-    /// refuse every such request anyway. Tag rules leave the action granted: other tags may
-    /// still be pushed. Returns the grants and, per dropped action, the rule that caused it.
-    pub fn grant_under(&self, policy: &Policy, user: &User, requested: &[Scope]) -> (Vec<Grant>, Vec<String>) {
-        let mut notes = Vec::new();
-        let mut grants = self.grant(user, requested);
-        for g in &mut grants {
-            let Resource::Repository(repo) = &g.scope.resource else { continue };
-            let actor =
-                Actor { name: &user.username, level: g.access_level.map(AccessLevel::number), admin: user.admin };
-            for action in [Action::Push, Action::Delete] {
-                if !g.scope.actions.contains(action) {
-                    continue;
-                }
-                if let Some(rule) = policy.rules.denies_untagged(repo, action == Action::Push, actor) {
-                    g.scope.actions = g.scope.actions.without(action);
-                    notes.push(format!(
-                        "{action} on `{repo}` withheld: rule `{rule}` (bundle revision {})",
-                        policy.revision
-                    ));
-                }
-            }
-        }
-        grants.retain(|g| !g.scope.actions.is_empty());
-        (grants, notes)
+    /// Whether `path` is a group of the directory.
+    pub fn has_group(&self, path: &str) -> bool {
+        self.groups.contains_key(path)
     }
-}
-
-/// One granted scope with the project it belongs to (for `meta.project_path`) and the
-/// principal's level on it (for `meta.access_level`; admins get `admin`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Grant {
-    pub scope: Scope,
-    pub project_path: Option<String>,
-    pub access_level: Option<AccessLevel>,
 }
 
 fn check_path(at: &str, path: &str) -> Result<(), DirectoryError> {
@@ -429,8 +325,10 @@ fn check_path(at: &str, path: &str) -> Result<(), DirectoryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::bundle::Policy;
+    use crate::request::scope::Scope;
 
-    const EXAMPLE: &str = include_str!("../../../policies/example/principals.json");
+    const EXAMPLE: &str = include_str!("../../../../policies/example/principals.json");
 
     fn can(dir: &Directory, user: &str, repo: &str) -> String {
         let u = dir.user(user).unwrap();
@@ -498,7 +396,7 @@ mod tests {
     #[test]
     fn deploy_tokens_are_granted_only_inside_projects() {
         let dir = Directory::from_json(EXAMPLE).unwrap();
-        let policy = Policy::from_json(include_str!("../../../policies/example/bundle.json")).unwrap();
+        let policy = Policy::from_json(include_str!("../../../../policies/example/bundle.json")).unwrap();
         let acme_ci = policy.credentials.by_username("acme-ci").unwrap();
         let req = Scope::parse_all([
             "repository:acme/web/app:pull,push repository:acme/rogue:pull,push repository:acme:pull \

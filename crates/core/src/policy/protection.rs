@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use crate::access::AccessLevel;
+use crate::request::access::AccessLevel;
 
 /// A compiled repository path pattern: the checked source text only (the literal pieces
 /// between `*`s are found by splitting when matching, which allocates nothing; at 100 000
@@ -121,7 +121,7 @@ impl fmt::Display for Requirement {
 pub struct Rule {
     pub id: String,
     /// The project or group the rule belongs to; its pattern lies within the owner's path.
-    pub owner: crate::deploy::Owner,
+    pub owner: crate::policy::deploy::Owner,
     pub repository: PathPattern,
     /// Shared between rules with the same pattern (compiled once per bundle).
     pub tag: Option<std::sync::Arc<regex::bytes::Regex>>,
@@ -349,7 +349,9 @@ mod tests {
     fn rule(id: &str, repo: &str, tag: Option<&str>, push: Option<Requirement>, delete: Option<Requirement>) -> Rule {
         Rule {
             id: id.into(),
-            owner: crate::deploy::Owner::Group(repo.split('/').next().unwrap_or_default().trim_end_matches('*').into()),
+            owner: crate::policy::deploy::Owner::Group(
+                repo.split('/').next().unwrap_or_default().trim_end_matches('*').into(),
+            ),
             repository: PathPattern::parse(repo).unwrap(),
             tag: tag.map(|t| std::sync::Arc::new(regex::bytes::RegexBuilder::new(t).unicode(false).build().unwrap())),
             push,

@@ -4,10 +4,10 @@
 //! read two ways (percent-encoded path bytes, `..`, `//`, `;`, repeated `mount`/`from`), is
 //! refused here and never forwarded on a guess.
 
-use crate::access::{Action, ActionSet};
-use crate::name::{is_digest, is_reference, is_repository_name, is_upload_id};
-use crate::scope::Scope;
-use crate::text::quote;
+use crate::request::access::{Action, ActionSet};
+use crate::request::name::{is_digest, is_reference, is_repository_name, is_upload_id};
+use crate::request::scope::Scope;
+use crate::support::text::quote;
 
 /// What a request addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -2,9 +2,9 @@
 
 use std::fmt;
 
-use crate::access::{Action, ActionSet};
-use crate::name::is_repository_name;
-use crate::text::quote;
+use crate::request::access::{Action, ActionSet};
+use crate::request::name::is_repository_name;
+use crate::support::text::quote;
 
 /// Most scopes one token request may name (after splitting space-separated lists; ignored
 /// scopes of unknown resource types count too). A registry client asks for one to three.
@@ -65,7 +65,7 @@ impl Scope {
 
     /// Parses one scope. The name may itself contain `:` only in the registry grammar's
     /// absence of it, so the type is before the first `:` and the actions after the last.
-    /// Scope text in an error is quoted (bounded, escaped): see `crate::text`.
+    /// Scope text in an error is quoted (bounded, escaped): see `crate::support::text`.
     pub fn parse(s: &str) -> Result<Scope, ScopeError> {
         let shown = || quote(s).into_owned();
         let (ty, rest) = s.split_once(':').ok_or_else(|| ScopeError::Shape(shown()))?;

@@ -4,19 +4,20 @@
 //! generator and `Q` a configured key. p256 (through `ecdsa::hazmat::verify_prehashed`)
 //! computes it with `lincomb`, 256 doublings plus additions, on every call; that was ~1.5 ms
 //! per token in V8, most of an uncached request. Here each fixed point gets a table of its
-//! multiples per 6-bit window (`table[i][d] = d·2^(6i)·P`, 43 windows × 64 affine points,
-//! ~190 kB), built once (`G` per VM, `Q` on the key's first use), and `u·P` is the sum of one
-//! table entry per window: 43 mixed additions, no doublings.
+//! multiples per 6-bit window (`table[i][d] = d·2^(6i)·P`, 43 windows × 64 projective points,
+//! ~260 kB), built once (`G` per VM, `Q` on the key's first use), and `u·P` is the sum of one
+//! table entry per window: at most 43 full additions, no doublings. The entries stay
+//! projective because p256 0.13 offers no batch normalisation for P-256 (see `FixedBase`).
 //!
-//! Only p256's public group operations are used (complete addition formulas, batch
-//! normalisation), and the rest of the verification is `verify_prehashed`'s, line for line:
-//! `z` reduced from the digest, `r` and `s` in `[1, n)` from the signature's parsing,
-//! `s⁻¹` (variable time: everything here is public), and `r == x(R) mod n`. The tests compare
-//! the result with p256's own verification on valid, altered and edge-case signatures.
+//! Only p256's public group operations are used (complete addition formulas), and the rest
+//! of the verification is `verify_prehashed`'s, line for line: `z` reduced from the digest,
+//! `r` and `s` in `[1, n)` from the signature's parsing, `s⁻¹` (variable time: everything
+//! here is public), and `r == x(R) mod n`. The tests compare the result with p256's own
+//! verification (`verify_reference`, test scaffolding) on valid, altered and edge-case
+//! signatures.
 
 use std::sync::{Arc, OnceLock};
 
-use p256::ecdsa::signature::hazmat::PrehashVerifier as _;
 use p256::ecdsa::Signature;
 use p256::elliptic_curve::ops::{Invert as _, Reduce};
 use p256::elliptic_curve::point::AffineCoordinates as _;
@@ -123,8 +124,11 @@ impl Es256Key {
         self.verify_prehash(&Sha256::digest(message).into(), signature)
     }
 
-    /// p256's own verification, for comparison.
+    /// p256's own verification, for comparison (test scaffolding: the reference the tables
+    /// are checked against).
+    #[cfg(any(test, feature = "testing"))]
     pub fn verify_reference(&self, digest: &[u8; 32], signature: &Signature) -> bool {
+        use p256::ecdsa::signature::hazmat::PrehashVerifier as _;
         self.key.verify_prehash(digest, signature).is_ok()
     }
 }

@@ -54,7 +54,7 @@ async fn startup_bundle_withholds_push_from_protected_principals() {
     let resp = app.get_token("scope=repository:acme/platform/api:push", Some(("dev", DEV_PASSWORD))).await;
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
-    let claims = registry_guard_core::token::decode_unverified(body["token"].as_str().unwrap()).unwrap();
+    let claims = registry_guard_core::token::verify::decode_unverified(body["token"].as_str().unwrap()).unwrap();
     assert_eq!(claims["access"], json!([]));
 
     let status = app.bundle_status().await;
@@ -128,7 +128,7 @@ async fn put_bundle_activates_persists_and_refuses() {
     // Unsigned JSON. Nothing of an unverified body is parsed: no revision is reported.
     assert_refused(&app, platform_bundle(5), rejected("signature", "not signed", Value::Null), 2).await;
     // Signed by a key that is not an operator key.
-    let stranger = registry_guard_core::bundle::sign(&platform_bundle(6), &testing::es256_key(8)).unwrap();
+    let stranger = registry_guard_core::policy::bundle::sign(&platform_bundle(6), &testing::es256_key(8)).unwrap();
     assert_refused(&app, stranger, rejected("signature", "unknown operator key", Value::Null), 2).await;
     // Not a JWS at all.
     assert_refused(&app, "junk".into(), rejected("signature", "not a compact JWS", Value::Null), 2).await;

@@ -66,9 +66,11 @@ async fn bad_bundles_and_operator_keys_name_the_file() {
     .await;
     assert!(err.starts_with(&format!("{dir}/bundle.jws: signature: not a compact JWS")), "{err}");
     // Signed by a stranger.
-    let stranger =
-        registry_guard_core::bundle::sign(&platform_bundle(1), &registry_guard_core::token::testing::es256_key(9))
-            .unwrap();
+    let stranger = registry_guard_core::policy::bundle::sign(
+        &platform_bundle(1),
+        &registry_guard_core::token::testing::es256_key(9),
+    )
+    .unwrap();
     let (err, dir) = startup_error(&principals(), bundle_settings, |d| {
         write_operator_keys(d);
         std::fs::write(d.join("bundle.jws"), &stranger).unwrap();

@@ -1,8 +1,9 @@
 //! Deploy tokens (seed 002): authentication from the active bundle, grants (requested ∩
 //! scopes ∩ owner subtree), claims, refresh tokens, and revocation by a new bundle.
 
-use registry_guard_core::decision::{self, ChallengeConfig, Credential};
-use registry_guard_core::route;
+use registry_guard_core::decide::config::ChallengeConfig;
+use registry_guard_core::decide::decision::{self, Credential};
+use registry_guard_core::request::route;
 use registry_guard_core::token;
 use serde_json::{json, Value};
 
@@ -76,12 +77,12 @@ async fn claims_name_the_deploy_token() {
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
     let jwt = body["token"].as_str().unwrap();
-    let claims = token::decode_unverified(jwt).unwrap();
+    let claims = token::verify::decode_unverified(jwt).unwrap();
     assert_eq!(claims["auth_type"], "deploy_token");
     assert_eq!(claims["sub"], "acme-ci");
     assert_eq!(claims["aud"], "container_registry");
     assert_eq!(claims["access"], json!([repo("acme/web/app", &["pull"])]));
-    let user = token::decode_unverified(claims["user"].as_str().unwrap()).unwrap();
+    let user = token::verify::decode_unverified(claims["user"].as_str().unwrap()).unwrap();
     assert_eq!(
         user["user_info"],
         json!({"token_type": "deploy_token", "username": "acme-ci", "deploy_token_id": 1}),
@@ -102,9 +103,9 @@ async fn claims_name_the_deploy_token() {
         .await;
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
-    let claims = token::decode_unverified(body["access_token"].as_str().unwrap()).unwrap();
+    let claims = token::verify::decode_unverified(body["access_token"].as_str().unwrap()).unwrap();
     assert_eq!(claims["sub"], "deploy-token-2");
-    let user = token::decode_unverified(claims["user"].as_str().unwrap()).unwrap();
+    let user = token::verify::decode_unverified(claims["user"].as_str().unwrap()).unwrap();
     assert_eq!(
         user["user_info"],
         json!({"token_type": "deploy_token", "username": "deploy-token-2", "deploy_token_id": 2})
@@ -150,7 +151,7 @@ async fn deploy_token_refresh_tokens_follow_the_bundle() {
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
     let refresh = body["refresh_token"].as_str().unwrap().to_owned();
-    let refresh_claims = token::decode_unverified(&refresh).unwrap();
+    let refresh_claims = token::verify::decode_unverified(&refresh).unwrap();
     assert_eq!(refresh_claims["auth_type"], "deploy_token");
     assert_eq!(refresh_claims["sub"], "acme-ci");
     assert_eq!(refresh_claims["deploy_token_id"], 1);
@@ -161,7 +162,7 @@ async fn deploy_token_refresh_tokens_follow_the_bundle() {
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
     assert!(body.get("refresh_token").is_none());
-    let claims = token::decode_unverified(body["access_token"].as_str().unwrap()).unwrap();
+    let claims = token::verify::decode_unverified(body["access_token"].as_str().unwrap()).unwrap();
     assert_eq!(claims["auth_type"], "deploy_token");
     assert_eq!(claims["sub"], "acme-ci");
     assert_eq!(claims["access"], json!([repo("acme/platform/api", &["pull", "push"])]));
@@ -205,7 +206,7 @@ async fn a_refresh_token_listed_in_revocations_jti_is_refused() {
     let resp = app.get_token("offline_token=true", Some(("deploy-token-2", ACME_READ_SECRET))).await;
     let body: Value = resp.json().await.unwrap();
     let refresh = body["refresh_token"].as_str().unwrap();
-    let jti = token::decode_unverified(refresh).unwrap()["jti"].as_str().unwrap().to_owned();
+    let jti = token::verify::decode_unverified(refresh).unwrap()["jti"].as_str().unwrap().to_owned();
     let form = [("grant_type", "refresh_token"), ("refresh_token", refresh)];
     assert_eq!(app.post_token(&form).await.status(), 200);
     let mut bundle = deploy_bundle(2);
@@ -255,7 +256,7 @@ async fn issued_deploy_tokens_pass_the_filter_decision_until_revoked() {
     let verified = app.verifier().await.verify(body["token"].as_str().unwrap(), now()).unwrap();
     let challenge = ChallengeConfig { realm: "http://127.0.0.1/jwt/auth".into(), service: "container_registry".into() };
     let decide = |bundle: &Value, path: &str| {
-        let policy = registry_guard_core::bundle::Policy::from_json(&bundle.to_string()).unwrap();
+        let policy = registry_guard_core::policy::bundle::Policy::from_json(&bundle.to_string()).unwrap();
         let route = route::classify("PUT", path, Some("application/vnd.oci.image.manifest.v1+json"));
         decision::decide(route.as_ref(), Credential::Valid(&verified), &challenge, &policy, now())
     };

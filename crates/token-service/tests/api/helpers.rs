@@ -3,7 +3,7 @@ use std::path::Path;
 use argon2::password_hash::{PasswordHasher as _, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 use base64::Engine as _;
-use registry_guard_core::token::{testing, KeySet, SigningKey, Verifier};
+use registry_guard_core::token::{jwks::KeySet, keys::SigningKey, testing, verify::Verifier};
 use registry_guard_token_service::{generate_signing_key_pem, Application, Settings, StartupError};
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
@@ -149,7 +149,7 @@ pub fn platform_bundle(revision: u64) -> String {
 
 /// Signs bundle JSON with [`operator_key`] (validated by the core first).
 pub fn sign_bundle(json_text: &str) -> String {
-    registry_guard_core::bundle::sign(json_text, &operator_key()).unwrap()
+    registry_guard_core::policy::bundle::sign(json_text, &operator_key()).unwrap()
 }
 
 /// Signs any payload as a bundle JWS, skipping the core's validation (for invalid bundles).
@@ -222,7 +222,8 @@ impl TestApp {
         let resp = self.post_token(&form).await;
         assert_eq!(resp.status(), 200, "{user} {scope}");
         let body: Value = resp.json().await.unwrap();
-        registry_guard_core::token::decode_unverified(body["access_token"].as_str().unwrap()).unwrap()["access"].clone()
+        registry_guard_core::token::verify::decode_unverified(body["access_token"].as_str().unwrap()).unwrap()["access"]
+            .clone()
     }
 
     /// `GET /jwt/auth` with a raw query string and optional Basic credentials.
@@ -306,7 +307,7 @@ pub async fn spawn_with_bundle(bundle: &Value) -> TestApp {
 pub async fn token_claims(resp: reqwest::Response) -> Value {
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
-    registry_guard_core::token::decode_unverified(body["token"].as_str().unwrap()).unwrap()
+    registry_guard_core::token::verify::decode_unverified(body["token"].as_str().unwrap()).unwrap()
 }
 
 /// Everything the service logs in this test process (all tests share one global subscriber;

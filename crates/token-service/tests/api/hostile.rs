@@ -295,7 +295,7 @@ async fn a_replaced_deploy_token_ends_its_refresh_tokens_and_grants_stay_inside_
     // The JWT names the deploy token's id.
     let resp = app.get_token("service=container_registry", Some(("ci-replaced", ACME_CI_SECRET))).await;
     let user = token_claims(resp).await["user"].as_str().unwrap().to_owned();
-    let user = registry_guard_core::token::decode_unverified(&user).unwrap();
+    let user = registry_guard_core::token::verify::decode_unverified(&user).unwrap();
     assert_eq!(user["user_info"]["deploy_token_id"], 1);
     // Replaced: same username, new id and secret.
     let mut bundle = deploy_bundle(2);

@@ -2,7 +2,7 @@
 //! published, a reload switches keys without a restart, and `kid_format: libtrust` puts the
 //! libtrust key id in token headers.
 
-use registry_guard_core::token::{KeySet, SigningKey};
+use registry_guard_core::token::{jwks::KeySet, keys::SigningKey};
 use registry_guard_token_service::{generate_signing_key_pem, signing_key_from_pem, KeyReloader};
 use serde_json::{json, Value};
 
@@ -51,7 +51,7 @@ async fn token_kid(app: &TestApp) -> String {
     let token = body["token"].as_str().unwrap().to_owned();
     // Every token verifies against the published JWKS.
     let keys = KeySet::from_jwks(&jwks(app).await).unwrap();
-    let verifier = registry_guard_core::token::Verifier {
+    let verifier = registry_guard_core::token::verify::Verifier {
         keys,
         issuer: "registry-guard".into(),
         audience: "container_registry".into(),

@@ -59,7 +59,7 @@ async fn refresh_token_of(app: &TestApp, user: &str, password: &str) -> String {
 async fn revoked_refresh_tokens_are_invalid_grant() {
     let app = spawn_with_bundle(&deploy_bundle(1)).await;
     let alice = refresh_token_of(&app, "alice", ALICE_PASSWORD).await;
-    let alice_jti = token::decode_unverified(&alice).unwrap()["jti"].as_str().unwrap().to_owned();
+    let alice_jti = token::verify::decode_unverified(&alice).unwrap()["jti"].as_str().unwrap().to_owned();
     let dev = refresh_token_of(&app, "dev", DEV_PASSWORD).await;
     for refresh in [&alice, &dev] {
         let resp = app.post_token(&[("grant_type", "refresh_token"), ("refresh_token", refresh)]).await;

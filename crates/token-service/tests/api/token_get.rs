@@ -1,7 +1,7 @@
 //! `GET /jwt/auth` (Docker token spec), `/jwks` and `/healthz`.
 
-use registry_guard_core::scope::Resource;
-use registry_guard_core::token::{self, KeySet, TokenError, Verifier};
+use registry_guard_core::request::scope::Resource;
+use registry_guard_core::token::{self, jwks::KeySet, verify::TokenError, verify::Verifier};
 use serde_json::{json, Value};
 
 use crate::helpers::*;
@@ -26,7 +26,7 @@ async fn password_token_carries_requested_intersect_permitted() {
     assert!(body["issued_at"].as_str().unwrap().ends_with('Z'), "{body}");
     assert!(body.get("refresh_token").is_none());
 
-    let claims = token::decode_unverified(jwt).unwrap();
+    let claims = token::verify::decode_unverified(jwt).unwrap();
     assert_eq!(claims["iss"], "registry-guard");
     assert_eq!(claims["sub"], "rita");
     assert_eq!(claims["aud"], "container_registry");
@@ -53,7 +53,7 @@ async fn scopes_repeat_and_split_on_spaces() {
     let app = spawn_app().await;
     let query = "scope=repository:acme/web/app:pull&scope=repository:acme/platform/api:pull%20repository:acme/web/app:push,delete&scope=registry:catalog:*";
     let body: Value = app.get_token(query, Some(("alice", ALICE_PASSWORD))).await.json().await.unwrap();
-    let claims = token::decode_unverified(body["token"].as_str().unwrap()).unwrap();
+    let claims = token::verify::decode_unverified(body["token"].as_str().unwrap()).unwrap();
     // alice is maintainer of acme: everything on its projects, but not the catalog.
     assert_eq!(
         claims["access"],
@@ -66,7 +66,7 @@ async fn scopes_repeat_and_split_on_spaces() {
     );
     let body: Value =
         app.get_token("scope=registry:catalog:*", Some(("root", ROOT_PASSWORD))).await.json().await.unwrap();
-    let claims = token::decode_unverified(body["token"].as_str().unwrap()).unwrap();
+    let claims = token::verify::decode_unverified(body["token"].as_str().unwrap()).unwrap();
     assert_eq!(claims["access"], json!([{"type": "registry", "name": "catalog", "actions": ["*"]}]));
 }
 
@@ -76,9 +76,9 @@ async fn login_without_scope_gets_an_empty_access_list() {
     let resp = app.get_token("service=container_registry&offline_token=true", Some(("alice", ALICE_PASSWORD))).await;
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
-    let claims = token::decode_unverified(body["token"].as_str().unwrap()).unwrap();
+    let claims = token::verify::decode_unverified(body["token"].as_str().unwrap()).unwrap();
     assert_eq!(claims["access"], json!([]));
-    let refresh = token::decode_unverified(body["refresh_token"].as_str().unwrap()).unwrap();
+    let refresh = token::verify::decode_unverified(body["refresh_token"].as_str().unwrap()).unwrap();
     assert_eq!(refresh["token_use"], "refresh");
 }
 
@@ -88,10 +88,10 @@ async fn personal_access_token_login() {
     let resp = app.get_token(SCOPE_WEB_PULL_PUSH, Some(("rita", RITA_PAT))).await;
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
-    let claims = token::decode_unverified(body["token"].as_str().unwrap()).unwrap();
+    let claims = token::verify::decode_unverified(body["token"].as_str().unwrap()).unwrap();
     assert_eq!(claims["auth_type"], "pat");
     assert_eq!(claims["access"][0]["actions"], json!(["pull"]));
-    let user = token::decode_unverified(claims["user"].as_str().unwrap()).unwrap();
+    let user = token::verify::decode_unverified(claims["user"].as_str().unwrap()).unwrap();
     assert_eq!(user["user_info"], json!({"token_type": "pat", "username": "rita", "user_id": 2}));
 
     // Someone else's token, and an expired token, are refused with the same message.
@@ -108,9 +108,9 @@ async fn nested_user_jwt_carries_user_info() {
     let app = spawn_app().await;
     let body: Value = app.get_token("", Some(("alice", ALICE_PASSWORD))).await.json().await.unwrap();
     let jwt = body["token"].as_str().unwrap();
-    let claims = token::decode_unverified(jwt).unwrap();
+    let claims = token::verify::decode_unverified(jwt).unwrap();
     let user_jwt = claims["user"].as_str().unwrap();
-    let user = token::decode_unverified(user_jwt).unwrap();
+    let user = token::verify::decode_unverified(user_jwt).unwrap();
     assert_eq!(user["user_info"], json!({"token_type": "password", "username": "alice", "user_id": 1}));
     for field in ["exp", "iat", "nbf"] {
         assert_eq!(user[field], claims[field], "{field}");
@@ -219,7 +219,7 @@ async fn settings_file_changes_issuer_service_and_ttl() {
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["expires_in"], 60);
-    let claims = token::decode_unverified(body["token"].as_str().unwrap()).unwrap();
+    let claims = token::verify::decode_unverified(body["token"].as_str().unwrap()).unwrap();
     assert_eq!(claims["iss"], "acme-auth");
     assert_eq!(claims["aud"], "acme_registry");
     assert_eq!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(), 60);

@@ -21,7 +21,7 @@ async fn password_grant_offline_then_refresh_token_grant() {
         .await;
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
-    let claims = token::decode_unverified(body["access_token"].as_str().unwrap()).unwrap();
+    let claims = token::verify::decode_unverified(body["access_token"].as_str().unwrap()).unwrap();
     assert_eq!(claims["sub"], "rita");
     assert_eq!(
         claims["access"],
@@ -29,13 +29,13 @@ async fn password_grant_offline_then_refresh_token_grant() {
                 "meta": {"project_path": "acme/web", "access_level": 20}}])
     );
     let refresh = body["refresh_token"].as_str().unwrap();
-    let refresh_claims = token::decode_unverified(refresh).unwrap();
+    let refresh_claims = token::verify::decode_unverified(refresh).unwrap();
     assert_eq!(refresh_claims["token_use"], "refresh");
     assert_eq!(refresh_claims["auth_type"], "password");
     assert_eq!(refresh_claims["aud"], "container_registry#refresh");
     // The filter's verifier (audience = the registry service) refuses a refresh token as a
     // bearer token: it is only good at the token endpoint.
-    assert!(matches!(app.verifier().await.verify(refresh, now()), Err(token::TokenError::Audience(_))));
+    assert!(matches!(app.verifier().await.verify(refresh, now()), Err(token::verify::TokenError::Audience(_))));
     assert_eq!(refresh_claims["exp"].as_i64().unwrap() - refresh_claims["iat"].as_i64().unwrap(), 30 * 24 * 3600);
 
     let resp = app
@@ -54,7 +54,7 @@ async fn password_grant_offline_then_refresh_token_grant() {
     let verified = app.verifier().await.verify(jwt, now()).unwrap();
     assert_eq!(verified.subject, "rita");
     assert_eq!(verified.auth_type.as_deref(), Some("password"));
-    let claims = token::decode_unverified(jwt).unwrap();
+    let claims = token::verify::decode_unverified(jwt).unwrap();
     assert_eq!(claims["access"][0]["actions"], json!(["pull"]));
 }
 
@@ -108,13 +108,13 @@ async fn pat_refresh_token_follows_the_pat() {
         .await
         .unwrap();
     let refresh = body["refresh_token"].as_str().unwrap();
-    let claims = token::decode_unverified(refresh).unwrap();
+    let claims = token::verify::decode_unverified(refresh).unwrap();
     assert_eq!(claims["auth_type"], "pat");
     assert_eq!(claims["pat_name"], "ci");
     let resp = app.post_token(&[("grant_type", "refresh_token"), ("refresh_token", refresh)]).await;
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
-    let claims = token::decode_unverified(body["token"].as_str().unwrap()).unwrap();
+    let claims = token::verify::decode_unverified(body["token"].as_str().unwrap()).unwrap();
     assert_eq!(claims["auth_type"], "pat");
 }
 
