@@ -8,10 +8,9 @@ use registry_guard::host::{Host, MetricType, Metrics, FLUSH_EVERY};
 use registry_guard::{on_request_headers, rewrite_request_body, Correlation, EnvelopeOutcome, Outcome};
 use registry_guard_core::decide::config::FilterConfig;
 use registry_guard_core::decide::guard::Guard;
+use registry_guard_core::token::claims::{AccessClaim, Audience, RegistryClaims};
+use registry_guard_core::token::sign::{sign, Validity};
 use registry_guard_core::token::testing::{es256_key, jwks};
-use registry_guard_core::token::{
-    claims::AccessClaim, claims::Audience, claims::RegistryClaims, sign::sign, sign::Validity,
-};
 
 const NOW: i64 = 1_800_000_000;
 

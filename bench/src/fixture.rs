@@ -19,9 +19,10 @@ use std::collections::HashMap;
 
 use registry_guard_core::decide::guard::Guard;
 use registry_guard_core::events::{correlation_address, Attribution};
-use registry_guard_core::token::{
-    self, claims::AccessClaim, claims::AccessMeta, claims::Audience, claims::RegistryClaims, sign::Validity, testing,
-};
+use registry_guard_core::token;
+use registry_guard_core::token::claims::{AccessClaim, AccessMeta, Audience, RegistryClaims};
+use registry_guard_core::token::sign::Validity;
+use registry_guard_core::token::testing;
 use serde_json::{json, Value};
 
 /// The repository of the benchmark requests.

@@ -794,10 +794,8 @@ impl Stack {
     /// `acme/web` — with `jti` `hostile-<n>`, so every call yields a distinct token: what a
     /// client minting many large tokens sends (issue 14).
     pub fn large_token(&self, sub: &str, n: u64, size: usize) -> String {
-        use registry_guard_core::token::{
-            claims::AccessClaim, claims::AccessMeta, claims::Audience, claims::RegistryClaims, sign::sign,
-            sign::Validity,
-        };
+        use registry_guard_core::token::claims::{AccessClaim, AccessMeta, Audience, RegistryClaims};
+        use registry_guard_core::token::sign::{sign, Validity};
         let mut access = Vec::new();
         let mut approx = 400;
         let mut i = 0;

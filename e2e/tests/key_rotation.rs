@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use registry_guard_core::token::{
-    claims::AccessClaim, claims::Audience, claims::RegistryClaims, keys::SigningKey, sign::sign, sign::Validity,
-};
+use registry_guard_core::token::claims::{AccessClaim, Audience, RegistryClaims};
+use registry_guard_core::token::keys::SigningKey;
+use registry_guard_core::token::sign::{sign, Validity};
 use registry_guard_e2e::{Options, Stack};
 
 const TTL: i64 = 10;

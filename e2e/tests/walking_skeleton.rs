@@ -1,10 +1,10 @@
 //! Issue 2, end to end: real Envoy + registry-guard filter, real registry, real skopeo,
 //! tokens from the real token service, all on loopback.
 
+use registry_guard_core::token::claims::{AccessClaim, Audience, RegistryClaims};
+use registry_guard_core::token::keys::SigningKey;
+use registry_guard_core::token::sign::{sign, Validity};
 use registry_guard_core::token::testing::es256_key;
-use registry_guard_core::token::{
-    claims::AccessClaim, claims::Audience, claims::RegistryClaims, keys::SigningKey, sign::sign, sign::Validity,
-};
 use registry_guard_e2e::{stderr, Stack};
 
 fn now() -> i64 {

@@ -12,7 +12,8 @@ use base64::Engine as _;
 use registry_guard_core::policy::bundle;
 use registry_guard_core::events::correlation_address;
 use registry_guard_core::token::testing::es256_key;
-use registry_guard_core::token::{sign::sign, sign::sign_jws_unchecked, claims::AccessClaim, claims::AccessMeta, claims::Audience, claims::RegistryClaims, sign::Validity};
+use registry_guard_core::token::claims::{AccessClaim, AccessMeta, Audience, RegistryClaims};
+use registry_guard_core::token::sign::{sign, sign_jws_unchecked, Validity};
 use serde_json::{json, Value};
 
 const NOW: i64 = 1_800_000_000;

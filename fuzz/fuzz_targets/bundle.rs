@@ -6,7 +6,8 @@
 use libfuzzer_sys::fuzz_target;
 use registry_guard_core::policy::bundle::{self, Policy};
 use registry_guard_core::token::testing::{es256_key, jwks};
-use registry_guard_core::token::{jwks::KeySet, keys::SigningKey};
+use registry_guard_core::token::jwks::KeySet;
+use registry_guard_core::token::keys::SigningKey;
 
 /// The operator key and its key set, derived once.
 static OPERATOR: std::sync::OnceLock<Option<(SigningKey, KeySet)>> = std::sync::OnceLock::new();

@@ -7,7 +7,8 @@ use libfuzzer_sys::fuzz_target;
 use registry_guard_core::decide::config::FilterConfig;
 use registry_guard_core::decide::guard::Guard;
 use registry_guard_core::token::testing::{es256_key, jwks};
-use registry_guard_core::token::{verify::decode_unverified, user::verify_user_jwt};
+use registry_guard_core::token::user::verify_user_jwt;
+use registry_guard_core::token::verify::decode_unverified;
 
 const NOW: i64 = 1_800_000_000;
 

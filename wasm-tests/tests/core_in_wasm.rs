@@ -4,11 +4,11 @@
 use registry_guard_core::decide::corpus::{self, ISSUER, SERVICE};
 use registry_guard_core::policy::bundle;
 use registry_guard_core::request::route::classify;
+use registry_guard_core::token::claims::{Audience, RegistryClaims};
+use registry_guard_core::token::jwks::KeySet;
+use registry_guard_core::token::sign::{sign, Validity};
 use registry_guard_core::token::testing::{es256_key, jwks};
-use registry_guard_core::token::{
-    claims::Audience, claims::RegistryClaims, jwks::KeySet, sign::sign, sign::Validity, verify::TokenError,
-    verify::Verifier,
-};
+use registry_guard_core::token::verify::{TokenError, Verifier};
 use wasm_bindgen_test::wasm_bindgen_test;
 
 const NOW: i64 = 1_800_000_000;

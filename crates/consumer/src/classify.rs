@@ -8,7 +8,8 @@
 //! the event id, `create_repository` on the first counted push of a repository, the counters —
 //! is [`crate::store`]'s.
 
-use registry_guard_core::token::{jwks::KeySet, user::verify_user_jwt, user::UserInfo};
+use registry_guard_core::token::jwks::KeySet;
+use registry_guard_core::token::user::{verify_user_jwt, UserInfo};
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 
@@ -311,8 +312,8 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
     use super::*;
+    use registry_guard_core::token::sign::{sign, Validity};
     use registry_guard_core::token::testing::{es256_key, jwks};
-    use registry_guard_core::token::{sign::sign, sign::Validity};
     use serde_json::json;
 
     const NOW: i64 = 1_800_000_000;

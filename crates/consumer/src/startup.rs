@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use registry_guard_core::token::{jwks::KeySet, jwks::KeySetError};
+use registry_guard_core::token::jwks::{KeySet, KeySetError};
 use tokio::net::TcpListener;
 
 use crate::routes::{self, AppState};

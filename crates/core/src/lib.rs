@@ -3,25 +3,26 @@
 //!
 //! # Module map
 //!
-//! A one-way stack of layers; each may use only the layers below it (and `support`), never a
-//! layer above or a sibling beside it. `tests::layering` (in this file) enforces it.
+//! A one-way stack of layers, top to bottom; each may use only the layers below it, never a
+//! layer above or a sibling beside it, and inside a layer a module may use the modules listed
+//! before it. `tests/layering.rs` enforces it; `README.md` beside `src/` says the same in
+//! short.
 //!
 //! ```text
-//! inspect   explain, review                         rgctl explain / rgctl review
-//!    |  \
-//! decide    config, decision, guard, audit, corpus*  the filter, per request
-//! issue     grant, principal                        the token service's grants
-//!    |  /
-//! policy    deploy, protection, claims, bundle, directory
-//! token     es256, keys, jwks, claims, verify, sign, user, testing*
-//! request   access, name, scope, route
-//! support   text, json, de                          (events: a leaf beside the stack)
+//! inspect  explain, review                          rgctl explain, rgctl review
+//! decide   config, decision, guard, audit, corpus*  the filter, per request    } siblings:
+//! issue    grant, principal                         the token service's grants } neither uses the other
+//! policy   deploy, protection, claims, bundle, directory
+//! token    es256, keys, jwks, claims, verify, sign, user, testing*
+//! request  access, name, scope, route
+//! support  text, json, de
+//! events   (a leaf beside the stack: uses nothing else of the core)
 //! ```
 //!
-//! `decide` and `issue` are siblings: neither may use the other. Inside a layer, a module may
-//! use the modules listed before it. `*`: test scaffolding, compiled only for the core's own
-//! tests and with the `testing` feature (also [`token::sign::sign_jws_unchecked`] and
-//! [`token::es256::Es256Key::verify_reference`]); no production binary enables it.
+//! `*`: test scaffolding, compiled only for the core's own tests and with the `testing`
+//! feature, as are `token::sign::sign_jws_unchecked` and
+//! `token::es256::Es256Key::verify_reference`; only test crates enable it, no production
+//! binary.
 //!
 //! # Where to change what
 //!
@@ -37,6 +38,9 @@
 //!   is checked) and [`token::sign`]; an operator-defined additional claim, [`policy::claims`].
 //! - **A grant** (what the token service puts in a token): [`issue::grant`]; the token as
 //!   `rgctl explain` mints it, [`issue::principal`].
+//! - **A new module**: in the lowest layer whose modules it needs, added to that layer's
+//!   order in `tests/layering.rs`. If two modules need each other, a third concept is hiding
+//!   between them: name it and move it down.
 
 pub mod decide;
 pub mod events;

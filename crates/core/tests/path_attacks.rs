@@ -5,7 +5,7 @@
 //!
 //! The filter runs behind Envoy with `normalize_path`, `merge_slashes` and escaped slashes
 //! rejected (envoy/envoy.yaml), so most of these never reach it in production; the core is
-//! tested on the raw strings so that it is safe on its own (e2e/tests/path_attacks.rs shows
+//! tested on the raw strings so that it is safe on its own (e2e/tests/attacks.rs shows
 //! what Envoy does first).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
@@ -13,10 +13,9 @@
 use registry_guard_core::decide::config::FilterConfig;
 use registry_guard_core::decide::guard::Guard;
 use registry_guard_core::request::route::classify;
+use registry_guard_core::token::claims::{AccessClaim, Audience, RegistryClaims};
+use registry_guard_core::token::sign::{sign, Validity};
 use registry_guard_core::token::testing::{es256_key, jwks};
-use registry_guard_core::token::{
-    claims::AccessClaim, claims::Audience, claims::RegistryClaims, sign::sign, sign::Validity,
-};
 use serde_json::json;
 
 const D: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";

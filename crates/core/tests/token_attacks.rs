@@ -10,8 +10,9 @@ use base64::Engine as _;
 use p256::ecdsa::signature::Signer as _;
 use registry_guard_core::decide::config::FilterConfig;
 use registry_guard_core::decide::guard::Guard;
+use registry_guard_core::token::keys::SigningKey;
 use registry_guard_core::token::testing::{es256_key, jwks};
-use registry_guard_core::token::{keys::SigningKey, verify::TokenError, verify::Verifier, verify::MAX_TOKEN_LEN};
+use registry_guard_core::token::verify::{TokenError, Verifier, MAX_TOKEN_LEN};
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 

@@ -20,7 +20,8 @@ use p256::pkcs8::{DecodePrivateKey as _, EncodePrivateKey as _, LineEnding};
 use registry_guard_core::decide::config::FilterConfig;
 use registry_guard_core::policy::bundle::Policy;
 use registry_guard_core::policy::directory::Directory;
-use registry_guard_core::token::{jwks::KeySet, keys::SigningKey};
+use registry_guard_core::token::jwks::KeySet;
+use registry_guard_core::token::keys::SigningKey;
 use sha2::{Digest as _, Sha256};
 
 #[derive(Parser)]

@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
 use registry_guard_core::request::scope::Scope;
-use registry_guard_core::token::{
-    self, claims::AccessClaim, claims::AccessMeta, claims::Audience, claims::RegistryClaims, keys::SigningKey,
-    sign::Validity,
-};
+use registry_guard_core::token;
+use registry_guard_core::token::claims::{AccessClaim, AccessMeta, Audience, RegistryClaims};
+use registry_guard_core::token::keys::SigningKey;
+use registry_guard_core::token::sign::Validity;
 
 /// What to mint.
 pub struct Mint {

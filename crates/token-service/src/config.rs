@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use argon2::password_hash::PasswordHash;
 use registry_guard_core::policy::bundle::{self, Policy};
 use registry_guard_core::policy::directory::Directory;
-use registry_guard_core::token::{jwks::KeySet, keys::KidFormat, keys::SigningKey};
+use registry_guard_core::token::jwks::KeySet;
+use registry_guard_core::token::keys::{KidFormat, SigningKey};
 use serde::Deserialize;
 
 use crate::keys;

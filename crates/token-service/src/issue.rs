@@ -6,10 +6,10 @@ use rand_core::RngCore as _;
 use registry_guard_core::issue::grant::Grant;
 use registry_guard_core::policy::claims::{is_built_in, ClaimMap};
 use registry_guard_core::request::access::AccessLevel;
-use registry_guard_core::token::{
-    self, claims::AccessClaim, claims::AccessMeta, claims::Audience, claims::RegistryClaims, keys::SigningKey,
-    sign::Validity,
-};
+use registry_guard_core::token;
+use registry_guard_core::token::claims::{AccessClaim, AccessMeta, Audience, RegistryClaims};
+use registry_guard_core::token::keys::SigningKey;
+use registry_guard_core::token::sign::Validity;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{AuthType, Authenticated};

@@ -26,7 +26,8 @@ use registry_guard_core::policy::bundle::Policy;
 use registry_guard_core::policy::directory::Directory;
 use registry_guard_core::request::scope::{Resource, Scope};
 use registry_guard_core::support::text::quote;
-use registry_guard_core::token::{self, verify::Verifier, verify::MAX_TOKEN_LEN};
+use registry_guard_core::token;
+use registry_guard_core::token::verify::{Verifier, MAX_TOKEN_LEN};
 use serde::Serialize;
 use serde_json::json;
 

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
-use registry_guard_core::token::{jwks::KeySet, jwks::KeySetError, verify::Verifier};
+use registry_guard_core::token::jwks::{KeySet, KeySetError};
+use registry_guard_core::token::verify::Verifier;
 use tokio::net::TcpListener;
 
 use crate::config::{load_key_ring, Config, ConfigError, KeyRing};

@@ -5,7 +5,10 @@ use base64::Engine as _;
 use registry_guard_consumer::{
     Application, Settings, StartupError, DEFAULT_MAX_EVENTS, DEFAULT_RETENTION_DAYS, DEFAULT_TOLERANCE_SECONDS,
 };
-use registry_guard_core::token::{self, keys::SigningKey, sign::Validity, testing};
+use registry_guard_core::token;
+use registry_guard_core::token::keys::SigningKey;
+use registry_guard_core::token::sign::Validity;
+use registry_guard_core::token::testing;
 use serde_json::{json, Value};
 
 /// The bearer secret the "registry" sends.

@@ -3,7 +3,8 @@
 use serde::Deserialize;
 
 use crate::policy::bundle::{self, Policy};
-use crate::token::{jwks::KeySet, verify::Verifier};
+use crate::token::jwks::KeySet;
+use crate::token::verify::Verifier;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -5,9 +5,9 @@
 use serde::Deserialize;
 
 use crate::decide::decision::Decision;
-use crate::token::{
-    claims::AccessClaim, claims::Audience, claims::RegistryClaims, keys::SigningKey, sign::sign, sign::Validity,
-};
+use crate::token::claims::{AccessClaim, Audience, RegistryClaims};
+use crate::token::keys::SigningKey;
+use crate::token::sign::{sign, Validity};
 
 /// The corpus shipped with the core.
 pub const DECISIONS: &str = include_str!("../../corpus/decisions.json");

@@ -12,7 +12,7 @@ use crate::request::name::is_tag;
 use crate::request::route::{Endpoint, Method, Route, RouteError};
 use crate::request::scope::Scope;
 use crate::support::text::quote;
-use crate::token::{verify::TokenError, verify::VerifiedToken};
+use crate::token::verify::{TokenError, VerifiedToken};
 
 /// What the request presented in `Authorization`.
 #[derive(Debug, Clone, PartialEq)]

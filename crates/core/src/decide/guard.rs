@@ -7,7 +7,7 @@ use std::rc::Rc;
 use crate::decide::config::FilterConfig;
 use crate::decide::decision::{bearer_candidate, decide_at, is_b64token, Credential, Decision};
 use crate::request::route::classify;
-use crate::token::{verify::TokenError, verify::VerifiedToken};
+use crate::token::verify::{TokenError, VerifiedToken};
 
 /// Verified tokens, bounded in entries and in bytes (oldest evicted first) and by each
 /// token's expiry. Only successful verifications are cached; time claims are rechecked on
@@ -249,8 +249,9 @@ fn invalid(
 mod tests {
     use super::*;
     use crate::request::scope::Scope;
+    use crate::token::claims::{AccessClaim, Audience, RegistryClaims};
+    use crate::token::sign::{sign, Validity};
     use crate::token::testing::es256_key;
-    use crate::token::{claims::AccessClaim, claims::Audience, claims::RegistryClaims, sign::sign, sign::Validity};
 
     const NOW: i64 = 1_800_000_000;
 

@@ -15,7 +15,8 @@ use serde::Deserialize;
 
 use crate::policy::protection::{PathPattern, Requirement, Rule, RuleSet};
 use crate::request::access::AccessLevel;
-use crate::token::{jwks::KeySet, keys::SigningKey, keys::VerifyingKey};
+use crate::token::jwks::KeySet;
+use crate::token::keys::{SigningKey, VerifyingKey};
 
 /// The JWS `typ` of a signed bundle; registry tokens can never pass for bundles.
 pub const BUNDLE_TYP: &str = "rg-bundle+jwt";

@@ -2,7 +2,8 @@
 //! published, a reload switches keys without a restart, and `kid_format: libtrust` puts the
 //! libtrust key id in token headers.
 
-use registry_guard_core::token::{jwks::KeySet, keys::SigningKey};
+use registry_guard_core::token::jwks::KeySet;
+use registry_guard_core::token::keys::SigningKey;
 use registry_guard_token_service::{generate_signing_key_pem, signing_key_from_pem, KeyReloader};
 use serde_json::{json, Value};
 

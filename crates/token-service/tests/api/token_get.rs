@@ -1,7 +1,9 @@
 //! `GET /jwt/auth` (Docker token spec), `/jwks` and `/healthz`.
 
 use registry_guard_core::request::scope::Resource;
-use registry_guard_core::token::{self, jwks::KeySet, verify::TokenError, verify::Verifier};
+use registry_guard_core::token;
+use registry_guard_core::token::jwks::KeySet;
+use registry_guard_core::token::verify::{TokenError, Verifier};
 use serde_json::{json, Value};
 
 use crate::helpers::*;
