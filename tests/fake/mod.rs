@@ -38,6 +38,8 @@ pub struct FakeHost {
     /// Raw header values (bytes that are not UTF-8), sent after `headers`.
     pub raw_headers: Vec<(String, Vec<u8>)>,
     pub fail_headers: bool,
+    /// `set_request_header` fails.
+    pub fail_set_header: bool,
     /// `send_response` fails (the host cannot send a local reply).
     pub fail_reply: bool,
     pub replies: Vec<(u16, Vec<(String, String)>, String)>,
@@ -164,6 +166,9 @@ impl Host for FakeHost {
         Ok(self.header(name).map(str::to_owned))
     }
     fn set_request_header(&mut self, name: &str, value: &str) -> Result<(), HostError> {
+        if self.fail_set_header {
+            return Err(HostError::status(HostCall::SetRequestHeader, Status::BadArgument));
+        }
         self.headers.retain(|(k, _)| k != name);
         self.headers.push((name.into(), value.into()));
         Ok(())
@@ -216,4 +221,36 @@ pub fn take_logs() -> Vec<String> {
         log::set_max_level(log::LevelFilter::Trace);
     }
     LINES.with(|l| std::mem::take(&mut *l.borrow_mut()))
+}
+
+/// A registry-role filter configuration trusting token key `key` (`es256_key(key)`).
+pub fn registry_config(key: u8) -> serde_json::Value {
+    use registry_guard_core::token::testing::{es256_key, jwks};
+    serde_json::json!({
+        "realm": "http://127.0.0.1:5001/jwt/auth", "service": "container_registry",
+        "issuer": "registry-guard", "jwks": jwks(&[&es256_key(key)]),
+    })
+}
+
+/// `Bearer <token>` for `dev` on `acme/web/app`, signed with `es256_key(key)`, valid at [`NOW`].
+pub fn bearer_signed_by(key: u8, actions: &[&str]) -> String {
+    use registry_guard_core::token::testing::es256_key;
+    use registry_guard_core::token::{sign, AccessClaim, Audience, RegistryClaims, Validity};
+    let claims = RegistryClaims {
+        iss: "registry-guard".into(),
+        sub: "dev".into(),
+        aud: Audience::One("container_registry".into()),
+        jti: "j".into(),
+        access: vec![AccessClaim {
+            resource_type: "repository".into(),
+            name: "acme/web/app".into(),
+            actions: actions.iter().map(|a| a.to_string()).collect(),
+            meta: None,
+        }],
+        auth_type: Some("password".into()),
+        user: None,
+        extra: Default::default(),
+    };
+    let t = sign(&es256_key(key), claims, Validity { issued_at: NOW, not_before: NOW, expires_at: NOW + 60 }).unwrap();
+    format!("Bearer {t}")
 }
