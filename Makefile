@@ -85,6 +85,7 @@ build-faults: .deps/rust .deps/apt
 test-unit:
 	cargo test --workspace --exclude registry-guard-e2e --exclude registry-guard-wasm-tests
 	cargo test -p registry-guard --features fault-injection --tests
+	cargo test -p registry-guard-core --features fault-injection --lib config::
 
 test-wasm: $(WBG_RUNNER) .deps/rust
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(WBG_RUNNER) \

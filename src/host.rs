@@ -10,8 +10,8 @@ use std::fmt;
 use std::time::Duration;
 
 use proxy_wasm::hostcalls;
-pub use proxy_wasm::types::{MetricType, Status};
 use proxy_wasm::types::{BufferType, MapType};
+pub use proxy_wasm::types::{MetricType, Status};
 
 use crate::headers::HeaderMap;
 

@@ -444,4 +444,3 @@ fn fail(host: &mut impl Host, context_id: u32, why: &str, hold: Option<&mut Opti
         }
     }
 }
-

@@ -76,7 +76,9 @@ impl Vm {
                 return Some(current);
             }
         }
-        log::warn!("registry-guard: cannot claim a VM slot ({SLOT_CAS_ATTEMPTS} lost compare-and-swaps); no per-VM gauges");
+        log::warn!(
+            "registry-guard: cannot claim a VM slot ({SLOT_CAS_ATTEMPTS} lost compare-and-swaps); no per-VM gauges"
+        );
         None
     }
 

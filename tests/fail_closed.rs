@@ -56,7 +56,8 @@ fn a_refusal_answered_at_the_headers_pauses_only_when_its_reply_was_sent() {
         assert!(!http.holds_refusal());
         let logs = take_logs();
         assert!(
-            logs.iter().any(|l| l.contains("cannot send local reply: `proxy_send_local_response` returned InternalFailure")),
+            logs.iter()
+                .any(|l| l.contains("cannot send local reply: `proxy_send_local_response` returned InternalFailure")),
             "{logs:?}"
         );
     }

@@ -142,7 +142,10 @@ fn the_release_filter_refuses_fault_injection() {
     let mut host = FakeHost::default();
     assert!(!configure(&mut GuardRoot::new(Rc::new(Vm::default())), &mut host, &config));
     let logs = take_logs();
-    assert!(logs.iter().any(|l| l.contains("rejected configuration") && l.contains("unknown field `fault_injection`")), "{logs:?}");
+    assert!(
+        logs.iter().any(|l| l.contains("rejected configuration") && l.contains("unknown field `fault_injection`")),
+        "{logs:?}"
+    );
 }
 
 #[cfg(feature = "fault-injection")]

@@ -5,7 +5,9 @@
 //!
 //! Artifacts are the release builds (`make test` builds them first):
 //! `target/release/{rgctl,registry-guard-token-service}`,
-//! `target/filter/registry_guard.wasm`, `.venv/bin/envoy`.
+//! `target/filter/registry_guard.wasm`, `.venv/bin/envoy`; a stack started with a fault
+//! option loads the test-only `target/filter-faults/registry_guard.wasm` instead (`make
+//! build-faults`, the filter's `fault-injection` feature).
 
 pub mod clients;
 

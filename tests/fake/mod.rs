@@ -1,7 +1,7 @@
 //! A fake proxy-wasm host for the glue tests: every host call of [`Host`] recorded or
 //! answered from fields, any of them made to fail; and a logger that keeps each test
 //! thread's log lines.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::type_complexity)]
 
 use std::cell::RefCell;
 use std::collections::HashMap;
