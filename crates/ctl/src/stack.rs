@@ -260,6 +260,8 @@ pub struct Stack {
     pub consumer: PathBuf,
     pub registry: PathBuf,
     pub consumer_retention_days: Option<i64>,
+    /// The signed bundle Envoy boots with, if any (`--bundle`, or OUT/envoy-bundle.jws).
+    pub envoy_bundle: Option<PathBuf>,
     http_secret: String,
     events_secret: String,
 }
@@ -347,7 +349,6 @@ impl Stack {
             ("dependency_proxy_filter_config", self.path("filter-dependency-proxy.json")),
             ("ecds", self.path("ecds/registry-guard.json")),
             ("dependency_proxy_ecds", self.path("ecds/registry-guard-dependency-proxy.json")),
-            ("envoy_bundle", self.path("envoy-bundle.jws")),
             ("http_secret", self.path("http-secret")),
             ("events_secret", self.path("events-secret")),
             ("consumer_read_token", self.path("consumer-read-token")),
@@ -361,6 +362,9 @@ impl Stack {
             ("wasm", self.wasm.display().to_string()),
         ];
         files.extend(STORAGE.iter().map(|d| (storage_role(d), self.path(d))));
+        if let Some(b) = &self.envoy_bundle {
+            files.push(("envoy_bundle", b.display().to_string()));
+        }
         files
     }
 
@@ -486,7 +490,10 @@ pub fn render(args: &RenderArgs) -> Result<Stack> {
         fs::write(config_dir.join("bundle.jws"), sign(&bundle_json)? + "\n")
             .with_context(|| format!("cannot write `{}`", config_dir.join("bundle.jws").display()))?;
     }
-    let envoy_bundle = envoy_bundle(args, &out, &bundle_json, &sign)?;
+    let (envoy_bundle_file, envoy_bundle) = match envoy_bundle(args, &out, &bundle_json, &sign)? {
+        Some((file, jws)) => (Some(file), Some(jws)),
+        None => (None, None),
+    };
 
     let stack = Stack {
         ports,
@@ -502,6 +509,7 @@ pub fn render(args: &RenderArgs) -> Result<Stack> {
         },
         registry: args.registry.clone(),
         consumer_retention_days: args.consumer_retention_days,
+        envoy_bundle: envoy_bundle_file,
         http_secret: secret(&out.join("http-secret"))?,
         events_secret: secret(&out.join("events-secret"))?,
         config_dir,
@@ -576,16 +584,16 @@ pub fn render(args: &RenderArgs) -> Result<Stack> {
     Ok(stack)
 }
 
-/// The signed bundle Envoy boots with (see [`RenderArgs::bundle`]); written to
+/// The signed bundle Envoy boots with (see [`RenderArgs::bundle`]) and its file: written to
 /// OUT/envoy-bundle.jws unless given with `--bundle`.
 fn envoy_bundle(
     args: &RenderArgs,
     out: &Path,
     bundle_json: &Path,
     sign: &dyn Fn(&Path) -> Result<String>,
-) -> Result<Option<String>> {
+) -> Result<Option<(PathBuf, String)>> {
     if let Some(b) = &args.bundle {
-        return Ok(Some(crate::read(b)?.trim().to_owned()));
+        return Ok(Some((absolute(b)?, crate::read(b)?.trim().to_owned())));
     }
     // Envoy boots only from what an operator delivered to it: the bundle in its own ECDS file
     // (written by `rgctl push`), never from a file another component writes.
@@ -601,7 +609,8 @@ fn envoy_bundle(
         fs::write(&kept, sign(bundle_json)? + "\n").with_context(|| format!("cannot write `{}`", kept.display()))?;
     }
     if kept.is_file() {
-        return Ok(Some(crate::read(&kept)?.trim().to_owned()));
+        let jws = crate::read(&kept)?.trim().to_owned();
+        return Ok(Some((kept, jws)));
     }
     Ok(None)
 }
@@ -752,6 +761,7 @@ mod tests {
         let summary: serde_json::Value =
             serde_json::from_str(&fs::read_to_string(out.join("stack.json")).unwrap()).unwrap();
         assert_eq!(summary["envoy_base_id"], 42008);
+        assert!(summary["files"]["envoy_bundle"].as_str().unwrap().ends_with("out/envoy-bundle.jws"));
         assert_eq!(summary["ports"]["dependency-proxy-listen"], 42007);
         let names: Vec<&str> = stack.processes().iter().map(|p| p.name).collect();
         assert_eq!(names, ["registry", "hub", "dependency-proxy", "consumer", "token-service", "envoy"]);
