@@ -91,23 +91,10 @@ test-wasm: $(WBG_RUNNER) .deps/rust
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(WBG_RUNNER) \
 	  cargo test -p registry-guard-wasm-tests --target wasm32-unknown-unknown
 
-# The committed Envoy config, rendered with example values (and the filter's ECDS file it
-# points at), through `envoy --mode validate`.
+# The committed Envoy config as `make run` renders it (`rgctl stack render`, with both filter
+# endpoints' ECDS files) through `envoy --mode validate`; the example bundle checked.
 test-envoy: $(ENVOY) build
-	@set -e; out=$(ROOT)/.run/validate; mkdir -p $$out; \
-	target/release/rgctl keygen --out $$out/keys 2>/dev/null; \
-	target/release/rgctl keygen --out $$out/keys --name operator 2>/dev/null; \
-	target/release/rgctl sign policies/example/bundle.json --key $$out/keys/operator-key.pem > $$out/bundle.jws 2>/dev/null; \
-	target/release/rgctl filter-config --realm http://127.0.0.1:5001/jwt/auth --jwks $$out/keys/jwks.json \
-	  --bundle-keys $$out/keys/operator-jwks.json --bundle $$out/bundle.jws --environment example > $$out/filter.json; \
-	target/release/rgctl filter-resource --config $$out/filter.json --wasm $(FILTER) --out $$out/ecds/registry-guard.json; \
-	target/release/rgctl filter-resource --config $$out/filter.json --wasm $(FILTER) --out $$out/ecds/registry-guard-dependency-proxy.json \
-	  --name registry-guard-dependency-proxy; \
-	target/release/rgctl render envoy/envoy.yaml --set ADMIN_PORT=9901 --set LISTEN_PORT=5000 --set REGISTRY_PORT=5002 \
-	  --set DEPENDENCY_PROXY_PORT=5003 --set EVENTS_PORT=5006 --set CONSUMER_PORT=5005 --set WASM_PATH=$(ROOT)/$(FILTER) \
-	  --set ECDS_DIR=$$out/ecds --set DEPENDENCY_PROXY_LISTEN_PORT=5007 > $$out/envoy.yaml; \
-	$(ENVOY) --mode validate -c $$out/envoy.yaml --log-level error && echo "validated envoy/envoy.yaml"; \
-	target/release/rgctl validate policies/example/bundle.json
+	scripts/test-envoy.sh
 	@$(VENV)/bin/python -c 'import jsonschema' 2>/dev/null || $(VENV)/bin/pip install -q jsonschema
 	$(VENV)/bin/python -c 'import json, jsonschema; \
 	  jsonschema.validate(json.load(open("policies/example/bundle.json")), json.load(open("policies/bundle.schema.json"))); \

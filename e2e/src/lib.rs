@@ -1,6 +1,7 @@
 //! End-to-end harness: starts the real registry (distribution), the token service and Envoy
-//! with the built filter on free loopback ports, from the committed templates, and drives
-//! them with skopeo and raw HTTP. Every process is killed when the [`Stack`] drops; on a
+//! with the built filter on free loopback ports, from the files `rgctl stack render` writes
+//! (as `make run` does: the same templates, keys and command lines), and drives them with
+//! skopeo and raw HTTP. Every process is killed when the [`Stack`] drops; on a
 //! failing test the components' logs are printed.
 //!
 //! Artifacts are the release builds (`make test` builds them first):
@@ -124,6 +125,8 @@ pub struct Stack {
     /// TEST ONLY: see [`Options::refuse_configure_after_first`].
     pub refuse_configure_after_first: bool,
     procs: Vec<Proc>,
+    /// Each process's command line from `rgctl stack render`'s stack.json, by name.
+    commands: Vec<(String, Vec<String>)>,
 }
 
 /// How to start a [`Stack`]; `Options::default()` is what [`Stack::start`] uses.
@@ -186,20 +189,22 @@ impl Stack {
             consumer_port: free_port(),
             events_port: free_port(),
             dependency_proxy_listen_port: free_port(),
-            registry_token_auth: false,
+            registry_token_auth: options.registry_token_auth,
             trap_on_header: options.trap_on_header.clone(),
             refuse_configure_after_first: options.refuse_configure_after_first,
             procs: Vec::new(),
+            commands: Vec::new(),
             dir,
         };
-        let keys = stack.config_dir.join("keys").display().to_string();
-        stack.rgctl(&["keygen", "--out", &keys]);
-        stack.rgctl(&["keygen", "--out", &keys, "--name", "operator"]);
-        stack.rgctl(&["operator-token", "--out", &keys]);
+        // Secrets the tests know; `rgctl stack render` keeps files that exist.
         fs::write(stack.path("events-secret"), "e2e-events-secret").expect("events secret");
         fs::write(stack.path("consumer-read-token"), CONSUMER_READ_TOKEN).expect("consumer read token");
+        fs::write(stack.path("http-secret"), "e2e-http-secret").expect("http secret");
+        stack.render_stack();
+        if stack.registry_token_auth {
+            stack.write_token_signing_cert();
+        }
         stack.start_consumer();
-        stack.registry_token_auth = options.registry_token_auth;
         stack.start_registry();
         stack.start_token_service();
         stack.start_envoy();
@@ -216,24 +221,72 @@ impl Stack {
         String::from_utf8(out.stdout).expect("utf8")
     }
 
-    fn render(&self, template: &str, out: &str, vars: &[(&str, String)], json: &[(&str, PathBuf)]) -> PathBuf {
-        let mut args = vec!["render".to_owned(), root().join(template).display().to_string()];
-        for (k, v) in vars {
-            args.push("--set".into());
-            args.push(format!("{k}={v}"));
+    /// Every file of the stack (keys, registry/hub/cache configs, Envoy's bootstrap, both
+    /// filter endpoints' ECDS files) by `rgctl stack render`, as `make run` renders them;
+    /// the processes' command lines come from its stack.json.
+    fn render_stack(&mut self) {
+        let ports = [
+            ("listen", self.envoy_port),
+            ("token", self.token_port),
+            ("registry", self.registry_port),
+            ("admin", self.admin_port),
+            ("dependency-proxy", self.cache_port),
+            ("hub", self.hub_port),
+            ("consumer", self.consumer_port),
+            ("events", self.events_port),
+            ("dependency-proxy-listen", self.dependency_proxy_listen_port),
+        ]
+        .map(|(name, port)| format!("{name}={port}"))
+        .join(",");
+        let wasm = self.filter_wasm();
+        let (root, config, out) = (root(), self.config_dir.clone(), self.dir.path().to_owned());
+        let mut args: Vec<String> = vec!["stack".into(), "render".into()];
+        for (flag, value) in [
+            ("--root", root.display().to_string()),
+            ("--config-dir", config.display().to_string()),
+            ("--out", out.display().to_string()),
+            ("--ports", ports),
+            ("--wasm", wasm.display().to_string()),
+            ("--envoy", artifact(".venv/bin/envoy").display().to_string()),
+            ("--token-service", artifact("target/release/registry-guard-token-service").display().to_string()),
+            ("--consumer", artifact("target/release/registry-guard-consumer").display().to_string()),
+            ("--leeway-seconds", "2".into()),
+        ] {
+            args.extend([flag.to_owned(), value]);
         }
-        for (k, f) in json {
-            args.push("--set-json".into());
-            args.push(format!("{k}={}", f.display()));
+        if self.registry_token_auth {
+            args.extend([
+                "--registry-token-auth".to_owned(),
+                self.path("token-signing-cert.pem").display().to_string(),
+            ]);
         }
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let text = self.rgctl(&refs);
-        let path = self.path(out);
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).expect("mkdir");
-        }
-        fs::write(&path, text).expect("write rendered config");
-        path
+        self.rgctl(&refs);
+        self.inject_faults();
+        let summary: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(self.path("stack.json")).expect("stack.json")).expect("json");
+        self.commands = summary["processes"]
+            .as_array()
+            .expect("processes")
+            .iter()
+            .map(|p| {
+                let argv =
+                    p["command"].as_array().expect("command").iter().map(|a| a.as_str().expect("arg").to_owned());
+                (p["name"].as_str().expect("name").to_owned(), argv.collect())
+            })
+            .collect();
+    }
+
+    /// Starts the process `name` of stack.json (its command line as rendered).
+    fn start_process(&mut self, name: &'static str) {
+        let argv = self
+            .commands
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, argv)| argv.clone())
+            .unwrap_or_else(|| panic!("no process `{name}` in stack.json"));
+        let (program, args) = argv.split_first().expect("empty command line");
+        self.spawn(name, Command::new(program).args(args));
     }
 
     fn spawn(&mut self, name: &'static str, cmd: &mut Command) {
@@ -249,68 +302,20 @@ impl Stack {
     }
 
     fn start_registry(&mut self) {
-        let storage = self.path("storage");
-        fs::create_dir_all(&storage).expect("storage dir");
-        let cfg = self.render(
-            "deploy/registry.yml",
-            "registry.yml",
-            &[
-                ("STORAGE_DIR", storage.display().to_string()),
-                ("REGISTRY_PORT", self.registry_port.to_string()),
-                ("HTTP_SECRET", "e2e-http-secret".into()),
-                ("NOTIFICATIONS_DISABLED", "false".into()),
-                ("EVENTS_URL", format!("http://127.0.0.1:{}/events", self.events_port)),
-                ("EVENTS_SECRET", "e2e-events-secret".into()),
-            ],
-            &[],
-        );
-        if self.registry_token_auth {
-            let auth = self.registry_auth_section();
-            let mut text = fs::read_to_string(&cfg).expect("read registry.yml");
-            text.push_str(&auth);
-            fs::write(&cfg, text).expect("write registry.yml");
-        }
-        self.spawn("registry", Command::new("docker-registry").arg("serve").arg(cfg));
+        self.start_process("registry");
         self.wait_http(self.registry_port, "/v2/", "registry");
         // The dependency proxy: a pull-through cache in front of a local "hub".
-        let hub_storage = self.path("hub-storage");
-        fs::create_dir_all(&hub_storage).expect("hub storage");
-        let hub = self.render(
-            "deploy/registry.yml",
-            "hub.yml",
-            &[
-                ("STORAGE_DIR", hub_storage.display().to_string()),
-                ("REGISTRY_PORT", self.hub_port.to_string()),
-                ("HTTP_SECRET", "e2e-http-secret".into()),
-                ("NOTIFICATIONS_DISABLED", "true".into()),
-                ("EVENTS_URL", "http://127.0.0.1:1/unused".into()),
-                ("EVENTS_SECRET", "unused".into()),
-            ],
-            &[],
-        );
-        self.spawn("hub", Command::new("docker-registry").arg("serve").arg(hub));
+        self.start_process("hub");
         self.wait_http(self.hub_port, "/v2/", "hub");
-        let cache_storage = self.path("cache-storage");
-        fs::create_dir_all(&cache_storage).expect("cache storage");
-        let cache = self.render(
-            "deploy/dependency-proxy.yml",
-            "dependency-proxy.yml",
-            &[
-                ("STORAGE_DIR", cache_storage.display().to_string()),
-                ("DEPENDENCY_PROXY_PORT", self.cache_port.to_string()),
-                ("HUB_PORT", self.hub_port.to_string()),
-                ("HTTP_SECRET", "e2e-http-secret".into()),
-            ],
-            &[],
-        );
-        self.spawn("dependency-proxy", Command::new("docker-registry").arg("serve").arg(cache));
+        self.start_process("dependency-proxy");
         self.wait_http(self.cache_port, "/v2/", "dependency-proxy");
     }
 
-    /// A self-signed X.509 certificate (openssl) of the token signing key, and the registry's
-    /// `auth: token` section trusting it: distribution 2.8 looks a token's `kid` up among
-    /// the libtrust key ids of the certificates in `rootcertbundle`.
-    fn registry_auth_section(&self) -> String {
+    /// A self-signed X.509 certificate (openssl) of the token signing key, which the
+    /// registry's `auth: token` section trusts (`rgctl stack render --registry-token-auth`):
+    /// distribution 2.8 looks a token's `kid` up among the libtrust key ids of the
+    /// certificates in `rootcertbundle`.
+    fn write_token_signing_cert(&self) {
         let cert = self.path("token-signing-cert.pem");
         let out = Command::new("openssl")
             .args(["req", "-new", "-x509", "-days", "2", "-subj", "/CN=registry-guard token signing"])
@@ -321,11 +326,6 @@ impl Stack {
             .output()
             .expect("run openssl");
         assert!(out.status.success(), "openssl req failed: {}", String::from_utf8_lossy(&out.stderr));
-        format!(
-            "auth:\n  token:\n    realm: {}\n    service: container_registry\n    issuer: registry-guard\n    rootcertbundle: {}\n",
-            self.realm(),
-            cert.display()
-        )
     }
 
     /// Sends SIGHUP to the token service (it re-reads its key ring) and waits until its
@@ -367,24 +367,7 @@ impl Stack {
 
     /// Starts (or restarts) the reference event consumer on its fixed port and database.
     pub fn start_consumer(&mut self) {
-        let bin = artifact("target/release/registry-guard-consumer");
-        let listen = format!("127.0.0.1:{}", self.consumer_port);
-        let (db, jwks, secret) =
-            (self.path("events.sqlite"), self.config_dir.join("keys/jwks.json"), self.path("events-secret"));
-        self.spawn(
-            "consumer",
-            Command::new(bin)
-                .arg("--listen")
-                .arg(listen)
-                .arg("--database")
-                .arg(db)
-                .arg("--jwks")
-                .arg(jwks)
-                .arg("--secret-file")
-                .arg(secret)
-                .arg("--read-token-file")
-                .arg(self.path("consumer-read-token")),
-        );
+        self.start_process("consumer");
         self.wait_http(self.consumer_port, "/healthz", "consumer");
     }
 
@@ -443,8 +426,7 @@ impl Stack {
     /// Starts the registry again from the same configuration and storage.
     pub fn restart_registry(&mut self) {
         self.stop("registry");
-        let cfg = self.path("registry.yml");
-        self.spawn("registry", Command::new("docker-registry").arg("serve").arg(cfg));
+        self.start_process("registry");
         self.wait_http(self.registry_port, "/v2/", "registry");
     }
 
@@ -456,10 +438,7 @@ impl Stack {
     /// Starts (or restarts) the token service on its port with the same configuration.
     pub fn start_token_service(&mut self) {
         self.stop("token-service");
-        let bin = artifact("target/release/registry-guard-token-service");
-        let listen = format!("127.0.0.1:{}", self.token_port);
-        let config_dir = self.config_dir.clone();
-        self.spawn("token-service", Command::new(bin).arg("--config-dir").arg(config_dir).arg("--listen").arg(listen));
+        self.start_process("token-service");
         self.wait_http(self.token_port, "/healthz", "token-service");
     }
 
@@ -476,26 +455,6 @@ impl Stack {
     /// `host:port` of the dependency-proxy endpoint.
     pub fn dependency_proxy_host(&self) -> String {
         format!("127.0.0.1:{}", self.dependency_proxy_listen_port)
-    }
-
-    /// The dependency-proxy endpoint's filter: the registry's configuration with
-    /// `"endpoint": "dependency-proxy"`, as its own ECDS resource.
-    fn write_dependency_proxy_resource(&self, filter: &str, wasm: &Path) {
-        let mut v: serde_json::Value = serde_json::from_str(filter).expect("filter config json");
-        v["endpoint"] = "dependency-proxy".into();
-        let path = self.path("filter-dependency-proxy.json");
-        fs::write(&path, v.to_string()).expect("write dependency proxy filter config");
-        self.rgctl(&[
-            "filter-resource",
-            "--config",
-            &path.display().to_string(),
-            "--wasm",
-            &wasm.display().to_string(),
-            "--out",
-            &self.dependency_proxy_ecds_file().display().to_string(),
-            "--name",
-            "registry-guard-dependency-proxy",
-        ]);
     }
 
     /// TEST ONLY: the `fault_injection` the options ask for, if any.
@@ -519,7 +478,7 @@ impl Stack {
     }
 
     /// TEST ONLY: adds `fault_injection` to the filter configuration in both ECDS files after
-    /// `rgctl filter-resource` wrote them (rgctl checks configurations with the release parser,
+    /// `rgctl stack render` wrote them (rgctl checks configurations with the release parser,
     /// which refuses the field).
     fn inject_faults(&self) {
         let Some(faults) = self.fault_injection() else { return };
@@ -536,67 +495,11 @@ impl Stack {
     }
 
     fn start_envoy(&mut self) {
-        let keys = self.config_dir.join("keys");
-        let filter = self.rgctl(&[
-            "filter-config",
-            "--realm",
-            &self.realm(),
-            "--jwks",
-            &keys.join("jwks.json").display().to_string(),
-            "--bundle-keys",
-            &keys.join("operator-jwks.json").display().to_string(),
-            "--leeway-seconds",
-            "2",
-            // envoy/envoy.yaml has `use_remote_address: true`.
-            "--client-address",
-            "x-forwarded-for",
-            "--environment",
-            ENVIRONMENT,
-        ]);
-        let filter_path = self.path("filter.json");
-        fs::write(&filter_path, &filter).expect("write filter config");
-        let wasm = self.filter_wasm();
-        self.rgctl(&[
-            "filter-resource",
-            "--config",
-            &filter_path.display().to_string(),
-            "--wasm",
-            &wasm.display().to_string(),
-            "--out",
-            &self.ecds_file().display().to_string(),
-        ]);
-        self.write_dependency_proxy_resource(&filter, &wasm);
-        self.inject_faults();
-        self.render(
-            "envoy/envoy.yaml",
-            "envoy.yaml",
-            &[
-                ("ADMIN_PORT", self.admin_port.to_string()),
-                ("LISTEN_PORT", self.envoy_port.to_string()),
-                ("REGISTRY_PORT", self.registry_port.to_string()),
-                ("DEPENDENCY_PROXY_PORT", self.cache_port.to_string()),
-                ("EVENTS_PORT", self.events_port.to_string()),
-                ("CONSUMER_PORT", self.consumer_port.to_string()),
-                ("WASM_PATH", wasm.display().to_string()),
-                ("ECDS_DIR", self.path("ecds").display().to_string()),
-                ("DEPENDENCY_PROXY_LISTEN_PORT", self.dependency_proxy_listen_port.to_string()),
-            ],
-            &[],
-        );
         self.spawn_envoy();
     }
 
     fn spawn_envoy(&mut self) {
-        let envoy = artifact(".venv/bin/envoy");
-        let cfg = self.path("envoy.yaml");
-        self.spawn(
-            "envoy",
-            Command::new(envoy)
-                .arg("-c")
-                .arg(cfg)
-                .args(["--concurrency", "2", "--log-level", "warn", "--component-log-level", "wasm:info,config:info"])
-                .args(["--base-id", &self.admin_port.to_string()]),
-        );
+        self.start_process("envoy");
         self.wait_http(self.admin_port, "/ready", "envoy");
         // /ready answers before the listener is warmed by the ECDS file: wait for a reply.
         self.wait_http(self.envoy_port, "/v2/", "envoy");

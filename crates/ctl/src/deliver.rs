@@ -78,7 +78,7 @@ pub fn write_filter_resource(config_json: &str, wasm: &Path, out: &Path, name: &
 }
 
 /// The filter configuration JSON inside an ECDS file.
-fn read_filter_config(ecds: &Path) -> Result<(serde_json::Value, serde_json::Value)> {
+pub(crate) fn read_filter_config(ecds: &Path) -> Result<(serde_json::Value, serde_json::Value)> {
     let text = fs::read_to_string(ecds).with_context(|| format!("cannot read ECDS file `{}`", ecds.display()))?;
     let doc: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("`{}` is not JSON", ecds.display()))?;

@@ -7,6 +7,7 @@
 mod deliver;
 mod image;
 mod mint;
+mod stack;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -238,6 +239,12 @@ enum Command {
         #[arg(long, default_value = "registry-guard demo")]
         salt: String,
     },
+    /// Everything a stack (registry, hub, dependency proxy, consumer, token service, Envoy) is
+    /// started from: `rgctl stack render`.
+    Stack {
+        #[command(subcommand)]
+        command: StackCommand,
+    },
     /// Render a template, replacing every `${NAME}` with `--set NAME=VALUE`; a
     /// `--set-json NAME=FILE` inserts FILE's contents as a JSON string literal.
     /// Fails if a placeholder is left unset.
@@ -248,6 +255,16 @@ enum Command {
         #[arg(long = "set-json", value_name = "NAME=FILE")]
         set_json: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum StackCommand {
+    /// Write every rendered file of a stack for the given ports and configuration directory
+    /// (registry, hub and dependency-proxy configs, Envoy's bootstrap, both filter
+    /// configurations and their ECDS files, secrets; keys and the operator token if absent)
+    /// and OUT/stack.json + OUT/stack.env: every port, Envoy's base id (its admin port), each
+    /// file and each process's command line, in start order.
+    Render(stack::RenderArgs),
 }
 
 fn main() {
@@ -382,37 +399,32 @@ fn run(cli: Cli) -> Result<()> {
             client_address,
             endpoint,
         } => {
-            let jwks = read_json(&jwks)?;
-            let mut config = serde_json::json!({
-                "realm": realm, "service": service, "issuer": issuer,
-                "leeway_seconds": leeway_seconds, "jwks": jwks,
-            });
-            if client_address != "peer" {
-                config["correlation"] = serde_json::json!({ "client_address": client_address });
-            }
-            if endpoint != "registry" {
-                config["endpoint"] = endpoint.into();
-            }
-            if let Some(obj) = config.as_object_mut() {
-                if let Some(keys) = bundle_keys {
-                    obj.insert("bundle_keys".into(), read_json(&keys)?);
-                }
-                if let Some(b) = bundle {
-                    obj.insert("bundle".into(), read(&b)?.trim().into());
-                }
-                if let Some(env) = environment {
-                    obj.insert("environment".into(), env.into());
-                }
-            }
-            let text = serde_json::to_string(&config)?;
-            FilterConfig::from_json(text.as_bytes())?;
-            println!("{text}");
+            let bundle = bundle.map(|b| read(&b).map(|t| t.trim().to_owned())).transpose()?;
+            let bundle_keys = bundle_keys.map(|k| read_json(&k)).transpose()?;
+            let config = filter_config(&FilterSettings {
+                realm,
+                service,
+                issuer,
+                jwks: read_json(&jwks)?,
+                leeway_seconds,
+                bundle,
+                bundle_keys,
+                environment,
+                client_address,
+                endpoint,
+            })?;
+            println!("{}", serde_json::to_string(&config)?);
             Ok(())
         }
         Command::DemoImage { out, tag, salt } => {
             image::write_oci_layout(&out, &tag, &salt)
                 .with_context(|| format!("cannot write OCI layout `{}`", out.display()))?;
             println!("oci:{}:{tag}", out.display());
+            Ok(())
+        }
+        Command::Stack { command: StackCommand::Render(args) } => {
+            let stack = stack::render(&args)?;
+            print!("{}", stack::report(&stack));
             Ok(())
         }
         Command::Render { template, set, set_json } => {
@@ -432,6 +444,50 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// What a filter configuration is made of (`rgctl filter-config`, `rgctl stack render`).
+pub(crate) struct FilterSettings {
+    pub realm: String,
+    pub service: String,
+    pub issuer: String,
+    pub jwks: serde_json::Value,
+    pub leeway_seconds: i64,
+    /// A signed bundle (compact JWS) to activate.
+    pub bundle: Option<String>,
+    pub bundle_keys: Option<serde_json::Value>,
+    pub environment: Option<String>,
+    /// `peer` or `x-forwarded-for`.
+    pub client_address: String,
+    /// `registry` or `dependency-proxy`.
+    pub endpoint: String,
+}
+
+/// The filter configuration JSON, checked as the filter will check it.
+pub(crate) fn filter_config(s: &FilterSettings) -> Result<serde_json::Value> {
+    let mut config = serde_json::json!({
+        "realm": s.realm, "service": s.service, "issuer": s.issuer,
+        "leeway_seconds": s.leeway_seconds, "jwks": s.jwks,
+    });
+    if s.client_address != "peer" {
+        config["correlation"] = serde_json::json!({ "client_address": s.client_address });
+    }
+    if s.endpoint != "registry" {
+        config["endpoint"] = s.endpoint.clone().into();
+    }
+    if let Some(obj) = config.as_object_mut() {
+        if let Some(keys) = &s.bundle_keys {
+            obj.insert("bundle_keys".into(), keys.clone());
+        }
+        if let Some(b) = &s.bundle {
+            obj.insert("bundle".into(), b.clone().into());
+        }
+        if let Some(env) = &s.environment {
+            obj.insert("environment".into(), env.clone().into());
+        }
+    }
+    FilterConfig::from_json(serde_json::to_string(&config)?.as_bytes())?;
+    Ok(config)
 }
 
 /// The bundle (unsigned, or signed and verified with `keys`) and the principals.
