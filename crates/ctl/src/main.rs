@@ -78,10 +78,14 @@ enum Command {
     /// Create the operator token that authorises `PUT /bundle` on token services, unless one
     /// exists: `<out>/operator-token` (the secret, mode 0600, for `rgctl push`) and
     /// `<out>/operator-token.sha256` (its digest, for `operator_token_sha256` in
-    /// token-service.json).
+    /// token-service.json). `--name bundle-read` makes the token fleet members present to
+    /// `GET /bundle` instead (`bundle-read-token`, for `bundle_read_token_sha256`).
     OperatorToken {
         #[arg(long)]
         out: PathBuf,
+        /// File name stem: `<name>-token` and `<name>-token.sha256`.
+        #[arg(long, default_value = "operator")]
+        name: String,
     },
     /// Replace the token keys running Envoys trust (key rotation): the JWKS from a file or a
     /// token service's `/jwks` URL goes into each filter configuration; the bundle stays.
@@ -292,7 +296,7 @@ fn run(cli: Cli) -> Result<()> {
             let token = operator_token_file.map(|f| read(&f).map(|t| t.trim().to_owned())).transpose()?;
             deliver::push(&bundle, &envoys, &token_services, force, token.as_deref())
         }
-        Command::OperatorToken { out } => operator_token(&out),
+        Command::OperatorToken { out, name } => operator_token(&out, &name),
         Command::Status { envoys, token_services } => deliver::status(&envoys, &token_services),
         Command::PushKeys { jwks, envoys } => deliver::push_keys(&jwks, &envoys),
         Command::Kid { key } => {
@@ -476,22 +480,26 @@ fn load_keyset(path: &Path) -> Result<KeySet> {
     KeySet::from_jwks(&read_json(path)?).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-fn operator_token(out: &Path) -> Result<()> {
+fn operator_token(out: &Path, name: &str) -> Result<()> {
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        bail!("token name `{name}` must be letters, digits, `-` or `_`");
+    }
     fs::create_dir_all(out).with_context(|| format!("cannot create `{}`", out.display()))?;
-    let secret_path = out.join("operator-token");
+    let secret_path = out.join(format!("{name}-token"));
+    let digest_path = out.join(format!("{name}-token.sha256"));
     if secret_path.exists() {
-        eprintln!("keeping existing operator token {}", secret_path.display());
+        eprintln!("keeping existing {name} token {}", secret_path.display());
     } else {
         let mut bytes = [0u8; 32];
         rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
         let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         write_private(&secret_path, format!("{secret}\n").as_bytes())?;
-        eprintln!("generated operator token {}", secret_path.display());
+        eprintln!("generated {name} token {}", secret_path.display());
     }
     let secret = read(&secret_path)?;
     let digest: String = Sha256::digest(secret.trim().as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
-    fs::write(out.join("operator-token.sha256"), format!("{digest}\n"))?;
-    eprintln!("its SHA-256 is in {}", out.join("operator-token.sha256").display());
+    fs::write(&digest_path, format!("{digest}\n"))?;
+    eprintln!("its SHA-256 is in {}", digest_path.display());
     Ok(())
 }
 
