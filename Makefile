@@ -13,11 +13,17 @@ CONFIG_DIR ?= policies/example
 WASM      := target/wasm32-wasip1/release/registry_guard.wasm
 # The filter as deployed: $(WASM) after binaryen's wasm-opt -Oz (bench/README.md: .wasm size).
 FILTER    := target/filter/registry_guard.wasm
+# TEST ONLY: the filter with the `fault-injection` feature (a VM trap on a header, a
+# configuration refused after the first VM) for the e2e fault suite; built in its own target
+# directory so it never replaces $(FILTER). The release filter refuses `fault_injection`.
+FAULTS_TARGET := target/fault-injection
+FAULTS_WASM   := $(FAULTS_TARGET)/wasm32-wasip1/release/registry_guard.wasm
+FILTER_FAULTS := target/filter-faults/registry_guard.wasm
 # The wasm features rustc enables by default for wasm32-wasip1 (wasm-opt must be told).
 WASM_FEATURES := --enable-bulk-memory --enable-multivalue --enable-mutable-globals \
                  --enable-nontrapping-float-to-int --enable-reference-types --enable-sign-ext
 
-.PHONY: help run test deps build test-unit test-wasm test-envoy test-e2e lint clean
+.PHONY: help run test deps build build-faults test-unit test-wasm test-envoy test-e2e lint clean
 
 help:
 	@echo "make run    start registry + token service + Envoy with the filter (CONFIG_DIR=$(CONFIG_DIR))"
@@ -57,7 +63,7 @@ $(WBG_RUNNER): Cargo.lock
 	@touch $@
 
 # ---- build --------------------------------------------------------------------------------
-build: .deps/rust .deps/apt
+build: .deps/rust .deps/apt build-faults
 	cargo build --release --target wasm32-wasip1 -p registry-guard
 	@mkdir -p $(dir $(FILTER))
 	@if [ ! -e $(FILTER) ] || [ $(WASM) -nt $(FILTER) ]; then \
@@ -66,9 +72,20 @@ build: .deps/rust .deps/apt
 	cargo build --release -p registry-guard-token-service -p registry-guard-ctl -p registry-guard-consumer
 	@ls -l $(FILTER) | awk '{print "filter: $(FILTER) (" $$5 " bytes)"}'
 
+# The test-only faulty filter (see FILTER_FAULTS): e2e loads it only for a fault option.
+build-faults: .deps/rust .deps/apt
+	cargo build --release --target wasm32-wasip1 -p registry-guard --features fault-injection --target-dir $(FAULTS_TARGET)
+	@mkdir -p $(dir $(FILTER_FAULTS))
+	@if [ ! -e $(FILTER_FAULTS) ] || [ $(FAULTS_WASM) -nt $(FILTER_FAULTS) ]; then \
+	  echo "wasm-opt -Oz $(FAULTS_WASM) -> $(FILTER_FAULTS)"; \
+	  wasm-opt $(WASM_FEATURES) -Oz $(FAULTS_WASM) -o $(FILTER_FAULTS).tmp && mv $(FILTER_FAULTS).tmp $(FILTER_FAULTS); fi
+	@ls -l $(FILTER_FAULTS) | awk '{print "test-only filter: $(FILTER_FAULTS) (" $$5 " bytes)"}'
+
 # ---- tests --------------------------------------------------------------------------------
 test-unit:
 	cargo test --workspace --exclude registry-guard-e2e --exclude registry-guard-wasm-tests
+	cargo test -p registry-guard --features fault-injection --tests
+	cargo test -p registry-guard-core --features fault-injection --lib config::
 
 test-wasm: $(WBG_RUNNER) .deps/rust
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(WBG_RUNNER) \

@@ -5,7 +5,9 @@
 //!
 //! Artifacts are the release builds (`make test` builds them first):
 //! `target/release/{rgctl,registry-guard-token-service}`,
-//! `target/filter/registry_guard.wasm`, `.venv/bin/envoy`.
+//! `target/filter/registry_guard.wasm`, `.venv/bin/envoy`; a stack started with a fault
+//! option loads the test-only `target/filter-faults/registry_guard.wasm` instead (`make
+//! build-faults`, the filter's `fault-injection` feature).
 
 pub mod clients;
 
@@ -496,6 +498,43 @@ impl Stack {
         ]);
     }
 
+    /// TEST ONLY: the `fault_injection` the options ask for, if any.
+    fn fault_injection(&self) -> Option<serde_json::Value> {
+        (self.trap_on_header.is_some() || self.refuse_configure_after_first).then(|| {
+            serde_json::json!({
+                "trap_on_header": self.trap_on_header,
+                "refuse_configure_after_first": self.refuse_configure_after_first,
+            })
+        })
+    }
+
+    /// The filter Envoy loads: the test-only build with the `fault-injection` feature (`make
+    /// build-faults`) when a fault option is set, the release filter otherwise (which refuses
+    /// `fault_injection` as an unknown field).
+    fn filter_wasm(&self) -> PathBuf {
+        match self.fault_injection() {
+            Some(_) => artifact("target/filter-faults/registry_guard.wasm"),
+            None => artifact("target/filter/registry_guard.wasm"),
+        }
+    }
+
+    /// TEST ONLY: adds `fault_injection` to the filter configuration in both ECDS files after
+    /// `rgctl filter-resource` wrote them (rgctl checks configurations with the release parser,
+    /// which refuses the field).
+    fn inject_faults(&self) {
+        let Some(faults) = self.fault_injection() else { return };
+        for ecds in [self.ecds_file(), self.dependency_proxy_ecds_file()] {
+            let mut doc: serde_json::Value =
+                serde_json::from_str(&fs::read_to_string(&ecds).expect("read ECDS file")).expect("ECDS json");
+            let value = &mut doc["resources"][0]["typed_config"]["config"]["configuration"]["value"];
+            let mut config: serde_json::Value =
+                serde_json::from_str(value.as_str().expect("filter configuration string")).expect("filter config json");
+            config["fault_injection"] = faults.clone();
+            *value = config.to_string().into();
+            fs::write(&ecds, doc.to_string()).expect("write ECDS file");
+        }
+    }
+
     fn start_envoy(&mut self) {
         let keys = self.config_dir.join("keys");
         let filter = self.rgctl(&[
@@ -515,18 +554,8 @@ impl Stack {
             ENVIRONMENT,
         ]);
         let filter_path = self.path("filter.json");
-        let filter = if self.trap_on_header.is_none() && !self.refuse_configure_after_first {
-            filter
-        } else {
-            let mut v: serde_json::Value = serde_json::from_str(&filter).expect("filter config json");
-            v["fault_injection"] = serde_json::json!({
-                "trap_on_header": self.trap_on_header,
-                "refuse_configure_after_first": self.refuse_configure_after_first,
-            });
-            v.to_string()
-        };
         fs::write(&filter_path, &filter).expect("write filter config");
-        let wasm = artifact("target/filter/registry_guard.wasm");
+        let wasm = self.filter_wasm();
         self.rgctl(&[
             "filter-resource",
             "--config",
@@ -537,6 +566,7 @@ impl Stack {
             &self.ecds_file().display().to_string(),
         ]);
         self.write_dependency_proxy_resource(&filter, &wasm);
+        self.inject_faults();
         self.render(
             "envoy/envoy.yaml",
             "envoy.yaml",

@@ -41,6 +41,9 @@ struct RawFilterConfig<'a> {
     #[serde(default)]
     correlation: RawCorrelation,
     /// TEST ONLY, off by default: deliberately trap the wasm VM (see [`FaultInjection`]).
+    /// Without the `fault-injection` feature the field does not exist, so a configuration
+    /// naming it is refused as an unknown field.
+    #[cfg(feature = "fault-injection")]
     #[serde(default)]
     fault_injection: Option<RawFaultInjection>,
     /// At most this many bytes of a refused request's body are read (and dropped) before the
@@ -73,6 +76,7 @@ fn default_denied_body_drain_bytes() -> u64 {
     DEFAULT_DENIED_BODY_DRAIN_BYTES
 }
 
+#[cfg(feature = "fault-injection")]
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFaultInjection {
@@ -84,7 +88,9 @@ struct RawFaultInjection {
 
 /// TEST ONLY (the e2e fault suite): a request carrying this header makes the filter execute
 /// a wasm `unreachable` instruction, a real VM trap, to prove Envoy then fails closed and
-/// recovers. Absent from every production configuration (`rgctl filter-config` never writes it).
+/// recovers. Absent from every production configuration (`rgctl filter-config` never writes it),
+/// and compiled only with the `fault-injection` feature (the test-only filter build).
+#[cfg(feature = "fault-injection")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FaultInjection {
     /// Lower-case request header name.
@@ -265,6 +271,7 @@ pub struct FilterConfig {
     /// Where the client address for event attribution comes from.
     pub client_address: ClientAddress,
     /// TEST ONLY fault injection; `None` unless the configuration asks for it.
+    #[cfg(feature = "fault-injection")]
     pub fault_injection: Option<FaultInjection>,
     /// How much of a refused request's body is read before the refusal (see the raw field).
     pub denied_body_drain_bytes: u64,
@@ -314,6 +321,7 @@ impl FilterConfig {
         if raw.cache.max_bytes < 64 * 1024 || raw.cache.max_bytes > 1 << 30 {
             return Err(error("$.cache.max_bytes", "must be between 65536 and 1073741824"));
         }
+        #[cfg(feature = "fault-injection")]
         let fault_injection = match raw.fault_injection {
             None => None,
             Some(f) => {
@@ -357,6 +365,7 @@ impl FilterConfig {
             environment: raw.environment,
             correlation_slots: raw.correlation.slots,
             client_address: raw.correlation.client_address,
+            #[cfg(feature = "fault-injection")]
             fault_injection,
             denied_body_drain_bytes: raw.denied_body_drain_bytes,
             endpoint: raw.endpoint,
@@ -390,9 +399,24 @@ mod tests {
         assert_eq!(c.verifier.leeway_seconds, 30);
         assert_eq!(c.cache_entries, 4096);
         assert_eq!(c.verifier.keys.len(), 1);
+        #[cfg(feature = "fault-injection")]
         assert_eq!(c.fault_injection, None, "fault injection is off by default");
     }
 
+    #[cfg(not(feature = "fault-injection"))]
+    #[test]
+    fn fault_injection_is_an_unknown_field_without_the_feature() {
+        // The release filter cannot be told to trap: the field is refused like any typo.
+        let e = FilterConfig::from_json(
+            config(serde_json::json!({"fault_injection": {"trap_on_header": "x-registry-guard-trap"}}))
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown field `fault_injection`"), "{e}");
+    }
+
+    #[cfg(feature = "fault-injection")]
     #[test]
     fn fault_injection_is_explicit() {
         let c = FilterConfig::from_json(
