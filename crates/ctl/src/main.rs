@@ -230,6 +230,25 @@ enum Command {
         /// dependency proxy on its own listener; seed 002's login and pull rules).
         #[arg(long, value_parser = ["registry", "dependency-proxy"], default_value = "registry")]
         endpoint: String,
+        /// The filter fetches newer bundles itself from this Envoy cluster (a token service's
+        /// `GET /bundle`); `--bundle` is then the boot fallback. Needs `--bundle-keys`.
+        #[arg(long, requires = "bundle_keys")]
+        bundle_source_cluster: Option<String>,
+        /// Path of the bundle on the source.
+        #[arg(long, default_value = "/bundle", requires = "bundle_source_cluster")]
+        bundle_source_path: String,
+        /// A file holding the bundle read token presented to the source.
+        #[arg(long, requires = "bundle_source_cluster")]
+        bundle_source_token_file: Option<PathBuf>,
+        /// Seconds between polls (and the base of the backoff after failures).
+        #[arg(long, default_value_t = 10, requires = "bundle_source_cluster")]
+        bundle_source_poll_seconds: u64,
+        /// Long polling: how long the source may hold a fetch (0: plain polling).
+        #[arg(long, default_value_t = 0, requires = "bundle_source_cluster")]
+        bundle_source_wait_seconds: u64,
+        /// Refuse every request (503) after this long without a successful fetch.
+        #[arg(long, requires = "bundle_source_cluster")]
+        max_staleness_seconds: Option<u64>,
     },
     /// Write a small OCI image layout (one layer) to push in demos and tests; no network.
     DemoImage {
@@ -385,6 +404,12 @@ fn run(cli: Cli) -> Result<()> {
             environment,
             client_address,
             endpoint,
+            bundle_source_cluster,
+            bundle_source_path,
+            bundle_source_token_file,
+            bundle_source_poll_seconds,
+            bundle_source_wait_seconds,
+            max_staleness_seconds,
         } => {
             let jwks = read_json(&jwks)?;
             let mut config = serde_json::json!({
@@ -406,6 +431,19 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 if let Some(env) = environment {
                     obj.insert("environment".into(), env.into());
+                }
+                if let Some(cluster) = bundle_source_cluster {
+                    let mut source = serde_json::json!({
+                        "cluster": cluster, "path": bundle_source_path,
+                        "poll_seconds": bundle_source_poll_seconds, "wait_seconds": bundle_source_wait_seconds,
+                    });
+                    if let Some(f) = bundle_source_token_file {
+                        source["token"] = read(&f)?.trim().into();
+                    }
+                    if let Some(s) = max_staleness_seconds {
+                        source["max_staleness_seconds"] = s.into();
+                    }
+                    obj.insert("bundle_source".into(), source);
                 }
             }
             let text = serde_json::to_string(&config)?;
