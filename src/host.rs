@@ -36,6 +36,9 @@ pub enum HostCall {
     DefineMetric,
     IncrementMetric,
     RecordMetric,
+    DispatchHttpCall,
+    HttpCallResponseHeader,
+    HttpCallResponseBody,
 }
 
 impl HostCall {
@@ -58,6 +61,9 @@ impl HostCall {
             HostCall::DefineMetric => "proxy_define_metric",
             HostCall::IncrementMetric => "proxy_increment_metric",
             HostCall::RecordMetric => "proxy_record_metric",
+            HostCall::DispatchHttpCall => "proxy_http_call",
+            HostCall::HttpCallResponseHeader => "proxy_get_header_map_value(http call response)",
+            HostCall::HttpCallResponseBody => "proxy_get_buffer_bytes(http call response body)",
         }
     }
 }
@@ -130,6 +136,20 @@ pub trait Host {
     fn add(&mut self, metric: u32, value: u64) -> Result<(), HostError>;
     fn record(&mut self, metric: u32, value: u64) -> Result<(), HostError>;
 
+    // ---- outgoing calls (the bundle source) -------------------------------------------
+    /// Starts an HTTP call to `cluster`; the answer arrives in the root context's
+    /// `on_http_call_response` with the returned token.
+    fn dispatch_http_call(
+        &mut self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<u32, HostError>;
+    /// One header of the call's answer (`:status`, `etag`), inside `on_http_call_response`.
+    fn http_call_response_header(&mut self, name: &str) -> Result<Option<String>, HostError>;
+    /// The call's answer body, inside `on_http_call_response`.
+    fn http_call_response_body(&mut self, size: usize) -> Result<Option<Vec<u8>>, HostError>;
+
     // ---- the request ------------------------------------------------------------------
     fn request_headers(&mut self) -> Result<HeaderMap, HostError>;
     fn request_header(&mut self, name: &str) -> Result<Option<String>, HostError>;
@@ -188,6 +208,26 @@ impl Host for ProxyWasmHost {
 
     fn record(&mut self, metric: u32, value: u64) -> Result<(), HostError> {
         hostcalls::record_metric(metric, value).map_err(status(HostCall::RecordMetric))
+    }
+
+    fn dispatch_http_call(
+        &mut self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<u32, HostError> {
+        hostcalls::dispatch_http_call(cluster, headers.to_vec(), None, vec![], timeout)
+            .map_err(status(HostCall::DispatchHttpCall))
+    }
+
+    fn http_call_response_header(&mut self, name: &str) -> Result<Option<String>, HostError> {
+        let value = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, name)
+            .map_err(status(HostCall::HttpCallResponseHeader))?;
+        Ok(value.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    fn http_call_response_body(&mut self, size: usize) -> Result<Option<Vec<u8>>, HostError> {
+        hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, size).map_err(status(HostCall::HttpCallResponseBody))
     }
 
     fn request_headers(&mut self) -> Result<HeaderMap, HostError> {

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
+use registry_guard_core::bundle;
 use registry_guard_core::config::{EventsConfig, PluginConfig, ServedEndpoint};
+use registry_guard_core::follow::{Answer, BundleSource, Follower, RefusalKind, Settled, Step};
 use registry_guard_core::guard::Guard;
 
 use crate::correlation::Correlation;
@@ -120,6 +122,8 @@ pub struct GuardRoot {
     correlation: Option<Rc<Correlation>>,
     metrics: Option<Rc<Metrics>>,
     worker: Option<WorkerGauges>,
+    /// Fetching newer bundles from the configured source (`bundle_source`).
+    following: Option<Following>,
 }
 
 /// The HTTP context of a root's role (`Registry` with no guard when unconfigured).
@@ -139,7 +143,7 @@ struct WorkerGauges {
     /// which keeps a VM of its own, never does).
     serving_gauge: u32,
     serving: Cell<bool>,
-    bundle_revision: u64,
+    bundle_revision: Cell<u64>,
     endpoint: &'static str,
     generation: u64,
 }
@@ -159,7 +163,7 @@ impl WorkerGauges {
             heartbeat: gauge(host, "heartbeat")?,
             serving_gauge: gauge(host, "serving")?,
             serving: Cell::new(false),
-            bundle_revision,
+            bundle_revision: Cell::new(bundle_revision),
             endpoint,
             generation,
         };
@@ -172,7 +176,7 @@ impl WorkerGauges {
             return;
         }
         let now = host.now_unix_seconds().ok().and_then(|t| u64::try_from(t).ok()).unwrap_or(0);
-        let _ = host.record(self.revision, self.bundle_revision);
+        let _ = host.record(self.revision, self.bundle_revision.get());
         let _ = host.record(self.serving_gauge, u64::from(self.serving.get()));
         let _ = host.record(self.heartbeat, now);
     }
@@ -181,7 +185,7 @@ impl WorkerGauges {
 impl GuardRoot {
     /// A root context of `vm` (in the filter: [`Vm::this_vm`]).
     pub fn new(vm: Rc<Vm>) -> GuardRoot {
-        GuardRoot { vm, role: None, correlation: None, metrics: None, worker: None }
+        GuardRoot { vm, role: None, correlation: None, metrics: None, worker: None, following: None }
     }
 
     /// `on_configure`: reads and compiles the plugin configuration. On any error it logs
@@ -256,18 +260,155 @@ impl GuardRoot {
         if let Some(m) = &self.metrics {
             m.bundle_activated(host, revision);
         }
-        let endpoint = match config.endpoint {
-            ServedEndpoint::Registry => "registry",
-            ServedEndpoint::DependencyProxy => "dependency_proxy",
-        };
+        let endpoint = endpoint_label(config.endpoint);
         self.worker = WorkerGauges::define(host, &self.vm, endpoint, revision);
         let slots = config.correlation_slots;
         self.correlation = (slots > 0).then(|| Rc::new(Correlation::new(slots, vm_prefix(host))));
-        self.role = Some(Role::Registry(Rc::new(RefCell::new(Guard::new(*config)))));
+        self.following = config.bundle_source.clone().map(|source| {
+            log::info!(
+                "registry-guard: following the bundle source {}{} ({})",
+                source.cluster,
+                source.path,
+                if source.wait_seconds > 0 {
+                    format!("long polling, wait {} s", source.wait_seconds)
+                } else {
+                    format!("polling every {} s", source.poll_seconds)
+                }
+            );
+            Following::new(host, source)
+        });
+        let guard = Rc::new(RefCell::new(Guard::new(*config)));
+        if self.following.is_some() {
+            // A bundle this Envoy fetched before (under an earlier configuration, or in
+            // another worker) and newer than the configured one: this configuration starts
+            // from it instead of going back to the configured (boot fallback) bundle.
+            // Acceptance above never depends on it.
+            if let Ok((Some(jws), _)) = host.get_shared(&fetched_key(endpoint)) {
+                if let Ok(jws) = std::str::from_utf8(&jws) {
+                    if let Settled::Activated { revision: r } = verify_and_activate(&guard, jws) {
+                        log::info!("registry-guard: starting from bundle revision {r}, fetched earlier by this Envoy");
+                        if let Some(m) = &self.metrics {
+                            m.bundle_activated(host, r);
+                        }
+                        if let Some(w) = &self.worker {
+                            w.bundle_revision.set(r);
+                        }
+                    }
+                }
+            }
+        }
+        self.role = Some(Role::Registry(guard));
         true
     }
 
-    /// `on_tick`: flushes batched counters and renews this VM's gauges.
+    /// Fetches from the bundle source when a fetch is due, and keeps the guard's staleness
+    /// in step with the follower's (called on every tick).
+    fn follow(&self, host: &mut impl Host) {
+        let (Some(f), Some(Role::Registry(guard))) = (&self.following, &self.role) else { return };
+        let now_ms = now_ms(host);
+        {
+            let follower = f.follower.borrow();
+            let stale = follower.stale(now_ms).then(|| {
+                format!(
+                    "no bundle from the source {} for {} s (max_staleness_seconds {}): refusing every request; last error: {}",
+                    follower.source().cluster,
+                    follower.seconds_since_success(now_ms),
+                    follower.source().max_staleness_seconds.unwrap_or(0),
+                    follower.last_error.as_deref().unwrap_or("none"),
+                )
+            });
+            if let Ok(mut g) = guard.try_borrow_mut() {
+                match (&g.stale, &stale) {
+                    (None, Some(why)) => log::error!("registry-guard: policy stale: {why}"),
+                    (Some(_), None) => log::warn!("registry-guard: policy current again: requests are decided"),
+                    _ => {}
+                }
+                g.stale = stale;
+            }
+            f.gauges(host, &follower, now_ms, guard);
+        }
+        let request = f.follower.borrow_mut().due(now_ms);
+        let Some(request) = request else { return };
+        let mut headers: Vec<(&str, &str)> =
+            vec![(":method", "GET"), (":path", &request.path), (":authority", &request.authority)];
+        headers.extend(request.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let cluster = f.follower.borrow().source().cluster.clone();
+        match host.dispatch_http_call(&cluster, &headers, Duration::from_millis(request.timeout_ms)) {
+            Ok(token) => f.in_flight.set(Some(token)),
+            Err(e) => {
+                let mut follower = f.follower.borrow_mut();
+                follower.dispatch_failed(now_ms, random_u32(), &format!("{e} (is `{cluster}` an Envoy cluster?)"));
+                log::warn!(
+                    "registry-guard: bundle source: {}",
+                    follower.last_error.as_deref().unwrap_or("dispatch failed")
+                );
+                f.count(host, "failed", follower.last_refusal);
+            }
+        }
+    }
+
+    /// `on_http_call_response`: the bundle source answered (or the call failed).
+    pub fn fetched(&self, host: &mut impl Host, token_id: u32, body_size: usize) {
+        let (Some(f), Some(Role::Registry(guard))) = (&self.following, &self.role) else { return };
+        if f.in_flight.get() != Some(token_id) {
+            return;
+        }
+        f.in_flight.set(None);
+        let now_ms = now_ms(host);
+        let rand = random_u32();
+        let max_bytes = f.follower.borrow().source().max_bytes;
+        // Envoy delivers a failed call (reset, timeout, no healthy host) with no headers.
+        let status =
+            host.http_call_response_header(":status").ok().flatten().and_then(|s| s.trim().parse::<u16>().ok());
+        let etag = host.http_call_response_header("etag").ok().flatten();
+        let body = match status {
+            Some(200) if body_size <= max_bytes => host.http_call_response_body(body_size).ok().flatten(),
+            _ => None,
+        };
+        let answer = match status {
+            None => Answer::Failed("the call failed (connection, timeout or no healthy upstream)".into()),
+            Some(status) => Answer::Http { status, etag: etag.as_deref(), body_size, body: body.as_deref() },
+        };
+        let step = f.follower.borrow_mut().answer(now_ms, rand, answer);
+        match step {
+            Step::NotModified => f.count(host, "not_modified", None),
+            Step::Failed(reason) => {
+                log::warn!("registry-guard: bundle source: {reason}; the active bundle stays");
+                let kind = f.follower.borrow().last_refusal;
+                f.count(host, "failed", kind);
+            }
+            Step::Verify(jws) => {
+                let settled = verify_and_activate(guard, &jws);
+                f.follower.borrow_mut().settle(now_ms, rand, &settled);
+                match &settled {
+                    Settled::Activated { revision } => {
+                        log::info!("registry-guard: bundle revision {revision} fetched from the source and activated");
+                        let endpoint =
+                            guard.try_borrow().map(|g| endpoint_label(g.config.endpoint)).unwrap_or("registry");
+                        if let Err(e) = host.set_shared(&fetched_key(endpoint), jws.as_bytes(), None) {
+                            log::warn!("registry-guard: cannot keep the fetched bundle for later configurations: {e}");
+                        }
+                        if let Some(m) = &self.metrics {
+                            m.bundle_activated(host, *revision);
+                        }
+                        if let Some(w) = &self.worker {
+                            w.bundle_revision.set(*revision);
+                            w.beat(host, &self.vm);
+                        }
+                        f.count(host, "changed", None);
+                    }
+                    Settled::Unchanged => f.count(host, "not_modified", None),
+                    Settled::Refused { kind, reason } => {
+                        log::warn!("registry-guard: bundle from the source refused: {reason}; the active bundle stays");
+                        f.count(host, "refused", Some(*kind));
+                    }
+                }
+            }
+        }
+    }
+
+    /// `on_tick`: flushes batched counters, renews this VM's gauges and follows the bundle
+    /// source.
     pub fn tick(&self, host: &mut impl Host) {
         if let Some(m) = &self.metrics {
             m.flush(host);
@@ -275,6 +416,7 @@ impl GuardRoot {
         if let Some(w) = &self.worker {
             w.beat(host, &self.vm);
         }
+        self.follow(host);
     }
 
     /// `on_done` (a new configuration replaces this plugin): hands over pending counts.
@@ -316,6 +458,144 @@ impl Context for GuardRoot {
     fn on_done(&mut self) -> bool {
         self.done(&mut ProxyWasmHost);
         true
+    }
+
+    fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
+        self.fetched(&mut ProxyWasmHost, token_id, body_size);
+    }
+}
+
+/// Following the bundle source in this root: the pure follower, the call in flight, and the
+/// metrics of fetches (`registry_guard.bundle_fetch.<result>`, rejections by reason
+/// `registry_guard.bundle_fetch_rejected.<reason>`, and gauges of the followed revision and
+/// the seconds since the last successful fetch).
+struct Following {
+    follower: RefCell<Follower>,
+    in_flight: Cell<Option<u32>>,
+    ids: Option<FollowMetrics>,
+}
+
+struct FollowMetrics {
+    results: Vec<(&'static str, u32)>,
+    rejected: Vec<(RefusalKind, u32)>,
+    seconds_since_success: u32,
+    stale: u32,
+}
+
+const FETCH_RESULTS: [&str; 4] = ["changed", "not_modified", "refused", "failed"];
+const REFUSAL_KINDS: [RefusalKind; 7] = [
+    RefusalKind::Signature,
+    RefusalKind::Environment,
+    RefusalKind::Revision,
+    RefusalKind::Content,
+    RefusalKind::Size,
+    RefusalKind::Status,
+    RefusalKind::Unreachable,
+];
+
+impl Following {
+    fn new(host: &mut impl Host, source: BundleSource) -> Following {
+        let now = now_ms(host);
+        let ids = (|| -> Result<FollowMetrics, crate::host::HostError> {
+            let mut results = Vec::new();
+            for r in FETCH_RESULTS {
+                results
+                    .push((r, host.define_metric(MetricType::Counter, &format!("registry_guard.bundle_fetch.{r}"))?));
+            }
+            let mut rejected = Vec::new();
+            for k in REFUSAL_KINDS {
+                let name = format!("registry_guard.bundle_fetch_rejected.{}", k.label());
+                rejected.push((k, host.define_metric(MetricType::Counter, &name)?));
+            }
+            Ok(FollowMetrics {
+                results,
+                rejected,
+                seconds_since_success: host
+                    .define_metric(MetricType::Gauge, "registry_guard.bundle_fetch.seconds_since_success")?,
+                stale: host.define_metric(MetricType::Gauge, "registry_guard.bundle_fetch.stale")?,
+            })
+        })()
+        .map_err(|e| log::warn!("registry-guard: cannot define the bundle fetch metrics: {e}"))
+        .ok();
+        Following { follower: RefCell::new(Follower::new(source, now)), in_flight: Cell::new(None), ids }
+    }
+
+    fn count(&self, host: &mut impl Host, result: &str, refusal: Option<RefusalKind>) {
+        let Some(ids) = &self.ids else { return };
+        if let Some((_, id)) = ids.results.iter().find(|(r, _)| *r == result) {
+            let _ = host.increment(*id);
+        }
+        if let Some((_, id)) = refusal.and_then(|k| ids.rejected.iter().find(|(r, _)| *r == k)) {
+            let _ = host.increment(*id);
+        }
+    }
+
+    fn gauges(&self, host: &mut impl Host, follower: &Follower, now_ms: u64, guard: &RefCell<Guard>) {
+        let Some(ids) = &self.ids else { return };
+        let _ = host.record(ids.seconds_since_success, follower.seconds_since_success(now_ms));
+        let stale = guard.try_borrow().map(|g| g.stale.is_some()).unwrap_or(false);
+        let _ = host.record(ids.stale, u64::from(stale));
+    }
+}
+
+/// Verifies a fetched bundle with the configuration's operator keys and environment and,
+/// if it is newer than the active one, activates it in this VM.
+fn verify_and_activate(guard: &RefCell<Guard>, jws: &str) -> Settled {
+    let Ok(mut g) = guard.try_borrow_mut() else {
+        return Settled::Refused { kind: RefusalKind::Content, reason: "the guard is busy (retried later)".into() };
+    };
+    let Some(keys) = &g.config.bundle_keys else {
+        return Settled::Refused { kind: RefusalKind::Signature, reason: "no `bundle_keys` to verify with".into() };
+    };
+    let policy = match bundle::verify_for(jws, keys, g.config.environment.as_deref()) {
+        Ok(policy) => policy,
+        Err(e) => {
+            return Settled::Refused {
+                kind: RefusalKind::of_bundle_error(&e.path),
+                reason: format!("{}: {}", e.path, e.reason),
+            }
+        }
+    };
+    let active = g.config.policy.revision;
+    if policy.revision == active {
+        return Settled::Unchanged;
+    }
+    if policy.revision < active {
+        return Settled::Refused {
+            kind: RefusalKind::Revision,
+            reason: format!(
+                "$.revision: revision {} is older than the active revision {active}: rollback refused",
+                policy.revision
+            ),
+        };
+    }
+    let revision = policy.revision;
+    g.activate(policy);
+    Settled::Activated { revision }
+}
+
+fn endpoint_label(endpoint: ServedEndpoint) -> &'static str {
+    match endpoint {
+        ServedEndpoint::Registry => "registry",
+        ServedEndpoint::DependencyProxy => "dependency_proxy",
+    }
+}
+
+/// Shared-data key (process-wide) of the newest bundle fetched for an endpoint.
+pub fn fetched_key(endpoint: &str) -> String {
+    format!("registry_guard.fetched_bundle.{endpoint}")
+}
+
+fn now_ms(host: &mut impl Host) -> u64 {
+    host.unix_time().map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Jitter for the follower (WASI `random_get`; a fixed middle value without it).
+fn random_u32() -> u32 {
+    let mut bytes = [0u8; 4];
+    match getrandom::getrandom(&mut bytes) {
+        Ok(()) => u32::from_le_bytes(bytes),
+        Err(_) => 1 << 31,
     }
 }
 

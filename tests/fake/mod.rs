@@ -55,6 +55,14 @@ pub struct FakeHost {
     /// The plugin configuration (`None`: empty).
     pub configuration: Option<Vec<u8>>,
     pub tick_period: Option<Duration>,
+    /// The clock, when a test moves it (default: [`NOW`]).
+    pub clock: Option<Duration>,
+    /// Outgoing calls dispatched: cluster, headers, timeout.
+    pub calls: Vec<(String, Vec<(String, String)>, Duration)>,
+    pub fail_dispatch: bool,
+    /// The answer of the call being delivered: headers and body.
+    pub call_response_headers: Vec<(String, String)>,
+    pub call_response_body: Option<Vec<u8>>,
 }
 
 impl FakeHost {
@@ -104,7 +112,26 @@ impl Host for FakeHost {
         Ok(())
     }
     fn unix_time(&mut self) -> Result<Duration, HostError> {
-        Ok(Duration::from_secs(NOW as u64))
+        Ok(self.clock.unwrap_or(Duration::from_secs(NOW as u64)))
+    }
+    fn dispatch_http_call(
+        &mut self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<u32, HostError> {
+        if self.fail_dispatch {
+            return Err(HostError::status(HostCall::DispatchHttpCall, Status::BadArgument));
+        }
+        let h = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        self.calls.push((cluster.to_owned(), h, timeout));
+        Ok(self.calls.len() as u32)
+    }
+    fn http_call_response_header(&mut self, name: &str) -> Result<Option<String>, HostError> {
+        Ok(self.call_response_headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+    }
+    fn http_call_response_body(&mut self, size: usize) -> Result<Option<Vec<u8>>, HostError> {
+        Ok(self.call_response_body.as_ref().map(|b| b[..size.min(b.len())].to_vec()))
     }
     fn get_shared(&mut self, key: &str) -> Result<SharedValue, HostError> {
         if self.fail_shared {

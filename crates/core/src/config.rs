@@ -53,6 +53,10 @@ struct RawFilterConfig<'a> {
     /// Which endpoint this filter guards: `registry` (default) or `dependency-proxy`.
     #[serde(default)]
     endpoint: ServedEndpoint,
+    /// Where the filter fetches newer bundles itself (see `follow`); `bundle` is then the
+    /// boot fallback.
+    #[serde(default)]
+    bundle_source: Option<crate::follow::BundleSource>,
 }
 
 /// The endpoint a registry-role filter guards (its Envoy listener).
@@ -277,6 +281,10 @@ pub struct FilterConfig {
     pub denied_body_drain_bytes: u64,
     /// The endpoint this filter guards.
     pub endpoint: ServedEndpoint,
+    /// Where newer bundles are fetched from, if anywhere.
+    pub bundle_source: Option<crate::follow::BundleSource>,
+    /// The operator keys that may sign bundles (required with `bundle` or `bundle_source`).
+    pub bundle_keys: Option<KeySet>,
 }
 
 /// A configuration error naming the field (JSON path) and the reason.
@@ -347,14 +355,21 @@ impl FilterConfig {
                 ));
             }
         }
-        let policy = match (&raw.bundle, &raw.bundle_keys) {
-            (None, _) => Policy::default(),
-            (Some(_), None) => return Err(error("$.bundle_keys", "required when `bundle` is set")),
-            (Some(jws), Some(keys)) => {
-                let keys = KeySet::from_jwks(keys).map_err(|e| error("$.bundle_keys", e.to_string()))?;
-                bundle::verify_for(jws, &keys, raw.environment.as_deref())
-                    .map_err(|e| error("$.bundle", format!("bundle rejected: {e}")))?
+        let bundle_keys = match &raw.bundle_keys {
+            None if raw.bundle.is_some() => return Err(error("$.bundle_keys", "required when `bundle` is set")),
+            None if raw.bundle_source.is_some() => {
+                return Err(error("$.bundle_keys", "required when `bundle_source` is set"))
             }
+            None => None,
+            Some(keys) => Some(KeySet::from_jwks(keys).map_err(|e| error("$.bundle_keys", e.to_string()))?),
+        };
+        if let Some(source) = &raw.bundle_source {
+            source.check().map_err(|(field, reason)| ConfigError { field, reason })?;
+        }
+        let policy = match (&raw.bundle, &bundle_keys) {
+            (Some(jws), Some(keys)) => bundle::verify_for(jws, keys, raw.environment.as_deref())
+                .map_err(|e| error("$.bundle", format!("bundle rejected: {e}")))?,
+            _ => Policy::default(),
         };
         Ok(FilterConfig {
             challenge: ChallengeConfig { realm: raw.realm, service: raw.service.clone() },
@@ -369,6 +384,8 @@ impl FilterConfig {
             fault_injection,
             denied_body_drain_bytes: raw.denied_body_drain_bytes,
             endpoint: raw.endpoint,
+            bundle_source: raw.bundle_source,
+            bundle_keys,
         })
     }
 }

@@ -14,6 +14,7 @@ pub mod directory;
 pub mod es256;
 pub mod events;
 pub mod explain;
+pub mod follow;
 pub mod guard;
 pub mod json;
 pub mod name;

@@ -79,10 +79,14 @@ enum Command {
     /// Create the operator token that authorises `PUT /bundle` on token services, unless one
     /// exists: `<out>/operator-token` (the secret, mode 0600, for `rgctl push`) and
     /// `<out>/operator-token.sha256` (its digest, for `operator_token_sha256` in
-    /// token-service.json).
+    /// token-service.json). `--name bundle-read` makes the token fleet members present to
+    /// `GET /bundle` instead (`bundle-read-token`, for `bundle_read_token_sha256`).
     OperatorToken {
         #[arg(long)]
         out: PathBuf,
+        /// File name stem: `<name>-token` and `<name>-token.sha256`.
+        #[arg(long, default_value = "operator")]
+        name: String,
     },
     /// Replace the token keys running Envoys trust (key rotation): the JWKS from a file or a
     /// token service's `/jwks` URL goes into each filter configuration; the bundle stays.
@@ -227,6 +231,25 @@ enum Command {
         /// dependency proxy on its own listener; seed 002's login and pull rules).
         #[arg(long, value_parser = ["registry", "dependency-proxy"], default_value = "registry")]
         endpoint: String,
+        /// The filter fetches newer bundles itself from this Envoy cluster (a token service's
+        /// `GET /bundle`); `--bundle` is then the boot fallback. Needs `--bundle-keys`.
+        #[arg(long, requires = "bundle_keys")]
+        bundle_source_cluster: Option<String>,
+        /// Path of the bundle on the source.
+        #[arg(long, default_value = "/bundle", requires = "bundle_source_cluster")]
+        bundle_source_path: String,
+        /// A file holding the bundle read token presented to the source.
+        #[arg(long, requires = "bundle_source_cluster")]
+        bundle_source_token_file: Option<PathBuf>,
+        /// Seconds between polls (and the base of the backoff after failures).
+        #[arg(long, default_value_t = 10, requires = "bundle_source_cluster")]
+        bundle_source_poll_seconds: u64,
+        /// Long polling: how long the source may hold a fetch (0: plain polling).
+        #[arg(long, default_value_t = 0, requires = "bundle_source_cluster")]
+        bundle_source_wait_seconds: u64,
+        /// Refuse every request (503) after this long without a successful fetch.
+        #[arg(long, requires = "bundle_source_cluster")]
+        max_staleness_seconds: Option<u64>,
     },
     /// Write a small OCI image layout (one layer) to push in demos and tests; no network.
     DemoImage {
@@ -309,7 +332,7 @@ fn run(cli: Cli) -> Result<()> {
             let token = operator_token_file.map(|f| read(&f).map(|t| t.trim().to_owned())).transpose()?;
             deliver::push(&bundle, &envoys, &token_services, force, token.as_deref())
         }
-        Command::OperatorToken { out } => operator_token(&out),
+        Command::OperatorToken { out, name } => operator_token(&out, &name),
         Command::Status { envoys, token_services } => deliver::status(&envoys, &token_services),
         Command::PushKeys { jwks, envoys } => deliver::push_keys(&jwks, &envoys),
         Command::Kid { key } => {
@@ -398,9 +421,31 @@ fn run(cli: Cli) -> Result<()> {
             environment,
             client_address,
             endpoint,
+            bundle_source_cluster,
+            bundle_source_path,
+            bundle_source_token_file,
+            bundle_source_poll_seconds,
+            bundle_source_wait_seconds,
+            max_staleness_seconds,
         } => {
             let bundle = bundle.map(|b| read(&b).map(|t| t.trim().to_owned())).transpose()?;
             let bundle_keys = bundle_keys.map(|k| read_json(&k)).transpose()?;
+            let bundle_source = match bundle_source_cluster {
+                None => None,
+                Some(cluster) => {
+                    let mut source = serde_json::json!({
+                        "cluster": cluster, "path": bundle_source_path,
+                        "poll_seconds": bundle_source_poll_seconds, "wait_seconds": bundle_source_wait_seconds,
+                    });
+                    if let Some(f) = bundle_source_token_file {
+                        source["token"] = read(&f)?.trim().into();
+                    }
+                    if let Some(s) = max_staleness_seconds {
+                        source["max_staleness_seconds"] = s.into();
+                    }
+                    Some(source)
+                }
+            };
             let config = filter_config(&FilterSettings {
                 realm,
                 service,
@@ -412,6 +457,7 @@ fn run(cli: Cli) -> Result<()> {
                 environment,
                 client_address,
                 endpoint,
+                bundle_source,
             })?;
             println!("{}", serde_json::to_string(&config)?);
             Ok(())
@@ -461,6 +507,8 @@ pub(crate) struct FilterSettings {
     pub client_address: String,
     /// `registry` or `dependency-proxy`.
     pub endpoint: String,
+    /// `bundle_source` of the filter configuration (the filter fetches newer bundles).
+    pub bundle_source: Option<serde_json::Value>,
 }
 
 /// The filter configuration JSON, checked as the filter will check it.
@@ -484,6 +532,9 @@ pub(crate) fn filter_config(s: &FilterSettings) -> Result<serde_json::Value> {
         }
         if let Some(env) = &s.environment {
             obj.insert("environment".into(), env.clone().into());
+        }
+        if let Some(source) = &s.bundle_source {
+            obj.insert("bundle_source".into(), source.clone());
         }
     }
     FilterConfig::from_json(serde_json::to_string(&config)?.as_bytes())?;
@@ -532,22 +583,26 @@ fn load_keyset(path: &Path) -> Result<KeySet> {
     KeySet::from_jwks(&read_json(path)?).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-fn operator_token(out: &Path) -> Result<()> {
+fn operator_token(out: &Path, name: &str) -> Result<()> {
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        bail!("token name `{name}` must be letters, digits, `-` or `_`");
+    }
     fs::create_dir_all(out).with_context(|| format!("cannot create `{}`", out.display()))?;
-    let secret_path = out.join("operator-token");
+    let secret_path = out.join(format!("{name}-token"));
+    let digest_path = out.join(format!("{name}-token.sha256"));
     if secret_path.exists() {
-        eprintln!("keeping existing operator token {}", secret_path.display());
+        eprintln!("keeping existing {name} token {}", secret_path.display());
     } else {
         let mut bytes = [0u8; 32];
         rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
         let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         write_private(&secret_path, format!("{secret}\n").as_bytes())?;
-        eprintln!("generated operator token {}", secret_path.display());
+        eprintln!("generated {name} token {}", secret_path.display());
     }
     let secret = read(&secret_path)?;
     let digest: String = Sha256::digest(secret.trim().as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
-    fs::write(out.join("operator-token.sha256"), format!("{digest}\n"))?;
-    eprintln!("its SHA-256 is in {}", out.join("operator-token.sha256").display());
+    fs::write(&digest_path, format!("{digest}\n"))?;
+    eprintln!("its SHA-256 is in {}", digest_path.display());
     Ok(())
 }
 

@@ -477,7 +477,7 @@ pub fn render(args: &RenderArgs) -> Result<Stack> {
     let keys = config_dir.join("keys");
     crate::keygen(&keys, "signing")?;
     crate::keygen(&keys, "operator")?;
-    crate::operator_token(&keys)?;
+    crate::operator_token(&keys, "operator")?;
     // The token service's starting bundle: bundle.json signed once; the token service
     // rewrites bundle.jws on every push it accepts (its own state).
     let bundle_json = config_dir.join("bundle.json");
@@ -538,6 +538,7 @@ pub fn render(args: &RenderArgs) -> Result<Stack> {
             // envoy/envoy.yaml has `use_remote_address: true`.
             client_address: "x-forwarded-for".into(),
             endpoint: endpoint.into(),
+            bundle_source: None,
         })?;
         if let Some(obj) = config.as_object_mut() {
             obj.extend(extra.clone());

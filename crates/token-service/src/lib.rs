@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod follow;
 pub mod issue;
 pub mod keys;
 pub mod limits;
