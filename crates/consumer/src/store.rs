@@ -352,7 +352,7 @@ pub struct Pruned {
 #[derive(Debug)]
 pub enum Store {
     Sqlite(SqliteStore),
-    Postgres(PgStore),
+    Postgres(Box<PgStore>),
 }
 
 impl Store {
@@ -366,7 +366,7 @@ impl Store {
     pub fn connect(database: &Database) -> Result<Store, StoreError> {
         match database {
             Database::Sqlite(path) => Store::open(path),
-            Database::Postgres(url) => PgStore::connect(url).map(Store::Postgres),
+            Database::Postgres(url) => PgStore::connect(url).map(|p| Store::Postgres(Box::new(p))),
         }
     }
 
