@@ -1,4 +1,4 @@
-//! `registry-guard-consumer --database PATH --jwks PATH --secret-file PATH --read-token-file PATH
+//! `registry-guard-consumer --database PATH|postgres://URL --jwks PATH --secret-file PATH --read-token-file PATH
 //! [--listen ADDR] [--tolerance-seconds N] [--retention-days N] [--max-events N]`
 
 use std::net::SocketAddr;
@@ -18,8 +18,11 @@ struct Cli {
     /// Address to listen on (the registry's notification endpoint is `POST /events`).
     #[arg(long, value_name = "ADDR", default_value = DEFAULT_LISTEN)]
     listen: SocketAddr,
-    /// SQLite file holding the events and counts (created if missing).
-    #[arg(long, value_name = "PATH")]
+    /// Where the events and counts are kept: an SQLite file (created if missing), or a
+    /// PostgreSQL URL `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?connect_timeout=S]`
+    /// that several replicas share (tables created if absent; PGPASSWORD is read when the URL
+    /// has no password; no TLS). See docs/consumer.md.
+    #[arg(long, value_name = "PATH|URL")]
     database: PathBuf,
     /// The token service's JWKS file: the public keys that sign the nested `user` JWTs.
     #[arg(long, value_name = "PATH")]
@@ -60,7 +63,7 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let app = Application::build(Settings {
         listen: cli.listen,
-        database: cli.database,
+        database: cli.database.into(),
         jwks: cli.jwks,
         secret_file: cli.secret_file,
         read_token_file: cli.read_token_file,

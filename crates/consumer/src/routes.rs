@@ -228,10 +228,11 @@ async fn post_events(State(state): State<Arc<AppState>>, headers: HeaderMap, bod
 async fn read<T, F>(state: &Arc<AppState>, f: F) -> Result<T, Response>
 where
     T: Send + 'static,
-    F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    F: FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
 {
     let worker = Arc::clone(state);
-    match tokio::task::spawn_blocking(move || f(&worker.store.lock().unwrap_or_else(PoisonError::into_inner))).await {
+    match tokio::task::spawn_blocking(move || f(&mut worker.store.lock().unwrap_or_else(PoisonError::into_inner))).await
+    {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => {
             tracing::error!("reading the counts failed: {e}");
