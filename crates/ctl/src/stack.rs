@@ -164,6 +164,28 @@ pub struct RenderArgs {
     /// The consumer's `--retention-days` (its own default when absent).
     #[arg(long, value_name = "DAYS")]
     pub consumer_retention_days: Option<i64>,
+    /// Whether the filter fetches newer bundles from the token service itself (its `GET
+    /// /bundle`, through Envoy's `token_service` cluster, with the bundle read token):
+    /// `long-poll` (the token service holds each fetch until the bundle changes), `poll`
+    /// (every few seconds) or `none` (bundles reach Envoy only through its ECDS files).
+    #[arg(long, value_name = "MODE", value_parser = ["none", "poll", "long-poll"], default_value = "none")]
+    pub bundle_source: String,
+    /// Seconds between fetches with `--bundle-source poll`.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    pub bundle_poll_seconds: u64,
+}
+
+/// The filter's `bundle_source` for `--bundle-source` (`None` for `none`).
+fn bundle_source(args: &RenderArgs, read_token: &str) -> Option<serde_json::Value> {
+    let (poll, wait) = match args.bundle_source.as_str() {
+        "long-poll" => (5, 20),
+        "poll" => (args.bundle_poll_seconds, 0),
+        _ => return None,
+    };
+    Some(serde_json::json!({
+        "cluster": "token_service", "path": "/bundle", "token": read_token,
+        "poll_seconds": poll, "wait_seconds": wait,
+    }))
 }
 
 /// One process of a stack: how to start it and the URL that answers once it is ready.
@@ -478,6 +500,17 @@ pub fn render(args: &RenderArgs) -> Result<Stack> {
     crate::keygen(&keys, "signing")?;
     crate::keygen(&keys, "operator")?;
     crate::operator_token(&keys, "operator")?;
+    // The token the filter (and token-service replicas) present to `GET /bundle`.
+    crate::operator_token(&keys, "bundle-read")?;
+    let read_token = crate::read(&keys.join("bundle-read-token"))?.trim().to_owned();
+    if args.bundle_source != "none" && settings["bundle_read_token_sha256"].as_str().is_none() {
+        bail!(
+            "`--bundle-source {}`: {} has no `bundle_read_token_sha256`, so the token service would not serve the \
+             bundle (set it to \"keys/bundle-read-token.sha256\")",
+            args.bundle_source,
+            config_dir.join("token-service.json").display()
+        );
+    }
     // The token service's starting bundle: bundle.json signed once; the token service
     // rewrites bundle.jws on every push it accepts (its own state).
     let bundle_json = config_dir.join("bundle.json");
@@ -538,7 +571,7 @@ pub fn render(args: &RenderArgs) -> Result<Stack> {
             // envoy/envoy.yaml has `use_remote_address: true`.
             client_address: "x-forwarded-for".into(),
             endpoint: endpoint.into(),
-            bundle_source: None,
+            bundle_source: bundle_source(args, &read_token),
         })?;
         if let Some(obj) = config.as_object_mut() {
             obj.extend(extra.clone());
@@ -699,6 +732,8 @@ mod tests {
             filter_extra: None,
             registry_token_auth: None,
             consumer_retention_days: Some(7),
+            bundle_source: "none".into(),
+            bundle_poll_seconds: 5,
         }
     }
 
@@ -743,7 +778,7 @@ mod tests {
         assert!(a.config_dir.join("bundle.jws").is_file());
         let envoy = fs::read_to_string(out.join("envoy.yaml")).unwrap();
         assert!(!envoy.contains("${"), "placeholder left");
-        for port in [42000, 42002, 42003, 42005, 42006, 42007, 42008] {
+        for port in [42000, 42001, 42002, 42003, 42005, 42006, 42007, 42008] {
             assert!(envoy.contains(&format!("port_value: {port} ")), "port {port} not in envoy.yaml");
         }
         let registry = fs::read_to_string(out.join("registry.yml")).unwrap();
@@ -788,6 +823,40 @@ mod tests {
         render(&a).unwrap();
         assert_eq!(fs::read_to_string(out.join("http-secret")).unwrap(), secret);
         assert_eq!(fs::read_to_string(a.config_dir.join("keys/signing-key.pem")).unwrap(), key);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn bundle_source_makes_the_filter_follow_the_token_service() {
+        let dir = scratch("follow");
+        let wasm = dir.join("filter.wasm");
+        fs::write(&wasm, b"\0asm").unwrap();
+        let mut a = args(&dir, &wasm);
+        a.bundle_source = "long-poll".into();
+        render(&a).unwrap();
+        let filter: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(dir.join("out/filter.json")).unwrap()).unwrap();
+        let token = fs::read_to_string(a.config_dir.join("keys/bundle-read-token")).unwrap();
+        assert_eq!(
+            filter["bundle_source"],
+            serde_json::json!({"cluster": "token_service", "path": "/bundle", "token": token.trim(),
+                               "poll_seconds": 5, "wait_seconds": 20})
+        );
+        assert!(a.config_dir.join("keys/bundle-read-token.sha256").is_file());
+        a.bundle_source = "poll".into();
+        a.bundle_poll_seconds = 2;
+        render(&a).unwrap();
+        let filter: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(dir.join("out/filter-dependency-proxy.json")).unwrap()).unwrap();
+        assert_eq!(
+            (filter["bundle_source"]["poll_seconds"].as_u64(), filter["bundle_source"]["wait_seconds"].as_u64()),
+            (Some(2), Some(0))
+        );
+        // A token service that would not serve the bundle is named.
+        let settings = a.config_dir.join("token-service.json");
+        let text = fs::read_to_string(&settings).unwrap().replace("bundle_read_token_sha256", "x_unused");
+        fs::write(&settings, text).unwrap();
+        assert!(render_err(&a).contains("has no `bundle_read_token_sha256`"));
         let _ = fs::remove_dir_all(&dir);
     }
 
