@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use registry_guard_core::token::{KeySet, KeySetError, Verifier};
+use registry_guard_service::ServerLimits;
 use tokio::net::TcpListener;
 
 use crate::config::{load_key_ring, Config, ConfigError, KeyRing};
@@ -13,7 +14,6 @@ use crate::issue::TokenIssuer;
 use crate::limits::LoginGuard;
 use crate::policy::PolicyStore;
 use crate::routes::{self, ActiveKeys, AppState};
-use crate::server::ServerLimits;
 
 /// Default `--listen` address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5001";
@@ -154,11 +154,9 @@ impl Application {
             service: config.service,
             ttl_seconds: config.token_ttl_seconds,
         };
-        let listener = TcpListener::bind(settings.listen)
+        let (listener, local_addr) = registry_guard_service::bind(settings.listen)
             .await
             .map_err(|source| StartupError::Bind { addr: settings.listen, source })?;
-        let local_addr =
-            listener.local_addr().map_err(|source| StartupError::Bind { addr: settings.listen, source })?;
         Ok(Application {
             listener,
             local_addr,
@@ -210,7 +208,7 @@ impl Application {
 
     /// Serves until the process ends.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        crate::server::serve(self.listener, self.router, self.server_limits, std::future::pending()).await
+        registry_guard_service::serve(self.listener, self.router, self.server_limits, std::future::pending()).await
     }
 
     /// Serves until `shutdown` completes, then finishes in-flight requests.
@@ -218,6 +216,6 @@ impl Application {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        crate::server::serve(self.listener, self.router, self.server_limits, shutdown).await
+        registry_guard_service::serve(self.listener, self.router, self.server_limits, shutdown).await
     }
 }
