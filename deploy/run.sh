@@ -12,7 +12,7 @@
 #   CONSUMER_PORT  the reference event consumer (5005)
 #   EVENTS_PORT  Envoy's notifications listener: registry → filter (events role) → consumer (5006)
 #   CONSUMER_RETENTION_DAYS  days the consumer keeps raw event rows (90)
-#   DEPENDENCY_PROXY_LISTEN_PORT  Envoy's dependency-proxy endpoint (seed 002's own host) (5007)
+#   DEPENDENCY_PROXY_LISTEN_PORT  Envoy's dependency-proxy endpoint (the group dependency proxy on its own listener) (5007)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -149,7 +149,7 @@ registry-guard is up (config: $CONFIG_DIR)
   registry endpoint (Envoy + filter): http://127.0.0.1:$LISTEN_PORT   e.g. skopeo login --tls-verify=false 127.0.0.1:$LISTEN_PORT
   token service:                      http://127.0.0.1:$TOKEN_PORT/jwt/auth
   stock registry (loopback only):     http://127.0.0.1:$REGISTRY_PORT
-  dependency proxy endpoint (seed 002): http://127.0.0.1:$DEPENDENCY_PROXY_LISTEN_PORT   e.g. skopeo login --tls-verify=false 127.0.0.1:$DEPENDENCY_PROXY_LISTEN_PORT
+  dependency proxy endpoint:          http://127.0.0.1:$DEPENDENCY_PROXY_LISTEN_PORT   e.g. skopeo login --tls-verify=false 127.0.0.1:$DEPENDENCY_PROXY_LISTEN_PORT
                                       skopeo inspect --tls-verify=false docker://127.0.0.1:$DEPENDENCY_PROXY_LISTEN_PORT/acme/dependency_proxy/containers/alpine:latest
     (also on the registry endpoint:   127.0.0.1:$LISTEN_PORT/<group>/dependency_proxy/containers/alpine:latest; cache :$DEPENDENCY_PROXY_PORT, hub :$HUB_PORT)
   Envoy admin / stats:                http://127.0.0.1:$ADMIN_PORT/stats?filter=registry_guard
