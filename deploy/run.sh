@@ -12,10 +12,12 @@
 #   CONSUMER_PORT  the reference event consumer (5005)
 #   EVENTS_PORT  Envoy's notifications listener: registry → filter (events role) → consumer (5006)
 #   CONSUMER_RETENTION_DAYS  days the consumer keeps raw event rows (90)
-#   DEPENDENCY_PROXY_LISTEN_PORT  Envoy's dependency-proxy endpoint (seed 002's own host) (5007)
+#   DEPENDENCY_PROXY_LISTEN_PORT  Envoy's dependency-proxy endpoint (the group dependency proxy on its own listener) (5007)
 #   PORT_BASE    number every port from it instead (listen PORT_BASE … admin PORT_BASE+8; the
 #                *_PORT above still override), so that several stacks run side by side
 #   RUN_DIR      where the rendered files and state go (.run/<config>, or .run/<config>-PORT_BASE)
+#   BUNDLE_SOURCE  how the filter follows the token service's bundle: long-poll (default), poll,
+#                or none (bundles reach Envoy only through its ECDS files, `rgctl push --envoy`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -33,7 +35,7 @@ for p in listen:LISTEN_PORT token:TOKEN_PORT registry:REGISTRY_PORT admin:ADMIN_
 done
 RUN_DIR=${RUN_DIR:-$ROOT/.run/$(basename "$CONFIG_DIR")${PORT_BASE:+-$PORT_BASE}}
 "$RGCTL" stack render --root "$ROOT" --config-dir "$CONFIG_DIR" --out "$RUN_DIR" "${port_args[@]}" \
-  --consumer-retention-days "${CONSUMER_RETENTION_DAYS:-90}" > /dev/null
+  --consumer-retention-days "${CONSUMER_RETENTION_DAYS:-90}" --bundle-source "${BUNDLE_SOURCE:-long-poll}" > /dev/null
 # shellcheck source=/dev/null
 source "$RUN_DIR/stack.env"
 
@@ -87,7 +89,7 @@ registry-guard is up (config: $CONFIG_DIR; files: $RUN_DIR; Envoy base id $ENVOY
   registry endpoint (Envoy + filter): http://127.0.0.1:$LISTEN_PORT   e.g. skopeo login --tls-verify=false 127.0.0.1:$LISTEN_PORT
   token service:                      http://127.0.0.1:$TOKEN_PORT/jwt/auth
   stock registry (loopback only):     http://127.0.0.1:$REGISTRY_PORT
-  dependency proxy endpoint (seed 002): http://127.0.0.1:$DEPENDENCY_PROXY_LISTEN_PORT   e.g. skopeo login --tls-verify=false 127.0.0.1:$DEPENDENCY_PROXY_LISTEN_PORT
+  dependency proxy endpoint:          http://127.0.0.1:$DEPENDENCY_PROXY_LISTEN_PORT   e.g. skopeo login --tls-verify=false 127.0.0.1:$DEPENDENCY_PROXY_LISTEN_PORT
                                       skopeo inspect --tls-verify=false docker://127.0.0.1:$DEPENDENCY_PROXY_LISTEN_PORT/acme/dependency_proxy/containers/alpine:latest
     (also on the registry endpoint:   127.0.0.1:$LISTEN_PORT/<group>/dependency_proxy/containers/alpine:latest; cache :$DEPENDENCY_PROXY_PORT, hub :$HUB_PORT)
   Envoy admin / stats:                http://127.0.0.1:$ADMIN_PORT/stats?filter=registry_guard

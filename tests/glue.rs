@@ -107,7 +107,7 @@ fn two_authorization_headers_are_refused() {
 
 #[test]
 fn a_form_body_behind_a_second_content_type_is_refused() {
-    // Regression (issue 7): the glue kept only the last Content-Type, so a form type first
+    // Regression: the glue kept only the last Content-Type, so a form type first
     // (which distribution's `r.FormValue` reads, `from` included) hid behind a second one.
     let b = bearer(&["pull", "push"]);
     for (first, second) in [

@@ -116,7 +116,7 @@ pub struct Stack {
     pub hub_port: u16,
     pub consumer_port: u16,
     pub events_port: u16,
-    /// Envoy's dependency-proxy listener (seed 002's own endpoint).
+    /// Envoy's dependency-proxy listener (the group dependency proxy on its own endpoint).
     pub dependency_proxy_listen_port: u16,
     /// Whether the registry verifies tokens itself (see [`Options::registry_token_auth`]).
     pub registry_token_auth: bool,
@@ -724,7 +724,7 @@ impl Stack {
     /// A valid registry token (signed with the token service's key) for `sub` of about
     /// `size` bytes — many pull grants on `acme/web/*` repositories, each naming project
     /// `acme/web` — with `jti` `hostile-<n>`, so every call yields a distinct token: what a
-    /// client minting many large tokens sends (issue 14).
+    /// client minting many large tokens sends.
     pub fn large_token(&self, sub: &str, n: u64, size: usize) -> String {
         use registry_guard_core::token::{sign, AccessClaim, AccessMeta, Audience, RegistryClaims, Validity};
         let mut access = Vec::new();

@@ -339,7 +339,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let events = Family::<EventLabels, Counter>::default();
     registry.register(
         "events",
-        "Container-registry usage events counted (lifetime), by seed-001 event name",
+        "Container-registry usage events counted (lifetime), by usage event name (`i_container_registry_…`)",
         events.clone(),
     );
     let mut names = all_metric_names();
@@ -351,7 +351,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let unique = Family::<EventLabels, Gauge>::default();
     registry.register(
         "unique_actors",
-        "Distinct user ids (event …_user) or deploy-token ids (…_deploy_token) with the seed-001 event in the current ISO week or calendar month (UTC)",
+        "Distinct user ids (event …_user) or deploy-token ids (…_deploy_token) with the usage event in the current ISO week or calendar month (UTC)",
         unique.clone(),
     );
     for p in &periods {

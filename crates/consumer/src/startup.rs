@@ -188,10 +188,9 @@ impl Application {
             read_token_digest: routes::sha256(read_token.as_bytes()),
             tolerance_seconds: settings.tolerance_seconds,
         });
-        let listener = TcpListener::bind(settings.listen)
+        let (listener, local_addr) = registry_guard_service::bind(settings.listen)
             .await
             .map_err(|error| StartupError::Bind { addr: settings.listen, error })?;
-        let local_addr = listener.local_addr().map_err(|error| StartupError::Bind { addr: settings.listen, error })?;
         let router = routes::router(Arc::clone(&state));
         Ok(Application { listener, local_addr, router, summary, state, retention })
     }

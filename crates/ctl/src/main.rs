@@ -228,7 +228,7 @@ enum Command {
         #[arg(long, value_parser = ["peer", "x-forwarded-for"], default_value = "peer")]
         client_address: String,
         /// The endpoint the filter guards: `registry`, or `dependency-proxy` (the group
-        /// dependency proxy on its own listener; seed 002's login and pull rules).
+        /// dependency proxy on its own listener, with GitLab's login and pull rules for it).
         #[arg(long, value_parser = ["registry", "dependency-proxy"], default_value = "registry")]
         endpoint: String,
         /// The filter fetches newer bundles itself from this Envoy cluster (a token service's

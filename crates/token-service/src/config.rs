@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use crate::keys;
 use crate::limits::LoginLimits;
-use crate::server::ServerLimits;
+use registry_guard_service::ServerLimits;
 
 /// The service's own settings file, optional; every field has a default.
 pub const SETTINGS_FILE: &str = "token-service.json";

@@ -322,7 +322,7 @@ fn issue(
         }
         state.directory.grant_under(policy, user, scopes)
     };
-    // Additional claims (seed 004): those every granted repository's hierarchy agrees on.
+    // Additional claims: those every granted repository's hierarchy agrees on.
     let claims = policy.claims.for_repositories(grants.iter().filter_map(|g| match &g.scope.resource {
         Resource::Repository(name) => Some(name.as_str()),
         Resource::Catalog => None,

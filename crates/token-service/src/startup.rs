@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use registry_guard_core::token::{KeySet, KeySetError, Verifier};
+use registry_guard_service::ServerLimits;
 use tokio::net::TcpListener;
 
 use crate::config::{load_key_ring, Config, ConfigError, KeyRing};
@@ -13,7 +14,6 @@ use crate::issue::TokenIssuer;
 use crate::limits::LoginGuard;
 use crate::policy::PolicyStore;
 use crate::routes::{self, ActiveKeys, AppState};
-use crate::server::ServerLimits;
 
 /// Default `--listen` address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5001";
@@ -160,11 +160,9 @@ impl Application {
             service: config.service,
             ttl_seconds: config.token_ttl_seconds,
         };
-        let listener = TcpListener::bind(settings.listen)
+        let (listener, local_addr) = registry_guard_service::bind(settings.listen)
             .await
             .map_err(|source| StartupError::Bind { addr: settings.listen, source })?;
-        let local_addr =
-            listener.local_addr().map_err(|source| StartupError::Bind { addr: settings.listen, source })?;
         let follow = config.bundle_source.clone().map(|source| (Arc::clone(&state), source));
         Ok(Application {
             state: Arc::clone(&state),
@@ -221,7 +219,7 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let _follower = self.follow.map(|(state, source)| crate::follow::spawn(state, source));
         // (runs as long as the process)
-        crate::server::serve(self.listener, self.router, self.server_limits, std::future::pending()).await
+        registry_guard_service::serve(self.listener, self.router, self.server_limits, std::future::pending()).await
     }
 
     /// Serves until `shutdown` completes, then finishes in-flight requests.
@@ -236,7 +234,7 @@ impl Application {
             shutdown.await;
             state.policy.release_waiters();
         };
-        let served = crate::server::serve(self.listener, self.router, self.server_limits, shutdown).await;
+        let served = registry_guard_service::serve(self.listener, self.router, self.server_limits, shutdown).await;
         if let Some(follower) = follower {
             follower.abort();
         }

@@ -275,7 +275,7 @@ async fn a_bundle_of_100k_rules_fits() {
         .map(|i| {
             json!({"id": format!("rule-{i}"), "owner": {"group": format!("team-{i}")},
                    "repository_path_pattern": format!("team-{i}/project/*"),
-                   "description": "protected up to developer, seed 003 reading",
+                   "description": "protected up to developer, older notation",
                    "push_protected_up_to_access_level": "developer"})
         })
         .collect();
