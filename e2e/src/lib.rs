@@ -11,6 +11,7 @@
 //! build-faults`, the filter's `fault-injection` feature).
 
 pub mod clients;
+pub mod fleet;
 
 use std::fs;
 use std::net::TcpListener;
@@ -25,7 +26,7 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn artifact(rel: &str) -> PathBuf {
+pub fn artifact(rel: &str) -> PathBuf {
     let p = root().join(rel);
     assert!(p.exists(), "missing artifact {} — run `make test` (it builds release artifacts first)", p.display());
     p
@@ -124,6 +125,8 @@ pub struct Stack {
     pub trap_on_header: Option<String>,
     /// TEST ONLY: see [`Options::refuse_configure_after_first`].
     pub refuse_configure_after_first: bool,
+    /// See [`Options::bundle_source`].
+    pub bundle_source: Option<&'static str>,
     procs: Vec<Proc>,
     /// Each process's command line from `rgctl stack render`'s stack.json, by name.
     commands: Vec<(String, Vec<String>)>,
@@ -149,6 +152,9 @@ pub struct Options {
     /// the first (Envoy's main thread), so workers end up with no filter and Envoy's
     /// backstop must refuse every request (`fault_injection.refuse_configure_after_first`).
     pub refuse_configure_after_first: bool,
+    /// The filter follows the token service's bundle itself: `"long-poll"` or `"poll"` (`rgctl
+    /// stack render --bundle-source`); `None`: only through its ECDS files.
+    pub bundle_source: Option<&'static str>,
 }
 
 impl Stack {
@@ -192,6 +198,7 @@ impl Stack {
             registry_token_auth: options.registry_token_auth,
             trap_on_header: options.trap_on_header.clone(),
             refuse_configure_after_first: options.refuse_configure_after_first,
+            bundle_source: options.bundle_source,
             procs: Vec::new(),
             commands: Vec::new(),
             dir,
@@ -253,6 +260,9 @@ impl Stack {
             ("--leeway-seconds", "2".into()),
         ] {
             args.extend([flag.to_owned(), value]);
+        }
+        if let Some(mode) = self.bundle_source {
+            args.extend(["--bundle-source".to_owned(), mode.to_owned(), "--bundle-poll-seconds".to_owned(), "2".to_owned()]);
         }
         if self.registry_token_auth {
             args.extend([

@@ -109,6 +109,10 @@ enum Command {
         envoys: Vec<String>,
         #[arg(long = "token-service", value_name = "URL")]
         token_services: Vec<String>,
+        /// A file listing the fleet, one component per line: `envoy <admin URL>` or
+        /// `token-service <URL>` (`#` starts a comment).
+        #[arg(long, value_name = "FILE")]
+        fleet: Option<PathBuf>,
     },
     /// Explain the decision for a principal and a request under a bundle.
     Explain {
@@ -333,7 +337,14 @@ fn run(cli: Cli) -> Result<()> {
             deliver::push(&bundle, &envoys, &token_services, force, token.as_deref())
         }
         Command::OperatorToken { out, name } => operator_token(&out, &name),
-        Command::Status { envoys, token_services } => deliver::status(&envoys, &token_services),
+        Command::Status { mut envoys, mut token_services, fleet } => {
+            if let Some(file) = fleet {
+                let (e, t) = deliver::read_fleet(&read(&file)?).with_context(|| format!("in `{}`", file.display()))?;
+                envoys.extend(e);
+                token_services.extend(t);
+            }
+            deliver::status(&envoys, &token_services)
+        }
         Command::PushKeys { jwks, envoys } => deliver::push_keys(&jwks, &envoys),
         Command::Kid { key } => {
             let key = load_signing_key(&key)?;
