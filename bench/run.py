@@ -82,9 +82,19 @@ def run_wasm(cmd):
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n):
+    """n distinct loopback ports nobody listens on now (all bound at once, then released)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def fetch(port, method, path, headers=None, timeout=10):
@@ -138,6 +148,21 @@ def wait_ready(admin_port, p, logfile, timeout=120):
     raise HarnessError(f"Envoy not ready after {timeout}s; log {logfile}:\n{tail(logfile)}")
 
 
+def wait_listening(port, p, logfile, timeout=120):
+    """Envoy's /ready answers before a listener whose filter comes from an ECDS file is warm:
+    wait until the listener answers at all."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if p.poll() is not None:
+            raise HarnessError(f"Envoy exited ({p.returncode}); log {logfile}:\n{tail(logfile)}")
+        try:
+            fetch(port, "GET", "/v2/", timeout=2)
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise HarnessError(f"Envoy's listener :{port} not answering after {timeout}s; log {logfile}:\n{tail(logfile)}")
+
+
 def tail(path, n=30):
     try:
         with open(path, errors="replace") as f:
@@ -184,58 +209,53 @@ def admin_stats(port):
 
 # ---- Envoy configurations -------------------------------------------------------------------
 
-# The fail-closed backstop of envoy/envoy.yaml (docs/failing-closed.md), part of every
-# registry-guard configuration as shipped: the connection manager strips a client-sent
-# decision header, the route forwards only requests the filter marked allowed, anything else
-# gets 503.
-DECISION_HEADER = "x-registry-guard-decision"
-BACKSTOP_ROUTES = [
-    {"match": {"prefix": "/", "headers": [{"name": DECISION_HEADER, "string_match": {"exact": "allow"}}]},
-     "route": {"cluster": "upstream"}},
-    {"match": {"prefix": "/"}, "direct_response": {"status": 503, "body": {"inline_string":
-        '{"errors":[{"code":"UNAVAILABLE","message":"registry-guard cannot decide this request; refused","detail":null}]}'}}},
-]
+# Every proxy configuration is derived from envoy/envoy.yaml as `make run` renders it
+# (`rgctl stack render`): its `registry` listener (connection limit, request normalisation,
+# `use_remote_address`, timeouts, local replies, the fail-closed backstop routes of
+# docs/failing-closed.md) and its clusters, the `registry` cluster being the bench upstream.
+# The guard configurations keep the filter as rendered (ECDS file, `make run`'s filter
+# configuration); the others replace it (and, without the filter's decision, the backstop).
 
 
-def bootstrap(admin_port, listen_port, upstream_port, http_filters, backstop=False):
-    routes = BACKSTOP_ROUTES if backstop else [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}]
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "bench",
-        # The same request normalisation as envoy/envoy.yaml, in every configuration.
-        "normalize_path": True,
-        "merge_slashes": True,
-        "path_with_escaped_slashes_action": "REJECT_REQUEST",
-        "use_remote_address": True,
-        "preserve_external_request_id": True,
-        "route_config": {
-            "name": "bench",
-            "internal_only_headers": [DECISION_HEADER] if backstop else [],
-            "virtual_hosts": [{"name": "bench", "domains": ["*"], "routes": routes,
-                               "request_headers_to_remove": [DECISION_HEADER] if backstop else []}],
-        },
-        "http_filters": http_filters + [{
-            "name": "envoy.filters.http.router",
-            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-        }],
-    }
-    return {
-        "node": {"id": "bench", "cluster": "bench"},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
-        "static_resources": {
-            "listeners": [{
-                "name": "bench",
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
-                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
-                                                "typed_config": hcm}]}],
-            }],
-            "clusters": [{
-                "name": "upstream", "type": "STATIC", "connect_timeout": "1s",
-                "load_assignment": {"cluster_name": "upstream", "endpoints": [{"lb_endpoints": [{"endpoint": {
-                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": upstream_port}}}}]}]},
-            }],
-        },
-    }
+def load_yaml(path):
+    """A YAML file as Python values: with PyYAML if this Python has it (Debian: python3-yaml),
+    else with the project's .venv Python, which gets PyYAML from pip as `make test-envoy` gets
+    jsonschema."""
+    try:
+        import yaml
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except ImportError:
+        pass
+    venv_python = os.path.join(ROOT, ".venv/bin/python")
+    if subprocess.run([venv_python, "-c", "import yaml"], capture_output=True).returncode != 0:
+        run([os.path.join(ROOT, ".venv/bin/pip"), "install", "-q", "pyyaml"])
+    return json.loads(run([venv_python, "-c", "import json, sys, yaml; json.dump(yaml.safe_load(open(sys.argv[1])), sys.stdout)",
+                           path]))
+
+
+def rendered_bootstrap(stack, filters=None, backstop=True):
+    """The bootstrap `rgctl stack render` wrote (`stack`: its stack.json), reduced to the
+    registry listener; `filters` replace the registry-guard filter when given; without
+    `backstop`, every request is routed to the upstream."""
+    boot = load_yaml(stack["files"]["envoy_bootstrap"])
+    res = boot["static_resources"]
+    res["listeners"] = [lst for lst in res["listeners"] if lst["name"] == "registry"]
+    if len(res["listeners"]) != 1:
+        raise HarnessError(f"{stack['files']['envoy_bootstrap']}: no `registry` listener")
+    hcm = next((f["typed_config"] for f in res["listeners"][0]["filter_chains"][0]["filters"]
+                if f["name"] == "envoy.filters.network.http_connection_manager"), None)
+    if hcm is None:
+        raise HarnessError(f"{stack['files']['envoy_bootstrap']}: the registry listener has no HTTP connection manager")
+    if filters is not None:
+        hcm["http_filters"] = filters + [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.router"]
+    if not backstop:
+        rc = hcm["route_config"]
+        rc.pop("internal_only_headers", None)
+        for vh in rc["virtual_hosts"]:
+            vh.pop("request_headers_to_remove", None)
+            vh["routes"] = [{"match": {"prefix": "/"}, "route": {"cluster": "registry", "timeout": "0s"}}]
+    return boot
 
 
 def upstream_bootstrap(admin_port, port):
@@ -261,33 +281,9 @@ def upstream_bootstrap(admin_port, port):
     }
 
 
-def wasm_filter(filter_json_text):
-    return [{
-        "name": "registry-guard",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-            "config": {
-                "name": "registry-guard",
-                "root_id": "registry-guard",
-                "failure_policy": "FAIL_RELOAD",
-                "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
-                                  "value": filter_json_text},
-                "vm_config": {"vm_id": "registry-guard", "runtime": "envoy.wasm.runtime.v8",
-                              "code": {"local": {"filename": FILTER_WASM}}},
-            },
-        },
-    }]
-
-
 # The events role does nothing with a request that has no body: a no-op proxy-wasm filter
 # in the same module, V8 and SDK — what any Rust proxy-wasm filter costs before it decides.
 EVENTS_ROLE_CONFIG = json.dumps({"role": "events", "max_envelope_bytes": 1048576})
-
-
-def without_correlation(filter_json_text):
-    doc = json.loads(filter_json_text)
-    doc["correlation"] = {"slots": 0}
-    return json.dumps(doc)
 
 
 def native_filters(jwks_text):
@@ -380,11 +376,14 @@ class Bench:
             if not shutil.which(tool):
                 raise HarnessError(f"`{tool}` not found (make bench installs wrk)")
         shutil.rmtree(self.work, ignore_errors=True)
-        os.makedirs(self.path("keys"))
         os.makedirs(self.path("logs"))
-        run([RGCTL, "keygen", "--out", self.path("keys")])
-        run([RGCTL, "keygen", "--out", self.path("keys"), "--name", "operator"])
-        key = self.path("keys/signing-key.pem")
+        # The stack's configuration directory (`rgctl stack render --config-dir`): the example
+        # principals and token-service settings, keys of its own.
+        os.makedirs(self.path("config/keys"))
+        shutil.copy(os.path.join(ROOT, "policies/example/principals.json"), self.path("config"))
+        run([RGCTL, "keygen", "--out", self.path("config/keys")])
+        run([RGCTL, "keygen", "--out", self.path("config/keys"), "--name", "operator"])
+        key = self.path("config/keys/signing-key.pem")
         mint = lambda name, count, actions, level: run([  # noqa: E731
             RGCTL, "mint", "--key", key, "--count", str(count), "--sub", "bench",
             "--scope", f"{REPO_SCOPE}:{actions}", "--access-level", str(level), "--ttl-seconds", "7200",
@@ -394,47 +393,82 @@ class Bench:
         mint("push-dev.txt", 1, "pull,push", 30)
         log(f"minting {self.unique_tokens} unique pull tokens")
         mint("pull-unique.txt", self.unique_tokens, "pull", 40)
-        with open(self.path("keys/jwks.json")) as f:
+        with open(self.path("config/keys/jwks.json")) as f:
             self.jwks_text = f.read()
-        self.filter_json = {}
         for n in self.rule_counts:
             with open(self.path(f"bundle-{n}.json"), "w") as f:
                 f.write(run([RG_BENCH, "bundle", str(n)]))
             with open(self.path(f"bundle-{n}.jws"), "w") as f:
                 f.write(run([RGCTL, "sign", self.path(f"bundle-{n}.json"),
-                             "--key", self.path("keys/operator-key.pem")]))
-            text = run([RGCTL, "filter-config", "--client-address", "x-forwarded-for",
-                        "--realm", "http://127.0.0.1:5001/jwt/auth",
-                        "--jwks", self.path("keys/jwks.json"), "--bundle-keys", self.path("keys/operator-jwks.json"),
-                        "--bundle", self.path(f"bundle-{n}.jws")] + self.environment_args(n)).strip()
-            with open(self.path(f"filter-{n}.json"), "w") as f:
-                f.write(text)
-            self.filter_json[n] = text
+                             "--key", self.path("config/keys/operator-key.pem")]))
+        # The filter serves the environment the generated bundles name (or none).
+        with open(os.path.join(ROOT, "policies/example/token-service.json")) as f:
+            settings = json.load(f)
+        with open(self.path(f"bundle-{self.rule_counts[0]}.json")) as f:
+            env = json.load(f).get("environment")
+        if env:
+            settings["environment"] = env
+        else:
+            settings.pop("environment", None)
+        with open(self.path("config/token-service.json"), "w") as f:
+            json.dump(settings, f)
+        self.upstream_port = free_port()
+        self.stacks = {}
+        for n in self.rule_counts:
+            # The filter configuration as `make run` renders it (for rg-bench activate).
+            shutil.copy(self.stack(f"rules-{n}", n)["files"]["filter_config"], self.path(f"filter-{n}.json"))
         self.define_configs()
 
-    def environment_args(self, n):
-        """`--environment` when the generated bundle names one (it is checked like any other)."""
-        with open(self.path(f"bundle-{n}.json")) as f:
-            env = json.load(f).get("environment")
-        return ["--environment", env] if env else []
+    def stack(self, name, n, filter_extra=None, events_role=False):
+        """The stack `name` rendered by `rgctl stack render` (once): ports of its own, the
+        registry port being the bench upstream, the bundle of `n` rules; returns stack.json.
+        `events_role`: the registry endpoint's ECDS resource then configures the same .wasm
+        in its events role."""
+        if name in self.stacks:
+            return self.stacks[name]
+        out = self.path(f"stack-{name}")
+        names = ["listen", "token", "dependency-proxy", "hub", "consumer", "events", "dependency-proxy-listen", "admin"]
+        ports = dict(zip(names, free_ports(len(names))), registry=self.upstream_port)
+        cmd = [RGCTL, "stack", "render", "--root", ROOT, "--config-dir", self.path("config"), "--out", out,
+               "--ports", ",".join(f"{k}={v}" for k, v in ports.items()), "--wasm", FILTER_WASM, "--envoy", ENVOY,
+               "--token-service", TOKEN_SERVICE, "--bundle", self.path(f"bundle-{n}.jws")]
+        if filter_extra:
+            cmd += ["--filter-extra", json.dumps(filter_extra)]
+        run(cmd)
+        with open(os.path.join(out, "stack.json")) as f:
+            stack = json.load(f)
+        if events_role:
+            with open(stack["files"]["ecds"]) as f:
+                ecds = json.load(f)
+            ecds["resources"][0]["typed_config"]["config"]["configuration"]["value"] = EVENTS_ROLE_CONFIG
+            with open(stack["files"]["ecds"], "w") as f:
+                json.dump(ecds, f)
+        self.stacks[name] = stack
+        return stack
 
     def define_configs(self):
         """The configurations, in the order each round runs them; filters are built lazily."""
         small, big = self.rule_counts[0], self.rule_counts[-1]
         self.small, self.big = small, big
-        guard = lambda n, **kw: lambda: wasm_filter(  # noqa: E731
-            without_correlation(self.filter_json[n]) if kw.get("no_corr") else self.filter_json[n])
-        native = lambda: native_filters(self.jwks_text)  # noqa: E731
+        # Each configuration's Envoy: a stack.json and the bootstrap derived from it (lazily).
+        def derived(name, n, filters=None, backstop=True, **kw):
+            def make():
+                stack = self.stack(name, n, **kw)
+                return stack, rendered_bootstrap(stack, filters() if filters else None, backstop)
+            return make
+        guard = lambda n: derived(f"rules-{n}", n)  # noqa: E731
+        native = derived(f"rules-{small}", small, lambda: native_filters(self.jwks_text), backstop=False)
         self.configs = [
-            # key, label, filters, tokens, method, path, checks
-            ("1", "1 plain Envoy pass-through", lambda: [], "pull-1.txt", "GET", PULL_PATH, "plain"),
+            # key, label, Envoy, tokens, method, path, checks
+            ("1", "1 plain Envoy pass-through", derived(f"rules-{small}", small, lambda: [], backstop=False),
+             "pull-1.txt", "GET", PULL_PATH, "plain"),
             ("2", "2 native jwt_authn + rbac, one token (JWT cache)", native, "pull-1.txt", "GET", PULL_PATH, "native"),
             ("3", f"3 registry-guard, one token (cache hits), {small} rules", guard(small),
              "pull-1.txt", "GET", PULL_PATH, "guard"),
-            ("3x", "3x (diagnostic) as 3, event correlation off (`correlation.slots: 0`)", guard(small, no_corr=True),
+            ("3x", "3x (diagnostic) as 3, event correlation off (`correlation.slots: 0`)", derived("no-correlation", small, filter_extra={"correlation": {"slots": 0}}),
              "pull-1.txt", "GET", PULL_PATH, "guard"),
             ("3n", "3n (diagnostic) the same .wasm in its events role: a body-less GET returns `Continue` "
-             "at once (the proxy-wasm floor)", lambda: wasm_filter(EVENTS_ROLE_CONFIG),
+             "at once (the proxy-wasm floor)", derived("events-role", small, backstop=False, events_role=True),
              "pull-1.txt", "GET", PULL_PATH, "plain"),
             ("4", f"4 registry-guard, unique token per request, {small} rules", guard(small),
              "pull-unique.txt", "GET", PULL_PATH, "guard"),
@@ -447,7 +481,7 @@ class Bench:
         ]
 
     def start_upstream(self):
-        admin, port = free_port(), free_port()
+        admin, port = free_port(), self.upstream_port
         cfg = self.path("upstream.json")
         with open(cfg, "w") as f:
             json.dump(upstream_bootstrap(admin, port), f)
@@ -460,17 +494,19 @@ class Bench:
         log(f"upstream (Envoy direct_response) on :{port}, CPU {LOAD_CPU}")
 
     # -- one configuration, one round
-    def run_config(self, key, label, filters, tokens, method, path, checks, rnd):
-        admin, port = free_port(), free_port()
+    def run_config(self, key, label, envoy, tokens, method, path, checks, rnd):
+        stack, boot = envoy()
+        admin, port = stack["ports"]["admin"], stack["ports"]["listen"]
         cfg = self.path(f"envoy-{key}.json")
         with open(cfg, "w") as f:
-            json.dump(bootstrap(admin, port, self.upstream_port, filters(), backstop=checks in ("guard", "rules")), f)
+            json.dump(boot, f)
         logf = self.path(f"logs/envoy-{key}-r{rnd + 1}.log")
         t0 = time.time()
         p = start([ENVOY, "-c", cfg, "--concurrency", "1", "--log-level", "warn", "--component-log-level",
                    "wasm:info", "--log-format", "[%Y-%m-%d %T.%e][%t][%l][%n] %v", "--disable-hot-restart"],
                   logf, cpu=PROXY_CPU)
         wait_ready(admin, p, logf)
+        wait_listening(port, p, logf)
         ready_s = time.time() - t0
         self.check_answers(key, port, checks)
         tokens_file = self.path(tokens)
@@ -490,8 +526,8 @@ class Bench:
         info = {"ready_s": ready_s, "rss": rss_bytes(p.pid),
                 "vms": stats.get("wasm.envoy.wasm.runtime.v8.active"),
                 "allowed": stats.get("wasmcustom.registry_guard.requests_allowed"),
-                "jwt_cache_hit": stats.get("http.bench.jwt_authn.jwt_cache_hit"),
-                "jwt_cache_miss": stats.get("http.bench.jwt_authn.jwt_cache_miss")}
+                "jwt_cache_hit": stats.get("http.registry.jwt_authn.jwt_cache_hit"),
+                "jwt_cache_miss": stats.get("http.registry.jwt_authn.jwt_cache_miss")}
         stop(p)
         info["activation_ms"] = activation_from_log(logf)
         self.results.setdefault(key, []).append(r)
@@ -545,11 +581,11 @@ class Bench:
         with open(os.path.join(d, "token-service.json"), "w") as f:
             json.dump(settings, f)
         for f in ["signing-key.pem", "jwks.json", "operator-jwks.json"]:
-            shutil.copy(self.path("keys", f), os.path.join(d, "keys"))
+            shutil.copy(self.path("config/keys", f), os.path.join(d, "keys"))
         run([RGCTL, "operator-token", "--out", os.path.join(d, "keys")])
         with open(os.path.join(d, "bundle.jws"), "w") as f:
             f.write(run([RGCTL, "sign", os.path.join(ROOT, "policies/example/bundle.json"),
-                         "--key", self.path("keys/operator-key.pem")]))
+                         "--key", self.path("config/keys/operator-key.pem")]))
         port = free_port()
         logf = self.path("logs/token-service.log")
         p = start([TOKEN_SERVICE, "--config-dir", d, "--listen", f"127.0.0.1:{port}"], logf, cpu=PROXY_CPU)

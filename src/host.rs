@@ -1,116 +1,280 @@
-//! Host access behind a small trait, so the glue is testable natively with a fake.
+//! Host access behind a small trait, so the glue is testable natively with a fake host.
+//!
+//! Every proxy-wasm host call the filter makes goes through [`Host`]: the request path
+//! (headers, body, local replies), the root context (plugin configuration, tick period),
+//! shared data (with compare-and-swap) and metrics. Each call returns a [`HostError`] naming
+//! the call and the status the host gave; none panics. [`ProxyWasmHost`] is the real host,
+//! built on `proxy_wasm::hostcalls` (not the SDK's trait helpers, which `unwrap` host errors).
+
+use std::fmt;
+use std::time::Duration;
 
 use proxy_wasm::hostcalls;
-pub use proxy_wasm::types::MetricType;
 use proxy_wasm::types::{BufferType, MapType};
-
-use std::cell::RefCell;
-use std::collections::HashMap;
-
-use registry_guard_core::decide::decision::{Decision, DenyKind};
-use registry_guard_core::decide::guard::Checked;
+pub use proxy_wasm::types::{MetricType, Status};
 
 use crate::headers::HeaderMap;
-use crate::EnvelopeOutcome;
 
-/// The few host calls the filter needs; every one may fail and none panics.
-pub trait Host {
-    fn request_headers(&mut self) -> Result<HeaderMap, String>;
-    fn now_unix_seconds(&mut self) -> Result<i64, String>;
-    fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> Result<(), String>;
-    fn increment(&mut self, metric: u32) -> Result<(), String>;
-    fn record(&mut self, metric: u32, value: u64) -> Result<(), String>;
-    fn add(&mut self, metric: u32, value: u64) -> Result<(), String>;
-    fn request_header(&mut self, name: &str) -> Result<Option<String>, String>;
-    fn set_request_header(&mut self, name: &str, value: &str) -> Result<(), String>;
-    fn remove_request_header(&mut self, name: &str) -> Result<(), String>;
-    /// The downstream peer's address (`source.address`).
-    fn client_address(&mut self) -> Result<Option<String>, String>;
-    fn set_shared(&mut self, key: &str, value: &[u8]) -> Result<(), String>;
-    fn get_shared(&mut self, key: &str) -> Result<Option<Vec<u8>>, String>;
-    fn request_body(&mut self, size: usize) -> Result<Vec<u8>, String>;
-    fn replace_request_body(&mut self, old_size: usize, body: &[u8]) -> Result<(), String>;
-    /// Defines (or finds) a metric; Envoy shows it as `wasmcustom.<name>`.
-    fn define_metric(&mut self, kind: MetricType, name: &str) -> Result<u32, String>;
+/// The host call that failed (named as in the proxy-wasm ABI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostCall {
+    /// Reading the plugin configuration buffer.
+    PluginConfiguration,
+    SetTickPeriod,
+    CurrentTime,
+    RequestHeaders,
+    RequestHeader,
+    SetRequestHeader,
+    RemoveRequestHeader,
+    /// Reading `source.address`.
+    ClientAddress,
+    RequestBody,
+    ReplaceRequestBody,
+    SendLocalReply,
+    GetSharedData,
+    SetSharedData,
+    DefineMetric,
+    IncrementMetric,
+    RecordMetric,
+    DispatchHttpCall,
+    HttpCallResponseHeader,
+    HttpCallResponseBody,
 }
 
-/// The real host: proxy-wasm host calls (not the SDK helpers that `unwrap` host errors).
+impl HostCall {
+    /// The proxy-wasm ABI function behind the call.
+    pub fn abi_name(self) -> &'static str {
+        match self {
+            HostCall::PluginConfiguration => "proxy_get_buffer_bytes(plugin configuration)",
+            HostCall::SetTickPeriod => "proxy_set_tick_period_milliseconds",
+            HostCall::CurrentTime => "proxy_get_current_time_nanoseconds",
+            HostCall::RequestHeaders => "proxy_get_header_map_pairs",
+            HostCall::RequestHeader => "proxy_get_header_map_value",
+            HostCall::SetRequestHeader => "proxy_replace_header_map_value",
+            HostCall::RemoveRequestHeader => "proxy_remove_header_map_value",
+            HostCall::ClientAddress => "proxy_get_property(source.address)",
+            HostCall::RequestBody => "proxy_get_buffer_bytes(request body)",
+            HostCall::ReplaceRequestBody => "proxy_set_buffer_bytes(request body)",
+            HostCall::SendLocalReply => "proxy_send_local_response",
+            HostCall::GetSharedData => "proxy_get_shared_data",
+            HostCall::SetSharedData => "proxy_set_shared_data",
+            HostCall::DefineMetric => "proxy_define_metric",
+            HostCall::IncrementMetric => "proxy_increment_metric",
+            HostCall::RecordMetric => "proxy_record_metric",
+            HostCall::DispatchHttpCall => "proxy_http_call",
+            HostCall::HttpCallResponseHeader => "proxy_get_header_map_value(http call response)",
+            HostCall::HttpCallResponseBody => "proxy_get_buffer_bytes(http call response body)",
+        }
+    }
+}
+
+/// A failed host call: which call, and what went wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostError {
+    /// The host returned a status other than `Ok` (`CasMismatch` for a lost compare-and-swap).
+    Status { call: HostCall, status: Status },
+    /// The host answered, but the answer is unusable (a malformed header map, a time before
+    /// 1970, a value out of range).
+    Invalid { call: HostCall, reason: String },
+}
+
+impl HostError {
+    pub fn status(call: HostCall, status: Status) -> HostError {
+        HostError::Status { call, status }
+    }
+
+    pub fn invalid(call: HostCall, reason: impl Into<String>) -> HostError {
+        HostError::Invalid { call, reason: reason.into() }
+    }
+
+    pub fn call(&self) -> HostCall {
+        match self {
+            HostError::Status { call, .. } | HostError::Invalid { call, .. } => *call,
+        }
+    }
+}
+
+impl fmt::Display for HostError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostError::Status { call, status } => write!(f, "`{}` returned {status:?}", call.abi_name()),
+            HostError::Invalid { call, reason } => write!(f, "`{}`: {reason}", call.abi_name()),
+        }
+    }
+}
+
+impl std::error::Error for HostError {}
+
+/// A shared-data value and its compare-and-swap token (`None` when the key is absent).
+pub type SharedValue = (Option<Vec<u8>>, Option<u32>);
+
+/// The host calls the filter needs; every one may fail and none panics.
+pub trait Host {
+    // ---- root context -----------------------------------------------------------------
+    /// The plugin configuration bytes (`None`: empty).
+    fn plugin_configuration(&mut self) -> Result<Option<Vec<u8>>, HostError>;
+    /// Asks for `on_tick` every `period`.
+    fn set_tick_period(&mut self, period: Duration) -> Result<(), HostError>;
+    /// The host's wall clock, since 1970.
+    fn unix_time(&mut self) -> Result<Duration, HostError>;
+    fn now_unix_seconds(&mut self) -> Result<i64, HostError> {
+        let t = self.unix_time()?;
+        i64::try_from(t.as_secs()).map_err(|e| HostError::invalid(HostCall::CurrentTime, e.to_string()))
+    }
+
+    // ---- shared data (process-wide, per `vm_id`) --------------------------------------
+    /// A value and its CAS token.
+    fn get_shared(&mut self, key: &str) -> Result<SharedValue, HostError>;
+    /// Sets `key`; with `cas`, only if nobody set it since that token was read (else
+    /// [`Status::CasMismatch`]).
+    fn set_shared(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), HostError>;
+
+    // ---- metrics (Envoy shows them as `wasmcustom.<name>`) ----------------------------
+    /// Defines (or finds) a metric.
+    fn define_metric(&mut self, kind: MetricType, name: &str) -> Result<u32, HostError>;
+    fn increment(&mut self, metric: u32) -> Result<(), HostError>;
+    fn add(&mut self, metric: u32, value: u64) -> Result<(), HostError>;
+    fn record(&mut self, metric: u32, value: u64) -> Result<(), HostError>;
+
+    // ---- outgoing calls (the bundle source) -------------------------------------------
+    /// Starts an HTTP call to `cluster`; the answer arrives in the root context's
+    /// `on_http_call_response` with the returned token.
+    fn dispatch_http_call(
+        &mut self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<u32, HostError>;
+    /// One header of the call's answer (`:status`, `etag`), inside `on_http_call_response`.
+    fn http_call_response_header(&mut self, name: &str) -> Result<Option<String>, HostError>;
+    /// The call's answer body, inside `on_http_call_response`.
+    fn http_call_response_body(&mut self, size: usize) -> Result<Option<Vec<u8>>, HostError>;
+
+    // ---- the request ------------------------------------------------------------------
+    fn request_headers(&mut self) -> Result<HeaderMap, HostError>;
+    fn request_header(&mut self, name: &str) -> Result<Option<String>, HostError>;
+    fn set_request_header(&mut self, name: &str, value: &str) -> Result<(), HostError>;
+    fn remove_request_header(&mut self, name: &str) -> Result<(), HostError>;
+    /// The downstream peer's address (`source.address`).
+    fn client_address(&mut self) -> Result<Option<String>, HostError>;
+    fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostError>;
+    fn replace_request_body(&mut self, old_size: usize, body: &[u8]) -> Result<(), HostError>;
+    /// Sends a local reply (the request is not forwarded).
+    fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> Result<(), HostError>;
+}
+
+/// The real host: proxy-wasm host calls.
 pub struct ProxyWasmHost;
 
+fn status(call: HostCall) -> impl Fn(Status) -> HostError {
+    move |s| HostError::status(call, s)
+}
+
 impl Host for ProxyWasmHost {
-    fn request_headers(&mut self) -> Result<HeaderMap, String> {
-        raw_request_headers()
+    fn plugin_configuration(&mut self) -> Result<Option<Vec<u8>>, HostError> {
+        hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
+            .map_err(status(HostCall::PluginConfiguration))
     }
 
-    fn now_unix_seconds(&mut self) -> Result<i64, String> {
-        let t = hostcalls::get_current_time().map_err(|s| format!("{s:?}"))?;
-        let d = t.duration_since(std::time::UNIX_EPOCH).map_err(|e| e.to_string())?;
-        i64::try_from(d.as_secs()).map_err(|e| e.to_string())
+    fn set_tick_period(&mut self, period: Duration) -> Result<(), HostError> {
+        hostcalls::set_tick_period(period).map_err(status(HostCall::SetTickPeriod))
     }
 
-    fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> Result<(), String> {
-        hostcalls::send_http_response(u32::from(status), headers.to_vec(), Some(body)).map_err(|s| format!("{s:?}"))
+    fn unix_time(&mut self) -> Result<Duration, HostError> {
+        let t = hostcalls::get_current_time().map_err(status(HostCall::CurrentTime))?;
+        t.duration_since(std::time::UNIX_EPOCH).map_err(|e| HostError::invalid(HostCall::CurrentTime, e.to_string()))
     }
 
-    fn increment(&mut self, metric: u32) -> Result<(), String> {
-        hostcalls::increment_metric(metric, 1).map_err(|s| format!("{s:?}"))
+    fn get_shared(&mut self, key: &str) -> Result<SharedValue, HostError> {
+        hostcalls::get_shared_data(key).map_err(status(HostCall::GetSharedData))
     }
 
-    fn record(&mut self, metric: u32, value: u64) -> Result<(), String> {
-        hostcalls::record_metric(metric, value).map_err(|s| format!("{s:?}"))
+    fn set_shared(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), HostError> {
+        hostcalls::set_shared_data(key, Some(value), cas).map_err(status(HostCall::SetSharedData))
     }
 
-    fn add(&mut self, metric: u32, value: u64) -> Result<(), String> {
-        let value = i64::try_from(value).map_err(|e| e.to_string())?;
-        hostcalls::increment_metric(metric, value).map_err(|s| format!("{s:?}"))
+    fn define_metric(&mut self, kind: MetricType, name: &str) -> Result<u32, HostError> {
+        hostcalls::define_metric(kind, name).map_err(status(HostCall::DefineMetric))
     }
 
-    fn request_header(&mut self, name: &str) -> Result<Option<String>, String> {
-        // Bytes, not the SDK's `String` (which `unwrap`s UTF-8): see `headers`.
-        let value = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name).map_err(|s| format!("{s:?}"))?;
+    fn increment(&mut self, metric: u32) -> Result<(), HostError> {
+        hostcalls::increment_metric(metric, 1).map_err(status(HostCall::IncrementMetric))
+    }
+
+    fn add(&mut self, metric: u32, value: u64) -> Result<(), HostError> {
+        let value = i64::try_from(value).map_err(|e| HostError::invalid(HostCall::IncrementMetric, e.to_string()))?;
+        hostcalls::increment_metric(metric, value).map_err(status(HostCall::IncrementMetric))
+    }
+
+    fn record(&mut self, metric: u32, value: u64) -> Result<(), HostError> {
+        hostcalls::record_metric(metric, value).map_err(status(HostCall::RecordMetric))
+    }
+
+    fn dispatch_http_call(
+        &mut self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<u32, HostError> {
+        hostcalls::dispatch_http_call(cluster, headers.to_vec(), None, vec![], timeout)
+            .map_err(status(HostCall::DispatchHttpCall))
+    }
+
+    fn http_call_response_header(&mut self, name: &str) -> Result<Option<String>, HostError> {
+        let value = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, name)
+            .map_err(status(HostCall::HttpCallResponseHeader))?;
         Ok(value.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
-    fn set_request_header(&mut self, name: &str, value: &str) -> Result<(), String> {
-        hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value)).map_err(|s| format!("{s:?}"))
+    fn http_call_response_body(&mut self, size: usize) -> Result<Option<Vec<u8>>, HostError> {
+        hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, size).map_err(status(HostCall::HttpCallResponseBody))
     }
 
-    fn remove_request_header(&mut self, name: &str) -> Result<(), String> {
-        hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None).map_err(|s| format!("{s:?}"))
+    fn request_headers(&mut self) -> Result<HeaderMap, HostError> {
+        raw_request_headers()
     }
 
-    fn client_address(&mut self) -> Result<Option<String>, String> {
-        let bytes = hostcalls::get_property(vec!["source", "address"]).map_err(|s| format!("{s:?}"))?;
+    fn request_header(&mut self, name: &str) -> Result<Option<String>, HostError> {
+        // Bytes, not the SDK's `String` (which `unwrap`s UTF-8): see `headers`.
+        let value = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
+            .map_err(status(HostCall::RequestHeader))?;
+        Ok(value.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    fn set_request_header(&mut self, name: &str, value: &str) -> Result<(), HostError> {
+        hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value))
+            .map_err(status(HostCall::SetRequestHeader))
+    }
+
+    fn remove_request_header(&mut self, name: &str) -> Result<(), HostError> {
+        hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None).map_err(status(HostCall::RemoveRequestHeader))
+    }
+
+    fn client_address(&mut self) -> Result<Option<String>, HostError> {
+        let bytes = hostcalls::get_property(vec!["source", "address"]).map_err(status(HostCall::ClientAddress))?;
         Ok(bytes.map(|b| String::from_utf8_lossy(&b).into_owned()))
     }
 
-    fn set_shared(&mut self, key: &str, value: &[u8]) -> Result<(), String> {
-        hostcalls::set_shared_data(key, Some(value), None).map_err(|s| format!("{s:?}"))
-    }
-
-    fn get_shared(&mut self, key: &str) -> Result<Option<Vec<u8>>, String> {
-        hostcalls::get_shared_data(key).map(|(v, _)| v).map_err(|s| format!("{s:?}"))
-    }
-
-    fn request_body(&mut self, size: usize) -> Result<Vec<u8>, String> {
+    fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostError> {
         Ok(hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
-            .map_err(|s| format!("{s:?}"))?
+            .map_err(status(HostCall::RequestBody))?
             .unwrap_or_default())
     }
 
-    fn replace_request_body(&mut self, old_size: usize, body: &[u8]) -> Result<(), String> {
-        hostcalls::set_buffer(BufferType::HttpRequestBody, 0, old_size, body).map_err(|s| format!("{s:?}"))
+    fn replace_request_body(&mut self, old_size: usize, body: &[u8]) -> Result<(), HostError> {
+        hostcalls::set_buffer(BufferType::HttpRequestBody, 0, old_size, body)
+            .map_err(status(HostCall::ReplaceRequestBody))
     }
 
-    fn define_metric(&mut self, kind: MetricType, name: &str) -> Result<u32, String> {
-        hostcalls::define_metric(kind, name).map_err(|s| format!("{s:?}"))
+    fn send_response(&mut self, status_code: u16, headers: &[(&str, &str)], body: &[u8]) -> Result<(), HostError> {
+        hostcalls::send_http_response(u32::from(status_code), headers.to_vec(), Some(body))
+            .map_err(status(HostCall::SendLocalReply))
     }
 }
 
 /// All request headers in one host call, as the host serialised them (no copy per header).
 #[cfg(target_arch = "wasm32")]
-fn raw_request_headers() -> Result<HeaderMap, String> {
-    use proxy_wasm::types::Status;
+fn raw_request_headers() -> Result<HeaderMap, HostError> {
     #[link(wasm_import_module = "env")]
     extern "C" {
         fn proxy_get_header_map_pairs(map_type: MapType, data: *mut *mut u8, size: *mut usize) -> Status;
@@ -124,198 +288,12 @@ fn raw_request_headers() -> Result<HeaderMap, String> {
         match proxy_get_header_map_pairs(MapType::HttpRequestHeaders, &mut data, &mut size) {
             Status::Ok if data.is_null() => Ok(HeaderMap::default()),
             Status::Ok => Ok(HeaderMap::from_serialized(Vec::from_raw_parts(data, size, size))),
-            status => Err(format!("{status:?}")),
+            s => Err(HostError::status(HostCall::RequestHeaders, s)),
         }
     }
 }
 
 #[cfg(not(target_arch = "wasm32"))]
-fn raw_request_headers() -> Result<HeaderMap, String> {
-    Err("proxy-wasm host calls exist only in wasm".into())
-}
-
-/// Per-rule counters are defined when a rule first decides something; at most this many
-/// rules get their own counters (a bundle may hold 200 000), the rest count in
-/// `registry_guard.rule_metrics_overflow`.
-pub const MAX_RULE_METRICS: usize = 1024;
-
-/// Envoy metrics (`wasmcustom.registry_guard.*` in `/stats`, `wasmcustom_registry_guard_*`
-/// in `/stats/prometheus`).
-#[derive(Debug)]
-pub struct Metrics {
-    allowed: u32,
-    denied: u32,
-    failed: u32,
-    /// `registry_guard.denied.<kind>`, in [`DenyKind::ALL`] order.
-    denied_by_kind: Vec<(DenyKind, u32)>,
-    protection_denied: u32,
-    protection_would_deny: u32,
-    cache_hits: u32,
-    cache_misses: u32,
-    rule_overflow: u32,
-    /// `registry_guard.rule.<id>.denied|would_deny`, defined on first use.
-    by_rule: RefCell<HashMap<(String, bool), u32>>,
-    bundle_revision: u32,
-    bundle_rejected: u32,
-    events_attributed: u32,
-    events_unattributed: u32,
-    envelopes_rewritten: u32,
-    envelopes_oversize: u32,
-    envelopes_malformed: u32,
-    /// Counts not yet handed to the host, by metric id (see [`Metrics::flush`]).
-    pending: RefCell<Pending>,
-}
-
-/// Counter increments kept in the VM and handed to Envoy in batches: a host call costs about
-/// as much as the whole cached decision, and every request counts two or more.
-#[derive(Debug, Default)]
-struct Pending {
-    counts: Vec<(u32, u64)>,
-    total: u64,
-}
-
-/// Pending increments handed to the host at once when this many accumulate; the root
-/// context also flushes every [`FLUSH_PERIOD_MS`], so a counter is at most that late.
-pub const FLUSH_EVERY: u64 = 64;
-pub const FLUSH_PERIOD_MS: u64 = 1000;
-
-impl Metrics {
-    pub fn define(host: &mut impl Host) -> Result<Metrics, String> {
-        let mut define = |kind, name: &str| host.define_metric(kind, name);
-        let mut denied_by_kind = Vec::new();
-        for kind in DenyKind::ALL {
-            denied_by_kind
-                .push((kind, define(MetricType::Counter, &format!("registry_guard.denied.{}", kind.label()))?));
-        }
-        Ok(Metrics {
-            allowed: define(MetricType::Counter, "registry_guard.requests_allowed")?,
-            denied: define(MetricType::Counter, "registry_guard.requests_denied")?,
-            failed: define(MetricType::Counter, "registry_guard.requests_failed")?,
-            denied_by_kind,
-            protection_denied: define(MetricType::Counter, "registry_guard.protection_denied")?,
-            protection_would_deny: define(MetricType::Counter, "registry_guard.protection_would_deny")?,
-            cache_hits: define(MetricType::Counter, "registry_guard.token_cache_hits")?,
-            cache_misses: define(MetricType::Counter, "registry_guard.token_cache_misses")?,
-            rule_overflow: define(MetricType::Counter, "registry_guard.rule_metrics_overflow")?,
-            by_rule: RefCell::new(HashMap::new()),
-            bundle_revision: define(MetricType::Gauge, "registry_guard.bundle_revision")?,
-            bundle_rejected: define(MetricType::Counter, "registry_guard.bundle_rejected")?,
-            events_attributed: define(MetricType::Counter, "registry_guard.events_attributed")?,
-            events_unattributed: define(MetricType::Counter, "registry_guard.events_unattributed")?,
-            envelopes_rewritten: define(MetricType::Counter, "registry_guard.envelopes_rewritten")?,
-            envelopes_oversize: define(MetricType::Counter, "registry_guard.envelopes_oversize")?,
-            envelopes_malformed: define(MetricType::Counter, "registry_guard.envelopes_malformed")?,
-            pending: RefCell::new(Pending::default()),
-        })
-    }
-
-    /// Counts `n` on counter `id`, handing the batch to the host when it is full.
-    fn count(&self, host: &mut impl Host, id: u32, n: u64) {
-        let full = {
-            let Ok(mut p) = self.pending.try_borrow_mut() else {
-                let _ = host.add(id, n);
-                return;
-            };
-            match p.counts.iter_mut().find(|(i, _)| *i == id) {
-                Some((_, c)) => *c += n,
-                None => p.counts.push((id, n)),
-            }
-            p.total += 1;
-            p.total >= FLUSH_EVERY
-        };
-        if full {
-            self.flush(host);
-        }
-    }
-
-    /// Hands every pending count to the host (on a full batch, and from the root's tick).
-    pub fn flush(&self, host: &mut impl Host) {
-        let Ok(mut p) = self.pending.try_borrow_mut() else { return };
-        for (id, n) in p.counts.iter_mut() {
-            if *n > 0 {
-                let _ = host.add(*id, *n);
-                *n = 0;
-            }
-        }
-        p.total = 0;
-    }
-
-    /// Counts one decided request: allowed/denied, the denial's kind, the deciding rule
-    /// (enforced or dry run) and the token cache.
-    pub fn decided(&self, host: &mut impl Host, checked: &Checked) {
-        match checked.cache_hit {
-            Some(true) => {
-                self.count(host, self.cache_hits, 1);
-            }
-            Some(false) => {
-                self.count(host, self.cache_misses, 1);
-            }
-            None => {}
-        }
-        match &checked.decision {
-            Decision::Allow { would_deny, .. } => {
-                self.count(host, self.allowed, 1);
-                if let Some((rule, _)) = would_deny {
-                    self.count(host, self.protection_would_deny, 1);
-                    self.rule(host, rule, false);
-                }
-            }
-            Decision::Deny(d) => {
-                self.count(host, self.denied, 1);
-                if let Some((_, id)) = self.denied_by_kind.iter().find(|(k, _)| *k == d.kind) {
-                    self.count(host, *id, 1);
-                }
-                if let Some(rule) = &d.rule {
-                    self.count(host, self.protection_denied, 1);
-                    self.rule(host, rule, true);
-                }
-            }
-        }
-    }
-
-    fn rule(&self, host: &mut impl Host, rule: &str, enforced: bool) {
-        let Ok(mut by_rule) = self.by_rule.try_borrow_mut() else { return };
-        let key = (rule.to_owned(), enforced);
-        let id = match by_rule.get(&key) {
-            Some(id) => Some(*id),
-            None if by_rule.len() < MAX_RULE_METRICS => {
-                let name = format!("registry_guard.rule.{rule}.{}", if enforced { "denied" } else { "would_deny" });
-                let id = host.define_metric(MetricType::Counter, &name).ok();
-                if let Some(id) = id {
-                    by_rule.insert(key, id);
-                }
-                id
-            }
-            None => None,
-        };
-        self.count(host, id.unwrap_or(self.rule_overflow), 1);
-    }
-
-    pub fn failed(&self, host: &mut impl Host) {
-        let _ = host.increment(self.failed);
-    }
-
-    pub fn bundle_activated(&self, host: &mut impl Host, revision: u64) {
-        let _ = host.record(self.bundle_revision, revision);
-    }
-
-    pub fn bundle_rejected(&self, host: &mut impl Host) {
-        let _ = host.increment(self.bundle_rejected);
-    }
-
-    pub fn envelope(&self, host: &mut impl Host, outcome: EnvelopeOutcome) {
-        match outcome {
-            EnvelopeOutcome::Rewritten { attributed, unattributed } => {
-                let _ = host.increment(self.envelopes_rewritten);
-                let _ = host.add(self.events_attributed, u64::from(attributed));
-                let _ = host.add(self.events_unattributed, u64::from(unattributed));
-            }
-            EnvelopeOutcome::Oversize => {
-                let _ = host.increment(self.envelopes_oversize);
-            }
-            EnvelopeOutcome::Malformed => {
-                let _ = host.increment(self.envelopes_malformed);
-            }
-        }
-    }
+fn raw_request_headers() -> Result<HeaderMap, HostError> {
+    Err(HostError::invalid(HostCall::RequestHeaders, "proxy-wasm host calls exist only in wasm"))
 }

@@ -3,8 +3,8 @@
 
 use std::cell::RefCell;
 
-use registry_guard::headers::HeaderMap;
-use registry_guard::host::{Host, MetricType, Metrics, FLUSH_EVERY};
+use registry_guard::host::Host;
+use registry_guard::metrics::{Metrics, FLUSH_EVERY};
 use registry_guard::{on_request_headers, rewrite_request_body, Correlation, EnvelopeOutcome, Outcome};
 use registry_guard_core::decide::config::FilterConfig;
 use registry_guard_core::decide::guard::Guard;
@@ -12,109 +12,9 @@ use registry_guard_core::token::claims::{AccessClaim, Audience, RegistryClaims};
 use registry_guard_core::token::sign::{sign, Validity};
 use registry_guard_core::token::testing::{es256_key, jwks};
 
-const NOW: i64 = 1_800_000_000;
+mod fake;
 
-#[derive(Default)]
-struct FakeHost {
-    headers: Vec<(String, String)>,
-    /// Raw header values (bytes that are not UTF-8), sent after `headers`.
-    raw_headers: Vec<(String, Vec<u8>)>,
-    fail_headers: bool,
-    /// `send_response` fails (the host cannot send a local reply).
-    fail_reply: bool,
-    replies: Vec<(u16, Vec<(String, String)>, String)>,
-    shared: std::collections::HashMap<String, Vec<u8>>,
-    body: Vec<u8>,
-    metric_names: Vec<String>,
-    metric_values: std::collections::HashMap<u32, u64>,
-}
-
-impl FakeHost {
-    fn metric(&self, name: &str) -> u64 {
-        let id = self.metric_names.iter().position(|n| n == name).unwrap_or_else(|| panic!("no metric {name}"));
-        self.metric_values.get(&(id as u32)).copied().unwrap_or(0)
-    }
-}
-
-impl FakeHost {
-    fn with_header(mut self, name: &str, value: &str) -> Self {
-        self.headers.push((name.into(), value.into()));
-        self
-    }
-    fn request(method: &str, path: &str) -> Self {
-        FakeHost::default().with_header(":method", method).with_header(":path", path)
-    }
-}
-
-impl Host for FakeHost {
-    fn define_metric(&mut self, _kind: MetricType, name: &str) -> Result<u32, String> {
-        if let Some(i) = self.metric_names.iter().position(|n| n == name) {
-            return Ok(i as u32);
-        }
-        self.metric_names.push(name.to_owned());
-        Ok(self.metric_names.len() as u32 - 1)
-    }
-
-    fn request_headers(&mut self) -> Result<HeaderMap, String> {
-        if self.fail_headers {
-            return Err("InternalFailure".into());
-        }
-        let text = self.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes()));
-        let raw = self.raw_headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
-        Ok(HeaderMap::from_pairs(text.chain(raw)))
-    }
-    fn now_unix_seconds(&mut self) -> Result<i64, String> {
-        Ok(NOW)
-    }
-    fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> Result<(), String> {
-        if self.fail_reply {
-            return Err("InternalFailure".into());
-        }
-        let h = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        self.replies.push((status, h, String::from_utf8_lossy(body).into_owned()));
-        Ok(())
-    }
-    fn increment(&mut self, metric: u32) -> Result<(), String> {
-        *self.metric_values.entry(metric).or_default() += 1;
-        Ok(())
-    }
-    fn record(&mut self, _metric: u32, _value: u64) -> Result<(), String> {
-        Ok(())
-    }
-    fn add(&mut self, metric: u32, value: u64) -> Result<(), String> {
-        *self.metric_values.entry(metric).or_default() += value;
-        Ok(())
-    }
-    fn request_header(&mut self, name: &str) -> Result<Option<String>, String> {
-        Ok(self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
-    }
-    fn set_request_header(&mut self, name: &str, value: &str) -> Result<(), String> {
-        self.headers.retain(|(k, _)| k != name);
-        self.headers.push((name.into(), value.into()));
-        Ok(())
-    }
-    fn remove_request_header(&mut self, name: &str) -> Result<(), String> {
-        self.headers.retain(|(k, _)| k != name);
-        Ok(())
-    }
-    fn client_address(&mut self) -> Result<Option<String>, String> {
-        Ok(Some("127.0.0.1:40000".into()))
-    }
-    fn set_shared(&mut self, key: &str, value: &[u8]) -> Result<(), String> {
-        self.shared.insert(key.into(), value.to_vec());
-        Ok(())
-    }
-    fn get_shared(&mut self, key: &str) -> Result<Option<Vec<u8>>, String> {
-        Ok(self.shared.get(key).cloned())
-    }
-    fn request_body(&mut self, size: usize) -> Result<Vec<u8>, String> {
-        Ok(self.body[..size.min(self.body.len())].to_vec())
-    }
-    fn replace_request_body(&mut self, _old_size: usize, body: &[u8]) -> Result<(), String> {
-        self.body = body.to_vec();
-        Ok(())
-    }
-}
+use fake::{FakeHost, NOW};
 
 fn guard() -> RefCell<Guard> {
     guard_with(serde_json::json!({}))
@@ -208,7 +108,7 @@ fn two_authorization_headers_are_refused() {
 
 #[test]
 fn a_form_body_behind_a_second_content_type_is_refused() {
-    // Regression (issue 7): the glue kept only the last Content-Type, so a form type first
+    // Regression: the glue kept only the last Content-Type, so a form type first
     // (which distribution's `r.FormValue` reads, `from` included) hid behind a second one.
     let b = bearer(&["pull", "push"]);
     for (first, second) in [
@@ -289,8 +189,8 @@ fn the_client_address_comes_from_the_peer_or_the_last_forwarded_for_entry() {
         }
         assert_eq!(on_request_headers(&mut host, 1, Some(&guard), Some(&correlation), None), Outcome::Allowed);
         let addr = host.request_header("x-forwarded-for").unwrap().unwrap();
-        let record = host.shared.values().next().unwrap();
-        let record: registry_guard_core::events::Attribution = serde_json::from_slice(record).unwrap();
+        let record = host.shared.0.borrow().values().next().unwrap().0.clone();
+        let record: registry_guard_core::events::Attribution = serde_json::from_slice(&record).unwrap();
         assert_eq!(
             (record.addr.as_str(), record.client_addr.as_deref()),
             (addr.as_str(), Some(want)),
@@ -310,7 +210,7 @@ fn denied_requests_are_not_tagged_and_malformed_envelopes_pass() {
     let mut host =
         FakeHost::request("PUT", "/v2/acme/web/app/manifests/v1").with_header("authorization", &bearer(&["pull"]));
     assert_eq!(on_request_headers(&mut host, 1, Some(&guard), Some(&correlation), None), Outcome::Denied);
-    assert!(host.shared.is_empty());
+    assert!(host.shared.0.borrow().is_empty());
     let mut events = FakeHost { body: b"not json".to_vec(), ..FakeHost::default() };
     assert_eq!(rewrite_request_body(&mut events, 2, 8, 64), EnvelopeOutcome::Malformed);
     assert_eq!(events.body, b"not json");

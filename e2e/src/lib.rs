@@ -1,13 +1,17 @@
 //! End-to-end harness: starts the real registry (distribution), the token service and Envoy
-//! with the built filter on free loopback ports, from the committed templates, and drives
-//! them with skopeo and raw HTTP. Every process is killed when the [`Stack`] drops; on a
+//! with the built filter on free loopback ports, from the files `rgctl stack render` writes
+//! (as `make run` does: the same templates, keys and command lines), and drives them with
+//! skopeo and raw HTTP. Every process is killed when the [`Stack`] drops; on a
 //! failing test the components' logs are printed.
 //!
 //! Artifacts are the release builds (`make test` builds them first):
 //! `target/release/{rgctl,registry-guard-token-service}`,
-//! `target/filter/registry_guard.wasm`, `.venv/bin/envoy`.
+//! `target/filter/registry_guard.wasm`, `.venv/bin/envoy`; a stack started with a fault
+//! option loads the test-only `target/filter-faults/registry_guard.wasm` instead (`make
+//! build-faults`, the filter's `fault-injection` feature).
 
 pub mod clients;
+pub mod fleet;
 
 use std::fs;
 use std::net::TcpListener;
@@ -22,7 +26,7 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn artifact(rel: &str) -> PathBuf {
+pub fn artifact(rel: &str) -> PathBuf {
     let p = root().join(rel);
     assert!(p.exists(), "missing artifact {} — run `make test` (it builds release artifacts first)", p.display());
     p
@@ -114,7 +118,7 @@ pub struct Stack {
     pub hub_port: u16,
     pub consumer_port: u16,
     pub events_port: u16,
-    /// Envoy's dependency-proxy listener (seed 002's own endpoint).
+    /// Envoy's dependency-proxy listener (the group dependency proxy on its own endpoint).
     pub dependency_proxy_listen_port: u16,
     /// Whether the registry verifies tokens itself (see [`Options::registry_token_auth`]).
     pub registry_token_auth: bool,
@@ -122,7 +126,11 @@ pub struct Stack {
     pub trap_on_header: Option<String>,
     /// TEST ONLY: see [`Options::refuse_configure_after_first`].
     pub refuse_configure_after_first: bool,
+    /// See [`Options::bundle_source`].
+    pub bundle_source: Option<&'static str>,
     procs: Vec<Proc>,
+    /// Each process's command line from `rgctl stack render`'s stack.json, by name.
+    commands: Vec<(String, Vec<String>)>,
 }
 
 /// How to start a [`Stack`]; `Options::default()` is what [`Stack::start`] uses.
@@ -145,6 +153,9 @@ pub struct Options {
     /// the first (Envoy's main thread), so workers end up with no filter and Envoy's
     /// backstop must refuse every request (`fault_injection.refuse_configure_after_first`).
     pub refuse_configure_after_first: bool,
+    /// The filter follows the token service's bundle itself: `"long-poll"` or `"poll"` (`rgctl
+    /// stack render --bundle-source`); `None`: only through its ECDS files.
+    pub bundle_source: Option<&'static str>,
 }
 
 impl Stack {
@@ -185,20 +196,23 @@ impl Stack {
             consumer_port: free_port(),
             events_port: free_port(),
             dependency_proxy_listen_port: free_port(),
-            registry_token_auth: false,
+            registry_token_auth: options.registry_token_auth,
             trap_on_header: options.trap_on_header.clone(),
             refuse_configure_after_first: options.refuse_configure_after_first,
+            bundle_source: options.bundle_source,
             procs: Vec::new(),
+            commands: Vec::new(),
             dir,
         };
-        let keys = stack.config_dir.join("keys").display().to_string();
-        stack.rgctl(&["keygen", "--out", &keys]);
-        stack.rgctl(&["keygen", "--out", &keys, "--name", "operator"]);
-        stack.rgctl(&["operator-token", "--out", &keys]);
+        // Secrets the tests know; `rgctl stack render` keeps files that exist.
         fs::write(stack.path("events-secret"), "e2e-events-secret").expect("events secret");
         fs::write(stack.path("consumer-read-token"), CONSUMER_READ_TOKEN).expect("consumer read token");
+        fs::write(stack.path("http-secret"), "e2e-http-secret").expect("http secret");
+        stack.render_stack();
+        if stack.registry_token_auth {
+            stack.write_token_signing_cert();
+        }
         stack.start_consumer();
-        stack.registry_token_auth = options.registry_token_auth;
         stack.start_registry();
         stack.start_token_service();
         stack.start_envoy();
@@ -215,24 +229,80 @@ impl Stack {
         String::from_utf8(out.stdout).expect("utf8")
     }
 
-    fn render(&self, template: &str, out: &str, vars: &[(&str, String)], json: &[(&str, PathBuf)]) -> PathBuf {
-        let mut args = vec!["render".to_owned(), root().join(template).display().to_string()];
-        for (k, v) in vars {
-            args.push("--set".into());
-            args.push(format!("{k}={v}"));
+    /// Every file of the stack (keys, registry/hub/cache configs, Envoy's bootstrap, both
+    /// filter endpoints' ECDS files) by `rgctl stack render`, as `make run` renders them;
+    /// the processes' command lines come from its stack.json.
+    fn render_stack(&mut self) {
+        let ports = [
+            ("listen", self.envoy_port),
+            ("token", self.token_port),
+            ("registry", self.registry_port),
+            ("admin", self.admin_port),
+            ("dependency-proxy", self.cache_port),
+            ("hub", self.hub_port),
+            ("consumer", self.consumer_port),
+            ("events", self.events_port),
+            ("dependency-proxy-listen", self.dependency_proxy_listen_port),
+        ]
+        .map(|(name, port)| format!("{name}={port}"))
+        .join(",");
+        let wasm = self.filter_wasm();
+        let (root, config, out) = (root(), self.config_dir.clone(), self.dir.path().to_owned());
+        let mut args: Vec<String> = vec!["stack".into(), "render".into()];
+        for (flag, value) in [
+            ("--root", root.display().to_string()),
+            ("--config-dir", config.display().to_string()),
+            ("--out", out.display().to_string()),
+            ("--ports", ports),
+            ("--wasm", wasm.display().to_string()),
+            ("--envoy", artifact(".venv/bin/envoy").display().to_string()),
+            ("--token-service", artifact("target/release/registry-guard-token-service").display().to_string()),
+            ("--consumer", artifact("target/release/registry-guard-consumer").display().to_string()),
+            ("--leeway-seconds", "2".into()),
+        ] {
+            args.extend([flag.to_owned(), value]);
         }
-        for (k, f) in json {
-            args.push("--set-json".into());
-            args.push(format!("{k}={}", f.display()));
+        if let Some(mode) = self.bundle_source {
+            args.extend([
+                "--bundle-source".to_owned(),
+                mode.to_owned(),
+                "--bundle-poll-seconds".to_owned(),
+                "2".to_owned(),
+            ]);
+        }
+        if self.registry_token_auth {
+            args.extend([
+                "--registry-token-auth".to_owned(),
+                self.path("token-signing-cert.pem").display().to_string(),
+            ]);
         }
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let text = self.rgctl(&refs);
-        let path = self.path(out);
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).expect("mkdir");
-        }
-        fs::write(&path, text).expect("write rendered config");
-        path
+        self.rgctl(&refs);
+        self.inject_faults();
+        let summary: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(self.path("stack.json")).expect("stack.json")).expect("json");
+        self.commands = summary["processes"]
+            .as_array()
+            .expect("processes")
+            .iter()
+            .map(|p| {
+                let argv =
+                    p["command"].as_array().expect("command").iter().map(|a| a.as_str().expect("arg").to_owned());
+                (p["name"].as_str().expect("name").to_owned(), argv.collect())
+            })
+            .collect();
+    }
+
+    /// Starts the process `name` of stack.json (its command line as rendered).
+    fn start_process(&mut self, name: &'static str) {
+        let argv = self
+            .commands
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, argv)| argv.clone())
+            .unwrap_or_else(|| panic!("no process `{name}` in stack.json"));
+        let (program, args) = argv.split_first().expect("empty command line");
+        self.spawn(name, Command::new(program).args(args));
     }
 
     fn spawn(&mut self, name: &'static str, cmd: &mut Command) {
@@ -248,68 +318,20 @@ impl Stack {
     }
 
     fn start_registry(&mut self) {
-        let storage = self.path("storage");
-        fs::create_dir_all(&storage).expect("storage dir");
-        let cfg = self.render(
-            "deploy/registry.yml",
-            "registry.yml",
-            &[
-                ("STORAGE_DIR", storage.display().to_string()),
-                ("REGISTRY_PORT", self.registry_port.to_string()),
-                ("HTTP_SECRET", "e2e-http-secret".into()),
-                ("NOTIFICATIONS_DISABLED", "false".into()),
-                ("EVENTS_URL", format!("http://127.0.0.1:{}/events", self.events_port)),
-                ("EVENTS_SECRET", "e2e-events-secret".into()),
-            ],
-            &[],
-        );
-        if self.registry_token_auth {
-            let auth = self.registry_auth_section();
-            let mut text = fs::read_to_string(&cfg).expect("read registry.yml");
-            text.push_str(&auth);
-            fs::write(&cfg, text).expect("write registry.yml");
-        }
-        self.spawn("registry", Command::new("docker-registry").arg("serve").arg(cfg));
+        self.start_process("registry");
         self.wait_http(self.registry_port, "/v2/", "registry");
         // The dependency proxy: a pull-through cache in front of a local "hub".
-        let hub_storage = self.path("hub-storage");
-        fs::create_dir_all(&hub_storage).expect("hub storage");
-        let hub = self.render(
-            "deploy/registry.yml",
-            "hub.yml",
-            &[
-                ("STORAGE_DIR", hub_storage.display().to_string()),
-                ("REGISTRY_PORT", self.hub_port.to_string()),
-                ("HTTP_SECRET", "e2e-http-secret".into()),
-                ("NOTIFICATIONS_DISABLED", "true".into()),
-                ("EVENTS_URL", "http://127.0.0.1:1/unused".into()),
-                ("EVENTS_SECRET", "unused".into()),
-            ],
-            &[],
-        );
-        self.spawn("hub", Command::new("docker-registry").arg("serve").arg(hub));
+        self.start_process("hub");
         self.wait_http(self.hub_port, "/v2/", "hub");
-        let cache_storage = self.path("cache-storage");
-        fs::create_dir_all(&cache_storage).expect("cache storage");
-        let cache = self.render(
-            "deploy/dependency-proxy.yml",
-            "dependency-proxy.yml",
-            &[
-                ("STORAGE_DIR", cache_storage.display().to_string()),
-                ("DEPENDENCY_PROXY_PORT", self.cache_port.to_string()),
-                ("HUB_PORT", self.hub_port.to_string()),
-                ("HTTP_SECRET", "e2e-http-secret".into()),
-            ],
-            &[],
-        );
-        self.spawn("dependency-proxy", Command::new("docker-registry").arg("serve").arg(cache));
+        self.start_process("dependency-proxy");
         self.wait_http(self.cache_port, "/v2/", "dependency-proxy");
     }
 
-    /// A self-signed X.509 certificate (openssl) of the token signing key, and the registry's
-    /// `auth: token` section trusting it: distribution 2.8 looks a token's `kid` up among
-    /// the libtrust key ids of the certificates in `rootcertbundle`.
-    fn registry_auth_section(&self) -> String {
+    /// A self-signed X.509 certificate (openssl) of the token signing key, which the
+    /// registry's `auth: token` section trusts (`rgctl stack render --registry-token-auth`):
+    /// distribution 2.8 looks a token's `kid` up among the libtrust key ids of the
+    /// certificates in `rootcertbundle`.
+    fn write_token_signing_cert(&self) {
         let cert = self.path("token-signing-cert.pem");
         let out = Command::new("openssl")
             .args(["req", "-new", "-x509", "-days", "2", "-subj", "/CN=registry-guard token signing"])
@@ -320,11 +342,6 @@ impl Stack {
             .output()
             .expect("run openssl");
         assert!(out.status.success(), "openssl req failed: {}", String::from_utf8_lossy(&out.stderr));
-        format!(
-            "auth:\n  token:\n    realm: {}\n    service: container_registry\n    issuer: registry-guard\n    rootcertbundle: {}\n",
-            self.realm(),
-            cert.display()
-        )
     }
 
     /// Sends SIGHUP to the token service (it re-reads its key ring) and waits until its
@@ -366,24 +383,7 @@ impl Stack {
 
     /// Starts (or restarts) the reference event consumer on its fixed port and database.
     pub fn start_consumer(&mut self) {
-        let bin = artifact("target/release/registry-guard-consumer");
-        let listen = format!("127.0.0.1:{}", self.consumer_port);
-        let (db, jwks, secret) =
-            (self.path("events.sqlite"), self.config_dir.join("keys/jwks.json"), self.path("events-secret"));
-        self.spawn(
-            "consumer",
-            Command::new(bin)
-                .arg("--listen")
-                .arg(listen)
-                .arg("--database")
-                .arg(db)
-                .arg("--jwks")
-                .arg(jwks)
-                .arg("--secret-file")
-                .arg(secret)
-                .arg("--read-token-file")
-                .arg(self.path("consumer-read-token")),
-        );
+        self.start_process("consumer");
         self.wait_http(self.consumer_port, "/healthz", "consumer");
     }
 
@@ -442,8 +442,7 @@ impl Stack {
     /// Starts the registry again from the same configuration and storage.
     pub fn restart_registry(&mut self) {
         self.stop("registry");
-        let cfg = self.path("registry.yml");
-        self.spawn("registry", Command::new("docker-registry").arg("serve").arg(cfg));
+        self.start_process("registry");
         self.wait_http(self.registry_port, "/v2/", "registry");
     }
 
@@ -455,10 +454,7 @@ impl Stack {
     /// Starts (or restarts) the token service on its port with the same configuration.
     pub fn start_token_service(&mut self) {
         self.stop("token-service");
-        let bin = artifact("target/release/registry-guard-token-service");
-        let listen = format!("127.0.0.1:{}", self.token_port);
-        let config_dir = self.config_dir.clone();
-        self.spawn("token-service", Command::new(bin).arg("--config-dir").arg(config_dir).arg("--listen").arg(listen));
+        self.start_process("token-service");
         self.wait_http(self.token_port, "/healthz", "token-service");
     }
 
@@ -477,97 +473,49 @@ impl Stack {
         format!("127.0.0.1:{}", self.dependency_proxy_listen_port)
     }
 
-    /// The dependency-proxy endpoint's filter: the registry's configuration with
-    /// `"endpoint": "dependency-proxy"`, as its own ECDS resource.
-    fn write_dependency_proxy_resource(&self, filter: &str, wasm: &Path) {
-        let mut v: serde_json::Value = serde_json::from_str(filter).expect("filter config json");
-        v["endpoint"] = "dependency-proxy".into();
-        let path = self.path("filter-dependency-proxy.json");
-        fs::write(&path, v.to_string()).expect("write dependency proxy filter config");
-        self.rgctl(&[
-            "filter-resource",
-            "--config",
-            &path.display().to_string(),
-            "--wasm",
-            &wasm.display().to_string(),
-            "--out",
-            &self.dependency_proxy_ecds_file().display().to_string(),
-            "--name",
-            "registry-guard-dependency-proxy",
-        ]);
+    /// TEST ONLY: the `fault_injection` the options ask for, if any.
+    fn fault_injection(&self) -> Option<serde_json::Value> {
+        (self.trap_on_header.is_some() || self.refuse_configure_after_first).then(|| {
+            serde_json::json!({
+                "trap_on_header": self.trap_on_header,
+                "refuse_configure_after_first": self.refuse_configure_after_first,
+            })
+        })
+    }
+
+    /// The filter Envoy loads: the test-only build with the `fault-injection` feature (`make
+    /// build-faults`) when a fault option is set, the release filter otherwise (which refuses
+    /// `fault_injection` as an unknown field).
+    fn filter_wasm(&self) -> PathBuf {
+        match self.fault_injection() {
+            Some(_) => artifact("target/filter-faults/registry_guard.wasm"),
+            None => artifact("target/filter/registry_guard.wasm"),
+        }
+    }
+
+    /// TEST ONLY: adds `fault_injection` to the filter configuration in both ECDS files after
+    /// `rgctl stack render` wrote them (rgctl checks configurations with the release parser,
+    /// which refuses the field).
+    fn inject_faults(&self) {
+        let Some(faults) = self.fault_injection() else { return };
+        for ecds in [self.ecds_file(), self.dependency_proxy_ecds_file()] {
+            let mut doc: serde_json::Value =
+                serde_json::from_str(&fs::read_to_string(&ecds).expect("read ECDS file")).expect("ECDS json");
+            let value = &mut doc["resources"][0]["typed_config"]["config"]["configuration"]["value"];
+            let mut config: serde_json::Value =
+                serde_json::from_str(value.as_str().expect("filter configuration string")).expect("filter config json");
+            config["fault_injection"] = faults.clone();
+            *value = config.to_string().into();
+            fs::write(&ecds, doc.to_string()).expect("write ECDS file");
+        }
     }
 
     fn start_envoy(&mut self) {
-        let keys = self.config_dir.join("keys");
-        let filter = self.rgctl(&[
-            "filter-config",
-            "--realm",
-            &self.realm(),
-            "--jwks",
-            &keys.join("jwks.json").display().to_string(),
-            "--bundle-keys",
-            &keys.join("operator-jwks.json").display().to_string(),
-            "--leeway-seconds",
-            "2",
-            // envoy/envoy.yaml has `use_remote_address: true`.
-            "--client-address",
-            "x-forwarded-for",
-            "--environment",
-            ENVIRONMENT,
-        ]);
-        let filter_path = self.path("filter.json");
-        let filter = if self.trap_on_header.is_none() && !self.refuse_configure_after_first {
-            filter
-        } else {
-            let mut v: serde_json::Value = serde_json::from_str(&filter).expect("filter config json");
-            v["fault_injection"] = serde_json::json!({
-                "trap_on_header": self.trap_on_header,
-                "refuse_configure_after_first": self.refuse_configure_after_first,
-            });
-            v.to_string()
-        };
-        fs::write(&filter_path, &filter).expect("write filter config");
-        let wasm = artifact("target/filter/registry_guard.wasm");
-        self.rgctl(&[
-            "filter-resource",
-            "--config",
-            &filter_path.display().to_string(),
-            "--wasm",
-            &wasm.display().to_string(),
-            "--out",
-            &self.ecds_file().display().to_string(),
-        ]);
-        self.write_dependency_proxy_resource(&filter, &wasm);
-        self.render(
-            "envoy/envoy.yaml",
-            "envoy.yaml",
-            &[
-                ("ADMIN_PORT", self.admin_port.to_string()),
-                ("LISTEN_PORT", self.envoy_port.to_string()),
-                ("REGISTRY_PORT", self.registry_port.to_string()),
-                ("DEPENDENCY_PROXY_PORT", self.cache_port.to_string()),
-                ("EVENTS_PORT", self.events_port.to_string()),
-                ("CONSUMER_PORT", self.consumer_port.to_string()),
-                ("WASM_PATH", wasm.display().to_string()),
-                ("ECDS_DIR", self.path("ecds").display().to_string()),
-                ("DEPENDENCY_PROXY_LISTEN_PORT", self.dependency_proxy_listen_port.to_string()),
-            ],
-            &[],
-        );
         self.spawn_envoy();
     }
 
     fn spawn_envoy(&mut self) {
-        let envoy = artifact(".venv/bin/envoy");
-        let cfg = self.path("envoy.yaml");
-        self.spawn(
-            "envoy",
-            Command::new(envoy)
-                .arg("-c")
-                .arg(cfg)
-                .args(["--concurrency", "2", "--log-level", "warn", "--component-log-level", "wasm:info,config:info"])
-                .args(["--base-id", &self.admin_port.to_string()]),
-        );
+        self.start_process("envoy");
         self.wait_http(self.admin_port, "/ready", "envoy");
         // /ready answers before the listener is warmed by the ECDS file: wait for a reply.
         self.wait_http(self.envoy_port, "/v2/", "envoy");
@@ -792,7 +740,7 @@ impl Stack {
     /// A valid registry token (signed with the token service's key) for `sub` of about
     /// `size` bytes — many pull grants on `acme/web/*` repositories, each naming project
     /// `acme/web` — with `jti` `hostile-<n>`, so every call yields a distinct token: what a
-    /// client minting many large tokens sends (issue 14).
+    /// client minting many large tokens sends.
     pub fn large_token(&self, sub: &str, n: u64, size: usize) -> String {
         use registry_guard_core::token::claims::{AccessClaim, AccessMeta, Audience, RegistryClaims};
         use registry_guard_core::token::sign::{sign, Validity};

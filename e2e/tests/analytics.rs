@@ -1,4 +1,4 @@
-//! Issue 15, end to end: seed 001's weekly and monthly usage analytics. Real pushes through
+//! End to end: GitLab's weekly and monthly usage analytics. Real pushes through
 //! Envoy, events attributed by the filter and verified by the consumer, which counts unique
 //! users (by user id) and unique deploy tokens (by deploy-token id) per ISO week and calendar
 //! month; the lifetime totals stay beside them, and everything survives a consumer restart.

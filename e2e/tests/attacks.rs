@@ -1,4 +1,4 @@
-//! Issue 7, end to end: hostile tokens and requests sent as raw HTTP/1.1 through real Envoy
+//! End to end: hostile tokens and requests sent as raw HTTP/1.1 through real Envoy
 //! (normalize_path, merge_slashes, escaped slashes rejected) with the real filter, to the
 //! real registry (distribution 2.8.2). Each reply is attributed to whoever produced it: the
 //! filter (`x-registry-guard: denied`), the registry (`docker-distribution-api-version`) or

@@ -1,5 +1,5 @@
-//! Issue 15, seed 002: the dependency proxy on its own endpoint (its own Envoy listener, as
-//! GitLab serves it from its own host). The seed's table, row by row, with real skopeo:
+//! The dependency proxy on its own endpoint (its own Envoy listener, as
+//! GitLab serves it from its own host). GitLab's table, row by row, with real skopeo:
 //! `skopeo login` to the endpoint (`GET /v2/`), then a pull (`skopeo inspect`) of
 //! `<group>/dependency_proxy/containers/alpine:latest` from the real pull-through cache.
 
@@ -18,7 +18,7 @@ fn deploy_bundle() -> serde_json::Value {
 const ACME: &str = "acme/dependency_proxy/containers/alpine";
 const OTHER: &str = "other/dependency_proxy/containers/alpine";
 
-/// One row of seed 002 ("feature flag enabled"): who, with which secret, what login and pull give.
+/// One row of GitLab's dependency-proxy table ("feature flag enabled"): who, with which secret, what login and pull give.
 struct Row {
     seed: &'static str,
     who: &'static str,
@@ -68,7 +68,7 @@ fn seed_002_login_and_pull_table() {
     ];
     let mut table = vec![format!(
         "| {:<50} | {:<15} | {:<6} | {:<6} | {:<42} | {:<6} | {:<6} |",
-        "seed 002 row", "principal", "login", "(want)", "image", "pull", "(want)"
+        "table row", "principal", "login", "(want)", "image", "pull", "(want)"
     )];
     let mut failures = Vec::new();
     for row in &rows {
@@ -94,7 +94,7 @@ fn seed_002_login_and_pull_table() {
             ));
         }
     }
-    eprintln!("seed 002 on the dependency-proxy endpoint {host}, as run:\n{}", table.join("\n"));
+    eprintln!("the dependency-proxy table on the endpoint {host}, as run:\n{}", table.join("\n"));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 
     // The 403 at login is the filter's, with an OCI error body naming why.

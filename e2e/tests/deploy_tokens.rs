@@ -1,5 +1,5 @@
-//! Issue 4, end to end: deploy tokens (group and project scopes, read/write), instant
-//! revocation through a bundle push, and the group dependency proxy (seed 002's matrix),
+//! End to end: deploy tokens (group and project scopes, read/write), instant
+//! revocation through a bundle push, and the group dependency proxy (GitLab's access table),
 //! with real skopeo through real Envoy to a real pull-through cache.
 
 use registry_guard_e2e::{stderr, Stack};
@@ -80,7 +80,7 @@ fn dependency_proxy_matrix_and_group_scopes() {
     eprintln!("dependency proxy matrix, as run:\n{}", table.join("\n"));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 
-    // The 404 and 403 replies come from the filter, with the seed's codes.
+    // The 404 and 403 replies come from the filter, with GitLab's codes.
     let t = stack.token("acme-ci", "gldt-acme-ci-rw", &[]).unwrap();
     let r = stack.request("GET", "/v2/other/dependency_proxy/containers/alpine/manifests/latest", Some(&t));
     assert_eq!((r.status, r.body.contains("NAME_UNKNOWN")), (404, true), "{}", r.body);

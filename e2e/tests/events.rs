@@ -1,4 +1,4 @@
-//! Issue 5, end to end: the registry's webhook events, enriched by the filter's events role
+//! End to end: the registry's webhook events, enriched by the filter's events role
 //! with who caused them, verified and counted by the reference consumer.
 
 use std::time::{Duration, Instant};

@@ -1,4 +1,4 @@
-//! Fail closed, always (README "Failing closed", docs/failing-closed.md): no policy push,
+//! Fail closed, always (docs/security.md "Failing closed", docs/failing-closed.md): no policy push,
 //! accepted or refused, forced or replayed, before or after an Envoy restart, may let a
 //! request reach the registry without the filter's positive decision. Every push here goes
 //! through `Stack::push_bundle`, which checks afterwards that anonymous, `alg: none` and

@@ -1,4 +1,4 @@
-//! Issue 7, faults end to end: what clients see when a part of the stack breaks, on the real
+//! Faults end to end: what clients see when a part of the stack breaks, on the real
 //! Envoy, registry, token service and skopeo.
 //!
 //! Covered elsewhere and not repeated here: the consumer down during a push (events are

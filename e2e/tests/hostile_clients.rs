@@ -1,7 +1,7 @@
-//! Hostile clients (issue 14), against the real stack: each attack of the issue repeated a
-//! bounded number of times, checking that the service stays correct and that Envoy's and the
-//! token service's memory (VmRSS from /proc) stays within the bounds README "Hostile clients"
-//! states.
+//! Hostile clients, against the real stack: each attack of docs/security.md "Hostile
+//! clients" repeated a bounded number of times, checking that the service stays correct and
+//! that Envoy's and the token service's memory (VmRSS from /proc) stays within the bounds
+//! stated there.
 //!
 //! Bounds asserted (defaults: `HOSTILE_ENVOY_GROWTH_MIB`, `HOSTILE_TOKEN_SERVICE_MIB`):
 //! - Envoy RSS grows at most 64 MiB over its warmed-up baseline after 5,000 requests with a

@@ -1,4 +1,4 @@
-//! Key rotation with no failed request (README "Rotating the token signing key"): add a new
+//! Key rotation with no failed request (docs/operations.md "Rotating the token signing key"): add a new
 //! key (published, not signing) → push the JWKS to the filters → switch signing to the new
 //! key → after the token lifetime, retire the old key — while pulls (fresh tokens every few
 //! requests) and skopeo pushes go on. Every step is checked on the wire: which key signs,

@@ -1,4 +1,4 @@
-//! Issue 3, end to end: signed bundles pushed live to real Envoy (ECDS file) and the token
+//! End to end: signed bundles pushed live to real Envoy (ECDS file) and the token
 //! service; protection rules enforced on real skopeo pushes and deletes.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

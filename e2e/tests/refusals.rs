@@ -1,4 +1,4 @@
-//! Issue 15: refusals every client can read. A refused request with a body (manifest `PUT`,
+//! Refusals every client can read. A refused request with a body (manifest `PUT`,
 //! upload `PATCH`/`PUT`) is answered only once its body has been read, so clients that write
 //! the body while reading the answer (containerd's pusher) get the denial instead of a hang
 //! or a broken pipe. Real clients from Debian: containerd's `ctr`, skopeo, podman. Plus the

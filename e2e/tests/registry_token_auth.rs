@@ -1,4 +1,4 @@
-//! Defence in depth (README "The registry verifying tokens itself"): the stock registry runs
+//! Defence in depth (docs/operations.md "Defence in depth: the registry verifying the same tokens"): the stock registry runs
 //! with `auth: token` and a self-signed certificate of the token signing key as
 //! `rootcertbundle`; the token service puts libtrust key ids in token headers. The same
 //! tokens pass the filter and the registry; real skopeo pushes and pulls work; the registry

@@ -1,4 +1,4 @@
-//! Issue 7, soak: mixed traffic through the real stack while signed bundles are pushed every
+//! Soak: mixed traffic through the real stack while signed bundles are pushed every
 //! few seconds; fails on any request decided contrary to the active bundle, any unexpected
 //! 5xx, or Envoy memory growing beyond the stated bound.
 //!
@@ -18,7 +18,7 @@
 //!   odd revisions carry rule `web-release-tags` (push of `v*` tags of `acme/web/*` needs
 //!   maintainer), even revisions no rule.
 //!
-//! - **hostile client** (issue 14, one request at a time): a guest's `GET /v2/` with a 59 KB
+//! - **hostile client** (one request at a time): a guest's `GET /v2/` with a 59 KB
 //!   `X-Request-Id` → 200; a fresh valid ~15 KB token (many scopes, a new one every time, so
 //!   each is verified and cached) → 200; and once a second a wrong password for a new unknown
 //!   user at the token service → 401 or 429. The token service's RSS is sampled too and may
@@ -313,7 +313,7 @@ fn soak() {
         }));
     }
 
-    // Hostile client (issue 14): huge request ids, many large valid tokens, wrong passwords.
+    // Hostile client: huge request ids, many large valid tokens, wrong passwords.
     {
         let (stack, stop, counts, guest) = (stack.clone(), stop.clone(), counts.clone(), guest.clone());
         handles.push(std::thread::spawn(move || {

@@ -1,4 +1,4 @@
-//! Issue 2, end to end: real Envoy + registry-guard filter, real registry, real skopeo,
+//! End to end: real Envoy + registry-guard filter, real registry, real skopeo,
 //! tokens from the real token service, all on loopback.
 
 use registry_guard_core::token::claims::{AccessClaim, Audience, RegistryClaims};

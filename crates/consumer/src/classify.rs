@@ -1,4 +1,4 @@
-//! Classifying one registry event (seed 001): which usage metric it counts, and for whom.
+//! Classifying one registry event: which usage metric it counts, and for whom.
 //!
 //! Every string kept from an event is capped ([`limits`]): the registry copies client input
 //! (the `X-Request-Id`, names, tags) into events, and none of it may grow the database
@@ -227,7 +227,7 @@ fn capped_user(mut u: UserInfo) -> UserInfo {
     u
 }
 
-/// A manifest or an index (tag list, image index): what seed 001 counts. Delete events carry
+/// A manifest or an index (tag list, image index): what GitLab's usage metrics count. Delete events carry
 /// no `mediaType` in distribution 2.8, so an event without one is not a blob.
 pub fn is_manifest_media_type(media_type: Option<&str>) -> bool {
     media_type.map_or(true, |m| {

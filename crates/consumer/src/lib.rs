@@ -1,9 +1,10 @@
-//! registry-guard consumer: the reference consumer of the registry's webhook notifications
-//! (seed 001). It receives the event envelopes that the filter has attributed (`actor.name`,
+//! registry-guard consumer: the reference consumer of the registry's webhook notifications.
+//! It receives the event envelopes that the filter has attributed (`actor.name`,
 //! `actor.user_type` and the signed `actor.user` JWT), verifies each `user` JWT against the
 //! token service's public keys, and counts container-registry usage per principal type
-//! (`i_container_registry_<kind>_<user|deploy_token>`) in an SQLite file, deduplicated on the
-//! event id.
+//! (`i_container_registry_<kind>_<user|deploy_token>`) in an SQLite file, or in a PostgreSQL
+//! database shared by several replicas (`--database postgres://…`, docs/consumer.md),
+//! deduplicated on the event id.
 
 pub mod classify;
 pub mod period;

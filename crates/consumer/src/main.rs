@@ -1,4 +1,4 @@
-//! `registry-guard-consumer --database PATH --jwks PATH --secret-file PATH --read-token-file PATH
+//! `registry-guard-consumer --database PATH|postgres://URL --jwks PATH --secret-file PATH --read-token-file PATH
 //! [--listen ADDR] [--tolerance-seconds N] [--retention-days N] [--max-events N]`
 
 use std::net::SocketAddr;
@@ -18,8 +18,11 @@ struct Cli {
     /// Address to listen on (the registry's notification endpoint is `POST /events`).
     #[arg(long, value_name = "ADDR", default_value = DEFAULT_LISTEN)]
     listen: SocketAddr,
-    /// SQLite file holding the events and counts (created if missing).
-    #[arg(long, value_name = "PATH")]
+    /// Where the events and counts are kept: an SQLite file (created if missing), or a
+    /// PostgreSQL URL `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?connect_timeout=S]`
+    /// that several replicas share (tables created if absent; PGPASSWORD is read when the URL
+    /// has no password; no TLS). See docs/consumer.md.
+    #[arg(long, value_name = "PATH|URL")]
     database: PathBuf,
     /// The token service's JWKS file: the public keys that sign the nested `user` JWTs.
     #[arg(long, value_name = "PATH")]
@@ -47,20 +50,14 @@ struct Cli {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).init();
-    match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    registry_guard_service::init_logging();
+    registry_guard_service::exit_code(run(cli).await)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let app = Application::build(Settings {
         listen: cli.listen,
-        database: cli.database,
+        database: cli.database.into(),
         jwks: cli.jwks,
         secret_file: cli.secret_file,
         read_token_file: cli.read_token_file,
@@ -70,31 +67,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     })
     .await?;
     eprintln!("{}", app.startup_line());
-    app.run_until(shutdown_signal()).await.context("serving HTTP")?;
+    app.run_until(registry_guard_service::shutdown_signal()).await.context("serving HTTP")?;
     eprintln!("registry event consumer stopped");
     Ok(())
-}
-
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
 }

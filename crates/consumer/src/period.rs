@@ -1,4 +1,4 @@
-//! Reporting periods, as seed 001's weekly and monthly aggregations mean them: the ISO week
+//! Reporting periods, as GitLab's weekly and monthly aggregations mean them: the ISO week
 //! (Monday to Sunday, numbered by ISO 8601, so the days around New Year may belong to the
 //! previous or next year's week: 2027-01-01 is in 2026-W53) and the calendar month, both in UTC.
 //!

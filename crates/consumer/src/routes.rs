@@ -228,10 +228,11 @@ async fn post_events(State(state): State<Arc<AppState>>, headers: HeaderMap, bod
 async fn read<T, F>(state: &Arc<AppState>, f: F) -> Result<T, Response>
 where
     T: Send + 'static,
-    F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    F: FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
 {
     let worker = Arc::clone(state);
-    match tokio::task::spawn_blocking(move || f(&worker.store.lock().unwrap_or_else(PoisonError::into_inner))).await {
+    match tokio::task::spawn_blocking(move || f(&mut worker.store.lock().unwrap_or_else(PoisonError::into_inner))).await
+    {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => {
             tracing::error!("reading the counts failed: {e}");
@@ -338,7 +339,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let events = Family::<EventLabels, Counter>::default();
     registry.register(
         "events",
-        "Container-registry usage events counted (lifetime), by seed-001 event name",
+        "Container-registry usage events counted (lifetime), by usage event name (`i_container_registry_…`)",
         events.clone(),
     );
     let mut names = all_metric_names();
@@ -350,7 +351,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let unique = Family::<EventLabels, Gauge>::default();
     registry.register(
         "unique_actors",
-        "Distinct user ids (event …_user) or deploy-token ids (…_deploy_token) with the seed-001 event in the current ISO week or calendar month (UTC)",
+        "Distinct user ids (event …_user) or deploy-token ids (…_deploy_token) with the usage event in the current ISO week or calendar month (UTC)",
         unique.clone(),
     );
     for p in &periods {

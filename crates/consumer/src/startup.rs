@@ -11,7 +11,7 @@ use registry_guard_core::token::jwks::{KeySet, KeySetError};
 use tokio::net::TcpListener;
 
 use crate::routes::{self, AppState};
-use crate::store::{Retention, Store, StoreError};
+use crate::store::{Database, Retention, Store, StoreError};
 
 /// Default `--listen` address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5005";
@@ -31,8 +31,8 @@ const DAY: i64 = 86_400;
 pub struct Settings {
     /// Where to listen; port 0 picks a free port (tests).
     pub listen: SocketAddr,
-    /// The SQLite file (created if missing).
-    pub database: PathBuf,
+    /// The SQLite file (created if missing), or a PostgreSQL database shared by replicas.
+    pub database: Database,
     /// The token service's JWKS: the public keys that sign the nested `user` JWTs.
     pub jwks: PathBuf,
     /// A file holding the bearer secret the registry sends (surrounding whitespace ignored).
@@ -86,7 +86,8 @@ pub enum StartupError {
 /// Facts for the startup line (no secrets).
 #[derive(Debug, Clone)]
 pub struct Summary {
-    pub database: PathBuf,
+    /// The SQLite path, or the PostgreSQL URL without its password.
+    pub database: String,
     pub jwks: PathBuf,
     pub keys: usize,
     pub key_ids: Vec<String>,
@@ -159,17 +160,25 @@ impl Application {
         if read_token == secret {
             return Err(StartupError::ReadTokenIsSecret { path: settings.read_token_file.clone() });
         }
-        let mut store = Store::open(&settings.database)?;
-        let pruned = store.prune(routes::now_unix(), retention)?;
+        // Blocking (the PostgreSQL client runs its own runtime): off the async threads.
+        let database = settings.database.clone();
+        let (store, pruned, events_recorded) = tokio::task::spawn_blocking(move || {
+            let mut store = Store::connect(&database)?;
+            let pruned = store.prune(routes::now_unix(), retention)?;
+            let events_recorded = store.event_count()?;
+            Ok::<_, StoreError>((store, pruned, events_recorded))
+        })
+        .await
+        .map_err(|e| StoreError::Worker(e.to_string()))??;
         let summary = Summary {
-            database: settings.database.clone(),
+            database: settings.database.display(),
             jwks: settings.jwks.clone(),
             keys: keys.len(),
             key_ids: keys.kids().map(str::to_owned).collect(),
             tolerance_seconds: settings.tolerance_seconds,
             retention_days: settings.retention_days,
             max_events: settings.max_events,
-            events_recorded: store.event_count()?,
+            events_recorded,
             events_pruned: pruned.events,
         };
         let state = Arc::new(AppState {
@@ -179,10 +188,9 @@ impl Application {
             read_token_digest: routes::sha256(read_token.as_bytes()),
             tolerance_seconds: settings.tolerance_seconds,
         });
-        let listener = TcpListener::bind(settings.listen)
+        let (listener, local_addr) = registry_guard_service::bind(settings.listen)
             .await
             .map_err(|error| StartupError::Bind { addr: settings.listen, error })?;
-        let local_addr = listener.local_addr().map_err(|error| StartupError::Bind { addr: settings.listen, error })?;
         let router = routes::router(Arc::clone(&state));
         Ok(Application { listener, local_addr, router, summary, state, retention })
     }
@@ -206,7 +214,7 @@ impl Application {
         format!(
             "registry event consumer listening on http://{} (database {}, {} event{} recorded, {} pruned; retention {} days, at most {} events; {} verification key{} from {}; tolerance {}s)",
             self.local_addr,
-            s.database.display(),
+            s.database,
             s.events_recorded,
             if s.events_recorded == 1 { "" } else { "s" },
             s.events_pruned,

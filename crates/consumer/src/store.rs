@@ -1,5 +1,7 @@
-//! The durable record, in one SQLite file: every event seen (by id, for dedupe, and to say who
-//! did what), the repositories seen pushed (for `create_repository`), the lifetime usage
+//! The durable record, in one SQLite file (the default) or in a PostgreSQL database that
+//! several consumer replicas share ([`Database`]; that backend is `store/pg.rs`, with the same
+//! tables and the same behaviour): every event seen (by id, for dedupe, and to say who did
+//! what), the repositories seen pushed (for `create_repository`), the lifetime usage
 //! counters, the tallies of rejected, unattributed, duplicate, ignored and invalid events, and
 //! the unique actors per usage metric and period (ISO week, calendar month).
 //!
@@ -16,6 +18,11 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension as _, Transaction};
 use serde::Serialize;
+
+mod pg;
+
+use self::pg::PgStore;
+pub use self::pg::PG_SCHEMA_VERSION;
 
 use crate::classify::{all_metric_names, metric_name, Assessment, InvalidEvent, Kind, Outcome};
 use crate::period::{Period, PeriodKind};
@@ -71,6 +78,75 @@ CREATE TABLE IF NOT EXISTS unique_counts (
 ) WITHOUT ROWID;
 ";
 
+/// Where the record is kept (`--database PATH|URL`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// An SQLite file (created if missing): one consumer.
+    Sqlite(PathBuf),
+    /// A `postgres://` or `postgresql://` URL: any number of replicas share the database.
+    Postgres(String),
+}
+
+impl Database {
+    /// A `postgres://` or `postgresql://` URL names PostgreSQL; anything else is an SQLite path.
+    pub fn parse(arg: &str) -> Database {
+        Database::from(PathBuf::from(arg))
+    }
+
+    /// For logs and errors: the path, or the URL with any password replaced by `***`.
+    pub fn display(&self) -> String {
+        match self {
+            Database::Sqlite(path) => path.display().to_string(),
+            Database::Postgres(url) => redact_url(url),
+        }
+    }
+}
+
+impl From<PathBuf> for Database {
+    fn from(path: PathBuf) -> Database {
+        match path.to_str() {
+            Some(s) if s.starts_with("postgres://") || s.starts_with("postgresql://") => {
+                Database::Postgres(s.to_owned())
+            }
+            _ => Database::Sqlite(path),
+        }
+    }
+}
+
+/// `url` with the password of its user part and any `password=` parameter replaced by `***`.
+fn redact_url(url: &str) -> String {
+    let (head, query) = match url.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (url, None),
+    };
+    let mut out = match head.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.find('/').map_or((rest, ""), |i| rest.split_at(i));
+            let authority = match authority.rsplit_once('@') {
+                Some((userinfo, hosts)) => match userinfo.split_once(':') {
+                    Some((user, _)) => format!("{user}:***@{hosts}"),
+                    None => authority.to_owned(),
+                },
+                None => authority.to_owned(),
+            };
+            format!("{scheme}://{authority}{path}")
+        }
+        None => head.to_owned(),
+    };
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => p.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
+    }
+    out
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{}: cannot open the database: {error}", path.display())]
@@ -79,12 +155,53 @@ pub enum StoreError {
     Version { path: PathBuf, found: i64 },
     #[error("database: {0}")]
     Sql(rusqlite::Error),
+    #[error("{target}: not a PostgreSQL connection URL: {error}")]
+    Url { target: String, error: PgError },
+    #[error("{target}: cannot connect to PostgreSQL: {error}")]
+    Connect { target: String, error: PgError },
+    #[error("{target}: cannot create the schema: {error}")]
+    Schema { target: String, error: PgError },
+    #[error("{target}: schema version {found} is newer than this consumer's ({PG_SCHEMA_VERSION})")]
+    PgVersion { target: String, found: i32 },
+    #[error("database: {0}")]
+    Postgres(PgError),
+    #[error("database: the worker thread failed: {0}")]
+    Worker(String),
 }
 
 // Not `#[from]`: that would make the error its own source, and `{:#}` print it twice.
 impl From<rusqlite::Error> for StoreError {
     fn from(error: rusqlite::Error) -> StoreError {
         StoreError::Sql(error)
+    }
+}
+
+impl From<::postgres::Error> for StoreError {
+    fn from(error: ::postgres::Error) -> StoreError {
+        StoreError::Postgres(PgError(error))
+    }
+}
+
+/// A PostgreSQL client error, shown with the server's message (`tokio-postgres` shows only
+/// `db error` and leaves the rest to its source).
+#[derive(Debug)]
+pub struct PgError(pub ::postgres::Error);
+
+impl std::fmt::Display for PgError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(db) = self.0.as_db_error() {
+            return write!(f, "{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code());
+        }
+        let mut text = self.0.to_string();
+        let mut source = std::error::Error::source(&self.0);
+        while let Some(cause) = source {
+            let cause_text = cause.to_string();
+            if !text.contains(&cause_text) {
+                text = format!("{text}: {cause_text}");
+            }
+            source = cause.source();
+        }
+        f.write_str(&text)
     }
 }
 
@@ -230,15 +347,112 @@ pub struct Pruned {
     pub actor_ids: usize,
 }
 
+/// The record, in either backend; every method behaves the same on both. Blocking: call it
+/// from a blocking thread (`tokio::task::spawn_blocking`), never on an async one.
 #[derive(Debug)]
-pub struct Store {
-    conn: Connection,
+pub enum Store {
+    Sqlite(SqliteStore),
+    Postgres(Box<PgStore>),
 }
 
 impl Store {
+    /// Opens (creating if needed) the SQLite file at `path` ([`SqliteStore::open`]).
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        SqliteStore::open(path).map(Store::Sqlite)
+    }
+
+    /// Opens `database`: the SQLite file, or a connection to PostgreSQL (creating the schema
+    /// if absent).
+    pub fn connect(database: &Database) -> Result<Store, StoreError> {
+        match database {
+            Database::Sqlite(path) => Store::open(path),
+            Database::Postgres(url) => PgStore::connect(url).map(|p| Store::Postgres(Box::new(p))),
+        }
+    }
+
+    /// Records one envelope's events, in order, in one transaction. An event whose id is
+    /// already recorded (by any replica sharing the database) is a duplicate: not counted.
+    pub fn record(
+        &mut self,
+        batch: Vec<Result<Assessment, InvalidEvent>>,
+        received_at: i64,
+    ) -> Result<Report, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.record(batch, received_at),
+            Store::Postgres(p) => p.record(batch, received_at),
+        }
+    }
+
+    pub fn totals(&mut self) -> Result<Totals, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.totals(),
+            Store::Postgres(p) => p.totals(),
+        }
+    }
+
+    /// The unique actors of every usage metric in `period`.
+    pub fn period_counts(&mut self, period: &Period) -> Result<PeriodCounts, StoreError> {
+        let unique = match self {
+            Store::Sqlite(s) => s.unique_counts(period)?,
+            Store::Postgres(p) => p.unique_counts(period)?,
+        };
+        Ok(PeriodCounts {
+            period: period.kind.as_str(),
+            key: period.key.clone(),
+            from: period.first_day.to_string(),
+            to: period.last_day.to_string(),
+            unique,
+        })
+    }
+
+    /// At most `limit` recorded events with `seq > after`, in arrival order.
+    pub fn events_page(&mut self, after: i64, limit: u32) -> Result<EventsPage, StoreError> {
+        // One more than asked, to know whether another page follows.
+        let mut events = match self {
+            Store::Sqlite(s) => s.events_after(after, limit)?,
+            Store::Postgres(p) => p.events_after(after, limit)?,
+        };
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let next_after = if events.len() > limit {
+            events.truncate(limit);
+            events.last().map(|e| e.seq)
+        } else {
+            None
+        };
+        Ok(EventsPage { events, next_after })
+    }
+
+    /// How many distinct events are recorded (within the retention).
+    pub fn event_count(&mut self) -> Result<i64, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.event_count(),
+            Store::Postgres(p) => p.event_count(),
+        }
+    }
+
+    /// Deletes what the retention no longer keeps, as of `now`: raw event rows received before
+    /// `now - retention.seconds`, the oldest rows beyond `retention.max_events`, and the sets of
+    /// actor ids of periods that ended before `now - retention.seconds` (their unique counts
+    /// stay).
+    pub fn prune(&mut self, now: i64, retention: Retention) -> Result<Pruned, StoreError> {
+        let cutoff = now.saturating_sub(retention.seconds);
+        match self {
+            Store::Sqlite(s) => s.prune(cutoff, retention),
+            Store::Postgres(p) => p.prune(cutoff, retention),
+        }
+    }
+}
+
+/// The SQLite file.
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+impl SqliteStore {
     /// Opens (creating if needed) the database at `path`, in WAL mode, migrating a version-1
     /// file (its unique actors are rebuilt from its recorded events).
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         let open_err = |error| StoreError::Open { path: path.to_path_buf(), error };
         let mut conn = Connection::open(path).map_err(open_err)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(open_err)?;
@@ -261,15 +475,10 @@ impl Store {
         }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(open_err)?;
         tx.commit().map_err(open_err)?;
-        Ok(Store { conn })
+        Ok(SqliteStore { conn })
     }
 
-    /// Records one envelope's events, in order, in one transaction.
-    pub fn record(
-        &mut self,
-        batch: Vec<Result<Assessment, InvalidEvent>>,
-        received_at: i64,
-    ) -> Result<Report, StoreError> {
+    fn record(&mut self, batch: Vec<Result<Assessment, InvalidEvent>>, received_at: i64) -> Result<Report, StoreError> {
         let tx = self.conn.transaction()?;
         let mut report = Report::default();
         for item in batch {
@@ -304,7 +513,7 @@ impl Store {
         Ok(report)
     }
 
-    pub fn totals(&self) -> Result<Totals, StoreError> {
+    fn totals(&self) -> Result<Totals, StoreError> {
         let mut totals = Totals::default();
         let mut stmt = self.conn.prepare("SELECT name, value FROM counters WHERE value > 0 ORDER BY name")?;
         for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
@@ -326,31 +535,23 @@ impl Store {
         Ok(totals)
     }
 
-    /// The unique actors of every usage metric in `period`.
-    pub fn period_counts(&self, period: &Period) -> Result<PeriodCounts, StoreError> {
+    fn unique_counts(&self, period: &Period) -> Result<BTreeMap<String, i64>, StoreError> {
         let mut unique: BTreeMap<String, i64> = all_metric_names().into_iter().map(|n| (n, 0)).collect();
         let mut stmt = self.conn.prepare("SELECT event, value FROM unique_counts WHERE period = ?1")?;
         for row in stmt.query_map([&period.key], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
             let (name, value) = row?;
             unique.insert(name, value);
         }
-        Ok(PeriodCounts {
-            period: period.kind.as_str(),
-            key: period.key.clone(),
-            from: period.first_day.to_string(),
-            to: period.last_day.to_string(),
-            unique,
-        })
+        Ok(unique)
     }
 
-    /// At most `limit` recorded events with `seq > after`, in arrival order.
-    pub fn events_page(&self, after: i64, limit: u32) -> Result<EventsPage, StoreError> {
+    /// At most `limit + 1` rows with `seq > after`, in arrival order.
+    fn events_after(&self, after: i64, limit: u32) -> Result<Vec<EventRow>, StoreError> {
         let mut stmt = self.conn.prepare(
             "SELECT seq, id, action, repository, tag, digest, media_type, outcome, counted, token_type, username,
                     user_id, deploy_token_id, request_id, reason, received_at, occurred_at
              FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
-        // One more than asked, to know whether another page follows.
         let events = stmt
             .query_map(params![after, i64::from(limit) + 1], |r| {
                 Ok(EventRow {
@@ -374,28 +575,15 @@ impl Store {
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;
-        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-        let mut events = events;
-        let next_after = if events.len() > limit {
-            events.truncate(limit);
-            events.last().map(|e| e.seq)
-        } else {
-            None
-        };
-        Ok(EventsPage { events, next_after })
+        Ok(events)
     }
 
-    /// How many distinct events are recorded (within the retention).
-    pub fn event_count(&self) -> Result<i64, StoreError> {
+    fn event_count(&self) -> Result<i64, StoreError> {
         Ok(self.conn.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))?)
     }
 
-    /// Deletes what the retention no longer keeps, as of `now`: raw event rows received before
-    /// `now - retention.seconds`, the oldest rows beyond `retention.max_events`, and the sets of
-    /// actor ids of periods that ended before `now - retention.seconds` (their unique counts
-    /// stay). Then checkpoints the WAL.
-    pub fn prune(&mut self, now: i64, retention: Retention) -> Result<Pruned, StoreError> {
-        let cutoff = now.saturating_sub(retention.seconds);
+    /// [`Store::prune`] with `cutoff = now - retention.seconds`; then checkpoints the WAL.
+    fn prune(&mut self, cutoff: i64, retention: Retention) -> Result<Pruned, StoreError> {
         let tx = self.conn.transaction()?;
         let mut events = tx.execute("DELETE FROM events WHERE received_at < ?1", [cutoff])?;
         events += tx.execute(
@@ -526,6 +714,68 @@ mod tests {
     use super::*;
     use crate::classify::{EventFacts, PrincipalType};
     use registry_guard_core::token::user::UserInfo;
+    use registry_guard_postgres_testing::{Server, SKIP_MESSAGE};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    /// The backend a scenario runs on; [`Fixture::open`] opens (again) the same database.
+    enum Fixture {
+        Sqlite(tempfile::TempDir),
+        Postgres { server: Arc<Server>, url: String },
+    }
+
+    impl Fixture {
+        fn sqlite() -> Fixture {
+            Fixture::Sqlite(tempfile::tempdir().unwrap())
+        }
+
+        /// A fresh database on this process's shared PostgreSQL server; `None` (the test
+        /// skips, saying so) only when no PostgreSQL binaries are installed.
+        fn postgres(test: &str) -> Option<Fixture> {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let Some(server) = registry_guard_postgres_testing::shared().unwrap() else {
+                eprintln!("{test}: {SKIP_MESSAGE}");
+                return None;
+            };
+            let name = format!("{test}_{}", N.fetch_add(1, Ordering::Relaxed));
+            let url = server.create_database(&name).unwrap();
+            Some(Fixture::Postgres { server, url })
+        }
+
+        fn database(&self) -> Database {
+            match self {
+                Fixture::Sqlite(dir) => Database::Sqlite(dir.path().join("c.sqlite")),
+                Fixture::Postgres { url, .. } => Database::Postgres(url.clone()),
+            }
+        }
+
+        fn open(&self) -> Store {
+            Store::connect(&self.database()).unwrap()
+        }
+    }
+
+    /// Runs each scenario `fn name(&Fixture)` as `sqlite::name` and `postgres::name`.
+    macro_rules! on_both_backends {
+        ($($name:ident),* $(,)?) => {
+            mod sqlite {
+                $( #[test] fn $name() { super::$name(&super::Fixture::sqlite()) } )*
+            }
+            mod postgres {
+                $( #[test] fn $name() {
+                    if let Some(fixture) = super::Fixture::postgres(stringify!($name)) { super::$name(&fixture) }
+                } )*
+            }
+        };
+    }
+
+    on_both_backends!(
+        one_user_pushing_three_tags_is_one_unique_user,
+        weeks_and_months_split_at_utc_boundaries_across_new_year,
+        prune_deletes_old_rows_and_expired_sets_but_keeps_the_counts,
+        events_are_paged_in_arrival_order,
+        dedupe_create_repository_and_reopen,
+        two_replicas_recording_the_same_envelopes_at_once_count_each_event_once,
+    );
 
     fn push(id: &str, repository: &str, token_type: &str) -> Result<Assessment, InvalidEvent> {
         push_by(id, repository, token_type, 5, 1)
@@ -558,7 +808,7 @@ mod tests {
         crate::period::parse_rfc3339(rfc3339).unwrap()
     }
 
-    fn unique(store: &Store, kind: PeriodKind, at: &str, metric: &str) -> i64 {
+    fn unique(store: &mut Store, kind: PeriodKind, at: &str, metric: &str) -> i64 {
         store.period_counts(&Period::at_unix(kind, unix(at))).unwrap().unique[metric]
     }
 
@@ -566,10 +816,8 @@ mod tests {
     const PUSH_TAG_DT: &str = "i_container_registry_push_tag_deploy_token";
     const CREATE_USER: &str = "i_container_registry_create_repository_user";
 
-    #[test]
-    fn one_user_pushing_three_tags_is_one_unique_user() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(&dir.path().join("c.sqlite")).unwrap();
+    fn one_user_pushing_three_tags_is_one_unique_user(fx: &Fixture) {
+        let mut store = fx.open();
         let t = unix("2026-11-18T10:00:00Z");
         store
             .record(
@@ -590,10 +838,10 @@ mod tests {
         let at = "2026-11-18T00:00:00Z";
         for kind in PeriodKind::ALL {
             // Users 5 and 7; user 5 and deploy token 5 are different actors.
-            assert_eq!(unique(&store, kind, at, PUSH_TAG_USER), 2, "{kind:?}");
-            assert_eq!(unique(&store, kind, at, PUSH_TAG_DT), 1, "{kind:?}");
+            assert_eq!(unique(&mut store, kind, at, PUSH_TAG_USER), 2, "{kind:?}");
+            assert_eq!(unique(&mut store, kind, at, PUSH_TAG_DT), 1, "{kind:?}");
             // acme/app by user 5, acme/lib by user 5: one unique creator.
-            assert_eq!(unique(&store, kind, at, CREATE_USER), 1, "{kind:?}");
+            assert_eq!(unique(&mut store, kind, at, CREATE_USER), 1, "{kind:?}");
         }
         let p = store.period_counts(&Period::at_unix(PeriodKind::Week, t)).unwrap();
         assert_eq!(
@@ -604,11 +852,8 @@ mod tests {
         assert_eq!(p.unique["i_container_registry_delete_tag_user"], 0);
     }
 
-    #[test]
-    fn weeks_and_months_split_at_utc_boundaries_across_new_year() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.sqlite");
-        let mut store = Store::open(&path).unwrap();
+    fn weeks_and_months_split_at_utc_boundaries_across_new_year(fx: &Fixture) {
+        let mut store = fx.open();
         store
             .record(
                 vec![
@@ -623,22 +868,20 @@ mod tests {
             )
             .unwrap();
         drop(store);
-        let store = Store::open(&path).unwrap();
-        let week = |at| unique(&store, PeriodKind::Week, at, PUSH_TAG_USER);
-        let month = |at| unique(&store, PeriodKind::Month, at, PUSH_TAG_USER);
+        let mut store = fx.open();
+        let mut week = |at| unique(&mut store, PeriodKind::Week, at, PUSH_TAG_USER);
         assert_eq!(week("2026-12-27T12:00:00Z"), 1);
         assert_eq!(week("2026-12-31T12:00:00Z"), 3, "users 2, 3, 4 (3 twice)");
         assert_eq!(week("2027-01-01T12:00:00Z"), 3, "2027-01-01 is in 2026-W53 too");
         assert_eq!(week("2027-01-04T12:00:00Z"), 1);
+        let mut month = |at| unique(&mut store, PeriodKind::Month, at, PUSH_TAG_USER);
         assert_eq!(month("2026-12-15T00:00:00Z"), 3, "users 1, 2, 3");
         assert_eq!(month("2027-01-15T00:00:00Z"), 3, "users 4, 3, 5");
         assert_eq!(month("2027-02-01T00:00:00Z"), 0);
     }
 
-    #[test]
-    fn prune_deletes_old_rows_and_expired_sets_but_keeps_the_counts() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(&dir.path().join("c.sqlite")).unwrap();
+    fn prune_deletes_old_rows_and_expired_sets_but_keeps_the_counts(fx: &Fixture) {
+        let mut store = fx.open();
         let day = 86_400;
         let t0 = unix("2026-11-02T12:00:00Z"); // Monday of W45
         store.record(vec![push_by("old", "r", "pat", 1, t0)], t0).unwrap();
@@ -651,8 +894,8 @@ mod tests {
         assert_eq!(pruned.actor_ids, 2);
         let page = store.events_page(0, 10).unwrap();
         assert_eq!(page.events.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["new"]);
-        assert_eq!(unique(&store, PeriodKind::Week, "2026-11-02T00:00:00Z", PUSH_TAG_USER), 1, "count kept");
-        assert_eq!(unique(&store, PeriodKind::Month, "2026-11-02T00:00:00Z", PUSH_TAG_USER), 2);
+        assert_eq!(unique(&mut store, PeriodKind::Week, "2026-11-02T00:00:00Z", PUSH_TAG_USER), 1, "count kept");
+        assert_eq!(unique(&mut store, PeriodKind::Month, "2026-11-02T00:00:00Z", PUSH_TAG_USER), 2);
         assert_eq!(store.totals().unwrap().counters[PUSH_TAG_USER], 2, "lifetime totals kept");
         // The row limit: only the newest rows stay.
         let batch = (0..5).map(|i| push_by(&format!("n{i}"), "r", "pat", 2, t0 + 21 * day)).collect();
@@ -661,12 +904,20 @@ mod tests {
         assert_eq!(pruned.events, 3);
         let ids: Vec<String> = store.events_page(0, 10).unwrap().events.into_iter().map(|e| e.id).collect();
         assert_eq!(ids, ["n2", "n3", "n4"]);
+        // Redeliveries draw no rows (and, in PostgreSQL, leave gaps in `seq`): still the
+        // newest three rows are kept, and the duplicates are not counted.
+        let batch = (3..8).map(|i| push_by(&format!("n{i}"), "r", "pat", 2, t0 + 21 * day)).collect();
+        let report = store.record(batch, t0 + 21 * day).unwrap();
+        assert_eq!((report.counted, report.duplicates), (3, 2));
+        let pruned = store.prune(t0 + 21 * day, Retention { seconds: 10 * day, max_events: 3 }).unwrap();
+        assert_eq!(pruned.events, 3);
+        let ids: Vec<String> = store.events_page(0, 10).unwrap().events.into_iter().map(|e| e.id).collect();
+        assert_eq!(ids, ["n5", "n6", "n7"]);
+        assert_eq!(store.event_count().unwrap(), 3);
     }
 
-    #[test]
-    fn events_are_paged_in_arrival_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(&dir.path().join("c.sqlite")).unwrap();
+    fn events_are_paged_in_arrival_order(fx: &Fixture) {
+        let mut store = fx.open();
         store.record((0..5).map(|i| push(&format!("e{i}"), "r", "pat")).collect(), 1).unwrap();
         let first = store.events_page(0, 2).unwrap();
         assert_eq!(first.events.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["e0", "e1"]);
@@ -697,25 +948,22 @@ mod tests {
         }
         conn.pragma_update(None, "user_version", 1).unwrap();
         drop(conn);
-        let store = Store::open(&path).unwrap();
-        assert_eq!(unique(&store, PeriodKind::Week, "2026-12-31T00:00:00Z", PUSH_TAG_USER), 2);
-        assert_eq!(unique(&store, PeriodKind::Month, "2026-12-31T00:00:00Z", PUSH_TAG_USER), 2);
+        let mut store = Store::open(&path).unwrap();
+        assert_eq!(unique(&mut store, PeriodKind::Week, "2026-12-31T00:00:00Z", PUSH_TAG_USER), 2);
+        assert_eq!(unique(&mut store, PeriodKind::Month, "2026-12-31T00:00:00Z", PUSH_TAG_USER), 2);
         assert_eq!(store.events_page(0, 10).unwrap().events[0].occurred_at, None);
         drop(store);
         // Reopening does not rebuild (or double) anything.
-        let store = Store::open(&path).unwrap();
-        assert_eq!(unique(&store, PeriodKind::Week, "2026-12-31T00:00:00Z", PUSH_TAG_USER), 2);
+        let mut store = Store::open(&path).unwrap();
+        assert_eq!(unique(&mut store, PeriodKind::Week, "2026-12-31T00:00:00Z", PUSH_TAG_USER), 2);
     }
 
-    #[test]
-    fn dedupe_create_repository_and_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.sqlite");
-        let mut store = Store::open(&path).unwrap();
+    fn dedupe_create_repository_and_reopen(fx: &Fixture) {
+        let mut store = fx.open();
         let r = store.record(vec![push("a", "r1", "pat"), push("a", "r1", "pat"), push("b", "r1", "pat")], 1).unwrap();
         assert_eq!((r.events, r.counted, r.duplicates), (3, 2, 1));
         drop(store);
-        let store = Store::open(&path).unwrap();
+        let mut store = fx.open();
         let t = store.totals().unwrap();
         assert_eq!(t.counters["i_container_registry_push_tag_user"], 2);
         assert_eq!(t.counters["i_container_registry_create_repository_user"], 1);
@@ -723,6 +971,123 @@ mod tests {
         let c = store.events_page(0, 10).unwrap();
         assert_eq!(c.events[0].counted.len(), 2);
         assert_eq!(c.events[1].counted, ["i_container_registry_push_tag_user"]);
+        // Redelivered after the reopen: nothing counted again.
+        let r = store.record(vec![push("b", "r1", "pat")], 2).unwrap();
+        assert_eq!((r.counted, r.duplicates), (0, 1));
+        assert_eq!(store.totals().unwrap().counters["i_container_registry_push_tag_user"], 2);
+    }
+
+    /// Two stores on one PostgreSQL database (two replicas; SQLite serves one consumer: one
+    /// store), each recording every envelope from several threads at once: each event counts
+    /// once, every other delivery is a duplicate, and both stores read the same.
+    fn two_replicas_recording_the_same_envelopes_at_once_count_each_event_once(fx: &Fixture) {
+        let replicas = if matches!(fx, Fixture::Sqlite(_)) { 1 } else { 2 };
+        let opened: Vec<Arc<std::sync::Mutex<Store>>> =
+            (0..replicas).map(|_| Arc::new(std::sync::Mutex::new(fx.open()))).collect();
+        let stores: Vec<_> = (0..2).map(|i| Arc::clone(&opened[i % replicas])).collect();
+        let t = unix("2026-11-18T10:00:00Z");
+        let envelope = move |n: u64| -> Vec<Result<Assessment, InvalidEvent>> {
+            (0..4).map(|i| push_by(&format!("e{n}-{i}"), &format!("r{i}"), "pat", 10 + i, t)).collect()
+        };
+        let threads: Vec<_> = (0..8u64)
+            .map(|thread| {
+                let store = Arc::clone(&stores[usize::try_from(thread % 2).unwrap()]);
+                std::thread::spawn(move || {
+                    let mut counted = 0;
+                    for n in 0..5 {
+                        // Every thread delivers envelopes 0..5, starting at a different one.
+                        let batch = envelope((n + thread) % 5);
+                        counted += store.lock().unwrap().record(batch, t).unwrap().counted;
+                    }
+                    counted
+                })
+            })
+            .collect();
+        let counted: u64 = threads.into_iter().map(|h| h.join().unwrap()).sum();
+        assert_eq!(counted, 20, "5 envelopes of 4 distinct events");
+        let totals = stores[0].lock().unwrap().totals().unwrap();
+        let mut a = stores[0].lock().unwrap();
+        assert_eq!(totals.counters[PUSH_TAG_USER], 20);
+        assert_eq!(totals.counters[CREATE_USER], 4, "r0..r3 created once each");
+        assert_eq!(totals.duplicates, 8 * 5 * 4 - 20);
+        assert_eq!(unique(&mut a, PeriodKind::Week, "2026-11-18T00:00:00Z", PUSH_TAG_USER), 4);
+        assert_eq!(a.event_count().unwrap(), 20);
+        let page = a.events_page(0, 100).unwrap();
+        drop(a);
+        let mut b = stores[1].lock().unwrap();
+        assert_eq!(b.totals().unwrap(), totals);
+        assert_eq!(b.events_page(0, 100).unwrap(), page);
+    }
+
+    #[test]
+    fn a_postgres_url_is_told_from_a_path_and_its_password_never_shown() {
+        assert_eq!(Database::parse("/var/lib/c.sqlite"), Database::Sqlite("/var/lib/c.sqlite".into()));
+        assert_eq!(Database::parse("postgres.sqlite"), Database::Sqlite("postgres.sqlite".into()));
+        let url = "postgresql://consumer:s3cret@db.internal:5433/counts?password=s3cret&connect_timeout=5";
+        assert_eq!(Database::parse(url), Database::Postgres(url.into()));
+        assert_eq!(
+            Database::parse(url).display(),
+            "postgresql://consumer:***@db.internal:5433/counts?password=***&connect_timeout=5"
+        );
+        assert_eq!(Database::parse("postgres://app@h/db").display(), "postgres://app@h/db");
+        assert_eq!(Database::parse("postgres://a:b@h").display(), "postgres://a:***@h");
+    }
+
+    #[test]
+    fn a_bad_postgres_url_or_an_unreachable_server_is_a_clear_error() {
+        let err = Store::connect(&Database::parse("postgres://app:pw@127.0.0.1:notaport/db")).unwrap_err();
+        assert!(matches!(err, StoreError::Url { .. }), "{err}");
+        assert!(
+            err.to_string().starts_with("postgres://app:***@127.0.0.1:notaport/db: not a PostgreSQL connection URL: "),
+            "{err}"
+        );
+        // Nothing listens on port 1.
+        let err = Store::connect(&Database::parse("postgres://app:pw@127.0.0.1:1/db")).unwrap_err();
+        assert!(matches!(err, StoreError::Connect { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.starts_with("postgres://app:***@127.0.0.1:1/db: cannot connect to PostgreSQL: "), "{text}");
+        assert!(!text.contains("pw"), "{text}");
+    }
+
+    #[test]
+    fn postgres_replicas_starting_at_once_create_the_schema_once_and_a_newer_one_is_refused() {
+        let Some(fx) = Fixture::postgres("schema") else { return };
+        let Fixture::Postgres { server, url } = &fx else { unreachable!() };
+        let threads: Vec<_> = (0..6)
+            .map(|_| {
+                let database = fx.database();
+                std::thread::spawn(move || Store::connect(&database).map(drop))
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap().unwrap();
+        }
+        let db = url.rsplit('/').next().unwrap();
+        assert_eq!(server.psql(db, "SELECT count(*), max(version) FROM consumer_schema").unwrap(), "1|1");
+        // A database for a newer consumer is refused, by name.
+        server.psql(db, "UPDATE consumer_schema SET version = 9").unwrap();
+        let err = Store::connect(&fx.database()).unwrap_err();
+        assert!(matches!(err, StoreError::PgVersion { found: 9, .. }), "{err}");
+        assert_eq!(err.to_string(), format!("{url}: schema version 9 is newer than this consumer's (1)"));
+    }
+
+    /// A store dropped on an async thread (the last `Arc<AppState>`) must not panic, and a
+    /// lost connection is replaced on the next call.
+    #[test]
+    fn a_postgres_store_reconnects_and_drops_anywhere() {
+        let Some(fx) = Fixture::postgres("reconnect") else { return };
+        let Fixture::Postgres { server, url } = &fx else { unreachable!() };
+        let mut store = fx.open();
+        store.record(vec![push("a", "r", "pat")], 1).unwrap();
+        let db = url.rsplit('/').next().unwrap();
+        server
+            .psql("postgres", &format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'"))
+            .unwrap();
+        // The first call may see the connection die; then it reconnects.
+        let _ = store.event_count();
+        assert_eq!(store.event_count().unwrap(), 1);
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(async move { drop(store) });
     }
 
     #[test]

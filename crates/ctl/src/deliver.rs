@@ -78,7 +78,7 @@ pub fn write_filter_resource(config_json: &str, wasm: &Path, out: &Path, name: &
 }
 
 /// The filter configuration JSON inside an ECDS file.
-fn read_filter_config(ecds: &Path) -> Result<(serde_json::Value, serde_json::Value)> {
+pub(crate) fn read_filter_config(ecds: &Path) -> Result<(serde_json::Value, serde_json::Value)> {
     let text = fs::read_to_string(ecds).with_context(|| format!("cannot read ECDS file `{}`", ecds.display()))?;
     let doc: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("`{}` is not JSON", ecds.display()))?;
@@ -394,14 +394,52 @@ fn push_token_service(jws: &str, url: &str, operator_token: Option<&str>) -> Res
     Ok(format!("active revision {} ({} rules){unchanged}", body["active_revision"], body["rules"]))
 }
 
+/// Parses a fleet file: `envoy <admin URL>` and `token-service <URL>` lines.
+pub fn read_fleet(text: &str) -> Result<(Vec<String>, Vec<String>)> {
+    let (mut envoys, mut token_services) = (Vec::new(), Vec::new());
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["envoy", url] => envoys.push((*url).to_owned()),
+            ["token-service", url] => token_services.push((*url).to_owned()),
+            _ => bail!("line {}: expected `envoy <admin URL>` or `token-service <URL>`, got `{line}`", i + 1),
+        }
+    }
+    Ok((envoys, token_services))
+}
+
 pub fn status(envoys: &[String], token_services: &[String]) -> Result<()> {
     if envoys.is_empty() && token_services.is_empty() {
-        bail!("give --envoy-admin URL and/or --token-service URL");
+        bail!("give --envoy-admin URL, --token-service URL or --fleet FILE");
     }
     let mut warnings = 0;
+    // Every component's active revision, for the fleet line.
+    let mut revisions: Vec<(String, i64)> = Vec::new();
     for admin in envoys {
         let s = envoy_stats(admin)?;
         let revision = stat(&s, "wasmcustom.registry_guard.bundle_revision");
+        revisions.push((format!("envoy {admin}"), revision));
+        if s.contains_key("wasmcustom.registry_guard.bundle_fetch.changed") {
+            let stale = stat(&s, "wasmcustom.registry_guard.bundle_fetch.stale") > 0;
+            println!(
+                "envoy {admin}: follows a bundle source: fetches changed {}, not modified {}, refused {}, failed {}; {} s since the last successful fetch{}",
+                stat(&s, "wasmcustom.registry_guard.bundle_fetch.changed"),
+                stat(&s, "wasmcustom.registry_guard.bundle_fetch.not_modified"),
+                stat(&s, "wasmcustom.registry_guard.bundle_fetch.refused"),
+                stat(&s, "wasmcustom.registry_guard.bundle_fetch.failed"),
+                stat(&s, "wasmcustom.registry_guard.bundle_fetch.seconds_since_success"),
+                if stale { "; STALE: refusing every request" } else { "" },
+            );
+            if stale {
+                println!(
+                    "  WARNING: the filter has not reached its bundle source for longer than max_staleness_seconds"
+                );
+                warnings += 1;
+            }
+        }
         println!(
             "envoy {admin}: active revision {revision}; config reloads {}, rejected updates {} (filter refusals {}); protection denied {}, would deny {}",
             stat(&s, &format!("{STAT_PREFIX}config_reload")),
@@ -420,7 +458,22 @@ pub fn status(envoys: &[String], token_services: &[String]) -> Result<()> {
         }
         warnings += report.warnings.len();
     }
-    token_service_status(token_services)?;
+    revisions.extend(token_service_status(token_services)?);
+    if revisions.len() > 1 {
+        let min = revisions.iter().map(|(_, r)| *r).min().unwrap_or(0);
+        let max = revisions.iter().map(|(_, r)| *r).max().unwrap_or(0);
+        if min == max {
+            println!("fleet: {} components, all on revision {max}", revisions.len());
+        } else {
+            let behind: Vec<String> =
+                revisions.iter().filter(|(_, r)| *r < max).map(|(c, r)| format!("{c} (r{r})")).collect();
+            println!(
+                "fleet: {} components, minimum revision {min}, newest {max}; behind: {}",
+                revisions.len(),
+                behind.join(", ")
+            );
+        }
+    }
     if warnings > 0 {
         bail!("{warnings} warning(s): some Envoy worker is not enforcing the revision its Envoy reports");
     }
@@ -514,7 +567,8 @@ fn workers(s: &std::collections::BTreeMap<String, i64>, revision: i64, now: i64)
     }
 }
 
-fn token_service_status(token_services: &[String]) -> Result<()> {
+fn token_service_status(token_services: &[String]) -> Result<Vec<(String, i64)>> {
+    let mut revisions = Vec::new();
     for url in token_services {
         let endpoint = format!("{}/bundle/status", url.trim_end_matches('/'));
         let body: serde_json::Value = serde_json::from_str(
@@ -538,6 +592,37 @@ fn token_service_status(token_services: &[String]) -> Result<()> {
             "token service {url}: active revision {} ({} rules); last rejected: {rejected}",
             body["active_revision"], body["rules"]
         );
+        let source = &body["source"];
+        if source.is_object() {
+            println!(
+                "  follows {}: fetches {}; {} s since the last success; {} failure(s) in a row{}",
+                source["url"].as_str().unwrap_or("?"),
+                source["fetches"],
+                source["seconds_since_success"],
+                source["consecutive_failures"],
+                source["last_error"].as_str().map(|e| format!("; last error: {e}")).unwrap_or_default(),
+            );
+        }
+        revisions.push((format!("token service {url}"), body["active_revision"].as_i64().unwrap_or(-1)));
     }
-    Ok(())
+    Ok(revisions)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fleet_file_lists_envoys_and_token_services() {
+        let (e, t) = read_fleet(
+            "# the fleet\nenvoy http://127.0.0.1:9901\n\n  token-service http://127.0.0.1:5001  # primary\nenvoy http://10.0.0.2:9901\n",
+        )
+        .unwrap();
+        assert_eq!(e, ["http://127.0.0.1:9901", "http://10.0.0.2:9901"]);
+        assert_eq!(t, ["http://127.0.0.1:5001"]);
+        let err = read_fleet("envoy\n").unwrap_err().to_string();
+        assert!(err.contains("line 1") && err.contains("envoy <admin URL>"), "{err}");
+        assert!(read_fleet("proxy http://x\n").is_err());
+    }
 }

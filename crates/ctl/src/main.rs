@@ -7,6 +7,7 @@
 mod deliver;
 mod image;
 mod mint;
+mod stack;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -79,10 +80,14 @@ enum Command {
     /// Create the operator token that authorises `PUT /bundle` on token services, unless one
     /// exists: `<out>/operator-token` (the secret, mode 0600, for `rgctl push`) and
     /// `<out>/operator-token.sha256` (its digest, for `operator_token_sha256` in
-    /// token-service.json).
+    /// token-service.json). `--name bundle-read` makes the token fleet members present to
+    /// `GET /bundle` instead (`bundle-read-token`, for `bundle_read_token_sha256`).
     OperatorToken {
         #[arg(long)]
         out: PathBuf,
+        /// File name stem: `<name>-token` and `<name>-token.sha256`.
+        #[arg(long, default_value = "operator")]
+        name: String,
     },
     /// Replace the token keys running Envoys trust (key rotation): the JWKS from a file or a
     /// token service's `/jwks` URL goes into each filter configuration; the bundle stays.
@@ -105,6 +110,10 @@ enum Command {
         envoys: Vec<String>,
         #[arg(long = "token-service", value_name = "URL")]
         token_services: Vec<String>,
+        /// A file listing the fleet, one component per line: `envoy <admin URL>` or
+        /// `token-service <URL>` (`#` starts a comment).
+        #[arg(long, value_name = "FILE")]
+        fleet: Option<PathBuf>,
     },
     /// Explain the decision for a principal and a request under a bundle.
     Explain {
@@ -224,9 +233,28 @@ enum Command {
         #[arg(long, value_parser = ["peer", "x-forwarded-for"], default_value = "peer")]
         client_address: String,
         /// The endpoint the filter guards: `registry`, or `dependency-proxy` (the group
-        /// dependency proxy on its own listener; seed 002's login and pull rules).
+        /// dependency proxy on its own listener, with GitLab's login and pull rules for it).
         #[arg(long, value_parser = ["registry", "dependency-proxy"], default_value = "registry")]
         endpoint: String,
+        /// The filter fetches newer bundles itself from this Envoy cluster (a token service's
+        /// `GET /bundle`); `--bundle` is then the boot fallback. Needs `--bundle-keys`.
+        #[arg(long, requires = "bundle_keys")]
+        bundle_source_cluster: Option<String>,
+        /// Path of the bundle on the source.
+        #[arg(long, default_value = "/bundle", requires = "bundle_source_cluster")]
+        bundle_source_path: String,
+        /// A file holding the bundle read token presented to the source.
+        #[arg(long, requires = "bundle_source_cluster")]
+        bundle_source_token_file: Option<PathBuf>,
+        /// Seconds between polls (and the base of the backoff after failures).
+        #[arg(long, default_value_t = 10, requires = "bundle_source_cluster")]
+        bundle_source_poll_seconds: u64,
+        /// Long polling: how long the source may hold a fetch (0: plain polling).
+        #[arg(long, default_value_t = 0, requires = "bundle_source_cluster")]
+        bundle_source_wait_seconds: u64,
+        /// Refuse every request (503) after this long without a successful fetch.
+        #[arg(long, requires = "bundle_source_cluster")]
+        max_staleness_seconds: Option<u64>,
     },
     /// Write a small OCI image layout (one layer) to push in demos and tests; no network.
     DemoImage {
@@ -239,6 +267,12 @@ enum Command {
         #[arg(long, default_value = "registry-guard demo")]
         salt: String,
     },
+    /// Everything a stack (registry, hub, dependency proxy, consumer, token service, Envoy) is
+    /// started from: `rgctl stack render`.
+    Stack {
+        #[command(subcommand)]
+        command: StackCommand,
+    },
     /// Render a template, replacing every `${NAME}` with `--set NAME=VALUE`; a
     /// `--set-json NAME=FILE` inserts FILE's contents as a JSON string literal.
     /// Fails if a placeholder is left unset.
@@ -249,6 +283,16 @@ enum Command {
         #[arg(long = "set-json", value_name = "NAME=FILE")]
         set_json: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum StackCommand {
+    /// Write every rendered file of a stack for the given ports and configuration directory
+    /// (registry, hub and dependency-proxy configs, Envoy's bootstrap, both filter
+    /// configurations and their ECDS files, secrets; keys and the operator token if absent)
+    /// and OUT/stack.json + OUT/stack.env: every port, Envoy's base id (its admin port), each
+    /// file and each process's command line, in start order.
+    Render(stack::RenderArgs),
 }
 
 fn main() {
@@ -293,8 +337,15 @@ fn run(cli: Cli) -> Result<()> {
             let token = operator_token_file.map(|f| read(&f).map(|t| t.trim().to_owned())).transpose()?;
             deliver::push(&bundle, &envoys, &token_services, force, token.as_deref())
         }
-        Command::OperatorToken { out } => operator_token(&out),
-        Command::Status { envoys, token_services } => deliver::status(&envoys, &token_services),
+        Command::OperatorToken { out, name } => operator_token(&out, &name),
+        Command::Status { mut envoys, mut token_services, fleet } => {
+            if let Some(file) = fleet {
+                let (e, t) = deliver::read_fleet(&read(&file)?).with_context(|| format!("in `{}`", file.display()))?;
+                envoys.extend(e);
+                token_services.extend(t);
+            }
+            deliver::status(&envoys, &token_services)
+        }
         Command::PushKeys { jwks, envoys } => deliver::push_keys(&jwks, &envoys),
         Command::Kid { key } => {
             let key = load_signing_key(&key)?;
@@ -382,38 +433,56 @@ fn run(cli: Cli) -> Result<()> {
             environment,
             client_address,
             endpoint,
+            bundle_source_cluster,
+            bundle_source_path,
+            bundle_source_token_file,
+            bundle_source_poll_seconds,
+            bundle_source_wait_seconds,
+            max_staleness_seconds,
         } => {
-            let jwks = read_json(&jwks)?;
-            let mut config = serde_json::json!({
-                "realm": realm, "service": service, "issuer": issuer,
-                "leeway_seconds": leeway_seconds, "jwks": jwks,
-            });
-            if client_address != "peer" {
-                config["correlation"] = serde_json::json!({ "client_address": client_address });
-            }
-            if endpoint != "registry" {
-                config["endpoint"] = endpoint.into();
-            }
-            if let Some(obj) = config.as_object_mut() {
-                if let Some(keys) = bundle_keys {
-                    obj.insert("bundle_keys".into(), read_json(&keys)?);
+            let bundle = bundle.map(|b| read(&b).map(|t| t.trim().to_owned())).transpose()?;
+            let bundle_keys = bundle_keys.map(|k| read_json(&k)).transpose()?;
+            let bundle_source = match bundle_source_cluster {
+                None => None,
+                Some(cluster) => {
+                    let mut source = serde_json::json!({
+                        "cluster": cluster, "path": bundle_source_path,
+                        "poll_seconds": bundle_source_poll_seconds, "wait_seconds": bundle_source_wait_seconds,
+                    });
+                    if let Some(f) = bundle_source_token_file {
+                        source["token"] = read(&f)?.trim().into();
+                    }
+                    if let Some(s) = max_staleness_seconds {
+                        source["max_staleness_seconds"] = s.into();
+                    }
+                    Some(source)
                 }
-                if let Some(b) = bundle {
-                    obj.insert("bundle".into(), read(&b)?.trim().into());
-                }
-                if let Some(env) = environment {
-                    obj.insert("environment".into(), env.into());
-                }
-            }
-            let text = serde_json::to_string(&config)?;
-            FilterConfig::from_json(text.as_bytes())?;
-            println!("{text}");
+            };
+            let config = filter_config(&FilterSettings {
+                realm,
+                service,
+                issuer,
+                jwks: read_json(&jwks)?,
+                leeway_seconds,
+                bundle,
+                bundle_keys,
+                environment,
+                client_address,
+                endpoint,
+                bundle_source,
+            })?;
+            println!("{}", serde_json::to_string(&config)?);
             Ok(())
         }
         Command::DemoImage { out, tag, salt } => {
             image::write_oci_layout(&out, &tag, &salt)
                 .with_context(|| format!("cannot write OCI layout `{}`", out.display()))?;
             println!("oci:{}:{tag}", out.display());
+            Ok(())
+        }
+        Command::Stack { command: StackCommand::Render(args) } => {
+            let stack = stack::render(&args)?;
+            print!("{}", stack::report(&stack));
             Ok(())
         }
         Command::Render { template, set, set_json } => {
@@ -433,6 +502,55 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// What a filter configuration is made of (`rgctl filter-config`, `rgctl stack render`).
+pub(crate) struct FilterSettings {
+    pub realm: String,
+    pub service: String,
+    pub issuer: String,
+    pub jwks: serde_json::Value,
+    pub leeway_seconds: i64,
+    /// A signed bundle (compact JWS) to activate.
+    pub bundle: Option<String>,
+    pub bundle_keys: Option<serde_json::Value>,
+    pub environment: Option<String>,
+    /// `peer` or `x-forwarded-for`.
+    pub client_address: String,
+    /// `registry` or `dependency-proxy`.
+    pub endpoint: String,
+    /// `bundle_source` of the filter configuration (the filter fetches newer bundles).
+    pub bundle_source: Option<serde_json::Value>,
+}
+
+/// The filter configuration JSON, checked as the filter will check it.
+pub(crate) fn filter_config(s: &FilterSettings) -> Result<serde_json::Value> {
+    let mut config = serde_json::json!({
+        "realm": s.realm, "service": s.service, "issuer": s.issuer,
+        "leeway_seconds": s.leeway_seconds, "jwks": s.jwks,
+    });
+    if s.client_address != "peer" {
+        config["correlation"] = serde_json::json!({ "client_address": s.client_address });
+    }
+    if s.endpoint != "registry" {
+        config["endpoint"] = s.endpoint.clone().into();
+    }
+    if let Some(obj) = config.as_object_mut() {
+        if let Some(keys) = &s.bundle_keys {
+            obj.insert("bundle_keys".into(), keys.clone());
+        }
+        if let Some(b) = &s.bundle {
+            obj.insert("bundle".into(), b.clone().into());
+        }
+        if let Some(env) = &s.environment {
+            obj.insert("environment".into(), env.clone().into());
+        }
+        if let Some(source) = &s.bundle_source {
+            obj.insert("bundle_source".into(), source.clone());
+        }
+    }
+    FilterConfig::from_json(serde_json::to_string(&config)?.as_bytes())?;
+    Ok(config)
 }
 
 /// The bundle (unsigned, or signed and verified with `keys`) and the principals.
@@ -477,22 +595,26 @@ fn load_keyset(path: &Path) -> Result<KeySet> {
     KeySet::from_jwks(&read_json(path)?).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-fn operator_token(out: &Path) -> Result<()> {
+fn operator_token(out: &Path, name: &str) -> Result<()> {
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        bail!("token name `{name}` must be letters, digits, `-` or `_`");
+    }
     fs::create_dir_all(out).with_context(|| format!("cannot create `{}`", out.display()))?;
-    let secret_path = out.join("operator-token");
+    let secret_path = out.join(format!("{name}-token"));
+    let digest_path = out.join(format!("{name}-token.sha256"));
     if secret_path.exists() {
-        eprintln!("keeping existing operator token {}", secret_path.display());
+        eprintln!("keeping existing {name} token {}", secret_path.display());
     } else {
         let mut bytes = [0u8; 32];
         rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
         let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         write_private(&secret_path, format!("{secret}\n").as_bytes())?;
-        eprintln!("generated operator token {}", secret_path.display());
+        eprintln!("generated {name} token {}", secret_path.display());
     }
     let secret = read(&secret_path)?;
     let digest: String = Sha256::digest(secret.trim().as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
-    fs::write(out.join("operator-token.sha256"), format!("{digest}\n"))?;
-    eprintln!("its SHA-256 is in {}", out.join("operator-token.sha256").display());
+    fs::write(&digest_path, format!("{digest}\n"))?;
+    eprintln!("its SHA-256 is in {}", digest_path.display());
     Ok(())
 }
 

@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use crate::keys;
 use crate::limits::LoginLimits;
-use crate::server::ServerLimits;
+use registry_guard_service::ServerLimits;
 
 /// The service's own settings file, optional; every field has a default.
 pub const SETTINGS_FILE: &str = "token-service.json";
@@ -53,6 +53,13 @@ struct RawSettings {
     /// A file holding the SHA-256 (hex) of the operator token that `PUT /bundle` requires
     /// (`rgctl operator-token`); without it no bundle can be pushed over HTTP.
     operator_token_sha256: Option<PathBuf>,
+    /// A file holding the SHA-256 (hex) of the token fleet members present to `GET /bundle`
+    /// (`rgctl operator-token --name bundle-read`); the operator token is accepted too. Without
+    /// either, the bundle is not served.
+    bundle_read_token_sha256: Option<PathBuf>,
+    /// Another place this service follows for its bundle (a token-service replica following the
+    /// one operators push to); see `follow`.
+    bundle_source: Option<RawBundleSource>,
     /// Login abuse limits on `/jwt/auth` (see `limits`).
     login_limits: LoginLimits,
     /// Connection limits and timeouts of the HTTP server (see `server`).
@@ -72,9 +79,53 @@ impl Default for RawSettings {
             bundle: PathBuf::from(DEFAULT_BUNDLE_FILE),
             environment: None,
             operator_token_sha256: None,
+            bundle_read_token_sha256: None,
+            bundle_source: None,
             login_limits: LoginLimits::default(),
             server: ServerLimits::default(),
         }
+    }
+}
+
+/// `bundle_source` of `token-service.json`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBundleSource {
+    /// `http://host:port/bundle` of the service to follow.
+    url: String,
+    /// A file holding the bearer token for that service (its bundle read token).
+    token_file: Option<PathBuf>,
+    /// Seconds between polls (jittered), and the base of the backoff after a failure.
+    #[serde(default = "default_poll_seconds")]
+    poll_seconds: u64,
+    /// Long polling: ask the source to hold the request up to this many seconds until the
+    /// bundle changes (`Prefer: wait=N`); 0 polls plainly.
+    #[serde(default)]
+    wait_seconds: u64,
+}
+
+fn default_poll_seconds() -> u64 {
+    10
+}
+
+/// Where a replica fetches its bundle from (checked `bundle_source`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct BundleSource {
+    pub url: String,
+    /// The bearer token to present; never logged.
+    pub token: Option<String>,
+    pub poll_seconds: u64,
+    pub wait_seconds: u64,
+}
+
+impl fmt::Debug for BundleSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BundleSource")
+            .field("url", &self.url)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("poll_seconds", &self.poll_seconds)
+            .field("wait_seconds", &self.wait_seconds)
+            .finish()
     }
 }
 
@@ -225,10 +276,16 @@ pub struct Config {
     pub bundle_loaded: bool,
     /// SHA-256 (hex) of that bundle's JWS text (trimmed), when one was loaded.
     pub bundle_sha256: Option<String>,
+    /// That bundle's JWS text (trimmed), served by `GET /bundle`.
+    pub bundle_jws: Option<String>,
     /// The deployment bundles must name (`environment`), if configured.
     pub environment: Option<String>,
     /// SHA-256 (hex, lower case) of the operator token `PUT /bundle` requires, if configured.
     pub operator_token_sha256: Option<String>,
+    /// SHA-256 (hex) of the token `GET /bundle` accepts besides the operator token.
+    pub bundle_read_token_sha256: Option<String>,
+    /// The service this one follows for its bundle, if any.
+    pub bundle_source: Option<BundleSource>,
     pub login_limits: LoginLimits,
     pub server: ServerLimits,
 }
@@ -274,14 +331,29 @@ impl Config {
             Some(p) if p.as_os_str().is_empty() => {
                 return Err(ConfigError::new(&settings_path, field("operator_token_sha256"), "must not be empty"))
             }
-            Some(p) => Some(load_operator_token_digest(&dir.join(p))?),
+            Some(p) => Some(load_token_digest(&dir.join(p), "operator_token_sha256")?),
         };
+        let bundle_read_token_sha256 = match raw.bundle_read_token_sha256 {
+            None => None,
+            Some(p) if p.as_os_str().is_empty() => {
+                return Err(ConfigError::new(&settings_path, field("bundle_read_token_sha256"), "must not be empty"))
+            }
+            Some(p) => Some(load_token_digest(&dir.join(p), "bundle_read_token_sha256")?),
+        };
+        let bundle_source = raw.bundle_source.map(|s| bundle_source(dir, &settings_path, s)).transpose()?;
+        if bundle_source.is_some() && bundle_keys.is_none() {
+            return Err(ConfigError::new(
+                &settings_path,
+                field("bundle_source"),
+                "following a bundle source needs `bundle_keys` to verify what it fetches",
+            ));
+        }
         let bundle_path = dir.join(&raw.bundle);
-        let (policy, bundle_sha256) = match load_bundle(&bundle_path, bundle_keys.as_ref(), raw.environment.as_deref())?
-        {
-            Some((policy, digest)) => (policy, Some(digest)),
-            None => (Policy::default(), None),
-        };
+        let (policy, bundle_sha256, bundle_jws) =
+            match load_bundle(&bundle_path, bundle_keys.as_ref(), raw.environment.as_deref())? {
+                Some((policy, digest, text)) => (policy, Some(digest), Some(text)),
+                None => (Policy::default(), None, None),
+            };
         let bundle_loaded = bundle_sha256.is_some();
         Ok(Config {
             issuer: raw.issuer,
@@ -295,8 +367,11 @@ impl Config {
             policy,
             bundle_loaded,
             bundle_sha256,
+            bundle_jws,
             environment: raw.environment,
             operator_token_sha256,
+            bundle_read_token_sha256,
+            bundle_source,
             login_limits: raw.login_limits,
             server: raw.server,
         })
@@ -304,23 +379,64 @@ impl Config {
 }
 
 /// Reads the operator token digest file: 64 hex digits (surrounding whitespace ignored).
-fn load_operator_token_digest(path: &Path) -> Result<String, ConfigError> {
+/// Reads a token digest file named by the setting `field` (`operator_token_sha256`,
+/// `bundle_read_token_sha256`).
+fn load_token_digest(path: &Path, field: &str) -> Result<String, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigError::new(
-            path,
-            None,
-            format!("cannot read the operator token digest (`$.operator_token_sha256` of {SETTINGS_FILE}): {e}"),
-        )
+        ConfigError::new(path, None, format!("cannot read the token digest (`$.{field}` of {SETTINGS_FILE}): {e}"))
     })?;
     let digest = text.trim().to_ascii_lowercase();
     if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ConfigError::new(
             path,
             None,
-            "expected the SHA-256 of the operator token as 64 hex digits (`rgctl operator-token` writes it)",
+            format!(
+                "`$.{field}`: expected the SHA-256 of the token as 64 hex digits (`rgctl operator-token` writes it)"
+            ),
         ));
     }
     Ok(digest)
+}
+
+/// Checks `bundle_source`: an `http://` URL, a readable token file, sane periods.
+fn bundle_source(dir: &Path, settings_path: &Path, raw: RawBundleSource) -> Result<BundleSource, ConfigError> {
+    let field = |name: &str| Some(format!("$.bundle_source.{name}"));
+    let url = raw.url.trim().to_owned();
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err(ConfigError::new(
+            settings_path,
+            field("url"),
+            format!("must be an http:// URL (reach a remote source through a local proxy or sidecar), got {url:?}"),
+        ));
+    };
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(ConfigError::new(settings_path, field("url"), format!("has no host: {url:?}")));
+    }
+    if !(1..=3600).contains(&raw.poll_seconds) {
+        return Err(ConfigError::new(settings_path, field("poll_seconds"), "must be between 1 and 3600"));
+    }
+    if raw.wait_seconds > 300 {
+        return Err(ConfigError::new(settings_path, field("wait_seconds"), "must be between 0 and 300"));
+    }
+    let token = match raw.token_file {
+        None => None,
+        Some(p) => {
+            let path = dir.join(p);
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                ConfigError::new(settings_path, field("token_file"), format!("cannot read {}: {e}", path.display()))
+            })?;
+            let token = text.trim().to_owned();
+            if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ConfigError::new(
+                    settings_path,
+                    field("token_file"),
+                    format!("{} must hold one token of printable ASCII", path.display()),
+                ));
+            }
+            Some(token)
+        }
+    };
+    Ok(BundleSource { url, token, poll_seconds: raw.poll_seconds, wait_seconds: raw.wait_seconds })
 }
 
 /// Reads the operator JWKS (`bundle_keys`).
@@ -339,7 +455,7 @@ fn load_bundle(
     path: &Path,
     keys: Option<&KeySet>,
     environment: Option<&str>,
-) -> Result<Option<(Policy, String)>, ConfigError> {
+) -> Result<Option<(Policy, String, String)>, ConfigError> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -357,7 +473,8 @@ fn load_bundle(
     };
     let policy =
         bundle::verify_for(&text, keys, environment).map_err(|e| ConfigError::new(path, Some(e.path), e.reason))?;
-    Ok(Some((policy, crate::auth::sha256_hex(text.trim()))))
+    let text = text.trim().to_owned();
+    Ok(Some((policy, crate::auth::sha256_hex(&text), text)))
 }
 
 fn read_settings(path: &Path) -> Result<RawSettings, ConfigError> {

@@ -44,8 +44,8 @@ pub struct TokenIssuer {
     pub ttl_seconds: i64,
 }
 
-/// Claims of the nested `user` JWT (seed 001): `{exp, iat, jti, nbf, user_info}`; for a deploy
-/// token (seed 002) `user_info` names the deploy token instead of a user id.
+/// Claims of the nested `user` JWT: `{exp, iat, jti, nbf, user_info}`; for a deploy
+/// token `user_info` names the deploy token instead of a user id.
 #[derive(Debug, Serialize)]
 struct UserClaims<'a> {
     jti: String,

@@ -5,14 +5,16 @@
 
 pub mod auth;
 pub mod config;
+pub mod follow;
 pub mod issue;
 pub mod keys;
 pub mod limits;
 pub mod policy;
 pub mod routes;
-pub mod server;
 pub mod startup;
 
 pub use config::{Config, ConfigError};
 pub use keys::{generate_signing_key_pem, signing_key_from_pem};
+/// The `server` section of `token-service.json` and the HTTP loop that applies it.
+pub use registry_guard_service::ServerLimits;
 pub use startup::{Application, KeyReloader, Settings, StartupError, DEFAULT_LISTEN};

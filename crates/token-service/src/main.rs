@@ -23,21 +23,15 @@ struct Cli {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).init();
-    match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    registry_guard_service::init_logging();
+    registry_guard_service::exit_code(run(cli).await)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let app = Application::build(Settings { config_dir: cli.config_dir, listen: cli.listen }).await?;
     eprintln!("{}", app.startup_line());
     reload_keys_on_sighup(app.key_reloader());
-    app.run_until(shutdown_signal()).await.context("serving HTTP")?;
+    app.run_until(registry_guard_service::shutdown_signal()).await.context("serving HTTP")?;
     eprintln!("token service stopped");
     Ok(())
 }
@@ -60,28 +54,4 @@ fn reload_keys_on_sighup(reloader: registry_guard_token_service::KeyReloader) {
     });
     #[cfg(not(unix))]
     drop(reloader);
-}
-
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
 }

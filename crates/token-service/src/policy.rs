@@ -8,6 +8,7 @@
 //! file + rename), then swap. The file on disk therefore always holds the last accepted
 //! bundle, and a restart comes back with it.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
@@ -60,8 +61,24 @@ struct Active {
     policy: Arc<Policy>,
     /// SHA-256 (hex) of the active JWS text; `None` for the built-in empty policy.
     sha256: Option<String>,
+    /// The active JWS text (trimmed), as `GET /bundle` serves it.
+    jws: Option<Arc<str>>,
     /// Unix seconds; `None` for the built-in empty policy.
     activated_at: Option<i64>,
+}
+
+/// The active bundle as `GET /bundle` serves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub jws: Arc<str>,
+    /// `"sha256:<hex of the JWS>"`, quoted as an HTTP entity tag.
+    pub etag: String,
+    pub revision: u64,
+}
+
+/// The entity tag of a bundle's JWS text.
+pub fn etag_of(sha256_hex: &str) -> String {
+    format!("\"sha256:{sha256_hex}\"")
 }
 
 /// `GET /bundle/status`.
@@ -70,7 +87,31 @@ pub struct Status {
     pub active_revision: u64,
     pub rules: usize,
     pub activated_at: Option<String>,
+    /// The entity tag `GET /bundle` serves the active bundle under.
+    pub etag: Option<String>,
     pub last_rejected: Option<RejectionView>,
+    /// Present when this service follows another for its bundle (`bundle_source`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceStatus>,
+}
+
+/// How following the bundle source goes (`GET /bundle/status`).
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct SourceStatus {
+    pub url: String,
+    /// Fetches by result: `changed` (a new bundle, activated), `not_modified`, `refused` (the
+    /// fetched bundle was not activated), `failed` (no answer, or an unexpected one).
+    pub fetches: BTreeMap<&'static str, u64>,
+    /// The last fetch that reached the source and was answered as expected (RFC 3339).
+    pub last_success_at: Option<String>,
+    /// Seconds since then, at the time of the status request.
+    pub seconds_since_success: Option<i64>,
+    pub consecutive_failures: u64,
+    pub last_error: Option<String>,
+    /// Seconds until the next fetch, as last scheduled (backoff shows here).
+    pub next_fetch_in_seconds: Option<u64>,
+    #[serde(skip)]
+    pub last_success_unix: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -92,10 +133,14 @@ pub struct PolicyStore {
     last_rejected: Mutex<Option<Rejection>>,
     /// Serialises pushes: verify, compare, persist and swap happen one bundle at a time.
     update: tokio::sync::Mutex<()>,
+    /// Bumped on every activation: what `GET /bundle` long polls wait on.
+    changes: tokio::sync::watch::Sender<u64>,
+    /// Following a bundle source, when configured.
+    source: Mutex<Option<SourceStatus>>,
 }
 
 impl PolicyStore {
-    /// `active` is the policy found at startup with the SHA-256 of its JWS and when it became
+    /// `active` is the policy found at startup with its JWS text (trimmed) and when it became
     /// active, `None` for the default (empty) policy.
     pub fn new(
         policy: Policy,
@@ -104,15 +149,43 @@ impl PolicyStore {
         environment: Option<String>,
         path: PathBuf,
     ) -> PolicyStore {
-        let (sha256, activated_at) = active.map_or((None, None), |(d, t)| (Some(d), Some(t)));
+        let (jws, activated_at) = active.map_or((None, None), |(text, t)| (Some(text), Some(t)));
+        let sha256 = jws.as_deref().map(crate::auth::sha256_hex);
         PolicyStore {
             keys: keys.map(Arc::new),
             environment,
             path,
-            active: RwLock::new(Active { policy: Arc::new(policy), sha256, activated_at }),
+            active: RwLock::new(Active { policy: Arc::new(policy), sha256, jws: jws.map(Arc::from), activated_at }),
             last_rejected: Mutex::new(None),
             update: tokio::sync::Mutex::new(()),
+            changes: tokio::sync::watch::Sender::new(0),
+            source: Mutex::new(None),
         }
+    }
+
+    /// The active bundle as served to the fleet; `None` while only the built-in empty policy
+    /// is active (nothing was ever pushed).
+    pub fn published(&self) -> Option<Published> {
+        let active = self.active.read().unwrap_or_else(PoisonError::into_inner);
+        let (jws, sha256) = (active.jws.as_ref()?, active.sha256.as_deref()?);
+        Some(Published { jws: Arc::clone(jws), etag: etag_of(sha256), revision: active.policy.revision })
+    }
+
+    /// Ends every waiting long poll now (they answer 304): the server is shutting down and
+    /// must not wait for them.
+    pub fn release_waiters(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that sees every later activation (long polling).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Records how following the bundle source goes (see `follow`).
+    pub fn update_source(&self, update: impl FnOnce(&mut SourceStatus)) {
+        let mut source = self.source.lock().unwrap_or_else(PoisonError::into_inner);
+        update(source.get_or_insert_with(SourceStatus::default));
     }
 
     /// The policy to decide one request with.
@@ -125,15 +198,26 @@ impl PolicyStore {
     }
 
     pub fn status(&self) -> Status {
-        let (revision, rules, activated_at) = {
+        let (revision, rules, activated_at, etag) = {
             let active = self.active.read().unwrap_or_else(PoisonError::into_inner);
-            (active.policy.revision, active.policy.rules.len(), active.activated_at)
+            (
+                active.policy.revision,
+                active.policy.rules.len(),
+                active.activated_at,
+                active.sha256.as_deref().map(etag_of),
+            )
         };
         let last_rejected = self.last_rejected.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let source = self.source.lock().unwrap_or_else(PoisonError::into_inner).clone().map(|mut s| {
+            s.seconds_since_success = s.last_success_unix.map(|t| (crate::routes::now_unix() - t).max(0));
+            s
+        });
         Status {
             active_revision: revision,
             rules,
             activated_at: activated_at.map(rfc3339),
+            etag,
+            source,
             last_rejected: last_rejected.map(|r| RejectionView {
                 revision: r.revision,
                 path: r.path,
@@ -226,6 +310,7 @@ impl PolicyStore {
             return Err(PushError::Rollback { path, reason, active_revision });
         }
         let target = self.path.clone();
+        let text_for_serving = text.trim().to_owned();
         let persisted = tokio::task::spawn_blocking(move || write_atomically(&target, text.as_bytes()))
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))
@@ -241,8 +326,13 @@ impl PolicyStore {
             rules: policy.rules.len(),
             unchanged: false,
         };
-        *self.active.write().unwrap_or_else(PoisonError::into_inner) =
-            Active { policy: Arc::new(policy), sha256: Some(digest), activated_at: Some(now) };
+        *self.active.write().unwrap_or_else(PoisonError::into_inner) = Active {
+            policy: Arc::new(policy),
+            sha256: Some(digest),
+            jws: Some(Arc::from(text_for_serving.as_str())),
+            activated_at: Some(now),
+        };
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
         tracing::info!(
             "bundle revision {} accepted ({} rule{}), replacing revision {}; persisted to {}",
             accepted.revision,
@@ -285,7 +375,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
-fn rfc3339(t: i64) -> String {
+pub fn rfc3339(t: i64) -> String {
     chrono::DateTime::from_timestamp(t, 0)
         .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
         .unwrap_or_default()

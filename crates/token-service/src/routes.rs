@@ -73,6 +73,11 @@ pub struct AppState {
     pub policy: PolicyStore,
     /// SHA-256 (hex) of the operator token `PUT /bundle` requires; `None`: no push is accepted.
     pub operator_token_sha256: Option<String>,
+    /// SHA-256 (hex) of the token fleet members present to `GET /bundle` (the operator
+    /// token is accepted too); with neither configured the bundle is not served.
+    pub bundle_read_token_sha256: Option<String>,
+    /// The longest `Prefer: wait=N` honoured on `GET /bundle` (below the request timeout).
+    pub bundle_max_wait_seconds: u64,
 }
 
 impl AppState {
@@ -99,9 +104,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         // check runs first, before any of the body is read.
         .route(
             "/bundle",
-            put(put_bundle)
-                .layer(DefaultBodyLimit::max(MAX_BUNDLE_BYTES))
-                .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), require_operator)),
+            get(get_bundle).merge(
+                put(put_bundle)
+                    .layer(DefaultBodyLimit::max(MAX_BUNDLE_BYTES))
+                    .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), require_operator)),
+            ),
         )
         .with_state(state)
 }
@@ -316,7 +323,7 @@ fn issue(
         }
         state.directory.grant_under(policy, user, scopes)
     };
-    // Additional claims (seed 004): those every granted repository's hierarchy agrees on.
+    // Additional claims: those every granted repository's hierarchy agrees on.
     let claims = policy.claims.for_repositories(grants.iter().filter_map(|g| match &g.scope.resource {
         Resource::Repository(name) => Some(name.as_str()),
         Resource::Catalog => None,
@@ -771,6 +778,113 @@ async fn push_bundle(state: &AppState, text: String, now: i64) -> Response {
         )
             .into_response(),
     }
+}
+
+/// The Bearer challenge on a 401 from `GET /bundle`.
+pub const BUNDLE_READ_CHALLENGE: &str = "Bearer realm=\"registry-guard-bundle\"";
+/// Media type of a compact JWS (RFC 7515).
+pub const JOSE_MEDIA_TYPE: &str = "application/jose";
+/// Header naming the revision of the bundle in a `GET /bundle` answer.
+pub const REVISION_HEADER: &str = "x-registry-guard-revision";
+
+/// `GET /bundle`: the active signed bundle, for the fleet (Envoys running the filter,
+/// token-service replicas). Needs the bundle read token or the operator token. Conditional
+/// (`If-None-Match` with the `ETag` of an earlier answer → 304) and, with `Prefer: wait=N`,
+/// long polling: an unchanged bundle holds the request up to N seconds (capped) and answers
+/// as soon as a new bundle is activated, or 304 when the time is up.
+async fn get_bundle(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let refused = |reason: &str| {
+        tracing::warn!("GET /bundle refused: {reason}");
+        let challenge = HeaderValue::from_static(BUNDLE_READ_CHALLENGE);
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, challenge)],
+            Json(json!({"error": "unauthorized", "reason": reason})),
+        )
+            .into_response()
+    };
+    if state.bundle_read_token_sha256.is_none() && state.operator_token_sha256.is_none() {
+        return refused(
+            "bundle distribution is disabled: set `bundle_read_token_sha256` (or `operator_token_sha256`) in token-service.json",
+        );
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    let Some(presented) = presented else {
+        return refused("authentication required: `Authorization: Bearer <bundle read token>`");
+    };
+    let digest = auth::sha256_hex(presented);
+    let matches = |expected: &Option<String>| {
+        expected.as_deref().is_some_and(|e| auth::constant_time_eq(digest.as_bytes(), e.as_bytes()))
+    };
+    // Both compared, always: the time taken does not say which token was close.
+    let (read_ok, operator_ok) = (matches(&state.bundle_read_token_sha256), matches(&state.operator_token_sha256));
+    if !(read_ok || operator_ok) {
+        return refused("the bundle read token is not valid");
+    }
+    let wanted_wait = headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()).find_map(prefer_wait);
+    let wait = wanted_wait.map(|w| w.min(state.bundle_max_wait_seconds));
+    // Subscribe before reading the active bundle, so an activation in between is not missed.
+    let mut changes = state.policy.subscribe();
+    changes.borrow_and_update();
+    let mut published = state.policy.published();
+    let unchanged = |p: &Option<crate::policy::Published>| p.as_ref().is_some_and(|p| if_none_match(&headers, &p.etag));
+    if unchanged(&published) {
+        if let Some(wait) = wait.filter(|w| *w > 0) {
+            // Long poll: until the next activation or the end of the wait.
+            if tokio::time::timeout(std::time::Duration::from_secs(wait), changes.changed()).await.is_ok() {
+                published = state.policy.published();
+            }
+        }
+    }
+    let Some(p) = published else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "no_bundle", "reason": "no bundle has been pushed to this service yet"})),
+        )
+            .into_response();
+    };
+    let etag = HeaderValue::from_str(&p.etag).unwrap_or_else(|_| HeaderValue::from_static("\"\""));
+    let revision = HeaderValue::from(p.revision);
+    let mut response = if if_none_match(&headers, &p.etag) {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        (StatusCode::OK, [(header::CONTENT_TYPE, HeaderValue::from_static(JOSE_MEDIA_TYPE))], p.jws.to_string())
+            .into_response()
+    };
+    let h = response.headers_mut();
+    h.insert(header::ETAG, etag);
+    h.insert(REVISION_HEADER, revision);
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if let Some(wait) = wait {
+        if let Ok(v) = HeaderValue::from_str(&format!("wait={wait}")) {
+            h.insert("preference-applied", v);
+        }
+    }
+    response
+}
+
+/// Whether `If-None-Match` names `etag` (or `*`).
+fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().trim_start_matches("W/"))
+        .any(|t| t == "*" || t == etag)
+}
+
+/// The `wait=N` preference of one `Prefer` header value (RFC 7240), in seconds.
+fn prefer_wait(value: &str) -> Option<u64> {
+    value.split(',').map(str::trim).find_map(|p| {
+        let (name, v) = p.split_once('=')?;
+        name.trim().eq_ignore_ascii_case("wait").then(|| v.trim().trim_matches('"').parse().ok()).flatten()
+    })
 }
 
 /// `GET /bundle/status`: the active revision and the last refused push.

@@ -7,6 +7,7 @@ use std::sync::{Arc, RwLock};
 
 use registry_guard_core::token::jwks::{KeySet, KeySetError};
 use registry_guard_core::token::verify::Verifier;
+use registry_guard_service::ServerLimits;
 use tokio::net::TcpListener;
 
 use crate::config::{load_key_ring, Config, ConfigError, KeyRing};
@@ -14,7 +15,6 @@ use crate::issue::TokenIssuer;
 use crate::limits::LoginGuard;
 use crate::policy::PolicyStore;
 use crate::routes::{self, ActiveKeys, AppState};
-use crate::server::ServerLimits;
 
 /// Default `--listen` address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5001";
@@ -67,6 +67,9 @@ pub struct Application {
     server_limits: ServerLimits,
     summary: Summary,
     reloader: KeyReloader,
+    state: Arc<AppState>,
+    /// The bundle source this service follows, started with the server.
+    follow: Option<(Arc<AppState>, crate::config::BundleSource)>,
 }
 
 /// The issuer, refresh verifier and JWKS of a key ring.
@@ -135,7 +138,7 @@ impl Application {
             bundle_rules: config.policy.rules.len(),
             bundle_keys_path: config.bundle_keys_path.clone(),
         };
-        let active = config.bundle_sha256.map(|digest| (digest, routes::now_unix()));
+        let active = config.bundle_jws.map(|text| (text, routes::now_unix()));
         let policy =
             PolicyStore::new(config.policy, active, config.bundle_keys, config.environment.clone(), config.bundle_path);
         let decoy_hash = config.directory.users().iter().find_map(|u| u.password_hash.clone());
@@ -147,6 +150,9 @@ impl Application {
             login: LoginGuard::new(config.login_limits.clone()),
             policy,
             operator_token_sha256: config.operator_token_sha256,
+            bundle_read_token_sha256: config.bundle_read_token_sha256,
+            // Long polls end well within the server's request timeout.
+            bundle_max_wait_seconds: (config.server.request_timeout_ms / 1000).saturating_sub(5).min(120),
         });
         let reloader = KeyReloader {
             state: Arc::clone(&state),
@@ -155,12 +161,13 @@ impl Application {
             service: config.service,
             ttl_seconds: config.token_ttl_seconds,
         };
-        let listener = TcpListener::bind(settings.listen)
+        let (listener, local_addr) = registry_guard_service::bind(settings.listen)
             .await
             .map_err(|source| StartupError::Bind { addr: settings.listen, source })?;
-        let local_addr =
-            listener.local_addr().map_err(|source| StartupError::Bind { addr: settings.listen, source })?;
+        let follow = config.bundle_source.clone().map(|source| (Arc::clone(&state), source));
         Ok(Application {
+            state: Arc::clone(&state),
+            follow,
             listener,
             local_addr,
             router: routes::router(state),
@@ -211,7 +218,9 @@ impl Application {
 
     /// Serves until the process ends.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        crate::server::serve(self.listener, self.router, self.server_limits, std::future::pending()).await
+        let _follower = self.follow.map(|(state, source)| crate::follow::spawn(state, source));
+        // (runs as long as the process)
+        registry_guard_service::serve(self.listener, self.router, self.server_limits, std::future::pending()).await
     }
 
     /// Serves until `shutdown` completes, then finishes in-flight requests.
@@ -219,6 +228,17 @@ impl Application {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        crate::server::serve(self.listener, self.router, self.server_limits, shutdown).await
+        let follower = self.follow.map(|(state, source)| crate::follow::spawn(state, source));
+        // Shutting down ends waiting long polls at once instead of waiting for them.
+        let state = Arc::clone(&self.state);
+        let shutdown = async move {
+            shutdown.await;
+            state.policy.release_waiters();
+        };
+        let served = registry_guard_service::serve(self.listener, self.router, self.server_limits, shutdown).await;
+        if let Some(follower) = follower {
+            follower.abort();
+        }
+        served
     }
 }

@@ -1,4 +1,4 @@
-//! The read API (issue 14): a read credential for `/counts` and `/events`, aggregates rather
+//! The read API: a read credential for `/counts` and `/events`, aggregates rather
 //! than raw events, pages, the retention of raw rows, and bounded storage under hostile ids.
 
 use serde_json::{json, Value};

@@ -1,4 +1,4 @@
-//! Usage analytics as seed 001 means them: unique users (by user id) and unique deploy tokens
+//! Usage analytics as GitLab's usage metrics mean them: unique users (by user id) and unique deploy tokens
 //! (by deploy-token id) per event name, per ISO week and calendar month (UTC), beside the
 //! lifetime totals; kept across restarts.
 

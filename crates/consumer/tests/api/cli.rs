@@ -90,7 +90,7 @@ fn bad_input_exits_1_with_one_line_naming_the_file() {
 async fn a_database_in_a_missing_directory_or_a_negative_tolerance_fails_startup() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = write_inputs(dir.path());
-    s.database = dir.path().join("missing/consumer.sqlite");
+    s.database = dir.path().join("missing/consumer.sqlite").into();
     let err = build(s).await.err().unwrap();
     assert!(matches!(err, StartupError::Store(_)), "{err}");
     assert!(err.to_string().contains("missing/consumer.sqlite: cannot open the database"), "{err}");

@@ -1,4 +1,4 @@
-//! Classification and counting, as seed 001 defines them.
+//! Classification and counting, as GitLab's usage metrics define them.
 
 use serde_json::json;
 

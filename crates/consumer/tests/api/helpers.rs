@@ -2,6 +2,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
+use registry_guard_consumer::store::Database;
 use registry_guard_consumer::{
     Application, Settings, StartupError, DEFAULT_MAX_EVENTS, DEFAULT_RETENTION_DAYS, DEFAULT_TOLERANCE_SECONDS,
 };
@@ -137,7 +138,7 @@ pub fn write_inputs(dir: &Path) -> Settings {
 pub fn settings(dir: &Path) -> Settings {
     Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
-        database: dir.join("consumer.sqlite"),
+        database: dir.join("consumer.sqlite").into(),
         jwks: dir.join("jwks.json"),
         secret_file: dir.join("secret"),
         read_token_file: dir.join("read-token"),
@@ -155,6 +156,7 @@ pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
     pub dir: tempfile::TempDir,
+    /// The SQLite file (meaningless when the settings name PostgreSQL).
     pub database: PathBuf,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
@@ -168,7 +170,10 @@ pub async fn spawn_app() -> TestApp {
 
 /// Starts the consumer with `settings` (whose files live in `dir`).
 pub async fn spawn_with(dir: tempfile::TempDir, settings: Settings) -> TestApp {
-    let database = settings.database.clone();
+    let database = match &settings.database {
+        Database::Sqlite(path) => path.clone(),
+        Database::Postgres(_) => PathBuf::new(),
+    };
     let app = build(settings).await.unwrap();
     let address = format!("http://127.0.0.1:{}", app.port());
     let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();

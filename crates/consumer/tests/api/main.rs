@@ -10,3 +10,4 @@ mod events;
 mod helpers;
 mod http;
 mod persistence;
+mod postgres;

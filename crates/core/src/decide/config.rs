@@ -41,6 +41,9 @@ struct RawFilterConfig<'a> {
     #[serde(default)]
     correlation: RawCorrelation,
     /// TEST ONLY, off by default: deliberately trap the wasm VM (see [`FaultInjection`]).
+    /// Without the `fault-injection` feature the field does not exist, so a configuration
+    /// naming it is refused as an unknown field.
+    #[cfg(feature = "fault-injection")]
     #[serde(default)]
     fault_injection: Option<RawFaultInjection>,
     /// At most this many bytes of a refused request's body are read (and dropped) before the
@@ -50,6 +53,10 @@ struct RawFilterConfig<'a> {
     /// Which endpoint this filter guards: `registry` (default) or `dependency-proxy`.
     #[serde(default)]
     endpoint: ServedEndpoint,
+    /// Where the filter fetches newer bundles itself (see `follow`); `bundle` is then the
+    /// boot fallback.
+    #[serde(default)]
+    bundle_source: Option<crate::policy::follow::BundleSource>,
 }
 
 /// Where clients get tokens: the `realm` and `service` of the Bearer challenge.
@@ -80,6 +87,7 @@ fn default_denied_body_drain_bytes() -> u64 {
     DEFAULT_DENIED_BODY_DRAIN_BYTES
 }
 
+#[cfg(feature = "fault-injection")]
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFaultInjection {
@@ -91,7 +99,9 @@ struct RawFaultInjection {
 
 /// TEST ONLY (the e2e fault suite): a request carrying this header makes the filter execute
 /// a wasm `unreachable` instruction, a real VM trap, to prove Envoy then fails closed and
-/// recovers. Absent from every production configuration (`rgctl filter-config` never writes it).
+/// recovers. Absent from every production configuration (`rgctl filter-config` never writes it),
+/// and compiled only with the `fault-injection` feature (the test-only filter build).
+#[cfg(feature = "fault-injection")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FaultInjection {
     /// Lower-case request header name.
@@ -272,11 +282,16 @@ pub struct FilterConfig {
     /// Where the client address for event attribution comes from.
     pub client_address: ClientAddress,
     /// TEST ONLY fault injection; `None` unless the configuration asks for it.
+    #[cfg(feature = "fault-injection")]
     pub fault_injection: Option<FaultInjection>,
     /// How much of a refused request's body is read before the refusal (see the raw field).
     pub denied_body_drain_bytes: u64,
     /// The endpoint this filter guards.
     pub endpoint: ServedEndpoint,
+    /// Where newer bundles are fetched from, if anywhere.
+    pub bundle_source: Option<crate::policy::follow::BundleSource>,
+    /// The operator keys that may sign bundles (required with `bundle` or `bundle_source`).
+    pub bundle_keys: Option<KeySet>,
 }
 
 /// A configuration error naming the field (JSON path) and the reason.
@@ -321,6 +336,7 @@ impl FilterConfig {
         if raw.cache.max_bytes < 64 * 1024 || raw.cache.max_bytes > 1 << 30 {
             return Err(error("$.cache.max_bytes", "must be between 65536 and 1073741824"));
         }
+        #[cfg(feature = "fault-injection")]
         let fault_injection = match raw.fault_injection {
             None => None,
             Some(f) => {
@@ -346,14 +362,21 @@ impl FilterConfig {
                 ));
             }
         }
-        let policy = match (&raw.bundle, &raw.bundle_keys) {
-            (None, _) => Policy::default(),
-            (Some(_), None) => return Err(error("$.bundle_keys", "required when `bundle` is set")),
-            (Some(jws), Some(keys)) => {
-                let keys = KeySet::from_jwks(keys).map_err(|e| error("$.bundle_keys", e.to_string()))?;
-                bundle::verify_for(jws, &keys, raw.environment.as_deref())
-                    .map_err(|e| error("$.bundle", format!("bundle rejected: {e}")))?
+        let bundle_keys = match &raw.bundle_keys {
+            None if raw.bundle.is_some() => return Err(error("$.bundle_keys", "required when `bundle` is set")),
+            None if raw.bundle_source.is_some() => {
+                return Err(error("$.bundle_keys", "required when `bundle_source` is set"))
             }
+            None => None,
+            Some(keys) => Some(KeySet::from_jwks(keys).map_err(|e| error("$.bundle_keys", e.to_string()))?),
+        };
+        if let Some(source) = &raw.bundle_source {
+            source.check().map_err(|(field, reason)| ConfigError { field, reason })?;
+        }
+        let policy = match (&raw.bundle, &bundle_keys) {
+            (Some(jws), Some(keys)) => bundle::verify_for(jws, keys, raw.environment.as_deref())
+                .map_err(|e| error("$.bundle", format!("bundle rejected: {e}")))?,
+            _ => Policy::default(),
         };
         Ok(FilterConfig {
             challenge: ChallengeConfig { realm: raw.realm, service: raw.service.clone() },
@@ -364,9 +387,12 @@ impl FilterConfig {
             environment: raw.environment,
             correlation_slots: raw.correlation.slots,
             client_address: raw.correlation.client_address,
+            #[cfg(feature = "fault-injection")]
             fault_injection,
             denied_body_drain_bytes: raw.denied_body_drain_bytes,
             endpoint: raw.endpoint,
+            bundle_source: raw.bundle_source,
+            bundle_keys,
         })
     }
 }
@@ -397,9 +423,24 @@ mod tests {
         assert_eq!(c.verifier.leeway_seconds, 30);
         assert_eq!(c.cache_entries, 4096);
         assert_eq!(c.verifier.keys.len(), 1);
+        #[cfg(feature = "fault-injection")]
         assert_eq!(c.fault_injection, None, "fault injection is off by default");
     }
 
+    #[cfg(not(feature = "fault-injection"))]
+    #[test]
+    fn fault_injection_is_an_unknown_field_without_the_feature() {
+        // The release filter cannot be told to trap: the field is refused like any typo.
+        let e = FilterConfig::from_json(
+            config(serde_json::json!({"fault_injection": {"trap_on_header": "x-registry-guard-trap"}}))
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown field `fault_injection`"), "{e}");
+    }
+
+    #[cfg(feature = "fault-injection")]
     #[test]
     fn fault_injection_is_explicit() {
         let c = FilterConfig::from_json(

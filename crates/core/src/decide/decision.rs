@@ -119,10 +119,13 @@ pub enum DenyKind {
     NotFound,
     /// An enforced protection rule.
     Protected,
+    /// The filter follows a bundle source and has not heard from it for longer than its
+    /// `max_staleness_seconds`: every request is refused (503) until it does.
+    StalePolicy,
 }
 
 impl DenyKind {
-    pub const ALL: [DenyKind; 9] = [
+    pub const ALL: [DenyKind; 10] = [
         DenyKind::BadRequest,
         DenyKind::NoCredentials,
         DenyKind::InvalidToken,
@@ -132,6 +135,7 @@ impl DenyKind {
         DenyKind::Forbidden,
         DenyKind::NotFound,
         DenyKind::Protected,
+        DenyKind::StalePolicy,
     ];
 
     pub fn label(self) -> &'static str {
@@ -145,6 +149,7 @@ impl DenyKind {
             DenyKind::Forbidden => "forbidden",
             DenyKind::NotFound => "not_found",
             DenyKind::Protected => "protected",
+            DenyKind::StalePolicy => "stale_policy",
         }
     }
 }

@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
 use crate::decide::config::FilterConfig;
-use crate::decide::decision::{bearer_candidate, decide_at, is_b64token, Credential, Decision};
+use crate::decide::decision::{bearer_candidate, decide_at, is_b64token, Credential, Decision, Denial, DenyKind};
 use crate::request::route::classify;
 use crate::token::verify::{TokenError, VerifiedToken};
 
@@ -111,6 +111,9 @@ impl TokenCache {
 pub struct Guard {
     pub config: FilterConfig,
     pub cache: TokenCache,
+    /// Set while the bundle source has been silent longer than allowed (the reason): every
+    /// request is refused.
+    pub stale: Option<String>,
 }
 
 /// A decision plus who asked, for logging.
@@ -157,7 +160,14 @@ impl Checked {
 impl Guard {
     pub fn new(config: FilterConfig) -> Guard {
         let cache = TokenCache::with_limits(config.cache_entries, config.cache_bytes);
-        Guard { config, cache }
+        Guard { config, cache, stale: None }
+    }
+
+    /// Makes `policy` (a verified bundle, newer than the active one) the policy of every
+    /// following decision. Cached tokens stay: they hold verified signatures, and every
+    /// decision is taken afresh under the policy.
+    pub fn activate(&mut self, policy: crate::policy::bundle::Policy) {
+        self.config.policy = policy;
     }
 
     /// Decides one request at time `now` (unix seconds).
@@ -169,6 +179,18 @@ impl Guard {
         authorization: &[&str],
         now: i64,
     ) -> Checked {
+        if let Some(why) = &self.stale {
+            let denial = Denial {
+                status: 503,
+                code: "UNAVAILABLE",
+                message: "registry-guard cannot confirm its policy is current; try again later".into(),
+                www_authenticate: None,
+                reason: why.clone(),
+                rule: None,
+                kind: DenyKind::StalePolicy,
+            };
+            return Checked::new(Decision::Deny(denial), self.config.policy.revision);
+        }
         let route = classify(method, path, content_type);
         let mut checked = self.check_route(route.as_ref(), authorization, now);
         if checked.is_audited() {

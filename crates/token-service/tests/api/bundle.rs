@@ -69,7 +69,7 @@ async fn without_a_bundle_the_policy_is_empty() {
     let app = spawn_in(config_with_bundle(None)).await;
     assert_eq!(
         app.bundle_status().await,
-        json!({"active_revision": 0, "rules": 0, "activated_at": null, "last_rejected": null})
+        json!({"active_revision": 0, "rules": 0, "activated_at": null, "etag": null, "last_rejected": null})
     );
     assert_eq!(actions(&app.access("dev", DEV_PASSWORD, PLATFORM_PULL_PUSH).await), ["pull,push"]);
 }
@@ -275,7 +275,7 @@ async fn a_bundle_of_100k_rules_fits() {
         .map(|i| {
             json!({"id": format!("rule-{i}"), "owner": {"group": format!("team-{i}")},
                    "repository_path_pattern": format!("team-{i}/project/*"),
-                   "description": "protected up to developer, seed 003 reading",
+                   "description": "protected up to developer, older notation",
                    "push_protected_up_to_access_level": "developer"})
         })
         .collect();

@@ -1,4 +1,4 @@
-//! Additional claims (seed 004) in issued tokens: the merged claims of the requested
+//! Additional claims in issued tokens: the merged claims of the requested
 //! repository's hierarchy; only the claims every repository agrees on when a token covers
 //! several; nothing extra without them; a bundle push changes them for the next token.
 

@@ -1,4 +1,4 @@
-//! Deploy tokens (seed 002): authentication from the active bundle, grants (requested ∩
+//! Deploy tokens: authentication from the active bundle, grants (requested ∩
 //! scopes ∩ owner subtree), claims, refresh tokens, and revocation by a new bundle.
 
 use registry_guard_core::decide::config::ChallengeConfig;

@@ -133,8 +133,8 @@ pub fn write_operator_keys(dir: &Path) {
     std::fs::write(dir.join("keys/operator-token.sha256"), format!("{digest}\n")).unwrap();
 }
 
-/// A bundle protecting `acme/platform/*` from pushes by developers and below (seed 003
-/// reading), plus a tag rule and a dry-run rule that must not withhold anything.
+/// A bundle protecting `acme/platform/*` from pushes by developers and below (the older
+/// "protected up to" notation), plus a tag rule and a dry-run rule that must not withhold anything.
 pub fn platform_bundle(revision: u64) -> String {
     json!({
         "revision": revision,
@@ -267,7 +267,7 @@ pub const EXPIRED_SECRET: &str = "gldt-expired-secret";
 pub const REVOKED_SECRET: &str = "gldt-revoked-secret";
 pub const REVOKED_LATER_SECRET: &str = "gldt-revoked-later-secret";
 
-/// A bundle with deploy tokens and revocations (seed 002):
+/// A bundle with deploy tokens and revocations:
 /// 1 `acme-ci`: group `acme`, read+write; 2 `deploy-token-2`: group `acme`, read only;
 /// 3 `deploy-token-3`: project `acme/web`, read+write; 4 `deploy-token-4`: expired;
 /// 5 `deploy-token-5`: `revoked: true`; 6 `deploy-token-6`: revoked through

@@ -1,4 +1,4 @@
-//! Hostile clients (issue 14): login rate limits and the bounded argon2 queue (429
+//! Hostile clients: login rate limits and the bounded argon2 queue (429
 //! `TOOMANYREQUESTS` with `Retry-After`), failed logins counted and logged without secrets,
 //! scope and token size caps, unknown resource types ignored, refresh tokens bound to a
 //! credential epoch, deploy tokens only inside projects, server timeouts and the connection

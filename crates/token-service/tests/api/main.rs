@@ -6,6 +6,7 @@ mod bundle;
 mod claims;
 mod config_errors;
 mod deploy_tokens;
+mod distribution;
 mod helpers;
 mod hostile;
 mod keys;

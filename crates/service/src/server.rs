@@ -1,5 +1,5 @@
-//! The HTTP server loop: hyper's HTTP/1 connection driver with the limits a hostile client
-//! must not outlast (issue 14), which `axum::serve` does not set:
+//! The hardened HTTP server loop: hyper's HTTP/1 connection driver with the limits a hostile
+//! client must not outlast, which `axum::serve` does not set:
 //!
 //! - **header read timeout** (`header_read_timeout_ms`, default 10 s): a client must send a
 //!   request's whole header within it; it also closes a keep-alive connection that stays
@@ -26,7 +26,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::ServiceExt as _;
 
-/// `server` of `token-service.json`; every field has a default.
+/// The `server` section of a service's JSON configuration (`token-service.json`); every field
+/// has a default.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerLimits {

@@ -1,0 +1,446 @@
+//! The **registry** role: the HTTP filter in front of the registry (and the dependency
+//! proxy). Reads the request headers, asks core [`Guard::check`], and either marks the
+//! request allowed (`x-registry-guard-decision: allow`, which Envoy's route requires) —
+//! tagging it with a correlation address for its events — or refuses it with the local
+//! reply the core decided. A refusal of a request with a body is held until the body has
+//! been read ([`DeniedBody`]).
+//!
+//! **Failing closed.** An internal error is a 503. A refusal whose local reply cannot be
+//! sent goes on at once (`Action::Continue`) *without* the allow header, so Envoy's backstop
+//! route refuses it (docs/failing-closed.md) — never a pause with nothing sent, which would
+//! hang the client until the route timeout.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::Action;
+use registry_guard_core::decide::audit::{self, RequestInfo};
+use registry_guard_core::decide::config::{ClientAddress, DECISION_ALLOW, DECISION_HEADER};
+use registry_guard_core::decide::decision::Decision;
+use registry_guard_core::decide::guard::Guard;
+use registry_guard_core::events::{slot_of, AttributionRecord};
+
+use crate::correlation::{slot_key, Correlation};
+use crate::host::{Host, HostError, ProxyWasmHost};
+use crate::metrics::Metrics;
+
+/// One registry request.
+pub struct RegistryHttp {
+    context_id: u32,
+    guard: Option<Rc<RefCell<Guard>>>,
+    correlation: Option<Rc<Correlation>>,
+    metrics: Option<Rc<Metrics>>,
+    /// A refused request whose body is still arriving: its reply waits for the body's end.
+    denied_body: Option<DeniedBody>,
+}
+
+impl Context for RegistryHttp {}
+
+impl HttpContext for RegistryHttp {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.request_headers(&mut ProxyWasmHost, end_of_stream)
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.request_body(&mut ProxyWasmHost, body_size, end_of_stream)
+    }
+}
+
+impl RegistryHttp {
+    /// `guard`: `None` when the filter is not configured (every request is refused).
+    pub fn new(
+        context_id: u32,
+        guard: Option<Rc<RefCell<Guard>>>,
+        correlation: Option<Rc<Correlation>>,
+        metrics: Option<Rc<Metrics>>,
+    ) -> RegistryHttp {
+        RegistryHttp { context_id, guard, correlation, metrics, denied_body: None }
+    }
+
+    /// The request headers, over any [`Host`].
+    pub fn request_headers(&mut self, host: &mut impl Host, end_of_stream: bool) -> Action {
+        #[cfg(feature = "fault-injection")]
+        crate::fault::trap_if_injected(host, self.guard.as_deref());
+        let outcome = if end_of_stream {
+            on_request_headers(
+                host,
+                self.context_id,
+                self.guard.as_deref(),
+                self.correlation.as_deref(),
+                self.metrics.as_deref(),
+            )
+        } else {
+            // A body follows: a refusal is held until the body has been read (and dropped),
+            // so the client is not cut off while still sending it (see `DeniedBody`).
+            let cap = self
+                .guard
+                .as_deref()
+                .and_then(|g| g.try_borrow().ok().map(|g| g.config.denied_body_drain_bytes))
+                .unwrap_or(DEFAULT_DENIED_BODY_DRAIN_BYTES);
+            let (outcome, held) = on_request_headers_before_body(
+                host,
+                self.context_id,
+                self.guard.as_deref(),
+                self.correlation.as_deref(),
+                self.metrics.as_deref(),
+            );
+            self.denied_body = held.map(|reply| DeniedBody::new(reply, cap));
+            outcome
+        };
+        match outcome {
+            // Marked allowed: the route forwards it.
+            Outcome::Allowed | Outcome::AllowedWouldDeny => Action::Continue,
+            // A local reply was sent, or is held until the body has been read: Envoy's
+            // `allow_on_headers_stop_iteration` (set by `rgctl filter-resource`) turns this
+            // into StopIteration, so the body still reaches `on_http_request_body`.
+            Outcome::Denied | Outcome::DeniedByRule | Outcome::Failed => Action::Pause,
+            // No reply could be sent: the request goes on unmarked, and Envoy's backstop
+            // route refuses it.
+            Outcome::Unanswered => Action::Continue,
+        }
+    }
+
+    /// A request body callback, over any [`Host`]: drains the body of a held refusal.
+    pub fn request_body(&mut self, host: &mut impl Host, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(held) = self.denied_body.as_mut() else {
+            return Action::Continue;
+        };
+        match held.on_body(host, self.context_id, body_size, end_of_stream) {
+            HeldReply::Waiting => Action::Pause,
+            HeldReply::Sent => {
+                self.denied_body = None;
+                Action::Pause
+            }
+            // Unmarked, the request meets Envoy's backstop route (503), never the registry.
+            HeldReply::Unsent => {
+                self.denied_body = None;
+                Action::Continue
+            }
+        }
+    }
+
+    /// Whether a refusal is held until the request body ends.
+    pub fn holds_refusal(&self) -> bool {
+        self.denied_body.is_some()
+    }
+}
+
+/// Default of `denied_body_drain_bytes` (the filter configuration's, when unreadable here).
+const DEFAULT_DENIED_BODY_DRAIN_BYTES: u64 = registry_guard_core::decide::config::DEFAULT_DENIED_BODY_DRAIN_BYTES;
+
+/// A local reply decided at the request headers and held until the request body is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: String,
+}
+
+impl LocalReply {
+    fn send(&self, host: &mut impl Host, extra: &[(&'static str, &str)]) -> Result<(), HostError> {
+        let mut headers: Vec<(&str, &str)> = self.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        headers.extend_from_slice(extra);
+        host.send_response(self.status, &headers, self.body.as_bytes())
+    }
+}
+
+/// The body of a refused request. HTTP/1.1 clients that write a body while reading the
+/// answer (containerd's pusher, BuildKit) break or hang when the server answers and closes
+/// before the body is read, so the refusal is sent only once the body has ended. Each chunk
+/// is dropped from Envoy's buffer as it arrives (memory: one chunk), and at most `cap` bytes
+/// are read: past that the reply goes out at once and Envoy closes the connection.
+#[derive(Debug)]
+pub struct DeniedBody {
+    reply: LocalReply,
+    drained: u64,
+    cap: u64,
+}
+
+impl DeniedBody {
+    pub fn new(reply: LocalReply, cap: u64) -> DeniedBody {
+        DeniedBody { reply, drained: 0, cap }
+    }
+
+    /// Bytes of the body read and dropped so far.
+    pub fn drained(&self) -> u64 {
+        self.drained
+    }
+
+    /// One body callback: whether the refusal is still waiting for the body, was sent, or
+    /// could not be sent (then the request must go on unmarked, to Envoy's backstop).
+    pub fn on_body(
+        &mut self,
+        host: &mut impl Host,
+        context_id: u32,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> HeldReply {
+        self.drained = self.drained.saturating_add(body_size as u64);
+        if body_size > 0 {
+            if let Err(e) = host.replace_request_body(body_size, &[]) {
+                // Envoy's own buffer limit still bounds what it keeps.
+                log::warn!("[{context_id}] cannot drop the body of a refused request: {e}");
+            }
+        }
+        let over = self.drained > self.cap;
+        if !end_of_stream && !over {
+            return HeldReply::Waiting;
+        }
+        let extra: &[(&str, &str)] = if over { &[("connection", "close")] } else { &[] };
+        if over {
+            log::info!(
+                "[{context_id}] refused request's body exceeds {} bytes: replying now and closing the connection",
+                self.cap
+            );
+        }
+        match self.reply.send(host, extra) {
+            Ok(()) => HeldReply::Sent,
+            Err(e) => {
+                log::error!("[{context_id}] cannot send local reply: {e}; Envoy's backstop refuses the request");
+                HeldReply::Unsent
+            }
+        }
+    }
+}
+
+/// Where a held refusal stands after a body callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeldReply {
+    /// The body has not ended yet.
+    Waiting,
+    Sent,
+    /// The local reply could not be sent.
+    Unsent,
+}
+
+/// What happened to a request, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Allowed,
+    /// Allowed, but a dry-run protection rule would have denied it.
+    AllowedWouldDeny,
+    Denied,
+    /// Denied by an enforced protection rule.
+    DeniedByRule,
+    /// Internal error: the request was refused (fail closed).
+    Failed,
+    /// Refused, but the local reply could not be sent: left unmarked for Envoy's backstop.
+    Unanswered,
+}
+
+/// The request-headers step, over any [`Host`]: read, decide, count, audit, then reply or
+/// tag the request for correlation.
+pub fn on_request_headers(
+    host: &mut impl Host,
+    context_id: u32,
+    guard: Option<&RefCell<Guard>>,
+    correlation: Option<&Correlation>,
+    metrics: Option<&Metrics>,
+) -> Outcome {
+    let outcome = decide_request(host, context_id, guard, correlation, metrics, None);
+    if matches!(outcome, Outcome::Failed | Outcome::Unanswered) {
+        if let Some(m) = metrics {
+            m.failed(host);
+        }
+    }
+    outcome
+}
+
+/// [`on_request_headers`] for a request whose body is still to come: a refusal is returned
+/// instead of sent, to be sent when the body has ended ([`DeniedBody`]).
+pub fn on_request_headers_before_body(
+    host: &mut impl Host,
+    context_id: u32,
+    guard: Option<&RefCell<Guard>>,
+    correlation: Option<&Correlation>,
+    metrics: Option<&Metrics>,
+) -> (Outcome, Option<LocalReply>) {
+    let mut held = None;
+    let outcome = decide_request(host, context_id, guard, correlation, metrics, Some(&mut held));
+    if matches!(outcome, Outcome::Failed | Outcome::Unanswered) {
+        if let Some(m) = metrics {
+            m.failed(host);
+        }
+    }
+    (outcome, held)
+}
+
+/// Sends `reply` now, or hands it to `hold` when the request body is still to come.
+fn reply_or_hold(
+    host: &mut impl Host,
+    reply: LocalReply,
+    hold: Option<&mut Option<LocalReply>>,
+) -> Result<(), HostError> {
+    match hold {
+        Some(slot) => {
+            *slot = Some(reply);
+            Ok(())
+        }
+        None => reply.send(host, &[]),
+    }
+}
+
+fn decide_request(
+    host: &mut impl Host,
+    context_id: u32,
+    guard: Option<&RefCell<Guard>>,
+    correlation: Option<&Correlation>,
+    metrics: Option<&Metrics>,
+    hold: Option<&mut Option<LocalReply>>,
+) -> Outcome {
+    let Some(guard) = guard else {
+        return fail(host, context_id, "filter is not configured", hold);
+    };
+    let headers = match host.request_headers() {
+        Ok(h) => h,
+        Err(e) => return fail(host, context_id, &format!("cannot read request headers: {e}"), hold),
+    };
+    let pairs = match headers.pairs() {
+        Ok(p) => p,
+        Err(e) => return fail(host, context_id, &format!("cannot read request headers: {e}"), hold),
+    };
+    let now = match host.now_unix_seconds() {
+        Ok(t) => t,
+        Err(e) => return fail(host, context_id, &format!("cannot read host time: {e}"), hold),
+    };
+    // Values are bytes (obs-text is legal in HTTP); as text, invalid UTF-8 becomes U+FFFD,
+    // which no route, token or media type accepts.
+    fn text(v: &[u8]) -> Cow<'_, str> {
+        String::from_utf8_lossy(v)
+    }
+    let mut method = None;
+    let mut path = None;
+    let mut content_types: Vec<Cow<str>> = Vec::new();
+    let mut request_id = None;
+    let mut authorization: Vec<Cow<str>> = Vec::new();
+    let mut forwarded_for = None;
+    for (name, value) in pairs {
+        match name {
+            b":method" => method = Some(text(value)),
+            b":path" => path = Some(text(value)),
+            b"content-type" => content_types.push(text(value)),
+            b"x-request-id" => request_id = Some(text(value)),
+            b"authorization" => authorization.push(text(value)),
+            b"x-forwarded-for" => forwarded_for = Some(value),
+            _ => {}
+        }
+    }
+    let authorization: Vec<&str> = authorization.iter().map(|a| a.as_ref()).collect();
+    // Client-controlled: kept (audited, stored for correlation, copied into events) only
+    // when short and of safe characters; a hostile id is dropped (core `text::request_id`).
+    let request_id = request_id.as_deref().and_then(registry_guard_core::support::text::request_id);
+    // A repeated Content-Type is judged on all its values (the registry reads the first).
+    let content_type = (!content_types.is_empty()).then(|| content_types.join(","));
+    let content_type = content_type.as_deref();
+    let (Some(method), Some(path)) = (method.as_deref(), path.as_deref()) else {
+        return fail(host, context_id, "request has no :method or :path", hold);
+    };
+    let Ok(mut guard) = guard.try_borrow_mut() else {
+        return fail(host, context_id, "guard state is busy", hold);
+    };
+    let checked = guard.check(method, path, content_type, &authorization, now);
+    let client_from = guard.config.client_address;
+    drop(guard);
+    if let Some(m) = metrics {
+        m.decided(host, &checked);
+    }
+    if checked.is_audited() {
+        // One JSON line per denial or dry-run would-deny (never a token); see core `audit`.
+        let client = host.client_address().ok().flatten();
+        let info = RequestInfo { method, path, request_id, client: client.as_deref() };
+        if let Some(line) = audit::line(&checked, info, now) {
+            log::warn!("{line}");
+        }
+    }
+    let allowed = match checked.decision {
+        Decision::Allow { would_deny: None, .. } => Outcome::Allowed,
+        Decision::Allow { would_deny: Some(_), .. } => Outcome::AllowedWouldDeny,
+        Decision::Deny(d) => {
+            let mut headers = vec![
+                ("content-type", "application/json".to_owned()),
+                ("docker-distribution-api-version", "registry/2.0".to_owned()),
+                // Tells operators (and the e2e corpus replay) the reply came from the filter.
+                ("x-registry-guard", "denied".to_owned()),
+            ];
+            if let Some(w) = d.www_authenticate.as_deref() {
+                headers.push(("www-authenticate", w.to_owned()));
+            }
+            let reply = LocalReply { status: d.status, headers, body: d.body() };
+            return match reply_or_hold(host, reply, hold) {
+                Ok(()) if d.rule.is_some() => Outcome::DeniedByRule,
+                Ok(()) => Outcome::Denied,
+                Err(e) => {
+                    log::error!("[{context_id}] cannot send local reply: {e}; Envoy's backstop refuses the request");
+                    Outcome::Unanswered
+                }
+            };
+        }
+    };
+    if let (Some(correlation), Some(subject)) = (correlation, checked.subject()) {
+        // Tag the forwarded request so its events can be attributed (see core `events`).
+        let addr = correlation.next_address();
+        let client = match (client_from, forwarded_for.and_then(last_forwarded_for)) {
+            (ClientAddress::XForwardedFor, Some(last)) => Some(last),
+            _ => host.client_address().ok().flatten(),
+        };
+        let record = AttributionRecord {
+            addr: &addr,
+            name: subject,
+            user_type: checked.auth_type().unwrap_or("unknown"),
+            user: checked.user(),
+            request_id,
+            client_addr: client.as_deref(),
+        };
+        let stored = match serde_json::to_vec(&record) {
+            Ok(record) => host
+                .set_shared(&slot_key(slot_of(&addr, correlation.slots)), &record, None)
+                .and_then(|()| host.set_request_header("x-forwarded-for", &addr))
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = stored {
+            // Attribution is best effort; the request itself was allowed.
+            log::warn!("[{context_id}] cannot record the request for event attribution: {e}");
+        }
+    }
+    // The positive decision Envoy's route requires before forwarding (core `DECISION_HEADER`).
+    if let Err(e) = host.set_request_header(DECISION_HEADER, DECISION_ALLOW) {
+        return fail(host, context_id, &format!("cannot mark the request as allowed: {e}"), hold);
+    }
+    allowed
+}
+
+/// The last entry of an `X-Forwarded-For` value: the address Envoy appended when it has
+/// `use_remote_address: true` (see `ClientAddress::XForwardedFor`).
+/// Only text shaped like an IP address is taken (at most 45 bytes of hex digits, `.` and
+/// `:`), since it is stored and restored into events; anything else is dropped. (A byte
+/// check, not `IpAddr` parsing, which costs the filter kilobytes of code.)
+fn last_forwarded_for(value: &[u8]) -> Option<String> {
+    let last = value.rsplit(|&b| b == b',').next()?;
+    let last = std::str::from_utf8(last).ok()?.trim();
+    let shaped =
+        !last.is_empty() && last.len() <= 45 && last.bytes().all(|b| b.is_ascii_hexdigit() || b == b'.' || b == b':');
+    shaped.then(|| last.to_owned())
+}
+
+/// Fail closed: 503 with an OCI error body (sent now, or held until the body has been read).
+/// If even that reply cannot be sent, the request goes on unmarked and Envoy's backstop route
+/// refuses it (never a pause with nothing sent, which would hang the client until a timeout).
+fn fail(host: &mut impl Host, context_id: u32, why: &str, hold: Option<&mut Option<LocalReply>>) -> Outcome {
+    log::error!("[{context_id}] registry-guard internal error, refusing request: {why}");
+    let body = r#"{"errors":[{"code":"UNAVAILABLE","message":"registry-guard cannot decide this request; refused","detail":null}]}"#;
+    let reply = LocalReply {
+        status: 503,
+        headers: vec![("content-type", "application/json".to_owned())],
+        body: body.to_owned(),
+    };
+    match reply_or_hold(host, reply, hold) {
+        Ok(()) => Outcome::Failed,
+        Err(e) => {
+            log::error!("[{context_id}] cannot send local reply: {e}; Envoy's backstop refuses the request");
+            Outcome::Unanswered
+        }
+    }
+}

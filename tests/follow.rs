@@ -1,0 +1,192 @@
+//! Following a bundle source in the root context, against a fake host: the fetch on the tick,
+//! activation of a newer bundle, refusal of older or forged ones (the active bundle stays),
+//! failures, staleness failing closed, and a later configuration starting from the bundle
+//! this Envoy fetched.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+
+mod fake;
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use fake::{bearer_signed_by, registry_config, take_logs, FakeHost, Shared, NOW};
+use proxy_wasm::types::Action;
+use registry_guard::{GuardRoot, HttpFilter, Vm};
+use registry_guard_core::token::testing::{es256_key, jwks};
+
+const OPERATOR: u8 = 7;
+
+fn bundle(revision: u64, key: u8) -> String {
+    let json = serde_json::json!({"revision": revision, "protection_rules": []}).to_string();
+    registry_guard_core::policy::bundle::sign(&json, &es256_key(key)).unwrap()
+}
+
+fn following_config(boot_revision: u64) -> serde_json::Value {
+    let mut c = registry_config(1);
+    c["bundle"] = bundle(boot_revision, OPERATOR).into();
+    c["bundle_keys"] = jwks(&[&es256_key(OPERATOR)]);
+    c["bundle_source"] = serde_json::json!({
+        "cluster": "token_service", "token": "read-token", "poll_seconds": 10, "max_staleness_seconds": 30,
+        "max_bytes": 100000
+    });
+    c
+}
+
+fn configured(shared: &Shared, boot_revision: u64) -> (GuardRoot, FakeHost) {
+    let mut host = FakeHost::default().with_configuration(&following_config(boot_revision)).with_shared(shared);
+    let mut root = GuardRoot::new(Rc::new(Vm::default()));
+    assert!(root.configure(&mut host));
+    (root, host)
+}
+
+/// Delivers an answer to the last dispatched call.
+fn answer(root: &GuardRoot, host: &mut FakeHost, status: Option<u16>, etag: Option<&str>, body: Option<&str>) {
+    host.call_response_headers.clear();
+    if let Some(s) = status {
+        host.call_response_headers.push((":status".into(), s.to_string()));
+    }
+    if let Some(e) = etag {
+        host.call_response_headers.push(("etag".into(), e.into()));
+    }
+    host.call_response_body = body.map(|b| b.as_bytes().to_vec());
+    let token = host.calls.len() as u32;
+    root.fetched(host, token, body.map_or(0, str::len));
+}
+
+fn advance(host: &mut FakeHost, seconds: u64) {
+    let now = host.clock.unwrap_or(Duration::from_secs(NOW as u64));
+    host.clock = Some(now + Duration::from_secs(seconds));
+}
+
+fn pull(root: &GuardRoot, host: &mut FakeHost) -> (Action, Option<u16>) {
+    host.new_request("GET", "/v2/acme/web/app/manifests/v1");
+    host.headers.push(("authorization".into(), bearer_signed_by(1, &["pull"])));
+    let HttpFilter::Registry(mut http) = root.http_context(9) else { panic!("events role") };
+    let action = http.request_headers(host, true);
+    (action, host.replies.first().map(|r| r.0))
+}
+
+#[test]
+fn fetches_on_the_tick_and_activates_a_newer_bundle() {
+    let shared = Shared::default();
+    let (root, mut host) = configured(&shared, 1);
+    assert!(host.calls.is_empty(), "nothing is dispatched while configuring");
+    root.tick(&mut host);
+    let (cluster, headers, timeout) = host.calls[0].clone();
+    assert_eq!(cluster, "token_service");
+    let h = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    assert_eq!((h(":method"), h(":path"), h(":authority")), (Some("GET"), Some("/bundle"), Some("token_service")));
+    assert_eq!(h("authorization"), Some("Bearer read-token"));
+    assert_eq!(timeout, Duration::from_secs(10));
+    root.tick(&mut host);
+    assert_eq!(host.calls.len(), 1, "one fetch in flight at a time");
+
+    take_logs();
+    answer(&root, &mut host, Some(200), Some("\"e2\""), Some(&bundle(2, OPERATOR)));
+    assert_eq!(host.metric("registry_guard.bundle_revision"), 2);
+    assert_eq!(host.metric("registry_guard.bundle_fetch.changed"), 1);
+    assert!(take_logs().iter().any(|l| l.contains("bundle revision 2 fetched from the source and activated")));
+    assert_eq!(pull(&root, &mut host).0, Action::Continue, "decisions go on under the new revision");
+
+    // The next poll is conditional, after the (jittered) period.
+    root.tick(&mut host);
+    assert_eq!(host.calls.len(), 1);
+    advance(&mut host, 13);
+    root.tick(&mut host);
+    let (_, headers, _) = host.calls[1].clone();
+    assert!(headers.contains(&("if-none-match".into(), "\"e2\"".into())), "{headers:?}");
+    answer(&root, &mut host, Some(304), Some("\"e2\""), None);
+    assert_eq!(host.metric("registry_guard.bundle_fetch.not_modified"), 1);
+
+    // A later configuration of this Envoy (say a key rotation, carrying the boot bundle 1)
+    // starts from the fetched revision 2, not from its configured fallback.
+    let (_again, host2) = configured(&shared, 1);
+    assert_eq!(host2.metric("registry_guard.bundle_revision"), 2);
+}
+
+#[test]
+fn older_forged_or_broken_bundles_are_refused_and_the_active_one_stays() {
+    let (root, mut host) = configured(&Shared::default(), 5);
+    let mut t = 0;
+    for (body, status, label) in [
+        (Some(bundle(4, OPERATOR)), 200, "revision"),
+        (Some(bundle(9, 99)), 200, "signature"),
+        (Some("not a jws".to_owned()), 200, "signature"),
+        (None, 500, "status"),
+    ] {
+        t += 400;
+        advance(&mut host, t);
+        root.tick(&mut host);
+        take_logs();
+        answer(&root, &mut host, Some(status), Some("\"x\""), body.as_deref());
+        assert!(host.metric(&format!("registry_guard.bundle_fetch_rejected.{label}")) >= 1, "{label}");
+        assert_eq!(host.metric("registry_guard.bundle_revision"), 5, "{label}: the active bundle stays");
+        assert!(take_logs().iter().any(|l| l.contains("the active bundle stays")), "{label}");
+    }
+    // Oversized: the body is not even read.
+    advance(&mut host, 400);
+    root.tick(&mut host);
+    host.call_response_headers = vec![(":status".into(), "200".into())];
+    host.call_response_body = None;
+    let token = host.calls.len() as u32;
+    root.fetched(&mut host, token, 100_001);
+    assert_eq!(host.metric("registry_guard.bundle_fetch_rejected.size"), 1);
+    // An answer to a call this root did not make is ignored.
+    root.fetched(&mut host, 9999, 0);
+    assert_eq!(host.metric("registry_guard.bundle_revision"), 5);
+}
+
+#[test]
+fn a_silent_source_past_max_staleness_fails_closed_until_it_answers() {
+    let (root, mut host) = configured(&Shared::default(), 1);
+    root.tick(&mut host);
+    answer(&root, &mut host, None, None, None); // the call failed: no headers
+    assert_eq!(host.metric("registry_guard.bundle_fetch.failed"), 1);
+    assert_eq!(host.metric("registry_guard.bundle_fetch_rejected.unreachable"), 1);
+    assert_eq!(pull(&root, &mut host).0, Action::Continue, "within max_staleness decisions go on");
+
+    // 31 s without a successful fetch: every request is refused (503), never marked allowed.
+    advance(&mut host, 31);
+    take_logs();
+    root.tick(&mut host);
+    assert!(take_logs().iter().any(|l| l.contains("policy stale")));
+    assert_eq!(host.metric("registry_guard.bundle_fetch.stale"), 1);
+    let (action, status) = pull(&root, &mut host);
+    assert_eq!((action, status), (Action::Pause, Some(503)));
+    assert_eq!(host.header("x-registry-guard-decision"), None);
+    assert!(host.replies[0].2.contains("UNAVAILABLE"), "{:?}", host.replies[0]);
+
+    // The retry went out on that tick (after the backoff); the source answers again:
+    // decisions resume at the next tick.
+    assert_eq!(host.calls.len(), 2, "a retry is due after the backoff");
+    answer(&root, &mut host, Some(304), None, None);
+    root.tick(&mut host);
+    assert_eq!(host.metric("registry_guard.bundle_fetch.stale"), 0);
+    assert_eq!(pull(&root, &mut host).0, Action::Continue);
+}
+
+#[test]
+fn a_dispatch_that_cannot_start_is_a_failed_fetch() {
+    let (root, mut host) = configured(&Shared::default(), 1);
+    host.fail_dispatch = true;
+    take_logs();
+    root.tick(&mut host);
+    assert_eq!(host.metric("registry_guard.bundle_fetch.failed"), 1);
+    assert!(take_logs().iter().any(|l| l.contains("is `token_service` an Envoy cluster?")));
+}
+
+#[test]
+fn bundle_source_needs_bundle_keys_and_sane_settings() {
+    let mut c = following_config(1);
+    c.as_object_mut().unwrap().remove("bundle");
+    c.as_object_mut().unwrap().remove("bundle_keys");
+    let mut host = FakeHost::default().with_configuration(&c);
+    take_logs();
+    assert!(!GuardRoot::new(Rc::new(Vm::default())).configure(&mut host));
+    assert!(take_logs().iter().any(|l| l.contains("$.bundle_keys: required when `bundle_source` is set")));
+    let mut c = following_config(1);
+    c["bundle_source"]["max_staleness_seconds"] = 2.into();
+    let mut host = FakeHost::default().with_configuration(&c);
+    assert!(!GuardRoot::new(Rc::new(Vm::default())).configure(&mut host));
+    assert!(take_logs().iter().any(|l| l.contains("$.bundle_source.max_staleness_seconds")));
+}
