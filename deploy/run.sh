@@ -100,6 +100,8 @@ Push a policy bundle (edit $CONFIG_DIR/bundle.json, raise "revision"):
   target/release/rgctl push /tmp/bundle.jws --operator-token-file $CONFIG_DIR/keys/operator-token \\
     --envoy $RUN_DIR/ecds/registry-guard.json=http://127.0.0.1:$ADMIN_PORT \\
     --envoy $RUN_DIR/ecds/registry-guard-dependency-proxy.json=http://127.0.0.1:$ADMIN_PORT --token-service http://127.0.0.1:$TOKEN_PORT
+  (the filter follows the token service's bundle, BUNDLE_SOURCE=${BUNDLE_SOURCE:-long-poll}: --token-service alone
+   reaches it; the --envoy targets also keep the bundle Envoy boots with current)
   target/release/rgctl status --envoy-admin http://127.0.0.1:$ADMIN_PORT --token-service http://127.0.0.1:$TOKEN_PORT
 Press Ctrl-C to stop.
 MSG

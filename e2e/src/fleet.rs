@@ -179,12 +179,21 @@ pub fn envoy_stats(admin_port: u16) -> std::collections::BTreeMap<String, i64> {
         .collect()
 }
 
-/// The bundle revision each live filter VM of the registry endpoint enforces (per-VM gauges).
+/// The bundle revision each live filter VM of the registry endpoint enforces (per-VM gauges
+/// whose heartbeat is at most 5 s old, as `rgctl status` counts them: a VM that Envoy only
+/// configured to validate a configuration claims a slot and never beats again).
 pub fn vm_revisions(admin_port: u16) -> Vec<i64> {
-    envoy_stats(admin_port)
-        .into_iter()
-        .filter(|(k, _)| k.starts_with("wasmcustom.registry_guard.vm.") && k.ends_with(".registry.revision"))
-        .map(|(_, v)| v)
+    let stats = envoy_stats(admin_port);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    stats
+        .iter()
+        .filter_map(|(k, v)| {
+            let slot = k.strip_prefix("wasmcustom.registry_guard.vm.")?.strip_suffix(".registry.revision")?;
+            let beat = stats.get(&format!("wasmcustom.registry_guard.vm.{slot}.registry.heartbeat"))?;
+            (now - beat <= 5).then_some(*v)
+        })
         .collect()
 }
 

@@ -88,15 +88,18 @@ fn one_push_reaches_three_envoys_and_two_token_services() {
         ("envoy-c", c.listen_port, c.admin_port),
     ];
 
-    // Everyone on the first token service's revision (the replica started with none).
-    let r0 = token_service_revision(stack.token_port);
+    // The first token service gets its first bundle; everyone converges on it (the replica
+    // and the Envoys started with none, and were backing off from its 404s).
+    let r0 = token_service_revision(stack.token_port) + 1;
+    push_to_token_service(&stack, "fleet-start", &bundle(r0 as u64, false));
     wait_until("the replica converges", Duration::from_secs(30), || token_service_revision(replica.port) == r0);
     for (name, _, admin) in envoys {
-        wait_until(name, Duration::from_secs(30), || {
+        wait_until(name, Duration::from_secs(90), || {
             let v = vm_revisions(admin);
             !v.is_empty() && v.iter().all(|r| *r == r0)
         });
     }
+    let failed_before: Vec<i64> = envoys.iter().map(|(_, _, a)| fetch_stat(*a, "failed")).collect();
     let pushed = stack.push("dev", "dev-pass", REPO, TAG);
     assert!(pushed.status.success(), "{}", registry_guard_e2e::stderr(&pushed));
     let dev = stack.token("dev", "dev-pass", &[&format!("repository:{REPO}:pull")]).unwrap();
@@ -114,7 +117,10 @@ fn one_push_reaches_three_envoys_and_two_token_services() {
     let mut refused_at = [None; 3];
     let mut converged_at = [None; 3];
     while refused_at.iter().chain(converged_at.iter()).any(Option::is_none) {
-        assert!(t0.elapsed() < Duration::from_secs(60), "no convergence within 60 s: {refused_at:?} {converged_at:?}");
+        if t0.elapsed() > Duration::from_secs(60) {
+            let gauges: Vec<_> = envoys.iter().map(|(n, _, a)| (n, vm_revisions(*a))).collect();
+            panic!("no convergence within 60 s: refused {refused_at:?}, converged {converged_at:?}, VM revisions {gauges:?}");
+        }
         for (i, (_, port, admin)) in envoys.iter().enumerate() {
             if refused_at[i].is_none() && pull(*port, Some(&dev)) == 401 {
                 refused_at[i] = Some(t0.elapsed());
@@ -139,12 +145,12 @@ fn one_push_reaches_three_envoys_and_two_token_services() {
         );
     }
     assert_eq!(replica_rev, r1 as i64, "token service 2 follows");
-    for (name, port, admin) in envoys {
-        assert_eq!(pull(port, Some(&mia)), 200, "{name}: mia still pulls");
-        assert_closed(port, &forged, "after the push");
-        let s = envoy_stats(admin);
-        assert_eq!(s.get("wasmcustom.registry_guard.bundle_fetch.failed").copied().unwrap_or(0), 0, "{name}: {s:?}");
-        assert!(s.get("wasmcustom.registry_guard.bundle_fetch.changed").copied().unwrap_or(0) >= 1, "{name}");
+    for (i, (name, port, admin)) in envoys.iter().enumerate() {
+        assert_eq!(pull(*port, Some(&mia)), 200, "{name}: mia still pulls");
+        assert_closed(*port, &forged, "after the push");
+        // (failures before the first push: the token service had no bundle yet, 404)
+        assert_eq!(fetch_stat(*admin, "failed"), failed_before[i], "{name}: no failed fetch once converged");
+        assert!(fetch_stat(*admin, "changed") >= 2, "{name}");
     }
     // The replica refuses dev at login too (it decides under the same revision).
     assert_eq!(stack_token_at(replica.port, "dev", "dev-pass"), 401);
@@ -169,18 +175,18 @@ fn one_push_reaches_three_envoys_and_two_token_services() {
         assert_eq!(pull(*port, Some(&mia)), 200, "{name}: decisions go on without the source");
         assert_eq!(pull(*port, Some(&dev)), 401, "{name}: the revocation stays (last known good)");
         assert_closed(*port, &forged, "source down");
-        let s = envoy_stats(*admin);
-        let failed = s.get("wasmcustom.registry_guard.bundle_fetch.failed").copied().unwrap_or(0);
-        let since = s.get("wasmcustom.registry_guard.bundle_fetch.seconds_since_success").copied().unwrap_or(0);
+        let failed = fetch_stat(*admin, "failed") - failed_before[if *name == "envoy-a" { 0 } else { 1 }];
+        let since = fetch_stat(*admin, "seconds_since_success");
         println!("  {name} with the source down 6 s: {failed} failed fetches, {since} s since the last success");
         assert!(failed >= 1 && since >= 3, "{name}: backoff not visible: failed {failed}, since {since}");
     }
     // Envoy B restarts meanwhile: it boots on its configured (fallback) bundle ...
     drop(b);
     let b2 = Envoy::start(&stack, "envoy-b2", stack.token_port, "long-poll");
+    // (this stack configures no bundle in the ECDS file: its fallback is the empty revision 0)
     let fallback = vm_revisions(b2.admin_port);
-    println!("  envoy-b restarted while the source is down: boots on revision(s) {fallback:?}");
-    assert!(fallback.iter().all(|r| *r == r0), "boots on its configured bundle: {fallback:?}");
+    println!("  envoy-b restarted while the source is down: boots on its configured bundle, revision(s) {fallback:?}");
+    assert!(!fallback.is_empty() && fallback.iter().all(|r| *r == 0), "boots on its configured bundle: {fallback:?}");
     assert_closed(b2.listen_port, &forged, "restarted without the source");
     // ... and converges once the source is back.
     stack.start_token_service();
@@ -192,6 +198,11 @@ fn one_push_reaches_three_envoys_and_two_token_services() {
     assert_eq!(pull(b2.listen_port, Some(&dev)), 401);
     assert_eq!(pull(b2.listen_port, Some(&mia)), 200);
     assert_closed(b2.listen_port, &forged, "re-converged");
+}
+
+/// `registry_guard.bundle_fetch.<what>` of an Envoy (summed over its VMs).
+fn fetch_stat(admin: u16, what: &str) -> i64 {
+    envoy_stats(admin).get(&format!("wasmcustom.registry_guard.bundle_fetch.{what}")).copied().unwrap_or(0)
 }
 
 fn stack_token_at(port: u16, user: &str, secret: &str) -> u16 {
@@ -213,16 +224,27 @@ fn plain_polling_converges_and_then_only_sees_not_modified() {
     let stack = Stack::start_with(Options { bundle_source: Some("poll"), ..Options::default() });
     let b = Envoy::start(&stack, "envoy-b", stack.token_port, "poll");
     let envoys = [("envoy-a", stack.admin_port), ("envoy-b", b.admin_port)];
-    let r0 = token_service_revision(stack.token_port);
+    let r0 = token_service_revision(stack.token_port) + 1;
+    push_to_token_service(&stack, "fleet-start", &bundle(r0 as u64, false));
+    for (name, admin) in envoys {
+        wait_until(name, Duration::from_secs(60), || {
+            let v = vm_revisions(admin);
+            !v.is_empty() && v.iter().all(|r| *r == r0)
+        });
+    }
     let r1 = r0 as u64 + 1;
     let t0 = Instant::now();
     push_to_token_service(&stack, "fleet-poll", &bundle(r1, false));
     println!("fleet (plain polling every 2 s, jittered): one push to the token service (revision {r0} -> {r1}):");
     for (name, admin) in envoys {
-        let d = wait_until(name, Duration::from_secs(30), || {
-            let v = vm_revisions(admin);
-            !v.is_empty() && v.iter().all(|r| *r == r1 as i64)
-        });
+        let d = wait_until(
+            &format!("{name} (VM revisions now {:?})", vm_revisions(admin)),
+            Duration::from_secs(30),
+            || {
+                let v = vm_revisions(admin);
+                !v.is_empty() && v.iter().all(|r| *r == r1 as i64)
+            },
+        );
         println!("  {name}: every filter VM on revision {r1} after {} ms", ms(t0.elapsed().max(d)));
     }
     // Converged: further fetches are conditional and answered 304.
