@@ -12,7 +12,7 @@
 //! inspect  explain, review                          rgctl explain, rgctl review
 //! decide   config, decision, guard, audit, corpus*  the filter, per request    } siblings:
 //! issue    grant, principal                         the token service's grants } neither uses the other
-//! policy   deploy, protection, claims, bundle, directory
+//! policy   deploy, protection, claims, bundle, directory, follow
 //! token    es256, keys, jwks, claims, verify, sign, user, testing*
 //! request  access, name, scope, route
 //! support  text, json, de
