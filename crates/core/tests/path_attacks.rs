@@ -124,7 +124,7 @@ fn traversal_and_encoding() -> Vec<(&'static str, String, Option<&'static str>, 
     add("GET", "/V2/acme/web/manifests/v1", Refused(404));
     add("GET", "/v2/_CATALOG", Refused(404));
     add("GET", "/v2/acme/web/manifests/V1", Scopes(&["repository:acme/web:pull"]));
-    // Not digest-shaped (go-digest: lowercase algorithm): 404 as distribution answers (issue 15).
+    // Not digest-shaped (go-digest: lowercase algorithm): 404 as distribution answers.
     add("GET", &format!("/v2/acme/web/blobs/{}", D.to_uppercase()), Refused(404));
     add("GET", &format!("/v2/acme/web/blobs/{}", D.replacen("sha256", "SHA256", 1)), Refused(404));
     // Methods.

@@ -1,4 +1,4 @@
-//! One route grammar (issue 14): Envoy's dependency-proxy route (`envoy/envoy.yaml`) and the
+//! One route grammar: Envoy's dependency-proxy route (`envoy/envoy.yaml`) and the
 //! filter's classification must agree for every name, including names whose components
 //! include `dependency_proxy`, `containers` and the endpoint words. This test reads the two
 //! regexes out of the committed Envoy configuration, replays them (RE2 syntax, which the

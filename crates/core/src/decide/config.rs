@@ -73,7 +73,7 @@ pub enum ServedEndpoint {
     /// The registry API (and, as before, the in-registry dependency proxy route).
     #[default]
     Registry,
-    /// The group dependency proxy on its own host, as GitLab serves it (seed 002): only
+    /// The group dependency proxy on its own host, as GitLab serves it: only
     /// `GET /v2/` and pulls of `<group>/dependency_proxy/containers/<image>`; a deploy token
     /// logs in and pulls only if it is a group token with `read_registry` and `write_registry`.
     DependencyProxy,

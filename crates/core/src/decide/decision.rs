@@ -174,7 +174,7 @@ impl Decision {
     }
 }
 
-/// [`decide`] for the endpoint a filter guards. On the dependency-proxy endpoint (seed 002,
+/// [`decide`] for the endpoint a filter guards. On the dependency-proxy endpoint (as GitLab serves it,
 /// GitLab's own host): only `GET|HEAD /v2/` and pulls (manifests, blobs, tag lists) of
 /// `<group>/dependency_proxy/containers/<image>` exist (anything else: 404, or 405 for
 /// writes to a proxy path); a deploy token that passes every registry check must also be

@@ -83,7 +83,7 @@ impl Directory {
     /// The group dependency proxy (`<group>/dependency_proxy/containers/<image>`): any
     /// authenticated user gets `pull` on an existing group's proxy, with their level on the
     /// group in `meta.access_level`; the filter decides (reporter or above, else 404, as
-    /// seed 002 shows). `None` when `s` is not a dependency proxy scope.
+    /// GitLab's deploy tokens show). `None` when `s` is not a dependency proxy scope.
     fn dependency_proxy_grant(&self, user: &User, s: &Scope) -> Option<Option<Grant>> {
         let Resource::Repository(repo) = &s.resource else { return None };
         let group = dependency_proxy_group(repo)?;

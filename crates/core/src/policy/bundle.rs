@@ -46,7 +46,7 @@ struct RawBundle {
     deploy_tokens: Vec<crate::policy::deploy::RawDeployToken>,
     #[serde(default)]
     revocations: crate::policy::deploy::RawRevocations,
-    /// Operator-defined token claims by group, subgroup and project (seed 004).
+    /// Operator-defined token claims by group, subgroup and project (GitLab's additional CI/CD job JWT claims).
     #[serde(default)]
     additional_claims: Vec<crate::policy::claims::RawLevel>,
 }
@@ -72,7 +72,7 @@ fn yes() -> bool {
 #[serde(deny_unknown_fields)]
 struct RawRule {
     id: String,
-    /// The project or group the rule belongs to (seed 003's `project_id`/`namespace_id`),
+    /// The project or group the rule belongs to (GitLab's `project_id`/`namespace_id` of a protection rule),
     /// as deploy tokens name theirs: `{"project": "acme/web"}` or `{"group": "acme"}`. The
     /// pattern must lie within the owner's path.
     #[serde(default)]

@@ -1,4 +1,4 @@
-//! Operator-defined additional token claims (seed 004), set in the policy bundle at group,
+//! Operator-defined additional token claims (GitLab's additional CI/CD job JWT claims), set in the policy bundle at group,
 //! subgroup and project level.
 //!
 //! Rules, checked when a bundle is validated (a violating bundle is refused, naming the level,

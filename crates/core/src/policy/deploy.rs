@@ -1,4 +1,4 @@
-//! Deploy tokens (seed 002), revocations, and the group dependency proxy.
+//! Deploy tokens (GitLab's deploy tokens), revocations, and the group dependency proxy.
 //!
 //! Deploy tokens live in the policy bundle, so the filter enforces the bundle's view of a
 //! deploy token on every request — revoked or expired → 401 at once; a repository outside
@@ -348,7 +348,7 @@ pub(crate) fn compile(
     Ok(creds)
 }
 
-/// The level a user's token must state on a dependency proxy group (reporter, seed 002).
+/// The level a user's token must state on a dependency proxy group (reporter, as GitLab's dependency proxy requires).
 pub const DEPENDENCY_PROXY_LEVEL: AccessLevel = AccessLevel::Reporter;
 
 #[cfg(test)]

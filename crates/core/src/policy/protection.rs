@@ -1,8 +1,8 @@
-//! Push/delete protection rules (seed 003) and their index.
+//! Push/delete protection rules (GitLab's protected container repositories) and their index.
 //!
 //! A rule matches a repository path pattern (`*` matches any run of characters, `/` included;
 //! anchored at both ends) and optionally a tag name pattern (RE2 syntax), and sets who may
-//! push and who may delete, in either reading of seed 003: `minimum_access_level_for_push`
+//! push and who may delete, in either reading of GitLab's protected container repositories: `minimum_access_level_for_push`
 //! (level ≥ X may) or `push_protected_up_to_access_level` (level ≤ X may not), likewise for
 //! delete. Several matching rules: the most restrictive wins.
 //!

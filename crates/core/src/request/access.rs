@@ -118,7 +118,7 @@ impl fmt::Display for ActionSet {
     }
 }
 
-/// GitLab access levels (seed 003), with their GitLab numbers.
+/// GitLab access levels (GitLab's protected container repositories), with their GitLab numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AccessLevel {

@@ -493,7 +493,7 @@ mod tests {
 
     #[test]
     fn invalid_references_and_digests_answer_as_distribution_does() {
-        // (issue 15, OCI conformance) 404 where distribution's router does not match …
+        // (OCI conformance) 404 where distribution's router does not match …
         assert_eq!(err("GET", "/v2/acme/web/manifests/.INVALID_MANIFEST_NAME"), (404, "MANIFEST_UNKNOWN"));
         assert_eq!(err("HEAD", "/v2/acme/web/manifests/.INVALID_MANIFEST_NAME"), (404, "MANIFEST_UNKNOWN"));
         assert_eq!(err("PUT", "/v2/acme/web/manifests/.INVALID_MANIFEST_NAME"), (404, "MANIFEST_UNKNOWN"));

@@ -56,7 +56,7 @@ pub struct RegistryClaims {
     pub access: Vec<AccessClaim>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_type: Option<String>,
-    /// The nested, separately signed `user` JWT (seed 000).
+    /// The nested, separately signed `user` JWT (GitLab's `user` claim for registry notifications).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
     /// Operator-defined extra claims; never one of the names above.
