@@ -583,6 +583,8 @@ class Bench:
         for f in ["signing-key.pem", "jwks.json", "operator-jwks.json"]:
             shutil.copy(self.path("config/keys", f), os.path.join(d, "keys"))
         run([RGCTL, "operator-token", "--out", os.path.join(d, "keys")])
+        # The example settings serve the bundle to fleet members (`bundle_read_token_sha256`).
+        run([RGCTL, "operator-token", "--name", "bundle-read", "--out", os.path.join(d, "keys")])
         with open(os.path.join(d, "bundle.jws"), "w") as f:
             f.write(run([RGCTL, "sign", os.path.join(ROOT, "policies/example/bundle.json"),
                          "--key", self.path("config/keys/operator-key.pem")]))
