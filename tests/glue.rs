@@ -32,23 +32,7 @@ fn guard_with(extra: serde_json::Value) -> RefCell<Guard> {
 }
 
 fn bearer(actions: &[&str]) -> String {
-    let claims = RegistryClaims {
-        iss: "registry-guard".into(),
-        sub: "dev".into(),
-        aud: Audience::One("container_registry".into()),
-        jti: "j".into(),
-        access: vec![AccessClaim {
-            resource_type: "repository".into(),
-            name: "acme/web/app".into(),
-            actions: actions.iter().map(|a| a.to_string()).collect(),
-            meta: None,
-        }],
-        auth_type: Some("password".into()),
-        user: None,
-        extra: Default::default(),
-    };
-    let t = sign(&es256_key(1), claims, Validity { issued_at: NOW, not_before: NOW, expires_at: NOW + 60 }).unwrap();
-    format!("Bearer {t}")
+    fake::bearer_signed_by(1, actions)
 }
 
 #[test]
