@@ -11,7 +11,11 @@ const LAYERS: &[(&str, &[&str], &[&str])] = &[
     ("support", &[], &["text", "json", "de"]),
     ("request", &["support"], &["access", "name", "scope", "route"]),
     ("token", &["support", "request"], &["es256", "keys", "jwks", "claims", "verify", "sign", "user", "testing"]),
-    ("policy", &["support", "request", "token"], &["deploy", "protection", "claims", "bundle", "directory", "follow"]),
+    (
+        "policy",
+        &["support", "request", "token"],
+        &["deploy", "protection", "claims", "bundle", "directory", "oci", "follow"],
+    ),
     ("decide", &["support", "request", "token", "policy"], &["config", "decision", "guard", "audit", "corpus"]),
     ("issue", &["support", "request", "token", "policy"], &["grant", "principal"]),
     ("inspect", &["support", "request", "token", "policy", "decide", "issue"], &["explain", "review"]),

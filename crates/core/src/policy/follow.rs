@@ -12,8 +12,18 @@
 //! Whatever happens, the active bundle stays until a newer verified one replaces it (last
 //! known good); with `max_staleness_seconds`, a filter that has not heard from its source
 //! for that long reports itself stale, and the glue then refuses requests (fails closed).
+//!
+//! With `oci`, the source is an OCI registry holding the bundle as an artifact (see
+//! [`super::oci`]): a fetch is two steps. The manifest is asked for conditionally
+//! (`If-None-Match` with the last manifest's entity tag, which distribution answers with 304
+//! while the tag still points at the same digest); a changed manifest is checked (media
+//! types, one layer, declared size at most `max_bytes`) and [`Step::Fetch`] asks the glue for
+//! the blob by digest; the blob must hash to that digest before the bundle inside is verified.
+//! Registries do not long-poll: `wait_seconds` must be 0 there.
 
 use serde::Deserialize;
+
+use super::oci::{self, ArtifactError, BundleLayer, OciArtifact};
 
 /// The longest wait between fetches after failures.
 pub const MAX_BACKOFF_MS: u64 = 300_000;
@@ -50,6 +60,9 @@ pub struct BundleSource {
     /// Without a successful fetch for this long, the filter is stale and refuses requests.
     #[serde(default)]
     pub max_staleness_seconds: Option<u64>,
+    /// The bundle is an OCI artifact in the registry behind `cluster` (`path` unused).
+    #[serde(default)]
+    pub oci: Option<OciArtifact>,
 }
 
 fn default_path() -> String {
@@ -92,6 +105,17 @@ impl BundleSource {
         if !(1..=DEFAULT_MAX_BYTES * 4).contains(&self.max_bytes) {
             return Err((field("max_bytes"), format!("must be between 1 and {}", DEFAULT_MAX_BYTES * 4)));
         }
+        if let Some(artifact) = &self.oci {
+            if let Err((f, reason)) = artifact.check() {
+                return Err((field(&format!("oci.{f}")), reason));
+            }
+            if self.path != default_path() {
+                return Err((field("path"), "is not used with `oci` (the registry's /v2/ paths are)".into()));
+            }
+            if self.wait_seconds != 0 {
+                return Err((field("wait_seconds"), "must be 0 with `oci`: registries do not long-poll".into()));
+            }
+        }
         if let Some(s) = self.max_staleness_seconds {
             if s < self.poll_seconds.max(self.wait_seconds) {
                 return Err((
@@ -116,8 +140,9 @@ pub struct FetchRequest {
 /// What the glue got back for a fetch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer<'a> {
-    /// An HTTP answer: status, `ETag`, the body's announced size and the body (when read).
-    Http { status: u16, etag: Option<&'a str>, body_size: usize, body: Option<&'a [u8]> },
+    /// An HTTP answer: status, `ETag`, `Content-Type`, the body's announced size and the body
+    /// (when read).
+    Http { status: u16, etag: Option<&'a str>, content_type: Option<&'a str>, body_size: usize, body: Option<&'a [u8]> },
     /// No answer: the call could not be dispatched, timed out or the connection failed.
     Failed(String),
 }
@@ -129,8 +154,14 @@ pub enum Step {
     NotModified,
     /// A bundle to verify and, if it passes, activate; then call [`Follower::settle`].
     Verify(String),
+    /// The second request of an OCI fetch (the blob): dispatch it and pass its answer to
+    /// [`Follower::answer`] (the fetch stays in flight).
+    Fetch(FetchRequest),
     /// The fetch failed (already recorded).
     Failed(String),
+    /// The source answered with an artifact that is refused before any bundle is read
+    /// (already recorded as a refusal).
+    Refused(String),
 }
 
 /// The outcome of verifying a candidate bundle, reported by the glue.
@@ -155,6 +186,8 @@ pub enum RefusalKind {
     Size,
     Status,
     Unreachable,
+    /// An OCI artifact whose layout is not a bundle's, or whose blob does not match its digest.
+    Artifact,
 }
 
 impl RefusalKind {
@@ -167,6 +200,7 @@ impl RefusalKind {
             RefusalKind::Size => "size",
             RefusalKind::Status => "status",
             RefusalKind::Unreachable => "unreachable",
+            RefusalKind::Artifact => "artifact",
         }
     }
 
@@ -200,6 +234,8 @@ pub struct Follower {
     failures: u32,
     next_fetch_ms: u64,
     in_flight: bool,
+    /// OCI: the manifest was read and its blob asked for (the layer, the manifest's tag).
+    pending_blob: Option<(BundleLayer, Option<String>)>,
     /// Start, or the last answer that proved the source reachable and its bundle acceptable.
     last_success_ms: u64,
     pub counters: FetchCounters,
@@ -218,6 +254,7 @@ impl Follower {
             failures: 0,
             next_fetch_ms: now_ms,
             in_flight: false,
+            pending_blob: None,
             last_success_ms: now_ms,
             counters: FetchCounters::default(),
             last_error: None,
@@ -245,12 +282,23 @@ impl Follower {
         if self.source.wait_seconds > 0 {
             headers.push(("prefer".to_owned(), format!("wait={}", self.source.wait_seconds)));
         }
+        let path = match &self.source.oci {
+            Some(artifact) => {
+                headers.push(("accept".to_owned(), oci::MANIFEST_MEDIA_TYPE.to_owned()));
+                artifact.manifest_path()
+            }
+            None => self.source.path.clone(),
+        };
         Some(FetchRequest {
-            path: self.source.path.clone(),
-            authority: self.source.authority.clone().unwrap_or_else(|| self.source.cluster.clone()),
+            path,
+            authority: self.authority(),
             headers,
             timeout_ms: (self.source.wait_seconds + self.source.timeout_seconds) * 1000,
         })
+    }
+
+    fn authority(&self) -> String {
+        self.source.authority.clone().unwrap_or_else(|| self.source.cluster.clone())
     }
 
     /// The dispatch itself failed (no call in flight): recorded as a failed fetch.
@@ -260,6 +308,14 @@ impl Follower {
 
     /// Reads an answer. `active_etag` is the entity tag of the active bundle, if known.
     pub fn answer(&mut self, now_ms: u64, rand: u32, answer: Answer<'_>) -> Step {
+        if let Some((layer, manifest_etag)) = self.pending_blob.take() {
+            return self.blob_answer(now_ms, rand, layer, manifest_etag, answer);
+        }
+        if self.source.oci.is_some() {
+            if let Answer::Http { status: 200, etag, content_type, body_size, body } = answer {
+                return self.manifest_answer(now_ms, rand, etag, content_type, body_size, body);
+            }
+        }
         match answer {
             Answer::Failed(reason) => {
                 let reason = format!("no answer from cluster {}: {reason}", self.source.cluster);
@@ -274,7 +330,7 @@ impl Follower {
                 self.succeed(now_ms, rand);
                 Step::NotModified
             }
-            Answer::Http { status: 200, etag, body_size, body } => {
+            Answer::Http { status: 200, etag, body_size, body, .. } => {
                 if body_size > self.source.max_bytes {
                     let reason =
                         format!("the bundle is {body_size} bytes, more than max_bytes {}", self.source.max_bytes);
@@ -302,6 +358,104 @@ impl Follower {
                 Step::Failed(reason)
             }
         }
+    }
+
+    /// OCI: a changed manifest. Checked, then its blob is asked for.
+    fn manifest_answer(
+        &mut self,
+        now_ms: u64,
+        rand: u32,
+        etag: Option<&str>,
+        content_type: Option<&str>,
+        body_size: usize,
+        body: Option<&[u8]>,
+    ) -> Step {
+        if body_size > oci::MAX_MANIFEST_BYTES {
+            let reason = format!("the manifest is {body_size} bytes, more than {}", oci::MAX_MANIFEST_BYTES);
+            return self.refuse_artifact(now_ms, rand, RefusalKind::Size, reason);
+        }
+        let Some(body) = body else {
+            return self.refuse_artifact(now_ms, rand, RefusalKind::Artifact, "the manifest answer has no body".into());
+        };
+        let layer = match oci::check_manifest(body, content_type, self.source.max_bytes) {
+            Ok(layer) => layer,
+            Err(e) => {
+                let kind = if matches!(e, ArtifactError::Size(_)) { RefusalKind::Size } else { RefusalKind::Artifact };
+                let reason = format!("manifest {}: {}", self.manifest_label(), e.reason());
+                // Not asked for again until the tag moves: remembered like a refused bundle.
+                self.last_seen_etag = Some(manifest_tag(etag, body));
+                return self.refuse_artifact(now_ms, rand, kind, reason);
+            }
+        };
+        let Some(artifact) = &self.source.oci else {
+            return Step::Failed("not an OCI source".into());
+        };
+        let request = FetchRequest {
+            path: artifact.blob_path(&layer.digest),
+            authority: self.authority(),
+            headers: self.source.token.iter().map(|t| ("authorization".to_owned(), format!("Bearer {t}"))).collect(),
+            timeout_ms: self.source.timeout_seconds * 1000,
+        };
+        self.pending_blob = Some((layer, Some(manifest_tag(etag, body))));
+        Step::Fetch(request)
+    }
+
+    /// OCI: the blob of a checked manifest.
+    fn blob_answer(
+        &mut self,
+        now_ms: u64,
+        rand: u32,
+        layer: BundleLayer,
+        manifest_etag: Option<String>,
+        answer: Answer<'_>,
+    ) -> Step {
+        let (body_size, body) = match answer {
+            Answer::Failed(reason) => {
+                let reason = format!("no answer from cluster {} for the blob: {reason}", self.source.cluster);
+                self.fail(now_ms, rand, RefusalKind::Unreachable, reason.clone());
+                return Step::Failed(reason);
+            }
+            Answer::Http { status: 200, body_size, body, .. } => (body_size, body),
+            Answer::Http { status, .. } => {
+                let reason = format!("the registry answered HTTP {status} for the blob {}", layer.digest);
+                self.fail(now_ms, rand, RefusalKind::Status, reason.clone());
+                return Step::Failed(reason);
+            }
+        };
+        if body_size > self.source.max_bytes {
+            let reason = format!("the blob is {body_size} bytes, more than max_bytes {}", self.source.max_bytes);
+            return self.refuse_artifact(now_ms, rand, RefusalKind::Size, reason);
+        }
+        let blob = body.unwrap_or_default();
+        if let Err(e) = oci::check_blob(&layer, blob) {
+            // Remembered: the same manifest is not fetched again until the tag moves (a
+            // registry serving a corrupt blob keeps serving it).
+            self.last_seen_etag = manifest_etag;
+            let reason = format!("blob of {}: {}", self.manifest_label(), e.reason());
+            return self.refuse_artifact(now_ms, rand, RefusalKind::Artifact, reason);
+        }
+        match std::str::from_utf8(blob).map(str::trim) {
+            Ok(text) if !text.is_empty() => {
+                self.last_seen_etag = manifest_etag;
+                Step::Verify(text.to_owned())
+            }
+            _ => {
+                self.last_seen_etag = manifest_etag;
+                let reason = "the blob is not UTF-8 text (expected a compact JWS)".to_owned();
+                self.refuse_artifact(now_ms, rand, RefusalKind::Content, reason)
+            }
+        }
+    }
+
+    /// A source that answered with something we refuse: counted as refused, polled again at
+    /// the normal pace (as [`Settled::Refused`]).
+    fn refuse_artifact(&mut self, now_ms: u64, rand: u32, kind: RefusalKind, reason: String) -> Step {
+        self.settle(now_ms, rand, &Settled::Refused { kind, reason: reason.clone() });
+        Step::Refused(reason)
+    }
+
+    fn manifest_label(&self) -> String {
+        self.source.oci.as_ref().map_or_else(String::new, |a| format!("{}:{}", a.repository, a.reference))
     }
 
     /// Reports what became of a [`Step::Verify`] bundle.
@@ -373,6 +527,12 @@ impl Follower {
     }
 }
 
+/// The entity tag of a manifest: the answer's `ETag`, else `"sha256:<hex>"` of its bytes (what
+/// distribution compares `If-None-Match` with).
+fn manifest_tag(etag: Option<&str>, body: &[u8]) -> String {
+    etag.map_or_else(|| format!("\"{}\"", oci::sha256_digest(body)), str::to_owned)
+}
+
 /// `poll · 2^(failures-1)`, at most [`MAX_BACKOFF_MS`], jittered.
 pub fn backoff_ms(poll_ms: u64, failures: u32, rand: u32) -> u64 {
     let factor = 1u64 << failures.saturating_sub(1).min(20);
@@ -419,8 +579,17 @@ mod tests {
     fn a_fetched_bundle_is_verified_then_asked_for_conditionally() {
         let mut f = Follower::new(source(30), 0);
         f.due(0).unwrap();
-        let step =
-            f.answer(5, HALF, Answer::Http { status: 200, etag: Some("\"e1\""), body_size: 5, body: Some(b"a.b.c\n") });
+        let step = f.answer(
+            5,
+            HALF,
+            Answer::Http {
+                content_type: None,
+                status: 200,
+                etag: Some("\"e1\""),
+                body_size: 5,
+                body: Some(b"a.b.c\n"),
+            },
+        );
         assert_eq!(step, Step::Verify("a.b.c".into()));
         f.settle(6, HALF, &Settled::Activated { revision: 4 });
         assert_eq!(f.counters.changed, 1);
@@ -428,7 +597,11 @@ mod tests {
         let req = f.due(6).unwrap();
         assert!(req.headers.contains(&("if-none-match".to_owned(), "\"e1\"".to_owned())), "{req:?}");
         assert_eq!(
-            f.answer(30_006, HALF, Answer::Http { status: 304, etag: None, body_size: 0, body: None }),
+            f.answer(
+                30_006,
+                HALF,
+                Answer::Http { content_type: None, status: 304, etag: None, body_size: 0, body: None }
+            ),
             Step::NotModified
         );
         assert_eq!(f.counters.not_modified, 1);
@@ -439,11 +612,15 @@ mod tests {
     fn plain_polling_waits_the_jittered_period() {
         let mut f = Follower::new(source(0), 0);
         f.due(0).unwrap();
-        f.answer(0, 0, Answer::Http { status: 304, etag: None, body_size: 0, body: None });
+        f.answer(0, 0, Answer::Http { content_type: None, status: 304, etag: None, body_size: 0, body: None });
         assert_eq!(f.next_fetch_ms(), 8_000, "rand 0: 0.8 × 10 s");
         assert_eq!(f.due(7_999), None);
         assert!(f.due(8_000).is_some());
-        f.answer(8_000, u32::MAX, Answer::Http { status: 304, etag: None, body_size: 0, body: None });
+        f.answer(
+            8_000,
+            u32::MAX,
+            Answer::Http { content_type: None, status: 304, etag: None, body_size: 0, body: None },
+        );
         assert!((19_999..=20_000).contains(&f.next_fetch_ms()), "rand max: ~1.2 × 10 s: {}", f.next_fetch_ms());
     }
 
@@ -467,7 +644,7 @@ mod tests {
         assert!(f.stale(now), "no success for {now} ms > 60 s");
         // The source returns: not stale any more, back to the normal pace.
         f.due(now).unwrap();
-        f.answer(now, HALF, Answer::Http { status: 304, etag: None, body_size: 0, body: None });
+        f.answer(now, HALF, Answer::Http { content_type: None, status: 304, etag: None, body_size: 0, body: None });
         assert!(!f.stale(now));
         assert_eq!(f.consecutive_failures(), 0);
     }
@@ -476,19 +653,23 @@ mod tests {
     fn hostile_answers_are_refused_without_backing_off_forever() {
         let mut f = Follower::new(source(0), 0);
         f.due(0).unwrap();
-        let big = Answer::Http { status: 200, etag: Some("\"big\""), body_size: 1001, body: None };
+        let big = Answer::Http { content_type: None, status: 200, etag: Some("\"big\""), body_size: 1001, body: None };
         assert!(matches!(f.answer(0, HALF, big), Step::Failed(ref r) if r.contains("max_bytes 1000")));
         assert_eq!(f.last_refusal, Some(RefusalKind::Size));
         f.due(f.next_fetch_ms()).unwrap();
-        let garbage = Answer::Http { status: 200, etag: None, body_size: 2, body: Some(&[0xff, 0xfe]) };
+        let garbage =
+            Answer::Http { content_type: None, status: 200, etag: None, body_size: 2, body: Some(&[0xff, 0xfe]) };
         assert!(matches!(f.answer(0, HALF, garbage), Step::Failed(_)));
         f.due(f.next_fetch_ms()).unwrap();
-        assert!(matches!(f.answer(0, HALF, Answer::Http { status: 500, etag: None, body_size: 0, body: None }),
-            Step::Failed(ref r) if r.contains("HTTP 500")));
+        assert!(
+            matches!(f.answer(0, HALF, Answer::Http { content_type: None, status: 500, etag: None, body_size: 0, body: None }),
+            Step::Failed(ref r) if r.contains("HTTP 500"))
+        );
         // A signed bundle that verification refuses: remembered by entity tag, polled at pace.
         let t = f.next_fetch_ms();
         f.due(t).unwrap();
-        let old = Answer::Http { status: 200, etag: Some("\"old\""), body_size: 5, body: Some(b"x.y.z") };
+        let old =
+            Answer::Http { content_type: None, status: 200, etag: Some("\"old\""), body_size: 5, body: Some(b"x.y.z") };
         assert_eq!(f.answer(t, 0, old), Step::Verify("x.y.z".into()));
         f.settle(t, 0, &Settled::Refused { kind: RefusalKind::Revision, reason: "older".into() });
         assert_eq!(f.counters.refused, 1);
@@ -508,6 +689,147 @@ mod tests {
         let mut s = source(0);
         s.path = "bundle".into();
         assert_eq!(s.check().unwrap_err().0, "$.bundle_source.path");
+    }
+
+    fn oci_source() -> BundleSource {
+        serde_json::from_value(serde_json::json!({
+            "cluster": "registry_direct", "poll_seconds": 10, "max_bytes": 100,
+            "oci": {"repository": "registry-guard/policy", "reference": "prod"}
+        }))
+        .unwrap()
+    }
+
+    fn http<'a>(status: u16, etag: Option<&'a str>, body: &'a [u8]) -> Answer<'a> {
+        Answer::Http { status, etag, content_type: None, body_size: body.len(), body: Some(body) }
+    }
+
+    /// Manifest answer → blob request → blob answer.
+    fn oci_fetch(f: &mut Follower, now: u64, manifest: &[u8], etag: &str, blob: &[u8]) -> Step {
+        let req = f.due(now).unwrap();
+        assert_eq!(req.path, "/v2/registry-guard/policy/manifests/prod");
+        assert!(req.headers.contains(&("accept".to_owned(), oci::MANIFEST_MEDIA_TYPE.to_owned())), "{req:?}");
+        match f.answer(now, HALF, http(200, Some(etag), manifest)) {
+            Step::Fetch(blob_req) => {
+                assert!(blob_req.path.starts_with("/v2/registry-guard/policy/blobs/sha256:"), "{blob_req:?}");
+                assert_eq!(f.due(now), None, "the fetch stays in flight during the blob request");
+                f.answer(now, HALF, http(200, None, blob))
+            }
+            other => other,
+        }
+    }
+
+    #[test]
+    fn oci_manifest_then_blob_then_304_until_the_tag_moves() {
+        let mut f = Follower::new(oci_source(), 0);
+        let v1 = b"a.b.c".as_slice();
+        let m1 = serde_json::to_vec(&oci::manifest_for(v1, "bundle.jws")).unwrap();
+        assert_eq!(oci_fetch(&mut f, 0, &m1, "\"sha256:m1\"", v1), Step::Verify("a.b.c".into()));
+        f.settle(0, HALF, &Settled::Activated { revision: 1 });
+        // Asked again with the manifest's tag: 304.
+        let req = f.due(10_000).unwrap();
+        assert!(req.headers.contains(&("if-none-match".to_owned(), "\"sha256:m1\"".to_owned())), "{req:?}");
+        assert_eq!(f.answer(10_000, HALF, http(304, None, b"")), Step::NotModified);
+        assert_eq!(f.counters.not_modified, 1);
+        // The tag moves to a new manifest: fetched and verified.
+        let v2 = b"d.e.f".as_slice();
+        let m2 = serde_json::to_vec(&oci::manifest_for(v2, "bundle.jws")).unwrap();
+        assert_eq!(oci_fetch(&mut f, 20_000, &m2, "\"sha256:m2\"", v2), Step::Verify("d.e.f".into()));
+        f.settle(20_000, HALF, &Settled::Activated { revision: 2 });
+        assert_eq!(f.counters.changed, 2);
+        // Without an ETag header the tag is the manifest's own digest.
+        let req = f.due(40_000).unwrap();
+        assert!(req.headers.contains(&("if-none-match".to_owned(), "\"sha256:m2\"".to_owned())));
+        let v3 = b"g.h.i".as_slice();
+        let m3 = serde_json::to_vec(&oci::manifest_for(v3, "b")).unwrap();
+        let Step::Fetch(_) = f.answer(
+            40_000,
+            HALF,
+            Answer::Http { status: 200, etag: None, content_type: None, body_size: m3.len(), body: Some(&m3) },
+        ) else {
+            panic!()
+        };
+        assert_eq!(f.answer(40_000, HALF, http(200, None, v3)), Step::Verify("g.h.i".into()));
+        f.settle(40_000, HALF, &Settled::Activated { revision: 3 });
+        let req = f.due(60_000).unwrap();
+        let want = format!("\"{}\"", oci::sha256_digest(&m3));
+        assert!(req.headers.contains(&("if-none-match".to_owned(), want)), "{req:?}");
+    }
+
+    #[test]
+    fn oci_hostile_artifacts_are_refused_and_not_fetched_again() {
+        let bundle = b"a.b.c".as_slice();
+        let good = oci::manifest_for(bundle, "b");
+        let mut wrong_type = good.clone();
+        wrong_type["artifactType"] = "application/vnd.example+json".into();
+        let mut no_layer = good.clone();
+        no_layer["layers"] = serde_json::json!([]);
+        let mut oversize = good.clone();
+        oversize["layers"][0]["size"] = 101.into();
+        let good = serde_json::to_vec(&good).unwrap();
+        let cases: Vec<(Vec<u8>, &[u8], RefusalKind, &str)> = vec![
+            (serde_json::to_vec(&wrong_type).unwrap(), bundle, RefusalKind::Artifact, "artifact type"),
+            (serde_json::to_vec(&no_layer).unwrap(), bundle, RefusalKind::Artifact, "0 layers"),
+            (serde_json::to_vec(&oversize).unwrap(), bundle, RefusalKind::Size, "declared 101 bytes"),
+            (good.clone(), b"a.b.", RefusalKind::Artifact, "truncated"),
+            (good.clone(), b"a.b.x", RefusalKind::Artifact, "tampered"),
+        ];
+        for (i, (manifest, blob, kind, want)) in cases.into_iter().enumerate() {
+            let mut f = Follower::new(oci_source(), 0);
+            let etag = format!("\"sha256:bad{i}\"");
+            let step = oci_fetch(&mut f, 0, &manifest, &etag, blob);
+            assert!(
+                matches!(&step, Step::Refused(r) if r.contains(want) && r.contains("registry-guard/policy:prod")),
+                "{want}: {step:?}"
+            );
+            assert_eq!(f.last_refusal, Some(kind), "{want}");
+            assert_eq!((f.counters.refused, f.counters.failed), (1, 0), "{want}");
+            // Polled again at the normal pace, conditionally on the refused manifest.
+            assert_eq!(f.next_fetch_ms(), 10_000, "{want}");
+            let req = f.due(10_000).unwrap();
+            assert!(req.headers.contains(&("if-none-match".to_owned(), etag)), "{want}: {req:?}");
+        }
+    }
+
+    #[test]
+    fn oci_blob_failures_back_off_and_the_manifest_is_asked_again() {
+        let mut f = Follower::new(oci_source(), 0);
+        let bundle = b"a.b.c".as_slice();
+        let m = serde_json::to_vec(&oci::manifest_for(bundle, "b")).unwrap();
+        f.due(0).unwrap();
+        assert!(matches!(f.answer(0, HALF, http(200, Some("\"m\""), &m)), Step::Fetch(_)));
+        let step = f.answer(0, HALF, http(404, None, b"{}"));
+        assert!(matches!(&step, Step::Failed(r) if r.contains("HTTP 404 for the blob")), "{step:?}");
+        assert_eq!(f.counters.failed, 1);
+        assert_eq!(f.next_fetch_ms(), 10_000);
+        // The manifest was not remembered: asked again unconditionally.
+        let req = f.due(10_000).unwrap();
+        assert!(!req.headers.iter().any(|(k, _)| k == "if-none-match"), "{req:?}");
+        // A blob answer larger than max_bytes is refused unread.
+        assert!(matches!(f.answer(10_000, HALF, http(200, Some("\"m\""), &m)), Step::Fetch(_)));
+        let big = Answer::Http { status: 200, etag: None, content_type: None, body_size: 5000, body: None };
+        assert!(matches!(f.answer(10_000, HALF, big), Step::Refused(r) if r.contains("max_bytes 100")));
+        assert_eq!(f.last_refusal, Some(RefusalKind::Size));
+        // A missing tag (404 on the manifest) is a failure with backoff.
+        let t = f.next_fetch_ms();
+        f.due(t).unwrap();
+        assert!(matches!(f.answer(t, HALF, http(404, None, b"")), Step::Failed(r) if r.contains("HTTP 404")));
+    }
+
+    #[test]
+    fn oci_settings_are_checked() {
+        assert_eq!(oci_source().check(), Ok(()));
+        let mut s = oci_source();
+        s.wait_seconds = 5;
+        assert_eq!(s.check().unwrap_err().0, "$.bundle_source.wait_seconds");
+        let mut s = oci_source();
+        s.path = "/other".into();
+        assert_eq!(s.check().unwrap_err().0, "$.bundle_source.path");
+        let mut s = oci_source();
+        s.oci.as_mut().unwrap().repository = "UPPER".into();
+        assert_eq!(s.check().unwrap_err().0, "$.bundle_source.oci.repository");
+        let e: Result<BundleSource, _> =
+            serde_json::from_value(serde_json::json!({"cluster": "x", "oci": {"repository": "a", "tag": "b"}}));
+        assert!(e.unwrap_err().to_string().contains("unknown field `tag`"));
     }
 
     #[test]
