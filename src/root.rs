@@ -13,7 +13,7 @@ use proxy_wasm::types::ContextType;
 use registry_guard_core::decide::config::{EventsConfig, PluginConfig, ServedEndpoint};
 use registry_guard_core::decide::guard::Guard;
 use registry_guard_core::policy::bundle;
-use registry_guard_core::policy::follow::{Answer, BundleSource, Follower, RefusalKind, Settled, Step};
+use registry_guard_core::policy::follow::{Answer, BundleSource, FetchRequest, Follower, RefusalKind, Settled, Step};
 
 use crate::correlation::Correlation;
 use crate::events::EventsHttp;
@@ -268,7 +268,10 @@ impl GuardRoot {
             log::info!(
                 "registry-guard: following the bundle source {}{} ({})",
                 source.cluster,
-                source.path,
+                source.oci.as_ref().map_or_else(
+                    || source.path.clone(),
+                    |a| format!(" (OCI artifact {}:{})", a.repository, a.reference)
+                ),
                 if source.wait_seconds > 0 {
                     format!("long polling, wait {} s", source.wait_seconds)
                 } else {
@@ -328,22 +331,8 @@ impl GuardRoot {
             f.gauges(host, &follower, now_ms, guard);
         }
         let request = f.follower.borrow_mut().due(now_ms);
-        let Some(request) = request else { return };
-        let mut headers: Vec<(&str, &str)> =
-            vec![(":method", "GET"), (":path", &request.path), (":authority", &request.authority)];
-        headers.extend(request.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let cluster = f.follower.borrow().source().cluster.clone();
-        match host.dispatch_http_call(&cluster, &headers, Duration::from_millis(request.timeout_ms)) {
-            Ok(token) => f.in_flight.set(Some(token)),
-            Err(e) => {
-                let mut follower = f.follower.borrow_mut();
-                follower.dispatch_failed(now_ms, random_u32(), &format!("{e} (is `{cluster}` an Envoy cluster?)"));
-                log::warn!(
-                    "registry-guard: bundle source: {}",
-                    follower.last_error.as_deref().unwrap_or("dispatch failed")
-                );
-                f.count(host, "failed", follower.last_refusal);
-            }
+        if let Some(request) = request {
+            f.dispatch(host, &request, now_ms);
         }
     }
 
@@ -356,22 +345,36 @@ impl GuardRoot {
         f.in_flight.set(None);
         let now_ms = now_ms(host);
         let rand = random_u32();
-        let max_bytes = f.follower.borrow().source().max_bytes;
+        let max_bytes = f.follower.borrow().read_limit();
         // Envoy delivers a failed call (reset, timeout, no healthy host) with no headers.
         let status =
             host.http_call_response_header(":status").ok().flatten().and_then(|s| s.trim().parse::<u16>().ok());
         let etag = host.http_call_response_header("etag").ok().flatten();
+        let content_type = host.http_call_response_header("content-type").ok().flatten();
         let body = match status {
             Some(200) if body_size <= max_bytes => host.http_call_response_body(body_size).ok().flatten(),
             _ => None,
         };
         let answer = match status {
             None => Answer::Failed("the call failed (connection, timeout or no healthy upstream)".into()),
-            Some(status) => Answer::Http { status, etag: etag.as_deref(), body_size, body: body.as_deref() },
+            Some(status) => Answer::Http {
+                status,
+                etag: etag.as_deref(),
+                content_type: content_type.as_deref(),
+                body_size,
+                body: body.as_deref(),
+            },
         };
         let step = f.follower.borrow_mut().answer(now_ms, rand, answer);
         match step {
             Step::NotModified => f.count(host, "not_modified", None),
+            // OCI: the manifest passed its checks; its blob is the second half of the fetch.
+            Step::Fetch(request) => f.dispatch(host, &request, now_ms),
+            Step::Refused(reason) => {
+                log::warn!("registry-guard: bundle source: artifact refused: {reason}; the active bundle stays");
+                let kind = f.follower.borrow().last_refusal;
+                f.count(host, "refused", kind);
+            }
             Step::Failed(reason) => {
                 log::warn!("registry-guard: bundle source: {reason}; the active bundle stays");
                 let kind = f.follower.borrow().last_refusal;
@@ -483,7 +486,7 @@ struct FollowMetrics {
 }
 
 const FETCH_RESULTS: [&str; 4] = ["changed", "not_modified", "refused", "failed"];
-const REFUSAL_KINDS: [RefusalKind; 7] = [
+const REFUSAL_KINDS: [RefusalKind; 8] = [
     RefusalKind::Signature,
     RefusalKind::Environment,
     RefusalKind::Revision,
@@ -491,6 +494,7 @@ const REFUSAL_KINDS: [RefusalKind; 7] = [
     RefusalKind::Size,
     RefusalKind::Status,
     RefusalKind::Unreachable,
+    RefusalKind::Artifact,
 ];
 
 impl Following {
@@ -518,6 +522,27 @@ impl Following {
         .map_err(|e| log::warn!("registry-guard: cannot define the bundle fetch metrics: {e}"))
         .ok();
         Following { follower: RefCell::new(Follower::new(source, now)), in_flight: Cell::new(None), ids }
+    }
+
+    /// Dispatches a fetch the follower asked for; a failed dispatch is recorded as a failed
+    /// fetch.
+    fn dispatch(&self, host: &mut impl Host, request: &FetchRequest, now_ms: u64) {
+        let mut headers: Vec<(&str, &str)> =
+            vec![(":method", "GET"), (":path", &request.path), (":authority", &request.authority)];
+        headers.extend(request.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let cluster = self.follower.borrow().source().cluster.clone();
+        match host.dispatch_http_call(&cluster, &headers, Duration::from_millis(request.timeout_ms)) {
+            Ok(token) => self.in_flight.set(Some(token)),
+            Err(e) => {
+                let mut follower = self.follower.borrow_mut();
+                follower.dispatch_failed(now_ms, random_u32(), &format!("{e} (is `{cluster}` an Envoy cluster?)"));
+                log::warn!(
+                    "registry-guard: bundle source: {}",
+                    follower.last_error.as_deref().unwrap_or("dispatch failed")
+                );
+                self.count(host, "failed", follower.last_refusal);
+            }
+        }
     }
 
     fn count(&self, host: &mut impl Host, result: &str, refusal: Option<RefusalKind>) {

@@ -190,3 +190,152 @@ fn bundle_source_needs_bundle_keys_and_sane_settings() {
     assert!(!GuardRoot::new(Rc::new(Vm::default())).configure(&mut host));
     assert!(take_logs().iter().any(|l| l.contains("$.bundle_source.max_staleness_seconds")));
 }
+
+fn bundle_for(revision: u64, key: u8, environment: &str) -> String {
+    let json =
+        serde_json::json!({"revision": revision, "environment": environment, "protection_rules": []}).to_string();
+    registry_guard_core::policy::bundle::sign(&json, &es256_key(key)).unwrap()
+}
+
+fn oci_root(shared: &Shared, boot_revision: u64) -> (GuardRoot, FakeHost) {
+    let mut c = following_config(boot_revision);
+    c["environment"] = "prod".into();
+    c["bundle"] = bundle_for(boot_revision, OPERATOR, "prod").into();
+    c["bundle_source"] = serde_json::json!({
+        "cluster": "registry_direct", "authority": "registry", "poll_seconds": 10, "max_bytes": 100000,
+        "oci": {"repository": "registry-guard/policy", "reference": "prod"}
+    });
+    let mut host = FakeHost::default().with_configuration(&c).with_shared(shared);
+    let mut root = GuardRoot::new(Rc::new(Vm::default()));
+    assert!(root.configure(&mut host), "{:?}", take_logs());
+    (root, host)
+}
+
+fn header<'a>(call: &'a (String, Vec<(String, String)>, Duration), name: &str) -> Option<&'a str> {
+    call.1.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+/// One OCI fetch: the tick sends the manifest request, the manifest answer leads to the blob
+/// request, and `blob` answers it. Returns the number of calls made.
+fn oci_fetch(root: &GuardRoot, host: &mut FakeHost, bundle: &str, blob: &[u8], etag: &str) -> usize {
+    let before = host.calls.len();
+    root.tick(host);
+    assert_eq!(host.calls.len(), before + 1, "the manifest request is due");
+    let call = host.calls.last().unwrap().clone();
+    assert_eq!(call.0, "registry_direct");
+    assert_eq!(header(&call, ":path"), Some("/v2/registry-guard/policy/manifests/prod"));
+    assert_eq!(header(&call, ":authority"), Some("registry"));
+    assert_eq!(header(&call, "accept"), Some("application/vnd.oci.image.manifest.v1+json"));
+    let manifest = registry_guard_core::policy::oci::manifest_for(bundle.as_bytes(), "bundle.jws").to_string();
+    answer(root, host, Some(200), Some(etag), Some(&manifest));
+    if host.calls.len() == before + 2 {
+        let call = host.calls.last().unwrap().clone();
+        let digest = registry_guard_core::policy::oci::sha256_digest(bundle.as_bytes());
+        assert_eq!(header(&call, ":path"), Some(format!("/v2/registry-guard/policy/blobs/{digest}").as_str()));
+        host.call_response_headers = vec![(":status".into(), "200".into())];
+        host.call_response_body = Some(blob.to_vec());
+        let token = host.calls.len() as u32;
+        root.fetched(host, token, blob.len());
+    }
+    host.calls.len() - before
+}
+
+#[test]
+fn follows_an_oci_artifact_manifest_then_blob_then_304() {
+    let shared = Shared::default();
+    let (root, mut host) = oci_root(&shared, 1);
+    let b2 = bundle_for(2, OPERATOR, "prod");
+    take_logs();
+    assert_eq!(oci_fetch(&root, &mut host, &b2, b2.as_bytes(), "\"sha256:m2\""), 2);
+    assert_eq!(host.metric("registry_guard.bundle_revision"), 2);
+    assert_eq!(host.metric("registry_guard.bundle_fetch.changed"), 1);
+    assert!(take_logs().iter().any(|l| l.contains("bundle revision 2 fetched from the source and activated")));
+    assert_eq!(pull(&root, &mut host).0, Action::Continue);
+    // Unchanged tag: one conditional manifest request, 304, no blob request.
+    advance(&mut host, 13);
+    root.tick(&mut host);
+    assert_eq!(header(host.calls.last().unwrap(), "if-none-match"), Some("\"sha256:m2\""));
+    let n = host.calls.len();
+    answer(&root, &mut host, Some(304), None, None);
+    assert_eq!(host.calls.len(), n, "no blob request after a 304");
+    assert_eq!(host.metric("registry_guard.bundle_fetch.not_modified"), 1);
+    // A later configuration starts from the fetched bundle.
+    let (_again, host2) = oci_root(&shared, 1);
+    assert_eq!(host2.metric("registry_guard.bundle_revision"), 2);
+}
+
+#[test]
+fn hostile_oci_artifacts_are_refused_and_the_active_bundle_stays() {
+    let (root, mut host) = oci_root(&Shared::default(), 5);
+    let good = bundle_for(6, OPERATOR, "prod");
+    let mut tampered = good.clone().into_bytes();
+    let last = tampered.len() - 2;
+    tampered[last] ^= 1;
+    let cases: Vec<(String, Vec<u8>, &str)> = vec![
+        (good.clone(), tampered, "artifact"),
+        (good.clone(), good.as_bytes()[..good.len() - 10].to_vec(), "artifact"),
+        (bundle_for(4, OPERATOR, "prod"), bundle_for(4, OPERATOR, "prod").into_bytes(), "revision"),
+        (bundle_for(7, 99, "prod"), bundle_for(7, 99, "prod").into_bytes(), "signature"),
+        (bundle_for(8, OPERATOR, "staging"), bundle_for(8, OPERATOR, "staging").into_bytes(), "environment"),
+    ];
+    for (i, (declared, blob, label)) in cases.into_iter().enumerate() {
+        advance(&mut host, 13); // a refusal is polled again at the normal pace (≤ 12 s)
+        take_logs();
+        oci_fetch(&root, &mut host, &declared, &blob, &format!("\"sha256:m{i}\""));
+        assert_eq!(
+            host.metric(&format!("registry_guard.bundle_fetch_rejected.{label}")),
+            if label == "artifact" { i as u64 + 1 } else { 1 },
+            "{label}"
+        );
+        assert_eq!(host.metric("registry_guard.bundle_revision"), 5, "{label}: the active bundle stays");
+        assert!(take_logs().iter().any(|l| l.contains("the active bundle stays")), "{label}");
+        assert_eq!(pull(&root, &mut host).0, Action::Continue, "{label}: decisions go on");
+    }
+    assert_eq!(host.metric("registry_guard.bundle_fetch.refused"), 5);
+    assert_eq!(host.metric("registry_guard.bundle_fetch.changed"), 0);
+    // Fail closed throughout: a request without a token is still refused.
+    host.new_request("GET", "/v2/acme/web/app/manifests/v1");
+    let HttpFilter::Registry(mut http) = root.http_context(10) else { panic!("events role") };
+    assert_eq!(http.request_headers(&mut host, true), Action::Pause);
+    assert_eq!(host.replies.first().map(|r| r.0), Some(401));
+}
+
+#[test]
+fn a_wrong_artifact_type_is_refused_before_any_blob_is_fetched() {
+    let (root, mut host) = oci_root(&Shared::default(), 1);
+    root.tick(&mut host);
+    let mut m = registry_guard_core::policy::oci::manifest_for(b"x", "b");
+    m["artifactType"] = "application/vnd.cncf.helm.config.v1+json".into();
+    take_logs();
+    answer(&root, &mut host, Some(200), Some("\"h\""), Some(&m.to_string()));
+    assert_eq!(host.calls.len(), 1, "no blob request");
+    assert_eq!(host.metric("registry_guard.bundle_fetch_rejected.artifact"), 1);
+    assert!(take_logs().iter().any(|l| l.contains("application/vnd.cncf.helm.config.v1+json")));
+}
+
+#[test]
+fn a_token_service_source_that_truncates_is_slow_or_names_another_environment_is_refused() {
+    let mut c = following_config(3);
+    c["environment"] = "prod".into();
+    c["bundle"] = bundle_for(3, OPERATOR, "prod").into();
+    let mut host = FakeHost::default().with_configuration(&c);
+    let mut root = GuardRoot::new(Rc::new(Vm::default()));
+    assert!(root.configure(&mut host));
+    let next = bundle_for(4, OPERATOR, "prod");
+    let staging = bundle_for(4, OPERATOR, "staging");
+    for (body, label) in [(&next[..next.len() - 7], "signature"), (staging.as_str(), "environment")] {
+        advance(&mut host, 400);
+        root.tick(&mut host);
+        answer(&root, &mut host, Some(200), None, Some(body));
+        assert_eq!(host.metric(&format!("registry_guard.bundle_fetch_rejected.{label}")), 1, "{label}");
+        assert_eq!(host.metric("registry_guard.bundle_revision"), 3, "{label}");
+    }
+    // Slow: the call is bounded by timeout_seconds and Envoy delivers a timed-out call without
+    // headers; it counts as unreachable and the active bundle stays.
+    advance(&mut host, 400);
+    root.tick(&mut host);
+    assert_eq!(host.calls.last().unwrap().2, Duration::from_secs(10));
+    answer(&root, &mut host, None, None, None);
+    assert_eq!(host.metric("registry_guard.bundle_fetch_rejected.unreachable"), 1);
+    assert_eq!(host.metric("registry_guard.bundle_revision"), 3);
+}

@@ -301,8 +301,19 @@ impl Follower {
         self.source.authority.clone().unwrap_or_else(|| self.source.cluster.clone())
     }
 
+    /// The largest answer body worth reading for the request in flight (the manifest of an
+    /// OCI source, else the bundle or blob): a larger one is refused unread.
+    pub fn read_limit(&self) -> usize {
+        if self.source.oci.is_some() && self.pending_blob.is_none() {
+            oci::MAX_MANIFEST_BYTES
+        } else {
+            self.source.max_bytes
+        }
+    }
+
     /// The dispatch itself failed (no call in flight): recorded as a failed fetch.
     pub fn dispatch_failed(&mut self, now_ms: u64, rand: u32, reason: &str) {
+        self.pending_blob = None;
         self.fail(now_ms, rand, RefusalKind::Unreachable, format!("cannot dispatch the fetch: {reason}"));
     }
 
