@@ -128,7 +128,7 @@ pub fn push(
     operator_token: Option<&str>,
 ) -> Result<()> {
     if envoys.is_empty() && token_services.is_empty() {
-        bail!("nothing to push to: give --envoy ECDS_FILE=ADMIN_URL and/or --token-service URL");
+        bail!("nothing to push to: give --envoy ECDS_FILE=ADMIN_URL, --token-service URL and/or --oci REGISTRY/REPOSITORY:TAG");
     }
     let jws = fs::read_to_string(bundle_path).with_context(|| format!("cannot read `{}`", bundle_path.display()))?;
     let jws = jws.trim();

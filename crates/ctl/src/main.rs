@@ -7,6 +7,7 @@
 mod deliver;
 mod image;
 mod mint;
+mod oci;
 mod stack;
 
 use std::collections::BTreeMap;
@@ -76,6 +77,21 @@ enum Command {
         /// (`rgctl operator-token` writes it).
         #[arg(long, value_name = "FILE", env = "RGCTL_OPERATOR_TOKEN_FILE")]
         operator_token_file: Option<PathBuf>,
+        /// Also store the bundle as an OCI artifact under this tag
+        /// (`REGISTRY/REPOSITORY:TAG`, e.g. `127.0.0.1:5000/registry-guard/policy:prod`), for
+        /// filters and token services whose `bundle_source` is `oci`.
+        #[arg(long, value_name = "REGISTRY/REPOSITORY:TAG")]
+        oci: Option<String>,
+        /// Speak plain HTTP to the `--oci` registry (loopback and tests).
+        #[arg(long, requires = "oci")]
+        insecure: bool,
+        /// Username for the `--oci` registry's token service (a user with push rights on
+        /// the repository).
+        #[arg(long, requires = "oci", env = "RGCTL_USERNAME")]
+        username: Option<String>,
+        /// File holding that user's password (or set `RGCTL_PASSWORD`).
+        #[arg(long, requires = "username", value_name = "FILE")]
+        password_file: Option<PathBuf>,
     },
     /// Create the operator token that authorises `PUT /bundle` on token services, unless one
     /// exists: `<out>/operator-token` (the secret, mode 0600, for `rgctl push`) and
@@ -333,8 +349,24 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("signed {} with operator key {}", bundle.display(), key.kid);
             Ok(())
         }
-        Command::Push { bundle, envoys, token_services, force, operator_token_file } => {
+        Command::Push {
+            bundle,
+            envoys,
+            token_services,
+            force,
+            operator_token_file,
+            oci,
+            insecure,
+            username,
+            password_file,
+        } => {
             let token = operator_token_file.map(|f| read(&f).map(|t| t.trim().to_owned())).transpose()?;
+            if let Some(reference) = oci {
+                push_oci(&bundle, &reference, insecure, username, password_file, force)?;
+                if envoys.is_empty() && token_services.is_empty() {
+                    return Ok(());
+                }
+            }
             deliver::push(&bundle, &envoys, &token_services, force, token.as_deref())
         }
         Command::OperatorToken { out, name } => operator_token(&out, &name),
@@ -581,6 +613,46 @@ fn read_secret() -> Result<String> {
         bail!("nothing on stdin: pipe the secret in, e.g. `printf %s \"$PASSWORD\" | rgctl hash-password`");
     }
     Ok(s)
+}
+
+/// `rgctl push --oci`: checks the signed bundle as `rgctl validate` would (unless `--force`),
+/// then stores it as an OCI artifact.
+fn push_oci(
+    bundle: &Path,
+    reference: &str,
+    insecure: bool,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+    force: bool,
+) -> Result<()> {
+    let target = oci::Target::parse(reference).context("--oci")?;
+    let bytes = fs::read(bundle).with_context(|| format!("cannot read `{}`", bundle.display()))?;
+    let text = std::str::from_utf8(&bytes).with_context(|| format!("`{}` is not UTF-8 text", bundle.display()))?;
+    // The signature is checked by every follower with its own `bundle_keys`; here only that
+    // this is a signed bundle (a compact JWS whose payload is a valid bundle).
+    if !force {
+        let payload = registry_guard_core::token::verify::decode_unverified(text.trim()).map_err(|e| {
+            anyhow::anyhow!("{}: not a signed bundle (a compact JWS, `rgctl sign` output): {e}", bundle.display())
+        })?;
+        Policy::from_json(&payload.to_string())
+            .map_err(|e| anyhow::anyhow!("{}: {}: {}", bundle.display(), e.path, e.reason))?;
+    }
+    let creds = match username {
+        Some(user) => {
+            let password = match password_file {
+                Some(f) => read(&f)?.trim().to_owned(),
+                None => std::env::var("RGCTL_PASSWORD")
+                    .context("give --password-file or set RGCTL_PASSWORD for --username")?,
+            };
+            Some((user, password))
+        }
+        None => None,
+    };
+    let title = bundle.file_name().map_or_else(|| "bundle.jws".to_owned(), |n| n.to_string_lossy().into_owned());
+    let digest =
+        oci::push(&bytes, &title, &target, insecure, creds).with_context(|| format!("pushing to {reference}"))?;
+    println!("oci {reference}: stored as {digest}");
+    Ok(())
 }
 
 fn read(path: &Path) -> Result<String> {

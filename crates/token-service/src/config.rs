@@ -91,8 +91,12 @@ impl Default for RawSettings {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBundleSource {
-    /// `http://host:port/bundle` of the service to follow.
+    /// `http://host:port/bundle` of the service to follow; with `oci`, the registry's
+    /// `http://host:port`.
     url: String,
+    /// The bundle is an OCI artifact in the registry at `url`.
+    #[serde(default)]
+    oci: Option<registry_guard_core::policy::oci::OciArtifact>,
     /// A file holding the bearer token for that service (its bundle read token).
     token_file: Option<PathBuf>,
     /// Seconds between polls (jittered), and the base of the backoff after a failure.
@@ -112,6 +116,8 @@ fn default_poll_seconds() -> u64 {
 #[derive(Clone, PartialEq, Eq)]
 pub struct BundleSource {
     pub url: String,
+    /// The bundle is an OCI artifact in the registry at `url`.
+    pub oci: Option<registry_guard_core::policy::oci::OciArtifact>,
     /// The bearer token to present; never logged.
     pub token: Option<String>,
     pub poll_seconds: u64,
@@ -122,6 +128,7 @@ impl fmt::Debug for BundleSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BundleSource")
             .field("url", &self.url)
+            .field("oci", &self.oci)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("poll_seconds", &self.poll_seconds)
             .field("wait_seconds", &self.wait_seconds)
@@ -418,6 +425,25 @@ fn bundle_source(dir: &Path, settings_path: &Path, raw: RawBundleSource) -> Resu
     if raw.wait_seconds > 300 {
         return Err(ConfigError::new(settings_path, field("wait_seconds"), "must be between 0 and 300"));
     }
+    if let Some(artifact) = &raw.oci {
+        if let Err((f, reason)) = artifact.check() {
+            return Err(ConfigError::new(settings_path, field(&format!("oci.{f}")), reason));
+        }
+        if raw.wait_seconds != 0 {
+            return Err(ConfigError::new(
+                settings_path,
+                field("wait_seconds"),
+                "must be 0 with `oci`: registries do not long-poll",
+            ));
+        }
+        if rest.contains('/') {
+            return Err(ConfigError::new(
+                settings_path,
+                field("url"),
+                format!("with `oci`, must be the registry's http://host:port only, got {url:?}"),
+            ));
+        }
+    }
     let token = match raw.token_file {
         None => None,
         Some(p) => {
@@ -436,7 +462,7 @@ fn bundle_source(dir: &Path, settings_path: &Path, raw: RawBundleSource) -> Resu
             Some(token)
         }
     };
-    Ok(BundleSource { url, token, poll_seconds: raw.poll_seconds, wait_seconds: raw.wait_seconds })
+    Ok(BundleSource { url, oci: raw.oci, token, poll_seconds: raw.poll_seconds, wait_seconds: raw.wait_seconds })
 }
 
 /// Reads the operator JWKS (`bundle_keys`).

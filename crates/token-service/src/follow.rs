@@ -6,6 +6,12 @@
 //! revision), so a hostile or stale source cannot roll the replica back. On any failure the
 //! active bundle stays (last known good) and the next fetch backs off exponentially, with
 //! jitter, up to five minutes. `GET /bundle/status` shows how it goes.
+//!
+//! With `oci`, the source is an OCI registry holding the bundle as an artifact (core
+//! `policy::oci`): the manifest is asked for conditionally (`If-None-Match` with the last
+//! manifest's entity tag; 304 while the tag points at the same manifest), checked (media
+//! types, one layer, declared size), then the blob is fetched by digest and must hash to it
+//! before the bundle inside goes through the same checks as a push.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,17 +58,18 @@ pub fn spawn(state: Arc<AppState>, source: BundleSource) -> tokio::task::JoinHan
 }
 
 async fn follow(state: Arc<AppState>, source: BundleSource) {
+    let described = describe(&source);
     let client = match reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build() {
         Ok(client) => client,
         Err(e) => {
-            tracing::error!("bundle source {}: cannot build an HTTP client: {e}; not following", source.url);
+            tracing::error!("bundle source {}: cannot build an HTTP client: {e}; not following", described);
             return;
         }
     };
-    state.policy.update_source(|s| s.url.clone_from(&source.url));
+    state.policy.update_source(|s| s.url.clone_from(&described));
     tracing::info!(
         "following the bundle source {} ({})",
-        source.url,
+        described,
         if source.wait_seconds > 0 {
             format!("long polling, wait {} s", source.wait_seconds)
         } else {
@@ -74,7 +81,11 @@ async fn follow(state: Arc<AppState>, source: BundleSource) {
     let mut last_seen = state.policy.published().map(|p| p.etag);
     let mut failures: u32 = 0;
     loop {
-        let (fetch, etag) = fetch_once(&client, &state, &source, last_seen.as_deref()).await;
+        let (fetch, etag) = if source.oci.is_some() {
+            fetch_oci(&client, &state, &source, last_seen.as_deref()).await
+        } else {
+            fetch_once(&client, &state, &source, last_seen.as_deref()).await
+        };
         if etag.is_some() {
             last_seen = etag;
         }
@@ -97,13 +108,13 @@ async fn follow(state: Arc<AppState>, source: BundleSource) {
         record(&state, &fetch, failures, delay);
         match &fetch {
             Fetch::Changed { revision } => {
-                tracing::info!("bundle source {}: revision {revision} activated", source.url)
+                tracing::info!("bundle source {}: revision {revision} activated", described)
             }
-            Fetch::NotModified => tracing::debug!("bundle source {}: not modified", source.url),
-            Fetch::Refused(why) => tracing::warn!("bundle source {}: fetched bundle refused: {why}", source.url),
+            Fetch::NotModified => tracing::debug!("bundle source {}: not modified", described),
+            Fetch::Refused(why) => tracing::warn!("bundle source {}: fetched bundle refused: {why}", described),
             Fetch::Failed(why) => tracing::warn!(
                 "bundle source {}: fetch failed ({failures} in a row, next in {} s): {why}; the active bundle stays",
-                source.url,
+                described,
                 delay.as_secs()
             ),
         }
@@ -178,7 +189,107 @@ async fn fetch_once(
     let Ok(text) = String::from_utf8(body) else {
         return (Fetch::Refused("the bundle is not UTF-8 text (expected a compact JWS)".into()), etag);
     };
-    let fetch = match state.policy.push(text, now_unix()).await {
+    (activate(state, text).await, etag)
+}
+
+/// The source as shown in logs and `GET /bundle/status`.
+fn describe(source: &BundleSource) -> String {
+    match &source.oci {
+        Some(a) => format!("oci:{}/{}:{}", source.url, a.repository, a.reference),
+        None => source.url.clone(),
+    }
+}
+
+/// Reads a body of at most `max` bytes.
+async fn read_capped(mut response: reqwest::Response, max: usize, what: &str) -> Result<Vec<u8>, String> {
+    if response.content_length().is_some_and(|n| n > max as u64) {
+        return Err(format!("the {what} is larger than {max} bytes"));
+    }
+    let mut body = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > max {
+                    return Err(format!("the {what} is larger than {max} bytes"));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => return Err(format!("reading the {what} failed: {e}")),
+        }
+    }
+}
+
+/// One conditional fetch from an OCI registry: the manifest, then (when it changed and
+/// passes its checks) the blob by digest, verified against it, then the bundle.
+async fn fetch_oci(
+    client: &reqwest::Client,
+    state: &AppState,
+    source: &BundleSource,
+    if_none_match: Option<&str>,
+) -> (Fetch, Option<String>) {
+    use registry_guard_core::policy::oci;
+    let Some(artifact) = &source.oci else { return (Fetch::Failed("not an OCI source".into()), None) };
+    let label = format!("{}:{}", artifact.repository, artifact.reference);
+    let timeout = Duration::from_secs(10);
+    let mut request = client
+        .get(format!("{}{}", source.url, artifact.manifest_path()))
+        .timeout(timeout)
+        .header(reqwest::header::ACCEPT, oci::MANIFEST_MEDIA_TYPE);
+    if let Some(token) = &source.token {
+        request = request.header(AUTHORIZATION, format!("Bearer {token}"));
+    }
+    if let Some(etag) = if_none_match {
+        request = request.header(IF_NONE_MATCH, etag);
+    }
+    let response = match request.send().await {
+        Ok(r) => r,
+        Err(e) => return (Fetch::Failed(format!("manifest request failed: {e}")), None),
+    };
+    let etag = response.headers().get(ETAG).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let content_type =
+        response.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    match response.status() {
+        StatusCode::NOT_MODIFIED => return (Fetch::NotModified, etag),
+        StatusCode::OK => {}
+        other => return (Fetch::Failed(format!("the registry answered {other} for the manifest {label}")), None),
+    }
+    let manifest = match read_capped(response, oci::MAX_MANIFEST_BYTES, "manifest").await {
+        Ok(m) => m,
+        Err(e) => return (Fetch::Failed(e), None),
+    };
+    let etag = Some(etag.unwrap_or_else(|| format!("\"{}\"", oci::sha256_digest(&manifest))));
+    let layer = match oci::check_manifest(&manifest, content_type.as_deref(), MAX_BUNDLE_BYTES) {
+        Ok(layer) => layer,
+        Err(e) => return (Fetch::Refused(format!("manifest {label}: {}", e.reason())), etag),
+    };
+    let mut request = client.get(format!("{}{}", source.url, artifact.blob_path(&layer.digest))).timeout(timeout);
+    if let Some(token) = &source.token {
+        request = request.header(AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let response = match request.send().await {
+        Ok(r) if r.status() == StatusCode::OK => r,
+        Ok(r) => {
+            return (Fetch::Failed(format!("the registry answered {} for the blob {}", r.status(), layer.digest)), None)
+        }
+        Err(e) => return (Fetch::Failed(format!("blob request failed: {e}")), None),
+    };
+    let blob = match read_capped(response, layer.size, "blob").await {
+        Ok(b) => b,
+        Err(e) => return (Fetch::Refused(format!("blob of {label}: {e} (declared {} bytes)", layer.size)), etag),
+    };
+    if let Err(e) = oci::check_blob(&layer, &blob) {
+        return (Fetch::Refused(format!("blob of {label}: {}", e.reason())), etag);
+    }
+    let Ok(text) = String::from_utf8(blob) else {
+        return (Fetch::Refused("the bundle is not UTF-8 text (expected a compact JWS)".into()), etag);
+    };
+    (activate(state, text.trim().to_owned()).await, etag)
+}
+
+/// Verifies a fetched bundle as a push is verified and activates it if newer.
+async fn activate(state: &AppState, text: String) -> Fetch {
+    match state.policy.push(text, now_unix()).await {
         Ok(accepted) if accepted.unchanged => Fetch::NotModified,
         Ok(accepted) => Fetch::Changed { revision: accepted.revision },
         Err(PushError::Rejected { path, reason, .. }) | Err(PushError::Rollback { path, reason, .. }) => {
@@ -187,8 +298,7 @@ async fn fetch_once(
         Err(PushError::KeysNotConfigured { reason, .. }) | Err(PushError::Internal { reason, .. }) => {
             Fetch::Failed(reason)
         }
-    };
-    (fetch, etag)
+    }
 }
 
 /// `poll · 2^(failures-1)`, at most [`MAX_BACKOFF`], jittered.

@@ -288,3 +288,155 @@ async fn bundle_source_settings_are_checked() {
         assert!(err.contains(field) && err.contains(why), "{err}");
     }
 }
+
+/// What the fake OCI registry serves: the manifest under `prod` and blobs by digest.
+#[derive(Default, Clone)]
+struct Served {
+    manifest: Vec<u8>,
+    blobs: std::collections::HashMap<String, Vec<u8>>,
+    manifest_gets: usize,
+    not_modified: usize,
+}
+
+/// A tiny OCI registry: `GET /v2/registry-guard/policy/manifests/prod` (conditional on the
+/// manifest digest, as distribution is) and `GET /v2/registry-guard/policy/blobs/{digest}`.
+async fn fake_registry(served: std::sync::Arc<std::sync::Mutex<Served>>) -> String {
+    use axum::extract::Path;
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+    use registry_guard_core::policy::oci::{sha256_digest, MANIFEST_MEDIA_TYPE};
+    let m = served.clone();
+    let app = axum::Router::new()
+        .route(
+            "/v2/registry-guard/policy/manifests/prod",
+            get(move |headers: HeaderMap| {
+                let mut s = m.lock().unwrap();
+                s.manifest_gets += 1;
+                let etag = format!("\"{}\"", sha256_digest(&s.manifest));
+                let response = if headers.get("if-none-match").and_then(|v| v.to_str().ok()) == Some(etag.as_str()) {
+                    s.not_modified += 1;
+                    (StatusCode::NOT_MODIFIED, [("etag", etag)], Vec::new()).into_response()
+                } else {
+                    (
+                        StatusCode::OK,
+                        [("etag", etag), ("content-type", MANIFEST_MEDIA_TYPE.to_owned())],
+                        s.manifest.clone(),
+                    )
+                        .into_response()
+                };
+                async move { response }
+            }),
+        )
+        .route(
+            "/v2/registry-guard/policy/blobs/{digest}",
+            get(move |Path(digest): Path<String>| {
+                let blob = served.lock().unwrap().blobs.get(&digest).cloned();
+                async move {
+                    match blob {
+                        Some(b) => (StatusCode::OK, b).into_response(),
+                        None => StatusCode::NOT_FOUND.into_response(),
+                    }
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    address
+}
+
+/// Stores `declared` as the artifact under `prod`, with `blob` served for its digest.
+fn store(served: &std::sync::Mutex<Served>, declared: &str, blob: &[u8], artifact_type: Option<&str>) {
+    use registry_guard_core::policy::oci::{manifest_for, sha256_digest};
+    let mut manifest = manifest_for(declared.as_bytes(), "bundle.jws");
+    if let Some(t) = artifact_type {
+        manifest["artifactType"] = t.into();
+    }
+    let mut s = served.lock().unwrap();
+    s.manifest = serde_json::to_vec(&manifest).unwrap();
+    s.blobs.insert(sha256_digest(declared.as_bytes()), blob.to_vec());
+}
+
+#[tokio::test]
+async fn a_replica_follows_an_oci_artifact_and_refuses_hostile_ones() {
+    let served = std::sync::Arc::new(std::sync::Mutex::new(Served::default()));
+    let b6 = sign_bundle(&platform_bundle(6));
+    store(&served, &b6, b6.as_bytes(), None);
+    let registry = fake_registry(served.clone()).await;
+    let settings = json!({"bundle_source": {"url": registry, "poll_seconds": 1,
+        "oci": {"repository": "registry-guard/policy", "reference": "prod"}}});
+    let replica = spawn_in(fleet_config(None, settings)).await;
+    let status = wait_for_revision(&replica.address, 6, Duration::from_secs(10)).await;
+    assert_eq!(status["source"]["url"], json!(format!("oci:{registry}/registry-guard/policy:prod")));
+
+    // Unchanged: the manifest is asked for conditionally and answered 304.
+    let started = Instant::now();
+    while served.lock().unwrap().not_modified == 0 {
+        assert!(started.elapsed() < Duration::from_secs(5), "no conditional manifest request");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let other_key = registry_guard_core::token::testing::es256_key(99);
+    let b9 = sign_bundle(&platform_bundle(9));
+    let b10 = sign_bundle(&platform_bundle(10));
+    let mut tampered = b9.clone().into_bytes();
+    let i = tampered.len() - 3;
+    tampered[i] ^= 1;
+    let wrong_signer = sign_raw(&serde_json::from_str(&platform_bundle(9)).unwrap(), &other_key);
+    let older = sign_bundle(&platform_bundle(2));
+    let hostile: Vec<(&str, String, Vec<u8>, Option<&str>, &str)> = vec![
+        ("tampered blob", b9.clone(), tampered, None, "tampered"),
+        // Each case is another manifest: a refused manifest is not fetched again until the tag moves.
+        ("truncated blob", b10.clone(), b10.as_bytes()[..40].to_vec(), None, "truncated"),
+        (
+            "other artifact type",
+            b9.clone(),
+            b9.clone().into_bytes(),
+            Some("application/vnd.example+json"),
+            "artifact type",
+        ),
+        ("wrong signer", wrong_signer.clone(), wrong_signer.into_bytes(), None, "signature"),
+        ("older revision", older.clone(), older.into_bytes(), None, "older than the active revision"),
+    ];
+    for (what, declared, blob, artifact_type, why) in hostile {
+        store(&served, &declared, &blob, artifact_type);
+        let before = replica.bundle_status().await["source"]["fetches"]["refused"].as_u64().unwrap_or(0);
+        let started = Instant::now();
+        let status = loop {
+            let status = replica.bundle_status().await;
+            if status["source"]["fetches"]["refused"].as_u64().unwrap_or(0) > before {
+                break status;
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "{what}: never refused: {status}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(status["active_revision"], 6, "{what}: {status}");
+        assert!(status["source"]["last_error"].as_str().unwrap().contains(why), "{what}: {status}");
+    }
+    // A good newer artifact is activated.
+    store(&served, &b9, b9.as_bytes(), None);
+    wait_for_revision(&replica.address, 9, Duration::from_secs(10)).await;
+}
+
+#[tokio::test]
+async fn oci_bundle_source_settings_are_checked() {
+    let oci = json!({"repository": "registry-guard/policy", "reference": "prod"});
+    for (source, field, why) in [
+        (
+            json!({"url": "http://127.0.0.1:1", "oci": oci, "wait_seconds": 5}),
+            "$.bundle_source.wait_seconds",
+            "long-poll",
+        ),
+        (json!({"url": "http://127.0.0.1:1/v2", "oci": oci}), "$.bundle_source.url", "host:port only"),
+        (
+            json!({"url": "http://127.0.0.1:1", "oci": {"repository": "Bad Name", "reference": "prod"}}),
+            "$.bundle_source.oci.repository",
+            "not a repository name",
+        ),
+    ] {
+        let dir = fleet_config(None, json!({ "bundle_source": source }));
+        let err = build(dir.path()).await.err().unwrap().to_string();
+        assert!(err.contains(field) && err.contains(why), "{err}");
+    }
+}
