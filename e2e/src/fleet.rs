@@ -29,7 +29,8 @@ impl Drop for Member {
 }
 
 /// One more Envoy with the filter, in front of `stack`'s registry, following the token
-/// service on `token_port` (`mode`: `long-poll` or `poll`).
+/// service on `token_port` (`mode`: `long-poll` or `poll`), or the OCI artifact in the
+/// registry (`oci`).
 pub struct Envoy {
     pub member: Member,
     pub listen_port: u16,
@@ -132,6 +133,17 @@ pub struct TokenService {
 
 impl TokenService {
     pub fn start_replica(stack: &Stack, name: &str, source_port: u16, wait_seconds: u64) -> TokenService {
+        let source = serde_json::json!({
+            "url": format!("http://127.0.0.1:{source_port}/bundle"),
+            "token_file": "keys/bundle-read-token",
+            "poll_seconds": 1,
+            "wait_seconds": wait_seconds,
+        });
+        TokenService::start_following(stack, name, source)
+    }
+
+    /// A replica whose `bundle_source` is `source` (e.g. an OCI artifact in the registry).
+    pub fn start_following(stack: &Stack, name: &str, source: serde_json::Value) -> TokenService {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("config");
         fs::create_dir_all(config.join("keys")).expect("mkdir");
@@ -143,12 +155,7 @@ impl TokenService {
         let mut settings: serde_json::Value =
             serde_json::from_str(&fs::read_to_string(stack.config_dir.join("token-service.json")).expect("settings"))
                 .expect("json");
-        settings["bundle_source"] = serde_json::json!({
-            "url": format!("http://127.0.0.1:{source_port}/bundle"),
-            "token_file": "keys/bundle-read-token",
-            "poll_seconds": 1,
-            "wait_seconds": wait_seconds,
-        });
+        settings["bundle_source"] = source;
         fs::write(config.join("token-service.json"), settings.to_string()).expect("write settings");
         let port = free_port();
         let argv = [

@@ -167,19 +167,33 @@ pub struct RenderArgs {
     /// Whether the filter fetches newer bundles from the token service itself (its `GET
     /// /bundle`, through Envoy's `token_service` cluster, with the bundle read token):
     /// `long-poll` (the token service holds each fetch until the bundle changes), `poll`
-    /// (every few seconds) or `none` (bundles reach Envoy only through its ECDS files).
-    #[arg(long, value_name = "MODE", value_parser = ["none", "poll", "long-poll"], default_value = "none")]
+    /// (every few seconds), `oci` (the OCI artifact `registry-guard/policy:prod` in the
+    /// stack's registry, through Envoy's `registry` cluster, polled every
+    /// `--bundle-poll-seconds`; push it with `rgctl push --oci`) or `none` (bundles reach
+    /// Envoy only through its ECDS files).
+    #[arg(long, value_name = "MODE", value_parser = ["none", "poll", "long-poll", "oci"], default_value = "none")]
     pub bundle_source: String,
     /// Seconds between fetches with `--bundle-source poll`.
     #[arg(long, value_name = "SECONDS", default_value_t = 5)]
     pub bundle_poll_seconds: u64,
 }
 
+/// Where `--bundle-source oci` has the filter look for the bundle artifact (a project of the
+/// example world, so `root` may push it through Envoy).
+pub const OCI_BUNDLE_REPOSITORY: &str = "registry-guard/policy";
+pub const OCI_BUNDLE_TAG: &str = "prod";
+
 /// The filter's `bundle_source` for `--bundle-source` (`None` for `none`).
 fn bundle_source(args: &RenderArgs, read_token: &str) -> Option<serde_json::Value> {
     let (poll, wait) = match args.bundle_source.as_str() {
         "long-poll" => (5, 20),
         "poll" => (args.bundle_poll_seconds, 0),
+        "oci" => {
+            return Some(serde_json::json!({
+                "cluster": "registry", "poll_seconds": args.bundle_poll_seconds,
+                "oci": {"repository": OCI_BUNDLE_REPOSITORY, "reference": OCI_BUNDLE_TAG},
+            }))
+        }
         _ => return None,
     };
     Some(serde_json::json!({
@@ -503,7 +517,7 @@ pub fn render(args: &RenderArgs) -> Result<Stack> {
     // The token the filter (and token-service replicas) present to `GET /bundle`.
     crate::operator_token(&keys, "bundle-read")?;
     let read_token = crate::read(&keys.join("bundle-read-token"))?.trim().to_owned();
-    if args.bundle_source != "none" && settings["bundle_read_token_sha256"].as_str().is_none() {
+    if !["none", "oci"].contains(&args.bundle_source.as_str()) && settings["bundle_read_token_sha256"].as_str().is_none() {
         bail!(
             "`--bundle-source {}`: {} has no `bundle_read_token_sha256`, so the token service would not serve the \
              bundle (set it to \"keys/bundle-read-token.sha256\")",
@@ -857,6 +871,20 @@ mod tests {
         let text = fs::read_to_string(&settings).unwrap().replace("bundle_read_token_sha256", "x_unused");
         fs::write(&settings, text).unwrap();
         assert!(render_err(&a).contains("has no `bundle_read_token_sha256`"));
+        // The OCI artifact in the stack's registry needs no read token; the filter
+        // configuration it renders is one the filter accepts.
+        a.bundle_source = "oci".into();
+        render(&a).unwrap();
+        let filter: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(dir.join("out/filter.json")).unwrap()).unwrap();
+        assert_eq!(
+            filter["bundle_source"],
+            serde_json::json!({"cluster": "registry", "poll_seconds": 2,
+                               "oci": {"repository": "registry-guard/policy", "reference": "prod"}})
+        );
+        let source: registry_guard_core::policy::follow::BundleSource =
+            serde_json::from_value(filter["bundle_source"].clone()).unwrap();
+        assert_eq!(source.check(), Ok(()));
         let _ = fs::remove_dir_all(&dir);
     }
 
