@@ -17,7 +17,9 @@
 #                *_PORT above still override), so that several stacks run side by side
 #   RUN_DIR      where the rendered files and state go (.run/<config>, or .run/<config>-PORT_BASE)
 #   BUNDLE_SOURCE  how the filter follows the token service's bundle: long-poll (default), poll,
-#                or none (bundles reach Envoy only through its ECDS files, `rgctl push --envoy`)
+#                oci (the OCI artifact registry-guard/policy:prod in the stack's registry:
+#                `rgctl push --oci`, docs/fleet.md), or none (bundles reach Envoy only through
+#                its ECDS files, `rgctl push --envoy`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
