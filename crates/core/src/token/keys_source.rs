@@ -340,8 +340,8 @@ pub fn jitter_ms(ms: u64, rand: u32) -> u64 {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
     use super::*;
     use crate::token::testing::{es256_key, jwks};
 
