@@ -20,6 +20,7 @@ pub mod events;
 pub mod fault;
 pub mod headers;
 pub mod host;
+pub mod keys_follow;
 pub mod metrics;
 pub mod registry;
 pub mod root;

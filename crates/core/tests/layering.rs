@@ -10,7 +10,11 @@ use std::path::Path;
 const LAYERS: &[(&str, &[&str], &[&str])] = &[
     ("support", &[], &["text", "json", "de"]),
     ("request", &["support"], &["access", "name", "scope", "route"]),
-    ("token", &["support", "request"], &["es256", "keys", "jwks", "keys_source", "claims", "verify", "sign", "user", "testing"]),
+    (
+        "token",
+        &["support", "request"],
+        &["es256", "keys", "jwks", "keys_source", "claims", "verify", "sign", "user", "testing"],
+    ),
     ("policy", &["support", "request", "token"], &["deploy", "protection", "claims", "bundle", "directory", "follow"]),
     ("decide", &["support", "request", "token", "policy"], &["config", "decision", "guard", "audit", "corpus"]),
     ("issue", &["support", "request", "token", "policy"], &["grant", "principal"]),

@@ -132,8 +132,8 @@ impl KeysRefusal {
 /// A JWKS document checked as a candidate key set: parses, at most `max_keys` keys, each a
 /// valid public key (as [`KeySet::from_jwks`] requires), at least one ES256 key.
 pub fn candidate(body: &[u8], max_keys: usize) -> Result<KeySet, (KeysRefusal, String)> {
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| (KeysRefusal::Parse, format!("the JWKS is not JSON: {e}")))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| (KeysRefusal::Parse, format!("the JWKS is not JSON: {e}")))?;
     let count = value.get("keys").and_then(serde_json::Value::as_array).map(Vec::len);
     if let Some(n) = count {
         if n > max_keys {
@@ -304,6 +304,13 @@ impl KeysFollower {
     /// fetched before): remembered so the same set is not swapped in again.
     pub fn adopted(&mut self, keys: &KeySet) {
         self.active = identity(keys);
+    }
+
+    /// A swap the glue could not make: the next answer is taken in full (no `If-None-Match`)
+    /// and swapped whatever it holds.
+    pub fn forget(&mut self) {
+        self.etag = None;
+        self.active.clear();
     }
 
     /// Seconds since the last good answer, `None` before the first.
