@@ -24,7 +24,6 @@ use registry_guard_core::token::keys_source::{
 };
 
 use crate::host::{Host, MetricType};
-use crate::root::Vm;
 
 /// Shared-data key (process-wide) of the newest JWKS taken from the keys source.
 pub fn fetched_jwks_key(endpoint: &str) -> String {
@@ -51,11 +50,12 @@ pub struct KeysFollowing {
 }
 
 impl KeysFollowing {
-    /// Starts following `source` for `config` (not yet a guard). If this Envoy took a key set
-    /// from the source before, `config` starts from it instead of its inline keys.
+    /// Starts following `source` for `config` (not yet a guard); `slot` is this VM's worker
+    /// slot (for its per-VM gauge). If this Envoy took a key set from the source before,
+    /// `config` starts from it instead of its inline keys.
     pub fn start(
         host: &mut impl Host,
-        vm: &Vm,
+        slot: Option<u32>,
         source: KeysSource,
         endpoint: &'static str,
         config: &mut FilterConfig,
@@ -82,7 +82,7 @@ impl KeysFollowing {
         }
         let now = now_ms(host);
         let follower = KeysFollower::new(source, &config.verifier.keys, now);
-        let ids = define(host, vm, endpoint)
+        let ids = define(host, slot, endpoint)
             .map_err(|e| log::warn!("registry-guard: cannot define the keys fetch metrics: {e}"))
             .ok();
         let f = KeysFollowing {
@@ -195,7 +195,7 @@ impl KeysFollowing {
     }
 }
 
-fn define(host: &mut impl Host, vm: &Vm, endpoint: &str) -> Result<Ids, crate::host::HostError> {
+fn define(host: &mut impl Host, slot: Option<u32>, endpoint: &str) -> Result<Ids, crate::host::HostError> {
     let mut results = Vec::new();
     for r in RESULTS {
         results.push((r, host.define_metric(MetricType::Counter, &format!("registry_guard.keys_fetch.{r}"))?));
@@ -205,7 +205,7 @@ fn define(host: &mut impl Host, vm: &Vm, endpoint: &str) -> Result<Ids, crate::h
         let name = format!("registry_guard.keys_fetch_rejected.{}", k.label());
         rejected.push((k, host.define_metric(MetricType::Counter, &name)?));
     }
-    let vm_keys = match vm.slot(host) {
+    let vm_keys = match slot {
         Some(slot) => {
             Some(host.define_metric(MetricType::Gauge, &format!("registry_guard.vm.{slot}.{endpoint}.keys"))?)
         }

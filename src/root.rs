@@ -250,10 +250,10 @@ impl GuardRoot {
         let endpoint = endpoint_label(config.endpoint);
         // Keys from the keys source (`keys_source`), if named: may replace the inline boot keys
         // with a set this Envoy fetched before. Acceptance above never depends on it.
-        self.keys = config
-            .keys_source
-            .clone()
-            .map(|source| crate::keys_follow::KeysFollowing::start(host, &self.vm, source, endpoint, &mut config));
+        if let Some(source) = config.keys_source.clone() {
+            let slot = self.vm.slot(host);
+            self.keys = Some(crate::keys_follow::KeysFollowing::start(host, slot, source, endpoint, &mut config));
+        }
         let revision = config.policy.revision;
         let kids: Vec<&str> = config.verifier.keys.kids().collect();
         log::info!(
