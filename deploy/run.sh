@@ -20,6 +20,9 @@
 #                oci (the OCI artifact registry-guard/policy:prod in the stack's registry:
 #                `rgctl push --oci`, docs/fleet.md), or none (bundles reach Envoy only through
 #                its ECDS files, `rgctl push --envoy`)
+#   KEYS_SOURCE  where the filter's trusted token keys come from: token-service (default: its
+#                `/jwks`, fetched every KEYS_REFRESH_SECONDS, 30; the rendered keys are the boot
+#                fallback) or none (only the configuration's keys, rotated with `rgctl push-keys`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -37,7 +40,8 @@ for p in listen:LISTEN_PORT token:TOKEN_PORT registry:REGISTRY_PORT admin:ADMIN_
 done
 RUN_DIR=${RUN_DIR:-$ROOT/.run/$(basename "$CONFIG_DIR")${PORT_BASE:+-$PORT_BASE}}
 "$RGCTL" stack render --root "$ROOT" --config-dir "$CONFIG_DIR" --out "$RUN_DIR" "${port_args[@]}" \
-  --consumer-retention-days "${CONSUMER_RETENTION_DAYS:-90}" --bundle-source "${BUNDLE_SOURCE:-long-poll}" > /dev/null
+  --consumer-retention-days "${CONSUMER_RETENTION_DAYS:-90}" --bundle-source "${BUNDLE_SOURCE:-long-poll}" \
+  --keys-source "${KEYS_SOURCE:-token-service}" --keys-refresh-seconds "${KEYS_REFRESH_SECONDS:-30}" > /dev/null
 # shellcheck source=/dev/null
 source "$RUN_DIR/stack.env"
 

@@ -10,8 +10,10 @@
 //!   from the correlation records and forwards the envelope.
 //!
 //! Every host call goes through the [`host::Host`] trait, so the glue runs natively against
-//! a fake host (`tests/`). Imports point down only: `root` → `registry`, `events` →
-//! `correlation`, `metrics` → `host` → `headers`. No policy logic lives here.
+//! a fake host (`tests/`). [`keys_follow`] fetches the trusted token keys from a JWKS URL
+//! (`keys_source`) for a registry-role root. Imports point down only: `root` → `registry`,
+//! `keys_follow`; `events` → `correlation`; `metrics` → `host` → `headers`. No policy logic
+//! lives here.
 //! With the `fault-injection` feature (test builds only), [`fault`] adds deliberate faults.
 
 pub mod correlation;
@@ -20,6 +22,7 @@ pub mod events;
 pub mod fault;
 pub mod headers;
 pub mod host;
+pub mod keys_follow;
 pub mod metrics;
 pub mod registry;
 pub mod root;

@@ -124,6 +124,8 @@ pub struct GuardRoot {
     worker: Option<WorkerGauges>,
     /// Fetching newer bundles from the configured source (`bundle_source`).
     following: Option<Following>,
+    /// Fetching the trusted token keys from the configured source (`keys_source`).
+    keys: Option<crate::keys_follow::KeysFollowing>,
 }
 
 /// The HTTP context of a root's role (`Registry` with no guard when unconfigured).
@@ -185,7 +187,7 @@ impl WorkerGauges {
 impl GuardRoot {
     /// A root context of `vm` (in the filter: [`Vm::this_vm`]).
     pub fn new(vm: Rc<Vm>) -> GuardRoot {
-        GuardRoot { vm, role: None, correlation: None, metrics: None, worker: None, following: None }
+        GuardRoot { vm, role: None, correlation: None, metrics: None, worker: None, following: None, keys: None }
     }
 
     /// `on_configure`: reads and compiles the plugin configuration. On any error it logs
@@ -244,6 +246,14 @@ impl GuardRoot {
         // read anything else (shared data, time) could refuse on a worker what the main
         // thread accepted, and leave that worker without a filter (docs/failing-closed.md).
         // Rollback protection lives in the delivery tools and the token service.
+        let mut config = config;
+        let endpoint = endpoint_label(config.endpoint);
+        // Keys from the keys source (`keys_source`), if named: may replace the inline boot keys
+        // with a set this Envoy fetched before. Acceptance above never depends on it.
+        if let Some(source) = config.keys_source.clone() {
+            let slot = self.vm.slot(host);
+            self.keys = Some(crate::keys_follow::KeysFollowing::start(host, slot, source, endpoint, &mut config));
+        }
         let revision = config.policy.revision;
         let kids: Vec<&str> = config.verifier.keys.kids().collect();
         log::info!(
@@ -260,7 +270,6 @@ impl GuardRoot {
         if let Some(m) = &self.metrics {
             m.bundle_activated(host, revision);
         }
-        let endpoint = endpoint_label(config.endpoint);
         self.worker = WorkerGauges::define(host, &self.vm, endpoint, revision);
         let slots = config.correlation_slots;
         self.correlation = (slots > 0).then(|| Rc::new(Correlation::new(slots, vm_prefix(host))));
@@ -336,8 +345,14 @@ impl GuardRoot {
         }
     }
 
-    /// `on_http_call_response`: the bundle source answered (or the call failed).
+    /// `on_http_call_response`: the keys source or the bundle source answered (or the call
+    /// failed).
     pub fn fetched(&self, host: &mut impl Host, token_id: u32, body_size: usize) {
+        if let (Some(k), Some(Role::Registry(guard))) = (&self.keys, &self.role) {
+            if k.fetched(host, token_id, body_size, guard) {
+                return;
+            }
+        }
         let (Some(f), Some(Role::Registry(guard))) = (&self.following, &self.role) else { return };
         if f.in_flight.get() != Some(token_id) {
             return;
@@ -420,6 +435,9 @@ impl GuardRoot {
             w.beat(host, &self.vm);
         }
         self.follow(host);
+        if let (Some(k), Some(Role::Registry(guard))) = (&self.keys, &self.role) {
+            k.tick(host, guard);
+        }
     }
 
     /// `on_done` (a new configuration replaces this plugin): hands over pending counts.

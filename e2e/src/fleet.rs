@@ -64,6 +64,11 @@ fn wait_http(url: &str, what: &str) {
 
 impl Envoy {
     pub fn start(stack: &Stack, name: &str, token_port: u16, mode: &str) -> Envoy {
+        Envoy::start_with(stack, name, token_port, mode, &[])
+    }
+
+    /// [`Envoy::start`] with more `rgctl stack render` arguments (e.g. `--keys-source`).
+    pub fn start_with(stack: &Stack, name: &str, token_port: u16, mode: &str, extra: &[&str]) -> Envoy {
         let dir = tempfile::tempdir().expect("tempdir");
         let (listen, admin, events, dp_listen) = (free_port(), free_port(), free_port(), free_port());
         let ports = [
@@ -81,28 +86,33 @@ impl Envoy {
         .map(|(n, p)| format!("{n}={p}"))
         .join(",");
         let out = dir.path().display().to_string();
-        stack.rgctl(&[
+        let (root_dir, config_dir) = (root().display().to_string(), stack.config_dir.display().to_string());
+        let wasm = artifact("target/filter/registry_guard.wasm").display().to_string();
+        let envoy = artifact(".venv/bin/envoy").display().to_string();
+        let mut args = vec![
             "stack",
             "render",
             "--root",
-            &root().display().to_string(),
+            &root_dir,
             "--config-dir",
-            &stack.config_dir.display().to_string(),
+            &config_dir,
             "--out",
             &out,
             "--ports",
             &ports,
             "--wasm",
-            &artifact("target/filter/registry_guard.wasm").display().to_string(),
+            &wasm,
             "--envoy",
-            &artifact(".venv/bin/envoy").display().to_string(),
+            &envoy,
             "--leeway-seconds",
             "2",
             "--bundle-source",
             mode,
             "--bundle-poll-seconds",
             "2",
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        stack.rgctl(&args);
         let summary: serde_json::Value =
             serde_json::from_str(&fs::read_to_string(dir.path().join("stack.json")).expect("stack.json"))
                 .expect("json");

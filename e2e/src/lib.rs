@@ -128,6 +128,8 @@ pub struct Stack {
     pub refuse_configure_after_first: bool,
     /// See [`Options::bundle_source`].
     pub bundle_source: Option<&'static str>,
+    /// See [`Options::keys_refresh_seconds`].
+    pub keys_refresh_seconds: Option<u64>,
     procs: Vec<Proc>,
     /// Each process's command line from `rgctl stack render`'s stack.json, by name.
     commands: Vec<(String, Vec<String>)>,
@@ -156,6 +158,10 @@ pub struct Options {
     /// The filter follows the token service's bundle itself: `"long-poll"` or `"poll"` (`rgctl
     /// stack render --bundle-source`); `None`: only through its ECDS files.
     pub bundle_source: Option<&'static str>,
+    /// The filter fetches its trusted keys from the token service's `/jwks` every this many
+    /// seconds (`rgctl stack render --keys-source token-service`); `None`: keys only in its
+    /// configuration.
+    pub keys_refresh_seconds: Option<u64>,
 }
 
 impl Stack {
@@ -200,6 +206,7 @@ impl Stack {
             trap_on_header: options.trap_on_header.clone(),
             refuse_configure_after_first: options.refuse_configure_after_first,
             bundle_source: options.bundle_source,
+            keys_refresh_seconds: options.keys_refresh_seconds,
             procs: Vec::new(),
             commands: Vec::new(),
             dir,
@@ -268,6 +275,14 @@ impl Stack {
                 mode.to_owned(),
                 "--bundle-poll-seconds".to_owned(),
                 "2".to_owned(),
+            ]);
+        }
+        if let Some(seconds) = self.keys_refresh_seconds {
+            args.extend([
+                "--keys-source".to_owned(),
+                "token-service".to_owned(),
+                "--keys-refresh-seconds".to_owned(),
+                seconds.to_string(),
             ]);
         }
         if self.registry_token_auth {

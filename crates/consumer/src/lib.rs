@@ -7,6 +7,7 @@
 //! deduplicated on the event id.
 
 pub mod classify;
+pub mod keys;
 pub mod period;
 pub mod routes;
 pub mod startup;

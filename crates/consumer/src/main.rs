@@ -1,4 +1,4 @@
-//! `registry-guard-consumer --database PATH|postgres://URL --jwks PATH --secret-file PATH --read-token-file PATH
+//! `registry-guard-consumer --database PATH|postgres://URL --jwks PATH|--jwks-url URL --secret-file PATH --read-token-file PATH
 //! [--listen ADDR] [--tolerance-seconds N] [--retention-days N] [--max-events N]`
 
 use std::net::SocketAddr;
@@ -24,9 +24,17 @@ struct Cli {
     /// has no password; no TLS). See docs/consumer.md.
     #[arg(long, value_name = "PATH|URL")]
     database: PathBuf,
-    /// The token service's JWKS file: the public keys that sign the nested `user` JWTs.
-    #[arg(long, value_name = "PATH")]
-    jwks: PathBuf,
+    /// The token service's JWKS file: the public keys that sign the nested `user` JWTs. With
+    /// `--jwks-url`, optional: the keys to start from when the URL does not answer at startup.
+    #[arg(long, value_name = "PATH", required_unless_present = "jwks_url")]
+    jwks: Option<PathBuf>,
+    /// The token service's JWKS URL (`http://HOST:PORT/jwks`): fetched at startup and every
+    /// `--jwks-refresh-seconds`; on a failed or refused fetch the keys in force stay.
+    #[arg(long, value_name = "URL")]
+    jwks_url: Option<String>,
+    /// Seconds between fetches of `--jwks-url` (1 to 3600).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, requires = "jwks_url")]
+    jwks_refresh_seconds: u64,
     /// File holding the bearer secret the registry sends in `Authorization`.
     #[arg(long, value_name = "PATH")]
     secret_file: PathBuf,
@@ -59,6 +67,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         listen: cli.listen,
         database: cli.database.into(),
         jwks: cli.jwks,
+        jwks_url: cli.jwks_url.map(|url| registry_guard_consumer::keys::JwksUrl {
+            url,
+            refresh: std::time::Duration::from_secs(cli.jwks_refresh_seconds),
+        }),
         secret_file: cli.secret_file,
         read_token_file: cli.read_token_file,
         tolerance_seconds: cli.tolerance_seconds,

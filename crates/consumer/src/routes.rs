@@ -24,7 +24,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use registry_guard_core::token::jwks::KeySet;
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 
@@ -54,8 +53,8 @@ pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.
 #[derive(Debug)]
 pub struct AppState {
     pub store: Mutex<Store>,
-    /// Public keys that sign the nested `user` JWTs.
-    pub keys: KeySet,
+    /// Public keys that sign the nested `user` JWTs (swapped by the `--jwks-url` refresher).
+    pub keys: Arc<crate::keys::Keys>,
     /// SHA-256 of the bearer secret the registry sends (compared in constant time).
     pub secret_digest: [u8; 32],
     /// SHA-256 of the read credential for `GET /counts` and `GET /events`.
@@ -175,10 +174,11 @@ async fn post_events(State(state): State<Arc<AppState>>, headers: HeaderMap, bod
     let worker = Arc::clone(&state);
     let recorded = tokio::task::spawn_blocking(move || {
         let now = now_unix();
+        let keys = worker.keys.get();
         let batch = events
             .iter()
             .enumerate()
-            .map(|(i, e)| classify::assess(i, e, &worker.keys, now, worker.tolerance_seconds))
+            .map(|(i, e)| classify::assess(i, e, &keys, now, worker.tolerance_seconds))
             .collect();
         worker.store.lock().unwrap_or_else(PoisonError::into_inner).record(batch, now)
     })

@@ -33,8 +33,11 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// The SQLite file (created if missing), or a PostgreSQL database shared by replicas.
     pub database: Database,
-    /// The token service's JWKS: the public keys that sign the nested `user` JWTs.
-    pub jwks: PathBuf,
+    /// The token service's JWKS file: the public keys that sign the nested `user` JWTs. With
+    /// `jwks_url`, the boot fallback (optional); without it, required.
+    pub jwks: Option<PathBuf>,
+    /// The token service's `/jwks` URL, refreshed (last known good on failures).
+    pub jwks_url: Option<crate::keys::JwksUrl>,
     /// A file holding the bearer secret the registry sends (surrounding whitespace ignored).
     pub secret_file: PathBuf,
     /// A file holding the read credential for `GET /counts` and `GET /events` (a bearer
@@ -51,6 +54,12 @@ pub struct Settings {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
+    #[error("no verification keys: give --jwks PATH or --jwks-url URL")]
+    NoKeySource,
+    #[error("--jwks-url {url}: the first fetch failed and there is no --jwks file to start from: {reason}")]
+    JwksUrl { url: String, reason: String },
+    #[error("--jwks-refresh-seconds must be between 1 and 3600 (got {0})")]
+    JwksRefresh(u64),
     #[error("{}: cannot read the JWKS: {error}", path.display())]
     ReadJwks { path: PathBuf, error: std::io::Error },
     #[error("{}: the JWKS is not JSON: {error}", path.display())]
@@ -88,7 +97,8 @@ pub enum StartupError {
 pub struct Summary {
     /// The SQLite path, or the PostgreSQL URL without its password.
     pub database: String,
-    pub jwks: PathBuf,
+    /// Where the keys come from (file path or URL).
+    pub jwks: String,
     pub keys: usize,
     pub key_ids: Vec<String>,
     pub tolerance_seconds: i64,
@@ -108,6 +118,13 @@ pub struct Application {
     summary: Summary,
     state: Arc<AppState>,
     retention: Retention,
+    /// `--jwks-url` and the entity tag of the startup fetch.
+    refresher: Option<(crate::keys::JwksUrl, Option<String>)>,
+}
+
+/// A 304 to a request without `If-None-Match` is not an answer `fetch` gives; kept an error.
+fn unreachable_not_modified(url: &str) -> Result<(KeySet, Option<String>), StartupError> {
+    Err(StartupError::JwksUrl { url: url.to_owned(), reason: "HTTP 304 to an unconditional request".into() })
 }
 
 fn load_keys(path: &Path) -> Result<KeySet, StartupError> {
@@ -154,7 +171,28 @@ impl Application {
         }
         let retention =
             Retention { seconds: settings.retention_days.saturating_mul(DAY), max_events: settings.max_events };
-        let keys = load_keys(&settings.jwks)?;
+        let file_keys = settings.jwks.as_deref().map(load_keys).transpose()?;
+        let (keys, etag) = match (&settings.jwks_url, file_keys) {
+            (None, None) => return Err(StartupError::NoKeySource),
+            (None, Some(keys)) => (keys, None),
+            (Some(source), file_keys) => {
+                let secs = source.refresh.as_secs();
+                if !(1..=3600).contains(&secs) {
+                    return Err(StartupError::JwksRefresh(secs));
+                }
+                match crate::keys::fetch(&crate::keys::client(source), &source.url, None).await {
+                    Ok(crate::keys::Fetched::Keys { keys, etag }) => (keys, etag),
+                    Ok(crate::keys::Fetched::NotModified) => unreachable_not_modified(&source.url)?,
+                    Err(reason) => match file_keys {
+                        Some(keys) => {
+                            tracing::warn!("{reason}; starting from the keys of the --jwks file");
+                            (keys, None)
+                        }
+                        None => return Err(StartupError::JwksUrl { url: source.url.clone(), reason }),
+                    },
+                }
+            }
+        };
         let secret = load_secret(&settings.secret_file)?;
         let read_token = load_read_token(&settings.read_token_file)?;
         if read_token == secret {
@@ -172,7 +210,11 @@ impl Application {
         .map_err(|e| StoreError::Worker(e.to_string()))??;
         let summary = Summary {
             database: settings.database.display(),
-            jwks: settings.jwks.clone(),
+            jwks: match (&settings.jwks_url, &settings.jwks) {
+                (Some(u), _) => format!("{} (refreshed every {} s)", u.url, u.refresh.as_secs()),
+                (None, Some(p)) => p.display().to_string(),
+                (None, None) => String::new(),
+            },
             keys: keys.len(),
             key_ids: keys.kids().map(str::to_owned).collect(),
             tolerance_seconds: settings.tolerance_seconds,
@@ -181,6 +223,8 @@ impl Application {
             events_recorded,
             events_pruned: pruned.events,
         };
+        let keys = Arc::new(crate::keys::Keys::new(keys));
+        let refresher = settings.jwks_url.clone().map(|source| (source, etag));
         let state = Arc::new(AppState {
             store: Mutex::new(store),
             keys,
@@ -192,7 +236,7 @@ impl Application {
             .await
             .map_err(|error| StartupError::Bind { addr: settings.listen, error })?;
         let router = routes::router(Arc::clone(&state));
-        Ok(Application { listener, local_addr, router, summary, state, retention })
+        Ok(Application { listener, local_addr, router, summary, state, retention, refresher })
     }
 
     /// The port actually bound (useful with port 0).
@@ -222,7 +266,7 @@ impl Application {
             s.max_events,
             s.keys,
             if s.keys == 1 { "" } else { "s" },
-            s.jwks.display(),
+            s.jwks,
             s.tolerance_seconds,
         )
     }
@@ -239,8 +283,14 @@ impl Application {
         F: Future<Output = ()> + Send + 'static,
     {
         let pruner = tokio::spawn(prune_periodically(Arc::clone(&self.state), self.retention));
+        let refresher = self.refresher.map(|(source, etag)| {
+            tokio::spawn(crate::keys::refresh_periodically(Arc::clone(&self.state.keys), source, etag))
+        });
         let served = axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown).await;
         pruner.abort();
+        if let Some(r) = refresher {
+            r.abort();
+        }
         served
     }
 }

@@ -10,7 +10,11 @@ use std::path::Path;
 const LAYERS: &[(&str, &[&str], &[&str])] = &[
     ("support", &[], &["text", "json", "de"]),
     ("request", &["support"], &["access", "name", "scope", "route"]),
-    ("token", &["support", "request"], &["es256", "keys", "jwks", "claims", "verify", "sign", "user", "testing"]),
+    (
+        "token",
+        &["support", "request"],
+        &["es256", "keys", "jwks", "keys_source", "claims", "verify", "sign", "user", "testing"],
+    ),
     (
         "policy",
         &["support", "request", "token"],

@@ -394,6 +394,28 @@ fn push_token_service(jws: &str, url: &str, operator_token: Option<&str>) -> Res
     Ok(format!("active revision {} ({} rules){unchanged}", body["active_revision"], body["rules"]))
 }
 
+/// The line of an Envoy whose filter follows a keys source (`keys_source`), if it does; the
+/// number of warnings printed (no keys at all).
+fn keys_source_status(admin: &str, s: &std::collections::BTreeMap<String, i64>) -> usize {
+    if !s.contains_key("wasmcustom.registry_guard.keys_fetch.changed") {
+        return 0;
+    }
+    let keys = stat(s, "wasmcustom.registry_guard.keys.count");
+    println!(
+        "envoy {admin}: trusted keys from a keys source (JWKS URL): {keys} key(s); fetches changed {}, not modified {}, refused {}, failed {}; {} s since the last good fetch",
+        stat(s, "wasmcustom.registry_guard.keys_fetch.changed"),
+        stat(s, "wasmcustom.registry_guard.keys_fetch.not_modified"),
+        stat(s, "wasmcustom.registry_guard.keys_fetch.refused"),
+        stat(s, "wasmcustom.registry_guard.keys_fetch.failed"),
+        stat(s, "wasmcustom.registry_guard.keys_fetch.seconds_since_success"),
+    );
+    if keys == 0 {
+        println!("  WARNING: the filter has no trusted keys yet: it refuses every request until its keys source answers");
+        return 1;
+    }
+    0
+}
+
 /// Parses a fleet file: `envoy <admin URL>` and `token-service <URL>` lines.
 pub fn read_fleet(text: &str) -> Result<(Vec<String>, Vec<String>)> {
     let (mut envoys, mut token_services) = (Vec::new(), Vec::new());
@@ -440,6 +462,7 @@ pub fn status(envoys: &[String], token_services: &[String]) -> Result<()> {
                 warnings += 1;
             }
         }
+        warnings += keys_source_status(admin, &s);
         println!(
             "envoy {admin}: active revision {revision}; config reloads {}, rejected updates {} (filter refusals {}); protection denied {}, would deny {}",
             stat(&s, &format!("{STAT_PREFIX}config_reload")),

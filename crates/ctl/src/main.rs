@@ -230,8 +230,11 @@ enum Command {
         service: String,
         #[arg(long, default_value = "registry-guard")]
         issuer: String,
-        #[arg(long)]
-        jwks: PathBuf,
+        /// JWKS file of the trusted token keys; with `--keys-source-cluster` the boot fallback,
+        /// and optional (without it the filter refuses every request until its first good
+        /// fetch).
+        #[arg(long, required_unless_present = "keys_source_cluster")]
+        jwks: Option<PathBuf>,
         #[arg(long, default_value_t = 30)]
         leeway_seconds: i64,
         /// A signed bundle to activate (`rgctl sign` output).
@@ -271,6 +274,16 @@ enum Command {
         /// Refuse every request (503) after this long without a successful fetch.
         #[arg(long, requires = "bundle_source_cluster")]
         max_staleness_seconds: Option<u64>,
+        /// The filter fetches its trusted token keys itself from this Envoy cluster (a token
+        /// service's `GET /jwks`), refreshed every `--keys-source-refresh-seconds`.
+        #[arg(long)]
+        keys_source_cluster: Option<String>,
+        /// Path of the JWKS on the keys source.
+        #[arg(long, default_value = "/jwks", requires = "keys_source_cluster")]
+        keys_source_path: String,
+        /// Seconds between fetches of the JWKS (and the base of the backoff after failures).
+        #[arg(long, default_value_t = 30, requires = "keys_source_cluster")]
+        keys_source_refresh_seconds: u64,
     },
     /// Write a small OCI image layout (one layer) to push in demos and tests; no network.
     DemoImage {
@@ -471,7 +484,15 @@ fn run(cli: Cli) -> Result<()> {
             bundle_source_poll_seconds,
             bundle_source_wait_seconds,
             max_staleness_seconds,
+            keys_source_cluster,
+            keys_source_path,
+            keys_source_refresh_seconds,
         } => {
+            let keys_source = keys_source_cluster.map(|cluster| {
+                serde_json::json!({
+                    "cluster": cluster, "path": keys_source_path, "refresh_seconds": keys_source_refresh_seconds,
+                })
+            });
             let bundle = bundle.map(|b| read(&b).map(|t| t.trim().to_owned())).transpose()?;
             let bundle_keys = bundle_keys.map(|k| read_json(&k)).transpose()?;
             let bundle_source = match bundle_source_cluster {
@@ -494,7 +515,7 @@ fn run(cli: Cli) -> Result<()> {
                 realm,
                 service,
                 issuer,
-                jwks: read_json(&jwks)?,
+                jwks: jwks.map(|j| read_json(&j)).transpose()?.unwrap_or(serde_json::Value::Null),
                 leeway_seconds,
                 bundle,
                 bundle_keys,
@@ -502,6 +523,7 @@ fn run(cli: Cli) -> Result<()> {
                 client_address,
                 endpoint,
                 bundle_source,
+                keys_source,
             })?;
             println!("{}", serde_json::to_string(&config)?);
             Ok(())
@@ -553,6 +575,9 @@ pub(crate) struct FilterSettings {
     pub endpoint: String,
     /// `bundle_source` of the filter configuration (the filter fetches newer bundles).
     pub bundle_source: Option<serde_json::Value>,
+    /// `keys_source` of the filter configuration (the filter fetches its trusted keys); with
+    /// it, a `null` `jwks` is left out (no boot keys).
+    pub keys_source: Option<serde_json::Value>,
 }
 
 /// The filter configuration JSON, checked as the filter will check it.
@@ -579,6 +604,12 @@ pub(crate) fn filter_config(s: &FilterSettings) -> Result<serde_json::Value> {
         }
         if let Some(source) = &s.bundle_source {
             obj.insert("bundle_source".into(), source.clone());
+        }
+        if let Some(source) = &s.keys_source {
+            obj.insert("keys_source".into(), source.clone());
+            if s.jwks.is_null() {
+                obj.remove("jwks");
+            }
         }
     }
     FilterConfig::from_json(serde_json::to_string(&config)?.as_bytes())?;

@@ -176,6 +176,22 @@ pub struct RenderArgs {
     /// Seconds between fetches with `--bundle-source poll`.
     #[arg(long, value_name = "SECONDS", default_value_t = 5)]
     pub bundle_poll_seconds: u64,
+    /// Whether the filter fetches its trusted token keys from the token service's `GET /jwks`
+    /// (through Envoy's `token_service` cluster, every `--keys-refresh-seconds`; the rendered
+    /// `jwks` stays as the boot fallback): `token-service`, or `none` (keys only in the
+    /// configuration, rotated with `rgctl push-keys`).
+    #[arg(long, value_name = "MODE", value_parser = ["none", "token-service"], default_value = "none")]
+    pub keys_source: String,
+    /// Seconds between JWKS fetches with `--keys-source token-service`.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub keys_refresh_seconds: u64,
+}
+
+/// The filter's `keys_source` for `--keys-source` (`None` for `none`).
+fn keys_source(args: &RenderArgs) -> Option<serde_json::Value> {
+    (args.keys_source == "token-service").then(|| {
+        serde_json::json!({"cluster": "token_service", "path": "/jwks", "refresh_seconds": args.keys_refresh_seconds})
+    })
 }
 
 /// Where `--bundle-source oci` has the filter look for the bundle artifact (a project of the
@@ -586,6 +602,7 @@ pub fn render(args: &RenderArgs) -> Result<Stack> {
             client_address: "x-forwarded-for".into(),
             endpoint: endpoint.into(),
             bundle_source: bundle_source(args, &read_token),
+            keys_source: keys_source(args),
         })?;
         if let Some(obj) = config.as_object_mut() {
             obj.extend(extra.clone());
@@ -748,6 +765,8 @@ mod tests {
             consumer_retention_days: Some(7),
             bundle_source: "none".into(),
             bundle_poll_seconds: 5,
+            keys_source: "none".into(),
+            keys_refresh_seconds: 30,
         }
     }
 
@@ -837,6 +856,31 @@ mod tests {
         render(&a).unwrap();
         assert_eq!(fs::read_to_string(out.join("http-secret")).unwrap(), secret);
         assert_eq!(fs::read_to_string(a.config_dir.join("keys/signing-key.pem")).unwrap(), key);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn keys_source_makes_the_filter_fetch_the_token_service_jwks() {
+        let dir = scratch("keys-source");
+        let wasm = dir.join("filter.wasm");
+        fs::write(&wasm, b"\0asm").unwrap();
+        let mut a = args(&dir, &wasm);
+        render(&a).unwrap();
+        let filter: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(dir.join("out/filter.json")).unwrap()).unwrap();
+        assert!(filter.get("keys_source").is_none());
+        a.keys_source = "token-service".into();
+        a.keys_refresh_seconds = 3;
+        render(&a).unwrap();
+        for file in ["out/filter.json", "out/filter-dependency-proxy.json"] {
+            let filter: serde_json::Value = serde_json::from_str(&fs::read_to_string(dir.join(file)).unwrap()).unwrap();
+            assert_eq!(
+                filter["keys_source"],
+                serde_json::json!({"cluster": "token_service", "path": "/jwks", "refresh_seconds": 3}),
+                "{file}"
+            );
+            assert!(filter["jwks"]["keys"].as_array().is_some_and(|k| !k.is_empty()), "boot keys kept: {file}");
+        }
         let _ = fs::remove_dir_all(&dir);
     }
 

@@ -658,9 +658,22 @@ fn check_epoch(state: &AppState, policy: &Policy, who: &Authenticated, claims: &
 }
 
 /// `GET /jwks`: every public key of the ring (the signing key and the others published for
-/// rotation).
-async fn jwks(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    Json(state.keys().jwks.clone())
+/// rotation), with an entity tag (the document's SHA-256): `If-None-Match` naming it gets a
+/// 304, so filters and consumers following this URL poll cheaply.
+async fn jwks(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let body = state.keys().jwks.to_string();
+    let etag = format!("\"jwks-sha256:{}\"", crate::auth::sha256_hex(&body));
+    let mut response = if if_none_match(&headers, &etag) {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        (StatusCode::OK, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
+    };
+    let h = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
+    }
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
 }
 
 async fn healthz() -> &'static str {

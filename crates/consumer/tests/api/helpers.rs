@@ -139,7 +139,8 @@ pub fn settings(dir: &Path) -> Settings {
     Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
         database: dir.join("consumer.sqlite").into(),
-        jwks: dir.join("jwks.json"),
+        jwks: Some(dir.join("jwks.json")),
+        jwks_url: None,
         secret_file: dir.join("secret"),
         read_token_file: dir.join("read-token"),
         tolerance_seconds: DEFAULT_TOLERANCE_SECONDS,

@@ -9,5 +9,6 @@ mod cli;
 mod events;
 mod helpers;
 mod http;
+mod jwks_url;
 mod persistence;
 mod postgres;

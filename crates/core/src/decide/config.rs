@@ -17,8 +17,13 @@ struct RawFilterConfig<'a> {
     issuer: String,
     #[serde(default = "default_leeway")]
     leeway_seconds: i64,
-    /// JWKS document with the trusted verification keys.
-    jwks: serde_json::Value,
+    /// JWKS document with the trusted verification keys; with `keys_source` the boot
+    /// fallback, and optional (absent: every request is refused until the first good JWKS).
+    #[serde(default)]
+    jwks: Option<serde_json::Value>,
+    /// Where the filter fetches its trusted keys itself (a JWKS URL behind an Envoy cluster).
+    #[serde(default)]
+    keys_source: Option<crate::token::keys_source::KeysSource>,
     #[serde(default)]
     cache: RawCache,
     /// The active policy bundle: a compact JWS signed by an operator key (`rgctl sign`).
@@ -292,6 +297,9 @@ pub struct FilterConfig {
     pub bundle_source: Option<crate::policy::follow::BundleSource>,
     /// The operator keys that may sign bundles (required with `bundle` or `bundle_source`).
     pub bundle_keys: Option<KeySet>,
+    /// Where the trusted token keys are fetched from, if anywhere (`verifier.keys` is then
+    /// the boot fallback, possibly empty).
+    pub keys_source: Option<crate::token::keys_source::KeysSource>,
 }
 
 /// A configuration error naming the field (JSON path) and the reason.
@@ -353,7 +361,14 @@ impl FilterConfig {
                 })
             }
         };
-        let keys = KeySet::from_jwks(&raw.jwks).map_err(|e| error("$.jwks", e.to_string()))?;
+        if let Some(source) = &raw.keys_source {
+            source.check().map_err(|(field, reason)| ConfigError { field, reason })?;
+        }
+        let keys = match (&raw.jwks, &raw.keys_source) {
+            (Some(jwks), _) => KeySet::from_jwks(jwks).map_err(|e| error("$.jwks", e.to_string()))?,
+            (None, Some(_)) => KeySet::default(),
+            (None, None) => return Err(error("$.jwks", "required unless `keys_source` names where keys come from")),
+        };
         if let Some(env) = &raw.environment {
             if !bundle::valid_environment(env) {
                 return Err(error(
@@ -393,6 +408,7 @@ impl FilterConfig {
             endpoint: raw.endpoint,
             bundle_source: raw.bundle_source,
             bundle_keys,
+            keys_source: raw.keys_source,
         })
     }
 }
@@ -415,6 +431,24 @@ mod tests {
             }
         }
         c
+    }
+
+    #[test]
+    fn inline_keys_are_optional_only_with_a_keys_source() {
+        let mut c = config(serde_json::json!({}));
+        c.as_object_mut().unwrap().remove("jwks");
+        let e = FilterConfig::from_json(c.to_string().as_bytes()).unwrap_err();
+        assert_eq!(e.field, "$.jwks");
+        c["keys_source"] = serde_json::json!({"cluster": "token_service", "refresh_seconds": 5});
+        let f = FilterConfig::from_json(c.to_string().as_bytes()).unwrap();
+        assert!(f.verifier.keys.is_empty());
+        assert_eq!(f.keys_source.unwrap().refresh_seconds, 5);
+        c["keys_source"]["refresh_seconds"] = 0.into();
+        let e = FilterConfig::from_json(c.to_string().as_bytes()).unwrap_err();
+        assert_eq!(e.field, "$.keys_source.refresh_seconds");
+        c["keys_source"] = serde_json::json!({"cluster": "token_service", "url": "http://x"});
+        let e = FilterConfig::from_json(c.to_string().as_bytes()).unwrap_err();
+        assert!(e.field.starts_with("$.keys_source"), "{e}");
     }
 
     #[test]

@@ -170,6 +170,14 @@ impl Guard {
         self.config.policy = policy;
     }
 
+    /// Makes `keys` the trusted token keys of every following decision (fetched from the keys
+    /// source). The token cache is emptied: a cached token signed by a key no longer trusted
+    /// must not keep passing.
+    pub fn replace_keys(&mut self, keys: crate::token::jwks::KeySet) {
+        self.config.verifier.keys = keys;
+        self.cache = TokenCache::with_limits(self.config.cache_entries, self.config.cache_bytes);
+    }
+
     /// Decides one request at time `now` (unix seconds).
     pub fn check(
         &mut self,
@@ -186,6 +194,20 @@ impl Guard {
                 message: "registry-guard cannot confirm its policy is current; try again later".into(),
                 www_authenticate: None,
                 reason: why.clone(),
+                rule: None,
+                kind: DenyKind::StalePolicy,
+            };
+            return Checked::new(Decision::Deny(denial), self.config.policy.revision);
+        }
+        if self.config.verifier.keys.is_empty() {
+            // Only with a keys source and no inline keys: nothing is decided before the first
+            // good JWKS (fail closed; not even anonymous requests).
+            let denial = Denial {
+                status: 503,
+                code: "UNAVAILABLE",
+                message: "registry-guard has no trusted token keys yet; try again later".into(),
+                www_authenticate: None,
+                reason: "no trusted token keys yet: waiting for the first good JWKS from the keys source".into(),
                 rule: None,
                 kind: DenyKind::StalePolicy,
             };
@@ -306,6 +328,33 @@ mod tests {
             extra: Default::default(),
         };
         sign(&es256_key(1), claims, Validity { issued_at: NOW, not_before: NOW, expires_at: exp }).unwrap()
+    }
+
+    #[test]
+    fn replaced_keys_take_effect_at_once_even_for_cached_tokens() {
+        use crate::token::jwks::KeySet;
+        use crate::token::testing::jwks;
+        let mut g = guard(8);
+        let t = token("rita", NOW + 600);
+        let path = "/v2/acme/web/manifests/v1";
+        let status = |g: &mut Guard, auth: &[&str]| match g.check("GET", path, None, auth, NOW).decision {
+            Decision::Deny(d) => d.status,
+            Decision::Allow { .. } => 200,
+        };
+        let bearer = format!("Bearer {t}");
+        assert_eq!(status(&mut g, &[&bearer]), 200);
+        assert_eq!(g.cache.len(), 1);
+        // Key 1 retired (key 2 only): the cached token is refused.
+        g.replace_keys(KeySet::from_jwks(&jwks(&[&es256_key(2)])).unwrap());
+        assert_eq!(g.cache.len(), 0);
+        assert_eq!(status(&mut g, &[&bearer]), 401);
+        // No keys at all (a keys source not yet answered): everything is refused, anonymous too.
+        g.replace_keys(KeySet::default());
+        assert_eq!(status(&mut g, &[&bearer]), 503);
+        assert_eq!(status(&mut g, &[]), 503);
+        g.replace_keys(KeySet::from_jwks(&jwks(&[&es256_key(1), &es256_key(2)])).unwrap());
+        assert_eq!(status(&mut g, &[&bearer]), 200);
+        assert_eq!(status(&mut g, &[]), 401);
     }
 
     #[test]

@@ -126,6 +126,11 @@ impl KeySet {
         })
     }
 
+    /// Each key with the `kid` it is listed under.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &VerifyingKey)> {
+        self.keys.iter().map(|(k, key)| (k.as_str(), key))
+    }
+
     pub fn kids(&self) -> impl Iterator<Item = &str> {
         self.keys.iter().map(|(k, _)| k.as_str())
     }

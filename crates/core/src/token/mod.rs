@@ -8,6 +8,7 @@ pub mod claims;
 pub mod es256;
 pub mod jwks;
 pub mod keys;
+pub mod keys_source;
 pub mod sign;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

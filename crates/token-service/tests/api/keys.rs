@@ -148,3 +148,36 @@ async fn bad_key_rings_are_refused_at_startup() {
         assert!(e.contains(expected), "{settings}: {e}");
     }
 }
+
+/// `GET /jwks` carries an entity tag; `If-None-Match` with it is a 304 until the published
+/// keys change (a reload that adds a key), then a 200 with a new tag.
+#[tokio::test]
+async fn jwks_has_an_etag_that_changes_with_the_published_keys() {
+    let step1 = json!({"signing_keys": [{"path": "keys/signing-key.pem"}]});
+    let Ring { app, reloader, old, new } = ring_app(&step1).await;
+    let get = |etag: Option<String>| {
+        let mut r = app.client.get(format!("{}/jwks", app.address));
+        if let Some(e) = etag {
+            r = r.header("if-none-match", e);
+        }
+        r.send()
+    };
+    let first = get(None).await.unwrap();
+    assert_eq!(first.status(), 200);
+    let etag = first.headers()["etag"].to_str().unwrap().to_owned();
+    assert!(etag.starts_with('"') && etag.ends_with('"'), "{etag}");
+    assert_eq!(kids(&first.json().await.unwrap()), vec![old.kid.clone()]);
+    let again = get(Some(etag.clone())).await.unwrap();
+    assert_eq!(again.status(), 304);
+    assert_eq!(again.headers()["etag"].to_str().unwrap(), etag);
+    assert_eq!(get(Some("\"other\"".into())).await.unwrap().status(), 200);
+    set_settings(
+        &app,
+        &json!({"signing_keys": [{"path": "keys/signing-key.pem"}, {"path": "keys/next-key.pem", "active": false}]}),
+    );
+    reloader.reload().unwrap();
+    let changed = get(Some(etag.clone())).await.unwrap();
+    assert_eq!(changed.status(), 200);
+    assert_ne!(changed.headers()["etag"].to_str().unwrap(), etag);
+    assert_eq!(kids(&changed.json().await.unwrap()), vec![old.kid, new.kid]);
+}
