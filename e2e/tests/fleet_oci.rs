@@ -152,7 +152,10 @@ fn an_oci_artifact_pushed_through_envoy_reaches_two_envoys_and_a_replica() {
     let mut converged_at = [None; 2];
     let mut replica_at = None;
     while refused_at.iter().chain(converged_at.iter()).any(Option::is_none) || replica_at.is_none() {
-        assert!(t0.elapsed() < Duration::from_secs(60), "no convergence: {refused_at:?} {converged_at:?} {replica_at:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no convergence: {refused_at:?} {converged_at:?} {replica_at:?}"
+        );
         for (i, (_, port, admin)) in envoys.iter().enumerate() {
             if refused_at[i].is_none() && pull(*port, Some(&dev)) == 401 {
                 refused_at[i] = Some(t0.elapsed());
@@ -269,4 +272,5 @@ fn an_oci_artifact_pushed_through_envoy_reaches_two_envoys_and_a_replica() {
     println!("$ rgctl status --fleet fleet.txt\n{status}");
     assert!(status.contains(&format!("oci:http://127.0.0.1:{}/{ARTIFACT}:prod", stack.registry_port)), "{status}");
     assert!(status.contains(&format!("all on revision {r3}")), "{status}");
+    assert!(status.contains("(cluster `registry`, OCI artifact registry-guard/policy:prod)"), "{status}");
 }

@@ -433,6 +433,39 @@ pub fn read_fleet(text: &str) -> Result<(Vec<String>, Vec<String>)> {
     Ok((envoys, token_services))
 }
 
+/// Where the registry filter of the Envoy at `admin` fetches its bundle, read from the ECDS
+/// part of its config dump (`bundle_source` of the filter configuration; only the cluster
+/// and what is fetched, never the token). `None` when it cannot be read.
+fn envoy_bundle_source(admin: &str) -> Option<String> {
+    let url = format!("{}/config_dump?resource=ecds_filters", admin.trim_end_matches('/'));
+    let dump: serde_json::Value =
+        serde_json::from_str(&ureq::get(&url).timeout(Duration::from_secs(5)).call().ok()?.into_string().ok()?).ok()?;
+    let configs = dump["configs"].as_array()?;
+    let sources: Vec<String> = configs
+        .iter()
+        .filter_map(|c| {
+            let text = c["ecds_filter"]["typed_config"]["config"]["configuration"]["value"].as_str()?;
+            let config: serde_json::Value = serde_json::from_str(text).ok()?;
+            bundle_source_label(&config["bundle_source"])
+        })
+        .collect();
+    sources.first().cloned()
+}
+
+/// `(cluster `registry`, OCI artifact registry-guard/policy:prod)` or `(cluster
+/// `token_service`, /bundle)`.
+fn bundle_source_label(source: &serde_json::Value) -> Option<String> {
+    let cluster = source["cluster"].as_str()?;
+    Some(match source.get("oci") {
+        Some(oci) => format!(
+            "(cluster `{cluster}`, OCI artifact {}:{})",
+            oci["repository"].as_str().unwrap_or("?"),
+            oci["reference"].as_str().unwrap_or("?")
+        ),
+        None => format!("(cluster `{cluster}`, {})", source["path"].as_str().unwrap_or("/bundle")),
+    })
+}
+
 pub fn status(envoys: &[String], token_services: &[String]) -> Result<()> {
     if envoys.is_empty() && token_services.is_empty() {
         bail!("give --envoy-admin URL, --token-service URL or --fleet FILE");
@@ -446,8 +479,9 @@ pub fn status(envoys: &[String], token_services: &[String]) -> Result<()> {
         revisions.push((format!("envoy {admin}"), revision));
         if s.contains_key("wasmcustom.registry_guard.bundle_fetch.changed") {
             let stale = stat(&s, "wasmcustom.registry_guard.bundle_fetch.stale") > 0;
+            let source = envoy_bundle_source(admin).map(|s| format!(" {s}")).unwrap_or_default();
             println!(
-                "envoy {admin}: follows a bundle source: fetches changed {}, not modified {}, refused {}, failed {}; {} s since the last successful fetch{}",
+                "envoy {admin}: follows a bundle source{source}: fetches changed {}, not modified {}, refused {}, failed {}; {} s since the last successful fetch{}",
                 stat(&s, "wasmcustom.registry_guard.bundle_fetch.changed"),
                 stat(&s, "wasmcustom.registry_guard.bundle_fetch.not_modified"),
                 stat(&s, "wasmcustom.registry_guard.bundle_fetch.refused"),
@@ -635,6 +669,16 @@ fn token_service_status(token_services: &[String]) -> Result<Vec<(String, i64)>>
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bundle_sources_are_labelled_without_their_token() {
+        let oci = serde_json::json!({"cluster": "registry", "token": "secret",
+                                     "oci": {"repository": "registry-guard/policy", "reference": "prod"}});
+        assert_eq!(bundle_source_label(&oci).unwrap(), "(cluster `registry`, OCI artifact registry-guard/policy:prod)");
+        let http = serde_json::json!({"cluster": "token_service", "path": "/bundle", "token": "secret"});
+        assert_eq!(bundle_source_label(&http).unwrap(), "(cluster `token_service`, /bundle)");
+        assert_eq!(bundle_source_label(&serde_json::Value::Null), None);
+    }
 
     #[test]
     fn fleet_file_lists_envoys_and_token_services() {

@@ -533,7 +533,9 @@ pub fn render(args: &RenderArgs) -> Result<Stack> {
     // The token the filter (and token-service replicas) present to `GET /bundle`.
     crate::operator_token(&keys, "bundle-read")?;
     let read_token = crate::read(&keys.join("bundle-read-token"))?.trim().to_owned();
-    if !["none", "oci"].contains(&args.bundle_source.as_str()) && settings["bundle_read_token_sha256"].as_str().is_none() {
+    if !["none", "oci"].contains(&args.bundle_source.as_str())
+        && settings["bundle_read_token_sha256"].as_str().is_none()
+    {
         bail!(
             "`--bundle-source {}`: {} has no `bundle_read_token_sha256`, so the token service would not serve the \
              bundle (set it to \"keys/bundle-read-token.sha256\")",

@@ -188,20 +188,19 @@ pub fn check_blob(layer: &BundleLayer, blob: &[u8]) -> Result<(), ArtifactError>
 
 /// `sha256:<hex>` of `bytes`.
 pub fn sha256_digest(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
     let hash = Sha256::digest(bytes);
     let mut out = String::with_capacity(71);
     out.push_str("sha256:");
     for b in hash {
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 15)]));
+        let _ = write!(out, "{b:02x}");
     }
     out
 }
 
-const HEX: [u8; 16] = *b"0123456789abcdef";
-
 fn is_sha256_digest(d: &str) -> bool {
-    d.strip_prefix("sha256:").is_some_and(|h| h.len() == 64 && h.bytes().all(|b| HEX.contains(&b)))
+    d.strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
 }
 
 /// The manifest `rgctl push --oci` writes for `bundle` (the signed bundle file's bytes), in
