@@ -410,7 +410,9 @@ fn keys_source_status(admin: &str, s: &std::collections::BTreeMap<String, i64>) 
         stat(s, "wasmcustom.registry_guard.keys_fetch.seconds_since_success"),
     );
     if keys == 0 {
-        println!("  WARNING: the filter has no trusted keys yet: it refuses every request until its keys source answers");
+        println!(
+            "  WARNING: the filter has no trusted keys yet: it refuses every request until its keys source answers"
+        );
         return 1;
     }
     0
