@@ -13,7 +13,7 @@ const LAYERS: &[(&str, &[&str], &[&str])] = &[
     ("token", &["support", "request"], &["es256", "keys", "jwks", "claims", "verify", "sign", "user", "testing"]),
     ("policy", &["support", "request", "token"], &["deploy", "protection", "claims", "bundle", "directory", "follow"]),
     ("decide", &["support", "request", "token", "policy"], &["config", "decision", "guard", "audit", "corpus"]),
-    ("issue", &["support", "request", "token", "policy"], &["grant", "principal"]),
+    ("issue", &["support", "request", "token", "policy"], &["grant", "job", "principal"]),
     ("inspect", &["support", "request", "token", "policy", "decide", "issue"], &["explain", "review"]),
     // A leaf beside the stack, one module (`events/mod.rs`).
     ("events", &["support"], &[]),

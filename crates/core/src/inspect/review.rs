@@ -231,7 +231,7 @@ impl<'a> Reviewer<'a> {
         );
         let project = self.directory.project_of(repo);
         let (kind, standing, actor) = match principal {
-            Principal::User(u) => {
+            Principal::User(u) | Principal::Job(u, _) => {
                 let level = project.map_or(AccessLevel::NoAccess, |p| self.directory.effective_level(u, &p.path));
                 let standing = if project.is_some() { describe_level(level) } else { "no project".to_owned() };
                 // As the filter reads it from the token: `admin` is level 60.
@@ -334,7 +334,7 @@ pub fn review_principal(
     Ok(PrincipalReview {
         name: name.to_owned(),
         kind: match principal {
-            Principal::User(_) => Kind::User,
+            Principal::User(_) | Principal::Job(..) => Kind::User,
             Principal::DeployToken(_) => Kind::DeployToken,
         },
         revision: policy.revision,
