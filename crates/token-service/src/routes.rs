@@ -78,6 +78,8 @@ pub struct AppState {
     pub bundle_read_token_sha256: Option<String>,
     /// The longest `Prefer: wait=N` honoured on `GET /bundle` (below the request timeout).
     pub bundle_max_wait_seconds: u64,
+    /// CI jobs (`ci_jobs` in token-service.json): `None` refuses job tokens and the jobs API.
+    pub jobs: Option<crate::jobs::JobsState>,
 }
 
 impl AppState {
@@ -99,6 +101,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/stats", get(stats))
         .route("/bundle/status", get(bundle_status))
+        .merge(crate::jobs::routes())
         .layer(DefaultBodyLimit::max(MAX_FORM_BYTES))
         // Added after the form limit, so only this route gets the larger one; the operator
         // check runs first, before any of the body is read.
@@ -301,7 +304,18 @@ fn issue(
     offline: bool,
     now: i64,
 ) -> Result<TokenResponse, Problem> {
-    let (grants, withheld) = if who.is_deploy_token() {
+    let (grants, withheld) = if let Some(job) = who.job.as_ref().filter(|_| who.auth_type == AuthType::JobToken) {
+        let user = state
+            .directory
+            .user(&who.username)
+            .ok_or_else(|| Problem::InvalidCredentials(INVALID_CREDENTIALS_MESSAGE.into()))?;
+        if policy.credentials.revocations.user_blocked(&user.username, now) {
+            return Err(Problem::InvalidCredentials(access_revoked_message(&user.username)));
+        }
+        state.directory.job_grant(policy, user, &job.project, scopes)
+    } else if who.auth_type == AuthType::JobToken {
+        return Err(Problem::InvalidCredentials(INVALID_CREDENTIALS_MESSAGE.into()));
+    } else if who.is_deploy_token() {
         let deploy_token = policy
             .credentials
             .by_username(&who.username)
@@ -347,7 +361,8 @@ fn issue(
             token.len()
         )));
     }
-    let refresh_token = if offline {
+    // A job token gets no refresh token: it must not outlive the job.
+    let refresh_token = if offline && who.auth_type != AuthType::JobToken {
         let epoch = credential_epoch_of(state, policy, who)
             .ok_or_else(|| Problem::Internal(format!("no credential epoch for {:?}", who.username)))?;
         Some(keys.issuer.refresh_token(who, &epoch, now)?)
@@ -408,6 +423,20 @@ async fn authenticate(
             t.retry_after_seconds()
         );
         return Err(Problem::Throttled(t));
+    }
+    if credentials.username == crate::jobs::JOB_TOKEN_USERNAME {
+        let result = crate::jobs::authenticate(state, policy, &credentials.secret, now);
+        return match result {
+            Ok(who) => {
+                state.login.login_succeeded(&credentials.username);
+                Ok(who)
+            }
+            Err(why) => {
+                login_failed(state, &credentials.username, client, grant, "job_token_refused");
+                tracing::info!("job token refused: {why} (bundle revision {})", policy.revision);
+                Err(Problem::InvalidCredentials(format!("HTTP Basic: Access denied: {why}")))
+            }
+        };
     }
     let result = auth::authenticate(
         &state.directory,
@@ -550,6 +579,8 @@ fn credential_epoch_of(state: &AppState, policy: &Policy, who: &Authenticated) -
             let pat = user.personal_access_tokens.iter().find(|p| Some(&p.name) == who.pat_name.as_ref())?;
             Some(credential_epoch(who.auth_type, &user.username, user.id, &pat.sha256))
         }
+        // Job tokens get no refresh token.
+        AuthType::JobToken => None,
     }
 }
 
@@ -626,7 +657,7 @@ fn redeem_verified_refresh_token(
             .personal_access_tokens
             .iter()
             .any(|p| Some(&p.name) == claims.pat_name.as_ref() && p.expires_at.map_or(true, |at| now < at)),
-        AuthType::DeployToken => false,
+        AuthType::DeployToken | AuthType::JobToken => false,
     };
     if !still_valid {
         return Err(invalid("the credential it was issued for is gone or expired"));
