@@ -31,9 +31,8 @@ fn register(stack: &Stack, user: &str, job_id: u64, pipeline_id: u64, claims: Va
     let body = json!({"project": "acme/web", "user": user, "pipeline_id": pipeline_id, "job_id": job_id,
                       "ref": "v1", "ref_type": "tag", "ref_protected": true,
                       "aud": "sts.amazonaws.com", "claims": claims});
-    let resp = ureq::post(&token_service(stack, "/jobs"))
-        .set("Authorization", &format!("Bearer {CI_TOKEN}"))
-        .send_json(body);
+    let resp =
+        ureq::post(&token_service(stack, "/jobs")).set("Authorization", &format!("Bearer {CI_TOKEN}")).send_json(body);
     match resp {
         Ok(r) => (r.status(), r.into_json().unwrap()),
         Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
@@ -153,7 +152,10 @@ fn ci_jobs_push_pull_end_and_oidc() {
     // A job claim that breaks an immutable operator claim fails the registration.
     let (status, body) = register(&stack, "mia", 104, 4, json!({"tenant": "evil"}));
     eprintln!("refused registration: {status} {body}");
-    assert_eq!((status, body["rule"].as_str(), body["level"].as_str()), (422, Some("immutable_claim"), Some("group `acme`")));
+    assert_eq!(
+        (status, body["rule"].as_str(), body["level"].as_str()),
+        (422, Some("immutable_claim"), Some("group `acme`"))
+    );
 
     // Ending the job: its token is refused at once.
     assert!(stack.inspect("gitlab-ci-token", &mia_job, "acme/web/app", "v1").status.success());
@@ -162,9 +164,10 @@ fn ci_jobs_push_pull_end_and_oidc() {
         .send_json(json!({"job_token": mia_job}))
         .unwrap();
     assert_eq!(ended.status(), 200);
-    let out = stack.inspect("gitlab-ci-token", &mia_job, "acme/web/app", "v1");
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("job 101 has ended"), "{}", stderr(&out));
+    assert!(!stack.inspect("gitlab-ci-token", &mia_job, "acme/web/app", "v1").status.success());
+    let (status, body) = stack.token("gitlab-ci-token", &mia_job, &["repository:acme/web/app:pull"]).unwrap_err();
+    assert_eq!(status, 401);
+    assert!(body.contains("job 101 has ended"), "{body}");
 
     // Revoking a pipeline through the bundle ends its jobs everywhere, the registry tokens
     // already issued included (the filter reads the job from the nested `user` JWT).

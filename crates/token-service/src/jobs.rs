@@ -156,7 +156,10 @@ impl JobsSettings {
             }
             for (j, p) in c.projects.iter().enumerate() {
                 if !registry_guard_core::request::name::is_repository_name(p) {
-                    return Err(err(format!("{at}.projects[{j}]"), format!("`{p}` is not a valid group or project path")));
+                    return Err(err(
+                        format!("{at}.projects[{j}]"),
+                        format!("`{p}` is not a valid group or project path"),
+                    ));
                 }
             }
             ci_systems.push(CiSystem { name: c.name, token_sha256: digest, projects: c.projects });
@@ -180,9 +183,8 @@ impl JobsSettings {
             None => IdTokenKey::Es256,
             Some(p) => {
                 let path = dir.join(p);
-                let pem = std::fs::read_to_string(&path).map_err(|e| {
-                    ConfigError::new(&path, None, format!("cannot read the job ID token RSA key: {e}"))
-                })?;
+                let pem = std::fs::read_to_string(&path)
+                    .map_err(|e| ConfigError::new(&path, None, format!("cannot read the job ID token RSA key: {e}")))?;
                 let key = RsaPrivateKey::from_pkcs8_pem(pem.trim()).map_err(|e| {
                     ConfigError::new(
                         &path,
@@ -496,8 +498,8 @@ fn register_inner(
     id_claims.insert("iss".into(), jobs.oidc_issuer.clone().into());
     id_claims.insert("aud".into(), serde_json::to_value(&aud).unwrap_or_default());
     id_claims.insert("jti".into(), random_hex(16).map_err(|e| internal(&e.to_string()))?.into());
-    let id_token = sign_id_token(&keys.issuer.key, &jobs.settings.id_token_key, id_claims, validity)
-        .map_err(|e| internal(&e))?;
+    let id_token =
+        sign_id_token(&keys.issuer.key, &jobs.settings.id_token_key, id_claims, validity).map_err(|e| internal(&e))?;
     tracing::info!(
         "job registered: ci_system={:?} job_id={} pipeline_id={} project={:?} user={:?} ref={:?} ref_protected={} \
          expires_in={ttl}s bundle_revision={}",
@@ -533,7 +535,8 @@ fn sign_id_token(
     match key {
         IdTokenKey::Es256 => token::sign::sign(es256, claims, validity).map_err(|e| e.to_string()),
         IdTokenKey::Rs256 { key, kid } => {
-            let at = |t: i64| chrono::DateTime::from_timestamp(t, 0).ok_or_else(|| format!("timestamp {t} out of range"));
+            let at =
+                |t: i64| chrono::DateTime::from_timestamp(t, 0).ok_or_else(|| format!("timestamp {t} out of range"));
             let mut c = JwtClaims::new(claims);
             c.expiration = Some(at(validity.expires_at)?);
             c.not_before = Some(at(validity.not_before)?);

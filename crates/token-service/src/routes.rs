@@ -416,6 +416,16 @@ async fn authenticate(
     grant: &str,
     now: i64,
 ) -> Result<Authenticated, Problem> {
+    // Job tokens: every job logs in as `gitlab-ci-token`, so no per-username limit (one
+    // client's bad job tokens must not throttle every job); verifying one is a signature
+    // check, bounded by the per-client limit like every token request.
+    if credentials.username == crate::jobs::JOB_TOKEN_USERNAME {
+        return crate::jobs::authenticate(state, policy, &credentials.secret, now).map_err(|why| {
+            login_failed(state, &credentials.username, client, grant, "job_token_refused");
+            tracing::info!("job token refused: {why} (bundle revision {})", policy.revision);
+            Problem::InvalidCredentials(format!("HTTP Basic: Access denied: {why}"))
+        });
+    }
     if let Err(t) = state.login.login_attempt(&credentials.username) {
         tracing::info!(
             "login throttled: username=\"{}\" client={client} grant={grant} retry_after={}s",
@@ -423,20 +433,6 @@ async fn authenticate(
             t.retry_after_seconds()
         );
         return Err(Problem::Throttled(t));
-    }
-    if credentials.username == crate::jobs::JOB_TOKEN_USERNAME {
-        let result = crate::jobs::authenticate(state, policy, &credentials.secret, now);
-        return match result {
-            Ok(who) => {
-                state.login.login_succeeded(&credentials.username);
-                Ok(who)
-            }
-            Err(why) => {
-                login_failed(state, &credentials.username, client, grant, "job_token_refused");
-                tracing::info!("job token refused: {why} (bundle revision {})", policy.revision);
-                Err(Problem::InvalidCredentials(format!("HTTP Basic: Access denied: {why}")))
-            }
-        };
     }
     let result = auth::authenticate(
         &state.directory,

@@ -130,12 +130,12 @@ impl Case {
                 };
                 let validity = Validity { issued_at: now, not_before: now + t.nbf, expires_at: now + t.exp };
                 let user_info = match (t.deploy_token_id, &t.job) {
-                    (Some(id), _) => {
-                        Some(serde_json::json!({"token_type": "deploy_token", "username": t.sub, "deploy_token_id": id}))
-                    }
-                    (None, Some(job)) => {
-                        Some(serde_json::json!({"token_type": "job_token", "username": t.sub, "user_id": 1, "job": job}))
-                    }
+                    (Some(id), _) => Some(
+                        serde_json::json!({"token_type": "deploy_token", "username": t.sub, "deploy_token_id": id}),
+                    ),
+                    (None, Some(job)) => Some(
+                        serde_json::json!({"token_type": "job_token", "username": t.sub, "user_id": 1, "job": job}),
+                    ),
                     (None, None) => None,
                 };
                 let user = match user_info {

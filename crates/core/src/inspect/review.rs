@@ -548,9 +548,7 @@ mod tests {
         let text = r.to_string();
         assert!(text.contains("some tags (rule web-release-tags)"), "{text}");
         assert!(
-            text.contains(
-                "job scopes: jobs of acme/web (pull, push), as the user who triggered the job may"
-            ),
+            text.contains("job scopes: jobs of acme/web (pull, push), as the user who triggered the job may"),
             "{text}"
         );
     }

@@ -135,12 +135,7 @@ pub fn may_run_jobs(directory: &Directory, user: &User, project: &str) -> Result
 pub fn job_claims(claims: &Claims, project: &str, requested: &ClaimMap) -> Result<ClaimMap, JobRefusal> {
     let inherited = claims.resolved(project);
     if requested.len() > MAX_CLAIMS_PER_LEVEL {
-        return Err(refusal(
-            "job",
-            None,
-            "invalid_claim",
-            format!("job: more than {MAX_CLAIMS_PER_LEVEL} job claims"),
-        ));
+        return Err(refusal("job", None, "invalid_claim", format!("job: more than {MAX_CLAIMS_PER_LEVEL} job claims")));
     }
     for (name, value) in requested {
         if JOB_ID_TOKEN_BUILT_IN.contains(&name.as_str()) {
@@ -171,7 +166,9 @@ pub fn job_claims(claims: &Claims, project: &str, requested: &ClaimMap) -> Resul
                 "job",
                 Some(name),
                 "invalid_claim",
-                format!("job claim `{name}` must have a non-null value of at most {MAX_CLAIM_VALUE_BYTES} bytes of JSON"),
+                format!(
+                    "job claim `{name}` must have a non-null value of at most {MAX_CLAIM_VALUE_BYTES} bytes of JSON"
+                ),
             ));
         }
         if let Some(set) = inherited.get(name) {
@@ -400,8 +397,7 @@ mod tests {
         let dev = dir.user("dev").unwrap();
         let route = classify("GET", "/v2/acme/web/app/manifests/dev-1", None).unwrap();
         let with = |jobs: serde_json::Value| {
-            let policy =
-                Policy::from_json(&json!({"revision": 2, "revocations": {"jobs": jobs}}).to_string()).unwrap();
+            let policy = Policy::from_json(&json!({"revision": 2, "revocations": {"jobs": jobs}}).to_string()).unwrap();
             let (token, _) = issued_token(&dir, &policy, Principal::Job(dev, &job), &route.scopes, 0);
             decide(Ok(&route), Credential::Valid(&token), &challenge, &policy, 0)
         };
@@ -441,10 +437,7 @@ mod tests {
             json!({"tenant": "acme", "cost_center": "cc-2040",
                    "aws_role_arn": "arn:aws:iam::123456789012:role/acme-web-deploy"})
         );
-        assert_eq!(
-            claims_of("acme/web", json!({"deploy_env": "prod"})).unwrap()["deploy_env"],
-            json!("prod")
-        );
+        assert_eq!(claims_of("acme/web", json!({"deploy_env": "prod"})).unwrap()["deploy_env"], json!("prod"));
         // `cost_center` is mutable at group `acme`, and acme/platform/api does not redefine it.
         let c = claims_of("acme/platform/api", json!({"cost_center": "cc-job"})).unwrap();
         assert_eq!(c["cost_center"], json!("cc-job"));

@@ -61,13 +61,10 @@ pub fn issued_token(
             let (grants, notes) = directory.grant_under(policy, user, scopes);
             (grants, notes, "password", None, None)
         }
-        Principal::DeployToken(t) => {
-            (directory.deploy_grant(t, scopes), Vec::new(), "deploy_token", Some(t.id), None)
-        }
+        Principal::DeployToken(t) => (directory.deploy_grant(t, scopes), Vec::new(), "deploy_token", Some(t.id), None),
         Principal::Job(user, job) => {
             let (grants, notes) = directory.job_grant(policy, user, &job.project, scopes);
-            let job_ref =
-                JobRef { id: job.id, pipeline_id: job.pipeline_id, project: job.project.clone() };
+            let job_ref = JobRef { id: job.id, pipeline_id: job.pipeline_id, project: job.project.clone() };
             (grants, notes, "job_token", None, Some(job_ref))
         }
     };

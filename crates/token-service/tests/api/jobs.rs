@@ -87,7 +87,9 @@ impl TestApp {
 
     /// A registry token for the job token (or why not).
     async fn job_login(&self, job_token: &str, scope: &str) -> Result<Value, (u16, String)> {
-        let resp = self.get_token(&format!("service=container_registry&scope={scope}"), Some(("gitlab-ci-token", job_token))).await;
+        let resp = self
+            .get_token(&format!("service=container_registry&scope={scope}"), Some(("gitlab-ci-token", job_token)))
+            .await;
         let status = resp.status().as_u16();
         let body: Value = resp.json().await.unwrap();
         if status != 200 {
@@ -175,7 +177,10 @@ async fn a_job_token_logs_in_as_gitlab_ci_token_with_the_users_level_in_its_proj
     assert_eq!(claims["access"], json!([]));
     // No refresh token for a job.
     let resp = app
-        .get_token("service=container_registry&offline_token=true&scope=repository:acme/web/app:pull", Some(("gitlab-ci-token", job_token)))
+        .get_token(
+            "service=container_registry&offline_token=true&scope=repository:acme/web/app:pull",
+            Some(("gitlab-ci-token", job_token)),
+        )
         .await;
     let body: Value = resp.json().await.unwrap();
     assert!(body["token"].is_string() && body.get("refresh_token").is_none(), "{body}");
@@ -184,14 +189,20 @@ async fn a_job_token_logs_in_as_gitlab_ci_token_with_the_users_level_in_its_proj
     assert!(app.verifier().await.verify(job_token, now()).is_err());
     let (status, _) = app.job_login("eyJhbGciOiJFUzI1NiJ9.e30.c2ln", "repository:acme/web/app:pull").await.unwrap_err();
     assert_eq!(status, 401);
-    let forged = app.get_token("service=container_registry&scope=repository:acme/web/app:pull", Some(("mia", job_token))).await;
+    let forged =
+        app.get_token("service=container_registry&scope=repository:acme/web/app:pull", Some(("mia", job_token))).await;
     assert_eq!(forged.status(), 401);
     let anonymous = app.get_token("service=container_registry&scope=repository:acme/web/app:pull", None).await;
     assert_eq!(anonymous.status(), 401);
 }
 
 async fn claims_token(app: &TestApp, job_token: &str) -> String {
-    let resp = app.get_token("service=container_registry&scope=repository:acme/web/app:pull", Some(("gitlab-ci-token", job_token))).await;
+    let resp = app
+        .get_token(
+            "service=container_registry&scope=repository:acme/web/app:pull",
+            Some(("gitlab-ci-token", job_token)),
+        )
+        .await;
     let body: Value = resp.json().await.unwrap();
     body["token"].as_str().unwrap().to_owned()
 }
@@ -248,9 +259,12 @@ async fn bundle_revocations_of_jobs_and_other_replicas() {
     // Anonymous and forged requests are still refused after the bundle change.
     assert_eq!(b.get_token("service=container_registry&scope=repository:acme/web/app:pull", None).await.status(), 401);
     assert_eq!(
-        b.get_token("service=container_registry&scope=repository:acme/web/app:pull", Some(("gitlab-ci-token", "forged")))
-            .await
-            .status(),
+        b.get_token(
+            "service=container_registry&scope=repository:acme/web/app:pull",
+            Some(("gitlab-ci-token", "forged"))
+        )
+        .await
+        .status(),
         401
     );
     assert_eq!(b.register(Some("forged"), &registration("mia", 12)).await.0, 401);
@@ -327,14 +341,23 @@ async fn job_id_tokens_are_rs256_oidc_tokens_with_merged_claims() {
     let mut body = registration("mia", 21);
     body["aud"] = json!(["sts.amazonaws.com", "vault"]);
     let (_, job) = app.register(Some(CI_TOKEN), &body).await;
-    assert_eq!(decode_unverified(job["id_token"].as_str().unwrap()).unwrap()["aud"], json!(["sts.amazonaws.com", "vault"]));
+    assert_eq!(
+        decode_unverified(job["id_token"].as_str().unwrap()).unwrap()["aud"],
+        json!(["sts.amazonaws.com", "vault"])
+    );
 }
 
 #[tokio::test]
 async fn ci_jobs_settings_errors_name_the_field() {
     for (ci_jobs, field) in [
-        (json!({"ci_systems": [{"name": "x", "token_sha256": "abc", "projects": ["acme"]}]}), "$.ci_jobs.ci_systems[0].token_sha256"),
-        (json!({"ci_systems": [{"name": "x", "token_sha256": sha256_hex("a"), "projects": []}]}), "$.ci_jobs.ci_systems[0].projects"),
+        (
+            json!({"ci_systems": [{"name": "x", "token_sha256": "abc", "projects": ["acme"]}]}),
+            "$.ci_jobs.ci_systems[0].token_sha256",
+        ),
+        (
+            json!({"ci_systems": [{"name": "x", "token_sha256": sha256_hex("a"), "projects": []}]}),
+            "$.ci_jobs.ci_systems[0].projects",
+        ),
         (json!({"job_token_ttl_seconds": 5}), "$.ci_jobs.job_token_ttl_seconds"),
         (json!({"oidc_issuer": "example.com/"}), "$.ci_jobs.oidc_issuer"),
     ] {
