@@ -31,11 +31,15 @@ fn register(stack: &Stack, user: &str, job_id: u64, pipeline_id: u64, claims: Va
     let body = json!({"project": "acme/web", "user": user, "pipeline_id": pipeline_id, "job_id": job_id,
                       "ref": "v1", "ref_type": "tag", "ref_protected": true,
                       "aud": "sts.amazonaws.com", "claims": claims});
-    let resp =
-        ureq::post(&token_service(stack, "/jobs")).set("Authorization", &format!("Bearer {CI_TOKEN}")).send_json(body);
+    let resp = ureq::post(&token_service(stack, "/jobs"))
+        .set("Authorization", &format!("Bearer {CI_TOKEN}"))
+        .set("Content-Type", "application/json")
+        .send_string(&body.to_string());
     match resp {
-        Ok(r) => (r.status(), r.into_json().unwrap()),
-        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
+        Ok(r) => (r.status(), serde_json::from_str(&r.into_string().unwrap()).unwrap()),
+        Err(ureq::Error::Status(code, r)) => {
+            (code, serde_json::from_str(&r.into_string().unwrap_or_default()).unwrap_or(Value::Null))
+        }
         Err(e) => panic!("register: {e}"),
     }
 }
@@ -161,7 +165,8 @@ fn ci_jobs_push_pull_end_and_oidc() {
     assert!(stack.inspect("gitlab-ci-token", &mia_job, "acme/web/app", "v1").status.success());
     let ended = ureq::post(&token_service(&stack, "/jobs/end"))
         .set("Authorization", &format!("Bearer {CI_TOKEN}"))
-        .send_json(json!({"job_token": mia_job}))
+        .set("Content-Type", "application/json")
+        .send_string(&json!({"job_token": mia_job}).to_string())
         .unwrap();
     assert_eq!(ended.status(), 200);
     assert!(!stack.inspect("gitlab-ci-token", &mia_job, "acme/web/app", "v1").status.success());
