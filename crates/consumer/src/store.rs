@@ -797,6 +797,7 @@ mod tests {
                 username: format!("actor-{actor}"),
                 user_id: (!deploy).then_some(actor),
                 deploy_token_id: deploy.then_some(actor),
+                job: None,
             }),
             outcome: Outcome::Usage { kind: Kind::PushTag, principal: PrincipalType::of(token_type) },
             reason: None,

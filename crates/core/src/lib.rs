@@ -11,7 +11,7 @@
 //! ```text
 //! inspect  explain, review                          rgctl explain, rgctl review
 //! decide   config, decision, guard, audit, corpus*  the filter, per request    } siblings:
-//! issue    grant, principal                         the token service's grants } neither uses the other
+//! issue    grant, job, principal                    the token service's grants } neither uses the other
 //! policy   deploy, protection, claims, bundle, directory, follow
 //! token    es256, keys, jwks, claims, verify, sign, user, testing*
 //! request  access, name, scope, route
@@ -37,7 +37,8 @@
 //! - **A claim**: of the registry token, [`token::claims`] (shape), [`token::verify`] (what
 //!   is checked) and [`token::sign`]; an operator-defined additional claim, [`policy::claims`].
 //! - **A grant** (what the token service puts in a token): [`issue::grant`]; the token as
-//!   `rgctl explain` mints it, [`issue::principal`].
+//!   `rgctl explain` mints it, [`issue::principal`]; CI jobs (job token grants, job ID
+//!   token claims), [`issue::job`].
 //! - **A new module**: in the lowest layer whose modules it needs, added to that layer's
 //!   order in `tests/layering.rs`. If two modules need each other, a third concept is hiding
 //!   between them: name it and move it down.

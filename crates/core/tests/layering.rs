@@ -21,7 +21,7 @@ const LAYERS: &[(&str, &[&str], &[&str])] = &[
         &["deploy", "protection", "claims", "bundle", "directory", "oci", "follow"],
     ),
     ("decide", &["support", "request", "token", "policy"], &["config", "decision", "guard", "audit", "corpus"]),
-    ("issue", &["support", "request", "token", "policy"], &["grant", "principal"]),
+    ("issue", &["support", "request", "token", "policy"], &["grant", "job", "principal"]),
     ("inspect", &["support", "request", "token", "policy", "decide", "issue"], &["explain", "review"]),
     // A leaf beside the stack, one module (`events/mod.rs`).
     ("events", &["support"], &[]),

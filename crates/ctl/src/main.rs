@@ -44,6 +44,10 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value = "signing")]
         name: String,
+        /// An RSA 2048 key (PKCS#8 PEM `<name>-key.pem`) for RS256 job ID tokens
+        /// (`ci_jobs.id_token_rsa_key` of token-service.json), instead of a P-256 key.
+        #[arg(long)]
+        rsa: bool,
     },
     /// Check a policy bundle (JSON) and print its revision and rule count; errors name the
     /// JSON path. With `--keys`, the file is a signed bundle checked against those keys.
@@ -142,8 +146,18 @@ enum Command {
         #[arg(long)]
         principals: PathBuf,
         /// The user, or the deploy token (its username, e.g. `acme-ci`), the request is made as.
+        /// With `--job-project`: the user who triggered the CI job.
         #[arg(long = "as", value_name = "USERNAME")]
         user: String,
+        /// Explain for the job token of a CI job of this project, triggered by `--as`.
+        #[arg(long, value_name = "PROJECT")]
+        job_project: Option<String>,
+        /// The job's id (bundle revocations name jobs by id).
+        #[arg(long, default_value_t = 1, requires = "job_project")]
+        job_id: u64,
+        /// The job's pipeline id.
+        #[arg(long, default_value_t = 1, requires = "job_project")]
+        pipeline_id: u64,
         /// e.g. `PUT`
         method: String,
         /// e.g. `/v2/acme/web/app/manifests/v1`
@@ -333,7 +347,8 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Keygen { out, name } => keygen(&out, &name),
+        Command::Keygen { out, name, rsa: false } => keygen(&out, &name),
+        Command::Keygen { out, name, rsa: true } => keygen_rsa(&out.join(format!("{name}-key.pem"))),
         Command::Validate { bundle, keys } => {
             let text = read(&bundle)?;
             let policy = match keys {
@@ -398,10 +413,25 @@ fn run(cli: Cli) -> Result<()> {
             println!("libtrust {}", key.libtrust_kid());
             Ok(())
         }
-        Command::Explain { bundle, keys, principals, user, method, path } => {
+        Command::Explain { bundle, keys, principals, user, job_project, job_id, pipeline_id, method, path } => {
+            use registry_guard_core::inspect::explain;
             let (policy, dir) = load_world(&bundle, keys.as_deref(), &principals)?;
-            let e = registry_guard_core::inspect::explain::explain(&dir, &policy, &user, &method, &path, unix_now())
-                .map_err(anyhow::Error::msg)?;
+            let e = match job_project {
+                None => explain::explain(&dir, &policy, &user, &method, &path, unix_now()),
+                Some(project) => {
+                    let job = registry_guard_core::issue::job::Job {
+                        id: job_id,
+                        pipeline_id,
+                        project,
+                        user,
+                        ref_name: "main".into(),
+                        ref_type: registry_guard_core::issue::job::RefType::Branch,
+                        ref_protected: false,
+                    };
+                    explain::explain_job(&dir, &policy, &job, &method, &path, unix_now())
+                }
+            }
+            .map_err(anyhow::Error::msg)?;
             print!("{e}");
             Ok(())
         }
@@ -743,6 +773,24 @@ fn keygen(out: &Path, name: &str) -> Result<()> {
     let jwks = serde_json::json!({ "keys": [key.public_jwk()] });
     fs::write(out.join(&jwks_name), serde_json::to_string_pretty(&jwks)? + "\n")?;
     eprintln!("key id {} (JWKS in {})", key.kid, out.join(&jwks_name).display());
+    Ok(())
+}
+
+/// `rgctl keygen --rsa`: an RSA 2048 private key as PKCS#8 PEM at `path`, unless it exists.
+pub(crate) fn keygen_rsa(path: &Path) -> Result<()> {
+    use rsa::pkcs8::EncodePrivateKey as _;
+    if path.exists() {
+        eprintln!("keeping existing RSA key {}", path.display());
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
+    }
+    let key = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 2048)
+        .map_err(|e| anyhow::anyhow!("cannot generate an RSA key: {e}"))?;
+    let pem = key.to_pkcs8_pem(rsa::pkcs8::LineEnding::LF).map_err(|e| anyhow::anyhow!("cannot encode key: {e}"))?;
+    write_private(path, pem.as_bytes())?;
+    eprintln!("generated RSA key {}", path.display());
     Ok(())
 }
 

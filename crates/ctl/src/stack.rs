@@ -530,6 +530,10 @@ pub fn render(args: &RenderArgs) -> Result<Stack> {
     crate::keygen(&keys, "signing")?;
     crate::keygen(&keys, "operator")?;
     crate::operator_token(&keys, "operator")?;
+    // The RSA key of RS256 job ID tokens, when `ci_jobs.id_token_rsa_key` names one (issue 18).
+    if let Some(rsa_key) = settings["ci_jobs"]["id_token_rsa_key"].as_str() {
+        crate::keygen_rsa(&config_dir.join(rsa_key))?;
+    }
     // The token the filter (and token-service replicas) present to `GET /bundle`.
     crate::operator_token(&keys, "bundle-read")?;
     let read_token = crate::read(&keys.join("bundle-read-token"))?.trim().to_owned();

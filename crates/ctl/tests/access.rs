@@ -53,7 +53,7 @@ fn who_may_pull_push_delete_a_repository() {
     for name in ["gus (", "olga (", "deploy-token-4 (", "deploy-token-5 (", "deploy-token-6 ("] {
         assert!(no_access.contains(name), "{name}: {text}");
     }
-    assert!(text.contains("job scopes: none"), "{text}");
+    assert!(text.contains("job scopes: jobs of acme/web (pull, push), as the user"), "{text}");
     assert_eq!(
         row(&text, "web-release-tags"),
         [

@@ -22,6 +22,8 @@ pub enum AuthType {
     Pat,
     /// A deploy token of the active policy bundle (not a user).
     DeployToken,
+    /// A CI job's job token (`gitlab-ci-token`): the user who triggered the job, through it.
+    JobToken,
 }
 
 impl AuthType {
@@ -30,6 +32,7 @@ impl AuthType {
             AuthType::Password => "password",
             AuthType::Pat => "pat",
             AuthType::DeployToken => "deploy_token",
+            AuthType::JobToken => "job_token",
         }
     }
 
@@ -38,6 +41,7 @@ impl AuthType {
             "password" => Some(AuthType::Password),
             "pat" => Some(AuthType::Pat),
             "deploy_token" => Some(AuthType::DeployToken),
+            "job_token" => Some(AuthType::JobToken),
             _ => None,
         }
     }
@@ -56,6 +60,8 @@ pub struct Authenticated {
     pub pat_name: Option<String>,
     /// The deploy token's id, for `AuthType::DeployToken`.
     pub deploy_token_id: Option<u64>,
+    /// The CI job, for `AuthType::JobToken`.
+    pub job: Option<registry_guard_core::issue::job::Job>,
 }
 
 impl Authenticated {
@@ -67,6 +73,7 @@ impl Authenticated {
             user_id: Some(user_id),
             pat_name,
             deploy_token_id: None,
+            job: None,
         }
     }
 
@@ -78,6 +85,7 @@ impl Authenticated {
             user_id: None,
             pat_name: None,
             deploy_token_id: Some(token.id),
+            job: None,
         }
     }
 
@@ -341,7 +349,7 @@ mod tests {
 
     #[test]
     fn auth_types_round_trip() {
-        for t in [AuthType::Password, AuthType::Pat, AuthType::DeployToken] {
+        for t in [AuthType::Password, AuthType::Pat, AuthType::DeployToken, AuthType::JobToken] {
             assert_eq!(AuthType::parse(t.as_str()), Some(t));
         }
         assert_eq!(AuthType::parse("oauth"), None);

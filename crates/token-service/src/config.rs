@@ -64,6 +64,8 @@ struct RawSettings {
     login_limits: LoginLimits,
     /// Connection limits and timeouts of the HTTP server (see `server`).
     server: ServerLimits,
+    /// CI jobs: CI systems, job token lifetime, OIDC issuer and job ID token key (see `jobs`).
+    ci_jobs: Option<crate::jobs::RawJobsSettings>,
 }
 
 impl Default for RawSettings {
@@ -83,6 +85,7 @@ impl Default for RawSettings {
             bundle_source: None,
             login_limits: LoginLimits::default(),
             server: ServerLimits::default(),
+            ci_jobs: None,
         }
     }
 }
@@ -245,7 +248,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(file: &Path, field: Option<String>, reason: impl Into<String>) -> ConfigError {
+    pub(crate) fn new(file: &Path, field: Option<String>, reason: impl Into<String>) -> ConfigError {
         ConfigError { file: file.to_path_buf(), field, reason: reason.into() }
     }
 }
@@ -295,6 +298,8 @@ pub struct Config {
     pub bundle_source: Option<BundleSource>,
     pub login_limits: LoginLimits,
     pub server: ServerLimits,
+    /// CI jobs, when `ci_jobs` is configured.
+    pub ci_jobs: Option<crate::jobs::JobsSettings>,
 }
 
 impl Config {
@@ -362,6 +367,7 @@ impl Config {
                 None => (Policy::default(), None, None),
             };
         let bundle_loaded = bundle_sha256.is_some();
+        let ci_jobs = raw.ci_jobs.map(|j| crate::jobs::JobsSettings::load(dir, &settings_path, j)).transpose()?;
         Ok(Config {
             issuer: raw.issuer,
             service: raw.service,
@@ -381,6 +387,7 @@ impl Config {
             bundle_source,
             login_limits: raw.login_limits,
             server: raw.server,
+            ci_jobs,
         })
     }
 }

@@ -7,7 +7,7 @@ use registry_guard_core::issue::grant::Grant;
 use registry_guard_core::policy::claims::{is_built_in, ClaimMap};
 use registry_guard_core::request::access::AccessLevel;
 use registry_guard_core::token;
-use registry_guard_core::token::claims::{AccessClaim, AccessMeta, Audience, RegistryClaims};
+use registry_guard_core::token::claims::{AccessClaim, AccessMeta, Audience, JobRef, RegistryClaims};
 use registry_guard_core::token::keys::SigningKey;
 use registry_guard_core::token::sign::Validity;
 use serde::{Deserialize, Serialize};
@@ -54,13 +54,17 @@ struct UserClaims<'a> {
 
 #[derive(Debug, Serialize)]
 struct UserInfo<'a> {
-    /// `password`, `pat` or `deploy_token`.
+    /// `password`, `pat`, `deploy_token` or `job_token`.
     token_type: &'static str,
     username: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     user_id: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     deploy_token_id: Option<u64>,
+    /// For a job token: the job (id, pipeline id, project), which the filter checks against
+    /// the bundle's job revocations.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    job: Option<JobRef>,
 }
 
 /// Claims of a refresh token, besides `exp`, `nbf`, `iat`.
@@ -157,6 +161,11 @@ impl TokenIssuer {
                 username: &who.username,
                 user_id: who.user_id,
                 deploy_token_id: who.deploy_token_id,
+                job: who.job.as_ref().map(|j| JobRef {
+                    id: j.id,
+                    pipeline_id: j.pipeline_id,
+                    project: j.project.clone(),
+                }),
             },
         };
         let user = token::sign::sign(&self.key, user_claims, validity)?;
@@ -185,11 +194,11 @@ impl TokenIssuer {
             auth_type: who.auth_type.as_str().to_owned(),
             pat_name: match who.auth_type {
                 AuthType::Pat => who.pat_name.clone(),
-                AuthType::Password | AuthType::DeployToken => None,
+                AuthType::Password | AuthType::DeployToken | AuthType::JobToken => None,
             },
             deploy_token_id: match who.auth_type {
                 AuthType::DeployToken => who.deploy_token_id,
-                AuthType::Password | AuthType::Pat => None,
+                AuthType::Password | AuthType::Pat | AuthType::JobToken => None,
             },
             epoch: Some(epoch.to_owned()),
         };

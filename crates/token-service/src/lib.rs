@@ -7,6 +7,7 @@ pub mod auth;
 pub mod config;
 pub mod follow;
 pub mod issue;
+pub mod jobs;
 pub mod keys;
 pub mod limits;
 pub mod policy;

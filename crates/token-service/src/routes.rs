@@ -78,6 +78,8 @@ pub struct AppState {
     pub bundle_read_token_sha256: Option<String>,
     /// The longest `Prefer: wait=N` honoured on `GET /bundle` (below the request timeout).
     pub bundle_max_wait_seconds: u64,
+    /// CI jobs (`ci_jobs` in token-service.json): `None` refuses job tokens and the jobs API.
+    pub jobs: Option<crate::jobs::JobsState>,
 }
 
 impl AppState {
@@ -99,6 +101,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/stats", get(stats))
         .route("/bundle/status", get(bundle_status))
+        .merge(crate::jobs::routes())
         .layer(DefaultBodyLimit::max(MAX_FORM_BYTES))
         // Added after the form limit, so only this route gets the larger one; the operator
         // check runs first, before any of the body is read.
@@ -301,7 +304,18 @@ fn issue(
     offline: bool,
     now: i64,
 ) -> Result<TokenResponse, Problem> {
-    let (grants, withheld) = if who.is_deploy_token() {
+    let (grants, withheld) = if let Some(job) = who.job.as_ref().filter(|_| who.auth_type == AuthType::JobToken) {
+        let user = state
+            .directory
+            .user(&who.username)
+            .ok_or_else(|| Problem::InvalidCredentials(INVALID_CREDENTIALS_MESSAGE.into()))?;
+        if policy.credentials.revocations.user_blocked(&user.username, now) {
+            return Err(Problem::InvalidCredentials(access_revoked_message(&user.username)));
+        }
+        state.directory.job_grant(policy, user, &job.project, scopes)
+    } else if who.auth_type == AuthType::JobToken {
+        return Err(Problem::InvalidCredentials(INVALID_CREDENTIALS_MESSAGE.into()));
+    } else if who.is_deploy_token() {
         let deploy_token = policy
             .credentials
             .by_username(&who.username)
@@ -347,7 +361,8 @@ fn issue(
             token.len()
         )));
     }
-    let refresh_token = if offline {
+    // A job token gets no refresh token: it must not outlive the job.
+    let refresh_token = if offline && who.auth_type != AuthType::JobToken {
         let epoch = credential_epoch_of(state, policy, who)
             .ok_or_else(|| Problem::Internal(format!("no credential epoch for {:?}", who.username)))?;
         Some(keys.issuer.refresh_token(who, &epoch, now)?)
@@ -401,6 +416,16 @@ async fn authenticate(
     grant: &str,
     now: i64,
 ) -> Result<Authenticated, Problem> {
+    // Job tokens: every job logs in as `gitlab-ci-token`, so no per-username limit (one
+    // client's bad job tokens must not throttle every job); verifying one is a signature
+    // check, bounded by the per-client limit like every token request.
+    if credentials.username == crate::jobs::JOB_TOKEN_USERNAME {
+        return crate::jobs::authenticate(state, policy, &credentials.secret, now).map_err(|why| {
+            login_failed(state, &credentials.username, client, grant, "job_token_refused");
+            tracing::info!("job token refused: {why} (bundle revision {})", policy.revision);
+            Problem::InvalidCredentials(format!("HTTP Basic: Access denied: {why}"))
+        });
+    }
     if let Err(t) = state.login.login_attempt(&credentials.username) {
         tracing::info!(
             "login throttled: username=\"{}\" client={client} grant={grant} retry_after={}s",
@@ -550,6 +575,8 @@ fn credential_epoch_of(state: &AppState, policy: &Policy, who: &Authenticated) -
             let pat = user.personal_access_tokens.iter().find(|p| Some(&p.name) == who.pat_name.as_ref())?;
             Some(credential_epoch(who.auth_type, &user.username, user.id, &pat.sha256))
         }
+        // Job tokens get no refresh token.
+        AuthType::JobToken => None,
     }
 }
 
@@ -626,7 +653,7 @@ fn redeem_verified_refresh_token(
             .personal_access_tokens
             .iter()
             .any(|p| Some(&p.name) == claims.pat_name.as_ref() && p.expires_at.map_or(true, |at| now < at)),
-        AuthType::DeployToken => false,
+        AuthType::DeployToken | AuthType::JobToken => false,
     };
     if !still_valid {
         return Err(invalid("the credential it was issued for is gone or expired"));

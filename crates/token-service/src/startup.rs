@@ -142,6 +142,10 @@ impl Application {
         let policy =
             PolicyStore::new(config.policy, active, config.bundle_keys, config.environment.clone(), config.bundle_path);
         let decoy_hash = config.directory.users().iter().find_map(|u| u.password_hash.clone());
+        let (listener, local_addr) = registry_guard_service::bind(settings.listen)
+            .await
+            .map_err(|source| StartupError::Bind { addr: settings.listen, source })?;
+        let jobs = config.ci_jobs.map(|j| crate::jobs::JobsState::new(j, format!("http://{local_addr}")));
         let state = Arc::new(AppState {
             service: config.service.clone(),
             keys: RwLock::new(Arc::new(keys)),
@@ -153,6 +157,7 @@ impl Application {
             bundle_read_token_sha256: config.bundle_read_token_sha256,
             // Long polls end well within the server's request timeout.
             bundle_max_wait_seconds: (config.server.request_timeout_ms / 1000).saturating_sub(5).min(120),
+            jobs,
         });
         let reloader = KeyReloader {
             state: Arc::clone(&state),
@@ -161,9 +166,6 @@ impl Application {
             service: config.service,
             ttl_seconds: config.token_ttl_seconds,
         };
-        let (listener, local_addr) = registry_guard_service::bind(settings.listen)
-            .await
-            .map_err(|source| StartupError::Bind { addr: settings.listen, source })?;
         let follow = config.bundle_source.clone().map(|source| (Arc::clone(&state), source));
         Ok(Application {
             state: Arc::clone(&state),

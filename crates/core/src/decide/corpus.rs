@@ -68,6 +68,10 @@ pub struct CaseToken {
     /// token service issues it (the filter binds deploy-token JWTs to it).
     #[serde(default)]
     pub deploy_token_id: Option<u64>,
+    /// For a job token: the CI job put into the nested `user` JWT's `user_info.job`, as the
+    /// token service issues it (the filter checks bundle job revocations against it).
+    #[serde(default)]
+    pub job: Option<crate::token::claims::JobRef>,
 }
 
 fn trusted() -> String {
@@ -125,12 +129,19 @@ impl Case {
                     other => return Err(format!("case `{}`: unknown key `{other}`", self.name)),
                 };
                 let validity = Validity { issued_at: now, not_before: now + t.nbf, expires_at: now + t.exp };
-                let user = match t.deploy_token_id {
-                    Some(id) => {
-                        let user_claims = serde_json::json!({
-                            "jti": format!("corpus-user-{}", self.name),
-                            "user_info": {"token_type": "deploy_token", "username": t.sub, "deploy_token_id": id},
-                        });
+                let user_info = match (t.deploy_token_id, &t.job) {
+                    (Some(id), _) => Some(
+                        serde_json::json!({"token_type": "deploy_token", "username": t.sub, "deploy_token_id": id}),
+                    ),
+                    (None, Some(job)) => Some(
+                        serde_json::json!({"token_type": "job_token", "username": t.sub, "user_id": 1, "job": job}),
+                    ),
+                    (None, None) => None,
+                };
+                let user = match user_info {
+                    Some(user_info) => {
+                        let user_claims =
+                            serde_json::json!({"jti": format!("corpus-user-{}", self.name), "user_info": user_info});
                         Some(sign(key, user_claims, validity).map_err(|e| e.to_string())?)
                     }
                     None => None,

@@ -403,6 +403,20 @@ fn principal_check(
     if let Some(why) = creds.revocations.check(&token.jti, &token.subject, token.issued_at, !is_deploy) {
         return Some(unauthorized(why, DenyKind::Revoked));
     }
+    // A job token's registry token names its CI job (nested `user_info.job`): the bundle's
+    // job revocations (by job, pipeline or project) end it at once. One without a job is
+    // not a token the token service issues: refused.
+    if token.auth_type.as_deref() == Some("job_token") {
+        let Some(job) = &token.job else {
+            return Some(unauthorized(
+                format!("job token of `{}` names no CI job", quote(&token.subject)),
+                DenyKind::Revoked,
+            ));
+        };
+        if let Some(why) = creds.revocations.job(job) {
+            return Some(unauthorized(why, DenyKind::Revoked));
+        }
+    }
     let repositories = || {
         route.scopes.iter().filter_map(|s| match &s.resource {
             crate::request::scope::Resource::Repository(r) => Some((r.as_str(), s.actions)),

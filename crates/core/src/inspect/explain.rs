@@ -5,6 +5,7 @@
 
 use crate::decide::config::ChallengeConfig;
 use crate::decide::decision::{decide, Credential, Decision};
+use crate::issue::job::{may_run_jobs, Job};
 use crate::issue::principal::{issued_token, principal, Principal};
 use crate::policy::bundle::Policy;
 use crate::policy::deploy::DeployToken;
@@ -36,6 +37,41 @@ pub fn explain(
     now: i64,
 ) -> Result<Explanation, String> {
     let principal = principal(directory, policy, name)?;
+    Ok(explain_principal(directory, policy, principal, method, path, now))
+}
+
+/// [`explain`] for the job token of CI job `job` (triggered by its `user`, who must exist):
+/// what the token service would grant the job for the request, and the decision.
+pub fn explain_job(
+    directory: &Directory,
+    policy: &Policy,
+    job: &Job,
+    method: &str,
+    path: &str,
+    now: i64,
+) -> Result<Explanation, String> {
+    let user = directory.user(&job.user).ok_or_else(|| format!("no user `{}` in the principals", job.user))?;
+    let mut explanation = explain_principal(directory, policy, Principal::Job(user, job), method, path, now);
+    let mut note = format!(
+        "principal: job token of job {} (pipeline {}) of project `{}`, triggered by `{}`",
+        job.id, job.pipeline_id, job.project, job.user
+    );
+    if let Err(refusal) = may_run_jobs(directory, user, &job.project) {
+        note.push_str(&format!("; the token service would refuse to register it: {refusal}"));
+    }
+    explanation.lines.insert(1, note);
+    Ok(explanation)
+}
+
+fn explain_principal(
+    directory: &Directory,
+    policy: &Policy,
+    principal: Principal<'_>,
+    method: &str,
+    path: &str,
+    now: i64,
+) -> Explanation {
+    let name = principal.name().to_owned();
     let challenge = challenge();
     let mut lines = vec![format!("bundle revision {} ({} protection rules)", policy.revision, policy.rules.len())];
     let route = classify(method, path, None);
@@ -44,7 +80,7 @@ pub fn explain(
         Err(e) => {
             let decision = decide(Err(&e), Credential::Missing, &challenge, policy, now);
             lines.push(format!("request: refused by the route grammar: {e}"));
-            return Ok(Explanation { decision, lines });
+            return Explanation { decision, lines };
         }
     };
     let needs = route.scopes.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(" ");
@@ -58,7 +94,7 @@ pub fn explain(
     for scope in &route.scopes {
         if let Resource::Repository(repo) = &scope.resource {
             match (principal, directory.project_of(repo)) {
-                (Principal::User(user), Some(p)) => lines.push(format!(
+                (Principal::User(user) | Principal::Job(user, _), Some(p)) => lines.push(format!(
                     "principal: `{name}` is {} on project `{}` (visibility {:?}){}",
                     directory.effective_level(user, &p.path),
                     p.path,
@@ -77,7 +113,7 @@ pub fn explain(
     lines.push(format!("token service would grant: {}", if granted.is_empty() { "nothing".into() } else { granted }));
     lines.extend(notes.into_iter().map(|n| format!("token service: {n}")));
     let decision = decide(Ok(&route), Credential::Valid(&token), &challenge, policy, now);
-    Ok(Explanation { decision, lines })
+    Explanation { decision, lines }
 }
 
 /// `deploy token 1 of group `acme` (read_registry, write_registry)`, with its state at `now`.

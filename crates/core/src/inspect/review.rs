@@ -7,7 +7,9 @@
 //! an untagged push and a delete with it, without the protection rules; the rules then come
 //! from [`RuleSet::unmet`], the function `denies_untagged` (the token service's withholding)
 //! is built on. Tag rules cannot be judged for every tag, so they make an action "some
-//! tags". Job tokens do not exist in registry-guard: [`JOB_SCOPES`] says so.
+//! tags". Job scopes ([`JobScope`]) say which CI jobs' job tokens reach the repository: the
+//! project's own jobs (pull, push) and the jobs of projects its job token allowlist names
+//! (pull), each limited to what the user who triggered the job may do.
 
 use std::fmt;
 
@@ -22,8 +24,28 @@ use crate::request::name::is_repository_name;
 use crate::request::route::classify;
 use crate::request::scope::Scope;
 
-/// What the review says about CI job tokens.
-pub const JOB_SCOPES: &str = "none (registry-guard has no CI job tokens)";
+/// Which CI jobs' job tokens reach a repository (`issue::job`): the jobs of `project`, with
+/// `actions`, as the user who triggered each job may.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobScope {
+    pub project: String,
+    pub actions: &'static str,
+}
+
+fn job_scopes(directory: &Directory, repository: &str) -> Vec<JobScope> {
+    let Some(project) = directory.project_of(repository) else { return Vec::new() };
+    let mut scopes = vec![JobScope { project: project.path.clone(), actions: "pull, push" }];
+    scopes.extend(project.job_token_allowlist.iter().map(|p| JobScope { project: p.clone(), actions: "pull" }));
+    scopes
+}
+
+fn describe_job_scopes(scopes: &[JobScope]) -> String {
+    if scopes.is_empty() {
+        return "none".to_owned();
+    }
+    let list: Vec<String> = scopes.iter().map(|s| format!("jobs of {} ({})", s.project, s.actions)).collect();
+    format!("{}, as the user who triggered the job may", list.join("; "))
+}
 
 /// May the principal perform an action?
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,6 +192,8 @@ pub struct RepositoryReview {
     pub access: Vec<Access>,
     /// The rules whose pattern matches the repository, in bundle order.
     pub rules: Vec<RuleView>,
+    /// Which CI jobs' job tokens reach the repository.
+    pub job_scopes: Vec<JobScope>,
 }
 
 /// `rgctl access --principal`.
@@ -231,7 +255,7 @@ impl<'a> Reviewer<'a> {
         );
         let project = self.directory.project_of(repo);
         let (kind, standing, actor) = match principal {
-            Principal::User(u) => {
+            Principal::User(u) | Principal::Job(u, _) => {
                 let level = project.map_or(AccessLevel::NoAccess, |p| self.directory.effective_level(u, &p.path));
                 let standing = if project.is_some() { describe_level(level) } else { "no project".to_owned() };
                 // As the filter reads it from the token: `admin` is level 60.
@@ -311,6 +335,7 @@ pub fn review_repository(
         revision: policy.revision,
         access,
         rules: policy.rules.matching(repository).into_iter().map(RuleView::of).collect(),
+        job_scopes: job_scopes(directory, repository),
     })
 }
 
@@ -334,7 +359,7 @@ pub fn review_principal(
     Ok(PrincipalReview {
         name: name.to_owned(),
         kind: match principal {
-            Principal::User(_) => Kind::User,
+            Principal::User(_) | Principal::Job(..) => Kind::User,
             Principal::DeployToken(_) => Kind::DeployToken,
         },
         revision: policy.revision,
@@ -348,7 +373,7 @@ impl RepositoryReview {
         serde_json::json!({
             "repository": self.repository, "project": self.project, "bundle_revision": self.revision,
             "principals": self.access.iter().map(Access::json).collect::<Vec<_>>(),
-            "job_scopes": [],
+            "job_scopes": self.job_scopes.iter().map(|s| serde_json::json!({"project": s.project, "actions": s.actions})).collect::<Vec<_>>(),
             "rules": self.rules.iter().map(RuleView::json).collect::<Vec<_>>(),
         })
     }
@@ -428,7 +453,7 @@ impl fmt::Display for RepositoryReview {
         let (some, none): (Vec<&Access>, Vec<&Access>) = self.access.iter().partition(|a| !a.none());
         writeln!(f)?;
         write!(f, "{}", table(&access_rows(&some, "PRINCIPAL", "some tags", false)))?;
-        writeln!(f, "job scopes: {JOB_SCOPES}")?;
+        writeln!(f, "job scopes: {}", describe_job_scopes(&self.job_scopes))?;
         let none: Vec<String> = none.iter().map(|a| format!("{} ({})", a.name, a.standing)).collect();
         writeln!(f, "no access: {}", if none.is_empty() { "nobody".to_owned() } else { none.join("; ") })?;
         writeln!(f)?;
@@ -522,7 +547,10 @@ mod tests {
         assert_eq!(rule.push.as_deref(), Some("maintainer or above"));
         let text = r.to_string();
         assert!(text.contains("some tags (rule web-release-tags)"), "{text}");
-        assert!(text.contains("job scopes: none"), "{text}");
+        assert!(
+            text.contains("job scopes: jobs of acme/web (pull, push), as the user who triggered the job may"),
+            "{text}"
+        );
     }
 
     #[test]

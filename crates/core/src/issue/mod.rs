@@ -5,4 +5,5 @@
 //! `decide`, a sibling it may not use): the token service issues, the filter decides.
 
 pub mod grant;
+pub mod job;
 pub mod principal;

@@ -4,10 +4,12 @@
 //! with the one decision function, so they cannot drift from what the token service issues.
 
 use crate::issue::grant::Grant;
+use crate::issue::job::Job;
 use crate::policy::bundle::Policy;
 use crate::policy::deploy::DeployToken;
 use crate::policy::directory::{Directory, User};
 use crate::request::scope::{Resource, Scope};
+use crate::token::claims::JobRef;
 use crate::token::verify::VerifiedToken;
 
 /// Who a request is made as: a user of the principals file or a deploy token of the bundle.
@@ -15,12 +17,14 @@ use crate::token::verify::VerifiedToken;
 pub enum Principal<'a> {
     User(&'a User),
     DeployToken(&'a DeployToken),
+    /// A CI job's job token: the user who triggered the job, acting through the job.
+    Job(&'a User, &'a Job),
 }
 
 impl Principal<'_> {
     pub fn name(&self) -> &str {
         match self {
-            Principal::User(u) => &u.username,
+            Principal::User(u) | Principal::Job(u, _) => &u.username,
             Principal::DeployToken(t) => &t.username,
         }
     }
@@ -52,12 +56,17 @@ pub fn issued_token(
     scopes: &[Scope],
     now: i64,
 ) -> (VerifiedToken, Vec<String>) {
-    let (grants, notes, auth_type, deploy_token_id): (Vec<Grant>, _, _, _) = match principal {
+    let (grants, notes, auth_type, deploy_token_id, job): (Vec<Grant>, _, _, _, _) = match principal {
         Principal::User(user) => {
             let (grants, notes) = directory.grant_under(policy, user, scopes);
-            (grants, notes, "password", None)
+            (grants, notes, "password", None, None)
         }
-        Principal::DeployToken(t) => (directory.deploy_grant(t, scopes), Vec::new(), "deploy_token", Some(t.id)),
+        Principal::DeployToken(t) => (directory.deploy_grant(t, scopes), Vec::new(), "deploy_token", Some(t.id), None),
+        Principal::Job(user, job) => {
+            let (grants, notes) = directory.job_grant(policy, user, &job.project, scopes);
+            let job_ref = JobRef { id: job.id, pipeline_id: job.pipeline_id, project: job.project.clone() };
+            (grants, notes, "job_token", None, Some(job_ref))
+        }
     };
     let token = VerifiedToken {
         kid: String::new(),
@@ -84,6 +93,7 @@ pub fn issued_token(
             .collect(),
         grants: grants.into_iter().map(|g| g.scope).collect(),
         deploy_token_id,
+        job,
     };
     (token, notes)
 }

@@ -107,6 +107,15 @@ pub struct Claims {
     levels: Vec<Level>,
 }
 
+/// A claim as a repository inherits it: its value, its mutability and the level (described,
+/// e.g. ``group `acme` ``) that set it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedClaim {
+    pub value: serde_json::Value,
+    pub mutable: bool,
+    pub level: String,
+}
+
 /// A claim set for one token: name → value.
 pub type ClaimMap = BTreeMap<String, serde_json::Value>;
 
@@ -126,6 +135,22 @@ impl Claims {
         for level in self.levels.iter().filter(|l| in_subtree(&l.path, repository)) {
             for (name, claim) in &level.claims {
                 merged.insert(name.clone(), claim.value.clone());
+            }
+        }
+        merged
+    }
+
+    /// The merged claims of `repository`'s hierarchy with, per claim, whether it may still be
+    /// changed below and the level that set it last (the nearest one): what a CI job of a
+    /// project in this hierarchy may and may not override ([`crate::policy::claims`] rules).
+    pub fn resolved(&self, repository: &str) -> BTreeMap<String, ResolvedClaim> {
+        let mut merged = BTreeMap::new();
+        for level in self.levels.iter().filter(|l| in_subtree(&l.path, repository)) {
+            for (name, claim) in &level.claims {
+                merged.insert(
+                    name.clone(),
+                    ResolvedClaim { value: claim.value.clone(), mutable: claim.mutable, level: level.describe() },
+                );
             }
         }
         merged

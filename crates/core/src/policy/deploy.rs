@@ -214,6 +214,22 @@ pub(crate) struct RawRevocations {
     users: Vec<RawUserRevocation>,
     #[serde(default)]
     deploy_tokens: Vec<u64>,
+    #[serde(default)]
+    jobs: RawJobRevocations,
+}
+
+/// `revocations.jobs`: CI jobs whose job tokens (and every registry token issued through
+/// them) are refused, by job id, by pipeline id or by project (every job of that project or
+/// of a project under that path).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawJobRevocations {
+    #[serde(default)]
+    ids: Vec<u64>,
+    #[serde(default)]
+    pipelines: Vec<u64>,
+    #[serde(default)]
+    projects: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -230,6 +246,9 @@ struct RawUserRevocation {
 pub struct Revocations {
     jti: HashSet<String>,
     users: HashMap<String, Option<i64>>,
+    job_ids: HashSet<u64>,
+    pipelines: HashSet<u64>,
+    job_projects: Vec<String>,
 }
 
 impl Revocations {
@@ -248,6 +267,20 @@ impl Revocations {
             }
             _ => None,
         }
+    }
+
+    /// Why tokens of CI job `job` are revoked (`revocations.jobs`), if they are.
+    pub fn job(&self, job: &crate::token::claims::JobRef) -> Option<String> {
+        if self.job_ids.contains(&job.id) {
+            return Some(format!("job {} is revoked", job.id));
+        }
+        if self.pipelines.contains(&job.pipeline_id) {
+            return Some(format!("pipeline {} (of job {}) is revoked", job.pipeline_id, job.id));
+        }
+        self.job_projects
+            .iter()
+            .find(|p| in_subtree(p, &job.project))
+            .map(|p| format!("jobs of `{p}` are revoked (job {} of `{}`)", job.id, job.project))
     }
 
     /// Whether `username` may get new tokens at `now`.
@@ -345,6 +378,18 @@ pub(crate) fn compile(
             .transpose()?;
         creds.revocations.users.insert(u.username, before);
     }
+    let jobs = revocations.jobs;
+    for (i, p) in jobs.projects.iter().enumerate() {
+        if !is_repository_name(p) {
+            return Err((
+                format!("$.revocations.jobs.projects[{i}]"),
+                format!("`{p}` is not a valid group or project path"),
+            ));
+        }
+    }
+    creds.revocations.job_ids = jobs.ids.into_iter().collect();
+    creds.revocations.pipelines = jobs.pipelines.into_iter().collect();
+    creds.revocations.job_projects = jobs.projects;
     Ok(creds)
 }
 

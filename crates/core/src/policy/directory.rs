@@ -39,6 +39,9 @@ struct RawDirectory {
 #[serde(deny_unknown_fields)]
 struct RawGroup {
     path: String,
+    /// Numeric id (`namespace_id` of CI job ID tokens); optional.
+    #[serde(default)]
+    id: Option<u64>,
     #[serde(default)]
     visibility: Visibility,
 }
@@ -47,8 +50,14 @@ struct RawGroup {
 #[serde(deny_unknown_fields)]
 struct RawProject {
     path: String,
+    /// Numeric id (`project_id` of CI job ID tokens); optional.
+    #[serde(default)]
+    id: Option<u64>,
     #[serde(default)]
     visibility: Option<Visibility>,
+    /// Projects whose CI job tokens may pull from this one (GitLab's job token allowlist).
+    #[serde(default)]
+    job_token_allowlist: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -117,13 +126,17 @@ pub struct User {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Project {
     pub path: String,
+    pub id: Option<u64>,
     pub visibility: Visibility,
+    /// Projects whose CI job tokens may pull from this one.
+    pub job_token_allowlist: Vec<String>,
 }
 
 /// The validated principals file.
 #[derive(Debug, Clone, Default)]
 pub struct Directory {
     groups: BTreeMap<String, Visibility>,
+    group_ids: BTreeMap<String, u64>,
     projects: BTreeMap<String, Project>,
     users: Vec<User>,
     by_username: HashMap<String, usize>,
@@ -143,6 +156,9 @@ impl Directory {
             check_path(&at, &g.path)?;
             if dir.groups.insert(g.path.clone(), g.visibility).is_some() {
                 return Err(error(at, format!("duplicate group `{}`", g.path)));
+            }
+            if let Some(id) = g.id {
+                dir.group_ids.insert(g.path.clone(), id);
             }
         }
         for (i, g) in raw.groups.iter().enumerate() {
@@ -168,9 +184,24 @@ impl Directory {
                 return Err(error(at, format!("`{}` is already a group", p.path)));
             }
             let visibility = p.visibility.unwrap_or_else(|| dir.inherited_visibility(parent));
-            let project = Project { path: p.path.clone(), visibility };
+            let project = Project {
+                path: p.path.clone(),
+                id: p.id,
+                visibility,
+                job_token_allowlist: p.job_token_allowlist.clone(),
+            };
             if dir.projects.insert(p.path.clone(), project).is_some() {
                 return Err(error(at, format!("duplicate project `{}`", p.path)));
+            }
+        }
+        for (i, p) in raw.projects.iter().enumerate() {
+            for (j, allowed) in p.job_token_allowlist.iter().enumerate() {
+                if !dir.projects.contains_key(allowed) {
+                    return Err(error(
+                        format!("$.projects[{i}].job_token_allowlist[{j}]"),
+                        format!("no project `{allowed}` (a job token allowlist names projects)"),
+                    ));
+                }
             }
         }
         let mut ids = HashSet::new();
@@ -306,6 +337,16 @@ impl Directory {
         } else {
             self.access_level(user, path)
         }
+    }
+
+    /// The numeric id of group `path`, when the principals file gives one.
+    pub fn group_id(&self, path: &str) -> Option<u64> {
+        self.group_ids.get(path).copied()
+    }
+
+    /// The project at exactly `path`.
+    pub fn project(&self, path: &str) -> Option<&Project> {
+        self.projects.get(path)
     }
 
     /// Whether `path` is a group of the directory.

@@ -162,7 +162,7 @@ impl Operation<'_> {
 pub struct Actor<'a> {
     pub name: &'a str,
     /// Access level number on the repository's project (from the token), if the principal
-    /// is a user; deploy and job tokens have none.
+    /// is a user (or a CI job acting for one); deploy tokens have none.
     pub level: Option<u8>,
     pub admin: bool,
 }
@@ -324,7 +324,7 @@ fn message(repo: &str, op: Operation<'_>, actor: Actor<'_>, (rule, req): (&Rule,
     };
     let level = match actor.level {
         Some(n) => format!("access level {n}"),
-        None => "no access level (deploy or job token)".to_owned(),
+        None => "no access level (deploy token)".to_owned(),
     };
     let digest_note = if op == Operation::DeleteContent && rule.tag.is_some() {
         "; deleting by digest counts as deleting protected tags"

@@ -63,3 +63,12 @@ pub struct RegistryClaims {
     #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
     pub extra: BTreeMap<String, serde_json::Value>,
 }
+
+/// The CI job behind a job token: its id, its pipeline's id and its project. Bundle
+/// revocations name jobs by any of the three (`revocations.jobs`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRef {
+    pub id: u64,
+    pub pipeline_id: u64,
+    pub project: String,
+}

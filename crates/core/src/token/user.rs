@@ -4,6 +4,7 @@
 use jwt_compact::{Claims, UntrustedToken};
 use serde::{Deserialize, Serialize};
 
+pub use crate::token::claims::JobRef;
 use crate::token::jwks::KeySet;
 use crate::token::verify::{check_strict_json, shown, token_error, TokenError, MAX_TOKEN_LEN};
 
@@ -16,6 +17,9 @@ pub struct UserInfo {
     pub user_id: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deploy_token_id: Option<u64>,
+    /// For `token_type: job_token`: the CI job the token was issued through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobRef>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

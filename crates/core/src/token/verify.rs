@@ -136,6 +136,9 @@ pub struct VerifiedToken {
     /// which username) the token was issued to. The `user` JWT is covered by this token's
     /// signature, so its payload is read without a second verification.
     pub deploy_token_id: Option<u64>,
+    /// `user_info.job` of the nested `user` JWT: the CI job behind a job token (read like
+    /// `deploy_token_id`), so bundle revocations of jobs reach tokens already issued.
+    pub job: Option<crate::token::claims::JobRef>,
 }
 
 impl VerifiedToken {
@@ -158,7 +161,8 @@ impl VerifiedToken {
             + self.subject.len()
             + self.jti.len()
             + self.auth_type.as_ref().map_or(0, String::len)
-            + self.user.as_ref().map_or(0, String::len);
+            + self.user.as_ref().map_or(0, String::len)
+            + self.job.as_ref().map_or(0, |j| 16 + j.project.len());
         let grants: usize = self.grants.iter().map(|g| std::mem::size_of::<Scope>() + g.resource.name().len()).sum();
         let levels: usize = self.access_levels.iter().map(|(r, _)| 32 + r.len()).sum();
         let projects: usize = self.project_paths.iter().map(|(r, p)| 48 + r.len() + p.len()).sum();
@@ -230,6 +234,7 @@ impl Verifier {
             .filter_map(|a| Some((a.name.clone(), a.meta.as_ref()?.project_path.clone()?)))
             .collect();
         let deploy_token_id = custom.user.as_deref().and_then(nested_deploy_token_id);
+        let job = custom.user.as_deref().and_then(nested_job);
         Ok(VerifiedToken {
             kid,
             subject: custom.sub,
@@ -243,6 +248,7 @@ impl Verifier {
             access_levels,
             project_paths,
             deploy_token_id,
+            job,
         })
     }
 }
@@ -253,6 +259,14 @@ fn nested_deploy_token_id(user: &str) -> Option<u64> {
     let payload = user.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
     serde_json::from_slice::<serde_json::Value>(&bytes).ok()?.get("user_info")?.get("deploy_token_id")?.as_u64()
+}
+
+/// `user_info.job` of a nested `user` JWT, read from its payload as [`nested_deploy_token_id`].
+fn nested_job(user: &str) -> Option<crate::token::claims::JobRef> {
+    let payload = user.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let value = serde_json::from_slice::<serde_json::Value>(&bytes).ok()?;
+    serde_json::from_value(value.get("user_info")?.get("job")?.clone()).ok()
 }
 
 /// Converts one `access` entry to a grant; unknown types and actions grant nothing.

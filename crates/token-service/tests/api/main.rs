@@ -9,6 +9,7 @@ mod deploy_tokens;
 mod distribution;
 mod helpers;
 mod hostile;
+mod jobs;
 mod keys;
 mod revocations;
 mod token_get;
