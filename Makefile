@@ -23,7 +23,7 @@ FILTER_FAULTS := target/filter-faults/registry_guard.wasm
 WASM_FEATURES := --enable-bulk-memory --enable-multivalue --enable-mutable-globals \
                  --enable-nontrapping-float-to-int --enable-reference-types --enable-sign-ext
 
-.PHONY: help run check test deps build build-faults test-unit test-wasm test-envoy test-e2e lint clean
+.PHONY: help run check test deps build build-faults image publish-image test-unit test-wasm test-envoy test-e2e lint clean
 
 # `make help` lists every target with a `## ` comment on its line, in file order.
 help: ## this list
@@ -77,6 +77,23 @@ build: .deps/rust .deps/apt build-faults ## release builds: the filter (.wasm, w
 	  wasm-opt $(WASM_FEATURES) -Oz $(WASM) -o $(FILTER).tmp && mv $(FILTER).tmp $(FILTER); fi
 	cargo build --release -p registry-guard-token-service -p registry-guard-ctl -p registry-guard-consumer
 	@ls -l $(FILTER) | awk '{print "filter: $(FILTER) (" $$5 " bytes)"}'
+
+# ---- artifacts (docs/deploying.md) -------------------------------------------------------
+# The filter as Istio and Envoy Gateway fetch it: an OCI image in the Wasm "compat" layout
+# (one tar+gzip layer holding plugin.wasm, annotation module.wasm.image/variant=compat),
+# written as an OCI layout by `rgctl image build` (oci-spec types), and the .wasm's sha256
+# for loading it over HTTP (Envoy's code.remote, Envoy Gateway's HTTP source).
+IMAGE_DIR ?= target/filter/image
+IMAGE_TAG ?= $(shell awk -F'"' '/^version = / {print $$2; exit}' Cargo.toml)
+IMAGE_NAME ?= registry-guard/filter
+image: build ## the filter's OCI image (compat layout) in target/filter/image, and target/filter/registry_guard.wasm.sha256
+	cd $(dir $(FILTER)) && sha256sum $(notdir $(FILTER)) > $(notdir $(FILTER)).sha256
+	target/release/rgctl image build --wasm $(FILTER) --out $(IMAGE_DIR) --tag $(IMAGE_TAG)
+
+publish-image: image ## push the image: make publish-image REGISTRY=host:port [IMAGE_NAME=… IMAGE_TAG=… DEST_TLS_VERIFY=false]
+	@[ -n "$(REGISTRY)" ] || { echo "error: REGISTRY is not set (e.g. make publish-image REGISTRY=registry.example.com)" >&2; exit 1; }
+	skopeo copy --dest-tls-verify=$(or $(DEST_TLS_VERIFY),true) oci:$(IMAGE_DIR):$(IMAGE_TAG) docker://$(REGISTRY)/$(IMAGE_NAME):$(IMAGE_TAG)
+	@echo "pushed $(REGISTRY)/$(IMAGE_NAME):$(IMAGE_TAG); the .wasm's sha256: $$(cut -d' ' -f1 $(FILTER).sha256)"
 
 # The test-only faulty filter (see FILTER_FAULTS): e2e loads it only for a fault option.
 build-faults: .deps/rust .deps/apt

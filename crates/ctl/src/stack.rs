@@ -173,6 +173,66 @@ pub struct RenderArgs {
     /// Seconds between fetches with `--bundle-source poll`.
     #[arg(long, value_name = "SECONDS", default_value_t = 5)]
     pub bundle_poll_seconds: u64,
+    /// Envoy fetches the filter from this `http://` URL (`vm_config.code.remote`, through a
+    /// `wasm_source` cluster rendered for the URL's host and port) instead of reading --wasm,
+    /// and loads it only if its sha256 is --wasm-sha256 (docs/deploying.md).
+    #[arg(long, value_name = "URL")]
+    pub wasm_url: Option<String>,
+    /// With --wasm-url: the sha256 (64 hex digits) Envoy checks the fetched filter against
+    /// (default: the sha256 of --wasm, i.e. of the filter built here).
+    #[arg(long, value_name = "HEX", requires = "wasm_url")]
+    pub wasm_sha256: Option<String>,
+}
+
+/// Where Envoy gets the filter: its `vm_config.code`, and the cluster a remote source needs.
+pub struct WasmCode {
+    pub code: serde_json::Value,
+    pub cluster: Option<serde_json::Value>,
+}
+
+/// The filter's `vm_config.code` for `--wasm-url` / `--wasm-sha256`, or the local file.
+fn wasm_code(args: &RenderArgs, wasm: &Path) -> Result<WasmCode> {
+    let Some(url) = &args.wasm_url else {
+        return Ok(WasmCode { code: crate::deliver::local_code(wasm), cluster: None });
+    };
+    let rest = url.strip_prefix("http://").with_context(|| {
+        format!("`--wasm-url {url}`: only http:// URLs are rendered here (Envoy checks the sha256, not the transport)")
+    })?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse::<u16>().ok().filter(|p| *p != 0)),
+        None => (authority, Some(80)),
+    };
+    let port = port.with_context(|| format!("`--wasm-url {url}`: `{authority}` has no valid port"))?;
+    if host.is_empty() || !rest.contains('/') {
+        bail!("`--wasm-url {url}` is not http://HOST[:PORT]/PATH");
+    }
+    let sha256 = match &args.wasm_sha256 {
+        Some(hex) => {
+            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                bail!("`--wasm-sha256 {hex}` is not a sha256 (64 hex digits)");
+            }
+            hex.to_ascii_lowercase()
+        }
+        None => {
+            let bytes = fs::read(wasm).with_context(|| format!("cannot read `{}`", wasm.display()))?;
+            crate::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes))
+        }
+    };
+    Ok(WasmCode {
+        code: serde_json::json!({"remote": {
+            "http_uri": {"uri": url, "cluster": "wasm_source", "timeout": "10s"},
+            "sha256": sha256,
+            // A failed fetch or a sha256 mismatch is retried a few times, then the filter
+            // is not loaded (Envoy refuses its requests: docs/deploying.md).
+            "retry_policy": {"num_retries": 3},
+        }}),
+        cluster: Some(serde_json::json!({
+            "name": "wasm_source", "type": "LOGICAL_DNS", "dns_lookup_family": "V4_ONLY", "connect_timeout": "2s",
+            "load_assignment": {"cluster_name": "wasm_source", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": {"socket_address": {"address": host, "port_value": port}}}}]}]},
+        })),
+    })
 }
 
 /// The filter's `bundle_source` for `--bundle-source` (`None` for `none`).
@@ -254,7 +314,14 @@ pub const TEMPLATES: [Template; 4] = [
         values: |s| {
             let mut v: Vec<(&'static str, String)> =
                 PORTS.iter().map(|p| (p.var, s.ports.get(p.var).to_string())).collect();
-            v.push(("WASM_PATH", s.wasm.display().to_string()));
+            v.push(("WASM_CODE", s.wasm_code.code.to_string()));
+            v.push((
+                "EXTRA_CLUSTERS",
+                match &s.wasm_code.cluster {
+                    Some(c) => format!("  - {c}"),
+                    None => "  # (the filter is a local file: no wasm_source cluster)".into(),
+                },
+            ));
             v.push(("ECDS_DIR", s.path("ecds")));
             v
         },
@@ -277,6 +344,8 @@ pub struct Stack {
     pub out: PathBuf,
     pub ports: Ports,
     pub wasm: PathBuf,
+    /// Where Envoy gets the filter (`--wasm-url`, else `wasm`).
+    pub wasm_code: WasmCode,
     pub envoy: PathBuf,
     pub token_service: PathBuf,
     pub consumer: PathBuf,
@@ -530,6 +599,7 @@ pub fn render(args: &RenderArgs) -> Result<Stack> {
 
     let stack = Stack {
         ports,
+        wasm_code: wasm_code(args, &wasm)?,
         wasm,
         envoy: absolute(&args.envoy.clone().unwrap_or_else(|| root.join(".venv/bin/envoy")))?,
         token_service: match &args.token_service {
@@ -579,9 +649,9 @@ pub fn render(args: &RenderArgs) -> Result<Stack> {
         let text = serde_json::to_string(&config)?;
         fs::write(stack.out.join(file), format!("{text}\n"))
             .with_context(|| format!("cannot write `{}`", stack.out.join(file).display()))?;
-        crate::deliver::write_filter_resource(
+        crate::deliver::write_filter_resource_code(
             &text,
-            &stack.wasm,
+            stack.wasm_code.code.clone(),
             &stack.out.join("ecds").join(format!("{name}.json")),
             name,
         )
