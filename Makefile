@@ -23,7 +23,7 @@ FILTER_FAULTS := target/filter-faults/registry_guard.wasm
 WASM_FEATURES := --enable-bulk-memory --enable-multivalue --enable-mutable-globals \
                  --enable-nontrapping-float-to-int --enable-reference-types --enable-sign-ext
 
-.PHONY: help run check test deps build build-faults image publish-image test-unit test-wasm test-envoy test-e2e lint clean
+.PHONY: help run check test deps build build-faults image publish-image test-deploy test-unit test-wasm test-envoy test-e2e lint clean
 
 # `make help` lists every target with a `## ` comment on its line, in file order.
 help: ## this list
@@ -40,7 +40,7 @@ check: .deps/rust ## fmt check, clippy (host, wasm32-wasip1), unit and glue test
 	cargo test -p registry-guard-core -p registry-guard -p registry-guard-token-service \
 	  -p registry-guard-consumer -p registry-guard-ctl -p registry-guard-service
 
-test: deps build test-unit test-wasm test-envoy test-e2e bench-smoke fuzz-smoke soak-smoke ## everything CI runs: unit, wasm (V8), Envoy validation, e2e, smoke runs
+test: deps build test-unit test-wasm test-envoy test-deploy test-e2e bench-smoke fuzz-smoke soak-smoke ## everything CI runs: unit, wasm (V8), Envoy validation, e2e, smoke runs
 	@echo "all tests passed"
 
 # ---- set-up -------------------------------------------------------------------------------
@@ -122,6 +122,15 @@ test-envoy: $(ENVOY) build
 	$(VENV)/bin/python -c 'import json, jsonschema; \
 	  jsonschema.validate(json.load(open("policies/example/bundle.json")), json.load(open("policies/bundle.schema.json"))); \
 	  print("policies/example/bundle.json matches policies/bundle.schema.json")'
+
+# deploy/istio against Istio's CRD schemas (compiled into npm's @kubernetes-models/istio; no
+# registry package ships Envoy Gateway's CRDs: docs/deploying.md); the filter configuration in
+# every manifest is parsed by the filter's own parser (crates/ctl/tests/deploy_manifests.rs,
+# part of test-unit).
+test-deploy: ## the Kubernetes manifests: Istio CRD schemas (npm), configurations via the filter's parser
+	cd deploy/validate && npm install --no-audit --no-fund --silent
+	node deploy/validate/validate.mjs deploy/istio
+	cargo test -p registry-guard-ctl --test deploy_manifests
 
 test-e2e: deps build ## the end-to-end suite (real Envoy, registry, skopeo) on loopback
 	cargo test -p registry-guard-e2e -- --test-threads 2
