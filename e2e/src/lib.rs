@@ -128,6 +128,10 @@ pub struct Stack {
     pub refuse_configure_after_first: bool,
     /// See [`Options::bundle_source`].
     pub bundle_source: Option<&'static str>,
+    /// See [`Options::remote_wasm`].
+    pub remote_wasm: Option<RemoteWasm>,
+    /// The loopback HTTP server the filter is fetched from with [`Options::remote_wasm`].
+    pub wasm_server_port: u16,
     procs: Vec<Proc>,
     /// Each process's command line from `rgctl stack render`'s stack.json, by name.
     commands: Vec<(String, Vec<String>)>,
@@ -156,6 +160,17 @@ pub struct Options {
     /// The filter follows the token service's bundle itself: `"long-poll"` or `"poll"` (`rgctl
     /// stack render --bundle-source`); `None`: only through its ECDS files.
     pub bundle_source: Option<&'static str>,
+    /// Envoy fetches the filter by URL from a loopback HTTP server (Python's `http.server`
+    /// serving target/filter/) and checks its sha256 (`rgctl stack render --wasm-url`),
+    /// instead of reading the file.
+    pub remote_wasm: Option<RemoteWasm>,
+}
+
+/// How Envoy fetches the filter with [`Options::remote_wasm`].
+#[derive(Debug, Clone, Default)]
+pub struct RemoteWasm {
+    /// The sha256 Envoy checks (`--wasm-sha256`); `None`: the filter's own.
+    pub sha256: Option<String>,
 }
 
 impl Stack {
@@ -200,6 +215,8 @@ impl Stack {
             trap_on_header: options.trap_on_header.clone(),
             refuse_configure_after_first: options.refuse_configure_after_first,
             bundle_source: options.bundle_source,
+            remote_wasm: options.remote_wasm.clone(),
+            wasm_server_port: free_port(),
             procs: Vec::new(),
             commands: Vec::new(),
             dir,
@@ -215,8 +232,28 @@ impl Stack {
         stack.start_consumer();
         stack.start_registry();
         stack.start_token_service();
+        if stack.remote_wasm.is_some() {
+            stack.start_wasm_server();
+        }
         stack.start_envoy();
         stack
+    }
+
+    /// The loopback HTTP server Envoy fetches the filter from ([`Options::remote_wasm`]).
+    fn start_wasm_server(&mut self) {
+        let dir = self.filter_wasm().parent().expect("filter directory").to_owned();
+        let port = self.wasm_server_port.to_string();
+        let mut cmd = Command::new("python3");
+        cmd.args(["-m", "http.server", "--bind", "127.0.0.1", "--directory"]).arg(&dir).arg(&port);
+        self.spawn("wasm-server", &mut cmd);
+        self.wait_http(self.wasm_server_port, "/", "wasm-server");
+    }
+
+    /// The URL Envoy fetches the filter from with [`Options::remote_wasm`].
+    pub fn wasm_url(&self) -> String {
+        let file = self.filter_wasm();
+        let name = file.file_name().and_then(|n| n.to_str()).expect("filter file name");
+        format!("http://127.0.0.1:{}/{name}", self.wasm_server_port)
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -269,6 +306,12 @@ impl Stack {
                 "--bundle-poll-seconds".to_owned(),
                 "2".to_owned(),
             ]);
+        }
+        if let Some(remote) = &self.remote_wasm {
+            args.extend(["--wasm-url".to_owned(), self.wasm_url()]);
+            if let Some(sha) = &remote.sha256 {
+                args.extend(["--wasm-sha256".to_owned(), sha.clone()]);
+            }
         }
         if self.registry_token_auth {
             args.extend([
