@@ -132,6 +132,8 @@ pub struct Stack {
     pub remote_wasm: Option<RemoteWasm>,
     /// The loopback HTTP server the filter is fetched from with [`Options::remote_wasm`].
     pub wasm_server_port: u16,
+    /// See [`Options::tls`].
+    pub tls: bool,
     procs: Vec<Proc>,
     /// Each process's command line from `rgctl stack render`'s stack.json, by name.
     commands: Vec<(String, Vec<String>)>,
@@ -164,6 +166,10 @@ pub struct Options {
     /// serving target/filter/) and checks its sha256 (`rgctl stack render --wasm-url`),
     /// instead of reading the file.
     pub remote_wasm: Option<RemoteWasm>,
+    /// Clients reach Envoy over TLS with a development CA (`rgctl stack render --tls`):
+    /// [`Stack::tls_ca`]; the realm is https on Envoy's registry listener. Helpers that use
+    /// plain HTTP to Envoy (`request`, `push`, `inspect`, `url`) do not apply.
+    pub tls: bool,
 }
 
 /// How Envoy fetches the filter with [`Options::remote_wasm`].
@@ -217,6 +223,7 @@ impl Stack {
             bundle_source: options.bundle_source,
             remote_wasm: options.remote_wasm.clone(),
             wasm_server_port: free_port(),
+            tls: options.tls,
             procs: Vec::new(),
             commands: Vec::new(),
             dir,
@@ -306,6 +313,9 @@ impl Stack {
                 "--bundle-poll-seconds".to_owned(),
                 "2".to_owned(),
             ]);
+        }
+        if self.tls {
+            args.push("--tls".to_owned());
         }
         if let Some(remote) = &self.remote_wasm {
             args.extend(["--wasm-url".to_owned(), self.wasm_url()]);
@@ -561,7 +571,38 @@ impl Stack {
         self.start_process("envoy");
         self.wait_http(self.admin_port, "/ready", "envoy");
         // /ready answers before the listener is warmed by the ECDS file: wait for a reply.
-        self.wait_http(self.envoy_port, "/v2/", "envoy");
+        if self.tls {
+            self.wait_https(self.envoy_port, "/v2/", "envoy");
+        } else {
+            self.wait_http(self.envoy_port, "/v2/", "envoy");
+        }
+    }
+
+    /// The development CA clients trust with [`Options::tls`].
+    pub fn tls_ca(&self) -> PathBuf {
+        self.path("tls/ca.pem")
+    }
+
+    /// As `wait_http`, over https with the development CA (curl verifies the certificate).
+    fn wait_https(&mut self, port: u16, path: &str, name: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let url = format!("https://127.0.0.1:{port}{path}");
+        loop {
+            let ok = Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "--max-time", "1", "--cacert"])
+                .arg(self.tls_ca())
+                .arg(&url)
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return;
+            }
+            if Instant::now() > deadline {
+                self.dump_logs();
+                panic!("{name} not ready at {url}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Stops Envoy and starts it again from the same files (bootstrap + ECDS file).

@@ -182,6 +182,80 @@ pub struct RenderArgs {
     /// (default: the sha256 of --wasm, i.e. of the filter built here).
     #[arg(long, value_name = "HEX", requires = "wasm_url")]
     pub wasm_sha256: Option<String>,
+    /// Clients reach Envoy over TLS: a development CA and a certificate for 127.0.0.1 and
+    /// localhost are generated in OUT/tls/ (openssl; kept if present), Envoy terminates TLS on
+    /// the registry and dependency-proxy listeners, and the realm is
+    /// https://127.0.0.1:LISTEN/jwt/auth, routed by Envoy to the token service (docs/deploying.md).
+    #[arg(long)]
+    pub tls: bool,
+}
+
+/// The development CA and server certificate of `--tls`, in OUT/tls/: `ca.pem` (what clients
+/// trust), `ca-key.pem`, `server.pem` (the chain Envoy presents) and `server-key.pem`.
+fn dev_certificates(out: &Path) -> Result<PathBuf> {
+    let dir = out.join("tls");
+    if dir.join("server.pem").is_file() && dir.join("server-key.pem").is_file() && dir.join("ca.pem").is_file() {
+        return Ok(dir);
+    }
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
+    let openssl = |args: &[&str]| -> Result<()> {
+        let out = std::process::Command::new("openssl")
+            .current_dir(&dir)
+            .args(args)
+            .output()
+            .context("cannot run openssl (Debian: apt-get install openssl)")?;
+        if !out.status.success() {
+            bail!("openssl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    openssl(&[&["req", "-x509", "-days", "30", "-subj", "/CN=registry-guard development CA"], &ec[..], &[
+        "-keyout",
+        "ca-key.pem",
+        "-out",
+        "ca.pem",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]]
+    .concat())?;
+    openssl(&[&["req", "-new", "-subj", "/CN=127.0.0.1"], &ec[..], &["-keyout", "server-key.pem", "-out", "server.csr"]].concat())?;
+    fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
+    )
+    .context("cannot write the certificate extensions")?;
+    openssl(&[
+        "x509", "-req", "-days", "30", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
+        "-extfile", "server.ext", "-out", "server.pem",
+    ])?;
+    Ok(dir)
+}
+
+/// Envoy's downstream TLS for the client listeners with `--tls` (a YAML line in the template).
+fn listener_tls(tls: Option<&Path>) -> String {
+    match tls {
+        None => "# plain HTTP (`rgctl stack render --tls` terminates TLS here)".into(),
+        Some(dir) => format!(
+            "transport_socket: {}",
+            serde_json::json!({
+                "name": "envoy.transport_sockets.tls",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                    "common_tls_context": {
+                        "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+                        "alpn_protocols": ["h2", "http/1.1"],
+                        "tls_certificates": [{
+                            "certificate_chain": {"filename": dir.join("server.pem").display().to_string()},
+                            "private_key": {"filename": dir.join("server-key.pem").display().to_string()},
+                        }],
+                    },
+                },
+            })
+        ),
+    }
 }
 
 /// Where Envoy gets the filter: its `vm_config.code`, and the cluster a remote source needs.
@@ -315,6 +389,25 @@ pub const TEMPLATES: [Template; 4] = [
             let mut v: Vec<(&'static str, String)> =
                 PORTS.iter().map(|p| (p.var, s.ports.get(p.var).to_string())).collect();
             v.push(("WASM_CODE", s.wasm_code.code.to_string()));
+            v.push(("LISTEN_TLS", listener_tls(s.tls.as_deref())));
+            // With TLS the realm is on Envoy's registry listener: its route to the token
+            // service, where the registry-guard filter does not run (the token service
+            // authenticates logins itself).
+            v.push((
+                "TOKEN_ROUTE",
+                match &s.tls {
+                    None => "# (the realm is the token service's own port)".into(),
+                    Some(_) => format!(
+                        "- {}",
+                        serde_json::json!({
+                            "match": {"path": "/jwt/auth"},
+                            "route": {"cluster": "token_service", "timeout": "30s"},
+                            "typed_per_filter_config": {"registry-guard": {
+                                "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": true}},
+                        })
+                    ),
+                },
+            ));
             v.push((
                 "EXTRA_CLUSTERS",
                 match &s.wasm_code.cluster {
@@ -346,6 +439,8 @@ pub struct Stack {
     pub wasm: PathBuf,
     /// Where Envoy gets the filter (`--wasm-url`, else `wasm`).
     pub wasm_code: WasmCode,
+    /// `--tls`: the directory of the development CA and Envoy's certificate.
+    pub tls: Option<PathBuf>,
     pub envoy: PathBuf,
     pub token_service: PathBuf,
     pub consumer: PathBuf,
@@ -361,6 +456,15 @@ impl Stack {
     /// `rel` in OUT, as text.
     fn path(&self, rel: &str) -> String {
         self.out.join(rel).display().to_string()
+    }
+
+    /// The token URL clients are sent to: the token service's own port, or with `--tls`
+    /// Envoy's registry listener over https.
+    pub fn realm(&self) -> String {
+        match self.tls {
+            None => format!("http://127.0.0.1:{}/jwt/auth", self.ports.get("TOKEN_PORT")),
+            Some(_) => format!("https://127.0.0.1:{}/jwt/auth", self.ports.get("LISTEN_PORT")),
+        }
     }
 
     /// The processes, in the order to start them.
@@ -452,6 +556,11 @@ impl Stack {
             ("token_service_settings", self.config_dir.join("token-service.json").display().to_string()),
             ("wasm", self.wasm.display().to_string()),
         ];
+        if let Some(dir) = &self.tls {
+            files.push(("tls_ca", dir.join("ca.pem").display().to_string()));
+            files.push(("tls_certificate", dir.join("server.pem").display().to_string()));
+            files.push(("tls_key", dir.join("server-key.pem").display().to_string()));
+        }
         files.extend(STORAGE.iter().map(|d| (storage_role(d), self.path(d))));
         if let Some(b) = &self.envoy_bundle {
             files.push(("envoy_bundle", b.display().to_string()));
@@ -600,6 +709,7 @@ pub fn render(args: &RenderArgs) -> Result<Stack> {
     let stack = Stack {
         ports,
         wasm_code: wasm_code(args, &wasm)?,
+        tls: if args.tls { Some(dev_certificates(&out)?) } else { None },
         wasm,
         envoy: absolute(&args.envoy.clone().unwrap_or_else(|| root.join(".venv/bin/envoy")))?,
         token_service: match &args.token_service {
@@ -630,7 +740,7 @@ pub fn render(args: &RenderArgs) -> Result<Stack> {
     };
     for (name, endpoint, file) in ENDPOINTS {
         let mut config = crate::filter_config(&crate::FilterSettings {
-            realm: format!("http://127.0.0.1:{}/jwt/auth", stack.ports.get("TOKEN_PORT")),
+            realm: stack.realm(),
             service: setting("service", "container_registry"),
             issuer: setting("issuer", "registry-guard"),
             jwks: crate::read_json(&keys.join("jwks.json"))?,
