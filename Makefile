@@ -29,8 +29,8 @@ WASM_FEATURES := --enable-bulk-memory --enable-multivalue --enable-mutable-globa
 help: ## this list
 	@awk 'BEGIN {FS = ":[^#]*## "} /^[a-z][a-z0-9-]*:[^=]*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-run: deps build ## start registry + token service + Envoy with the filter (CONFIG_DIR=policies/example), foreground
-	CONFIG_DIR=$(CONFIG_DIR) deploy/run.sh
+run: deps build ## start registry + token service + Envoy with the filter (CONFIG_DIR=policies/example; TLS=1: over TLS), foreground
+	CONFIG_DIR=$(CONFIG_DIR) TLS=$(TLS) deploy/run.sh
 
 # The everyday loop: no root, no apt, no Envoy; seconds when warm, a few minutes cold.
 check: .deps/rust ## fmt check, clippy (host, wasm32-wasip1), unit and glue tests: no root, no Envoy
