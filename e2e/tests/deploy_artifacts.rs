@@ -88,7 +88,12 @@ fn image_round_trip_as_istio_fetches_it() {
     let reference = format!("127.0.0.1:{}/registry-guard/filter:e2e", registry.port);
     let push = Command::new("skopeo")
         .env("HOME", work.path())
-        .args(["copy", "--dest-tls-verify=false", &format!("oci:{}:e2e", layout.display()), &format!("docker://{reference}")])
+        .args([
+            "copy",
+            "--dest-tls-verify=false",
+            &format!("oci:{}:e2e", layout.display()),
+            &format!("docker://{reference}"),
+        ])
         .output()
         .unwrap();
     assert!(push.status.success(), "skopeo copy: {}", String::from_utf8_lossy(&push.stderr));
@@ -174,10 +179,8 @@ fn envoy_loads_the_filter_by_url_and_sha256_then_the_walking_skeleton() {
 #[test]
 fn a_wrong_sha256_fails_closed() {
     let wrong = "0".repeat(64);
-    let stack = Stack::start_with(Options {
-        remote_wasm: Some(RemoteWasm { sha256: Some(wrong) }),
-        ..Default::default()
-    });
+    let stack =
+        Stack::start_with(Options { remote_wasm: Some(RemoteWasm { sha256: Some(wrong) }), ..Default::default() });
     // Envoy did fetch the module, and refused it.
     assert!(stack.log("wasm-server").contains("GET /registry_guard.wasm"), "{}", stack.log("wasm-server"));
     let key = stack.signing_key();

@@ -51,26 +51,43 @@ fn skopeo_and_podman_verify_the_certificate_push_and_pull() {
     let (status, text) = curl(&stack, "/v2/_catalog", None);
     assert_eq!(status, 401, "anonymous catalog over TLS: {text}");
     // Plain HTTP on the TLS port gets no registry answer.
-    let plain = Command::new("curl").args(["-s", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}"])
-        .arg(format!("http://{host}/v2/")).output().unwrap();
+    let plain = Command::new("curl")
+        .args(["-s", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("http://{host}/v2/"))
+        .output()
+        .unwrap();
     assert_ne!(String::from_utf8_lossy(&plain.stdout), "401", "plain HTTP answered on the TLS listener");
 
     // skopeo: login, push, inspect, pull, every step verifying the certificate.
-    let login = stack.skopeo(&["login", "--tls-verify=true", "--cert-dir", &good, "-u", "dev", "-p", "dev-pass", &host]);
+    let login =
+        stack.skopeo(&["login", "--tls-verify=true", "--cert-dir", &good, "-u", "dev", "-p", "dev-pass", &host]);
     assert!(login.status.success(), "skopeo login over TLS failed: {}", stderr(&login));
     let _ = stack.skopeo(&["logout", "--all"]);
     let layout = stack.path("layout");
     let src = stack.rgctl(&["demo-image", "--out", &layout.display().to_string(), "--tag", "v1", "--salt", "tls"]);
     let dst = format!("docker://{host}/acme/web/app:v1");
     let push = stack.skopeo(&[
-        "copy", "--dest-tls-verify=true", "--dest-cert-dir", &good, "--dest-creds", "dev:dev-pass", src.trim(), &dst,
+        "copy",
+        "--dest-tls-verify=true",
+        "--dest-cert-dir",
+        &good,
+        "--dest-creds",
+        "dev:dev-pass",
+        src.trim(),
+        &dst,
     ]);
     assert!(push.status.success(), "skopeo push over TLS failed: {}", stderr(&push));
     let inspect =
         stack.skopeo(&["inspect", "--tls-verify=true", "--cert-dir", &good, "--creds", "rita:rita-pass", &dst]);
     assert!(inspect.status.success(), "skopeo inspect over TLS failed: {}", stderr(&inspect));
     let denied = stack.skopeo(&[
-        "copy", "--dest-tls-verify=true", "--dest-cert-dir", &good, "--dest-creds", "rita:rita-pass", src.trim(),
+        "copy",
+        "--dest-tls-verify=true",
+        "--dest-cert-dir",
+        &good,
+        "--dest-creds",
+        "rita:rita-pass",
+        src.trim(),
         &format!("docker://{host}/acme/web/app:v2"),
     ]);
     assert!(!denied.status.success(), "a reporter pushed over TLS");

@@ -210,26 +210,48 @@ fn dev_certificates(out: &Path) -> Result<PathBuf> {
         Ok(())
     };
     let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
-    openssl(&[&["req", "-x509", "-days", "30", "-subj", "/CN=registry-guard development CA"], &ec[..], &[
-        "-keyout",
-        "ca-key.pem",
-        "-out",
-        "ca.pem",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]]
-    .concat())?;
-    openssl(&[&["req", "-new", "-subj", "/CN=127.0.0.1"], &ec[..], &["-keyout", "server-key.pem", "-out", "server.csr"]].concat())?;
+    openssl(
+        &[
+            &["req", "-x509", "-days", "30", "-subj", "/CN=registry-guard development CA"],
+            &ec[..],
+            &[
+                "-keyout",
+                "ca-key.pem",
+                "-out",
+                "ca.pem",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        ]
+        .concat(),
+    )?;
+    openssl(
+        &[&["req", "-new", "-subj", "/CN=127.0.0.1"], &ec[..], &["-keyout", "server-key.pem", "-out", "server.csr"]]
+            .concat(),
+    )?;
     fs::write(
         dir.join("server.ext"),
         "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
     )
     .context("cannot write the certificate extensions")?;
     openssl(&[
-        "x509", "-req", "-days", "30", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
-        "-extfile", "server.ext", "-out", "server.pem",
+        "x509",
+        "-req",
+        "-days",
+        "30",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca-key.pem",
+        "-CAcreateserial",
+        "-extfile",
+        "server.ext",
+        "-out",
+        "server.pem",
     ])?;
     Ok(dir)
 }

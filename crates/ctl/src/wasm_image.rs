@@ -20,8 +20,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context as _, Result};
 use oci_spec::image::{
-    Arch, ConfigBuilder, DescriptorBuilder, Digest, ImageConfigurationBuilder, ImageIndexBuilder,
-    ImageManifestBuilder, MediaType, OciLayoutBuilder, Os, RootFsBuilder, Sha256Digest,
+    Arch, ConfigBuilder, DescriptorBuilder, Digest, ImageConfigurationBuilder, ImageIndexBuilder, ImageManifestBuilder,
+    MediaType, OciLayoutBuilder, Os, RootFsBuilder, Sha256Digest,
 };
 use sha2::{Digest as _, Sha256};
 
