@@ -936,7 +936,62 @@ mod tests {
             consumer_retention_days: Some(7),
             bundle_source: "none".into(),
             bundle_poll_seconds: 5,
+            wasm_url: None,
+            wasm_sha256: None,
+            tls: false,
         }
+    }
+
+    #[test]
+    fn wasm_url_renders_remote_code_and_its_cluster_and_refuses_bad_input() {
+        let dir = scratch("remote");
+        let wasm = dir.join("filter.wasm");
+        fs::write(&wasm, b"\0asm").unwrap();
+        let mut a = args(&dir, &wasm);
+        a.wasm_url = Some("http://127.0.0.1:8080/f/registry_guard.wasm".into());
+        render(&a).unwrap();
+        let out = dir.join("out");
+        let (doc, _) = crate::deliver::read_filter_config(&out.join("ecds/registry-guard.json")).unwrap();
+        let code = doc.pointer("/resources/0/typed_config/config/vm_config/code").unwrap();
+        // sha256 of "\0asm".
+        assert_eq!(code["remote"]["sha256"], "cd5d4935a48c0672cb06407bb443bc0087aff947c6b864bac886982c73b3027f");
+        assert_eq!(code["remote"]["http_uri"]["cluster"], "wasm_source");
+        let envoy = fs::read_to_string(out.join("envoy.yaml")).unwrap();
+        assert!(envoy.contains(r#""name":"wasm_source""#) && envoy.contains(r#""port_value":8080"#), "{envoy}");
+        assert!(!envoy.contains("\"local\""), "the events role still reads a file");
+        for (url, sha, needle) in [
+            ("https://h/x.wasm", None, "only http:// URLs"),
+            ("http://h:0/x.wasm", None, "has no valid port"),
+            ("http://h:80", None, "is not http://HOST[:PORT]/PATH"),
+            ("http://h/x.wasm", Some("abc"), "is not a sha256"),
+        ] {
+            a.wasm_url = Some(url.into());
+            a.wasm_sha256 = sha.map(str::to_owned);
+            let e = format!("{:#}", render(&a).err().unwrap());
+            assert!(e.contains(needle), "{url}: {e}");
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn tls_renders_certificates_listener_tls_and_an_https_realm() {
+        let dir = scratch("tls");
+        let wasm = dir.join("filter.wasm");
+        fs::write(&wasm, b"\0asm").unwrap();
+        let mut a = args(&dir, &wasm);
+        a.tls = true;
+        render(&a).unwrap();
+        let out = dir.join("out");
+        for f in ["ca.pem", "server.pem", "server-key.pem"] {
+            assert!(out.join("tls").join(f).is_file(), "tls/{f} missing");
+        }
+        let envoy = fs::read_to_string(out.join("envoy.yaml")).unwrap();
+        assert_eq!(envoy.matches("DownstreamTlsContext").count(), 2, "both client listeners");
+        assert!(envoy.contains(r#""path":"/jwt/auth""#) && envoy.contains(r#""disabled":true"#));
+        let filter: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(out.join("filter.json")).unwrap()).unwrap();
+        assert_eq!(filter["realm"], "https://127.0.0.1:42000/jwt/auth");
+        let _ = fs::remove_dir_all(&dir);
     }
 
     /// A scratch directory under target/ (removed at the end of a passing test).

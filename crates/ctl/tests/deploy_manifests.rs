@@ -3,6 +3,9 @@
 //! filter's own parser, with the role the manifest is for, and every manifest fails closed.
 //! (Their CRD schemas: `make test-deploy`, deploy/validate/.)
 
+// A test: its helpers stop the test loudly on anything unexpected.
+#![allow(clippy::unwrap_used, clippy::panic)]
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -95,6 +98,6 @@ fn a_configuration_the_filter_refuses_is_caught() {
     let (_, m) = manifests("istio").into_iter().find(|(_, m)| m["metadata"]["name"] == "registry-guard").unwrap();
     let mut config = m["spec"]["pluginConfig"].clone();
     config.as_object_mut().unwrap().remove("jwks");
-    let e = PluginConfig::from_json(serde_json::to_string(&config).unwrap().as_bytes()).err().expect("refused");
+    let e = PluginConfig::from_json(serde_json::to_string(&config).unwrap().as_bytes()).expect_err("refused");
     assert!(e.to_string().contains("jwks"), "{e}");
 }
