@@ -23,14 +23,14 @@ FILTER_FAULTS := target/filter-faults/registry_guard.wasm
 WASM_FEATURES := --enable-bulk-memory --enable-multivalue --enable-mutable-globals \
                  --enable-nontrapping-float-to-int --enable-reference-types --enable-sign-ext
 
-.PHONY: help run check test deps build build-faults test-unit test-wasm test-envoy test-e2e lint clean
+.PHONY: help run check test deps build build-faults image publish-image test-deploy test-unit test-wasm test-envoy test-e2e lint clean
 
 # `make help` lists every target with a `## ` comment on its line, in file order.
 help: ## this list
 	@awk 'BEGIN {FS = ":[^#]*## "} /^[a-z][a-z0-9-]*:[^=]*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-run: deps build ## start registry + token service + Envoy with the filter (CONFIG_DIR=policies/example), foreground
-	CONFIG_DIR=$(CONFIG_DIR) deploy/run.sh
+run: deps build ## start registry + token service + Envoy with the filter (CONFIG_DIR=policies/example; TLS=1: over TLS), foreground
+	CONFIG_DIR=$(CONFIG_DIR) TLS=$(TLS) deploy/run.sh
 
 # The everyday loop: no root, no apt, no Envoy; seconds when warm, a few minutes cold.
 check: .deps/rust ## fmt check, clippy (host, wasm32-wasip1), unit and glue tests: no root, no Envoy
@@ -40,7 +40,7 @@ check: .deps/rust ## fmt check, clippy (host, wasm32-wasip1), unit and glue test
 	cargo test -p registry-guard-core -p registry-guard -p registry-guard-token-service \
 	  -p registry-guard-consumer -p registry-guard-ctl -p registry-guard-service
 
-test: deps build test-unit test-wasm test-envoy test-e2e bench-smoke fuzz-smoke soak-smoke ## everything CI runs: unit, wasm (V8), Envoy validation, e2e, smoke runs
+test: deps build test-unit test-wasm test-envoy test-deploy test-e2e bench-smoke fuzz-smoke soak-smoke ## everything CI runs: unit, wasm (V8), Envoy validation, e2e, smoke runs
 	@echo "all tests passed"
 
 # ---- set-up -------------------------------------------------------------------------------
@@ -84,6 +84,23 @@ build: .deps/rust .deps/apt build-faults ## release builds: the filter (.wasm, w
 	cargo build --release -p registry-guard-token-service -p registry-guard-ctl -p registry-guard-consumer
 	@ls -l $(FILTER) | awk '{print "filter: $(FILTER) (" $$5 " bytes)"}'
 
+# ---- artifacts (docs/deploying.md) -------------------------------------------------------
+# The filter as Istio and Envoy Gateway fetch it: an OCI image in the Wasm "compat" layout
+# (one tar+gzip layer holding plugin.wasm, annotation module.wasm.image/variant=compat),
+# written as an OCI layout by `rgctl image build` (oci-spec types), and the .wasm's sha256
+# for loading it over HTTP (Envoy's code.remote, Envoy Gateway's HTTP source).
+IMAGE_DIR ?= target/filter/image
+IMAGE_TAG ?= $(shell awk -F'"' '/^version = / {print $$2; exit}' Cargo.toml)
+IMAGE_NAME ?= registry-guard/filter
+image: build ## the filter's OCI image (compat layout) in target/filter/image, and target/filter/registry_guard.wasm.sha256
+	cd $(dir $(FILTER)) && sha256sum $(notdir $(FILTER)) > $(notdir $(FILTER)).sha256
+	target/release/rgctl image build --wasm $(FILTER) --out $(IMAGE_DIR) --tag $(IMAGE_TAG)
+
+publish-image: image ## push the image: make publish-image REGISTRY=host:port [IMAGE_NAME=… IMAGE_TAG=… DEST_TLS_VERIFY=false]
+	@[ -n "$(REGISTRY)" ] || { echo "error: REGISTRY is not set (e.g. make publish-image REGISTRY=registry.example.com)" >&2; exit 1; }
+	skopeo copy --dest-tls-verify=$(or $(DEST_TLS_VERIFY),true) oci:$(IMAGE_DIR):$(IMAGE_TAG) docker://$(REGISTRY)/$(IMAGE_NAME):$(IMAGE_TAG)
+	@echo "pushed $(REGISTRY)/$(IMAGE_NAME):$(IMAGE_TAG); the .wasm's sha256: $$(cut -d' ' -f1 $(FILTER).sha256)"
+
 # The test-only faulty filter (see FILTER_FAULTS): e2e loads it only for a fault option.
 build-faults: .deps/rust .deps/apt
 	cargo build --release --target wasm32-wasip1 -p registry-guard --features fault-injection --target-dir $(FAULTS_TARGET)
@@ -111,6 +128,15 @@ test-envoy: $(ENVOY) build
 	$(VENV)/bin/python -c 'import json, jsonschema; \
 	  jsonschema.validate(json.load(open("policies/example/bundle.json")), json.load(open("policies/bundle.schema.json"))); \
 	  print("policies/example/bundle.json matches policies/bundle.schema.json")'
+
+# deploy/istio against Istio's CRD schemas (compiled into npm's @kubernetes-models/istio; no
+# registry package ships Envoy Gateway's CRDs: docs/deploying.md); the filter configuration in
+# every manifest is parsed by the filter's own parser (crates/ctl/tests/deploy_manifests.rs,
+# part of test-unit).
+test-deploy: ## the Kubernetes manifests: Istio CRD schemas (npm), configurations via the filter's parser
+	cd deploy/validate && npm install --no-audit --no-fund --silent
+	node deploy/validate/validate.mjs deploy/istio
+	cargo test -p registry-guard-ctl --test deploy_manifests
 
 test-e2e: deps build ## the end-to-end suite (real Envoy, registry, skopeo) on loopback
 	cargo test -p registry-guard-e2e -- --test-threads 2

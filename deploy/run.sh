@@ -16,6 +16,8 @@
 #   PORT_BASE    number every port from it instead (listen PORT_BASE … admin PORT_BASE+8; the
 #                *_PORT above still override), so that several stacks run side by side
 #   RUN_DIR      where the rendered files and state go (.run/<config>, or .run/<config>-PORT_BASE)
+#   TLS=1        clients reach Envoy over TLS: a development CA and certificate in $RUN_DIR/tls/
+#                (trust $RUN_DIR/tls/ca.pem), the realm https on Envoy (docs/deploying.md)
 #   BUNDLE_SOURCE  how the filter follows the token service's bundle: long-poll (default), poll,
 #                oci (the OCI artifact registry-guard/policy:prod in the stack's registry:
 #                `rgctl push --oci`, docs/fleet.md), or none (bundles reach Envoy only through
@@ -39,6 +41,7 @@ for p in listen:LISTEN_PORT token:TOKEN_PORT registry:REGISTRY_PORT admin:ADMIN_
   [ -n "${!var:-}" ] && port_args+=(--ports "${p%%:*}=${!var}")
 done
 RUN_DIR=${RUN_DIR:-$ROOT/.run/$(basename "$CONFIG_DIR")${PORT_BASE:+-$PORT_BASE}}
+[ "${TLS:-0}" = 1 ] && port_args+=(--tls)
 "$RGCTL" stack render --root "$ROOT" --config-dir "$CONFIG_DIR" --out "$RUN_DIR" "${port_args[@]}" \
   --consumer-retention-days "${CONSUMER_RETENTION_DAYS:-90}" --bundle-source "${BUNDLE_SOURCE:-long-poll}" \
   --keys-source "${KEYS_SOURCE:-token-service}" --keys-refresh-seconds "${KEYS_REFRESH_SECONDS:-30}" > /dev/null
@@ -87,7 +90,28 @@ fi
 run dependency-proxy
 run consumer
 run token-service
-run envoy
+run_envoy() {
+  if [ "${TLS:-0}" != 1 ]; then run envoy; return; fi
+  start envoy "${STACK_CMD_ENVOY[@]}"
+  for _ in $(seq 1 100); do
+    if curl -s -o /dev/null --cacert "$STACK_FILE_TLS_CA" "https://127.0.0.1:$LISTEN_PORT/v2/"; then return 0; fi
+    sleep 0.1
+  done
+  echo "error: envoy did not come up at https://127.0.0.1:$LISTEN_PORT" >&2; exit 1
+}
+run_envoy
+
+if [ "${TLS:-0}" = 1 ]; then
+  mkdir -p "$RUN_DIR/tls/certs.d" && cp "$STACK_FILE_TLS_CA" "$RUN_DIR/tls/certs.d/ca.crt"
+  cat <<MSG
+
+TLS (TLS=1): Envoy presents a certificate for 127.0.0.1 from the development CA $STACK_FILE_TLS_CA;
+  realm: https://127.0.0.1:$LISTEN_PORT/jwt/auth (Envoy routes it to the token service)
+  skopeo login --tls-verify=true --cert-dir $RUN_DIR/tls/certs.d 127.0.0.1:$LISTEN_PORT
+  curl --cacert $STACK_FILE_TLS_CA https://127.0.0.1:$LISTEN_PORT/v2/
+  (replace --tls-verify=false below with --tls-verify=true --cert-dir $RUN_DIR/tls/certs.d)
+MSG
+fi
 
 cat <<MSG
 

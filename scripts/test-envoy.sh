@@ -16,4 +16,14 @@ if ! log=$("$RGCTL" stack render --root "$ROOT" --config-dir "$OUT/config" --out
 fi
 "$ENVOY" --mode validate -c "$OUT/envoy.yaml" --log-level error
 echo "validated envoy/envoy.yaml (rendered: $OUT/envoy.yaml, with $OUT/ecds/*.json)"
+# The same with TLS and the filter fetched by URL (`make run TLS=1`, docs/deploying.md).
+for variant in "--tls" "--wasm-url http://127.0.0.1:8080/registry_guard.wasm"; do
+  rm -rf "$OUT/variant"
+  # shellcheck disable=SC2086
+  if ! log=$("$RGCTL" stack render --root "$ROOT" --config-dir "$OUT/config" --out "$OUT/variant" --envoy "$ENVOY" $variant 2>&1); then
+    echo "$log" >&2; exit 1
+  fi
+  "$ENVOY" --mode validate -c "$OUT/variant/envoy.yaml" --log-level error
+  echo "validated envoy/envoy.yaml rendered with $variant"
+done
 "$RGCTL" validate policies/example/bundle.json

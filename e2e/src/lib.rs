@@ -130,6 +130,12 @@ pub struct Stack {
     pub bundle_source: Option<&'static str>,
     /// See [`Options::keys_refresh_seconds`].
     pub keys_refresh_seconds: Option<u64>,
+    /// See [`Options::remote_wasm`].
+    pub remote_wasm: Option<RemoteWasm>,
+    /// The loopback HTTP server the filter is fetched from with [`Options::remote_wasm`].
+    pub wasm_server_port: u16,
+    /// See [`Options::tls`].
+    pub tls: bool,
     procs: Vec<Proc>,
     /// Each process's command line from `rgctl stack render`'s stack.json, by name.
     commands: Vec<(String, Vec<String>)>,
@@ -162,6 +168,21 @@ pub struct Options {
     /// seconds (`rgctl stack render --keys-source token-service`); `None`: keys only in its
     /// configuration.
     pub keys_refresh_seconds: Option<u64>,
+    /// Envoy fetches the filter by URL from a loopback HTTP server (Python's `http.server`
+    /// serving target/filter/) and checks its sha256 (`rgctl stack render --wasm-url`),
+    /// instead of reading the file.
+    pub remote_wasm: Option<RemoteWasm>,
+    /// Clients reach Envoy over TLS with a development CA (`rgctl stack render --tls`):
+    /// [`Stack::tls_ca`]; the realm is https on Envoy's registry listener. Helpers that use
+    /// plain HTTP to Envoy (`request`, `push`, `inspect`, `url`) do not apply.
+    pub tls: bool,
+}
+
+/// How Envoy fetches the filter with [`Options::remote_wasm`].
+#[derive(Debug, Clone, Default)]
+pub struct RemoteWasm {
+    /// The sha256 Envoy checks (`--wasm-sha256`); `None`: the filter's own.
+    pub sha256: Option<String>,
 }
 
 impl Stack {
@@ -207,6 +228,9 @@ impl Stack {
             refuse_configure_after_first: options.refuse_configure_after_first,
             bundle_source: options.bundle_source,
             keys_refresh_seconds: options.keys_refresh_seconds,
+            remote_wasm: options.remote_wasm.clone(),
+            wasm_server_port: free_port(),
+            tls: options.tls,
             procs: Vec::new(),
             commands: Vec::new(),
             dir,
@@ -222,8 +246,28 @@ impl Stack {
         stack.start_consumer();
         stack.start_registry();
         stack.start_token_service();
+        if stack.remote_wasm.is_some() {
+            stack.start_wasm_server();
+        }
         stack.start_envoy();
         stack
+    }
+
+    /// The loopback HTTP server Envoy fetches the filter from ([`Options::remote_wasm`]).
+    fn start_wasm_server(&mut self) {
+        let dir = self.filter_wasm().parent().expect("filter directory").to_owned();
+        let port = self.wasm_server_port.to_string();
+        let mut cmd = Command::new("python3");
+        cmd.args(["-m", "http.server", "--bind", "127.0.0.1", "--directory"]).arg(&dir).arg(&port);
+        self.spawn("wasm-server", &mut cmd);
+        self.wait_http(self.wasm_server_port, "/", "wasm-server");
+    }
+
+    /// The URL Envoy fetches the filter from with [`Options::remote_wasm`].
+    pub fn wasm_url(&self) -> String {
+        let file = self.filter_wasm();
+        let name = file.file_name().and_then(|n| n.to_str()).expect("filter file name");
+        format!("http://127.0.0.1:{}/{name}", self.wasm_server_port)
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -284,6 +328,15 @@ impl Stack {
                 "--keys-refresh-seconds".to_owned(),
                 seconds.to_string(),
             ]);
+        }
+        if self.tls {
+            args.push("--tls".to_owned());
+        }
+        if let Some(remote) = &self.remote_wasm {
+            args.extend(["--wasm-url".to_owned(), self.wasm_url()]);
+            if let Some(sha) = &remote.sha256 {
+                args.extend(["--wasm-sha256".to_owned(), sha.clone()]);
+            }
         }
         if self.registry_token_auth {
             args.extend([
@@ -533,7 +586,38 @@ impl Stack {
         self.start_process("envoy");
         self.wait_http(self.admin_port, "/ready", "envoy");
         // /ready answers before the listener is warmed by the ECDS file: wait for a reply.
-        self.wait_http(self.envoy_port, "/v2/", "envoy");
+        if self.tls {
+            self.wait_https(self.envoy_port, "/v2/", "envoy");
+        } else {
+            self.wait_http(self.envoy_port, "/v2/", "envoy");
+        }
+    }
+
+    /// The development CA clients trust with [`Options::tls`].
+    pub fn tls_ca(&self) -> PathBuf {
+        self.path("tls/ca.pem")
+    }
+
+    /// As `wait_http`, over https with the development CA (curl verifies the certificate).
+    fn wait_https(&mut self, port: u16, path: &str, name: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let url = format!("https://127.0.0.1:{port}{path}");
+        loop {
+            let ok = Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "--max-time", "1", "--cacert"])
+                .arg(self.tls_ca())
+                .arg(&url)
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return;
+            }
+            if Instant::now() > deadline {
+                self.dump_logs();
+                panic!("{name} not ready at {url}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Stops Envoy and starts it again from the same files (bootstrap + ECDS file).

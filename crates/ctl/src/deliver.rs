@@ -26,8 +26,9 @@ fn stat_prefix(doc: &serde_json::Value) -> String {
     }
 }
 
-/// The ECDS resource (a DiscoveryResponse) holding the wasm filter with `config` JSON.
-fn resource(config_json: &str, wasm: &str, name: &str) -> serde_json::Value {
+/// The ECDS resource (a DiscoveryResponse) holding the wasm filter with `config` JSON and
+/// `code` as its `vm_config.code` (a local file, or a remote URL with its sha256).
+fn resource(config_json: &str, code: serde_json::Value, name: &str) -> serde_json::Value {
     serde_json::json!({
         "resources": [{
             "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
@@ -49,7 +50,7 @@ fn resource(config_json: &str, wasm: &str, name: &str) -> serde_json::Value {
                     "vm_config": {
                         "vm_id": name,
                         "runtime": "envoy.wasm.runtime.v8",
-                        "code": {"local": {"filename": wasm}}
+                        "code": code
                     }
                 }
             }
@@ -69,9 +70,20 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 pub fn write_filter_resource(config_json: &str, wasm: &Path, out: &Path, name: &str) -> Result<()> {
-    registry_guard_core::decide::config::FilterConfig::from_json(config_json.trim().as_bytes())?;
     let wasm = fs::canonicalize(wasm).with_context(|| format!("no filter at `{}`", wasm.display()))?;
-    let text = serde_json::to_string_pretty(&resource(config_json.trim(), &wasm.display().to_string(), name))?;
+    write_filter_resource_code(config_json, local_code(&wasm), out, name)
+}
+
+/// `vm_config.code` for a local file.
+pub fn local_code(wasm: &Path) -> serde_json::Value {
+    serde_json::json!({"local": {"filename": wasm.display().to_string()}})
+}
+
+/// As [`write_filter_resource`], with `code` (see [`local_code`]; `rgctl stack render
+/// --wasm-url` gives a `remote` one) as the filter's `vm_config.code`.
+pub fn write_filter_resource_code(config_json: &str, code: serde_json::Value, out: &Path, name: &str) -> Result<()> {
+    registry_guard_core::decide::config::FilterConfig::from_json(config_json.trim().as_bytes())?;
+    let text = serde_json::to_string_pretty(&resource(config_json.trim(), code, name))?;
     write_atomically(out, text.as_bytes())?;
     eprintln!("wrote {}", out.display());
     Ok(())

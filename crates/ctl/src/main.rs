@@ -9,6 +9,7 @@ mod image;
 mod mint;
 mod oci;
 mod stack;
+mod wasm_image;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -310,6 +311,12 @@ enum Command {
         #[arg(long, default_value = "registry-guard demo")]
         salt: String,
     },
+    /// The filter as an OCI image in the Wasm "compat" layout (Istio `WasmPlugin`, Envoy
+    /// Gateway `EnvoyExtensionPolicy`): `rgctl image build`.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
     /// Everything a stack (registry, hub, dependency proxy, consumer, token service, Envoy) is
     /// started from: `rgctl stack render`.
     Stack {
@@ -325,6 +332,25 @@ enum Command {
         set: Vec<String>,
         #[arg(long = "set-json", value_name = "NAME=FILE")]
         set_json: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Write the filter as an OCI image layout (one tar+gzip layer holding `plugin.wasm`,
+    /// annotation `module.wasm.image/variant=compat`); prints `oci:OUT:TAG`, the manifest
+    /// digest (a `WasmPlugin`'s `sha256`) and the .wasm's sha256 (Envoy's `code.remote.sha256`).
+    /// Push it with `skopeo copy oci:OUT:TAG docker://REGISTRY/NAME:TAG` (`make publish-image`).
+    Build {
+        /// The filter (default: target/filter/registry_guard.wasm).
+        #[arg(long, default_value = "target/filter/registry_guard.wasm")]
+        wasm: PathBuf,
+        /// Directory of the OCI layout (replaced).
+        #[arg(long, default_value = "target/filter/image")]
+        out: PathBuf,
+        /// The image tag (default: rgctl's version).
+        #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
+        tag: String,
     },
 }
 
@@ -562,6 +588,14 @@ fn run(cli: Cli) -> Result<()> {
             image::write_oci_layout(&out, &tag, &salt)
                 .with_context(|| format!("cannot write OCI layout `{}`", out.display()))?;
             println!("oci:{}:{tag}", out.display());
+            Ok(())
+        }
+        Command::Image { command: ImageCommand::Build { wasm, out, tag } } => {
+            let built = wasm_image::build(&wasm, &out, &tag, env!("CARGO_PKG_VERSION"))?;
+            println!("oci:{}:{tag}", out.display());
+            println!("manifest {}", built.manifest_digest);
+            println!("layer    {}", built.layer_digest);
+            println!("wasm     sha256:{}", built.wasm_sha256);
             Ok(())
         }
         Command::Stack { command: StackCommand::Render(args) } => {

@@ -185,6 +185,162 @@ pub struct RenderArgs {
     /// Seconds between JWKS fetches with `--keys-source token-service`.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub keys_refresh_seconds: u64,
+    /// Envoy fetches the filter from this `http://` URL (`vm_config.code.remote`, through a
+    /// `wasm_source` cluster rendered for the URL's host and port) instead of reading --wasm,
+    /// and loads it only if its sha256 is --wasm-sha256 (docs/deploying.md).
+    #[arg(long, value_name = "URL")]
+    pub wasm_url: Option<String>,
+    /// With --wasm-url: the sha256 (64 hex digits) Envoy checks the fetched filter against
+    /// (default: the sha256 of --wasm, i.e. of the filter built here).
+    #[arg(long, value_name = "HEX", requires = "wasm_url")]
+    pub wasm_sha256: Option<String>,
+    /// Clients reach Envoy over TLS: a development CA and a certificate for 127.0.0.1 and
+    /// localhost are generated in OUT/tls/ (openssl; kept if present), Envoy terminates TLS on
+    /// the registry and dependency-proxy listeners, and the realm is
+    /// https://127.0.0.1:LISTEN/jwt/auth, routed by Envoy to the token service (docs/deploying.md).
+    #[arg(long)]
+    pub tls: bool,
+}
+
+/// The development CA and server certificate of `--tls`, in OUT/tls/: `ca.pem` (what clients
+/// trust), `ca-key.pem`, `server.pem` (the chain Envoy presents) and `server-key.pem`.
+fn dev_certificates(out: &Path) -> Result<PathBuf> {
+    let dir = out.join("tls");
+    if dir.join("server.pem").is_file() && dir.join("server-key.pem").is_file() && dir.join("ca.pem").is_file() {
+        return Ok(dir);
+    }
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
+    let openssl = |args: &[&str]| -> Result<()> {
+        let out = std::process::Command::new("openssl")
+            .current_dir(&dir)
+            .args(args)
+            .output()
+            .context("cannot run openssl (Debian: apt-get install openssl)")?;
+        if !out.status.success() {
+            bail!("openssl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    openssl(
+        &[
+            &["req", "-x509", "-days", "30", "-subj", "/CN=registry-guard development CA"],
+            &ec[..],
+            &[
+                "-keyout",
+                "ca-key.pem",
+                "-out",
+                "ca.pem",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        ]
+        .concat(),
+    )?;
+    openssl(
+        &[&["req", "-new", "-subj", "/CN=127.0.0.1"], &ec[..], &["-keyout", "server-key.pem", "-out", "server.csr"]]
+            .concat(),
+    )?;
+    fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
+    )
+    .context("cannot write the certificate extensions")?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-days",
+        "30",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca-key.pem",
+        "-CAcreateserial",
+        "-extfile",
+        "server.ext",
+        "-out",
+        "server.pem",
+    ])?;
+    Ok(dir)
+}
+
+/// Envoy's downstream TLS for the client listeners with `--tls` (a YAML line in the template).
+fn listener_tls(tls: Option<&Path>) -> String {
+    match tls {
+        None => "# plain HTTP (`rgctl stack render --tls` terminates TLS here)".into(),
+        Some(dir) => format!(
+            "transport_socket: {}",
+            serde_json::json!({
+                "name": "envoy.transport_sockets.tls",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                    "common_tls_context": {
+                        "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+                        "alpn_protocols": ["h2", "http/1.1"],
+                        "tls_certificates": [{
+                            "certificate_chain": {"filename": dir.join("server.pem").display().to_string()},
+                            "private_key": {"filename": dir.join("server-key.pem").display().to_string()},
+                        }],
+                    },
+                },
+            })
+        ),
+    }
+}
+
+/// Where Envoy gets the filter: its `vm_config.code`, and the cluster a remote source needs.
+pub struct WasmCode {
+    pub code: serde_json::Value,
+    pub cluster: Option<serde_json::Value>,
+}
+
+/// The filter's `vm_config.code` for `--wasm-url` / `--wasm-sha256`, or the local file.
+fn wasm_code(args: &RenderArgs, wasm: &Path) -> Result<WasmCode> {
+    let Some(url) = &args.wasm_url else {
+        return Ok(WasmCode { code: crate::deliver::local_code(wasm), cluster: None });
+    };
+    let rest = url.strip_prefix("http://").with_context(|| {
+        format!("`--wasm-url {url}`: only http:// URLs are rendered here (Envoy checks the sha256, not the transport)")
+    })?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse::<u16>().ok().filter(|p| *p != 0)),
+        None => (authority, Some(80)),
+    };
+    let port = port.with_context(|| format!("`--wasm-url {url}`: `{authority}` has no valid port"))?;
+    if host.is_empty() || !rest.contains('/') {
+        bail!("`--wasm-url {url}` is not http://HOST[:PORT]/PATH");
+    }
+    let sha256 = match &args.wasm_sha256 {
+        Some(hex) => {
+            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                bail!("`--wasm-sha256 {hex}` is not a sha256 (64 hex digits)");
+            }
+            hex.to_ascii_lowercase()
+        }
+        None => {
+            let bytes = fs::read(wasm).with_context(|| format!("cannot read `{}`", wasm.display()))?;
+            crate::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes))
+        }
+    };
+    Ok(WasmCode {
+        code: serde_json::json!({"remote": {
+            "http_uri": {"uri": url, "cluster": "wasm_source", "timeout": "10s"},
+            "sha256": sha256,
+            // A failed fetch or a sha256 mismatch is retried a few times, then the filter
+            // is not loaded (Envoy refuses its requests: docs/deploying.md).
+            "retry_policy": {"num_retries": 3},
+        }}),
+        cluster: Some(serde_json::json!({
+            "name": "wasm_source", "type": "LOGICAL_DNS", "dns_lookup_family": "V4_ONLY", "connect_timeout": "2s",
+            "load_assignment": {"cluster_name": "wasm_source", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": {"socket_address": {"address": host, "port_value": port}}}}]}]},
+        })),
+    })
 }
 
 /// The filter's `keys_source` for `--keys-source` (`None` for `none`).
@@ -284,7 +440,33 @@ pub const TEMPLATES: [Template; 4] = [
         values: |s| {
             let mut v: Vec<(&'static str, String)> =
                 PORTS.iter().map(|p| (p.var, s.ports.get(p.var).to_string())).collect();
-            v.push(("WASM_PATH", s.wasm.display().to_string()));
+            v.push(("WASM_CODE", s.wasm_code.code.to_string()));
+            v.push(("LISTEN_TLS", listener_tls(s.tls.as_deref())));
+            // With TLS the realm is on Envoy's registry listener: its route to the token
+            // service, where the registry-guard filter does not run (the token service
+            // authenticates logins itself).
+            v.push((
+                "TOKEN_ROUTE",
+                match &s.tls {
+                    None => "# (the realm is the token service's own port)".into(),
+                    Some(_) => format!(
+                        "- {}",
+                        serde_json::json!({
+                            "match": {"path": "/jwt/auth"},
+                            "route": {"cluster": "token_service", "timeout": "30s"},
+                            "typed_per_filter_config": {"registry-guard": {
+                                "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": true}},
+                        })
+                    ),
+                },
+            ));
+            v.push((
+                "EXTRA_CLUSTERS",
+                match &s.wasm_code.cluster {
+                    Some(c) => format!("  - {c}"),
+                    None => "  # (the filter is a local file: no wasm_source cluster)".into(),
+                },
+            ));
             v.push(("ECDS_DIR", s.path("ecds")));
             v
         },
@@ -307,6 +489,10 @@ pub struct Stack {
     pub out: PathBuf,
     pub ports: Ports,
     pub wasm: PathBuf,
+    /// Where Envoy gets the filter (`--wasm-url`, else `wasm`).
+    pub wasm_code: WasmCode,
+    /// `--tls`: the directory of the development CA and Envoy's certificate.
+    pub tls: Option<PathBuf>,
     pub envoy: PathBuf,
     pub token_service: PathBuf,
     pub consumer: PathBuf,
@@ -322,6 +508,15 @@ impl Stack {
     /// `rel` in OUT, as text.
     fn path(&self, rel: &str) -> String {
         self.out.join(rel).display().to_string()
+    }
+
+    /// The token URL clients are sent to: the token service's own port, or with `--tls`
+    /// Envoy's registry listener over https.
+    pub fn realm(&self) -> String {
+        match self.tls {
+            None => format!("http://127.0.0.1:{}/jwt/auth", self.ports.get("TOKEN_PORT")),
+            Some(_) => format!("https://127.0.0.1:{}/jwt/auth", self.ports.get("LISTEN_PORT")),
+        }
     }
 
     /// The processes, in the order to start them.
@@ -413,6 +608,11 @@ impl Stack {
             ("token_service_settings", self.config_dir.join("token-service.json").display().to_string()),
             ("wasm", self.wasm.display().to_string()),
         ];
+        if let Some(dir) = &self.tls {
+            files.push(("tls_ca", dir.join("ca.pem").display().to_string()));
+            files.push(("tls_certificate", dir.join("server.pem").display().to_string()));
+            files.push(("tls_key", dir.join("server-key.pem").display().to_string()));
+        }
         files.extend(STORAGE.iter().map(|d| (storage_role(d), self.path(d))));
         if let Some(b) = &self.envoy_bundle {
             files.push(("envoy_bundle", b.display().to_string()));
@@ -566,6 +766,8 @@ pub fn render(args: &RenderArgs) -> Result<Stack> {
 
     let stack = Stack {
         ports,
+        wasm_code: wasm_code(args, &wasm)?,
+        tls: if args.tls { Some(dev_certificates(&out)?) } else { None },
         wasm,
         envoy: absolute(&args.envoy.clone().unwrap_or_else(|| root.join(".venv/bin/envoy")))?,
         token_service: match &args.token_service {
@@ -596,7 +798,7 @@ pub fn render(args: &RenderArgs) -> Result<Stack> {
     };
     for (name, endpoint, file) in ENDPOINTS {
         let mut config = crate::filter_config(&crate::FilterSettings {
-            realm: format!("http://127.0.0.1:{}/jwt/auth", stack.ports.get("TOKEN_PORT")),
+            realm: stack.realm(),
             service: setting("service", "container_registry"),
             issuer: setting("issuer", "registry-guard"),
             jwks: crate::read_json(&keys.join("jwks.json"))?,
@@ -616,9 +818,9 @@ pub fn render(args: &RenderArgs) -> Result<Stack> {
         let text = serde_json::to_string(&config)?;
         fs::write(stack.out.join(file), format!("{text}\n"))
             .with_context(|| format!("cannot write `{}`", stack.out.join(file).display()))?;
-        crate::deliver::write_filter_resource(
+        crate::deliver::write_filter_resource_code(
             &text,
-            &stack.wasm,
+            stack.wasm_code.code.clone(),
             &stack.out.join("ecds").join(format!("{name}.json")),
             name,
         )
@@ -773,7 +975,62 @@ mod tests {
             bundle_poll_seconds: 5,
             keys_source: "none".into(),
             keys_refresh_seconds: 30,
+            wasm_url: None,
+            wasm_sha256: None,
+            tls: false,
         }
+    }
+
+    #[test]
+    fn wasm_url_renders_remote_code_and_its_cluster_and_refuses_bad_input() {
+        let dir = scratch("remote");
+        let wasm = dir.join("filter.wasm");
+        fs::write(&wasm, b"\0asm").unwrap();
+        let mut a = args(&dir, &wasm);
+        a.wasm_url = Some("http://127.0.0.1:8080/f/registry_guard.wasm".into());
+        render(&a).unwrap();
+        let out = dir.join("out");
+        let (doc, _) = crate::deliver::read_filter_config(&out.join("ecds/registry-guard.json")).unwrap();
+        let code = doc.pointer("/resources/0/typed_config/config/vm_config/code").unwrap();
+        // sha256 of "\0asm".
+        assert_eq!(code["remote"]["sha256"], "cd5d4935a48c0672cb06407bb443bc0087aff947c6b864bac886982c73b3027f");
+        assert_eq!(code["remote"]["http_uri"]["cluster"], "wasm_source");
+        let envoy = fs::read_to_string(out.join("envoy.yaml")).unwrap();
+        assert!(envoy.contains(r#""name":"wasm_source""#) && envoy.contains(r#""port_value":8080"#), "{envoy}");
+        assert!(!envoy.contains("\"local\""), "the events role still reads a file");
+        for (url, sha, needle) in [
+            ("https://h/x.wasm", None, "only http:// URLs"),
+            ("http://h:0/x.wasm", None, "has no valid port"),
+            ("http://h:80", None, "is not http://HOST[:PORT]/PATH"),
+            ("http://h/x.wasm", Some("abc"), "is not a sha256"),
+        ] {
+            a.wasm_url = Some(url.into());
+            a.wasm_sha256 = sha.map(str::to_owned);
+            let e = format!("{:#}", render(&a).err().unwrap());
+            assert!(e.contains(needle), "{url}: {e}");
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn tls_renders_certificates_listener_tls_and_an_https_realm() {
+        let dir = scratch("tls");
+        let wasm = dir.join("filter.wasm");
+        fs::write(&wasm, b"\0asm").unwrap();
+        let mut a = args(&dir, &wasm);
+        a.tls = true;
+        render(&a).unwrap();
+        let out = dir.join("out");
+        for f in ["ca.pem", "server.pem", "server-key.pem"] {
+            assert!(out.join("tls").join(f).is_file(), "tls/{f} missing");
+        }
+        let envoy = fs::read_to_string(out.join("envoy.yaml")).unwrap();
+        assert_eq!(envoy.matches("DownstreamTlsContext").count(), 2, "both client listeners");
+        assert!(envoy.contains(r#""path":"/jwt/auth""#) && envoy.contains(r#""disabled":true"#));
+        let filter: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(out.join("filter.json")).unwrap()).unwrap();
+        assert_eq!(filter["realm"], "https://127.0.0.1:42000/jwt/auth");
+        let _ = fs::remove_dir_all(&dir);
     }
 
     /// A scratch directory under target/ (removed at the end of a passing test).
