@@ -12,7 +12,11 @@ const LAYERS: &[(&str, &[&str], &[&str])] = &[
     ("request", &["support"], &["access", "name", "scope", "route"]),
     ("token", &["support", "request"], &["es256", "keys", "jwks", "claims", "verify", "sign", "user", "testing"]),
     ("policy", &["support", "request", "token"], &["deploy", "protection", "claims", "bundle", "directory", "follow"]),
-    ("decide", &["support", "request", "token", "policy"], &["config", "decision", "guard", "audit", "corpus"]),
+    (
+        "decide",
+        &["support", "request", "token", "policy", "events"],
+        &["config", "decision", "guard", "audit", "corpus"],
+    ),
     ("issue", &["support", "request", "token", "policy"], &["grant", "principal"]),
     ("inspect", &["support", "request", "token", "policy", "decide", "issue"], &["explain", "review"]),
     // A leaf beside the stack, one module (`events/mod.rs`).
