@@ -65,7 +65,7 @@ fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
-fn rows<'a>(counts: &'a serde_json::Value, pred: impl Fn(&serde_json::Value) -> bool) -> Vec<&'a serde_json::Value> {
+fn rows(counts: &serde_json::Value, pred: impl Fn(&serde_json::Value) -> bool) -> Vec<&serde_json::Value> {
     counts["events"].as_array().unwrap().iter().filter(|e| pred(e)).collect()
 }
 

@@ -123,7 +123,7 @@ enum RegistryRole {
     Registry,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCorrelation {
     /// The shared-data ring of earlier versions: accepted and ignored (with a warning), so
@@ -133,12 +133,6 @@ struct RawCorrelation {
     /// Where the client's address recorded for its events comes from.
     #[serde(default)]
     client_address: ClientAddress,
-}
-
-impl Default for RawCorrelation {
-    fn default() -> Self {
-        RawCorrelation { slots: None, client_address: ClientAddress::default() }
-    }
 }
 
 impl RawCorrelation {

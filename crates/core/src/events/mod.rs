@@ -380,32 +380,36 @@ mod tests {
         let w = who("dev", "pat");
         let s = sealed(&k, &w, 7);
         assert!(!s.contains("jwt-of") && !s.contains("dev"), "{s}");
-        assert_eq!(open(&[k.clone()], &s, NOW, 0), Ok(w.clone()));
+        assert_eq!(open(std::slice::from_ref(&k), &s, NOW, 0), Ok(w.clone()));
         // Another nonce, another seal of the same principal.
         assert_ne!(s, sealed(&k, &w, 8));
         let bare = Attribution { user: None, ..w };
-        assert_eq!(open(&[k.clone()], &sealed(&k, &bare, 9), NOW, 0).unwrap().user, None);
+        assert_eq!(open(std::slice::from_ref(&k), &sealed(&k, &bare, 9), NOW, 0).unwrap().user, None);
     }
 
     #[test]
     fn tampered_wrong_key_and_expired_seals_do_not_open() {
         let (k, other) = (key(1), key(2));
         let s = sealed(&k, &who("dev", "pat"), 7);
-        assert_eq!(open(&[other.clone()], &s, NOW, 0), Err(Unattributed::BadSeal));
+        assert_eq!(open(std::slice::from_ref(&other), &s, NOW, 0), Err(Unattributed::BadSeal));
         // A previous key still listed opens it (rotation).
         assert!(open(&[other, k.clone()], &s, NOW, 0).is_ok());
         let mut bytes = URL_SAFE_NO_PAD.decode(&s).unwrap();
         for i in [0, NONCE_LEN, bytes.len() - 1] {
             let mut t = bytes.clone();
             t[i] ^= 1;
-            assert_eq!(open(&[k.clone()], &URL_SAFE_NO_PAD.encode(&t), NOW, 0), Err(Unattributed::BadSeal), "byte {i}");
+            assert_eq!(
+                open(std::slice::from_ref(&k), &URL_SAFE_NO_PAD.encode(&t), NOW, 0),
+                Err(Unattributed::BadSeal),
+                "byte {i}"
+            );
         }
         bytes.truncate(NONCE_LEN + 3);
-        assert_eq!(open(&[k.clone()], &URL_SAFE_NO_PAD.encode(&bytes), NOW, 0), Err(Unattributed::BadSeal));
-        assert_eq!(open(&[k.clone()], "", NOW, 0), Err(Unattributed::BadSeal));
-        assert_eq!(open(&[k.clone()], "not base64!", NOW, 0), Err(Unattributed::BadSeal));
+        assert_eq!(open(std::slice::from_ref(&k), &URL_SAFE_NO_PAD.encode(&bytes), NOW, 0), Err(Unattributed::BadSeal));
+        assert_eq!(open(std::slice::from_ref(&k), "", NOW, 0), Err(Unattributed::BadSeal));
+        assert_eq!(open(std::slice::from_ref(&k), "not base64!", NOW, 0), Err(Unattributed::BadSeal));
         // Expiry: the token's exp plus the allowed delivery delay.
-        assert!(open(&[k.clone()], &s, NOW + 300 + 60, 60).is_ok());
+        assert!(open(std::slice::from_ref(&k), &s, NOW + 300 + 60, 60).is_ok());
         assert_eq!(open(&[k], &s, NOW + 300 + 61, 60), Err(Unattributed::Expired));
     }
 
@@ -500,7 +504,7 @@ mod tests {
             event("late", &ua_for(Some(&good), "rid", b"x")),
             "not an object",
         ]});
-        let (out, stats) = rewrite(&env, &[k.clone()], NOW);
+        let (out, stats) = rewrite(&env, std::slice::from_ref(&k), NOW);
         assert_eq!((stats.attributed, stats.unattributed), (1, 5), "only the genuine seal opens");
         assert_eq!(out["events"][4]["actor"]["name"], "dev");
         assert_eq!(out["events"][2]["actor"], serde_json::json!({}), "another key's seal is never used");
