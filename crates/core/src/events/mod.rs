@@ -1,6 +1,7 @@
 //! Layer `events` (a leaf beside the stack): notification enrichment (seeds 000/001),
 //! attributing the registry's webhook events to the principal whose request caused them, and
-//! rewriting the events envelope. Uses nothing else of the core.
+//! rewriting the events envelope. Uses only `support` (nothing, in fact); `decide` uses it
+//! for the attribution key of the configuration and the seal cached with a token.
 //!
 //! **Stateless attribution.** A stock registry (distribution 2.8) copies two request fields
 //! into each event it emits: `User-Agent` into `request.useragent` (verbatim) and the first
