@@ -1,6 +1,7 @@
 //! The **events** role (on the registry's notification path): buffers each envelope, has
-//! core [`rewrite_envelope`] fill every event's actor from the correlation records the
-//! registry role stored, and forwards it (Envoy's buffer filter after this one recomputes
+//! core [`rewrite_envelope`] fill every event's actor from the sealed attribution the
+//! registry role wrote into the request's user agent (any Envoy of the fleet holding the
+//! attribution key can do it: no shared state), and forwards it (Envoy's buffer filter after this one recomputes
 //! `Content-Length`). Anything unexpected forwards the envelope unchanged: events are never
 //! dropped here.
 
@@ -9,9 +10,8 @@ use std::rc::Rc;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use registry_guard_core::decide::config::EventsConfig;
-use registry_guard_core::events::{rewrite_envelope, slot_of, Attribution};
+use registry_guard_core::events::{rewrite_envelope, Opener};
 
-use crate::correlation::slot_key;
 use crate::host::{Host, ProxyWasmHost};
 pub use crate::metrics::EnvelopeOutcome;
 use crate::metrics::Metrics;
@@ -74,7 +74,7 @@ impl EventsHttp {
         if !end_of_stream {
             return Action::Pause;
         }
-        let outcome = rewrite_request_body(host, self.context_id, body_size, self.config.correlation_slots);
+        let outcome = rewrite_request_body(host, self.context_id, body_size, &self.config);
         if let Some(m) = &self.metrics {
             m.envelope(host, outcome);
         }
@@ -95,7 +95,12 @@ impl EventsHttp {
 }
 
 /// Rewrites the buffered envelope in place; anything unexpected forwards it unchanged.
-pub fn rewrite_request_body(host: &mut impl Host, context_id: u32, body_size: usize, slots: u32) -> EnvelopeOutcome {
+pub fn rewrite_request_body(
+    host: &mut impl Host,
+    context_id: u32,
+    body_size: usize,
+    config: &EventsConfig,
+) -> EnvelopeOutcome {
     let body = match host.request_body(body_size) {
         Ok(b) => b,
         Err(e) => {
@@ -103,11 +108,18 @@ pub fn rewrite_request_body(host: &mut impl Host, context_id: u32, body_size: us
             return EnvelopeOutcome::Malformed;
         }
     };
-    let lookup = |addr: &str| -> Option<Attribution> {
-        let (record, _) = host.get_shared(&slot_key(slot_of(addr, slots))).ok()?;
-        serde_json::from_slice(&record?).ok()
+    let now = match host.now_unix_seconds() {
+        Ok(t) => t,
+        Err(e) => {
+            log::error!("[{context_id}] cannot read host time: {e}; events envelope forwarded unchanged");
+            return EnvelopeOutcome::Malformed;
+        }
     };
-    let (rewritten, stats) = match rewrite_envelope(&body, lookup) {
+    let (keys, max_delay) = match &config.attribution {
+        Some(a) => (a.keys.as_slice(), i64::from(a.max_delay_seconds)),
+        None => (&[][..], 0),
+    };
+    let (rewritten, stats) = match rewrite_envelope(&body, &Opener { keys, now, max_delay }) {
         Ok(r) => r,
         Err(e) => {
             log::warn!("[{context_id}] events envelope not rewritten ({e}); forwarded unchanged");
@@ -120,9 +132,10 @@ pub fn rewrite_request_body(host: &mut impl Host, context_id: u32, body_size: us
     }
     if stats.unattributed > 0 {
         log::info!(
-            "[{context_id}] events envelope: {} of {} events could not be attributed with certainty; actor left unchanged",
+            "[{context_id}] events envelope: {} of {} events could not be attributed with certainty (first: {:?}); actor left unchanged",
             stats.unattributed,
-            stats.events
+            stats.events,
+            stats.first_reason
         );
     }
     EnvelopeOutcome::Rewritten { attributed: stats.attributed, unattributed: stats.unattributed }

@@ -4,19 +4,18 @@
 //! - **registry** ([`registry`], in front of the registry and the dependency proxy): the
 //!   root context ([`root`]) owns the compiled configuration and the token cache (one per
 //!   VM); the HTTP context reads the request headers, asks core `Guard::check` and either
-//!   continues — marked allowed and tagged with a correlation address ([`correlation`]) for
-//!   its events — or sends the local reply the core decided;
+//!   continues — marked allowed and tagged for its events (a sealed attribution in the
+//!   registry's `User-Agent`, core `events`) — or sends the local reply the core decided;
 //! - **events** ([`events`], on the registry's notification path): fills every event's actor
-//!   from the correlation records and forwards the envelope.
+//!   from the attribution its request carried and forwards the envelope.
 //!
 //! Every host call goes through the [`host::Host`] trait, so the glue runs natively against
 //! a fake host (`tests/`). [`keys_follow`] fetches the trusted token keys from a JWKS URL
 //! (`keys_source`) for a registry-role root. Imports point down only: `root` → `registry`,
-//! `keys_follow`; `events` → `correlation`; `metrics` → `host` → `headers`. No policy logic
+//! `keys_follow`, `events`; `metrics` → `host` → `headers`. No policy logic
 //! lives here.
 //! With the `fault-injection` feature (test builds only), [`fault`] adds deliberate faults.
 
-pub mod correlation;
 pub mod events;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
@@ -27,10 +26,10 @@ pub mod metrics;
 pub mod registry;
 pub mod root;
 
-pub use correlation::Correlation;
 pub use events::{rewrite_request_body, EnvelopeOutcome, EventsHttp};
 pub use registry::{
-    on_request_headers, on_request_headers_before_body, DeniedBody, HeldReply, LocalReply, Outcome, RegistryHttp,
+    on_request_headers, on_request_headers_before_body, tag_for_events, DeniedBody, HeldReply, LocalReply, Outcome,
+    RegistryHttp,
 };
 pub use root::{GuardRoot, HttpFilter, Vm};
 

@@ -1,8 +1,8 @@
 //! The **registry** role: the HTTP filter in front of the registry (and the dependency
 //! proxy). Reads the request headers, asks core [`Guard::check`], and either marks the
 //! request allowed (`x-registry-guard-decision: allow`, which Envoy's route requires) —
-//! tagging it with a correlation address for its events — or refuses it with the local
-//! reply the core decided. A refusal of a request with a body is held until the body has
+//! tagging it for its events ([`tag_for_events`]) — or refuses it with the local reply the
+//! core decided. A refusal of a request with a body is held until the body has
 //! been read ([`DeniedBody`]).
 //!
 //! **Failing closed.** An internal error is a 503. A refusal whose local reply cannot be
@@ -19,10 +19,10 @@ use proxy_wasm::types::Action;
 use registry_guard_core::decide::audit::{self, RequestInfo};
 use registry_guard_core::decide::config::{ClientAddress, DECISION_ALLOW, DECISION_HEADER};
 use registry_guard_core::decide::decision::Decision;
+use registry_guard_core::decide::guard::Checked;
 use registry_guard_core::decide::guard::Guard;
-use registry_guard_core::events::{slot_of, AttributionRecord};
+use registry_guard_core::events::{seal, user_agent, AttributionKey, AttributionRef, RequestFields, NONCE_LEN};
 
-use crate::correlation::{slot_key, Correlation};
 use crate::host::{Host, HostError, ProxyWasmHost};
 use crate::metrics::Metrics;
 
@@ -30,7 +30,6 @@ use crate::metrics::Metrics;
 pub struct RegistryHttp {
     context_id: u32,
     guard: Option<Rc<RefCell<Guard>>>,
-    correlation: Option<Rc<Correlation>>,
     metrics: Option<Rc<Metrics>>,
     /// A refused request whose body is still arriving: its reply waits for the body's end.
     denied_body: Option<DeniedBody>,
@@ -50,13 +49,8 @@ impl HttpContext for RegistryHttp {
 
 impl RegistryHttp {
     /// `guard`: `None` when the filter is not configured (every request is refused).
-    pub fn new(
-        context_id: u32,
-        guard: Option<Rc<RefCell<Guard>>>,
-        correlation: Option<Rc<Correlation>>,
-        metrics: Option<Rc<Metrics>>,
-    ) -> RegistryHttp {
-        RegistryHttp { context_id, guard, correlation, metrics, denied_body: None }
+    pub fn new(context_id: u32, guard: Option<Rc<RefCell<Guard>>>, metrics: Option<Rc<Metrics>>) -> RegistryHttp {
+        RegistryHttp { context_id, guard, metrics, denied_body: None }
     }
 
     /// The request headers, over any [`Host`].
@@ -64,13 +58,7 @@ impl RegistryHttp {
         #[cfg(feature = "fault-injection")]
         crate::fault::trap_if_injected(host, self.guard.as_deref());
         let outcome = if end_of_stream {
-            on_request_headers(
-                host,
-                self.context_id,
-                self.guard.as_deref(),
-                self.correlation.as_deref(),
-                self.metrics.as_deref(),
-            )
+            on_request_headers(host, self.context_id, self.guard.as_deref(), self.metrics.as_deref())
         } else {
             // A body follows: a refusal is held until the body has been read (and dropped),
             // so the client is not cut off while still sending it (see `DeniedBody`).
@@ -79,13 +67,8 @@ impl RegistryHttp {
                 .as_deref()
                 .and_then(|g| g.try_borrow().ok().map(|g| g.config.denied_body_drain_bytes))
                 .unwrap_or(DEFAULT_DENIED_BODY_DRAIN_BYTES);
-            let (outcome, held) = on_request_headers_before_body(
-                host,
-                self.context_id,
-                self.guard.as_deref(),
-                self.correlation.as_deref(),
-                self.metrics.as_deref(),
-            );
+            let (outcome, held) =
+                on_request_headers_before_body(host, self.context_id, self.guard.as_deref(), self.metrics.as_deref());
             self.denied_body = held.map(|reply| DeniedBody::new(reply, cap));
             outcome
         };
@@ -231,15 +214,14 @@ pub enum Outcome {
 }
 
 /// The request-headers step, over any [`Host`]: read, decide, count, audit, then reply or
-/// tag the request for correlation.
+/// tag the request for its events.
 pub fn on_request_headers(
     host: &mut impl Host,
     context_id: u32,
     guard: Option<&RefCell<Guard>>,
-    correlation: Option<&Correlation>,
     metrics: Option<&Metrics>,
 ) -> Outcome {
-    let outcome = decide_request(host, context_id, guard, correlation, metrics, None);
+    let outcome = decide_request(host, context_id, guard, metrics, None);
     if matches!(outcome, Outcome::Failed | Outcome::Unanswered) {
         if let Some(m) = metrics {
             m.failed(host);
@@ -254,11 +236,10 @@ pub fn on_request_headers_before_body(
     host: &mut impl Host,
     context_id: u32,
     guard: Option<&RefCell<Guard>>,
-    correlation: Option<&Correlation>,
     metrics: Option<&Metrics>,
 ) -> (Outcome, Option<LocalReply>) {
     let mut held = None;
-    let outcome = decide_request(host, context_id, guard, correlation, metrics, Some(&mut held));
+    let outcome = decide_request(host, context_id, guard, metrics, Some(&mut held));
     if matches!(outcome, Outcome::Failed | Outcome::Unanswered) {
         if let Some(m) = metrics {
             m.failed(host);
@@ -286,7 +267,6 @@ fn decide_request(
     host: &mut impl Host,
     context_id: u32,
     guard: Option<&RefCell<Guard>>,
-    correlation: Option<&Correlation>,
     metrics: Option<&Metrics>,
     hold: Option<&mut Option<LocalReply>>,
 ) -> Outcome {
@@ -316,6 +296,7 @@ fn decide_request(
     let mut request_id = None;
     let mut authorization: Vec<Cow<str>> = Vec::new();
     let mut forwarded_for = None;
+    let mut client_user_agent: Option<&[u8]> = None;
     for (name, value) in pairs {
         match name {
             b":method" => method = Some(text(value)),
@@ -324,6 +305,8 @@ fn decide_request(
             b"x-request-id" => request_id = Some(text(value)),
             b"authorization" => authorization.push(text(value)),
             b"x-forwarded-for" => forwarded_for = Some(value),
+            // The first, as the registry reads it (Go's `Header.Get`).
+            b"user-agent" if client_user_agent.is_none() => client_user_agent = Some(value),
             _ => {}
         }
     }
@@ -342,6 +325,7 @@ fn decide_request(
     };
     let checked = guard.check(method, path, content_type, &authorization, now);
     let client_from = guard.config.client_address;
+    let key = guard.config.attribution.as_ref().and_then(|a| a.sealing_key()).cloned();
     drop(guard);
     if let Some(m) = metrics {
         m.decided(host, &checked);
@@ -378,38 +362,78 @@ fn decide_request(
             };
         }
     };
-    if let (Some(correlation), Some(subject)) = (correlation, checked.subject()) {
-        // Tag the forwarded request so its events can be attributed (see core `events`).
-        let addr = correlation.next_address();
-        let client = match (client_from, forwarded_for.and_then(last_forwarded_for)) {
-            (ClientAddress::XForwardedFor, Some(last)) => Some(last),
-            _ => host.client_address().ok().flatten(),
-        };
-        let record = AttributionRecord {
-            addr: &addr,
-            name: subject,
-            user_type: checked.auth_type().unwrap_or("unknown"),
-            user: checked.user(),
-            request_id,
-            client_addr: client.as_deref(),
-        };
-        let stored = match serde_json::to_vec(&record) {
-            Ok(record) => host
-                .set_shared(&slot_key(slot_of(&addr, correlation.slots)), &record, None)
-                .and_then(|()| host.set_request_header("x-forwarded-for", &addr))
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(e) = stored {
-            // Attribution is best effort; the request itself was allowed.
-            log::warn!("[{context_id}] cannot record the request for event attribution: {e}");
-        }
+    // Tag the forwarded request so any Envoy's events role can attribute its events (core
+    // `events`); the client's own User-Agent is always replaced.
+    let client = match (client_from, forwarded_for.and_then(last_forwarded_for)) {
+        (ClientAddress::XForwardedFor, Some(last)) => Some(last),
+        _ => host.client_address().ok().flatten(),
+    };
+    let sealed = sealed_attribution(&checked, key.as_ref(), context_id);
+    let fields = RequestFields { request_id, client_addr: client.as_deref(), user_agent: client_user_agent };
+    if let Err(e) = tag_for_events(host, sealed, &fields) {
+        // The registry must not see the client's own User-Agent or X-Forwarded-For.
+        return fail(host, context_id, &format!("cannot tag the request for its events: {e}"), hold);
     }
     // The positive decision Envoy's route requires before forwarding (core `DECISION_HEADER`).
     if let Err(e) = host.set_request_header(DECISION_HEADER, DECISION_ALLOW) {
         return fail(host, context_id, &format!("cannot mark the request as allowed: {e}"), hold);
     }
     allowed
+}
+
+/// The token's sealed attribution: sealed on the token's first allowed request and kept
+/// with it in the token cache, so later requests do no crypto and copy nothing. `None` without
+/// a token, a key, or randomness (the request then reaches the registry unattributable).
+fn sealed_attribution<'c>(checked: &'c Checked, key: Option<&AttributionKey>, context_id: u32) -> Option<&'c str> {
+    let (token, slot) = (checked.token.as_deref()?, checked.sealed.as_deref()?);
+    if let Some(sealed) = slot.get() {
+        return Some(sealed);
+    }
+    let key = key?;
+    let mut nonce = [0u8; NONCE_LEN];
+    // A random nonce from WASI `random_get`; never a clock-derived one.
+    if let Err(e) = getrandom::getrandom(&mut nonce) {
+        log::warn!(
+            "[{context_id}] no randomness for the attribution seal ({e}); events of this request stay unattributed"
+        );
+        return None;
+    }
+    let who = AttributionRef {
+        name: &token.subject,
+        user_type: token.auth_type.as_deref().unwrap_or("unknown"),
+        user: token.user.as_deref(),
+        expires_at: token.expires_at,
+    };
+    match seal(key, &who, &nonce) {
+        Ok(sealed) => Some(slot.get_or_init(|| sealed.into_boxed_str())),
+        Err(e) => {
+            log::warn!("[{context_id}] cannot seal the attribution: {e}");
+            None
+        }
+    }
+}
+
+/// Writes what the events role needs into the request towards the registry: `User-Agent`
+/// (always replaced: marker, seal, request id, client address, the client's user agent
+/// encoded) and `X-Forwarded-For` (the client's IP alone, as the registry logs and copies
+/// it; removed when unknown, so a client-sent first entry never reaches the registry).
+pub fn tag_for_events(host: &mut impl Host, sealed: Option<&str>, fields: &RequestFields<'_>) -> Result<(), HostError> {
+    host.set_request_header("user-agent", &user_agent(sealed, fields))?;
+    match fields.client_addr.map(client_ip) {
+        Some(ip) => host.set_request_header("x-forwarded-for", ip),
+        None => host.remove_request_header("x-forwarded-for"),
+    }
+}
+
+/// The IP of `ip`, `ip:port`, or `[ipv6]:port`.
+fn client_ip(addr: &str) -> &str {
+    if let Some(rest) = addr.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match addr.split_once(':') {
+        Some((ip, port)) if !port.contains(':') => ip,
+        _ => addr,
+    }
 }
 
 /// The last entry of an `X-Forwarded-For` value: the address Envoy appended when it has

@@ -15,7 +15,6 @@ use registry_guard_core::decide::guard::Guard;
 use registry_guard_core::policy::bundle;
 use registry_guard_core::policy::follow::{Answer, BundleSource, FetchRequest, Follower, RefusalKind, Settled, Step};
 
-use crate::correlation::Correlation;
 use crate::events::EventsHttp;
 use crate::host::{Host, MetricType, ProxyWasmHost};
 use crate::metrics::{Metrics, FLUSH_PERIOD_MS};
@@ -99,17 +98,6 @@ impl Vm {
     }
 }
 
-/// A random 48-bit prefix per VM for correlation addresses (WASI `random_get`; the host
-/// clock as a fallback), so addresses from different worker VMs never collide.
-fn vm_prefix(host: &mut impl Host) -> u64 {
-    let mut bytes = [0u8; 8];
-    if getrandom::getrandom(&mut bytes).is_ok() {
-        return u64::from_le_bytes(bytes);
-    }
-    let now = host.unix_time().map_or(0, |d| d.as_nanos() as u64);
-    now.rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15
-}
-
 enum Role {
     Registry(Rc<RefCell<Guard>>),
     Events(EventsConfig),
@@ -119,7 +107,6 @@ enum Role {
 pub struct GuardRoot {
     vm: Rc<Vm>,
     role: Option<Role>,
-    correlation: Option<Rc<Correlation>>,
     metrics: Option<Rc<Metrics>>,
     worker: Option<WorkerGauges>,
     /// Fetching newer bundles from the configured source (`bundle_source`).
@@ -187,7 +174,7 @@ impl WorkerGauges {
 impl GuardRoot {
     /// A root context of `vm` (in the filter: [`Vm::this_vm`]).
     pub fn new(vm: Rc<Vm>) -> GuardRoot {
-        GuardRoot { vm, role: None, correlation: None, metrics: None, worker: None, following: None, keys: None }
+        GuardRoot { vm, role: None, metrics: None, worker: None, following: None, keys: None }
     }
 
     /// `on_configure`: reads and compiles the plugin configuration. On any error it logs
@@ -218,10 +205,16 @@ impl GuardRoot {
         let config = match PluginConfig::from_json(&bytes) {
             Ok(PluginConfig::Events(events)) => {
                 log::info!(
-                    "registry-guard configured (events role): max envelope {} bytes, {} correlation slots",
+                    "registry-guard configured (events role): max envelope {} bytes, attribution keys {}",
                     events.max_envelope_bytes,
-                    events.correlation_slots
+                    events.attribution.as_ref().map_or(0, |a| a.keys.len())
                 );
+                if events.attribution.is_none() {
+                    log::warn!("registry-guard: no `attribution.key`: no event will be attributed");
+                }
+                for w in &events.warnings {
+                    log::warn!("registry-guard: {w}");
+                }
                 self.role = Some(Role::Events(events));
                 return true;
             }
@@ -257,7 +250,7 @@ impl GuardRoot {
         let revision = config.policy.revision;
         let kids: Vec<&str> = config.verifier.keys.kids().collect();
         log::info!(
-            "registry-guard configured: bundle revision {revision} ({} protection rules, {} deploy tokens), issuer={} service={} realm={} keys={:?} cache={} correlation slots={}",
+            "registry-guard configured: bundle revision {revision} ({} protection rules, {} deploy tokens), issuer={} service={} realm={} keys={:?} cache={} attribution={}",
             config.policy.rules.len(),
             config.policy.credentials.tokens().len(),
             config.verifier.issuer,
@@ -265,14 +258,15 @@ impl GuardRoot {
             config.challenge.realm,
             kids,
             config.cache_entries,
-            config.correlation_slots,
+            if config.attribution.is_some() { "sealed" } else { "off (no `attribution.key`)" },
         );
+        for w in &config.warnings {
+            log::warn!("registry-guard: {w}");
+        }
         if let Some(m) = &self.metrics {
             m.bundle_activated(host, revision);
         }
         self.worker = WorkerGauges::define(host, &self.vm, endpoint, revision);
-        let slots = config.correlation_slots;
-        self.correlation = (slots > 0).then(|| Rc::new(Correlation::new(slots, vm_prefix(host))));
         self.following = config.bundle_source.clone().map(|source| {
             log::info!(
                 "registry-guard: following the bundle source {}{} ({})",
@@ -458,14 +452,9 @@ impl GuardRoot {
                 if let Some(w) = &self.worker {
                     w.serving.set(true);
                 }
-                HttpFilter::Registry(RegistryHttp::new(
-                    context_id,
-                    Some(guard.clone()),
-                    self.correlation.clone(),
-                    self.metrics.clone(),
-                ))
+                HttpFilter::Registry(RegistryHttp::new(context_id, Some(guard.clone()), self.metrics.clone()))
             }
-            None => HttpFilter::Registry(RegistryHttp::new(context_id, None, None, self.metrics.clone())),
+            None => HttpFilter::Registry(RegistryHttp::new(context_id, None, self.metrics.clone())),
         }
     }
 

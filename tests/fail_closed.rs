@@ -44,13 +44,13 @@ fn a_refusal_answered_at_the_headers_pauses_only_when_its_reply_was_sent() {
     for (method, path, auth, status) in refusals() {
         // The reply goes out: the request stays stopped (the local reply ends it).
         let mut host = request(method, path, auth.as_deref(), false);
-        let mut http = RegistryHttp::new(1, Some(guard.clone()), None, None);
+        let mut http = RegistryHttp::new(1, Some(guard.clone()), None);
         assert_eq!(http.request_headers(&mut host, true), Action::Pause, "{method} {path}");
         assert_eq!(host.replies[0].0, status, "{method} {path}");
         // It cannot: on at once, unmarked.
         take_logs();
         let mut host = request(method, path, auth.as_deref(), true);
-        let mut http = RegistryHttp::new(1, Some(guard.clone()), None, None);
+        let mut http = RegistryHttp::new(1, Some(guard.clone()), None);
         assert_eq!(http.request_headers(&mut host, true), Action::Continue, "{method} {path}");
         assert_eq!(host.header("x-registry-guard-decision"), None, "{method} {path}");
         assert!(!http.holds_refusal());
@@ -72,7 +72,7 @@ fn an_internal_error_whose_503_cannot_be_sent_goes_on_unmarked() {
         host.new_request("GET", "/v2/");
         host.fail_headers = fail_headers;
         host.fail_reply = true;
-        let mut http = RegistryHttp::new(1, guard, None, Some(metrics.clone()));
+        let mut http = RegistryHttp::new(1, guard, Some(metrics.clone()));
         assert_eq!(http.request_headers(&mut host, true), Action::Continue);
         assert_eq!(host.header("x-registry-guard-decision"), None);
     }
@@ -84,7 +84,7 @@ fn a_held_refusal_whose_reply_cannot_be_sent_goes_on_at_the_end_of_the_body() {
     let guard = guard();
     for (method, path, auth, _) in refusals() {
         let mut host = request(method, path, auth.as_deref(), true);
-        let mut http = RegistryHttp::new(1, Some(guard.clone()), None, None);
+        let mut http = RegistryHttp::new(1, Some(guard.clone()), None);
         // The body follows: the refusal is held, nothing sent yet, the request stopped.
         assert_eq!(http.request_headers(&mut host, false), Action::Pause, "{method} {path}");
         assert!(http.holds_refusal());
@@ -98,7 +98,7 @@ fn a_held_refusal_whose_reply_cannot_be_sent_goes_on_at_the_end_of_the_body() {
     }
     // Unconfigured, with a body: the same.
     let mut host = request("PUT", "/v2/acme/web/app/blobs/uploads/x", None, true);
-    let mut http = RegistryHttp::new(1, None, None, None);
+    let mut http = RegistryHttp::new(1, None, None);
     assert_eq!(http.request_headers(&mut host, false), Action::Pause);
     assert_eq!(http.request_body(&mut host, 0, true), Action::Continue);
     assert_eq!(host.header("x-registry-guard-decision"), None);
@@ -127,7 +127,7 @@ fn an_allowed_request_that_cannot_be_marked_is_refused() {
     for (fail_reply, action) in [(false, Action::Pause), (true, Action::Continue)] {
         let mut host = request("GET", "/v2/acme/web/app/manifests/v1", Some(&auth), fail_reply);
         host.fail_set_header = true;
-        let mut http = RegistryHttp::new(1, Some(guard()), None, None);
+        let mut http = RegistryHttp::new(1, Some(guard()), None);
         assert_eq!(http.request_headers(&mut host, true), action);
         assert_eq!(host.replies.iter().map(|r| r.0).collect::<Vec<_>>(), if fail_reply { vec![] } else { vec![503] });
         assert_eq!(host.header("x-registry-guard-decision"), None);

@@ -15,10 +15,8 @@
 //! shapes in turn (exact path; `team-N/*`; `team-N/app-*` with one of eight tag patterns;
 //! `org-M/team-N/*` delete-only), none matching `acme/web/app`.
 
-use std::collections::HashMap;
-
 use registry_guard_core::decide::guard::Guard;
-use registry_guard_core::events::{correlation_address, Attribution};
+use registry_guard_core::events::{seal, user_agent, AttributionKey, AttributionRef, Opener, RequestFields, NONCE_LEN};
 use registry_guard_core::token;
 use registry_guard_core::token::claims::{AccessClaim, AccessMeta, Audience, RegistryClaims};
 use registry_guard_core::token::sign::Validity;
@@ -141,19 +139,36 @@ pub fn guard(n_rules: usize) -> Result<Guard, String> {
     }
 }
 
-/// Shared-data records by correlation address.
-pub type Records = HashMap<String, Vec<u8>>;
+/// The fleet's attribution key of the fixtures.
+pub fn attribution_key() -> AttributionKey {
+    AttributionKey::from_bytes([0x42; 32])
+}
 
-/// A notification envelope of `n` events (distribution 2.8's shape), each with its own
-/// correlation address, and the shared-data records (serialized [`Attribution`]s, as the
-/// registry role stores them) to look them up in.
-pub fn envelope(n: usize) -> Result<(Vec<u8>, Records), String> {
+/// How the events role of the fixtures opens seals (at [`NOW`]).
+pub fn opener(keys: &[AttributionKey]) -> Opener<'_> {
+    Opener { keys, now: NOW, max_delay: 86_400 }
+}
+
+/// A notification envelope of `n` events (distribution 2.8's shape), each from its own
+/// request: a user agent as the registry role writes it (a seal of its own, request id,
+/// client address, the client's user agent), opened with [`attribution_key`].
+pub fn envelope(n: usize) -> Result<(Vec<u8>, Vec<AttributionKey>), String> {
     let user = token(&["pull"], 30, "envelope-user")?;
+    let key = attribution_key();
     let mut events = Vec::with_capacity(n);
-    let mut records = HashMap::with_capacity(n);
     for i in 0..n {
-        let addr = correlation_address(0x00ab_cdef_1234, i as u64 + 1);
         let digest = format!("sha256:{:064x}", i + 1);
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.iter_mut().zip((i as u64).to_le_bytes()).for_each(|(n, b)| *n = b);
+        let who = AttributionRef { name: "bench", user_type: "pat", user: Some(&user), expires_at: NOW + 3600 };
+        let sealed = seal(&key, &who, &nonce)?;
+        let rid = format!("edge-{i}");
+        let fields = RequestFields {
+            request_id: Some(&rid),
+            client_addr: Some("127.0.0.1:40000"),
+            user_agent: Some(b"skopeo/1.9.3"),
+        };
+        let useragent = user_agent(Some(&sealed), &fields);
         events.push(json!({
             "id": format!("6f7a1b3c-0000-4000-8000-{i:012}"),
             "timestamp": "2026-11-22T01:00:00.000000000Z",
@@ -163,21 +178,12 @@ pub fn envelope(n: usize) -> Result<(Vec<u8>, Records), String> {
                 "size": 2_812_345 + i, "digest": digest, "length": 2_812_345 + i,
                 "repository": REPO, "url": format!("http://127.0.0.1:5002/v2/{REPO}/blobs/{digest}"),
             },
-            "request": {"id": format!("0b2f3c4d-1111-4222-8333-{i:012}"), "addr": addr,
-                        "host": "127.0.0.1:5002", "method": "PUT", "useragent": "skopeo/1.9.3"},
+            "request": {"id": format!("0b2f3c4d-1111-4222-8333-{i:012}"), "addr": "127.0.0.1",
+                        "host": "127.0.0.1:5002", "method": "PUT", "useragent": useragent},
             "actor": {},
             "source": {"addr": "127.0.0.1:5002", "instanceID": "5b1c0e3e-4f40-4bd4-a6d0-0f4f1c2d3e4f"},
         }));
-        let a = Attribution {
-            addr: addr.clone(),
-            name: "bench".into(),
-            user_type: "pat".into(),
-            user: Some(user.clone()),
-            request_id: Some(format!("edge-{i}")),
-            client_addr: Some("127.0.0.1:40000".into()),
-        };
-        records.insert(addr, serde_json::to_vec(&a).map_err(|e| e.to_string())?);
     }
     let body = serde_json::to_vec(&json!({ "events": events })).map_err(|e| e.to_string())?;
-    Ok((body, records))
+    Ok((body, vec![key]))
 }

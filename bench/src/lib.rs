@@ -169,11 +169,8 @@ mod tests {
 
     #[test]
     fn envelopes_are_fully_attributed() {
-        let (body, records) = fixture::envelope(10).unwrap();
-        let (_, stats) = registry_guard_core::events::rewrite_envelope(&body, |a| {
-            records.get(a).and_then(|r| serde_json::from_slice(r).ok())
-        })
-        .unwrap();
+        let (body, keys) = fixture::envelope(10).unwrap();
+        let (_, stats) = registry_guard_core::events::rewrite_envelope(&body, &fixture::opener(&keys)).unwrap();
         assert_eq!((stats.events, stats.attributed), (10, 10));
     }
 }

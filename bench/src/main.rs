@@ -136,11 +136,11 @@ fn activate(file: &str, reps: usize) -> Result<(), String> {
 
 fn rewrite(ns: &[usize], iters: usize) -> Result<(), String> {
     for &n in ns {
-        let (body, records) = fixture::envelope(n)?;
-        let lookup = |a: &str| records.get(a).and_then(|r| serde_json::from_slice(r).ok());
+        let (body, keys) = fixture::envelope(n)?;
+        let opener = fixture::opener(&keys);
         let mut run = || -> Result<(), String> {
             let (out, stats) =
-                registry_guard_core::events::rewrite_envelope(black_box(&body), lookup).map_err(|e| e.to_string())?;
+                registry_guard_core::events::rewrite_envelope(black_box(&body), &opener).map_err(|e| e.to_string())?;
             black_box(out);
             if stats.attributed as usize == n {
                 Ok(())

@@ -35,6 +35,8 @@ pub struct Envoy {
     pub member: Member,
     pub listen_port: u16,
     pub admin_port: u16,
+    /// Its `notifications` listener (events role); see [`Stack::point_notifications_at`].
+    pub events_port: u16,
 }
 
 fn spawn(name: &str, argv: &[String], dir: tempfile::TempDir) -> Member {
@@ -130,7 +132,7 @@ impl Envoy {
         let member = spawn(name, &argv, dir);
         wait_http(&format!("http://127.0.0.1:{admin}/ready"), name);
         wait_http(&format!("http://127.0.0.1:{listen}/v2/"), name);
-        Envoy { member, listen_port: listen, admin_port: admin }
+        Envoy { member, listen_port: listen, admin_port: admin, events_port: events }
     }
 }
 

@@ -514,6 +514,17 @@ impl Stack {
         self.wait_http(self.registry_port, "/v2/", "registry");
     }
 
+    /// Points the registry's `notifications.endpoints` URL at the events listener on `port`
+    /// (another Envoy of a fleet, `fleet::Envoy::events_port`) and restarts the registry.
+    pub fn point_notifications_at(&mut self, port: u16) {
+        let path = self.path("registry.yml");
+        let text = fs::read_to_string(&path).expect("registry.yml");
+        let from = format!("http://127.0.0.1:{}/events", self.events_port);
+        assert!(text.contains(&from), "registry.yml has no `{from}`");
+        fs::write(&path, text.replace(&from, &format!("http://127.0.0.1:{port}/events"))).expect("write registry.yml");
+        self.restart_registry();
+    }
+
     /// Stops the token service (logins fail; tokens already issued stay valid).
     pub fn stop_token_service(&mut self) {
         self.stop("token-service");

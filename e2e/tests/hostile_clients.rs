@@ -114,7 +114,7 @@ fn hostile_headers_and_tokens_keep_envoy_memory_bounded() {
     let started = Instant::now();
 
     // Attack 1: a guest's GET /v2/ with a 59 KB X-Request-Id, 5,000 times (more than the
-    // 4,096 correlation slots), and unauthenticated requests with a huge path.
+    // 4,096 correlation slots of earlier versions), and unauthenticated requests with a huge path.
     let huge_id = "r".repeat(59_000);
     for i in 0..5_000 {
         let id = format!("{i}-{huge_id}");

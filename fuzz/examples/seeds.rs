@@ -10,7 +10,7 @@ use std::path::Path;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use registry_guard_core::policy::bundle;
-use registry_guard_core::events::correlation_address;
+use registry_guard_core::events::{seal, user_agent, AttributionKey, AttributionRef, RequestFields};
 use registry_guard_core::token::testing::es256_key;
 use registry_guard_core::token::claims::{AccessClaim, AccessMeta, Audience, RegistryClaims};
 use registry_guard_core::token::sign::{sign, sign_jws_unchecked, Validity};
@@ -136,7 +136,7 @@ fn main() {
 
     // --- envelopes, shaped like distribution 2.8.2's ---
     let dir = seeds.join("envelope");
-    let event = |id: &str, action: &str, addr: &str, tag: Option<&str>| {
+    let event = |id: &str, action: &str, useragent: &str, tag: Option<&str>| {
         let mut target = json!({
             "mediaType": "application/vnd.oci.image.manifest.v1+json", "size": 528, "digest": d, "length": 528,
             "repository": "acme/web/app", "url": format!("http://127.0.0.1:5002/v2/acme/web/app/manifests/{d}"),
@@ -146,19 +146,24 @@ fn main() {
         }
         json!({
             "id": id, "timestamp": "2026-11-22T01:00:00.123456789Z", "action": action, "target": target,
-            "request": {"id": "5f1c2d3e-aaaa-bbbb-cccc-000000000001", "addr": addr, "host": "127.0.0.1:5000",
-                        "method": if action == "push" { "PUT" } else { "GET" }, "useragent": "skopeo/1.9.3"},
+            "request": {"id": "5f1c2d3e-aaaa-bbbb-cccc-000000000001", "addr": "127.0.0.1", "host": "127.0.0.1:5000",
+                        "method": if action == "push" { "PUT" } else { "GET" }, "useragent": useragent},
             "actor": {}, "source": {"addr": "localhost:5002", "instanceID": "0b7c5c5e-1111-2222-3333-444455556666"},
         })
     };
-    let a1 = correlation_address(0xabcdef123456, 1);
-    let a2 = correlation_address(0xabcdef123456, 2);
+    // User agents as the registry role writes them, sealed with the fuzz target's key.
+    let key = AttributionKey::from_bytes([7; 32]);
+    let who = AttributionRef { name: "alice", user_type: "password", user: Some("u.s.er"), expires_at: 1_790_000_300 };
+    let sealed = seal(&key, &who, &[1; 24]).expect("seal");
+    let fields = |rid| RequestFields { request_id: Some(rid), client_addr: Some("127.0.0.1:4242"), user_agent: Some(b"skopeo/1.9.3") };
+    let a1 = user_agent(Some(&sealed), &fields("edge-1"));
+    let a2 = user_agent(None, &fields("edge-2"));
     let envelopes = [
         ("push", json!({"events": [event("e1", "push", &a1, None), event("e2", "push", &a1, Some("v1"))]})),
         ("pull", json!({"events": [event("e3", "pull", &a2, None)]})),
-        ("unknown-addr", json!({"events": [event("e4", "delete", "10.0.0.1:4321", None)]})),
+        ("unknown-addr", json!({"events": [event("e4", "delete", "skopeo/1.9.3", None)]})),
         ("empty", json!({"events": []})),
-        ("odd", json!({"events": [1, null, {"request": {"addr": 5}}, {"actor": "x", "request": {"addr": a1}}]})),
+        ("odd", json!({"events": [1, null, {"request": {"addr": 5}}, {"actor": "x", "request": {"useragent": a1}}]})),
     ];
     for (name, e) in envelopes {
         write(&dir, name, e.to_string().as_bytes());

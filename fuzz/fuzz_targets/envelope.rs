@@ -1,24 +1,16 @@
-//! Notification envelope rewriting: any bytes as an envelope, with a lookup that attributes
-//! every address. Nothing may panic; a rewrite keeps the number and order of events and
+//! Notification envelope rewriting: any bytes as an envelope, opened with the seeds' key
+//! (`examples/seeds.rs` seals its user agents with it). Nothing may panic; a rewrite keeps the number and order of events and
 //! their ids, and its output is JSON.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use registry_guard_core::events::{rewrite_envelope, Attribution};
+use registry_guard_core::events::{rewrite_envelope, AttributionKey, Opener};
 use serde_json::Value;
 
 fuzz_target!(|data: &[u8]| {
-    let lookup = |addr: &str| {
-        Some(Attribution {
-            addr: addr.to_owned(),
-            name: "alice".into(),
-            user_type: "password".into(),
-            user: Some("u.s.er".into()),
-            request_id: Some("edge-1".into()),
-            client_addr: Some("127.0.0.1".into()),
-        })
-    };
-    let Ok((out, stats)) = rewrite_envelope(data, lookup) else { return };
+    let keys = [AttributionKey::from_bytes([7; 32])];
+    let opener = Opener { keys: &keys, now: 1_790_000_000, max_delay: 86_400 };
+    let Ok((out, stats)) = rewrite_envelope(data, &opener) else { return };
     let before: Value = serde_json::from_slice(data).expect("input parsed once");
     let after: Value = serde_json::from_slice(&out).expect("output is JSON");
     let (Some(b), Some(a)) = (before["events"].as_array(), after["events"].as_array()) else {

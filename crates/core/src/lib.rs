@@ -16,7 +16,7 @@
 //! token    es256, keys, jwks, claims, verify, sign, user, testing*
 //! request  access, name, scope, route
 //! support  text, json, de
-//! events   (a leaf beside the stack: uses nothing else of the core)
+//! events   (a leaf beside the stack: uses only support; decide::config reads its key type)
 //! ```
 //!
 //! `*`: test scaffolding, compiled only for the core's own tests and with the `testing`

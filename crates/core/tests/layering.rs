@@ -20,7 +20,11 @@ const LAYERS: &[(&str, &[&str], &[&str])] = &[
         &["support", "request", "token"],
         &["deploy", "protection", "claims", "bundle", "directory", "oci", "follow"],
     ),
-    ("decide", &["support", "request", "token", "policy"], &["config", "decision", "guard", "audit", "corpus"]),
+    (
+        "decide",
+        &["support", "request", "token", "policy", "events"],
+        &["config", "decision", "guard", "audit", "corpus"],
+    ),
     ("issue", &["support", "request", "token", "policy"], &["grant", "job", "principal"]),
     ("inspect", &["support", "request", "token", "policy", "decide", "issue"], &["explain", "review"]),
     // A leaf beside the stack, one module (`events/mod.rs`).

@@ -237,6 +237,13 @@ enum Command {
     HashPassword,
     /// Hash a personal access token (read from stdin) as SHA-256 hex for principals.json.
     HashToken,
+    /// Write a new fleet attribution key (base64url of 32 random bytes, mode 0600) to FILE,
+    /// unless FILE exists; give the same key to every Envoy's filter (both roles: `rgctl
+    /// filter-config --attribution-key-file`, `attribution.key` of the events role).
+    AttributionKey {
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print the filter configuration JSON for the given realm, service, issuer and JWKS.
     FilterConfig {
         #[arg(long)]
@@ -266,6 +273,11 @@ enum Command {
         /// `use_remote_address: true`, as in envoy/envoy.yaml).
         #[arg(long, value_parser = ["peer", "x-forwarded-for"], default_value = "peer")]
         client_address: String,
+        /// A file holding the fleet's attribution key (base64url of 32 bytes; `rgctl
+        /// attribution-key` writes one): the filter seals who made each request into it for
+        /// the events role. Without it, events are not attributed.
+        #[arg(long)]
+        attribution_key_file: Option<PathBuf>,
         /// The endpoint the filter guards: `registry`, or `dependency-proxy` (the group
         /// dependency proxy on its own listener, with GitLab's login and pull rules for it).
         #[arg(long, value_parser = ["registry", "dependency-proxy"], default_value = "registry")]
@@ -518,6 +530,11 @@ fn run(cli: Cli) -> Result<()> {
             println!("{hash}");
             Ok(())
         }
+        Command::AttributionKey { out } => {
+            stack::attribution_key(&out)?;
+            println!("{}", out.display());
+            Ok(())
+        }
         Command::HashToken => {
             let token = read_secret()?;
             println!("{}", hex(&Sha256::digest(token.as_bytes())));
@@ -533,6 +550,7 @@ fn run(cli: Cli) -> Result<()> {
             bundle_keys,
             environment,
             client_address,
+            attribution_key_file,
             endpoint,
             bundle_source_cluster,
             bundle_source_path,
@@ -580,6 +598,7 @@ fn run(cli: Cli) -> Result<()> {
                 endpoint,
                 bundle_source,
                 keys_source,
+                attribution_key: attribution_key_file.map(|f| read(&f).map(|k| k.trim().to_owned())).transpose()?,
             })?;
             println!("{}", serde_json::to_string(&config)?);
             Ok(())
@@ -642,6 +661,8 @@ pub(crate) struct FilterSettings {
     /// `keys_source` of the filter configuration (the filter fetches its trusted keys); with
     /// it, a `null` `jwks` is left out (no boot keys).
     pub keys_source: Option<serde_json::Value>,
+    /// The fleet's attribution key (base64url), shared with the events role.
+    pub attribution_key: Option<String>,
 }
 
 /// The filter configuration JSON, checked as the filter will check it.
@@ -674,6 +695,9 @@ pub(crate) fn filter_config(s: &FilterSettings) -> Result<serde_json::Value> {
             if s.jwks.is_null() {
                 obj.remove("jwks");
             }
+        }
+        if let Some(key) = &s.attribution_key {
+            obj.insert("attribution".into(), serde_json::json!({ "key": key }));
         }
     }
     FilterConfig::from_json(serde_json::to_string(&config)?.as_bytes())?;

@@ -467,6 +467,7 @@ pub const TEMPLATES: [Template; 4] = [
                     None => "  # (the filter is a local file: no wasm_source cluster)".into(),
                 },
             ));
+            v.push(("EVENTS_FILTER_CONFIG", s.events_filter_config.clone()));
             v.push(("ECDS_DIR", s.path("ecds")));
             v
         },
@@ -502,6 +503,8 @@ pub struct Stack {
     pub envoy_bundle: Option<PathBuf>,
     http_secret: String,
     events_secret: String,
+    /// The events role's filter configuration (with the attribution key).
+    events_filter_config: String,
 }
 
 impl Stack {
@@ -691,6 +694,28 @@ fn beside_rgctl(name: &str) -> Result<PathBuf> {
 }
 
 /// A secret file in OUT: kept if present, else 32 random bytes as hex (mode 0600).
+/// The fleet's attribution key (32 random bytes, base64url) at `path`, created if absent:
+/// every Envoy rendered from one configuration directory shares it, so any of them can
+/// attribute any event (core `events`).
+pub(crate) fn attribution_key(path: &Path) -> Result<String> {
+    if !path.exists() {
+        let mut bytes = [0u8; 32];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
+        let key = registry_guard_core::events::AttributionKey::from_bytes(bytes).to_base64url();
+        crate::write_private(path, key.as_bytes())?;
+    }
+    let key = crate::read(path)?.trim().to_owned();
+    registry_guard_core::events::AttributionKey::from_base64url(&key)
+        .map_err(|e| anyhow::anyhow!("`{}`: the attribution key {e}", path.display()))?;
+    Ok(key)
+}
+
+/// The events role's filter configuration (Envoy's `notifications` listener, inline in
+/// envoy/envoy.yaml as `${EVENTS_FILTER_CONFIG}`).
+pub fn events_filter_config(key: &str) -> String {
+    serde_json::json!({"role": "events", "max_envelope_bytes": 1_048_576, "attribution": {"key": key}}).to_string()
+}
+
 fn secret(path: &Path) -> Result<String> {
     if !path.exists() {
         let mut bytes = [0u8; 32];
@@ -736,6 +761,7 @@ pub fn render(args: &RenderArgs) -> Result<Stack> {
     }
     // The token the filter (and token-service replicas) present to `GET /bundle`.
     crate::operator_token(&keys, "bundle-read")?;
+    let attribution_key = attribution_key(&keys.join("attribution-key"))?;
     let read_token = crate::read(&keys.join("bundle-read-token"))?.trim().to_owned();
     if !["none", "oci"].contains(&args.bundle_source.as_str())
         && settings["bundle_read_token_sha256"].as_str().is_none()
@@ -783,6 +809,7 @@ pub fn render(args: &RenderArgs) -> Result<Stack> {
         envoy_bundle: envoy_bundle_file,
         http_secret: secret(&out.join("http-secret"))?,
         events_secret: secret(&out.join("events-secret"))?,
+        events_filter_config: events_filter_config(&attribution_key),
         config_dir,
         out,
     };
@@ -811,6 +838,7 @@ pub fn render(args: &RenderArgs) -> Result<Stack> {
             endpoint: endpoint.into(),
             bundle_source: bundle_source(args, &read_token),
             keys_source: keys_source(args),
+            attribution_key: Some(attribution_key.clone()),
         })?;
         if let Some(obj) = config.as_object_mut() {
             obj.extend(extra.clone());
@@ -1047,6 +1075,7 @@ mod tests {
         let wasm = dir.join("filter.wasm");
         fs::write(&wasm, b"\0asm").unwrap();
         let mut a = args(&dir, &wasm);
+        // An old setting (the shared-data ring of earlier versions) is still accepted.
         a.filter_extra = Some(r#"{"correlation": {"slots": 0}}"#.into());
         let stack = render(&a).unwrap();
         let out = dir.join("out");
@@ -1089,6 +1118,14 @@ mod tests {
         assert_eq!(filter["environment"], "example");
         assert_eq!(filter["leeway_seconds"], 2);
         assert_eq!(filter["correlation"], serde_json::json!({"slots": 0}));
+        // One attribution key for the registry role of every endpoint and the events role,
+        // kept across renders (every Envoy rendered from this configuration shares it).
+        let key = fs::read_to_string(a.config_dir.join("keys/attribution-key")).unwrap();
+        assert_eq!(filter["attribution"]["key"], key.trim());
+        let events_config = format!("value: '{}'", events_filter_config(key.trim()));
+        assert!(envoy.contains(&events_config), "events role without the key");
+        render(&a).unwrap();
+        assert_eq!(fs::read_to_string(a.config_dir.join("keys/attribution-key")).unwrap(), key);
         assert!(filter["bundle"].as_str().is_some());
         let summary: serde_json::Value =
             serde_json::from_str(&fs::read_to_string(out.join("stack.json")).unwrap()).unwrap();

@@ -92,6 +92,7 @@ mod tests {
 
     fn denial(reason: &str) -> Checked {
         Checked {
+            sealed: None,
             decision: Decision::Deny(Denial {
                 status: 403,
                 code: "DENIED",

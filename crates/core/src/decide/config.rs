@@ -2,6 +2,7 @@
 
 use serde::Deserialize;
 
+use crate::events::AttributionKey;
 use crate::policy::bundle::{self, Policy};
 use crate::token::jwks::KeySet;
 use crate::token::verify::Verifier;
@@ -42,9 +43,12 @@ struct RawFilterConfig<'a> {
     #[serde(default)]
     #[allow(dead_code)]
     role: Option<RegistryRole>,
-    /// Correlation of requests with the registry's events (see `events`).
+    /// Where the client's address for its events comes from (see `events`).
     #[serde(default)]
     correlation: RawCorrelation,
+    /// The fleet's attribution key (see `events`).
+    #[serde(default)]
+    attribution: Option<RawAttribution>,
     /// TEST ONLY, off by default: deliberately trap the wasm VM (see [`FaultInjection`]).
     /// Without the `fault-injection` feature the field does not exist, so a configuration
     /// naming it is refused as an unknown field.
@@ -124,25 +128,82 @@ enum RegistryRole {
     Registry,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCorrelation {
-    /// Shared-data slots (a bounded ring); 0 turns correlation off.
-    #[serde(default = "default_slots")]
-    slots: u32,
+    /// The shared-data ring of earlier versions: accepted and ignored (with a warning), so
+    /// an old configuration does not fail an upgrade closed.
+    #[serde(default)]
+    slots: Option<u32>,
     /// Where the client's address recorded for its events comes from.
     #[serde(default)]
     client_address: ClientAddress,
 }
 
-impl Default for RawCorrelation {
-    fn default() -> Self {
-        RawCorrelation { slots: default_slots(), client_address: ClientAddress::default() }
+impl RawCorrelation {
+    fn warnings(&self) -> Vec<String> {
+        match self.slots {
+            Some(_) => vec!["`correlation.slots` is ignored: attribution no longer uses a shared-data ring".into()],
+            None => Vec::new(),
+        }
     }
 }
 
+/// `attribution` in both roles' configuration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAttribution {
+    /// 32 bytes, base64url: the registry role seals with it, the events role opens with it.
+    key: String,
+    /// Older keys the events role still opens (a key rotation across the fleet).
+    #[serde(default)]
+    previous_keys: Vec<String>,
+    /// Seconds after a token's expiry its events are still attributed (deliveries retried).
+    #[serde(default = "default_max_delay")]
+    max_delay_seconds: u32,
+}
+
+fn default_max_delay() -> u32 {
+    DEFAULT_ATTRIBUTION_MAX_DELAY_SECONDS
+}
+
+/// Default of `attribution.max_delay_seconds`: a day of delivery retries.
+pub const DEFAULT_ATTRIBUTION_MAX_DELAY_SECONDS: u32 = 86_400;
+
+/// The compiled `attribution` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttributionConfig {
+    /// The current key first, then the previous ones.
+    pub keys: Vec<AttributionKey>,
+    pub max_delay_seconds: u32,
+}
+
+impl AttributionConfig {
+    /// The key the registry role seals with.
+    pub fn sealing_key(&self) -> Option<&AttributionKey> {
+        self.keys.first()
+    }
+}
+
+fn attribution(raw: Option<RawAttribution>) -> Result<Option<AttributionConfig>, ConfigError> {
+    let Some(raw) = raw else { return Ok(None) };
+    let mut keys = vec![AttributionKey::from_base64url(&raw.key).map_err(|e| error("$.attribution.key", e))?];
+    for (i, k) in raw.previous_keys.iter().enumerate() {
+        keys.push(
+            AttributionKey::from_base64url(k).map_err(|e| error(&format!("$.attribution.previous_keys[{i}]"), e))?,
+        );
+    }
+    if raw.previous_keys.len() > 8 {
+        return Err(error("$.attribution.previous_keys", "at most 8 previous keys"));
+    }
+    if raw.max_delay_seconds > 30 * 86_400 {
+        return Err(error("$.attribution.max_delay_seconds", "must be at most 2592000 (30 days)"));
+    }
+    Ok(Some(AttributionConfig { keys, max_delay_seconds: raw.max_delay_seconds }))
+}
+
 /// Where the registry role reads the client's address that the events role restores into
-/// each event's `request.addr` (the registry itself only sees the correlation address).
+/// each event's `request.addr`, and writes as the registry's `X-Forwarded-For`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ClientAddress {
@@ -156,10 +217,6 @@ pub enum ClientAddress {
     XForwardedFor,
 }
 
-fn default_slots() -> u32 {
-    4096
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawEventsConfig {
@@ -169,6 +226,8 @@ struct RawEventsConfig {
     max_envelope_bytes: usize,
     #[serde(default)]
     correlation: RawCorrelation,
+    #[serde(default)]
+    attribution: Option<RawAttribution>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -186,7 +245,10 @@ fn default_max_envelope() -> usize {
 pub struct EventsConfig {
     /// Larger envelopes pass unmodified (and are counted).
     pub max_envelope_bytes: usize,
-    pub correlation_slots: u32,
+    /// Keys that open attributions (`None`: no event is attributed).
+    pub attribution: Option<AttributionConfig>,
+    /// Accepted but ignored settings, for the log.
+    pub warnings: Vec<String>,
 }
 
 /// A plugin configuration: which role this filter instance plays.
@@ -216,7 +278,8 @@ impl PluginConfig {
                 }
                 Ok(PluginConfig::Events(EventsConfig {
                     max_envelope_bytes: raw.max_envelope_bytes,
-                    correlation_slots: raw.correlation.slots,
+                    warnings: raw.correlation.warnings(),
+                    attribution: attribution(raw.attribution)?,
                 }))
             }
             None | Some("registry") => Ok(PluginConfig::Registry(Box::new(FilterConfig::from_json(bytes)?))),
@@ -282,10 +345,12 @@ pub struct FilterConfig {
     pub policy: Policy,
     /// The deployment this filter serves (bundles must name it).
     pub environment: Option<String>,
-    /// Shared-data slots for request ↔ event correlation (0: off).
-    pub correlation_slots: u32,
+    /// The attribution key (`None`: requests are tagged without a seal, unattributable).
+    pub attribution: Option<AttributionConfig>,
     /// Where the client address for event attribution comes from.
     pub client_address: ClientAddress,
+    /// Accepted but ignored settings, for the log.
+    pub warnings: Vec<String>,
     /// TEST ONLY fault injection; `None` unless the configuration asks for it.
     #[cfg(feature = "fault-injection")]
     pub fault_injection: Option<FaultInjection>,
@@ -331,9 +396,6 @@ impl FilterConfig {
         }
         if !(0..=300).contains(&raw.leeway_seconds) {
             return Err(error("$.leeway_seconds", "must be between 0 and 300"));
-        }
-        if raw.correlation.slots > 1 << 20 {
-            return Err(error("$.correlation.slots", "must be at most 1048576"));
         }
         if raw.cache.max_entries == 0 || raw.cache.max_entries > 1_000_000 {
             return Err(error("$.cache.max_entries", "must be between 1 and 1000000"));
@@ -400,7 +462,8 @@ impl FilterConfig {
             cache_bytes: raw.cache.max_bytes,
             policy,
             environment: raw.environment,
-            correlation_slots: raw.correlation.slots,
+            warnings: raw.correlation.warnings(),
+            attribution: attribution(raw.attribution)?,
             client_address: raw.correlation.client_address,
             #[cfg(feature = "fault-injection")]
             fault_injection,
@@ -544,9 +607,9 @@ mod tests {
     fn roles() {
         let reg =
             PluginConfig::from_json(config(serde_json::json!({"role": "registry"})).to_string().as_bytes()).unwrap();
-        assert!(matches!(reg, PluginConfig::Registry(c) if c.correlation_slots == 4096));
+        assert!(matches!(reg, PluginConfig::Registry(c) if c.attribution.is_none() && c.warnings.is_empty()));
         let ev = PluginConfig::from_json(br#"{"role": "events", "max_envelope_bytes": 1000}"#).unwrap();
-        assert_eq!(ev_config(ev), EventsConfig { max_envelope_bytes: 1000, correlation_slots: 4096 });
+        assert_eq!(ev_config(ev), EventsConfig { max_envelope_bytes: 1000, attribution: None, warnings: vec![] });
         assert_eq!(PluginConfig::from_json(br#"{"role": "events", "jwks": {}}"#).unwrap_err().field, "$.jwks");
         assert_eq!(PluginConfig::from_json(br#"{"role": "both"}"#).unwrap_err().field, "$.role");
     }
@@ -555,6 +618,49 @@ mod tests {
         match c {
             PluginConfig::Events(e) => e,
             PluginConfig::Registry(_) => panic!("expected events"),
+        }
+    }
+
+    #[test]
+    fn attribution_keys_and_the_old_ring_setting() {
+        let key = AttributionKey::from_bytes([7; 32]);
+        let old = AttributionKey::from_bytes([6; 32]);
+        let ev = PluginConfig::from_json(
+            serde_json::json!({"role": "events", "correlation": {"slots": 4096},
+                "attribution": {"key": key.to_base64url(), "previous_keys": [old.to_base64url()], "max_delay_seconds": 60}})
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+        let ev = ev_config(ev);
+        assert_eq!(ev.attribution, Some(AttributionConfig { keys: vec![key.clone(), old], max_delay_seconds: 60 }));
+        assert_eq!(ev.warnings.len(), 1, "an old `correlation.slots` is accepted, with a warning");
+        let reg = FilterConfig::from_json(
+            config(serde_json::json!({"correlation": {"slots": 0, "client_address": "x-forwarded-for"},
+                "attribution": {"key": key.to_base64url()}}))
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(reg.attribution.as_ref().and_then(AttributionConfig::sealing_key), Some(&key));
+        assert_eq!(reg.attribution.map(|a| a.max_delay_seconds), Some(DEFAULT_ATTRIBUTION_MAX_DELAY_SECONDS));
+        assert_eq!((reg.client_address, reg.warnings.len()), (ClientAddress::XForwardedFor, 1));
+        for (bad, field) in [
+            (serde_json::json!({"attribution": {"key": "short"}}), "$.attribution.key"),
+            (serde_json::json!({"attribution": {}}), "$.attribution"),
+            (
+                serde_json::json!({"attribution": {"key": key.to_base64url(), "previous_keys": ["x"]}}),
+                "$.attribution.previous_keys[0]",
+            ),
+            (
+                serde_json::json!({"attribution": {"key": key.to_base64url(), "max_delay_seconds": 99_999_999}}),
+                "$.attribution.max_delay_seconds",
+            ),
+            (serde_json::json!({"attribution": {"key": key.to_base64url(), "nope": 1}}), "$.attribution"),
+        ] {
+            let e = FilterConfig::from_json(config(bad.clone()).to_string().as_bytes()).unwrap_err();
+            assert!(e.field.starts_with(field), "{bad}: {e}");
+            assert!(!e.to_string().contains(&key.to_base64url()), "the key is never echoed: {e}");
         }
     }
 }

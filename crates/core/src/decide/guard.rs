@@ -1,6 +1,7 @@
 //! The request-time engine: configuration + a bounded cache of verified tokens + `decide`.
 //! The filter's HTTP context calls [`Guard::check`] once per request and maps the result.
 
+use std::cell::OnceCell;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
@@ -23,11 +24,15 @@ pub struct TokenCache {
     capacity: usize,
     max_bytes: usize,
     bytes: usize,
-    entries: HashMap<Rc<str>, (Rc<VerifiedToken>, usize), foldhash::fast::RandomState>,
+    entries: HashMap<Rc<str>, (Rc<VerifiedToken>, SealSlot, usize), foldhash::fast::RandomState>,
     order: VecDeque<Rc<str>>,
     pub hits: u64,
     pub misses: u64,
 }
+
+/// A value derived from a verified token once and cached with it: the filter's sealed
+/// attribution (core `events`), so the cached allow path does no crypto.
+pub type SealSlot = Rc<OnceCell<Box<str>>>;
 
 /// Fixed cost of a cache entry besides the token and its claims (hash slot, order slot,
 /// `Rc` headers), in bytes.
@@ -61,7 +66,7 @@ impl TokenCache {
     }
 
     fn remove(&mut self, key: &str) {
-        if let Some((_, cost)) = self.entries.remove(key) {
+        if let Some((_, _, cost)) = self.entries.remove(key) {
             self.bytes = self.bytes.saturating_sub(cost);
         }
     }
@@ -71,10 +76,10 @@ impl TokenCache {
     }
 
     /// The cached verification of `token` if it has not expired; an expired entry is dropped.
-    fn live(&mut self, token: &str, now: i64, leeway: i64) -> Option<Rc<VerifiedToken>> {
+    fn live(&mut self, token: &str, now: i64, leeway: i64) -> Option<(Rc<VerifiedToken>, SealSlot)> {
         match self.entries.get(token) {
             None => return None,
-            Some((v, _)) if now <= v.expires_at.saturating_add(leeway) => return Some(v.clone()),
+            Some((v, seal, _)) if now <= v.expires_at.saturating_add(leeway) => return Some((v.clone(), seal.clone())),
             Some(_) => {}
         }
         self.remove(token);
@@ -84,11 +89,12 @@ impl TokenCache {
 
     /// Inserts a verified token (evicting the oldest while over the entry or byte bound)
     /// and returns the entry. An entry larger than the byte bound is returned uncached.
-    fn insert(&mut self, token: &str, verified: VerifiedToken) -> Rc<VerifiedToken> {
-        let cost = token.len() + verified.approx_bytes() + ENTRY_OVERHEAD;
+    fn insert(&mut self, token: &str, verified: VerifiedToken) -> (Rc<VerifiedToken>, SealSlot) {
+        let cost = token.len() + verified.approx_bytes() + sealed_bytes(&verified) + ENTRY_OVERHEAD;
         let verified = Rc::new(verified);
+        let seal = SealSlot::default();
         if cost > self.max_bytes {
-            return verified;
+            return (verified, seal);
         }
         while self.entries.len() >= self.capacity || self.bytes.saturating_add(cost) > self.max_bytes {
             match self.order.pop_front() {
@@ -99,11 +105,17 @@ impl TokenCache {
         let key: Rc<str> = Rc::from(token);
         self.order.push_back(key.clone());
         self.bytes = self.bytes.saturating_add(cost);
-        if let Some((_, old)) = self.entries.insert(key, (verified.clone(), cost)) {
+        if let Some((_, _, old)) = self.entries.insert(key, (verified.clone(), seal.clone(), cost)) {
             self.bytes = self.bytes.saturating_sub(old);
         }
-        verified
+        (verified, seal)
     }
+}
+
+/// About the size of a token's sealed attribution (base64url of nonce, tag and a short JSON
+/// of name, type, `user` JWT and expiry), accounted to its cache entry up front.
+fn sealed_bytes(v: &VerifiedToken) -> usize {
+    (v.subject.len() + v.auth_type.as_deref().map_or(0, str::len) + v.user.as_deref().map_or(0, str::len) + 96) * 4 / 3
 }
 
 /// One filter instance's state: compiled configuration and token cache.
@@ -124,6 +136,9 @@ pub struct Checked {
     pub token: Option<Rc<VerifiedToken>>,
     /// Revision of the bundle the request was decided under.
     pub revision: u64,
+    /// Where the token's sealed attribution is kept (with the cached token; `None` without
+    /// a verified token).
+    pub sealed: Option<SealSlot>,
     /// Whether the token was found in the cache (`None`: no bearer token presented).
     pub cache_hit: Option<bool>,
     /// The scopes the request needs (`repository:acme/web:pull,push` …), filled only for
@@ -133,7 +148,7 @@ pub struct Checked {
 
 impl Checked {
     fn new(decision: Decision, revision: u64) -> Checked {
-        Checked { decision, token: None, revision, cache_hit: None, scopes: None }
+        Checked { decision, token: None, sealed: None, revision, cache_hit: None, scopes: None }
     }
 
     /// `sub` of the verified token.
@@ -247,7 +262,7 @@ impl Guard {
         let leeway = self.config.verifier.leeway_seconds;
         let cached = self.cache.live(token, now, leeway);
         let hit = cached.is_some();
-        let verified = match cached {
+        let (verified, sealed) = match cached {
             Some(v) => {
                 self.cache.hits += 1;
                 v
@@ -272,7 +287,7 @@ impl Guard {
             return invalid(endpoint, route, &e, challenge, revision, hit);
         }
         let decision = decide_at(endpoint, route, Credential::Valid(&verified), challenge, &self.config.policy, now);
-        Checked { decision, token: Some(verified), revision, cache_hit: Some(hit), scopes: None }
+        Checked { decision, token: Some(verified), sealed: Some(sealed), revision, cache_hit: Some(hit), scopes: None }
     }
 }
 
