@@ -221,13 +221,14 @@ impl Host for ProxyWasmHost {
     }
 
     fn http_call_response_header(&mut self, name: &str) -> Result<Option<String>, HostError> {
-        let value = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, name)
-            .map_err(status(HostCall::HttpCallResponseHeader))?;
+        // Not the SDK's `get_map_value_bytes`, which panics on a status other than Ok or
+        // NotFound (Envoy answers so for a call it failed, e.g. an oversized answer).
+        let value = raw_map_value(MapType::HttpCallResponseHeaders, name, HostCall::HttpCallResponseHeader)?;
         Ok(value.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     fn http_call_response_body(&mut self, size: usize) -> Result<Option<Vec<u8>>, HostError> {
-        hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, size).map_err(status(HostCall::HttpCallResponseBody))
+        raw_buffer(BufferType::HttpCallResponseBody, size, HostCall::HttpCallResponseBody)
     }
 
     fn request_headers(&mut self) -> Result<HeaderMap, HostError> {
@@ -291,6 +292,69 @@ fn raw_request_headers() -> Result<HeaderMap, HostError> {
             s => Err(HostError::status(HostCall::RequestHeaders, s)),
         }
     }
+}
+
+/// One header of a map; any status but Ok and NotFound is an error (never a panic).
+#[cfg(target_arch = "wasm32")]
+fn raw_map_value(map: MapType, key: &str, call: HostCall) -> Result<Option<Vec<u8>>, HostError> {
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        fn proxy_get_header_map_value(
+            map_type: MapType,
+            key_data: *const u8,
+            key_size: usize,
+            return_value_data: *mut *mut u8,
+            return_value_size: *mut usize,
+        ) -> Status;
+    }
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: as in `raw_request_headers`: the host hands over `size` bytes it allocated
+    // through this module's allocator, which this function then owns.
+    unsafe {
+        match proxy_get_header_map_value(map, key.as_ptr(), key.len(), &mut data, &mut size) {
+            Status::Ok if data.is_null() => Ok(Some(Vec::new())),
+            Status::Ok => Ok(Some(Vec::from_raw_parts(data, size, size))),
+            Status::NotFound => Ok(None),
+            s => Err(HostError::status(call, s)),
+        }
+    }
+}
+
+/// Up to `size` bytes of a buffer from its start; any status but Ok and NotFound is an error.
+#[cfg(target_arch = "wasm32")]
+fn raw_buffer(buffer: BufferType, size: usize, call: HostCall) -> Result<Option<Vec<u8>>, HostError> {
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        fn proxy_get_buffer_bytes(
+            buffer_type: BufferType,
+            start: usize,
+            max_size: usize,
+            return_buffer_data: *mut *mut u8,
+            return_buffer_size: *mut usize,
+        ) -> Status;
+    }
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut got: usize = 0;
+    // SAFETY: as in `raw_map_value`.
+    unsafe {
+        match proxy_get_buffer_bytes(buffer, 0, size, &mut data, &mut got) {
+            Status::Ok if data.is_null() => Ok(None),
+            Status::Ok => Ok(Some(Vec::from_raw_parts(data, got, got))),
+            Status::NotFound => Ok(None),
+            s => Err(HostError::status(call, s)),
+        }
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn raw_map_value(_: MapType, _: &str, call: HostCall) -> Result<Option<Vec<u8>>, HostError> {
+    Err(HostError::invalid(call, "proxy-wasm host calls exist only in wasm"))
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn raw_buffer(_: BufferType, _: usize, call: HostCall) -> Result<Option<Vec<u8>>, HostError> {
+    Err(HostError::invalid(call, "proxy-wasm host calls exist only in wasm"))
 }
 
 #[cfg(not(target_arch = "wasm32"))]
