@@ -32,7 +32,7 @@ fn hostile_source(mode: Arc<Mutex<Mode>>) -> u16 {
             std::thread::spawn(move || {
                 let mut head = Vec::new();
                 let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).map_or(false, |n| n == 1) {
+                while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).is_ok_and(|n| n == 1) {
                     head.push(byte[0]);
                 }
                 match mode {

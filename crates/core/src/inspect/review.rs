@@ -579,6 +579,7 @@ mod tests {
                 ("acme/platform/api", ["yes", "some (rule api-prod-maintainers)", "no"].map(String::from)),
                 ("acme/web", ["yes", "some (rule web-release-tags)", "no"].map(String::from)),
                 ("other/tools", ["no", "no", "no"].map(String::from)),
+                ("registry-guard/policy", ["no", "no", "no"].map(String::from)),
             ]
         );
         let ids: Vec<&str> = p.rules.iter().map(|r| r.id.as_str()).collect();

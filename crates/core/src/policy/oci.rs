@@ -257,7 +257,8 @@ mod tests {
     #[test]
     fn other_layouts_are_refused_with_the_reason() {
         let ok = manifest_for(b"abc", "b");
-        let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+        type Change = Box<dyn Fn(&mut serde_json::Value)>;
+        let cases: Vec<(&str, Change)> = vec![
             (
                 "media type is `application/vnd.docker",
                 Box::new(|m| m["mediaType"] = "application/vnd.docker.distribution.manifest.v2+json".into()),

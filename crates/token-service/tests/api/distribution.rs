@@ -385,7 +385,9 @@ async fn a_replica_follows_an_oci_artifact_and_refuses_hostile_ones() {
     tampered[i] ^= 1;
     let wrong_signer = sign_raw(&serde_json::from_str(&platform_bundle(9)).unwrap(), &other_key);
     let older = sign_bundle(&platform_bundle(2));
-    let hostile: Vec<(&str, String, Vec<u8>, Option<&str>, &str)> = vec![
+    // (what, the bundle the manifest declares, the blob served, artifact type, reason)
+    type Case<'a> = (&'a str, String, Vec<u8>, Option<&'a str>, &'a str);
+    let hostile: Vec<Case> = vec![
         ("tampered blob", b9.clone(), tampered, None, "tampered"),
         // Each case is another manifest: a refused manifest is not fetched again until the tag moves.
         ("truncated blob", b10.clone(), b10.as_bytes()[..40].to_vec(), None, "truncated"),
