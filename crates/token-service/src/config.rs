@@ -535,7 +535,8 @@ fn load_signing_key(path: &Path) -> Result<SigningKey, ConfigError> {
     keys::signing_key_from_pem(&pem).map_err(|e| ConfigError::new(path, None, e.to_string()))
 }
 
-fn load_principals(path: &Path) -> Result<Directory, ConfigError> {
+/// Reads and checks `principals.json` (at start, and again on SIGHUP).
+pub(crate) fn load_principals(path: &Path) -> Result<Directory, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(path, None, format!("cannot read: {e}")))?;
     let directory =
         Directory::from_json(&text).map_err(|e| ConfigError::new(path, Some(e.path.clone()), e.reason.clone()))?;

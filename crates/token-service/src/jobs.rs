@@ -396,6 +396,7 @@ fn register_inner(
     reg: Registration,
     now: i64,
 ) -> Result<serde_json::Value, Response> {
+    let directory = state.directory();
     let project_level = format!("project `{}`", reg.project);
     if !ci.projects.iter().any(|p| in_subtree(p, &reg.project)) {
         return Err(refused(
@@ -411,7 +412,7 @@ fn register_inner(
             ),
         ));
     }
-    let Some(user) = state.directory.user(&reg.user) else {
+    let Some(user) = directory.user(&reg.user) else {
         return Err(refused(
             StatusCode::UNPROCESSABLE_ENTITY,
             &project_level,
@@ -429,7 +430,7 @@ fn register_inner(
             format!("access of `{}` is revoked (bundle revision {})", user.username, policy.revision),
         ));
     }
-    may_run_jobs(&state.directory, user, &reg.project).map_err(|r| from_core(StatusCode::FORBIDDEN, r))?;
+    may_run_jobs(&directory, user, &reg.project).map_err(|r| from_core(StatusCode::FORBIDDEN, r))?;
     let job = Job {
         id: reg.job_id,
         pipeline_id: reg.pipeline_id,
@@ -498,7 +499,7 @@ fn register_inner(
     )
     .map_err(|e| internal(&e.to_string()))?;
     let mut id_claims = extra;
-    id_claims.extend(job_id_token_built_ins(&state.directory, &job, user));
+    id_claims.extend(job_id_token_built_ins(&directory, &job, user));
     id_claims.insert("iss".into(), jobs.oidc_issuer.clone().into());
     id_claims.insert("aud".into(), serde_json::to_value(&aud).unwrap_or_default());
     id_claims.insert("jti".into(), random_hex(16).map_err(|e| internal(&e.to_string()))?.into());
@@ -622,6 +623,7 @@ fn verify_job_token(state: &AppState, token: &str, now: Option<i64>) -> Result<(
 /// not ended on this replica, its job not revoked by the bundle, its user still existing
 /// and not revoked. Every refusal is a 401 with a message naming the cause.
 pub fn authenticate(state: &AppState, policy: &Policy, secret: &str, now: i64) -> Result<Authenticated, String> {
+    let directory = state.directory();
     let jobs = state.jobs.as_ref().ok_or_else(|| "job tokens are not accepted here (no `ci_jobs`)".to_owned())?;
     let (claims, _) = verify_job_token(state, secret, Some(now))?;
     if jobs.ended(claims.job.id) {
@@ -630,8 +632,7 @@ pub fn authenticate(state: &AppState, policy: &Policy, secret: &str, now: i64) -
     if let Some(why) = policy.credentials.revocations.job(&job_ref(&claims.job)) {
         return Err(why);
     }
-    let user = state
-        .directory
+    let user = directory
         .user(&claims.sub)
         .filter(|u| u.id == claims.user_id)
         .ok_or_else(|| format!("the user of job {} no longer exists", claims.job.id))?;

@@ -36,19 +36,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGHUP re-reads the key ring (rotation without a restart); a bad ring is logged and the
-/// current keys stay.
+/// SIGHUP re-reads the key ring (rotation without a restart) and `principals.json` (users
+/// added or removed without a restart); each is reloaded on its own, and a bad file is logged
+/// and the current keys or principals stay.
 fn reload_keys_on_sighup(reloader: registry_guard_token_service::KeyReloader) {
     #[cfg(unix)]
     tokio::spawn(async move {
         let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-            tracing::error!("cannot listen for SIGHUP: keys reload only on restart");
+            tracing::error!("cannot listen for SIGHUP: keys and principals reload only on restart");
             return;
         };
         while hangup.recv().await.is_some() {
             match reloader.reload() {
                 Ok((kid, published)) => tracing::info!("keys reloaded: signing key id {kid}, {published} published"),
                 Err(e) => tracing::error!("keys not reloaded, current keys stay: {e}"),
+            }
+            match reloader.reload_principals() {
+                Ok(users) => tracing::info!("principals reloaded: {users} users"),
+                Err(e) => tracing::error!("principals not reloaded, current principals stay: {e}"),
             }
         }
     });

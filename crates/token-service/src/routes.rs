@@ -60,7 +60,8 @@ pub struct ActiveKeys {
 /// Everything a request handler needs, shared between requests.
 #[derive(Debug)]
 pub struct AppState {
-    pub directory: Directory,
+    /// The principals (`principals.json`), replaced as a whole on SIGHUP.
+    pub directory: RwLock<Arc<Directory>>,
     /// The service's `service` (token audience), fixed for its lifetime.
     pub service: String,
     pub keys: RwLock<Arc<ActiveKeys>>,
@@ -91,6 +92,17 @@ impl AppState {
     /// Makes `keys` the key set of every following request.
     pub fn replace_keys(&self, keys: ActiveKeys) {
         *self.keys.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(keys);
+    }
+
+    /// The principals to use for one request (one snapshot: a reload in the middle of a
+    /// request does not mix two files).
+    pub fn directory(&self) -> Arc<Directory> {
+        Arc::clone(&self.directory.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Makes `directory` the principals of every following request.
+    pub fn replace_directory(&self, directory: Directory) {
+        *self.directory.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(directory);
     }
 }
 
@@ -304,15 +316,15 @@ fn issue(
     offline: bool,
     now: i64,
 ) -> Result<TokenResponse, Problem> {
+    let directory = state.directory();
     let (grants, withheld) = if let Some(job) = who.job.as_ref().filter(|_| who.auth_type == AuthType::JobToken) {
-        let user = state
-            .directory
+        let user = directory
             .user(&who.username)
             .ok_or_else(|| Problem::InvalidCredentials(INVALID_CREDENTIALS_MESSAGE.into()))?;
         if policy.credentials.revocations.user_blocked(&user.username, now) {
             return Err(Problem::InvalidCredentials(access_revoked_message(&user.username)));
         }
-        state.directory.job_grant(policy, user, &job.project, scopes)
+        directory.job_grant(policy, user, &job.project, scopes)
     } else if who.auth_type == AuthType::JobToken {
         return Err(Problem::InvalidCredentials(INVALID_CREDENTIALS_MESSAGE.into()));
     } else if who.is_deploy_token() {
@@ -321,10 +333,9 @@ fn issue(
             .by_username(&who.username)
             .filter(|t| Some(t.id) == who.deploy_token_id)
             .ok_or_else(|| Problem::InvalidCredentials(INVALID_CREDENTIALS_MESSAGE.into()))?;
-        (state.directory.deploy_grant(deploy_token, scopes), Vec::new())
+        (directory.deploy_grant(deploy_token, scopes), Vec::new())
     } else {
-        let user = state
-            .directory
+        let user = directory
             .user(&who.username)
             .ok_or_else(|| Problem::InvalidCredentials(INVALID_CREDENTIALS_MESSAGE.into()))?;
         if policy.credentials.revocations.user_blocked(&user.username, now) {
@@ -335,7 +346,7 @@ fn issue(
             );
             return Err(Problem::InvalidCredentials(access_revoked_message(&user.username)));
         }
-        state.directory.grant_under(policy, user, scopes)
+        directory.grant_under(policy, user, scopes)
     };
     // Additional claims: those every granted repository's hierarchy agrees on.
     let claims = policy.claims.for_repositories(grants.iter().filter_map(|g| match &g.scope.resource {
@@ -434,8 +445,9 @@ async fn authenticate(
         );
         return Err(Problem::Throttled(t));
     }
+    let directory = state.directory();
     let result = auth::authenticate(
-        &state.directory,
+        &directory,
         &policy.credentials,
         state.decoy_hash.as_deref(),
         &state.login,
@@ -561,17 +573,18 @@ async fn post_token_inner(
 /// id. A password change, a removed or replaced token, a replaced deploy token or a deleted
 /// (or re-created) user changes it, and every refresh token issued before ends.
 fn credential_epoch_of(state: &AppState, policy: &Policy, who: &Authenticated) -> Option<String> {
+    let directory = state.directory();
     match who.auth_type {
         AuthType::DeployToken => {
             let t = policy.credentials.by_username(&who.username).filter(|t| Some(t.id) == who.deploy_token_id)?;
             Some(credential_epoch(who.auth_type, &who.username, t.id, &t.sha256))
         }
         AuthType::Password => {
-            let user = state.directory.user(&who.username).filter(|u| Some(u.id) == who.user_id)?;
+            let user = directory.user(&who.username).filter(|u| Some(u.id) == who.user_id)?;
             Some(credential_epoch(who.auth_type, &user.username, user.id, user.password_hash.as_deref()?))
         }
         AuthType::Pat => {
-            let user = state.directory.user(&who.username).filter(|u| Some(u.id) == who.user_id)?;
+            let user = directory.user(&who.username).filter(|u| Some(u.id) == who.user_id)?;
             let pat = user.personal_access_tokens.iter().find(|p| Some(&p.name) == who.pat_name.as_ref())?;
             Some(credential_epoch(who.auth_type, &user.username, user.id, &pat.sha256))
         }
@@ -612,6 +625,7 @@ fn redeem_verified_refresh_token(
     now: i64,
 ) -> Result<Authenticated, Problem> {
     let invalid = |why: &str| Problem::InvalidCredentials(format!("invalid refresh token: {why}"));
+    let directory = state.directory();
     let claims: RefreshClaims = token::verify::decode_unverified(refresh_token)
         .ok()
         .and_then(|v| serde_json::from_value(v).ok())
@@ -646,7 +660,7 @@ fn redeem_verified_refresh_token(
         check_epoch(state, policy, &who, &claims)?;
         return Ok(who);
     }
-    let user = state.directory.user(&claims.sub).ok_or_else(|| invalid("its user no longer exists"))?;
+    let user = directory.user(&claims.sub).ok_or_else(|| invalid("its user no longer exists"))?;
     let still_valid = match auth_type {
         AuthType::Password => user.password_hash.is_some(),
         AuthType::Pat => user

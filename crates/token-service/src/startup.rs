@@ -119,6 +119,17 @@ impl KeyReloader {
         self.state.replace_keys(keys);
         Ok((ring.signing.kid, ring.keys.len()))
     }
+
+    /// Re-reads `principals.json` (users, groups, projects, personal access tokens) and makes
+    /// it the principals of every following request; returns the number of users. A file
+    /// that does not load (unreadable, not JSON, a bad field or password hash) is refused
+    /// with its error and the current principals stay.
+    pub fn reload_principals(&self) -> Result<usize, StartupError> {
+        let directory = crate::config::load_principals(&self.config_dir.join(crate::config::PRINCIPALS_FILE))?;
+        let users = directory.users().len();
+        self.state.replace_directory(directory);
+        Ok(users)
+    }
 }
 
 impl Application {
@@ -149,7 +160,7 @@ impl Application {
         let state = Arc::new(AppState {
             service: config.service.clone(),
             keys: RwLock::new(Arc::new(keys)),
-            directory: config.directory,
+            directory: std::sync::RwLock::new(Arc::new(config.directory)),
             decoy_hash,
             login: LoginGuard::new(config.login_limits.clone()),
             policy,
@@ -179,7 +190,7 @@ impl Application {
         })
     }
 
-    /// A handle that re-reads the key ring (`main` calls it on SIGHUP).
+    /// A handle that re-reads the key ring and the principals (`main` calls it on SIGHUP).
     pub fn key_reloader(&self) -> KeyReloader {
         self.reloader.clone()
     }
