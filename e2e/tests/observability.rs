@@ -1,15 +1,17 @@
 //! Operators' view of decisions through real Envoy: per-decision counters in
-//! `/stats/prometheus` and one JSON audit line per denial in Envoy's log, never a token.
+//! `/stats/prometheus`, labelled by denial kind and rule (the `stats_tags` of
+//! `envoy/envoy.yaml`), and one JSON audit line per denial in Envoy's log, never a token.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 use registry_guard_e2e::Stack;
 
-/// The value of the Prometheus series whose name (labels aside) ends with `suffix`.
-fn series(text: &str, suffix: &str) -> Option<f64> {
+/// The value of the Prometheus series `key` (name and labels exactly as Envoy prints them,
+/// e.g. `registry_guard_denied{kind="protected"}`, `registry_guard_requests_allowed{}`).
+fn series(text: &str, key: &str) -> Option<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split_once(' '))
-        .find(|(name, _)| name.split('{').next().is_some_and(|n| n.ends_with(suffix)))
+        .filter_map(|l| l.rsplit_once(' '))
+        .find(|(name, _)| *name == key)
         .and_then(|(_, v)| v.parse().ok())
 }
 
@@ -52,8 +54,8 @@ fn decisions_show_up_as_prometheus_counters_and_audit_lines() {
     let text = loop {
         let text = ureq::get(&admin).call().unwrap().into_string().unwrap();
         let counted =
-            delta(&text, "registry_guard_token_cache_hits") + delta(&text, "registry_guard_token_cache_misses");
-        if counted >= 4.0 && delta(&text, "registry_guard_denied_protected") == 2.0
+            delta(&text, "registry_guard_token_cache_hits{}") + delta(&text, "registry_guard_token_cache_misses{}");
+        if counted >= 4.0 && delta(&text, r#"registry_guard_denied{kind="protected"}"#) == 2.0
             || std::time::Instant::now() > deadline
         {
             break text;
@@ -61,21 +63,24 @@ fn decisions_show_up_as_prometheus_counters_and_audit_lines() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
     for (suffix, want) in [
-        ("registry_guard_denied_protected", 2.0),
-        ("registry_guard_rule_web_release_tags_denied", 2.0),
-        ("registry_guard_protection_denied", 2.0),
-        ("registry_guard_denied_invalid_token", 1.0),
+        (r#"registry_guard_denied{kind="protected"}"#, 2.0),
+        (r#"registry_guard_rule_denied{rule="web-release-tags"}"#, 2.0),
+        ("registry_guard_protection_denied{}", 2.0),
+        (r#"registry_guard_denied{kind="invalid_token"}"#, 1.0),
     ] {
         assert_eq!(delta(&text, suffix), want, "{suffix} in:\n{}", grep(&text, "registry_guard"));
     }
     // Four requests carried a bearer token; each worker VM has its own cache.
-    let hits = delta(&text, "registry_guard_token_cache_hits");
-    let misses = delta(&text, "registry_guard_token_cache_misses");
+    let hits = delta(&text, "registry_guard_token_cache_hits{}");
+    let misses = delta(&text, "registry_guard_token_cache_misses{}");
     assert_eq!(hits + misses, 4.0, "hits {hits}, misses {misses}");
     assert!(misses >= 3.0, "dev, mia and the forged token are each verified at least once");
-    assert!(series(&text, "registry_guard_denied_no_credentials").unwrap() >= 1.0);
-    assert!(series(&text, "registry_guard_requests_allowed").unwrap() >= 1.0);
-    assert!(series(&text, "registry_guard_bundle_revision").unwrap() >= 1.0);
+    assert!(series(&text, r#"registry_guard_denied{kind="no_credentials"}"#).unwrap() >= 1.0);
+    assert!(series(&text, "registry_guard_requests_allowed{}").unwrap() >= 1.0);
+    assert!(series(&text, "registry_guard_bundle_revision{}").unwrap() >= 1.0);
+    // No rule-specific metric names: the rule is a label, beside the harness's canary rule.
+    assert!(!text.contains("registry_guard_rule_web_release_tags"), "{}", grep(&text, "registry_guard_rule"));
+    assert!(text.contains(&format!(r#"registry_guard_rule_denied{{rule="{}"}}"#, registry_guard_e2e::CANARY_RULE)));
 
     // One audit line per denial; parseable JSON; the rule, revision and principal; no token.
     let log = stack.log("envoy");
