@@ -76,6 +76,10 @@ pub struct RawJobsSettings {
     /// with the registry signing key.
     #[serde(default)]
     id_token_rsa_key: Option<PathBuf>,
+    /// The other token-service replicas (base URLs): an end received here is forwarded to
+    /// each of them, so the job's token is refused on every replica at once.
+    #[serde(default)]
+    peers: Vec<String>,
 }
 
 fn default_job_ttl() -> i64 {
@@ -125,6 +129,8 @@ pub struct JobsSettings {
     pub job_token_ttl_seconds: i64,
     pub oidc_issuer: Option<String>,
     pub id_token_key: IdTokenKey,
+    /// Base URLs of the other replicas that ends are forwarded to.
+    pub peers: Vec<String>,
 }
 
 fn rsa_kid(public: &RsaPublicKey) -> String {
@@ -196,11 +202,23 @@ impl JobsSettings {
                 IdTokenKey::Rs256 { key: Box::new(key), kid }
             }
         };
+        for (i, peer) in raw.peers.iter().enumerate() {
+            let ok = (peer.starts_with("https://") || peer.starts_with("http://"))
+                && !peer.ends_with('/')
+                && peer.split("://").nth(1).is_some_and(|rest| !rest.is_empty() && !rest.contains(char::is_whitespace));
+            if !ok {
+                return Err(err(
+                    format!("$.ci_jobs.peers[{i}]"),
+                    format!("must be a replica's base URL (http(s)://host:port, no trailing `/`), got {peer:?}"),
+                ));
+            }
+        }
         Ok(JobsSettings {
             ci_systems,
             job_token_ttl_seconds: raw.job_token_ttl_seconds,
             oidc_issuer: raw.oidc_issuer,
             id_token_key,
+            peers: raw.peers,
         })
     }
 }
@@ -590,7 +608,83 @@ async fn end(State(state): State<Arc<AppState>>, headers: HeaderMap, body: axum:
     }
     jobs.end(claims.job.id, expires_at, now);
     tracing::info!("job ended: ci_system={:?} job_id={} project={:?}", ci.name, claims.job.id, claims.job.project);
-    Json(json!({"job_id": claims.job.id, "ended": true})).into_response()
+    // An end forwarded by a peer is not forwarded again (no loops between replicas).
+    if headers.contains_key(FORWARDED_END_HEADER) || jobs.settings.peers.is_empty() {
+        return Json(json!({"job_id": claims.job.id, "ended": true})).into_response();
+    }
+    let authorization = headers.get(header::AUTHORIZATION).cloned();
+    // All peers at once; each bounded by its timeout.
+    let handles: Vec<_> = jobs
+        .settings
+        .peers
+        .iter()
+        .map(|peer| tokio::spawn(forward_end(peer.clone(), authorization.clone(), body.clone())))
+        .collect();
+    let mut results = Vec::with_capacity(handles.len());
+    for h in handles {
+        results.push(h.await.unwrap_or_else(|e| Err(format!("forwarding failed: {e}"))));
+    }
+    let unconfirmed: Vec<String> = results.iter().filter_map(|r| r.as_ref().err().cloned()).collect();
+    let peers: Vec<serde_json::Value> = jobs
+        .settings
+        .peers
+        .iter()
+        .zip(&results)
+        .map(|(peer, r)| match r {
+            Ok(()) => json!({"peer": peer, "ended": true}),
+            Err(why) => json!({"peer": peer, "ended": false, "error": why}),
+        })
+        .collect();
+    if unconfirmed.is_empty() {
+        return Json(json!({"job_id": claims.job.id, "ended": true, "peers": peers})).into_response();
+    }
+    tracing::warn!("job {} ended here but not confirmed by every peer: {}", claims.job.id, unconfirmed.join("; "));
+    (
+        StatusCode::BAD_GATEWAY,
+        Json(json!({
+            "job_id": claims.job.id,
+            "ended": true,
+            "peers": peers,
+            "error": "job_end_not_propagated",
+            "message": format!(
+                "job {} has ended on this replica, but {} of {} peers did not confirm it (their job token stays valid there until they do): retry the end",
+                claims.job.id, unconfirmed.len(), jobs.settings.peers.len()
+            ),
+        })),
+    )
+        .into_response()
+}
+
+/// Marks an end forwarded by a peer replica.
+const FORWARDED_END_HEADER: &str = "x-registry-guard-forwarded-end";
+
+/// Forwards an end to one peer with the CI system's own credential; `Err` says why it is
+/// not confirmed (safe to show: never the credential).
+async fn forward_end(
+    peer: String,
+    authorization: Option<axum::http::HeaderValue>,
+    body: axum::body::Bytes,
+) -> Result<(), String> {
+    let client = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .timeout(std::time::Duration::from_secs(5))
+        .build()
+        .map_err(|e| format!("{peer}: {e}"))?;
+    let mut request = client
+        .post(format!("{peer}/jobs/end"))
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header(FORWARDED_END_HEADER, "1")
+        .body(body.to_vec());
+    if let Some(a) = authorization.as_ref().and_then(|a| a.to_str().ok()) {
+        request = request.header(reqwest::header::AUTHORIZATION, a);
+    }
+    match request.send().await {
+        Ok(r) if r.status().is_success() => Ok(()),
+        Ok(r) => Err(format!("{peer}: answered {}", r.status().as_u16())),
+        Err(e) => {
+            Err(format!("{peer}: {}", if e.is_timeout() { "timed out".to_owned() } else { "unreachable".to_owned() }))
+        }
+    }
 }
 
 /// Verifies a job token (signature by a published registry key, issuer, audience

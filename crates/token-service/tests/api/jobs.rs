@@ -373,3 +373,85 @@ async fn ci_jobs_settings_errors_name_the_field() {
     let e = build(dir.path()).await.err().unwrap().to_string();
     assert!(e.contains("is not a PKCS#8 PEM RSA private key"), "{e}");
 }
+
+/// Starts the service on `port` (chosen before, so that replicas can name each other).
+async fn spawn_on(dir: tempfile::TempDir, port: u16) -> TestApp {
+    let app = registry_guard_token_service::Application::build(registry_guard_token_service::Settings {
+        config_dir: dir.path().to_path_buf(),
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+    })
+    .await
+    .unwrap();
+    let address = format!("http://127.0.0.1:{}", app.port());
+    tokio::spawn(app.run_until(std::future::pending()));
+    TestApp::attach(address, dir)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `ci_jobs.peers`: a replica forwards an end to its peers, so the job token is refused on
+/// every replica at once; a peer that cannot confirm makes the end answer 502 (retry), and
+/// the end is idempotent. Bad peer URLs are refused naming the field.
+#[tokio::test]
+async fn an_end_reaches_every_peer_replica_at_once() {
+    let (pa, pb, dead) = (free_port(), free_port(), free_port());
+    let with_peers = |peers: Value| {
+        let dir = config(false);
+        let mut s: Value = serde_json::from_str(&settings(false)).unwrap();
+        s["ci_jobs"]["peers"] = peers;
+        std::fs::write(dir.path().join("token-service.json"), s.to_string()).unwrap();
+        dir
+    };
+    let a = spawn_on(with_peers(json!([format!("http://127.0.0.1:{pb}")])), pa).await;
+    let b_dir = with_peers(json!([format!("http://127.0.0.1:{pa}"), format!("http://127.0.0.1:{dead}")]));
+    // B shares A's signing key (replicas do).
+    std::fs::copy(a.dir.path().join("keys/signing-key.pem"), b_dir.path().join("keys/signing-key.pem")).unwrap();
+    let b = spawn_on(b_dir, pb).await;
+    let scope = "repository:acme/web/app:pull";
+
+    // Ended on A: refused on A and on B at once.
+    let (_, job) = a.register(Some(CI_TOKEN), &registration("mia", 40)).await;
+    let job_token = job["job_token"].as_str().unwrap().to_owned();
+    assert!(b.job_login(&job_token, scope).await.is_ok());
+    let (status, body) = a.end_job(CI_TOKEN, &job_token).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["peers"][0]["ended"], true, "{body}");
+    assert_eq!(a.job_login(&job_token, scope).await.unwrap_err().1, "HTTP Basic: Access denied: job 40 has ended");
+    assert_eq!(b.job_login(&job_token, scope).await.unwrap_err().1, "HTTP Basic: Access denied: job 40 has ended");
+
+    // Ended on B, one of whose peers is down: ended on B and A, 502 naming the peer; again: same.
+    let (_, job) = b.register(Some(CI_TOKEN), &registration("mia", 41)).await;
+    let job_token = job["job_token"].as_str().unwrap().to_owned();
+    for _ in 0..2 {
+        let (status, body) = b.end_job(CI_TOKEN, &job_token).await;
+        assert_eq!(status, 502, "{body}");
+        assert_eq!(body["error"], "job_end_not_propagated", "{body}");
+        assert_eq!(body["peers"][0]["ended"], true, "{body}");
+        assert_eq!(body["peers"][1]["ended"], false, "{body}");
+        assert!(body["peers"][1]["error"].as_str().unwrap().contains(&dead.to_string()), "{body}");
+        assert!(!body.to_string().contains(CI_TOKEN));
+    }
+    assert!(a.job_login(&job_token, scope).await.is_err());
+    assert!(b.job_login(&job_token, scope).await.is_err());
+
+    // A forwarded end is authenticated like any other: a wrong CI token ends nothing anywhere.
+    let (_, job) = a.register(Some(CI_TOKEN), &registration("mia", 42)).await;
+    let job_token = job["job_token"].as_str().unwrap().to_owned();
+    assert_eq!(a.end_job("forged", &job_token).await.0, 401);
+    assert!(a.job_login(&job_token, scope).await.is_ok());
+    assert!(b.job_login(&job_token, scope).await.is_ok());
+    // Anonymous and forged logins are refused on both.
+    for app in [&a, &b] {
+        assert_eq!(app.get_token(&format!("service=container_registry&scope={scope}"), None).await.status(), 401);
+        assert!(app.job_login("forged", scope).await.is_err());
+    }
+
+    // Bad peer URLs are refused at start, naming the field.
+    for bad in ["127.0.0.1:5001", "http://h:1/", "ftp://h", "http://"] {
+        let dir = with_peers(json!([bad]));
+        let e = build(dir.path()).await.err().unwrap().to_string();
+        assert!(e.contains("$.ci_jobs.peers[0]"), "{bad}: {e}");
+    }
+}
