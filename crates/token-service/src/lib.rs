@@ -10,6 +10,7 @@ pub mod issue;
 pub mod jobs;
 pub mod keys;
 pub mod limits;
+pub mod metrics;
 pub mod policy;
 pub mod routes;
 pub mod startup;

@@ -216,6 +216,11 @@ fn default_slots() -> usize {
 }
 
 impl LoginGuard {
+    /// Password verifications waiting for an argon2 slot now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
     pub fn new(limits: LoginLimits) -> LoginGuard {
         LoginGuard {
             per_client: KeyedLimiter::new(limits.per_client, limits.max_tracked_keys),

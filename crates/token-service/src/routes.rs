@@ -81,6 +81,8 @@ pub struct AppState {
     pub bundle_max_wait_seconds: u64,
     /// CI jobs (`ci_jobs` in token-service.json): `None` refuses job tokens and the jobs API.
     pub jobs: Option<crate::jobs::JobsState>,
+    /// Prometheus metrics (`GET /metrics`).
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl AppState {
@@ -112,6 +114,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/jwks", get(jwks))
         .route("/healthz", get(healthz))
         .route("/stats", get(stats))
+        .route("/metrics", get(metrics))
         .route("/bundle/status", get(bundle_status))
         .merge(crate::jobs::routes())
         .layer(DefaultBodyLimit::max(MAX_FORM_BYTES))
@@ -357,6 +360,7 @@ fn issue(
     let claims_log = if claim_names.is_empty() { String::new() } else { format!(" claims={claim_names:?}") };
     let keys = state.keys();
     let token = keys.issuer.registry_token(who, &grants, claims, now)?;
+    state.metrics.issued(who.auth_type.as_str());
     if token.len() > MAX_TOKEN_LEN {
         // The filter refuses tokens longer than this before parsing them: never issue one.
         tracing::info!(
@@ -411,6 +415,7 @@ fn client_of(extensions: &Extensions) -> String {
 /// never the secret.
 fn login_failed(state: &AppState, username: &str, client: &str, grant: &str, reason: &str) {
     let total = state.login.login_failed();
+    state.metrics.failed_login(reason);
     tracing::info!(
         "login failed: username=\"{}\" client={client} grant={grant} reason={reason} failed_logins_total={total}",
         quote(username)
@@ -768,6 +773,17 @@ async fn require_operator(
 }
 
 /// `GET /stats`: counters of the login limits (no usernames, no secrets).
+/// `GET /metrics`: Prometheus (OpenMetrics text); no secret, no username in any label.
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    match state.metrics.render(&state) {
+        Ok(text) => {
+            ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
+                .into_response()
+        }
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
 async fn stats(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     use std::sync::atomic::Ordering::Relaxed;
     let s = &state.login.stats;

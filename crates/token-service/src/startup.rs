@@ -169,6 +169,7 @@ impl Application {
             // Long polls end well within the server's request timeout.
             bundle_max_wait_seconds: (config.server.request_timeout_ms / 1000).saturating_sub(5).min(120),
             jobs,
+            metrics: crate::metrics::Metrics::new(),
         });
         let reloader = KeyReloader {
             state: Arc::clone(&state),

@@ -11,6 +11,7 @@ mod helpers;
 mod hostile;
 mod jobs;
 mod keys;
+mod metrics;
 mod principals_reload;
 mod revocations;
 mod token_get;
