@@ -297,6 +297,7 @@ fn decide_request(
     let mut authorization: Vec<Cow<str>> = Vec::new();
     let mut forwarded_for = None;
     let mut client_user_agent: Option<&[u8]> = None;
+    let mut traceparent = None;
     for (name, value) in pairs {
         match name {
             b":method" => method = Some(text(value)),
@@ -305,6 +306,7 @@ fn decide_request(
             b"x-request-id" => request_id = Some(text(value)),
             b"authorization" => authorization.push(text(value)),
             b"x-forwarded-for" => forwarded_for = Some(value),
+            b"traceparent" => traceparent = Some(text(value)),
             // The first, as the registry reads it (Go's `Header.Get`).
             b"user-agent" if client_user_agent.is_none() => client_user_agent = Some(value),
             _ => {}
@@ -330,10 +332,19 @@ fn decide_request(
     if let Some(m) = metrics {
         m.decided(host, &checked);
     }
-    if checked.is_audited() {
-        // One JSON line per denial or dry-run would-deny (never a token); see core `audit`.
+    if audit::is_audited(&checked, method) {
+        // One JSON record per denial, dry-run would-deny or allowed write (never a token); see
+        // core `audit`.
         let client = host.client_address().ok().flatten();
-        let info = RequestInfo { method, path, request_id, client: client.as_deref() };
+        let event_id = audit_event_id();
+        let info = RequestInfo {
+            method,
+            path,
+            request_id,
+            client: client.as_deref(),
+            traceparent: traceparent.as_deref(),
+            event_id: event_id.as_deref(),
+        };
         if let Some(line) = audit::line(&checked, info, now) {
             log::warn!("{line}");
         }
@@ -423,6 +434,16 @@ pub fn tag_for_events(host: &mut impl Host, sealed: Option<&str>, fields: &Reque
         Some(ip) => host.set_request_header("x-forwarded-for", ip),
         None => host.remove_request_header("x-forwarded-for"),
     }
+}
+
+/// A random id for one audit record (128 bits, hex); `None` if the host has no randomness.
+fn audit_event_id() -> Option<String> {
+    let mut bytes = [0u8; 16];
+    getrandom::getrandom(&mut bytes).ok()?;
+    Some(bytes.iter().fold(String::with_capacity(32), |mut out, b| {
+        let _ = std::fmt::Write::write_fmt(&mut out, format_args!("{b:02x}"));
+        out
+    }))
 }
 
 /// The IP of `ip`, `ip:port`, or `[ipv6]:port`.

@@ -44,6 +44,23 @@ fn decisions_show_up_as_prometheus_counters_and_audit_lines() {
     assert_eq!(stack.request("PUT", "/v2/acme/web/app/manifests/v2", Some(&dev)).status, 403);
     // mia (maintainer): allowed, forwarded to the registry.
     assert_eq!(stack.request("GET", "/v2/", Some(&mia)).status, 200);
+    // mia writes (allowed; the registry refuses the empty manifest, but the filter let it
+    // through): one `allow` audit record with the trace id of the request's `traceparent`.
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let written = ureq::put(&stack.url("/v2/acme/web/app/manifests/audited"))
+        .set("Authorization", &format!("Bearer {mia}"))
+        .set("traceparent", &format!("00-{trace}-00f067aa0ba902b7-01"))
+        .set("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+        .send_string("{}");
+    let status = match written {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(code, r)) => {
+            assert_ne!(r.header("x-registry-guard"), Some("denied"), "the filter allowed mia's write");
+            code
+        }
+        Err(e) => panic!("{e}"),
+    };
+    assert!(status >= 200, "{status}");
     // No credentials; a forged token.
     assert_eq!(stack.request("GET", "/v2/", None).status, 401);
     let forged = format!("{}.{}", &dev[..dev.rfind('.').unwrap()], "AAAA");
@@ -55,7 +72,7 @@ fn decisions_show_up_as_prometheus_counters_and_audit_lines() {
         let text = ureq::get(&admin).call().unwrap().into_string().unwrap();
         let counted =
             delta(&text, "registry_guard_token_cache_hits{}") + delta(&text, "registry_guard_token_cache_misses{}");
-        if counted >= 4.0 && delta(&text, r#"registry_guard_denied{kind="protected"}"#) == 2.0
+        if counted >= 5.0 && delta(&text, r#"registry_guard_denied{kind="protected"}"#) == 2.0
             || std::time::Instant::now() > deadline
         {
             break text;
@@ -70,10 +87,10 @@ fn decisions_show_up_as_prometheus_counters_and_audit_lines() {
     ] {
         assert_eq!(delta(&text, suffix), want, "{suffix} in:\n{}", grep(&text, "registry_guard"));
     }
-    // Four requests carried a bearer token; each worker VM has its own cache.
+    // Five requests carried a bearer token; each worker VM has its own cache.
     let hits = delta(&text, "registry_guard_token_cache_hits{}");
     let misses = delta(&text, "registry_guard_token_cache_misses{}");
-    assert_eq!(hits + misses, 4.0, "hits {hits}, misses {misses}");
+    assert_eq!(hits + misses, 5.0, "hits {hits}, misses {misses}");
     assert!(misses >= 3.0, "dev, mia and the forged token are each verified at least once");
     assert!(series(&text, r#"registry_guard_denied{kind="no_credentials"}"#).unwrap() >= 1.0);
     assert!(series(&text, "registry_guard_requests_allowed{}").unwrap() >= 1.0);
@@ -103,6 +120,18 @@ fn decisions_show_up_as_prometheus_counters_and_audit_lines() {
     assert!(a["revision"].as_u64().unwrap() >= 1);
     assert!(a["request_id"].as_str().is_some_and(|s| !s.is_empty()), "{a}");
     assert!(audits.iter().any(|a| a["kind"] == "invalid_token"), "{audits:#?}");
+    // Every record has its own event id.
+    let ids: std::collections::HashSet<&str> = audits.iter().filter_map(|a| a["event_id"].as_str()).collect();
+    assert_eq!(ids.len(), audits.len(), "{audits:#?}");
+    assert_eq!(a["action"], "push");
+    let allowed: Vec<_> = audits.iter().filter(|a| a["decision"] == "allow").collect();
+    assert_eq!(allowed.len(), 1, "one allowed write: {audits:#?}");
+    let w = allowed[0];
+    assert_eq!((w["principal"].as_str(), w["action"].as_str()), (Some("mia"), Some("push")), "{w}");
+    assert_eq!(w["path"], "/v2/acme/web/app/manifests/audited");
+    assert_eq!(w["trace_id"], trace);
+    assert!(w["client"].as_str().is_some_and(|c| c.starts_with("127.0.0.1")), "{w}");
+    println!("allowed write: {w}");
     let signature = dev.rsplit('.').next().unwrap();
     assert!(!log.contains(signature), "a token signature reached Envoy's log");
     assert!(!log.contains(&forged));

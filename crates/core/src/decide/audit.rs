@@ -1,6 +1,8 @@
-//! One JSON audit line per denial (and per dry-run would-deny): who, what, which rule, which
-//! bundle revision, why. Never a token: the line is built from the decision, and anything in
-//! the free-text reason that looks like a compact JWS is redacted.
+//! One JSON audit record per denial, per dry-run would-deny and per **allowed write** (push
+//! or delete: `PUT`, `POST`, `PATCH`, `DELETE`): an event id, who, what (action, path,
+//! scopes), which rule, which bundle revision, why, the client and the W3C trace id. Never a
+//! token: the line is built from the decision, and anything in the free-text reason that
+//! looks like a compact JWS is redacted. Schema: docs/observability.md.
 
 use serde_json::json;
 
@@ -19,15 +21,57 @@ pub struct RequestInfo<'a> {
     pub request_id: Option<&'a str>,
     /// The downstream peer.
     pub client: Option<&'a str>,
+    /// The request's W3C `traceparent` header, if any (only a well-formed one yields a
+    /// `trace_id`).
+    pub traceparent: Option<&'a str>,
+    /// A unique id for this record (the glue makes it; `None`: left out).
+    pub event_id: Option<&'a str>,
 }
 
-/// The audit line of `checked` at unix time `now`, or `None` for a plain allow.
+/// Whether `method` writes (a push or a delete): allowed requests with it are audited too.
+pub fn is_write(method: &str) -> bool {
+    matches!(method, "PUT" | "POST" | "PATCH" | "DELETE")
+}
+
+/// The action a request method stands for in audit records.
+fn action(method: &str) -> &'static str {
+    match method {
+        "GET" | "HEAD" => "pull",
+        "PUT" | "POST" | "PATCH" => "push",
+        "DELETE" => "delete",
+        _ => "other",
+    }
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if well formed and
+/// not all zeros.
+pub fn trace_id(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.trim().split('-');
+    let (version, trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let ok = hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && hex(parent, 16)
+        && hex(flags, 2)
+        && trace.bytes().any(|b| b != b'0')
+        && (version != "00" || parts.next().is_none());
+    ok.then_some(trace)
+}
+
+/// Whether `checked` (for a request with `method`) gets an audit record.
+pub fn is_audited(checked: &Checked, method: &str) -> bool {
+    checked.is_audited() || is_write(method)
+}
+
+/// The audit line of `checked` at unix time `now`, or `None` for an allowed read.
 pub fn line(checked: &Checked, request: RequestInfo<'_>, now: i64) -> Option<String> {
     let (decision, status, kind, rule, reason) = match &checked.decision {
-        Decision::Deny(d) => ("deny", d.status, d.kind.label(), d.rule.as_deref(), d.reason.as_str()),
+        Decision::Deny(d) => ("deny", Some(d.status), d.kind.label(), d.rule.as_deref(), d.reason.as_str()),
         Decision::Allow { would_deny: Some((rule, message)), .. } => {
-            ("would_deny", 200, "protected", Some(rule.as_str()), message.as_str())
+            ("would_deny", None, "protected", Some(rule.as_str()), message.as_str())
         }
+        Decision::Allow { would_deny: None, .. } if is_write(request.method) => ("allow", None, "allowed", None, ""),
         Decision::Allow { would_deny: None, .. } => return None,
     };
     let time = u64::try_from(now).ok().map(|secs| {
@@ -38,8 +82,10 @@ pub fn line(checked: &Checked, request: RequestInfo<'_>, now: i64) -> Option<Str
     let path = request.path.split('?').next().unwrap_or_default();
     let line = json!({
         "audit": "registry-guard",
+        "event_id": request.event_id,
         "time": time,
         "request_id": request.request_id.and_then(crate::support::text::request_id),
+        "trace_id": request.traceparent.and_then(trace_id),
         "decision": decision,
         "status": status,
         "kind": kind,
@@ -47,6 +93,7 @@ pub fn line(checked: &Checked, request: RequestInfo<'_>, now: i64) -> Option<Str
         "revision": checked.revision,
         "principal": checked.subject().map(quote),
         "auth_type": checked.auth_type().map(quote),
+        "action": action(request.method),
         "method": quote(request.method),
         "path": quote_max(path, MAX_AUDIT_PATH_CHARS),
         "scopes": checked.scopes.as_deref().map(|s| quote_max(s, MAX_AUDIT_PATH_CHARS)),
@@ -129,6 +176,8 @@ mod tests {
             path: "/v2/acme/web/app/manifests/v1?x=eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJkZXYifQ.c2ln",
             request_id: Some("req-1"),
             client: Some("127.0.0.1:5555"),
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            event_id: Some("e-1"),
         };
         let text = line(&c, info, 1_800_000_000).unwrap();
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -142,6 +191,10 @@ mod tests {
         assert_eq!(v["path"], "/v2/acme/web/app/manifests/v1");
         assert_eq!(v["scopes"], "repository:acme/web/app:pull,push");
         assert_eq!(v["request_id"], "req-1");
+        assert_eq!(v["event_id"], "e-1");
+        assert_eq!(v["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(v["action"], "push");
+        assert_eq!(v["client"], "127.0.0.1:5555");
         assert!(!text.contains("eyJ"), "{text}");
         assert!(!text.contains('\n'));
     }
@@ -160,11 +213,19 @@ mod tests {
         let c = denial("no");
         let huge_id = "x".repeat(59 * 1024);
         let huge_path = format!("/v2/{}/manifests/v1", "a".repeat(60_000));
-        let info = RequestInfo { method: "GET", path: &huge_path, request_id: Some(&huge_id), client: None };
+        let huge_trace = format!("00-{}-00f067aa0ba902b7-01", "a".repeat(60_000));
+        let info = RequestInfo {
+            method: "GET",
+            path: &huge_path,
+            request_id: Some(&huge_id),
+            traceparent: Some(&huge_trace),
+            ..RequestInfo::default()
+        };
         let text = line(&c, info, 0).unwrap();
         assert!(text.len() < 2048, "{} bytes", text.len());
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert!(v["request_id"].is_null());
+        assert!(v["trace_id"].is_null());
         assert!(v["path"].as_str().unwrap().contains("bytes)"), "{}", v["path"]);
         // A request id with a newline or quotes is dropped, not stored.
         let info = RequestInfo { request_id: Some("a\nb"), ..info };
@@ -174,8 +235,40 @@ mod tests {
     }
 
     #[test]
-    fn plain_allows_have_no_line() {
+    fn allowed_reads_have_no_line_and_allowed_writes_have_one() {
         let c = Checked { decision: Decision::Allow { would_deny: None }, ..denial("") };
-        assert!(line(&c, RequestInfo::default(), 0).is_none());
+        for method in ["GET", "HEAD"] {
+            assert!(!is_audited(&c, method));
+            assert!(line(&c, RequestInfo { method, ..RequestInfo::default() }, 0).is_none());
+        }
+        for (method, action) in [("PUT", "push"), ("POST", "push"), ("PATCH", "push"), ("DELETE", "delete")] {
+            assert!(is_audited(&c, method));
+            let path = "/v2/acme/web/app/manifests/dev-1";
+            let text = line(&c, RequestInfo { method, path, ..RequestInfo::default() }, 0).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!((v["decision"].as_str(), v["kind"].as_str()), (Some("allow"), Some("allowed")), "{text}");
+            assert_eq!(v["action"], action);
+            assert_eq!(v["principal"], "dev");
+            assert!(v["status"].is_null() && v["rule"].is_null(), "{text}");
+        }
+    }
+
+    #[test]
+    fn trace_ids_come_only_from_well_formed_traceparents() {
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(trace_id(&format!("00-{id}-00f067aa0ba902b7-01")), Some(id));
+        assert_eq!(trace_id(&format!("01-{id}-00f067aa0ba902b7-01-future")), Some(id));
+        for bad in [
+            "".to_owned(),
+            format!("00-{id}-00f067aa0ba902b7-01-extra"),
+            format!("ff-{id}-00f067aa0ba902b7-01"),
+            format!("00-{}-00f067aa0ba902b7-01", "0".repeat(32)),
+            format!("00-{}-00f067aa0ba902b7-01", id.to_uppercase()),
+            format!("00-{id}-00f067aa0ba902b-01"),
+            format!("00-{id}\n-00f067aa0ba902b7-01"),
+            "00-\"x\"-y-z".to_owned(),
+        ] {
+            assert_eq!(trace_id(&bad), None, "{bad}");
+        }
     }
 }
