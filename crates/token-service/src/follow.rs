@@ -108,10 +108,14 @@ async fn follow(state: Arc<AppState>, source: BundleSource) {
         record(&state, &fetch, failures, delay);
         match &fetch {
             Fetch::Changed { revision } => {
-                tracing::info!("bundle source {}: revision {revision} activated", described)
+                tracing::info!("bundle source {}: revision {revision} activated", described);
+                crate::audit::bundle("follow", *revision, None);
             }
             Fetch::NotModified => tracing::debug!("bundle source {}: not modified", described),
-            Fetch::Refused(why) => tracing::warn!("bundle source {}: fetched bundle refused: {why}", described),
+            Fetch::Refused(why) => {
+                tracing::warn!("bundle source {}: fetched bundle refused: {why}", described);
+                crate::audit::bundle("follow", state.policy.snapshot().revision, Some(why));
+            }
             Fetch::Failed(why) => tracing::warn!(
                 "bundle source {}: fetch failed ({failures} in a row, next in {} s): {why}; the active bundle stays",
                 described,

@@ -3,6 +3,7 @@
 //! same core as the filter for every decision (grants, scopes, signing, protection rules of
 //! the operator-signed policy bundle).
 
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod follow;

@@ -416,6 +416,7 @@ fn client_of(extensions: &Extensions) -> String {
 fn login_failed(state: &AppState, username: &str, client: &str, grant: &str, reason: &str) {
     let total = state.login.login_failed();
     state.metrics.failed_login(reason);
+    crate::audit::login_failed(username, client, grant, reason);
     tracing::info!(
         "login failed: username=\"{}\" client={client} grant={grant} reason={reason} failed_logins_total={total}",
         quote(username)
@@ -809,12 +810,24 @@ async fn put_bundle(State(state): State<Arc<AppState>>, body: Result<Bytes, Byte
     };
     // The body never reached verification (too large, unreadable): refused all the same.
     let active_revision = state.policy.refuse_unread("$", &reason, now);
+    crate::audit::bundle("push", active_revision, Some(&reason));
     let body = json!({"error": "bundle_rejected", "path": "$", "reason": reason, "active_revision": active_revision});
     (status, Json(body)).into_response()
 }
 
 async fn push_bundle(state: &AppState, text: String, now: i64) -> Response {
-    match state.policy.push(text, now).await {
+    let result = state.policy.push(text, now).await;
+    match &result {
+        Ok(a) if !a.unchanged => crate::audit::bundle("push", a.revision, None),
+        Ok(_) => {}
+        Err(
+            PushError::KeysNotConfigured { reason, active_revision }
+            | PushError::Rejected { reason, active_revision, .. }
+            | PushError::Rollback { reason, active_revision, .. }
+            | PushError::Internal { reason, active_revision },
+        ) => crate::audit::bundle("push", *active_revision, Some(reason)),
+    }
+    match result {
         Ok(accepted) => (
             StatusCode::OK,
             Json(

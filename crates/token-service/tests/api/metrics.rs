@@ -55,3 +55,42 @@ async fn metrics_count_issued_tokens_and_failed_logins_without_secrets() {
         assert!(!text.contains(secret), "`{secret}` in /metrics:\n{text}");
     }
 }
+
+/// The token service's audit records (JSON lines on its log) that mention `needle`.
+fn audits_with(needle: &str) -> Vec<serde_json::Value> {
+    captured_logs()
+        .lines()
+        .filter_map(|l| l.find(r#"{"audit":"registry-guard-token-service""#).map(|i| &l[i..]))
+        .filter(|j| j.contains(needle))
+        .map(|j| serde_json::from_str(j).unwrap_or_else(|e| panic!("audit record is not JSON ({e}): {j}")))
+        .collect()
+}
+
+#[tokio::test]
+async fn failed_logins_and_bundle_changes_leave_audit_records_without_secrets() {
+    captured_logs();
+    let app = spawn_with_bundle(&deploy_bundle(3)).await;
+    let scope = "scope=repository:acme/web/app:pull";
+    let wrong = "audit-test-wrong-password";
+    assert_eq!(app.get_token(scope, Some(("audit-test-user", wrong))).await.status(), 401);
+    let failed = audits_with("audit-test-user");
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    let f = &failed[0];
+    assert_eq!((f["event"].as_str(), f["decision"].as_str()), (Some("login_failed"), Some("deny")), "{f}");
+    assert_eq!(f["reason"], "invalid_credentials");
+    assert!(f["client"].as_str().is_some_and(|c| c.starts_with("127.0.0.1")), "{f}");
+    assert_eq!(f["event_id"].as_str().map(str::len), Some(32), "{f}");
+    assert!(!captured_logs().contains(wrong), "a password reached the log");
+
+    // A bundle push accepted, then an older one refused: one record each, naming the revision.
+    let resp = app.put_bundle(sign_bundle_value(&deploy_bundle(41))).await;
+    assert_eq!(resp.status(), 200);
+    let resp = app.put_bundle(sign_bundle_value(&deploy_bundle(40))).await;
+    assert_eq!(resp.status(), 409);
+    let changes: Vec<_> = audits_with(r#""event":"bundle""#).into_iter().filter(|a| a["revision"] == 41).collect();
+    assert!(
+        changes.iter().any(|a| a["decision"] == "allow" && a["action"] == "push" && a["reason"].is_null()),
+        "{changes:?}"
+    );
+    assert!(changes.iter().any(|a| a["decision"] == "deny" && a["reason"].as_str().is_some()), "{changes:?}");
+}
