@@ -585,6 +585,8 @@ class Bench:
         run([RGCTL, "operator-token", "--out", os.path.join(d, "keys")])
         # The example settings serve the bundle to fleet members (`bundle_read_token_sha256`).
         run([RGCTL, "operator-token", "--name", "bundle-read", "--out", os.path.join(d, "keys")])
+        # ... and sign CI jobs' ID tokens with an RSA key (`ci_jobs.id_token_rsa_key`).
+        run([RGCTL, "keygen", "--rsa", "--name", "oidc", "--out", os.path.join(d, "keys")])
         with open(os.path.join(d, "bundle.jws"), "w") as f:
             f.write(run([RGCTL, "sign", os.path.join(ROOT, "policies/example/bundle.json"),
                          "--key", self.path("config/keys/operator-key.pem")]))
