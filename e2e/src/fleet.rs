@@ -202,15 +202,21 @@ pub fn envoy_stats(admin_port: u16) -> std::collections::BTreeMap<String, i64> {
 /// whose heartbeat is at most 5 s old, as `rgctl status` counts them: a VM that Envoy only
 /// configured to validate a configuration claims a slot and never beats again).
 pub fn vm_revisions(admin_port: u16) -> Vec<i64> {
+    vm_revisions_on(admin_port, "registry")
+}
+
+/// [`vm_revisions`] of the filter VMs serving `endpoint` (`registry`, `dependency_proxy`).
+pub fn vm_revisions_on(admin_port: u16, endpoint: &str) -> Vec<i64> {
     let stats = envoy_stats(admin_port);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let suffix = format!(".{endpoint}.revision");
     stats
         .iter()
         .filter_map(|(k, v)| {
-            let slot = k.strip_prefix("wasmcustom.registry_guard.vm.")?.strip_suffix(".registry.revision")?;
-            let beat = stats.get(&format!("wasmcustom.registry_guard.vm.{slot}.registry.heartbeat"))?;
+            let slot = k.strip_prefix("wasmcustom.registry_guard.vm.")?.strip_suffix(suffix.as_str())?;
+            let beat = stats.get(&format!("wasmcustom.registry_guard.vm.{slot}.{endpoint}.heartbeat"))?;
             (now - beat <= 5).then_some(*v)
         })
         .collect()

@@ -8,7 +8,9 @@
 
 use std::time::{Duration, Instant};
 
-use registry_guard_e2e::fleet::{envoy_stats, token_service_revision, vm_revisions, Envoy, TokenService};
+use registry_guard_e2e::fleet::{
+    envoy_stats, token_service_revision, vm_revisions, vm_revisions_on, Envoy, TokenService,
+};
 use registry_guard_e2e::{Options, Stack};
 
 const REPO: &str = "acme/web/app";
@@ -246,6 +248,13 @@ fn plain_polling_converges_and_then_only_sees_not_modified() {
             },
         );
         println!("  {name}: every filter VM on revision {r1} after {} ms", ms(t0.elapsed().max(d)));
+    }
+    // The dependency-proxy endpoint's filter VMs follow the same source and count in the same
+    // fetch counters: the fleet has converged when they have too.
+    for (name, admin) in envoys {
+        wait_until(&format!("{name} dependency-proxy VMs"), Duration::from_secs(30), || {
+            vm_revisions_on(admin, "dependency_proxy").iter().all(|r| *r == r1 as i64)
+        });
     }
     // Converged: further fetches are conditional and answered 304.
     let before: Vec<_> = envoys.iter().map(|(_, a)| envoy_stats(*a)).collect();
