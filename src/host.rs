@@ -361,3 +361,17 @@ fn raw_buffer(_: BufferType, _: usize, call: HostCall) -> Result<Option<Vec<u8>>
 fn raw_request_headers() -> Result<HeaderMap, HostError> {
     Err(HostError::invalid(HostCall::RequestHeaders, "proxy-wasm host calls exist only in wasm"))
 }
+
+/// The host's time in milliseconds (0 if it cannot be read): the followers' clock.
+pub fn now_ms(host: &mut impl Host) -> u64 {
+    host.unix_time().map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Jitter for the followers (WASI `random_get`; a fixed middle value without it).
+pub fn random_u32() -> u32 {
+    let mut bytes = [0u8; 4];
+    match getrandom::getrandom(&mut bytes) {
+        Ok(()) => u32::from_le_bytes(bytes),
+        Err(_) => 1 << 31,
+    }
+}

@@ -23,7 +23,7 @@ use registry_guard_core::token::keys_source::{
     candidate, KeysAnswer, KeysFollower, KeysRefusal, KeysSource, KeysStep, KEYS_REFUSALS,
 };
 
-use crate::host::{Host, MetricType};
+use crate::host::{now_ms, random_u32, Host, MetricType};
 
 /// Shared-data key (process-wide) of the newest JWKS taken from the keys source.
 pub fn fetched_jwks_key(endpoint: &str) -> String {
@@ -219,16 +219,4 @@ fn define(host: &mut impl Host, slot: Option<u32>, endpoint: &str) -> Result<Ids
             .define_metric(MetricType::Gauge, "registry_guard.keys_fetch.seconds_since_success")?,
         vm_keys,
     })
-}
-
-fn now_ms(host: &mut impl Host) -> u64 {
-    host.unix_time().map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-fn random_u32() -> u32 {
-    let mut bytes = [0u8; 4];
-    match getrandom::getrandom(&mut bytes) {
-        Ok(()) => u32::from_le_bytes(bytes),
-        Err(_) => 1 << 31,
-    }
 }

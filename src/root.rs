@@ -16,7 +16,7 @@ use registry_guard_core::policy::bundle;
 use registry_guard_core::policy::follow::{Answer, BundleSource, FetchRequest, Follower, RefusalKind, Settled, Step};
 
 use crate::events::EventsHttp;
-use crate::host::{Host, MetricType, ProxyWasmHost};
+use crate::host::{now_ms, random_u32, Host, MetricType, ProxyWasmHost};
 use crate::metrics::{Metrics, FLUSH_PERIOD_MS};
 use crate::registry::RegistryHttp;
 
@@ -616,19 +616,6 @@ fn endpoint_label(endpoint: ServedEndpoint) -> &'static str {
 /// Shared-data key (process-wide) of the newest bundle fetched for an endpoint.
 pub fn fetched_key(endpoint: &str) -> String {
     format!("registry_guard.fetched_bundle.{endpoint}")
-}
-
-fn now_ms(host: &mut impl Host) -> u64 {
-    host.unix_time().map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// Jitter for the follower (WASI `random_get`; a fixed middle value without it).
-fn random_u32() -> u32 {
-    let mut bytes = [0u8; 4];
-    match getrandom::getrandom(&mut bytes) {
-        Ok(()) => u32::from_le_bytes(bytes),
-        Err(_) => 1 << 31,
-    }
 }
 
 impl RootContext for GuardRoot {
