@@ -53,10 +53,10 @@ deps: .deps/rust .deps/apt $(ENVOY) .deps/pyjwt ## install rustup targets, apt p
 .deps/apt:
 	@if ! command -v docker-registry >/dev/null || ! command -v skopeo >/dev/null || ! command -v curl >/dev/null \
 	    || ! command -v wasm-opt >/dev/null || ! command -v containerd >/dev/null || ! command -v ctr >/dev/null \
-	    || ! command -v podman >/dev/null || ! command -v pg_ctlcluster >/dev/null \
+	    || ! command -v podman >/dev/null || ! command -v pg_ctlcluster >/dev/null || ! command -v openssl >/dev/null \
 	    || ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq docker-registry skopeo curl binaryen \
-	    containerd podman postgresql; fi
+	    containerd podman postgresql openssl; fi
 	@mkdir -p .deps && touch $@
 
 $(ENVOY):
