@@ -375,3 +375,18 @@ pub fn random_u32() -> u32 {
         Err(_) => 1 << 31,
     }
 }
+
+/// A follower's `GET path` to `cluster` with `authority` and `extra` headers (conditional
+/// and long-poll headers, credentials), answered in `on_http_call_response`.
+pub fn dispatch_get(
+    host: &mut impl Host,
+    cluster: &str,
+    path: &str,
+    authority: &str,
+    extra: &[(String, String)],
+    timeout_ms: u64,
+) -> Result<u32, HostError> {
+    let mut headers: Vec<(&str, &str)> = vec![(":method", "GET"), (":path", path), (":authority", authority)];
+    headers.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    host.dispatch_http_call(cluster, &headers, Duration::from_millis(timeout_ms))
+}

@@ -15,7 +15,6 @@
 //! answer) and this VM's `registry_guard.vm.<slot>.<endpoint>.keys` (its key count).
 
 use std::cell::{Cell, RefCell};
-use std::time::Duration;
 
 use registry_guard_core::decide::config::FilterConfig;
 use registry_guard_core::decide::guard::Guard;
@@ -23,7 +22,7 @@ use registry_guard_core::token::keys_source::{
     candidate, KeysAnswer, KeysFollower, KeysRefusal, KeysSource, KeysStep, KEYS_REFUSALS,
 };
 
-use crate::host::{now_ms, random_u32, Host, MetricType};
+use crate::host::{dispatch_get, now_ms, random_u32, Host, MetricType};
 
 /// Shared-data key (process-wide) of the newest JWKS taken from the keys source.
 pub fn fetched_jwks_key(endpoint: &str) -> String {
@@ -103,11 +102,8 @@ impl KeysFollowing {
         }
         let now = now_ms(host);
         let Some(request) = self.follower.borrow_mut().due(now) else { return };
-        let mut headers: Vec<(&str, &str)> =
-            vec![(":method", "GET"), (":path", &request.path), (":authority", &request.authority)];
-        headers.extend(request.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let cluster = self.follower.borrow().source().cluster.clone();
-        match host.dispatch_http_call(&cluster, &headers, Duration::from_millis(request.timeout_ms)) {
+        match dispatch_get(host, &cluster, &request.path, &request.authority, &request.headers, request.timeout_ms) {
             Ok(token) => self.in_flight.set(Some(token)),
             Err(e) => {
                 log::warn!(

@@ -16,7 +16,7 @@ use registry_guard_core::policy::bundle;
 use registry_guard_core::policy::follow::{Answer, BundleSource, FetchRequest, Follower, RefusalKind, Settled, Step};
 
 use crate::events::EventsHttp;
-use crate::host::{now_ms, random_u32, Host, MetricType, ProxyWasmHost};
+use crate::host::{dispatch_get, now_ms, random_u32, Host, MetricType, ProxyWasmHost};
 use crate::metrics::{Metrics, FLUSH_PERIOD_MS};
 use crate::registry::RegistryHttp;
 
@@ -534,11 +534,8 @@ impl Following {
     /// Dispatches a fetch the follower asked for; a failed dispatch is recorded as a failed
     /// fetch.
     fn dispatch(&self, host: &mut impl Host, request: &FetchRequest, now_ms: u64) {
-        let mut headers: Vec<(&str, &str)> =
-            vec![(":method", "GET"), (":path", &request.path), (":authority", &request.authority)];
-        headers.extend(request.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let cluster = self.follower.borrow().source().cluster.clone();
-        match host.dispatch_http_call(&cluster, &headers, Duration::from_millis(request.timeout_ms)) {
+        match dispatch_get(host, &cluster, &request.path, &request.authority, &request.headers, request.timeout_ms) {
             Ok(token) => self.in_flight.set(Some(token)),
             Err(e) => {
                 let mut follower = self.follower.borrow_mut();
