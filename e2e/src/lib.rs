@@ -193,6 +193,7 @@ impl Stack {
 
     /// Starts everything as [`Stack::start`] does, adjusted by `options`.
     pub fn start_with(options: Options) -> Stack {
+        remember_panics();
         let dir = tempfile::tempdir().expect("tempdir");
         let config_dir = dir.path().join("config");
         fs::create_dir_all(&config_dir).expect("mkdir config");
@@ -982,10 +983,35 @@ impl Stack {
     }
 }
 
+thread_local! {
+    /// This thread's last panic, for [`Stack`]'s drop to repeat after the logs.
+    static LAST_PANIC: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Installs (once) a panic hook that remembers the panic's message for the panicking thread,
+/// then runs the default hook.
+fn remember_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let message = info.to_string();
+            LAST_PANIC.with(|m| *m.borrow_mut() = Some(message));
+            default(info);
+        }));
+    });
+}
+
 impl Drop for Stack {
     fn drop(&mut self) {
         if std::thread::panicking() {
             self.dump_logs();
+            // The logs above can be long; CI shows the head and tail of a failure's output,
+            // so the reason is repeated last.
+            if let Some(message) = LAST_PANIC.with(|m| m.borrow_mut().take()) {
+                let cut: String = message.chars().take(6000).collect();
+                eprintln!("===== the test failed (repeated after the logs): {cut}");
+            }
         }
         for p in &mut self.procs {
             let _ = p.child.kill();
@@ -1004,10 +1030,57 @@ fn indent(s: &str) -> String {
     s.lines().map(|l| format!("  | {l}\n")).collect()
 }
 
+/// The HTTP status a registry client (skopeo, podman, ctr) reports in its error text, read
+/// from the phrases the clients print, never from bare digits: the text also holds the
+/// registry's address, whose port can be any number (a port 40377 once read as a 403).
+/// `None` when the text names no status the suite distinguishes.
+pub fn client_error_status(err: &str) -> Option<u16> {
+    // Addresses and digests first, so no phrase below can match inside them.
+    let masked: String = err
+        .split_inclusive(|c: char| c.is_whitespace() || c == '"' || c == '/' || c == '`')
+        .map(|w| if w.starts_with("127.0.0.1:") || w.starts_with("sha256:") { "<masked> " } else { w })
+        .collect();
+    let has = |phrases: &[&str]| phrases.iter().any(|p| masked.contains(p));
+    if has(&["403 (Forbidden)", "status 403", "code 403"])
+        || (masked.contains("denied") && !masked.contains("HTTP Basic"))
+    {
+        Some(403)
+    } else if has(&["404 (Not Found)", "status 404", "code 404", "name unknown", "NAME_UNKNOWN", "manifest unknown"]) {
+        Some(404)
+    } else if has(&["401 (Unauthorized)", "status 401", "code 401", "unauthorized", "invalid username/password"]) {
+        Some(401)
+    } else if has(&["500 (Internal Server Error)", "status 500", "code 500", "Internal Server Error"]) {
+        Some(500)
+    } else {
+        None
+    }
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 pub fn assert_path_exists(p: &Path) {
     assert!(p.exists(), "{} does not exist", p.display());
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod client_error_tests {
+    use super::client_error_status;
+
+    #[test]
+    fn a_port_holding_a_status_code_is_not_a_status() {
+        // What skopeo printed in a CI run whose dependency-proxy port was 40377.
+        let err = r#"time="2026-11-30T09:56:16Z" level=fatal msg="Error parsing image name \"docker://127.0.0.1:40377/other/dependency_proxy/containers/alpine:latest\": reading manifest latest in 127.0.0.1:40377/other/dependency_proxy/containers/alpine: name unknown: repository name not known to registry: `other/dependency_proxy/containers/alpine`""#;
+        assert_eq!(client_error_status(err), Some(404));
+        let err = r#"level=fatal msg="reading manifest v1 in 127.0.0.1:50001/acme/web/app: manifest unknown""#;
+        assert_eq!(client_error_status(err), Some(404));
+        let err = r#"level=fatal msg="authenticating creds for \"127.0.0.1:40377\": invalid status code from registry 403 (Forbidden)""#;
+        assert_eq!(client_error_status(err), Some(403));
+        let err = r#"level=fatal msg="logging into \"127.0.0.1:40377\": invalid username/password""#;
+        assert_eq!(client_error_status(err), Some(401));
+        assert_eq!(client_error_status("unable to retrieve auth token: invalid username/password: unauthorized: HTTP Basic: Access denied: deploy token has expired"), Some(401));
+        assert_eq!(client_error_status("dial tcp 127.0.0.1:40377: connect: connection refused"), None);
+    }
 }

@@ -3,7 +3,7 @@
 //! `skopeo login` to the endpoint (`GET /v2/`), then a pull (`skopeo inspect`) of
 //! `<group>/dependency_proxy/containers/alpine:latest` from the real pull-through cache.
 
-use registry_guard_e2e::{stderr, Stack};
+use registry_guard_e2e::{client_error_status, stderr, Stack};
 use serde_json::json;
 
 /// The example bundle's deploy tokens (no protection rules: deploy tokens hold no level).
@@ -29,16 +29,12 @@ struct Row {
 }
 
 fn classify(ok: bool, err: &str) -> &'static str {
-    if ok {
-        "ok"
-    } else if err.contains("403") || (err.contains("denied") && !err.contains("HTTP Basic")) {
-        "403"
-    } else if err.contains("404") || err.contains("name unknown") || err.contains("NAME_UNKNOWN") {
-        "404"
-    } else if err.contains("401") || err.contains("unauthorized") || err.contains("invalid username/password") {
-        "401"
-    } else {
-        "?"
+    match (ok, client_error_status(err)) {
+        (true, _) => "ok",
+        (false, Some(403)) => "403",
+        (false, Some(404)) => "404",
+        (false, Some(401)) => "401",
+        _ => "?",
     }
 }
 

@@ -2,7 +2,7 @@
 //! revocation through a bundle push, and the group dependency proxy (GitLab's access table),
 //! with real skopeo through real Envoy to a real pull-through cache.
 
-use registry_guard_e2e::{stderr, Stack};
+use registry_guard_e2e::{client_error_status, stderr, Stack};
 use serde_json::json;
 
 /// The example bundle's deploy tokens, without protection rules (deploy tokens hold no
@@ -63,14 +63,13 @@ fn dependency_proxy_matrix_and_group_scopes() {
         let err = stderr(&out);
         let got = if out.status.success() {
             "pull works"
-        } else if err.contains("name unknown") || err.contains("NAME_UNKNOWN") || err.contains("404") {
-            "404"
-        } else if err.contains("denied") && !err.contains("HTTP Basic") {
-            "403"
-        } else if err.contains("unauthorized") || err.contains("401") || err.contains("HTTP Basic") {
-            "401"
         } else {
-            "?"
+            match client_error_status(&err) {
+                Some(404) => "404",
+                Some(403) => "403",
+                Some(401) => "401",
+                _ => "?",
+            }
         };
         table.push(format!("| {:<16} | {:<50} | {:<10} | {:<10} |", row.who, row.repo, row.expect, got));
         if got != row.expect {
