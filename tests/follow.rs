@@ -414,6 +414,7 @@ fn every_bundle_activated_or_refused_writes_one_audit_record() {
     assert_eq!(fields, (text("deny"), text("follow"), text("token_service/bundle"), Some(2), Some(2), None), "{r}");
     assert!(!r["reason"].as_str().unwrap().is_empty(), "{r}");
     assert!(!logs.iter().any(|l| l.contains(&forged[..40])), "the bundle itself is never logged");
+    println!("forged bundle refused: {r}");
     // Unchanged (304, or the same revision again) and failed fetches are not bundle changes.
     advance(&mut host, 400);
     root.tick(&mut host);
