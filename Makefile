@@ -129,13 +129,13 @@ test-envoy: $(ENVOY) build
 	  jsonschema.validate(json.load(open("policies/example/bundle.json")), json.load(open("policies/bundle.schema.json"))); \
 	  print("policies/example/bundle.json matches policies/bundle.schema.json")'
 
-# deploy/istio against Istio's CRD schemas (compiled into npm's @kubernetes-models/istio; no
-# registry package ships Envoy Gateway's CRDs: docs/deploying.md); the filter configuration in
-# every manifest is parsed by the filter's own parser (crates/ctl/tests/deploy_manifests.rs,
+# deploy/istio and deploy/envoy-gateway against the control planes' published schemas (compiled
+# into npm's @kubernetes-models/istio and @kubernetes-models/envoy-gateway: docs/deploying.md);
+# the filter configuration in every manifest is parsed by the filter's own parser (crates/ctl/tests/deploy_manifests.rs,
 # part of test-unit).
-test-deploy: ## the Kubernetes manifests: Istio CRD schemas (npm), configurations via the filter's parser
+test-deploy: ## the Kubernetes manifests: Istio and Envoy Gateway schemas (npm), configurations via the filter's parser
 	cd deploy/validate && npm install --no-audit --no-fund --silent
-	node deploy/validate/validate.mjs deploy/istio
+	node deploy/validate/validate.mjs deploy/istio deploy/envoy-gateway
 	cargo test -p registry-guard-ctl --test deploy_manifests
 
 test-e2e: deps build ## the end-to-end suite (real Envoy, registry, skopeo) on loopback

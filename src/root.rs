@@ -10,11 +10,13 @@ use std::time::Duration;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
+use registry_guard_core::decide::audit::{BundleAction, BundleChange};
 use registry_guard_core::decide::config::{EventsConfig, PluginConfig, ServedEndpoint};
 use registry_guard_core::decide::guard::Guard;
 use registry_guard_core::policy::bundle;
 use registry_guard_core::policy::follow::{Answer, BundleSource, FetchRequest, Follower, RefusalKind, Settled, Step};
 
+use crate::audit;
 use crate::events::EventsHttp;
 use crate::host::{dispatch_get, now_ms, random_u32, Host, MetricType, ProxyWasmHost};
 use crate::metrics::{Metrics, FLUSH_PERIOD_MS};
@@ -40,6 +42,9 @@ pub struct Vm {
     /// beats for its endpoint.
     generation: Cell<u64>,
     newest: RefCell<Vec<(&'static str, u64)>>,
+    /// The bundle revision this VM last activated per endpoint (any configuration): the
+    /// `revision_old` of the next bundle audit record.
+    active: RefCell<Vec<(&'static str, u64)>>,
 }
 
 thread_local! {
@@ -84,6 +89,27 @@ impl Vm {
     }
 
     /// A new configuration for `endpoint`: from now on only it beats there.
+    /// The bundle revision this VM last activated for `endpoint`, if any.
+    fn active_revision(&self, endpoint: &str) -> Option<u64> {
+        self.active.borrow().iter().find(|(e, _)| *e == endpoint).map(|(_, r)| *r)
+    }
+
+    /// Notes that this VM now enforces `revision` for `endpoint`; whether it changed.
+    fn set_active_revision(&self, endpoint: &'static str, revision: u64) -> bool {
+        let mut active = self.active.borrow_mut();
+        match active.iter_mut().find(|(e, _)| *e == endpoint) {
+            Some((_, r)) if *r == revision => false,
+            Some((_, r)) => {
+                *r = revision;
+                true
+            }
+            None => {
+                active.push((endpoint, revision));
+                true
+            }
+        }
+    }
+
     fn newest_for(&self, endpoint: &'static str) -> u64 {
         let generation = self.generation.get().wrapping_add(1);
         self.generation.set(generation);
@@ -224,6 +250,21 @@ impl GuardRoot {
                 if let Some(m) = &self.metrics {
                     m.bundle_rejected(host);
                 }
+                // The configuration carries the bundle: its refusal is a bundle refusal too
+                // (the endpoint, and so the revision that stays, cannot be told from it).
+                let reason = e.to_string();
+                audit::bundle(
+                    host,
+                    BundleChange {
+                        action: BundleAction::Configure,
+                        source: "configuration",
+                        endpoint: None,
+                        revision_old: None,
+                        revision_new: None,
+                        refused: Some(&reason),
+                        event_id: None,
+                    },
+                );
                 return false;
             }
         };
@@ -284,6 +325,7 @@ impl GuardRoot {
             Following::new(host, source)
         });
         let guard = Rc::new(RefCell::new(Guard::new(*config)));
+        let mut active = (revision, "configuration");
         if self.following.is_some() {
             // A bundle this Envoy fetched before (under an earlier configuration, or in
             // another worker) and newer than the configured one: this configuration starts
@@ -291,8 +333,9 @@ impl GuardRoot {
             // Acceptance above never depends on it.
             if let Ok((Some(jws), _)) = host.get_shared(&fetched_key(endpoint)) {
                 if let Ok(jws) = std::str::from_utf8(&jws) {
-                    if let Settled::Activated { revision: r } = verify_and_activate(&guard, jws) {
+                    if let Settled::Activated { revision: r } = verify_and_activate(&guard, jws).settled {
                         log::info!("registry-guard: starting from bundle revision {r}, fetched earlier by this Envoy");
+                        active = (r, "fetched_earlier");
                         if let Some(m) = &self.metrics {
                             m.bundle_activated(host, r);
                         }
@@ -302,6 +345,23 @@ impl GuardRoot {
                     }
                 }
             }
+        }
+        // One record when this VM's revision for the endpoint changes (not for a configuration
+        // that leaves it as it was).
+        let revision_old = self.vm.active_revision(endpoint);
+        if self.vm.set_active_revision(endpoint, active.0) {
+            audit::bundle(
+                host,
+                BundleChange {
+                    action: BundleAction::Configure,
+                    source: active.1,
+                    endpoint: Some(endpoint),
+                    revision_old,
+                    revision_new: Some(active.0),
+                    refused: None,
+                    event_id: None,
+                },
+            );
         }
         self.role = Some(Role::Registry(guard));
         true
@@ -383,6 +443,23 @@ impl GuardRoot {
                 log::warn!("registry-guard: bundle source: artifact refused: {reason}; the active bundle stays");
                 let kind = f.follower.borrow().last_refusal;
                 f.count(host, "refused", kind);
+                let (endpoint, active) = guard
+                    .try_borrow()
+                    .map(|g| (Some(endpoint_label(g.config.endpoint)), Some(g.config.policy.revision)))
+                    .unwrap_or((None, None));
+                let source = audit::source_label(f.follower.borrow().source());
+                audit::bundle(
+                    host,
+                    BundleChange {
+                        action: BundleAction::Follow,
+                        source: &source,
+                        endpoint,
+                        revision_old: active,
+                        revision_new: None,
+                        refused: Some(&format!("artifact refused: {reason}")),
+                        event_id: None,
+                    },
+                );
             }
             Step::Failed(reason) => {
                 log::warn!("registry-guard: bundle source: {reason}; the active bundle stays");
@@ -390,13 +467,25 @@ impl GuardRoot {
                 f.count(host, "failed", kind);
             }
             Step::Verify(jws) => {
-                let settled = verify_and_activate(guard, &jws);
+                let Activation { settled, old, offered } = verify_and_activate(guard, &jws);
                 f.follower.borrow_mut().settle(now_ms, rand, &settled);
+                let endpoint = guard.try_borrow().map(|g| endpoint_label(g.config.endpoint)).ok();
+                let source = audit::source_label(f.follower.borrow().source());
+                let change = BundleChange {
+                    action: BundleAction::Follow,
+                    source: &source,
+                    endpoint,
+                    revision_old: old,
+                    revision_new: offered,
+                    refused: None,
+                    event_id: None,
+                };
                 match &settled {
                     Settled::Activated { revision } => {
                         log::info!("registry-guard: bundle revision {revision} fetched from the source and activated");
-                        let endpoint =
-                            guard.try_borrow().map(|g| endpoint_label(g.config.endpoint)).unwrap_or("registry");
+                        audit::bundle(host, change);
+                        let endpoint = endpoint.unwrap_or("registry");
+                        self.vm.set_active_revision(endpoint, *revision);
                         if let Err(e) = host.set_shared(&fetched_key(endpoint), jws.as_bytes(), None) {
                             log::warn!("registry-guard: cannot keep the fetched bundle for later configurations: {e}");
                         }
@@ -412,6 +501,7 @@ impl GuardRoot {
                     Settled::Unchanged => f.count(host, "not_modified", None),
                     Settled::Refused { kind, reason } => {
                         log::warn!("registry-guard: bundle from the source refused: {reason}; the active bundle stays");
+                        audit::bundle(host, BundleChange { refused: Some(reason), ..change });
                         f.count(host, "refused", Some(*kind));
                     }
                 }
@@ -567,40 +657,57 @@ impl Following {
     }
 }
 
+/// What [`verify_and_activate`] settled, with the revisions its audit record names.
+struct Activation {
+    settled: Settled,
+    /// The revision active before (`None`: the guard was busy).
+    old: Option<u64>,
+    /// The offered bundle's revision, once its signature was verified.
+    offered: Option<u64>,
+}
+
 /// Verifies a fetched bundle with the configuration's operator keys and environment and,
 /// if it is newer than the active one, activates it in this VM.
-fn verify_and_activate(guard: &RefCell<Guard>, jws: &str) -> Settled {
+fn verify_and_activate(guard: &RefCell<Guard>, jws: &str) -> Activation {
     let Ok(mut g) = guard.try_borrow_mut() else {
-        return Settled::Refused { kind: RefusalKind::Content, reason: "the guard is busy (retried later)".into() };
+        let settled =
+            Settled::Refused { kind: RefusalKind::Content, reason: "the guard is busy (retried later)".into() };
+        return Activation { settled, old: None, offered: None };
     };
+    let active = g.config.policy.revision;
+    let refused = |settled| Activation { settled, old: Some(active), offered: None };
     let Some(keys) = &g.config.bundle_keys else {
-        return Settled::Refused { kind: RefusalKind::Signature, reason: "no `bundle_keys` to verify with".into() };
+        return refused(Settled::Refused {
+            kind: RefusalKind::Signature,
+            reason: "no `bundle_keys` to verify with".into(),
+        });
     };
     let policy = match bundle::verify_for(jws, keys, g.config.environment.as_deref()) {
         Ok(policy) => policy,
         Err(e) => {
-            return Settled::Refused {
+            return refused(Settled::Refused {
                 kind: RefusalKind::of_bundle_error(&e.path),
                 reason: format!("{}: {}", e.path, e.reason),
-            }
+            })
         }
     };
-    let active = g.config.policy.revision;
+    let offered = Some(policy.revision);
     if policy.revision == active {
-        return Settled::Unchanged;
+        return Activation { settled: Settled::Unchanged, old: Some(active), offered };
     }
     if policy.revision < active {
-        return Settled::Refused {
+        let settled = Settled::Refused {
             kind: RefusalKind::Revision,
             reason: format!(
                 "$.revision: revision {} is older than the active revision {active}: rollback refused",
                 policy.revision
             ),
         };
+        return Activation { settled, old: Some(active), offered };
     }
     let revision = policy.revision;
     g.activate(policy);
-    Settled::Activated { revision }
+    Activation { settled: Settled::Activated { revision }, old: Some(active), offered }
 }
 
 fn endpoint_label(endpoint: ServedEndpoint) -> &'static str {

@@ -339,3 +339,107 @@ fn a_token_service_source_that_truncates_is_slow_or_names_another_environment_is
     assert_eq!(host.metric("registry_guard.bundle_fetch_rejected.unreachable"), 1);
     assert_eq!(host.metric("registry_guard.bundle_revision"), 3);
 }
+
+/// The bundle audit records among `logs`, parsed.
+fn bundle_records(logs: &[String]) -> Vec<serde_json::Value> {
+    logs.iter()
+        .filter_map(|l| l.find(r#"{"audit":"registry-guard""#).map(|i| &l[i..]))
+        .map(|j| serde_json::from_str::<serde_json::Value>(j).unwrap_or_else(|e| panic!("not JSON ({e}): {j}")))
+        .filter(|v| v["event"] == "bundle")
+        .collect()
+}
+
+/// A bundle record's (decision, action, source, revision, revision_old, revision_new).
+type RecordFields = (String, String, String, Option<u64>, Option<u64>, Option<u64>);
+
+/// The one bundle record among `logs`, and its fields.
+fn one_record(logs: &[String]) -> (serde_json::Value, RecordFields) {
+    let records = bundle_records(logs);
+    assert_eq!(records.len(), 1, "one bundle record: {logs:#?}");
+    let r = records[0].clone();
+    assert!(r["event_id"].as_str().is_some_and(|id| id.len() == 32), "{r}");
+    assert!(r["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{r}");
+    let s = |k: &str| r[k].as_str().unwrap_or("-").to_owned();
+    let fields = (
+        s("decision"),
+        s("action"),
+        s("source"),
+        r["revision"].as_u64(),
+        r["revision_old"].as_u64(),
+        r["revision_new"].as_u64(),
+    );
+    (r, fields)
+}
+
+fn text(s: &str) -> String {
+    s.to_owned()
+}
+
+#[test]
+fn every_bundle_activated_or_refused_writes_one_audit_record() {
+    let shared = Shared::default();
+    let vm = Rc::new(Vm::default());
+    let configure = |vm: &Rc<Vm>, config: &serde_json::Value| {
+        let mut host = FakeHost::default().with_configuration(config).with_shared(&shared);
+        let mut root = GuardRoot::new(Rc::clone(vm));
+        let ok = root.configure(&mut host);
+        (root, host, ok)
+    };
+    take_logs();
+    let (root, mut host, ok) = configure(&vm, &following_config(1));
+    assert!(ok);
+    let (r, fields) = one_record(&take_logs());
+    assert_eq!(fields, (text("allow"), text("configure"), text("configuration"), Some(1), None, Some(1)), "{r}");
+    assert_eq!(r["endpoint"], "registry");
+    assert!(r["reason"].is_null(), "{r}");
+
+    // Fetched from the source: activated, then an older and a forged one refused.
+    root.tick(&mut host);
+    answer(&root, &mut host, Some(200), Some("\"e2\""), Some(&bundle(2, OPERATOR)));
+    let (r, fields) = one_record(&take_logs());
+    assert_eq!(fields, (text("allow"), text("follow"), text("token_service/bundle"), Some(2), Some(1), Some(2)), "{r}");
+    advance(&mut host, 400);
+    root.tick(&mut host);
+    answer(&root, &mut host, Some(200), Some("\"e1\""), Some(&bundle(1, OPERATOR)));
+    let (r, fields) = one_record(&take_logs());
+    assert_eq!(fields, (text("deny"), text("follow"), text("token_service/bundle"), Some(2), Some(2), Some(1)), "{r}");
+    assert!(r["reason"].as_str().unwrap().contains("rollback refused"), "{r}");
+    advance(&mut host, 400);
+    root.tick(&mut host);
+    let forged = bundle(9, 99);
+    answer(&root, &mut host, Some(200), Some("\"e9\""), Some(&forged));
+    let logs = take_logs();
+    let (r, fields) = one_record(&logs);
+    // A bundle refused before its signature is verified: its revision is not trusted, not written.
+    assert_eq!(fields, (text("deny"), text("follow"), text("token_service/bundle"), Some(2), Some(2), None), "{r}");
+    assert!(!r["reason"].as_str().unwrap().is_empty(), "{r}");
+    assert!(!logs.iter().any(|l| l.contains(&forged[..40])), "the bundle itself is never logged");
+    println!("forged bundle refused: {r}");
+    // Unchanged (304, or the same revision again) and failed fetches are not bundle changes.
+    advance(&mut host, 400);
+    root.tick(&mut host);
+    answer(&root, &mut host, Some(304), Some("\"e2\""), None);
+    advance(&mut host, 400);
+    root.tick(&mut host);
+    answer(&root, &mut host, None, None, None);
+    assert!(bundle_records(&take_logs()).is_empty());
+
+    // A later configuration of this VM that starts from the revision it enforces: no record.
+    let (_again, _, ok) = configure(&vm, &following_config(1));
+    assert!(ok);
+    assert!(bundle_records(&take_logs()).is_empty());
+    // Another VM of this Envoy starts from the bundle fetched earlier.
+    let (_other, _, ok) = configure(&Rc::new(Vm::default()), &following_config(1));
+    assert!(ok);
+    let (r, fields) = one_record(&take_logs());
+    assert_eq!(fields, (text("allow"), text("configure"), text("fetched_earlier"), Some(2), None, Some(2)), "{r}");
+    // A refused configuration: a refused bundle; what stays cannot be told from it.
+    let mut bad = following_config(3);
+    bad["bundle"] = bundle(3, 99).into();
+    let (_refused, _, ok) = configure(&vm, &bad);
+    assert!(!ok);
+    let (r, fields) = one_record(&take_logs());
+    assert_eq!(fields, (text("deny"), text("configure"), text("configuration"), None, None, None), "{r}");
+    assert!(r["reason"].as_str().unwrap().contains("bundle"), "{r}");
+    assert!(r["endpoint"].is_null(), "{r}");
+}

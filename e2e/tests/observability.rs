@@ -1,6 +1,7 @@
 //! Operators' view of decisions through real Envoy: per-decision counters in
 //! `/stats/prometheus`, labelled by denial kind and rule (the `stats_tags` of
-//! `envoy/envoy.yaml`), and one JSON audit line per denial in Envoy's log, never a token.
+//! `envoy/envoy.yaml`), and one JSON audit line per denial, allowed write and bundle change
+//! in Envoy's log, never a token.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 use registry_guard_e2e::Stack;
@@ -101,11 +102,33 @@ fn decisions_show_up_as_prometheus_counters_and_audit_lines() {
 
     // One audit line per denial; parseable JSON; the rule, revision and principal; no token.
     let log = stack.log("envoy");
-    let audits: Vec<serde_json::Value> = log
+    let records: Vec<serde_json::Value> = log
         .lines()
         .filter_map(|l| l.find(r#"{"audit":"registry-guard""#).map(|i| &l[i..]))
         .map(|j| serde_json::from_str(j).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {j}")))
         .collect();
+    // Every record has its own event id.
+    let ids: std::collections::HashSet<&str> = records.iter().filter_map(|a| a["event_id"].as_str()).collect();
+    assert_eq!(ids.len(), records.len(), "{records:#?}");
+    // The bundle records: the push of the example bundle reached every filter VM as a new
+    // configuration (ECDS), on both endpoints; each VM that took it wrote one record.
+    let (bundles, audits): (Vec<serde_json::Value>, Vec<serde_json::Value>) =
+        records.into_iter().partition(|a| a["event"] == "bundle");
+    let revision = example["revision"].as_u64().unwrap();
+    for endpoint in ["registry", "dependency_proxy"] {
+        let activated: Vec<_> = bundles
+            .iter()
+            .filter(|b| b["endpoint"] == endpoint && b["revision_new"].as_u64() == Some(revision))
+            .collect();
+        assert!(!activated.is_empty(), "{endpoint}: no record of revision {revision}: {bundles:#?}");
+        for b in activated {
+            assert_eq!((b["decision"].as_str(), b["action"].as_str()), (Some("allow"), Some("configure")), "{b}");
+            assert_eq!((b["source"].as_str(), b["revision"].as_u64()), (Some("configuration"), Some(revision)), "{b}");
+            assert_ne!(b["revision_old"].as_u64(), Some(revision), "{b}");
+            assert!(b["reason"].is_null() && b["time"].is_string(), "{b}");
+        }
+    }
+    println!("bundle record: {}", bundles.last().unwrap());
     // (The harness's canary rule denies too, after every push: not counted here.)
     let protected: Vec<_> =
         audits.iter().filter(|a| a["kind"] == "protected" && a["rule"] != registry_guard_e2e::CANARY_RULE).collect();
@@ -120,9 +143,6 @@ fn decisions_show_up_as_prometheus_counters_and_audit_lines() {
     assert!(a["revision"].as_u64().unwrap() >= 1);
     assert!(a["request_id"].as_str().is_some_and(|s| !s.is_empty()), "{a}");
     assert!(audits.iter().any(|a| a["kind"] == "invalid_token"), "{audits:#?}");
-    // Every record has its own event id.
-    let ids: std::collections::HashSet<&str> = audits.iter().filter_map(|a| a["event_id"].as_str()).collect();
-    assert_eq!(ids.len(), audits.len(), "{audits:#?}");
     assert_eq!(a["action"], "push");
     let allowed: Vec<_> = audits.iter().filter(|a| a["decision"] == "allow").collect();
     assert_eq!(allowed.len(), 1, "one allowed write: {audits:#?}");
@@ -136,6 +156,27 @@ fn decisions_show_up_as_prometheus_counters_and_audit_lines() {
     assert!(!log.contains(signature), "a token signature reached Envoy's log");
     assert!(!log.contains(&forged));
     println!("audit lines: {}; e.g. {}", audits.len(), protected[0]);
+
+    // The token service's own records, on its log: a failed login (the secret never written)
+    // and the bundle push.
+    assert_eq!(stack.token("dev", "not-the-password", &push).map_err(|e| e.0), Err(401));
+    let log = stack.log("token-service");
+    let records: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| l.find(r#"{"audit":"registry-guard-token-service""#).map(|i| &l[i..]))
+        .map(|j| serde_json::from_str(j).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {j}")))
+        .collect();
+    let failed: Vec<_> = records.iter().filter(|r| r["event"] == "login_failed").collect();
+    assert_eq!(failed.len(), 1, "{records:#?}");
+    let f = failed[0];
+    assert_eq!((f["decision"].as_str(), f["principal"].as_str()), (Some("deny"), Some("dev")), "{f}");
+    assert_eq!(f["reason"], "invalid_credentials", "{f}");
+    assert!(f["client"].as_str().is_some_and(|c| c.starts_with("127.0.0.1")), "{f}");
+    assert!(!log.contains("not-the-password"), "a password reached the token service's log");
+    let pushed = records.iter().find(|r| r["event"] == "bundle" && r["action"] == "push").expect("a push record");
+    assert_eq!((pushed["decision"].as_str(), pushed["revision"].as_u64()), (Some("allow"), Some(revision)), "{pushed}");
+    println!("failed login: {f}");
+    println!("bundle push: {pushed}");
 }
 
 fn grep(text: &str, needle: &str) -> String {

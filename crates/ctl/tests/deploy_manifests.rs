@@ -1,7 +1,7 @@
 //! The Kubernetes manifests of deploy/istio and deploy/envoy-gateway: the filter configuration
 //! each carries (Istio's `pluginConfig`, Envoy Gateway's `wasm[].config`) is accepted by the
 //! filter's own parser, with the role the manifest is for, and every manifest fails closed.
-//! (Their CRD schemas: `make test-deploy`, deploy/validate/.)
+//! (Their published schemas: `make test-deploy`, deploy/validate/.)
 
 // A test: its helpers stop the test loudly on anything unexpected.
 #![allow(clippy::unwrap_used, clippy::panic)]

@@ -2,7 +2,9 @@
 //! or delete: `PUT`, `POST`, `PATCH`, `DELETE`): an event id, who, what (action, path,
 //! scopes), which rule, which bundle revision, why, the client and the W3C trace id. Never a
 //! token: the line is built from the decision, and anything in the free-text reason that
-//! looks like a compact JWS is redacted. Schema: docs/observability.md.
+//! looks like a compact JWS is redacted. And one record per **bundle change** in a filter VM
+//! ([`bundle_line`]: a bundle activated or refused, from the configuration or the bundle
+//! source). Schema: docs/observability.md.
 
 use serde_json::json;
 
@@ -74,9 +76,7 @@ pub fn line(checked: &Checked, request: RequestInfo<'_>, now: i64) -> Option<Str
         Decision::Allow { would_deny: None, .. } if is_write(request.method) => ("allow", None, "allowed", None, ""),
         Decision::Allow { would_deny: None, .. } => return None,
     };
-    let time = u64::try_from(now).ok().map(|secs| {
-        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)).to_string()
-    });
+    let time = rfc3339(now);
     // Every field a client controls is bounded and escaped (see `crate::support::text`): one audit
     // line stays under ~2 KiB whatever the request carried.
     let path = request.path.split('?').next().unwrap_or_default();
@@ -101,6 +101,79 @@ pub fn line(checked: &Checked, request: RequestInfo<'_>, now: i64) -> Option<Str
         "reason": redact(&bounded(reason, MAX_REASON_CHARS)),
     });
     Some(line.to_string())
+}
+
+/// `now` (unix seconds) as RFC 3339 (seconds, UTC); `None` before 1970.
+fn rfc3339(now: i64) -> Option<String> {
+    u64::try_from(now).ok().map(|secs| {
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)).to_string()
+    })
+}
+
+/// How a filter VM came to a bundle (the record's `action`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BundleAction {
+    /// A plugin configuration (`on_configure`) carried it; with a bundle source, possibly
+    /// replaced at once by a newer bundle this Envoy had fetched earlier (`source` says which).
+    Configure,
+    /// Fetched from the bundle source (`bundle_source`).
+    Follow,
+}
+
+impl BundleAction {
+    pub fn label(self) -> &'static str {
+        match self {
+            BundleAction::Configure => "configure",
+            BundleAction::Follow => "follow",
+        }
+    }
+}
+
+/// A bundle a filter VM activated or refused, for [`bundle_line`].
+#[derive(Debug, Clone, Copy)]
+pub struct BundleChange<'a> {
+    pub action: BundleAction,
+    /// Where the bundle came from: `configuration`, `fetched_earlier` (the copy this Envoy kept
+    /// of a bundle it fetched before), or the bundle source (`<cluster><path>`, or
+    /// `<cluster> oci <repository>:<reference>`).
+    pub source: &'a str,
+    /// The endpoint the filter serves (`registry`, `dependency_proxy`); `None` when a refused
+    /// configuration cannot tell.
+    pub endpoint: Option<&'a str>,
+    /// The revision this VM enforced before (`None`: none yet, or cannot tell).
+    pub revision_old: Option<u64>,
+    /// The revision of the bundle offered, once its signature was verified (`None` for a bundle
+    /// refused before that: its content is not trusted, so its revision is not written).
+    pub revision_new: Option<u64>,
+    /// Why it was refused; `None`: activated.
+    pub refused: Option<&'a str>,
+    /// A unique id for this record (the glue makes it; `None`: left out).
+    pub event_id: Option<&'a str>,
+}
+
+/// The audit line of a bundle change in a filter VM at unix time `now`: the same family as
+/// the request records (`"audit":"registry-guard"`, `event_id`, `time`, `decision`,
+/// `revision`, `reason`) and as the token service's bundle records (`"event":"bundle"`,
+/// `action`), plus `source`, `endpoint`, `revision_old` and `revision_new`. `revision` is the
+/// revision active afterwards (the new one if activated, the old one if refused). The reason
+/// is bounded and redacted like a request record's.
+pub fn bundle_line(change: BundleChange<'_>, now: i64) -> String {
+    let activated = change.refused.is_none();
+    let line = json!({
+        "audit": "registry-guard",
+        "event_id": change.event_id,
+        "time": rfc3339(now),
+        "event": "bundle",
+        "decision": if activated { "allow" } else { "deny" },
+        "action": change.action.label(),
+        "source": quote_max(change.source, MAX_AUDIT_PATH_CHARS),
+        "endpoint": change.endpoint,
+        "revision": if activated { change.revision_new } else { change.revision_old },
+        "revision_old": change.revision_old,
+        "revision_new": change.revision_new,
+        "reason": change.refused.map(|r| redact(&bounded(r, MAX_REASON_CHARS))),
+    });
+    line.to_string()
 }
 
 /// Replaces every word that looks like a compact JWS/JWT (three or more base64url segments
@@ -251,6 +324,58 @@ mod tests {
             assert_eq!(v["principal"], "dev");
             assert!(v["status"].is_null() && v["rule"].is_null(), "{text}");
         }
+    }
+
+    #[test]
+    fn bundle_lines_say_what_changed_and_never_carry_a_token() {
+        let activated = BundleChange {
+            action: BundleAction::Follow,
+            source: "token_service/bundle",
+            endpoint: Some("registry"),
+            revision_old: Some(3),
+            revision_new: Some(4),
+            refused: None,
+            event_id: Some("e-2"),
+        };
+        let v: serde_json::Value = serde_json::from_str(&bundle_line(activated, 1_800_000_000)).unwrap();
+        assert_eq!(v["audit"], "registry-guard");
+        assert_eq!(v["event"], "bundle");
+        assert_eq!(v["event_id"], "e-2");
+        assert_eq!(v["time"], "2027-01-15T08:00:00Z");
+        assert_eq!((v["decision"].as_str(), v["action"].as_str()), (Some("allow"), Some("follow")));
+        assert_eq!((v["source"].as_str(), v["endpoint"].as_str()), (Some("token_service/bundle"), Some("registry")));
+        assert_eq!(
+            (v["revision"].as_u64(), v["revision_old"].as_u64(), v["revision_new"].as_u64()),
+            (Some(4), Some(3), Some(4))
+        );
+        assert!(v["reason"].is_null(), "{v}");
+
+        // Refused: the old revision stays active; the reason is bounded and redacted.
+        let reason =
+            format!("$: bad signature on eyJhbGciOiJFUzI1NiJ9.eyJyZXZpc2lvbiI6OX0.c2lnbmF0dXJl {}", "x".repeat(5000));
+        let refused = BundleChange {
+            action: BundleAction::Configure,
+            source: "configuration",
+            revision_new: None,
+            refused: Some(&reason),
+            ..activated
+        };
+        let text = bundle_line(refused, 0);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!((v["decision"].as_str(), v["action"].as_str()), (Some("deny"), Some("configure")));
+        assert_eq!((v["revision"].as_u64(), v["revision_old"].as_u64()), (Some(3), Some(3)));
+        assert!(v["revision_new"].is_null(), "{v}");
+        assert!(v["reason"].as_str().unwrap().starts_with("$: bad signature on [redacted]"), "{v}");
+        assert!(!text.contains("eyJ") && !text.contains('\n'), "{text}");
+        assert!(text.len() < 2048, "{} bytes", text.len());
+
+        // A first activation has no old revision; a hostile source name is quoted and bounded.
+        let source = format!("evil\"\n{}", "s".repeat(10_000));
+        let first = BundleChange { revision_old: None, source: &source, endpoint: None, ..activated };
+        let v: serde_json::Value = serde_json::from_str(&bundle_line(first, 0)).unwrap();
+        assert!(v["revision_old"].is_null() && v["endpoint"].is_null(), "{v}");
+        assert_eq!(v["revision"], 4);
+        assert!(v["source"].as_str().unwrap().len() < 1024, "{v}");
     }
 
     #[test]
