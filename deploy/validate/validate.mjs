@@ -1,7 +1,7 @@
 // Validates every manifest of the given directories against the control planes' published
 // schemas, as compiled into the kubernetes-models packages (ajv validators): types, enums,
 // required fields. Like a CRD schema, they do not refuse unknown fields (Kubernetes prunes them).
-// - Istio's WasmPlugin: @kubernetes-models/istio, generated from Istio's CRD OpenAPI schemas.
+// - Istio's WasmPlugin and EnvoyFilter (the backstop): @kubernetes-models/istio, generated from Istio's CRD OpenAPI schemas.
 // - Envoy Gateway's EnvoyExtensionPolicy: @kubernetes-models/envoy-gateway, generated from
 //   Envoy Gateway's API types (Go package github.com/envoyproxy/gateway/api/v1alpha1, the
 //   source its CRDs are generated from).
@@ -14,6 +14,7 @@ import { readFileSync, readdirSync } from "node:fs";
 import { join } from "node:path";
 import { parseAllDocuments } from "yaml";
 import { WasmPlugin } from "@kubernetes-models/istio/extensions.istio.io/v1alpha1/WasmPlugin";
+import { EnvoyFilter } from "@kubernetes-models/istio/networking.istio.io/v1alpha3/EnvoyFilter";
 import { EnvoyExtensionPolicy } from "@kubernetes-models/envoy-gateway/gateway.envoyproxy.io/v1alpha1/EnvoyExtensionPolicy";
 
 // The model of each kind, and a copy of a manifest with a value its schema forbids.
@@ -21,6 +22,16 @@ const models = {
   "extensions.istio.io/v1alpha1/WasmPlugin": {
     Model: WasmPlugin,
     broken: (obj) => ({ ...obj, spec: { ...obj.spec, failStrategy: "FAIL_SOMETIMES" } }),
+  },
+  "networking.istio.io/v1alpha3/EnvoyFilter": {
+    Model: EnvoyFilter,
+    broken: (obj) => ({
+      ...obj,
+      spec: {
+        ...obj.spec,
+        configPatches: (obj.spec?.configPatches ?? []).map((p) => ({ ...p, patch: { ...p.patch, operation: "INSERT_SOMEWHERE" } })),
+      },
+    }),
   },
   "gateway.envoyproxy.io/v1alpha1/EnvoyExtensionPolicy": {
     Model: EnvoyExtensionPolicy,

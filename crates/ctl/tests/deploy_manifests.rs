@@ -51,7 +51,7 @@ fn expected_role(name: &str) -> &'static str {
 
 #[test]
 fn istio_wasmplugins_carry_configurations_the_filter_accepts_and_fail_closed() {
-    let all = manifests("istio");
+    let all: Vec<_> = manifests("istio").into_iter().filter(|(_, m)| m["kind"] == "WasmPlugin").collect();
     for (path, m) in &all {
         let what = path.display().to_string();
         assert_eq!(m["apiVersion"], "extensions.istio.io/v1alpha1", "{what}");
@@ -66,6 +66,59 @@ fn istio_wasmplugins_carry_configurations_the_filter_accepts_and_fail_closed() {
     }
     let roles: Vec<&str> = all.iter().map(|(_, m)| expected_role(m["metadata"]["name"].as_str().unwrap())).collect();
     assert!(roles.contains(&"registry") && roles.contains(&"events"), "both roles: {roles:?}");
+}
+
+/// The Istio backstop (envoyfilter-backstop.yaml) guards the pods and port the registry
+/// WasmPlugin serves, with the header the filter sets: first a strip of client copies, then
+/// RBAC requiring `allow`, then the removal before the router.
+#[test]
+fn the_istio_backstop_guards_what_the_registry_wasmplugin_serves() {
+    let all = manifests("istio");
+    let kinds: Vec<&str> = all.iter().map(|(_, m)| m["kind"].as_str().unwrap()).collect();
+    for (path, m) in &all {
+        assert!(
+            ["WasmPlugin", "EnvoyFilter"].contains(&m["kind"].as_str().unwrap()),
+            "{}: unexpected kind {}",
+            path.display(),
+            m["kind"]
+        );
+    }
+    let (_, plugin) = all.iter().find(|(_, m)| m["metadata"]["name"] == "registry-guard").unwrap();
+    let (path, backstop) = all.iter().find(|(_, m)| m["kind"] == "EnvoyFilter").unwrap_or_else(|| panic!("{kinds:?}"));
+    let what = path.display().to_string();
+    let spec = &backstop["spec"];
+    assert_eq!(backstop["metadata"]["namespace"], plugin["metadata"]["namespace"], "{what}");
+    assert_eq!(spec["workloadSelector"]["labels"], plugin["spec"]["selector"]["matchLabels"], "{what}: the same pods");
+    let ports: Vec<&serde_json::Value> =
+        plugin["spec"]["match"][0]["ports"].as_array().unwrap().iter().map(|p| &p["number"]).collect();
+    let patches = spec["configPatches"].as_array().unwrap();
+    assert_eq!(patches.len(), 3, "{what}");
+    for p in patches {
+        assert_eq!(p["applyTo"], "HTTP_FILTER", "{what}");
+        assert_eq!(p["match"]["context"], "SIDECAR_INBOUND", "{what}");
+        assert!(ports.contains(&&p["match"]["listener"]["portNumber"]), "{what}: the WasmPlugin's port {ports:?}");
+    }
+    let header = registry_guard_core::decide::config::DECISION_HEADER;
+    let lua = |p: &serde_json::Value| {
+        p["patch"]["value"]["typed_config"]["default_source_code"]["inline_string"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(patches[0]["patch"]["operation"], "INSERT_FIRST", "{what}");
+    assert!(lua(&patches[0]).contains(&format!("remove(\"{header}\")")), "{what}: strips client copies");
+    for p in &patches[1..] {
+        assert_eq!(p["patch"]["operation"], "INSERT_BEFORE", "{what}");
+        assert_eq!(
+            p["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"], "envoy.filters.http.router",
+            "{what}"
+        );
+    }
+    let rules = &patches[1]["patch"]["value"]["typed_config"]["rules"];
+    assert_eq!(rules["action"], "ALLOW", "{what}");
+    let policies = rules["policies"].as_object().unwrap();
+    assert_eq!(policies.len(), 1, "{what}");
+    let policy = policies.values().next().unwrap();
+    assert_eq!(policy["permissions"][0]["header"]["name"], header, "{what}");
+    assert_eq!(policy["permissions"][0]["header"]["string_match"]["exact"], "allow", "{what}");
+    assert!(lua(&patches[2]).contains(&format!("remove(\"{header}\")")), "{what}: removed before the registry");
 }
 
 #[test]
