@@ -37,6 +37,8 @@ pub enum StartupError {
     Config(#[from] ConfigError),
     #[error("the signing key's public JWK is unusable: {0}")]
     Jwks(KeySetError),
+    #[error("the signing key is unusable for signing: {0}")]
+    SigningKey(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
 }
@@ -82,12 +84,8 @@ fn active_keys(ring: &KeyRing, issuer: &str, service: &str, ttl_seconds: i64) ->
         leeway_seconds: REFRESH_LEEWAY_SECONDS,
     };
     Ok(ActiveKeys {
-        issuer: TokenIssuer {
-            key: ring.signing.clone(),
-            issuer: issuer.to_owned(),
-            service: service.to_owned(),
-            ttl_seconds,
-        },
+        issuer: TokenIssuer::new(ring.signing.clone(), issuer, service, ttl_seconds)
+            .map_err(|e| StartupError::SigningKey(e.to_string()))?,
         refresh_verifier,
         jwks,
     })
