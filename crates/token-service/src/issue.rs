@@ -29,15 +29,18 @@ pub fn refresh_audience(service: &str) -> String {
     format!("{service}#refresh")
 }
 
-/// A nested `user` JWT is reused for this many seconds by every token issued to the same
-/// principal (same `user_info`: token type, username, user or deploy token id, job), and is
-/// issued valid this much longer than the registry token, so that it still covers the last
-/// token it goes into: `nbf` no later and `exp` no earlier than that token's. Only the
-/// signature work is shared: authentication, revocations and grants are decided for every
-/// request, and the registry token itself (its own `jti`, times and `access`) is new each
-/// time. The `user` JWT grants nothing on its own (it has no `iss`, `aud` or `sub`: the
+/// By default a nested `user` JWT is reused for this many seconds by every token issued to
+/// the same principal (same `user_info`: token type, username, user or deploy token id, job)
+/// with the same key (`user_jwt_reuse_seconds` in token-service.json; 0: a new one per
+/// token). It is issued valid this much longer than the registry token, so that it still
+/// covers the last token it goes into: `nbf` no later and `exp` no earlier than that token's.
+/// Only the signature work is shared: authentication, revocations and grants are decided for
+/// every request, and the registry token itself (its own `jti`, times and `access`) is new
+/// each time. The `user` JWT grants nothing on its own (it has no `iss`, `aud` or `sub`: the
 /// filter refuses it as a bearer token); it is what the event consumer attributes a push to.
-pub const USER_JWT_REUSE_SECONDS: i64 = 60;
+pub const DEFAULT_USER_JWT_REUSE_SECONDS: i64 = 60;
+/// Longest accepted `user_jwt_reuse_seconds`.
+pub const MAX_USER_JWT_REUSE_SECONDS: i64 = 3600;
 /// Most principals whose `user` JWT is kept at once; past that, expired entries are dropped,
 /// and while none is, further principals get a fresh `user` JWT each time.
 pub const USER_JWT_CACHE_ENTRIES: usize = 4096;
@@ -61,8 +64,9 @@ pub struct TokenIssuer {
     pub key: SigningKey,
     /// The same key, as the issuance path signs with it.
     signer: Arc<Es256Signer>,
-    /// `user` JWTs of this key, reused per principal ([`USER_JWT_REUSE_SECONDS`]).
+    /// `user` JWTs of this key, reused per principal for `user_jwt_reuse_seconds`.
     user_jwts: Arc<UserJwtCache>,
+    pub user_jwt_reuse_seconds: i64,
     pub issuer: String,
     pub service: String,
     pub ttl_seconds: i64,
@@ -100,34 +104,54 @@ struct CachedUserJwt {
 
 impl CachedUserJwt {
     /// Whether this JWT may go into a registry token issued at `now`: issued no later than
-    /// `now` (its `nbf` is then no later than the token's) and at most
-    /// [`USER_JWT_REUSE_SECONDS`] before (its `exp` is then no earlier than the token's).
-    fn usable_at(&self, now: i64) -> bool {
-        self.issued_at <= now && now <= self.issued_at.saturating_add(USER_JWT_REUSE_SECONDS)
+    /// `now` (its `nbf` is then no later than the token's) and at most `reuse` seconds
+    /// before (it was issued valid that much longer: its `exp` is no earlier than the token's).
+    fn usable_at(&self, now: i64, reuse: i64) -> bool {
+        self.issued_at <= now && now <= self.issued_at.saturating_add(reuse)
     }
 }
 
 /// The `user` JWTs of one signing key by their `user_info` (as JSON), bounded.
 #[derive(Debug, Default)]
 struct UserJwtCache {
-    entries: Mutex<HashMap<String, CachedUserJwt>>,
+    inner: Mutex<CacheInner>,
+}
+
+#[derive(Debug, Default)]
+struct CacheInner {
+    entries: HashMap<String, CachedUserJwt>,
+    /// While full: no entry expires before this time, so a new principal is not kept (and
+    /// the entries are not scanned again) until then.
+    full_until: Option<i64>,
 }
 
 impl UserJwtCache {
-    fn get(&self, user_info: &str, now: i64) -> Option<String> {
-        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        entries.get(user_info).filter(|e| e.usable_at(now)).map(|e| e.jwt.clone())
+    fn get(&self, user_info: &str, now: i64, reuse: i64) -> Option<String> {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner.entries.get(user_info).filter(|e| e.usable_at(now, reuse)).map(|e| e.jwt.clone())
     }
 
-    fn put(&self, user_info: String, jwt: String, now: i64) {
-        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        if entries.len() >= USER_JWT_CACHE_ENTRIES && !entries.contains_key(&user_info) {
-            entries.retain(|_, e| e.usable_at(now));
-            if entries.len() >= USER_JWT_CACHE_ENTRIES {
+    fn put(&self, user_info: String, jwt: String, now: i64, reuse: i64) {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if inner.entries.len() >= USER_JWT_CACHE_ENTRIES && !inner.entries.contains_key(&user_info) {
+            // Only efficiency depends on this (a principal not kept gets a fresh JWT): `get`
+            // checks every entry's time itself.
+            if inner.full_until.is_some_and(|until| now <= until) {
+                return;
+            }
+            inner.entries.retain(|_, e| e.usable_at(now, reuse));
+            inner.full_until = None;
+            if inner.entries.len() >= USER_JWT_CACHE_ENTRIES {
+                inner.full_until = inner.entries.values().map(|e| e.issued_at.saturating_add(reuse)).min();
                 return;
             }
         }
-        entries.insert(user_info, CachedUserJwt { jwt, issued_at: now });
+        inner.entries.insert(user_info, CachedUserJwt { jwt, issued_at: now });
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner).entries.len()
     }
 }
 
@@ -206,10 +230,16 @@ impl TokenIssuer {
             key,
             signer,
             user_jwts: Arc::default(),
+            user_jwt_reuse_seconds: DEFAULT_USER_JWT_REUSE_SECONDS,
             issuer: issuer.to_owned(),
             service: service.to_owned(),
             ttl_seconds,
         })
+    }
+
+    /// The same issuer reusing `user` JWTs for `seconds` (0: a new one per token).
+    pub fn with_user_jwt_reuse(self, seconds: i64) -> TokenIssuer {
+        TokenIssuer { user_jwt_reuse_seconds: seconds.max(0), ..self }
     }
 
     fn validity(&self, now: i64, ttl: i64) -> Validity {
@@ -247,8 +277,8 @@ impl TokenIssuer {
     }
 
     /// The nested `user` JWT for a registry token issued to `who` at `now`: the principal's
-    /// cached one while [`USER_JWT_REUSE_SECONDS`] allow, else a new one (valid from `now`
-    /// for the token lifetime plus [`USER_JWT_REUSE_SECONDS`]).
+    /// kept one while `user_jwt_reuse_seconds` allow, else a new one (valid from `now` for
+    /// the token lifetime plus `user_jwt_reuse_seconds`).
     pub fn user_jwt(&self, who: &Authenticated, now: i64) -> Result<String, IssueError> {
         let user_info = UserInfo {
             token_type: who.auth_type.as_str(),
@@ -259,12 +289,17 @@ impl TokenIssuer {
         };
         let cache_key =
             serde_json::to_string(&user_info).map_err(|e| IssueError::Signer(SignerError::Claims(e.to_string())))?;
-        if let Some(jwt) = self.user_jwts.get(&cache_key, now) {
-            return Ok(jwt);
+        let reuse = self.user_jwt_reuse_seconds;
+        if reuse > 0 {
+            if let Some(jwt) = self.user_jwts.get(&cache_key, now, reuse) {
+                return Ok(jwt);
+            }
         }
-        let validity = self.validity(now, self.ttl_seconds.saturating_add(USER_JWT_REUSE_SECONDS));
+        let validity = self.validity(now, self.ttl_seconds.saturating_add(reuse));
         let jwt = self.signer.sign(&UserClaims { jti: random_hex(16)?, user_info }, validity)?;
-        self.user_jwts.put(cache_key, jwt.clone(), now);
+        if reuse > 0 {
+            self.user_jwts.put(cache_key, jwt.clone(), now, reuse);
+        }
         Ok(jwt)
     }
 
@@ -369,7 +404,7 @@ mod tests {
         let t0 = 1_800_000_000;
         let first = issuer.registry_token(&alice, &pull_grant(), ClaimMap::default(), t0).unwrap();
         let mut users = vec![];
-        for dt in [0, 1, 30, USER_JWT_REUSE_SECONDS] {
+        for dt in [0, 1, 30, DEFAULT_USER_JWT_REUSE_SECONDS] {
             let token = issuer.registry_token(&alice, &pull_grant(), ClaimMap::default(), t0 + dt).unwrap();
             let verified = verifier().verify(&token, t0 + dt).unwrap();
             let user = verified.user.clone().unwrap();
@@ -385,8 +420,9 @@ mod tests {
         assert!(users.iter().all(|u| *u == users[0]), "one user JWT within the window");
         assert_eq!(verifier().verify(&first, t0).unwrap().user.as_ref(), Some(&users[0]));
         // Past the window, or with the clock turned back: a new one.
-        let later = issuer.registry_token(&alice, &pull_grant(), ClaimMap::default(), t0 + USER_JWT_REUSE_SECONDS + 1);
-        let later = verifier().verify(&later.unwrap(), t0 + USER_JWT_REUSE_SECONDS + 1).unwrap().user.unwrap();
+        let later =
+            issuer.registry_token(&alice, &pull_grant(), ClaimMap::default(), t0 + DEFAULT_USER_JWT_REUSE_SECONDS + 1);
+        let later = verifier().verify(&later.unwrap(), t0 + DEFAULT_USER_JWT_REUSE_SECONDS + 1).unwrap().user.unwrap();
         assert_ne!(later, users[0]);
         let earlier = issuer.user_jwt(&alice, t0 - 1).unwrap();
         assert!(earlier != users[0] && earlier != later);
@@ -414,6 +450,18 @@ mod tests {
     }
 
     #[test]
+    fn no_reuse_makes_a_user_jwt_per_token() {
+        let issuer = issuer().with_user_jwt_reuse(0);
+        let alice = Authenticated::user("alice", 7, AuthType::Pat, None);
+        let t0 = 1_800_000_000;
+        let (a, b) = (issuer.user_jwt(&alice, t0).unwrap(), issuer.user_jwt(&alice, t0).unwrap());
+        assert_ne!(a, b);
+        // Valid exactly as long as the token then.
+        assert_eq!(payload(&a)["exp"].as_i64().unwrap(), t0 + 300);
+        assert_eq!(issuer.user_jwts.len(), 0);
+    }
+
+    #[test]
     fn the_user_jwt_cache_is_bounded() {
         let issuer = issuer();
         let t0 = 1_800_000_000;
@@ -421,7 +469,7 @@ mod tests {
         for i in 0..n {
             issuer.user_jwt(&Authenticated::user(&format!("u{i}"), i as u64, AuthType::Pat, None), t0).unwrap();
         }
-        let len = || issuer.user_jwts.entries.lock().unwrap().len();
+        let len = || issuer.user_jwts.len();
         assert_eq!(len(), USER_JWT_CACHE_ENTRIES);
         // A principal past the bound still gets (fresh) user JWTs.
         let late = Authenticated::user("late", 1, AuthType::Pat, None);
@@ -429,7 +477,7 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(payload(&a)["user_info"]["username"], "late");
         // Once the kept ones expire, they make room.
-        issuer.user_jwt(&late, t0 + USER_JWT_REUSE_SECONDS + 1).unwrap();
+        issuer.user_jwt(&late, t0 + DEFAULT_USER_JWT_REUSE_SECONDS + 1).unwrap();
         assert_eq!(len(), 1);
     }
 

@@ -7,8 +7,9 @@
 //!   (SHA-256 + ECDSA) of the signing input of a token as the service issues it;
 //! - `registry_token`: `TokenIssuer::registry_token` (the nested `user` JWT, the registry JWT,
 //!   their claims, serialisation and base64: everything of a token but HTTP, authentication
-//!   and the grant decision);
-//! - `claims_and_encoding`: `registry_token` minus its two signatures.
+//!   and the grant decision), `user_jwt` `new` (a new `user` JWT every time: two signatures)
+//!   and `reused` (the principal's `user` JWT reused: one signature);
+//! - `claims_and_encoding`: `registry_token` (`new`) minus its two signatures.
 //!
 //! Each figure is the median of batches over about MILLISECONDS (default 2000) per figure, in
 //! CPU time of this (single-threaded) process (`/proc/self/schedstat`; wall-clock time where
@@ -122,7 +123,14 @@ fn run(budget: Duration) -> Result<(), String> {
         black_box(s);
         Ok(())
     })?;
+    let fresh = issuer.clone().with_user_jwt_reuse(0);
     let token_ns = per_call(budget, || {
+        fresh
+            .registry_token(&who, black_box(&grants), Default::default(), now)
+            .map(|t| drop(black_box(t)))
+            .map_err(|e| e.to_string())
+    })?;
+    let reused_ns = per_call(budget, || {
         issuer
             .registry_token(&who, black_box(&grants), Default::default(), now)
             .map(|t| drop(black_box(t)))
@@ -135,7 +143,12 @@ fn run(budget: Duration) -> Result<(), String> {
                    "clock": clock()})
         );
     }
-    println!("{}", json!({"bench": "registry_token", "ns": token_ns, "token_bytes": token.len(), "clock": clock()}));
+    for (user_jwt, ns) in [("new", token_ns), ("reused", reused_ns)] {
+        println!(
+            "{}",
+            json!({"bench": "registry_token", "user_jwt": user_jwt, "ns": ns, "token_bytes": token.len(), "clock": clock()})
+        );
+    }
     println!("{}", json!({"bench": "claims_and_encoding", "ns": token_ns - 2.0 * ring_ns, "clock": clock()}));
     Ok(())
 }
