@@ -11,8 +11,8 @@
 //!   and `reused` (the principal's `user` JWT reused: one signature);
 //! - `claims_and_encoding`: `registry_token` (`new`) minus its two signatures.
 //!
-//! Each figure is the median of batches over about MILLISECONDS (default 2000) per figure, in
-//! CPU time of this (single-threaded) process (`/proc/self/schedstat`; wall-clock time where
+//! Each figure is the mean over about MILLISECONDS (default 2000) of calls, in CPU time of
+//! this (single-threaded) process (`/proc/self/schedstat`; wall-clock time where
 //! that is unreadable, `"clock": "wall"`), like `openssl speed` (user CPU time) and the
 //! service's CPU per token in the harness: on a shared machine, wall-clock rates measure the
 //! neighbours too.
@@ -62,28 +62,25 @@ fn now_ns(origin: Instant) -> u64 {
     cpu_ns().unwrap_or_else(|| u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX))
 }
 
-/// Median ns per call of `f` over batches filling about `budget`.
+/// Ns per call of `f` over about `budget` of calls (after a warm-up of a tenth of it): the
+/// clock's total over the total calls, as the kernel updates a task's CPU time only every
+/// scheduler tick (a few ms), too coarse for one short batch.
 fn per_call(budget: Duration, mut f: impl FnMut() -> Result<(), String>) -> Result<f64, String> {
     let origin = Instant::now();
-    // Calibrate: a batch of about budget / 15.
-    let t = Instant::now();
-    let mut calls = 0u32;
-    while t.elapsed() < budget / 30 || calls < 3 {
+    let warm = Instant::now();
+    while warm.elapsed() < budget / 10 {
         f()?;
-        calls += 1;
     }
-    let batch = (f64::from(calls) * 2.0).max(3.0) as u32;
-    let mut samples = Vec::new();
-    let start = Instant::now();
-    while start.elapsed() < budget || samples.len() < 5 {
-        let t = now_ns(origin);
-        for _ in 0..batch {
+    let start = now_ns(origin);
+    let wall = Instant::now();
+    let mut calls = 0u32;
+    while wall.elapsed() < budget || calls < 5 {
+        for _ in 0..16 {
             f()?;
         }
-        samples.push(now_ns(origin).saturating_sub(t) as f64 / f64::from(batch));
+        calls += 16;
     }
-    samples.sort_by(f64::total_cmp);
-    Ok(samples.get(samples.len() / 2).copied().unwrap_or(f64::NAN))
+    Ok(now_ns(origin).saturating_sub(start) as f64 / f64::from(calls))
 }
 
 fn run(budget: Duration) -> Result<(), String> {
