@@ -287,18 +287,20 @@ impl TokenIssuer {
             deploy_token_id: who.deploy_token_id,
             job: who.job.as_ref().map(|j| JobRef { id: j.id, pipeline_id: j.pipeline_id, project: j.project.clone() }),
         };
-        let cache_key =
-            serde_json::to_string(&user_info).map_err(|e| IssueError::Signer(SignerError::Claims(e.to_string())))?;
         let reuse = self.user_jwt_reuse_seconds;
-        if reuse > 0 {
-            if let Some(jwt) = self.user_jwts.get(&cache_key, now, reuse) {
+        let cache_key = if reuse > 0 {
+            let key = serde_json::to_string(&user_info).map_err(|e| SignerError::Claims(e.to_string()))?;
+            if let Some(jwt) = self.user_jwts.get(&key, now, reuse) {
                 return Ok(jwt);
             }
-        }
+            Some(key)
+        } else {
+            None
+        };
         let validity = self.validity(now, self.ttl_seconds.saturating_add(reuse));
         let jwt = self.signer.sign(&UserClaims { jti: random_hex(16)?, user_info }, validity)?;
-        if reuse > 0 {
-            self.user_jwts.put(cache_key, jwt.clone(), now, reuse);
+        if let Some(key) = cache_key {
+            self.user_jwts.put(key, jwt.clone(), now, reuse);
         }
         Ok(jwt)
     }
