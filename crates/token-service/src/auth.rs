@@ -148,7 +148,18 @@ pub fn basic_credentials(headers: &HeaderMap) -> BasicAuth {
 /// Lowercase hex SHA-256, the form in which `principals.json` and bundles store token
 /// digests.
 pub fn sha256_hex(secret: &str) -> String {
-    Sha256::digest(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    hex(&Sha256::digest(secret.as_bytes()))
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        // Both nibbles are below 16: `from_digit` always gives a (lowercase) digit.
+        out.extend(char::from_digit(u32::from(b >> 4), 16));
+        out.extend(char::from_digit(u32::from(b & 15), 16));
+    }
+    out
 }
 
 /// Compares two byte strings in time that depends only on their lengths (digests have a
@@ -322,6 +333,8 @@ mod tests {
     #[test]
     fn digest_is_lowercase_hex() {
         assert_eq!(sha256_hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
+        assert_eq!(hex(&[]), "");
     }
 
     #[test]

@@ -36,6 +36,9 @@ struct RawSettings {
     issuer: String,
     service: String,
     token_ttl_seconds: i64,
+    /// Seconds a principal's nested `user` JWT is reused by its next tokens (0: a new one
+    /// per token); see `issue::DEFAULT_USER_JWT_REUSE_SECONDS`.
+    user_jwt_reuse_seconds: i64,
     /// The one signing key (shorthand for `signing_keys: [{"path": …}]`).
     signing_key: Option<PathBuf>,
     /// Every key of the ring, oldest first: all are published in `/jwks`; the newest with
@@ -74,6 +77,7 @@ impl Default for RawSettings {
             issuer: "registry-guard".into(),
             service: "container_registry".into(),
             token_ttl_seconds: 300,
+            user_jwt_reuse_seconds: crate::issue::DEFAULT_USER_JWT_REUSE_SECONDS,
             signing_key: None,
             signing_keys: None,
             kid_format: KidFormat::default(),
@@ -271,6 +275,8 @@ pub struct Config {
     pub issuer: String,
     pub service: String,
     pub token_ttl_seconds: i64,
+    /// Seconds a principal's nested `user` JWT is reused (0: never).
+    pub user_jwt_reuse_seconds: i64,
     /// The signing key and every published key.
     pub keys: KeyRing,
     pub directory: Directory,
@@ -319,6 +325,17 @@ impl Config {
                 &settings_path,
                 field("token_ttl_seconds"),
                 format!("must be between 1 and {MAX_TOKEN_TTL_SECONDS}, got {}", raw.token_ttl_seconds),
+            ));
+        }
+        if !(0..=crate::issue::MAX_USER_JWT_REUSE_SECONDS).contains(&raw.user_jwt_reuse_seconds) {
+            return Err(ConfigError::new(
+                &settings_path,
+                field("user_jwt_reuse_seconds"),
+                format!(
+                    "must be between 0 and {}, got {}",
+                    crate::issue::MAX_USER_JWT_REUSE_SECONDS,
+                    raw.user_jwt_reuse_seconds
+                ),
             ));
         }
         raw.login_limits.check().map_err(|(f, reason)| ConfigError::new(&settings_path, Some(f), reason))?;
@@ -372,6 +389,7 @@ impl Config {
             issuer: raw.issuer,
             service: raw.service,
             token_ttl_seconds: raw.token_ttl_seconds,
+            user_jwt_reuse_seconds: raw.user_jwt_reuse_seconds,
             keys,
             directory,
             bundle_keys,

@@ -1,6 +1,10 @@
 //! Building and signing what the service hands out: registry tokens (with their nested `user`
 //! JWT) and refresh tokens. Grants come from the core (`Directory::grant_under` for users,
-//! `DeployToken::grant` for deploy tokens); signing is the core's `token::sign::sign`.
+//! `DeployToken::grant` for deploy tokens); signing is [`crate::signer::Es256Signer`] (ring's
+//! P-256, the same compact JWS as the core's `token::sign::sign`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use rand_core::RngCore as _;
 use registry_guard_core::issue::grant::Grant;
@@ -13,6 +17,7 @@ use registry_guard_core::token::sign::Validity;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{AuthType, Authenticated};
+use crate::signer::{Es256Signer, SignerError};
 
 /// Lifetime of a refresh token (`offline_token=true` / `access_type=offline`): 30 days.
 pub const REFRESH_TOKEN_TTL_SECONDS: i64 = 30 * 24 * 3600;
@@ -24,6 +29,22 @@ pub fn refresh_audience(service: &str) -> String {
     format!("{service}#refresh")
 }
 
+/// By default a nested `user` JWT is reused for this many seconds by every token issued to
+/// the same principal (same `user_info`: token type, username, user or deploy token id, job)
+/// with the same key (`user_jwt_reuse_seconds` in token-service.json; 0: a new one per
+/// token). It is issued valid this much longer than the registry token, so that it still
+/// covers the last token it goes into: `nbf` no later and `exp` no earlier than that token's.
+/// Only the signature work is shared: authentication, revocations and grants are decided for
+/// every request, and the registry token itself (its own `jti`, times and `access`) is new
+/// each time. The `user` JWT grants nothing on its own (it has no `iss`, `aud` or `sub`: the
+/// filter refuses it as a bearer token); it is what the event consumer attributes a push to.
+pub const DEFAULT_USER_JWT_REUSE_SECONDS: i64 = 60;
+/// Longest accepted `user_jwt_reuse_seconds`.
+pub const MAX_USER_JWT_REUSE_SECONDS: i64 = 3600;
+/// Most principals whose `user` JWT is kept at once; past that, expired entries are dropped,
+/// and while none is, further principals get a fresh `user` JWT each time.
+pub const USER_JWT_CACHE_ENTRIES: usize = 4096;
+
 /// The `token_use` claim that marks a refresh token.
 pub const REFRESH_TOKEN_USE: &str = "refresh";
 
@@ -33,12 +54,19 @@ pub enum IssueError {
     Random(String),
     #[error(transparent)]
     Sign(#[from] token::sign::SignError),
+    #[error(transparent)]
+    Signer(#[from] SignerError),
 }
 
 /// Signs tokens for one issuer, service and key.
 #[derive(Debug, Clone)]
 pub struct TokenIssuer {
     pub key: SigningKey,
+    /// The same key, as the issuance path signs with it.
+    signer: Arc<Es256Signer>,
+    /// `user` JWTs of this key, reused per principal for `user_jwt_reuse_seconds`.
+    user_jwts: Arc<UserJwtCache>,
+    pub user_jwt_reuse_seconds: i64,
     pub issuer: String,
     pub service: String,
     pub ttl_seconds: i64,
@@ -65,6 +93,66 @@ struct UserInfo<'a> {
     /// the bundle's job revocations.
     #[serde(skip_serializing_if = "Option::is_none")]
     job: Option<JobRef>,
+}
+
+/// A `user` JWT and when it was issued.
+#[derive(Debug)]
+struct CachedUserJwt {
+    jwt: String,
+    issued_at: i64,
+}
+
+impl CachedUserJwt {
+    /// Whether this JWT may go into a registry token issued at `now`: issued no later than
+    /// `now` (its `nbf` is then no later than the token's) and at most `reuse` seconds
+    /// before (it was issued valid that much longer: its `exp` is no earlier than the token's).
+    fn usable_at(&self, now: i64, reuse: i64) -> bool {
+        self.issued_at <= now && now <= self.issued_at.saturating_add(reuse)
+    }
+}
+
+/// The `user` JWTs of one signing key by their `user_info` (as JSON), bounded.
+#[derive(Debug, Default)]
+struct UserJwtCache {
+    inner: Mutex<CacheInner>,
+}
+
+#[derive(Debug, Default)]
+struct CacheInner {
+    entries: HashMap<String, CachedUserJwt>,
+    /// While full: no entry expires before this time, so a new principal is not kept (and
+    /// the entries are not scanned again) until then.
+    full_until: Option<i64>,
+}
+
+impl UserJwtCache {
+    fn get(&self, user_info: &str, now: i64, reuse: i64) -> Option<String> {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner.entries.get(user_info).filter(|e| e.usable_at(now, reuse)).map(|e| e.jwt.clone())
+    }
+
+    fn put(&self, user_info: String, jwt: String, now: i64, reuse: i64) {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if inner.entries.len() >= USER_JWT_CACHE_ENTRIES && !inner.entries.contains_key(&user_info) {
+            // Only efficiency depends on this (a principal not kept gets a fresh JWT): `get`
+            // checks every entry's time itself.
+            if inner.full_until.is_some_and(|until| now <= until) {
+                return;
+            }
+            inner.entries.retain(|_, e| e.usable_at(now, reuse));
+            inner.full_until = None;
+            if inner.entries.len() >= USER_JWT_CACHE_ENTRIES {
+                inner.full_until = inner.entries.values().map(|e| e.issued_at.saturating_add(reuse)).min();
+                return;
+            }
+        }
+        inner.entries.insert(user_info, CachedUserJwt { jwt, issued_at: now });
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner).entries.len()
+    }
 }
 
 /// Claims of a refresh token, besides `exp`, `nbf`, `iat`.
@@ -107,9 +195,10 @@ pub fn credential_epoch(auth_type: AuthType, username: &str, id: u64, stored_cre
 
 /// `n` random bytes as lowercase hex.
 pub fn random_hex(n: usize) -> Result<String, IssueError> {
-    let mut bytes = vec![0u8; n];
-    rand_core::OsRng.try_fill_bytes(&mut bytes).map_err(|e| IssueError::Random(e.to_string()))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    let mut bytes = [0u8; 64];
+    let bytes = bytes.get_mut(..n).ok_or_else(|| IssueError::Random(format!("{n} bytes asked, 64 at most")))?;
+    rand_core::OsRng.try_fill_bytes(bytes).map_err(|e| IssueError::Random(e.to_string()))?;
+    Ok(crate::auth::hex(bytes))
 }
 
 /// The `access` claim for a list of grants, actions in canonical order. `meta` carries the
@@ -134,6 +223,25 @@ pub fn access_claims(grants: &[Grant]) -> Vec<AccessClaim> {
 }
 
 impl TokenIssuer {
+    /// An issuer signing with `key` (refused if ring refuses the key).
+    pub fn new(key: SigningKey, issuer: &str, service: &str, ttl_seconds: i64) -> Result<TokenIssuer, SignerError> {
+        let signer = Arc::new(Es256Signer::new(&key)?);
+        Ok(TokenIssuer {
+            key,
+            signer,
+            user_jwts: Arc::default(),
+            user_jwt_reuse_seconds: DEFAULT_USER_JWT_REUSE_SECONDS,
+            issuer: issuer.to_owned(),
+            service: service.to_owned(),
+            ttl_seconds,
+        })
+    }
+
+    /// The same issuer reusing `user` JWTs for `seconds` (0: a new one per token).
+    pub fn with_user_jwt_reuse(self, seconds: i64) -> TokenIssuer {
+        TokenIssuer { user_jwt_reuse_seconds: seconds.max(0), ..self }
+    }
+
     fn validity(&self, now: i64, ttl: i64) -> Validity {
         Validity {
             issued_at: now,
@@ -154,21 +262,7 @@ impl TokenIssuer {
         now: i64,
     ) -> Result<String, IssueError> {
         let validity = self.validity(now, self.ttl_seconds);
-        let user_claims = UserClaims {
-            jti: random_hex(16)?,
-            user_info: UserInfo {
-                token_type: who.auth_type.as_str(),
-                username: &who.username,
-                user_id: who.user_id,
-                deploy_token_id: who.deploy_token_id,
-                job: who.job.as_ref().map(|j| JobRef {
-                    id: j.id,
-                    pipeline_id: j.pipeline_id,
-                    project: j.project.clone(),
-                }),
-            },
-        };
-        let user = token::sign::sign(&self.key, user_claims, validity)?;
+        let user = self.user_jwt(who, now)?;
         let claims = RegistryClaims {
             iss: self.issuer.clone(),
             sub: who.username.clone(),
@@ -179,7 +273,36 @@ impl TokenIssuer {
             user: Some(user),
             extra: extra.into_iter().filter(|(name, _)| !is_built_in(name)).collect(),
         };
-        Ok(token::sign::sign(&self.key, claims, validity)?)
+        Ok(self.signer.sign(&claims, validity)?)
+    }
+
+    /// The nested `user` JWT for a registry token issued to `who` at `now`: the principal's
+    /// kept one while `user_jwt_reuse_seconds` allow, else a new one (valid from `now` for
+    /// the token lifetime plus `user_jwt_reuse_seconds`).
+    pub fn user_jwt(&self, who: &Authenticated, now: i64) -> Result<String, IssueError> {
+        let user_info = UserInfo {
+            token_type: who.auth_type.as_str(),
+            username: &who.username,
+            user_id: who.user_id,
+            deploy_token_id: who.deploy_token_id,
+            job: who.job.as_ref().map(|j| JobRef { id: j.id, pipeline_id: j.pipeline_id, project: j.project.clone() }),
+        };
+        let reuse = self.user_jwt_reuse_seconds;
+        let cache_key = if reuse > 0 {
+            let key = serde_json::to_string(&user_info).map_err(|e| SignerError::Claims(e.to_string()))?;
+            if let Some(jwt) = self.user_jwts.get(&key, now, reuse) {
+                return Ok(jwt);
+            }
+            Some(key)
+        } else {
+            None
+        };
+        let validity = self.validity(now, self.ttl_seconds.saturating_add(reuse));
+        let jwt = self.signer.sign(&UserClaims { jti: random_hex(16)?, user_info }, validity)?;
+        if let Some(key) = cache_key {
+            self.user_jwts.put(key, jwt.clone(), now, reuse);
+        }
+        Ok(jwt)
     }
 
     /// A refresh token for `who` under credential `epoch`, valid for
@@ -202,7 +325,7 @@ impl TokenIssuer {
             },
             epoch: Some(epoch.to_owned()),
         };
-        Ok(token::sign::sign(&self.key, claims, self.validity(now, REFRESH_TOKEN_TTL_SECONDS))?)
+        Ok(self.signer.sign(&claims, self.validity(now, REFRESH_TOKEN_TTL_SECONDS))?)
     }
 }
 
@@ -247,6 +370,117 @@ mod tests {
         assert_ne!(a, credential_epoch(AuthType::Password, "alice", 1, "$argon2id$v=19$m=256,t=1,p=1$c2FsdA$bmV3"));
         assert_ne!(a, credential_epoch(AuthType::Password, "alice", 2, "$argon2id$v=19$m=256,t=1,p=1$c2FsdA$aGFzaA"));
         assert_ne!(a, credential_epoch(AuthType::Pat, "alice", 1, "$argon2id$v=19$m=256,t=1,p=1$c2FsdA$aGFzaA"));
+    }
+
+    fn issuer() -> TokenIssuer {
+        TokenIssuer::new(registry_guard_core::token::testing::es256_key(5), "registry-guard", "container_registry", 300)
+            .unwrap()
+    }
+
+    fn verifier() -> registry_guard_core::token::verify::Verifier {
+        use registry_guard_core::token::testing::{es256_key, jwks};
+        registry_guard_core::token::verify::Verifier {
+            keys: registry_guard_core::token::jwks::KeySet::from_jwks(&jwks(&[&es256_key(5)])).unwrap(),
+            issuer: "registry-guard".into(),
+            audience: "container_registry".into(),
+            leeway_seconds: 0,
+        }
+    }
+
+    fn payload(jwt: &str) -> serde_json::Value {
+        registry_guard_core::token::verify::decode_unverified(jwt).unwrap()
+    }
+
+    fn pull_grant() -> Vec<Grant> {
+        vec![Grant {
+            scope: Scope::parse("repository:acme/web/app:pull").unwrap(),
+            project_path: Some("acme/web".into()),
+            access_level: Some(AccessLevel::Developer),
+        }]
+    }
+
+    #[test]
+    fn user_jwts_are_reused_per_principal_within_the_window_and_cover_each_token() {
+        let issuer = issuer();
+        let alice = Authenticated::user("alice", 7, AuthType::Pat, Some("ci".into()));
+        let t0 = 1_800_000_000;
+        let first = issuer.registry_token(&alice, &pull_grant(), ClaimMap::default(), t0).unwrap();
+        let mut users = vec![];
+        for dt in [0, 1, 30, DEFAULT_USER_JWT_REUSE_SECONDS] {
+            let token = issuer.registry_token(&alice, &pull_grant(), ClaimMap::default(), t0 + dt).unwrap();
+            let verified = verifier().verify(&token, t0 + dt).unwrap();
+            let user = verified.user.clone().unwrap();
+            let (outer, inner) = (payload(&token), payload(&user));
+            // The nested JWT covers the token it is in: nbf no later, exp no earlier.
+            assert!(inner["nbf"].as_i64().unwrap() <= outer["nbf"].as_i64().unwrap(), "{dt}");
+            assert!(inner["exp"].as_i64().unwrap() >= outer["exp"].as_i64().unwrap(), "{dt}");
+            assert_eq!(inner["user_info"], serde_json::json!({"token_type": "pat", "username": "alice", "user_id": 7}));
+            // Every registry token is new all the same.
+            assert_ne!(outer["jti"], payload(&first)["jti"]);
+            users.push(user);
+        }
+        assert!(users.iter().all(|u| *u == users[0]), "one user JWT within the window");
+        assert_eq!(verifier().verify(&first, t0).unwrap().user.as_ref(), Some(&users[0]));
+        // Past the window, or with the clock turned back: a new one.
+        let later =
+            issuer.registry_token(&alice, &pull_grant(), ClaimMap::default(), t0 + DEFAULT_USER_JWT_REUSE_SECONDS + 1);
+        let later = verifier().verify(&later.unwrap(), t0 + DEFAULT_USER_JWT_REUSE_SECONDS + 1).unwrap().user.unwrap();
+        assert_ne!(later, users[0]);
+        let earlier = issuer.user_jwt(&alice, t0 - 1).unwrap();
+        assert!(earlier != users[0] && earlier != later);
+        // Another principal, or the same name with another id or credential kind: its own.
+        let others = [
+            Authenticated::user("bob", 8, AuthType::Pat, None),
+            Authenticated::user("alice", 9, AuthType::Pat, Some("ci".into())),
+            Authenticated::user("alice", 7, AuthType::Password, None),
+        ];
+        for who in &others {
+            let user = issuer.user_jwt(who, t0).unwrap();
+            assert_ne!(user, users[0], "{who:?}");
+            assert_eq!(payload(&user)["user_info"]["username"], who.username.as_str());
+            assert_eq!(payload(&user)["user_info"]["user_id"], who.user_id.unwrap());
+        }
+        // Another key (a reload builds a new issuer): its own user JWTs.
+        let rotated = TokenIssuer::new(
+            registry_guard_core::token::testing::es256_key(6),
+            "registry-guard",
+            "container_registry",
+            300,
+        )
+        .unwrap();
+        assert_ne!(rotated.user_jwt(&alice, t0).unwrap(), users[0]);
+    }
+
+    #[test]
+    fn no_reuse_makes_a_user_jwt_per_token() {
+        let issuer = issuer().with_user_jwt_reuse(0);
+        let alice = Authenticated::user("alice", 7, AuthType::Pat, None);
+        let t0 = 1_800_000_000;
+        let (a, b) = (issuer.user_jwt(&alice, t0).unwrap(), issuer.user_jwt(&alice, t0).unwrap());
+        assert_ne!(a, b);
+        // Valid exactly as long as the token then.
+        assert_eq!(payload(&a)["exp"].as_i64().unwrap(), t0 + 300);
+        assert_eq!(issuer.user_jwts.len(), 0);
+    }
+
+    #[test]
+    fn the_user_jwt_cache_is_bounded() {
+        let issuer = issuer();
+        let t0 = 1_800_000_000;
+        let n = USER_JWT_CACHE_ENTRIES + 10;
+        for i in 0..n {
+            issuer.user_jwt(&Authenticated::user(&format!("u{i}"), i as u64, AuthType::Pat, None), t0).unwrap();
+        }
+        let len = || issuer.user_jwts.len();
+        assert_eq!(len(), USER_JWT_CACHE_ENTRIES);
+        // A principal past the bound still gets (fresh) user JWTs.
+        let late = Authenticated::user("late", 1, AuthType::Pat, None);
+        let (a, b) = (issuer.user_jwt(&late, t0).unwrap(), issuer.user_jwt(&late, t0).unwrap());
+        assert_ne!(a, b);
+        assert_eq!(payload(&a)["user_info"]["username"], "late");
+        // Once the kept ones expire, they make room.
+        issuer.user_jwt(&late, t0 + DEFAULT_USER_JWT_REUSE_SECONDS + 1).unwrap();
+        assert_eq!(len(), 1);
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod routes;
+pub mod signer;
 pub mod startup;
 
 pub use config::{Config, ConfigError};

@@ -153,9 +153,45 @@ pub struct TokenResponse {
     pub refresh_token: Option<String>,
 }
 
+impl TokenResponse {
+    /// The JSON body, as `serde_json` writes it: the token (twice) is escaped once, and a
+    /// compact JWS (base64url and dots: nothing to escape) is copied as it is.
+    pub fn to_json(&self) -> String {
+        fn string(out: &mut String, s: &str) {
+            if s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) {
+                out.push('"');
+                out.push_str(s);
+                out.push('"');
+            } else {
+                out.push_str(&serde_json::Value::from(s).to_string());
+            }
+        }
+        let mut token = String::with_capacity(self.token.len() + 2);
+        string(&mut token, &self.token);
+        let mut out = String::with_capacity(2 * token.len() + self.refresh_token.as_ref().map_or(0, String::len) + 128);
+        out.push_str("{\"token\":");
+        out.push_str(&token);
+        out.push_str(",\"access_token\":");
+        if self.access_token == self.token {
+            out.push_str(&token);
+        } else {
+            string(&mut out, &self.access_token);
+        }
+        out.push_str(&format!(",\"expires_in\":{},\"issued_at\":", self.expires_in));
+        string(&mut out, &self.issued_at);
+        if let Some(refresh) = &self.refresh_token {
+            out.push_str(",\"refresh_token\":");
+            string(&mut out, refresh);
+        }
+        out.push('}');
+        out
+    }
+}
+
 impl IntoResponse for TokenResponse {
     fn into_response(self) -> Response {
-        let mut response = Json(self).into_response();
+        let content_type = HeaderValue::from_static("application/json");
+        let mut response = ([(header::CONTENT_TYPE, content_type)], self.to_json()).into_response();
         let headers = response.headers_mut();
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
@@ -973,4 +1009,42 @@ fn prefer_wait(value: &str) -> Option<u64> {
 /// `GET /bundle/status`: the active revision and the last refused push.
 async fn bundle_status(State(state): State<Arc<AppState>>) -> Json<crate::policy::Status> {
     Json(state.policy.status())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_responses_are_what_serde_json_writes() {
+        let jws = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln-_Q";
+        let cases = [
+            TokenResponse {
+                token: jws.into(),
+                access_token: jws.into(),
+                expires_in: 300,
+                issued_at: "2026-11-30T10:00:00Z".into(),
+                refresh_token: None,
+            },
+            TokenResponse {
+                token: jws.into(),
+                access_token: jws.into(),
+                expires_in: 60,
+                issued_at: String::new(),
+                refresh_token: Some(format!("{jws}x")),
+            },
+            // Not a JWS: escaped like serde_json escapes it.
+            TokenResponse {
+                token: "a\"b\\c\n\u{1}é".into(),
+                access_token: "other \"one\"".into(),
+                expires_in: -1,
+                issued_at: "\u{7f}".into(),
+                refresh_token: Some("\t".into()),
+            },
+        ];
+        for case in cases {
+            assert_eq!(case.to_json(), serde_json::to_string(&case).unwrap());
+        }
+    }
 }

@@ -37,6 +37,8 @@ pub enum StartupError {
     Config(#[from] ConfigError),
     #[error("the signing key's public JWK is unusable: {0}")]
     Jwks(KeySetError),
+    #[error("the signing key is unusable for signing: {0}")]
+    SigningKey(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
 }
@@ -73,7 +75,13 @@ pub struct Application {
 }
 
 /// The issuer, refresh verifier and JWKS of a key ring.
-fn active_keys(ring: &KeyRing, issuer: &str, service: &str, ttl_seconds: i64) -> Result<ActiveKeys, StartupError> {
+fn active_keys(
+    ring: &KeyRing,
+    issuer: &str,
+    service: &str,
+    ttl_seconds: i64,
+    user_jwt_reuse_seconds: i64,
+) -> Result<ActiveKeys, StartupError> {
     let jwks = ring.jwks();
     let refresh_verifier = Verifier {
         keys: KeySet::from_jwks(&jwks).map_err(StartupError::Jwks)?,
@@ -82,12 +90,9 @@ fn active_keys(ring: &KeyRing, issuer: &str, service: &str, ttl_seconds: i64) ->
         leeway_seconds: REFRESH_LEEWAY_SECONDS,
     };
     Ok(ActiveKeys {
-        issuer: TokenIssuer {
-            key: ring.signing.clone(),
-            issuer: issuer.to_owned(),
-            service: service.to_owned(),
-            ttl_seconds,
-        },
+        issuer: TokenIssuer::new(ring.signing.clone(), issuer, service, ttl_seconds)
+            .map(|i| i.with_user_jwt_reuse(user_jwt_reuse_seconds))
+            .map_err(|e| StartupError::SigningKey(e.to_string()))?,
         refresh_verifier,
         jwks,
     })
@@ -103,6 +108,7 @@ pub struct KeyReloader {
     issuer: String,
     service: String,
     ttl_seconds: i64,
+    user_jwt_reuse_seconds: i64,
 }
 
 impl std::fmt::Debug for KeyReloader {
@@ -115,7 +121,7 @@ impl KeyReloader {
     /// Returns the new signing key id and the number of published keys.
     pub fn reload(&self) -> Result<(String, usize), StartupError> {
         let ring = load_key_ring(&self.config_dir)?;
-        let keys = active_keys(&ring, &self.issuer, &self.service, self.ttl_seconds)?;
+        let keys = active_keys(&ring, &self.issuer, &self.service, self.ttl_seconds, self.user_jwt_reuse_seconds)?;
         self.state.replace_keys(keys);
         Ok((ring.signing.kid, ring.keys.len()))
     }
@@ -136,7 +142,13 @@ impl Application {
     /// Loads and checks the configuration directory, then binds the listener.
     pub async fn build(settings: Settings) -> Result<Application, StartupError> {
         let config = Config::load(&settings.config_dir)?;
-        let keys = active_keys(&config.keys, &config.issuer, &config.service, config.token_ttl_seconds)?;
+        let keys = active_keys(
+            &config.keys,
+            &config.issuer,
+            &config.service,
+            config.token_ttl_seconds,
+            config.user_jwt_reuse_seconds,
+        )?;
         let summary = Summary {
             issuer: config.issuer.clone(),
             service: config.service.clone(),
@@ -177,6 +189,7 @@ impl Application {
             issuer: config.issuer,
             service: config.service,
             ttl_seconds: config.token_ttl_seconds,
+            user_jwt_reuse_seconds: config.user_jwt_reuse_seconds,
         };
         let follow = config.bundle_source.clone().map(|source| (Arc::clone(&state), source));
         Ok(Application {

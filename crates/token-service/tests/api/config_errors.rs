@@ -28,6 +28,11 @@ async fn unknown_field_in_settings_names_file_and_field() {
     assert!(err.starts_with(&format!("{dir}/token-service.json: $.token_ttl_seconds: ")), "{err}");
     let (err, _) = startup_error(&principals(), Some(r#"{"token_ttl_seconds": 0}"#), |_| {}).await;
     assert!(err.contains("$.token_ttl_seconds: must be between 1 and 86400"), "{err}");
+    for bad in ["-1", "3601"] {
+        let settings = format!(r#"{{"user_jwt_reuse_seconds": {bad}}}"#);
+        let (err, _) = startup_error(&principals(), Some(&settings), |_| {}).await;
+        assert!(err.contains("$.user_jwt_reuse_seconds: must be between 0 and 3600"), "{err}");
+    }
 }
 
 #[tokio::test]

@@ -114,15 +114,48 @@ async fn nested_user_jwt_carries_user_info() {
     let user_jwt = claims["user"].as_str().unwrap();
     let user = token::verify::decode_unverified(user_jwt).unwrap();
     assert_eq!(user["user_info"], json!({"token_type": "password", "username": "alice", "user_id": 1}));
-    for field in ["exp", "iat", "nbf"] {
-        assert_eq!(user[field], claims[field], "{field}");
-    }
+    // Issued with the token, valid `user_jwt_reuse_seconds` (default 60) longer (it may be reused by the
+    // principal's next tokens and must cover them).
+    let reuse = registry_guard_token_service::issue::DEFAULT_USER_JWT_REUSE_SECONDS;
+    let ttl = claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap();
+    assert_eq!(user["iat"], claims["iat"]);
+    assert_eq!(user["nbf"], claims["nbf"]);
+    assert_eq!(user["exp"].as_i64().unwrap() - user["iat"].as_i64().unwrap(), ttl + reuse);
+    assert!(user["exp"].as_i64().unwrap() >= claims["exp"].as_i64().unwrap());
     assert_eq!(user["jti"].as_str().unwrap().len(), 32);
     assert_ne!(user["jti"], claims["jti"]);
     // Signed by the same key: its header names the same key id.
     let verified = app.verifier().await.verify(jwt, now()).unwrap();
     assert_eq!(verified.user.as_deref(), Some(user_jwt));
     assert_eq!(header_kid(user_jwt), verified.kid);
+    // The next token of the same principal: a new token (own jti) around the same `user` JWT.
+    let again: Value = app.get_token("", Some(("alice", ALICE_PASSWORD))).await.json().await.unwrap();
+    let again_claims = token::verify::decode_unverified(again["token"].as_str().unwrap()).unwrap();
+    assert_ne!(again_claims["jti"], claims["jti"]);
+    let again_user = again_claims["user"].as_str().unwrap();
+    if again_claims["iat"].as_i64().unwrap() <= user["iat"].as_i64().unwrap() + reuse {
+        assert_eq!(again_user, user_jwt);
+    }
+    let again_user = token::verify::decode_unverified(again_user).unwrap();
+    assert!(again_user["exp"].as_i64().unwrap() >= again_claims["exp"].as_i64().unwrap());
+    assert!(again_user["nbf"].as_i64().unwrap() <= again_claims["nbf"].as_i64().unwrap());
+}
+
+#[tokio::test]
+async fn without_reuse_every_token_gets_its_own_user_jwt() {
+    let app = spawn_app_with(&principals(), Some(r#"{"user_jwt_reuse_seconds": 0}"#)).await;
+    let mut users = vec![];
+    for _ in 0..2 {
+        let body: Value = app.get_token("", Some(("alice", ALICE_PASSWORD))).await.json().await.unwrap();
+        let claims = token::verify::decode_unverified(body["token"].as_str().unwrap()).unwrap();
+        let user_jwt = claims["user"].as_str().unwrap().to_owned();
+        let user = token::verify::decode_unverified(&user_jwt).unwrap();
+        for field in ["exp", "iat", "nbf"] {
+            assert_eq!(user[field], claims[field], "{field}");
+        }
+        users.push(user_jwt);
+    }
+    assert_ne!(users[0], users[1]);
 }
 
 fn header_kid(jwt: &str) -> String {
