@@ -525,7 +525,7 @@ class Bench:
         stats = admin_stats(admin)
         info = {"ready_s": ready_s, "rss": rss_bytes(p.pid),
                 "vms": stats.get("wasm.envoy.wasm.runtime.v8.active"),
-                "allowed": stats.get("wasmcustom.registry_guard.requests_allowed"),
+                "allowed": stats.get("wasmcustom.registry_guard.requests_allowed_total"),
                 "jwt_cache_hit": stats.get("http.registry.jwt_authn.jwt_cache_hit"),
                 "jwt_cache_miss": stats.get("http.registry.jwt_authn.jwt_cache_miss")}
         stop(p)
