@@ -341,23 +341,16 @@ fn decide_request(
     if let Some(m) = metrics {
         m.decided(host, &checked);
     }
-    // The client's address: the last `X-Forwarded-For` entry when configured so (Envoy appended
-    // it), else `source.address` — read only when a request needs it (an audit or a tag).
-    let forwarded_client = match client_from {
-        ClientAddress::XForwardedFor => forwarded_for.and_then(last_forwarded_for),
-        ClientAddress::Peer => None,
-    };
+    // The downstream peer (`source.address`), read at most once and only when a request needs
+    // it: for its audit record, or for its events when not taken from X-Forwarded-For.
     let mut peer: Option<Option<String>> = None;
-    let mut client_address = |host: &mut _| -> Option<String> {
-        if forwarded_client.is_some() {
-            return forwarded_client.clone();
-        }
+    let mut peer_address = |host: &mut _| -> Option<String> {
         peer.get_or_insert_with(|| Host::client_address(host).ok().flatten()).clone()
     };
     if audit::is_audited(&checked, method) {
         // One JSON record per denial, dry-run would-deny or allowed write (never a token); see
         // core `audit`.
-        let client = client_address(host);
+        let client = peer_address(host);
         let event_id = audit_event_id();
         let info = RequestInfo {
             method,
@@ -399,7 +392,10 @@ fn decide_request(
     };
     // Tag the forwarded request so any Envoy's events role can attribute its events (core
     // `events`); the client's own User-Agent is always replaced.
-    let client = client_address(host);
+    let client = match (client_from, forwarded_for.and_then(last_forwarded_for)) {
+        (ClientAddress::XForwardedFor, Some(last)) => Some(last),
+        _ => peer_address(host),
+    };
     let sealed = sealed_attribution(&checked, key.as_ref(), context_id);
     let fields = RequestFields { request_id, client_addr: client.as_deref(), user_agent: client_user_agent };
     let forwarded = match (forwarded_for_headers, forwarded_for) {

@@ -88,11 +88,17 @@ fn a_cached_push_by_tag_adds_only_its_audit_line() {
     fake::take_logs();
     let (outcome, calls, _) = cached_calls("PUT", "/v2/acme/web/app/manifests/v1", &["pull", "push"], "10.1.2.3");
     assert_eq!(outcome, Outcome::Allowed);
-    // An allowed write is audited (one log line, a host call of its own in Envoy), with the
-    // client address it already has from X-Forwarded-For: no `source.address` lookup.
+    // An allowed write is audited: one log line (a host call of its own in Envoy) naming the
+    // downstream peer (`source.address`, one property read); its id needs no host call.
     assert_eq!(
         calls,
-        [HostCall::CurrentTime, HostCall::RequestHeaders, HostCall::SetRequestHeader, HostCall::SetRequestHeader]
+        [
+            HostCall::CurrentTime,
+            HostCall::RequestHeaders,
+            HostCall::ClientAddress,
+            HostCall::SetRequestHeader,
+            HostCall::SetRequestHeader
+        ]
     );
     let logs = fake::take_logs();
     let audits: Vec<serde_json::Value> = logs
@@ -102,7 +108,7 @@ fn a_cached_push_by_tag_adds_only_its_audit_line() {
         .filter(|a: &serde_json::Value| a["audit"] == "registry-guard")
         .collect();
     assert_eq!(audits.len(), 2, "one audit line per allowed write: {logs:?}");
-    assert_eq!(audits[1]["client"], "10.1.2.3");
+    assert_eq!(audits[1]["client"], "127.0.0.1:40000");
     // Event ids from the per-VM generator: 128 bits of hex, never repeated.
     let ids: Vec<&str> = audits.iter().map(|a| a["event_id"].as_str().unwrap()).collect();
     assert!(ids.iter().all(|id| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())), "{ids:?}");
