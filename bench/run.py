@@ -670,6 +670,12 @@ class Bench:
 
     # -- report
     def report(self):
+        # The raw data first, so a report that fails to render can be re-rendered (--report-from).
+        with open(self.path("raw.json"), "w") as f:
+            json.dump({"results": self.results, "envoy": self.envoy_info, "extra": self.extra, "settings": {
+                "rounds": self.rounds, "seconds": self.seconds, "warmup": self.warmup,
+                "lowload_seconds": self.lowload_seconds, "rule_counts": self.rule_counts,
+                "unique_tokens": self.unique_tokens}}, f, indent=1)
         med = lambda key, field: statistics.median(r[field] for r in self.results[key])  # noqa: E731
         for rs in self.results.values():
             for r in rs:
@@ -741,7 +747,7 @@ class Bench:
             targets.append(("Envoy `--concurrency 2` ≥ 1.8× `--concurrency 1`, cached path (3c2/3)",
                             f"{scaling:.2f}× (proxy CPU per request {cpu('3c2'):.0f} vs {cpu('3'):.0f} µs)",
                             scaling >= 1.8))
-        for k, what in (("3", f"{small:,} rules"), (f"5-{self.big}", f"{self.big:,} rules")):
+        for k, what in (("3", f"{self.small:,} rules"), (f"5-{self.big}", f"{self.big:,} rules")):
             if act_of(k):
                 targets.append((f"VM start per worker (`on_vm_start` → configured), {what}: reported",
                                 f"median {statistics.median(act_of(k)):.0f} ms (max {max(act_of(k)):.0f}, "
