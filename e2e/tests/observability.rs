@@ -70,8 +70,8 @@ fn decisions_show_up_as_prometheus_counters_and_audit_lines() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let text = loop {
         let text = ureq::get(&admin).call().unwrap().into_string().unwrap();
-        let counted =
-            delta(&text, "registry_guard_token_cache_hits_total{}") + delta(&text, "registry_guard_token_cache_misses_total{}");
+        let counted = delta(&text, "registry_guard_token_cache_hits_total{}")
+            + delta(&text, "registry_guard_token_cache_misses_total{}");
         if counted >= 5.0 && delta(&text, r#"registry_guard_denied_total{kind="protected"}"#) == 2.0
             || std::time::Instant::now() > deadline
         {
@@ -97,7 +97,9 @@ fn decisions_show_up_as_prometheus_counters_and_audit_lines() {
     assert!(series(&text, "registry_guard_bundle_revision{}").unwrap() >= 1.0);
     // No rule-specific metric names: the rule is a label, beside the harness's canary rule.
     assert!(!text.contains("registry_guard_rule_web_release_tags"), "{}", grep(&text, "registry_guard_rule"));
-    assert!(text.contains(&format!(r#"registry_guard_rule_denied_total{{rule="{}"}}"#, registry_guard_e2e::CANARY_RULE)));
+    assert!(
+        text.contains(&format!(r#"registry_guard_rule_denied_total{{rule="{}"}}"#, registry_guard_e2e::CANARY_RULE))
+    );
     // The decision-time histogram (sampled: the first decided request of each VM is timed),
     // in microseconds, with the buckets of `envoy.yaml`; Envoy merges worker histograms on its
     // stats flush (every 5 s).
