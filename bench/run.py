@@ -467,6 +467,11 @@ class Bench:
             ("2", "2 native jwt_authn + rbac, one token (JWT cache)", native, "pull-1.txt", "GET", PULL_PATH, "native"),
             ("3", f"3 registry-guard, one token (cache hits), {small} rules", guard(small),
              "pull-1.txt", "GET", PULL_PATH, "guard"),
+            # Two workers (two VMs, each with its own token cache; shared state must not
+            # serialise them): Envoy unpinned, as it then shares the cores with wrk and the
+            # upstream (bench/README.md, "Two workers").
+            ("3c2", f"3c2 as 3, Envoy `--concurrency 2` (2 workers, not pinned)", guard(small),
+             "pull-1.txt", "GET", PULL_PATH, "guard", {"concurrency": 2}),
             ("3x", "3x (diagnostic) as 3, no attribution key (`attribution: null`: no seal)", derived("no-attribution", small, filter_extra={"attribution": None}),
              "pull-1.txt", "GET", PULL_PATH, "guard"),
             ("3n", "3n (diagnostic) the same .wasm in its events role: a body-less GET returns `Continue` "
@@ -496,7 +501,7 @@ class Bench:
         log(f"upstream (Envoy direct_response) on :{port}, CPU {LOAD_CPU}")
 
     # -- one configuration, one round
-    def run_config(self, key, label, envoy, tokens, method, path, checks, rnd):
+    def run_config(self, key, label, envoy, tokens, method, path, checks, rnd, concurrency=1):
         stack, boot = envoy()
         admin, port = stack["ports"]["admin"], stack["ports"]["listen"]
         cfg = self.path(f"envoy-{key}.json")
@@ -504,9 +509,9 @@ class Bench:
             json.dump(boot, f)
         logf = self.path(f"logs/envoy-{key}-r{rnd + 1}.log")
         t0 = time.time()
-        p = start([ENVOY, "-c", cfg, "--concurrency", "1", "--log-level", "warn", "--component-log-level",
+        p = start([ENVOY, "-c", cfg, "--concurrency", str(concurrency), "--log-level", "warn", "--component-log-level",
                    "wasm:info", "--log-format", "[%Y-%m-%d %T.%e][%t][%l][%n] %v", "--disable-hot-restart"],
-                  logf, cpu=PROXY_CPU)
+                  logf, cpu=PROXY_CPU if concurrency == 1 else None)
         wait_ready(admin, p, logf)
         wait_listening(port, p, logf)
         ready_s = time.time() - t0
@@ -527,7 +532,7 @@ class Bench:
         stats = admin_stats(admin)
         info = {"ready_s": ready_s, "rss": rss_bytes(p.pid),
                 "vms": stats.get("wasm.envoy.wasm.runtime.v8.active"),
-                "allowed": stats.get("wasmcustom.registry_guard.requests_allowed"),
+                "allowed": stats.get("wasmcustom.registry_guard.requests_allowed_total"),
                 "jwt_cache_hit": stats.get("http.registry.jwt_authn.jwt_cache_hit"),
                 "jwt_cache_miss": stats.get("http.registry.jwt_authn.jwt_cache_miss")}
         stop(p)
@@ -568,7 +573,7 @@ class Bench:
         for rnd in range(self.rounds):
             log(f"round {rnd + 1}/{self.rounds}")
             for c in self.configs:
-                self.run_config(*c, rnd)
+                self.run_config(*c[:7], rnd, **(c[7] if len(c) > 7 else {}))
 
     # -- token service
     def token_service(self):
@@ -802,12 +807,20 @@ class Bench:
 
     # -- report
     def report(self):
+        # The raw data first, so a report that fails to render can be re-rendered (--report-from).
+        with open(self.path("raw.json"), "w") as f:
+            json.dump({"results": self.results, "envoy": self.envoy_info, "extra": self.extra, "settings": {
+                "rounds": self.rounds, "seconds": self.seconds, "warmup": self.warmup,
+                "lowload_seconds": self.lowload_seconds, "rule_counts": self.rule_counts,
+                "unique_tokens": self.unique_tokens}}, f, indent=1)
         med = lambda key, field: statistics.median(r[field] for r in self.results[key])  # noqa: E731
         for rs in self.results.values():
             for r in rs:
                 r["cpu_us_per_req"] = r["proxy_cpu"] / r["rps"] * 1e6
         rows = []
         for key, label, *_ in self.configs:
+            if key not in self.results:  # a configuration added after the run being re-rendered
+                continue
             infos = self.envoy_info[key]
             per_round = " / ".join(f"{r['rps']:,.0f}" for r in self.results[key])
             rows.append(f"| {label} | {med(key, 'rps'):,.0f} | {med(key, 'p50_us'):.0f} | {med(key, 'p99_us'):.0f} | "
@@ -855,15 +868,31 @@ class Bench:
         def verdict(ok):
             return "context, not a target" if ok is None else "**met**" if ok else "**not met**"
 
+        # Issue 20's targets first; the earlier issues' after them.
+        scaling = rps("3c2") / rps("3") if "3c2" in self.results else None
+        act_of = lambda k: [a for i in self.envoy_info.get(k, []) for a in (i["activation_ms"] or [])]  # noqa: E731
         targets = [
+            ("cached path (3) ≥ 1.0× native jwt_authn + rbac (2)", f"{ratios['3/2']:.2f}×", ratios["3/2"] >= 1.0),
             ("cached path (3) ≥ 0.85× plain (1)", f"{ratios['3/1']:.2f}×", ratios["3/1"] >= 0.85),
-            ("added p50 (3 − 1) ≤ 50 µs, 16 connections", f"{added_p50:+.0f} µs", added_p50 <= 50),
-            ("added p50 (3 − 1) ≤ 50 µs, 1 connection (unloaded)",
-             f"{added_p50_c1:+.0f} µs (rounds: 1 = {c1_rounds('1')}, 3 = {c1_rounds('3')} µs)", added_p50_c1 <= 50),
+            ("the filter's own proxy CPU above the proxy-wasm floor (3 − 3n) ≤ 15 µs per request",
+             f"{cpu('3') - cpu('3n'):+.0f} µs", cpu("3") - cpu("3n") <= 15),
+            ("uncached (4) ≥ 0.8× native uncached (4n)", f"{ratios['4/4n']:.2f}×", ratios["4/4n"] >= 0.8),
+        ]
+        if scaling is not None:
+            targets.append(("Envoy `--concurrency 2` ≥ 1.8× `--concurrency 1`, cached path (3c2/3)",
+                            f"{scaling:.2f}× (proxy CPU per request {cpu('3c2'):.0f} vs {cpu('3'):.0f} µs)",
+                            scaling >= 1.8))
+        for k, what in (("3", f"{self.small:,} rules"), (f"5-{self.big}", f"{self.big:,} rules")):
+            if act_of(k):
+                targets.append((f"VM start per worker (`on_vm_start` → configured), {what}: reported",
+                                f"median {statistics.median(act_of(k)):.0f} ms (max {max(act_of(k)):.0f}, "
+                                f"{len(act_of(k))} VMs)", None))
+        targets += [
+            ("(context) added p50 (3 − 1), 16 connections", f"{added_p50:+.0f} µs", None),
+            ("(context) added p50 (3 − 1), 1 connection (unloaded)",
+             f"{added_p50_c1:+.0f} µs (rounds: 1 = {c1_rounds('1')}, 3 = {c1_rounds('3')} µs)", None),
             ("(context) proxy CPU per request added by the filter, 3 − 1", f"{cpu('3') - cpu('1'):+.0f} µs",
              None),
-            ("cached path (3) ≥ 1.0× native jwt_authn + rbac (2)", f"{ratios['3/2']:.2f}×", ratios["3/2"] >= 1.0),
-            ("uncached (4) ≥ 0.3× native uncached (4n)", f"{ratios['4/4n']:.2f}×", ratios["4/4n"] >= 0.3),
             (f"decision time at {mr[-1]:,} rules ≤ 1.2× at {mr[0]:,} (native, criterion)",
              f"{decide_ratio_native:.2f}×", decide_ratio_native <= 1.2),
         ]
@@ -895,7 +924,7 @@ class Bench:
             f"{self.extra.setdefault('finished', datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'))}; "
             f"{os.cpu_count()} cores; {envoy_version()}; wrk -t1 -c16 -d{self.seconds}s "
             f"(after {self.warmup}s warm-up; then -c1 for {self.lowload_seconds}s); {self.rounds} round(s), configurations "
-            f"alternated, medians; proxy Envoy `--concurrency 1` on CPU {PROXY_CPU}, upstream Envoy "
+            f"alternated, medians; proxy Envoy `--concurrency 1` on CPU {PROXY_CPU} (3c2: `--concurrency 2`, unpinned), upstream Envoy "
             f"(`direct_response`) and wrk on CPU {LOAD_CPU}; load average at the end {load[0]:.2f}; "
             f"\"other CPU\" is CPU used during a measurement by anything but the proxy, the upstream and wrk "
             f"(other work on the machine: near 0 % means an undisturbed run). "

@@ -1,6 +1,9 @@
 //! The filter's Envoy metrics (`wasmcustom.registry_guard.*` in `/stats`,
 //! `wasmcustom_registry_guard_*` in `/stats/prometheus`): defined once per root context,
-//! counters batched in the VM and handed to the host in bulk. Uses only [`Host`].
+//! counters batched in the VM and handed to the host in bulk. Counters end in `_total`
+//! (Prometheus' convention; Envoy renders names as they are, and `envoy/envoy.yaml`'s
+//! `stats_tags` turn the kind, rule and VM parts into labels); the decision-time histogram
+//! is in microseconds and sampled ([`DECISION_TIME_SAMPLE_EVERY`]). Uses only [`Host`].
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -40,7 +43,7 @@ pub struct Metrics {
     cache_hits: u32,
     cache_misses: u32,
     rule_overflow: u32,
-    /// `registry_guard.rule.<id>.denied|would_deny`, defined on first use.
+    /// `registry_guard.rule.<id>.denied_total|would_deny_total`, defined on first use.
     by_rule: RefCell<HashMap<(String, bool), u32>>,
     bundle_revision: u32,
     bundle_rejected: u32,
@@ -49,6 +52,10 @@ pub struct Metrics {
     envelopes_rewritten: u32,
     envelopes_oversize: u32,
     envelopes_malformed: u32,
+    /// `registry_guard.decision_time_microseconds`, a histogram of sampled requests.
+    decision_time: u32,
+    /// Decided requests since the last sampled one.
+    since_sample: std::cell::Cell<u32>,
     /// Counts not yet handed to the host, by metric id (see [`Metrics::flush`]).
     pending: RefCell<Pending>,
 }
@@ -66,34 +73,53 @@ struct Pending {
 pub const FLUSH_EVERY: u64 = 64;
 pub const FLUSH_PERIOD_MS: u64 = 1000;
 
+/// One decided request in this many is timed into `registry_guard.decision_time_microseconds`.
+pub const DECISION_TIME_SAMPLE_EVERY: u32 = 16;
+
 impl Metrics {
     pub fn define(host: &mut impl Host) -> Result<Metrics, HostError> {
         let mut define = |kind, name: &str| host.define_metric(kind, name);
         let mut denied_by_kind = Vec::new();
         for kind in DenyKind::ALL {
             denied_by_kind
-                .push((kind, define(MetricType::Counter, &format!("registry_guard.denied.{}", kind.label()))?));
+                .push((kind, define(MetricType::Counter, &format!("registry_guard.denied_total.{}", kind.label()))?));
         }
         Ok(Metrics {
-            allowed: define(MetricType::Counter, "registry_guard.requests_allowed")?,
-            denied: define(MetricType::Counter, "registry_guard.requests_denied")?,
-            failed: define(MetricType::Counter, "registry_guard.requests_failed")?,
+            allowed: define(MetricType::Counter, "registry_guard.requests_allowed_total")?,
+            denied: define(MetricType::Counter, "registry_guard.requests_denied_total")?,
+            failed: define(MetricType::Counter, "registry_guard.requests_failed_total")?,
             denied_by_kind,
-            protection_denied: define(MetricType::Counter, "registry_guard.protection_denied")?,
-            protection_would_deny: define(MetricType::Counter, "registry_guard.protection_would_deny")?,
-            cache_hits: define(MetricType::Counter, "registry_guard.token_cache_hits")?,
-            cache_misses: define(MetricType::Counter, "registry_guard.token_cache_misses")?,
-            rule_overflow: define(MetricType::Counter, "registry_guard.rule_metrics_overflow")?,
+            protection_denied: define(MetricType::Counter, "registry_guard.protection_denied_total")?,
+            protection_would_deny: define(MetricType::Counter, "registry_guard.protection_would_deny_total")?,
+            cache_hits: define(MetricType::Counter, "registry_guard.token_cache_hits_total")?,
+            cache_misses: define(MetricType::Counter, "registry_guard.token_cache_misses_total")?,
+            rule_overflow: define(MetricType::Counter, "registry_guard.rule_metrics_overflow_total")?,
             by_rule: RefCell::new(HashMap::new()),
             bundle_revision: define(MetricType::Gauge, "registry_guard.bundle_revision")?,
-            bundle_rejected: define(MetricType::Counter, "registry_guard.bundle_rejected")?,
-            events_attributed: define(MetricType::Counter, "registry_guard.events_attributed")?,
-            events_unattributed: define(MetricType::Counter, "registry_guard.events_unattributed")?,
-            envelopes_rewritten: define(MetricType::Counter, "registry_guard.envelopes_rewritten")?,
-            envelopes_oversize: define(MetricType::Counter, "registry_guard.envelopes_oversize")?,
-            envelopes_malformed: define(MetricType::Counter, "registry_guard.envelopes_malformed")?,
+            bundle_rejected: define(MetricType::Counter, "registry_guard.bundle_rejected_total")?,
+            events_attributed: define(MetricType::Counter, "registry_guard.events_attributed_total")?,
+            events_unattributed: define(MetricType::Counter, "registry_guard.events_unattributed_total")?,
+            envelopes_rewritten: define(MetricType::Counter, "registry_guard.envelopes_rewritten_total")?,
+            envelopes_oversize: define(MetricType::Counter, "registry_guard.envelopes_oversize_total")?,
+            envelopes_malformed: define(MetricType::Counter, "registry_guard.envelopes_malformed_total")?,
+            decision_time: define(MetricType::Histogram, "registry_guard.decision_time_microseconds")?,
+            since_sample: std::cell::Cell::new(0),
             pending: RefCell::new(Pending::default()),
         })
+    }
+
+    /// Whether to time this request: one in [`DECISION_TIME_SAMPLE_EVERY`] (the first of each
+    /// run), as timing costs a second clock read and a histogram record, both host calls.
+    pub fn sample(&self) -> bool {
+        let n = self.since_sample.get();
+        self.since_sample.set(if n + 1 >= DECISION_TIME_SAMPLE_EVERY { 0 } else { n + 1 });
+        n == 0
+    }
+
+    /// Records one sampled request's time in the filter (headers read to decision applied).
+    pub fn decision_time(&self, host: &mut impl Host, elapsed: std::time::Duration) {
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let _ = host.record(self.decision_time, micros);
     }
 
     /// Counts `n` on counter `id`, handing the batch to the host when it is full.
@@ -166,7 +192,10 @@ impl Metrics {
         let id = match by_rule.get(&key) {
             Some(id) => Some(*id),
             None if by_rule.len() < MAX_RULE_METRICS => {
-                let name = format!("registry_guard.rule.{rule}.{}", if enforced { "denied" } else { "would_deny" });
+                let name = format!(
+                    "registry_guard.rule.{rule}.{}",
+                    if enforced { "denied_total" } else { "would_deny_total" }
+                );
                 let id = host.define_metric(MetricType::Counter, &name).ok();
                 if let Some(id) = id {
                     by_rule.insert(key, id);

@@ -273,6 +273,15 @@ fn decide_request(
     let Some(guard) = guard else {
         return fail(host, context_id, "filter is not configured", hold);
     };
+    let started = match host.unix_time() {
+        Ok(t) => t,
+        Err(e) => return fail(host, context_id, &format!("cannot read host time: {e}"), hold),
+    };
+    let Ok(now) = i64::try_from(started.as_secs()) else {
+        return fail(host, context_id, "host time out of range", hold);
+    };
+    // One decided request in `DECISION_TIME_SAMPLE_EVERY` is timed (`Metrics::sample`).
+    let timed = metrics.filter(|m| m.sample()).map(|m| (m, started));
     let headers = match host.request_headers() {
         Ok(h) => h,
         Err(e) => return fail(host, context_id, &format!("cannot read request headers: {e}"), hold),
@@ -280,10 +289,6 @@ fn decide_request(
     let pairs = match headers.pairs() {
         Ok(p) => p,
         Err(e) => return fail(host, context_id, &format!("cannot read request headers: {e}"), hold),
-    };
-    let now = match host.now_unix_seconds() {
-        Ok(t) => t,
-        Err(e) => return fail(host, context_id, &format!("cannot read host time: {e}"), hold),
     };
     // Values are bytes (obs-text is legal in HTTP); as text, invalid UTF-8 becomes U+FFFD,
     // which no route, token or media type accepts.
@@ -296,6 +301,7 @@ fn decide_request(
     let mut request_id = None;
     let mut authorization: Vec<Cow<str>> = Vec::new();
     let mut forwarded_for = None;
+    let mut forwarded_for_headers = 0usize;
     let mut client_user_agent: Option<&[u8]> = None;
     let mut traceparent = None;
     for (name, value) in pairs {
@@ -305,7 +311,10 @@ fn decide_request(
             b"content-type" => content_types.push(text(value)),
             b"x-request-id" => request_id = Some(text(value)),
             b"authorization" => authorization.push(text(value)),
-            b"x-forwarded-for" => forwarded_for = Some(value),
+            b"x-forwarded-for" => {
+                forwarded_for = Some(value);
+                forwarded_for_headers += 1;
+            }
             b"traceparent" => traceparent = Some(text(value)),
             // The first, as the registry reads it (Go's `Header.Get`).
             b"user-agent" if client_user_agent.is_none() => client_user_agent = Some(value),
@@ -332,10 +341,16 @@ fn decide_request(
     if let Some(m) = metrics {
         m.decided(host, &checked);
     }
+    // The downstream peer (`source.address`), read at most once and only when a request needs
+    // it: for its audit record, or for its events when not taken from X-Forwarded-For.
+    let mut peer: Option<Option<String>> = None;
+    let mut peer_address = |host: &mut _| -> Option<String> {
+        peer.get_or_insert_with(|| Host::client_address(host).ok().flatten()).clone()
+    };
     if audit::is_audited(&checked, method) {
         // One JSON record per denial, dry-run would-deny or allowed write (never a token); see
         // core `audit`.
-        let client = host.client_address().ok().flatten();
+        let client = peer_address(host);
         let event_id = audit_event_id();
         let info = RequestInfo {
             method,
@@ -363,7 +378,7 @@ fn decide_request(
                 headers.push(("www-authenticate", w.to_owned()));
             }
             let reply = LocalReply { status: d.status, headers, body: d.body() };
-            return match reply_or_hold(host, reply, hold) {
+            let outcome = match reply_or_hold(host, reply, hold) {
                 Ok(()) if d.rule.is_some() => Outcome::DeniedByRule,
                 Ok(()) => Outcome::Denied,
                 Err(e) => {
@@ -371,17 +386,24 @@ fn decide_request(
                     Outcome::Unanswered
                 }
             };
+            record_decision_time(host, timed);
+            return outcome;
         }
     };
     // Tag the forwarded request so any Envoy's events role can attribute its events (core
     // `events`); the client's own User-Agent is always replaced.
     let client = match (client_from, forwarded_for.and_then(last_forwarded_for)) {
         (ClientAddress::XForwardedFor, Some(last)) => Some(last),
-        _ => host.client_address().ok().flatten(),
+        _ => peer_address(host),
     };
     let sealed = sealed_attribution(&checked, key.as_ref(), context_id);
     let fields = RequestFields { request_id, client_addr: client.as_deref(), user_agent: client_user_agent };
-    if let Err(e) = tag_for_events(host, sealed, &fields) {
+    let forwarded = match (forwarded_for_headers, forwarded_for) {
+        (0, _) => Forwarded::Absent,
+        (1, Some(value)) => Forwarded::One(value),
+        _ => Forwarded::Several,
+    };
+    if let Err(e) = tag_for_events_with(host, sealed, &fields, forwarded) {
         // The registry must not see the client's own User-Agent or X-Forwarded-For.
         return fail(host, context_id, &format!("cannot tag the request for its events: {e}"), hold);
     }
@@ -389,7 +411,16 @@ fn decide_request(
     if let Err(e) = host.set_request_header(DECISION_HEADER, DECISION_ALLOW) {
         return fail(host, context_id, &format!("cannot mark the request as allowed: {e}"), hold);
     }
+    record_decision_time(host, timed);
     allowed
+}
+
+/// Records the time since `started` in the decision-time histogram, for a sampled request.
+fn record_decision_time(host: &mut impl Host, timed: Option<(&Metrics, std::time::Duration)>) {
+    let Some((metrics, started)) = timed else { return };
+    if let Ok(now) = host.unix_time() {
+        metrics.decision_time(host, now.saturating_sub(started));
+    }
 }
 
 /// The token's sealed attribution: sealed on the token's first allowed request and kept
@@ -429,21 +460,68 @@ fn sealed_attribution<'c>(checked: &'c Checked, key: Option<&AttributionKey>, co
 /// encoded) and `X-Forwarded-For` (the client's IP alone, as the registry logs and copies
 /// it; removed when unknown, so a client-sent first entry never reaches the registry).
 pub fn tag_for_events(host: &mut impl Host, sealed: Option<&str>, fields: &RequestFields<'_>) -> Result<(), HostError> {
+    tag_for_events_with(host, sealed, fields, Forwarded::Several)
+}
+
+/// The request's `X-Forwarded-For` headers as the filter received them.
+#[derive(Debug, Clone, Copy)]
+enum Forwarded<'a> {
+    Absent,
+    One(&'a [u8]),
+    /// Several headers, or not known.
+    Several,
+}
+
+/// [`tag_for_events`], knowing the request's `X-Forwarded-For`: one header that already is
+/// the client's IP alone (Envoy's own entry: the client sent none), or no header and no
+/// address to write, is left as it is — a host call saved per request, the registry sees
+/// the same headers.
+fn tag_for_events_with(
+    host: &mut impl Host,
+    sealed: Option<&str>,
+    fields: &RequestFields<'_>,
+    forwarded: Forwarded<'_>,
+) -> Result<(), HostError> {
     host.set_request_header("user-agent", &user_agent(sealed, fields))?;
-    match fields.client_addr.map(client_ip) {
-        Some(ip) => host.set_request_header("x-forwarded-for", ip),
-        None => host.remove_request_header("x-forwarded-for"),
+    match (fields.client_addr.map(client_ip), forwarded) {
+        (Some(ip), Forwarded::One(value)) if value == ip.as_bytes() => Ok(()),
+        (Some(ip), _) => host.set_request_header("x-forwarded-for", ip),
+        (None, Forwarded::Absent) => Ok(()),
+        (None, _) => host.remove_request_header("x-forwarded-for"),
     }
 }
 
-/// A random id for one audit record (128 bits, hex); `None` if the host has no randomness.
+thread_local! {
+    /// The audit event ids' generator state: seeded once per VM from WASI `random_get`.
+    static EVENT_ID_STATE: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// A unique id for one audit record (128 bits, hex): two steps of SplitMix64 from a per-VM
+/// random seed, so an audited request makes no host call for randomness (ids identify
+/// records; they are not secrets). `None` if the host has no randomness to seed it.
 fn audit_event_id() -> Option<String> {
-    let mut bytes = [0u8; 16];
-    getrandom::getrandom(&mut bytes).ok()?;
-    Some(bytes.iter().fold(String::with_capacity(32), |mut out, b| {
-        let _ = std::fmt::Write::write_fmt(&mut out, format_args!("{b:02x}"));
-        out
-    }))
+    let state = match EVENT_ID_STATE.with(std::cell::Cell::get) {
+        Some(s) => s,
+        None => {
+            let mut seed = [0u8; 8];
+            getrandom::getrandom(&mut seed).ok()?;
+            u64::from_le_bytes(seed)
+        }
+    };
+    let (state, high) = splitmix64(state);
+    let (state, low) = splitmix64(state);
+    EVENT_ID_STATE.with(|s| s.set(Some(state)));
+    Some(format!("{high:016x}{low:016x}"))
+}
+
+/// One step of SplitMix64: the next state and its output (a bijection of the state, so a
+/// VM's ids never repeat within 2^63 records).
+fn splitmix64(state: u64) -> (u64, u64) {
+    let state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (state, z ^ (z >> 31))
 }
 
 /// The IP of `ip`, `ip:port`, or `[ipv6]:port`.

@@ -97,9 +97,9 @@ fn an_allowed_requests_event_is_enriched_with_its_actor() {
     assert_eq!(event["request"]["id"], "edge-7");
     assert_eq!(event["request"]["addr"], "127.0.0.1:40000");
     assert_eq!(event["request"]["useragent"], "containerd/2.0.0");
-    assert_eq!(back.metric("registry_guard.envelopes_rewritten"), 1);
-    assert_eq!(back.metric("registry_guard.events_attributed"), 1);
-    assert_eq!(back.metric("registry_guard.events_unattributed"), 0);
+    assert_eq!(back.metric("registry_guard.envelopes_rewritten_total"), 1);
+    assert_eq!(back.metric("registry_guard.events_attributed_total"), 1);
+    assert_eq!(back.metric("registry_guard.events_unattributed_total"), 0);
 }
 
 #[test]
@@ -112,8 +112,8 @@ fn an_unattributable_event_is_forwarded_with_its_actor_unchanged() {
     assert_eq!(actions, [Action::Continue, Action::Pause, Action::Continue]);
     assert_eq!(out["events"][0]["actor"], serde_json::json!({}));
     assert_eq!(out["events"][0]["request"]["id"], "registry-id");
-    assert_eq!(host.metric("registry_guard.envelopes_rewritten"), 1);
-    assert_eq!(host.metric("registry_guard.events_unattributed"), 1);
+    assert_eq!(host.metric("registry_guard.envelopes_rewritten_total"), 1);
+    assert_eq!(host.metric("registry_guard.events_unattributed_total"), 1);
     let logs = take_logs();
     assert!(logs.iter().any(|l| l.contains("1 of 1 events could not be attributed")), "{logs:?}");
     // A marker sealed under another fleet's key: restored fields, actor unchanged, counted.
@@ -130,7 +130,7 @@ fn an_unattributable_event_is_forwarded_with_its_actor_unchanged() {
     assert_eq!(out["events"][0]["actor"], serde_json::json!({}));
     assert_eq!(out["events"][0]["request"]["id"], "rid-1");
     assert_eq!(out["events"][0]["request"]["useragent"], "");
-    assert_eq!(host.metric("registry_guard.events_unattributed"), 2);
+    assert_eq!(host.metric("registry_guard.events_unattributed_total"), 2);
 }
 
 #[test]
@@ -170,7 +170,7 @@ fn oversize_and_malformed_envelopes_pass_unchanged() {
     host.body = b"{}".to_vec();
     assert_eq!(http.request_body(&mut host, 2, true), Action::Continue);
     assert_eq!(host.body, b"{}");
-    assert_eq!(host.metric("registry_guard.envelopes_oversize"), 1);
+    assert_eq!(host.metric("registry_guard.envelopes_oversize_total"), 1);
     // Not an envelope.
     host.new_request("POST", "/events");
     let mut http = events(&root);
@@ -178,5 +178,5 @@ fn oversize_and_malformed_envelopes_pass_unchanged() {
     host.body = b"not json".to_vec();
     assert_eq!(http.request_body(&mut host, 8, true), Action::Continue);
     assert_eq!(host.body, b"not json");
-    assert_eq!(host.metric("registry_guard.envelopes_malformed"), 1);
+    assert_eq!(host.metric("registry_guard.envelopes_malformed_total"), 1);
 }

@@ -76,7 +76,7 @@ fn an_internal_error_whose_503_cannot_be_sent_goes_on_unmarked() {
         assert_eq!(http.request_headers(&mut host, true), Action::Continue);
         assert_eq!(host.header("x-registry-guard-decision"), None);
     }
-    assert_eq!(host.metric("registry_guard.requests_failed"), 2);
+    assert_eq!(host.metric("registry_guard.requests_failed_total"), 2);
 }
 
 #[test]

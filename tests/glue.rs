@@ -360,22 +360,22 @@ fn decisions_are_counted_by_kind_rule_and_cache() {
     assert_eq!(run(&mut host, "GET", put_v1, Some("Bearer not-a-token")), Outcome::Denied);
     assert_eq!(run(&mut host, "GET", "/v2/acme/web/app/../x/manifests/v1", Some(&maintainer)), Outcome::Denied);
     // Counts are batched in the VM until a full batch or the root's tick flushes them.
-    assert_eq!(host.metric("registry_guard.requests_denied"), 0, "not flushed yet");
+    assert_eq!(host.metric("registry_guard.requests_denied_total"), 0, "not flushed yet");
     metrics.flush(&mut host);
     for (name, want) in [
-        ("registry_guard.requests_allowed", 1),
-        ("registry_guard.requests_denied", 5),
-        ("registry_guard.denied.no_credentials", 1),
-        ("registry_guard.denied.protected", 2),
-        ("registry_guard.denied.invalid_token", 1),
-        ("registry_guard.denied.bad_request", 1),
-        ("registry_guard.denied.insufficient_scope", 0),
-        ("registry_guard.protection_denied", 2),
-        ("registry_guard.protection_would_deny", 1),
-        ("registry_guard.rule.web-release-tags.denied", 2),
-        ("registry_guard.rule.dry-delete.would_deny", 1),
-        ("registry_guard.token_cache_misses", 3),
-        ("registry_guard.token_cache_hits", 2),
+        ("registry_guard.requests_allowed_total", 1),
+        ("registry_guard.requests_denied_total", 5),
+        ("registry_guard.denied_total.no_credentials", 1),
+        ("registry_guard.denied_total.protected", 2),
+        ("registry_guard.denied_total.invalid_token", 1),
+        ("registry_guard.denied_total.bad_request", 1),
+        ("registry_guard.denied_total.insufficient_scope", 0),
+        ("registry_guard.protection_denied_total", 2),
+        ("registry_guard.protection_would_deny_total", 1),
+        ("registry_guard.rule.web-release-tags.denied_total", 2),
+        ("registry_guard.rule.dry-delete.would_deny_total", 1),
+        ("registry_guard.token_cache_misses_total", 3),
+        ("registry_guard.token_cache_hits_total", 2),
     ] {
         assert_eq!(host.metric(name), want, "{name}");
     }
@@ -392,8 +392,8 @@ fn a_full_batch_of_counts_is_flushed_without_waiting_for_the_tick() {
         host.headers = vec![(":method".into(), "GET".into()), (":path".into(), "/v2/".into())];
         assert_eq!(on_request_headers(&mut host, 1, Some(&guard), Some(&metrics)), Outcome::Denied);
     }
-    assert_eq!(host.metric("registry_guard.requests_denied"), requests);
-    assert_eq!(host.metric("registry_guard.denied.no_credentials"), requests);
+    assert_eq!(host.metric("registry_guard.requests_denied_total"), requests);
+    assert_eq!(host.metric("registry_guard.denied_total.no_credentials"), requests);
 }
 
 #[test]

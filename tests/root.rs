@@ -43,7 +43,7 @@ fn a_good_configuration_is_accepted_and_serves() {
     assert!(logs.iter().any(|l| l.starts_with("INFO registry-guard configured: bundle revision 0")), "{logs:?}");
     // Metrics are defined and the flush tick asked for once.
     assert_eq!(host.tick_period, Some(Duration::from_secs(1)));
-    assert!(host.has_metric("registry_guard.requests_allowed"));
+    assert!(host.has_metric("registry_guard.requests_allowed_total"));
     // Serving: a valid token is marked allowed; none gets the challenge.
     assert_eq!(pull(&root, &mut host, Some(&bearer_signed_by(1, &["pull"]))), Action::Continue);
     assert_eq!(host.header("x-registry-guard-decision"), Some("allow"));
@@ -75,7 +75,7 @@ fn a_bad_configuration_is_refused_naming_what_is_wrong() {
         let logs = take_logs();
         let refusal = logs.iter().find(|l| l.starts_with("ERROR registry-guard: rejected configuration: "));
         assert!(refusal.is_some_and(|l| l.contains(field)), "{field}: {logs:?}");
-        assert_eq!(host.metric("registry_guard.bundle_rejected"), 1);
+        assert_eq!(host.metric("registry_guard.bundle_rejected_total"), 1);
         // A root that never had a configuration refuses every request (503, never marked).
         assert_eq!(pull(&root, &mut host, Some(&bearer_signed_by(1, &["pull"]))), Action::Pause);
         assert_eq!(host.replies[0].0, 503);
@@ -232,10 +232,10 @@ fn counts_wait_for_the_tick() {
     let mut root = GuardRoot::new(Rc::new(Vm::default()));
     assert!(configure(&mut root, &mut host, &registry_config(1)));
     assert_eq!(pull(&root, &mut host, None), Action::Pause);
-    assert_eq!(host.metric("registry_guard.requests_denied"), 0);
+    assert_eq!(host.metric("registry_guard.requests_denied_total"), 0);
     root.tick(&mut host);
-    assert_eq!(host.metric("registry_guard.requests_denied"), 1);
+    assert_eq!(host.metric("registry_guard.requests_denied_total"), 1);
     assert_eq!(pull(&root, &mut host, None), Action::Pause);
     root.done(&mut host);
-    assert_eq!(host.metric("registry_guard.requests_denied"), 2);
+    assert_eq!(host.metric("registry_guard.requests_denied_total"), 2);
 }

@@ -173,9 +173,9 @@ fn events_of_requests_through_a_and_b_are_attributed_by_c() {
     let mut figures = Vec::new();
     for (name, e) in envoys {
         let f = (
-            counter(e.admin_port, "envelopes_rewritten"),
-            counter(e.admin_port, "events_attributed"),
-            counter(e.admin_port, "events_unattributed"),
+            counter(e.admin_port, "envelopes_rewritten_total"),
+            counter(e.admin_port, "events_attributed_total"),
+            counter(e.admin_port, "events_unattributed_total"),
         );
         figures.push((name, f));
     }

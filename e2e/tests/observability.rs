@@ -7,7 +7,7 @@
 use registry_guard_e2e::Stack;
 
 /// The value of the Prometheus series `key` (name and labels exactly as Envoy prints them,
-/// e.g. `registry_guard_denied{kind="protected"}`, `registry_guard_requests_allowed{}`).
+/// e.g. `registry_guard_denied_total{kind="protected"}`, `registry_guard_requests_allowed_total{}`).
 fn series(text: &str, key: &str) -> Option<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
@@ -71,9 +71,9 @@ fn decisions_show_up_as_prometheus_counters_and_audit_lines() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let text = loop {
         let text = ureq::get(&admin).call().unwrap().into_string().unwrap();
-        let counted =
-            delta(&text, "registry_guard_token_cache_hits{}") + delta(&text, "registry_guard_token_cache_misses{}");
-        if counted >= 5.0 && delta(&text, r#"registry_guard_denied{kind="protected"}"#) == 2.0
+        let counted = delta(&text, "registry_guard_token_cache_hits_total{}")
+            + delta(&text, "registry_guard_token_cache_misses_total{}");
+        if counted >= 5.0 && delta(&text, r#"registry_guard_denied_total{kind="protected"}"#) == 2.0
             || std::time::Instant::now() > deadline
         {
             break text;
@@ -81,24 +81,46 @@ fn decisions_show_up_as_prometheus_counters_and_audit_lines() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
     for (suffix, want) in [
-        (r#"registry_guard_denied{kind="protected"}"#, 2.0),
-        (r#"registry_guard_rule_denied{rule="web-release-tags"}"#, 2.0),
-        ("registry_guard_protection_denied{}", 2.0),
-        (r#"registry_guard_denied{kind="invalid_token"}"#, 1.0),
+        (r#"registry_guard_denied_total{kind="protected"}"#, 2.0),
+        (r#"registry_guard_rule_denied_total{rule="web-release-tags"}"#, 2.0),
+        ("registry_guard_protection_denied_total{}", 2.0),
+        (r#"registry_guard_denied_total{kind="invalid_token"}"#, 1.0),
     ] {
         assert_eq!(delta(&text, suffix), want, "{suffix} in:\n{}", grep(&text, "registry_guard"));
     }
     // Five requests carried a bearer token; each worker VM has its own cache.
-    let hits = delta(&text, "registry_guard_token_cache_hits{}");
-    let misses = delta(&text, "registry_guard_token_cache_misses{}");
+    let hits = delta(&text, "registry_guard_token_cache_hits_total{}");
+    let misses = delta(&text, "registry_guard_token_cache_misses_total{}");
     assert_eq!(hits + misses, 5.0, "hits {hits}, misses {misses}");
     assert!(misses >= 3.0, "dev, mia and the forged token are each verified at least once");
-    assert!(series(&text, r#"registry_guard_denied{kind="no_credentials"}"#).unwrap() >= 1.0);
-    assert!(series(&text, "registry_guard_requests_allowed{}").unwrap() >= 1.0);
+    assert!(series(&text, r#"registry_guard_denied_total{kind="no_credentials"}"#).unwrap() >= 1.0);
+    assert!(series(&text, "registry_guard_requests_allowed_total{}").unwrap() >= 1.0);
     assert!(series(&text, "registry_guard_bundle_revision{}").unwrap() >= 1.0);
     // No rule-specific metric names: the rule is a label, beside the harness's canary rule.
     assert!(!text.contains("registry_guard_rule_web_release_tags"), "{}", grep(&text, "registry_guard_rule"));
-    assert!(text.contains(&format!(r#"registry_guard_rule_denied{{rule="{}"}}"#, registry_guard_e2e::CANARY_RULE)));
+    assert!(
+        text.contains(&format!(r#"registry_guard_rule_denied_total{{rule="{}"}}"#, registry_guard_e2e::CANARY_RULE))
+    );
+    // The decision-time histogram (sampled: the first decided request of each VM is timed),
+    // in microseconds, with the buckets of `envoy.yaml`; Envoy merges worker histograms on its
+    // stats flush (every 5 s).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let text = loop {
+        let text = ureq::get(&admin).call().unwrap().into_string().unwrap();
+        if series(&text, "registry_guard_decision_time_microseconds_count{}").is_some_and(|n| n >= 1.0)
+            || std::time::Instant::now() > deadline
+        {
+            break text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    };
+    let timed = series(&text, "registry_guard_decision_time_microseconds_count{}");
+    assert!(timed.is_some_and(|n| n >= 1.0), "{}", grep(&text, "decision_time"));
+    assert!(
+        text.contains(r#"registry_guard_decision_time_microseconds_bucket{le="20"}"#),
+        "{}",
+        grep(&text, "decision_time")
+    );
 
     // One audit line per denial; parseable JSON; the rule, revision and principal; no token.
     let log = stack.log("envoy");

@@ -63,6 +63,13 @@ pub struct FakeHost {
     /// The answer of the call being delivered: headers and body.
     pub call_response_headers: Vec<(String, String)>,
     pub call_response_body: Option<Vec<u8>>,
+    /// Every host call made, in order (the hot-path tests count them).
+    pub host_calls: Vec<HostCall>,
+    /// How far the clock moves at each read after the first (default: it stands still).
+    pub clock_step: Duration,
+    pub clock_reads: u32,
+    /// Every `record` (gauges and histograms): metric id and value.
+    pub records: Vec<(u32, u64)>,
 }
 
 impl FakeHost {
@@ -105,14 +112,19 @@ fn fail(call: HostCall) -> HostError {
 
 impl Host for FakeHost {
     fn plugin_configuration(&mut self) -> Result<Option<Vec<u8>>, HostError> {
+        self.host_calls.push(HostCall::PluginConfiguration);
         Ok(self.configuration.clone())
     }
     fn set_tick_period(&mut self, period: Duration) -> Result<(), HostError> {
+        self.host_calls.push(HostCall::SetTickPeriod);
         self.tick_period = Some(period);
         Ok(())
     }
     fn unix_time(&mut self) -> Result<Duration, HostError> {
-        Ok(self.clock.unwrap_or(Duration::from_secs(NOW as u64)))
+        self.host_calls.push(HostCall::CurrentTime);
+        let moved = self.clock_step * self.clock_reads;
+        self.clock_reads += 1;
+        Ok(self.clock.unwrap_or(Duration::from_secs(NOW as u64)) + moved)
     }
     fn dispatch_http_call(
         &mut self,
@@ -120,6 +132,7 @@ impl Host for FakeHost {
         headers: &[(&str, &str)],
         timeout: Duration,
     ) -> Result<u32, HostError> {
+        self.host_calls.push(HostCall::DispatchHttpCall);
         if self.fail_dispatch {
             return Err(HostError::status(HostCall::DispatchHttpCall, Status::BadArgument));
         }
@@ -128,12 +141,15 @@ impl Host for FakeHost {
         Ok(self.calls.len() as u32)
     }
     fn http_call_response_header(&mut self, name: &str) -> Result<Option<String>, HostError> {
+        self.host_calls.push(HostCall::HttpCallResponseHeader);
         Ok(self.call_response_headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
     }
     fn http_call_response_body(&mut self, size: usize) -> Result<Option<Vec<u8>>, HostError> {
+        self.host_calls.push(HostCall::HttpCallResponseBody);
         Ok(self.call_response_body.as_ref().map(|b| b[..size.min(b.len())].to_vec()))
     }
     fn get_shared(&mut self, key: &str) -> Result<SharedValue, HostError> {
+        self.host_calls.push(HostCall::GetSharedData);
         if self.fail_shared {
             return Err(fail(HostCall::GetSharedData));
         }
@@ -143,6 +159,7 @@ impl Host for FakeHost {
         })
     }
     fn set_shared(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), HostError> {
+        self.host_calls.push(HostCall::SetSharedData);
         if self.fail_shared {
             return Err(fail(HostCall::SetSharedData));
         }
@@ -162,6 +179,7 @@ impl Host for FakeHost {
         Ok(())
     }
     fn define_metric(&mut self, kind: MetricType, name: &str) -> Result<u32, HostError> {
+        self.host_calls.push(HostCall::DefineMetric);
         if let Some(i) = self.metric_names.iter().position(|n| n == name) {
             return Ok(i as u32);
         }
@@ -170,18 +188,23 @@ impl Host for FakeHost {
         Ok(self.metric_names.len() as u32 - 1)
     }
     fn increment(&mut self, metric: u32) -> Result<(), HostError> {
+        self.host_calls.push(HostCall::IncrementMetric);
         *self.metric_values.entry(metric).or_default() += 1;
         Ok(())
     }
     fn add(&mut self, metric: u32, value: u64) -> Result<(), HostError> {
+        self.host_calls.push(HostCall::IncrementMetric);
         *self.metric_values.entry(metric).or_default() += value;
         Ok(())
     }
     fn record(&mut self, metric: u32, value: u64) -> Result<(), HostError> {
+        self.host_calls.push(HostCall::RecordMetric);
+        self.records.push((metric, value));
         self.metric_values.insert(metric, value);
         Ok(())
     }
     fn request_headers(&mut self) -> Result<HeaderMap, HostError> {
+        self.host_calls.push(HostCall::RequestHeaders);
         if self.fail_headers {
             return Err(fail(HostCall::RequestHeaders));
         }
@@ -190,9 +213,11 @@ impl Host for FakeHost {
         Ok(HeaderMap::from_pairs(text.chain(raw)))
     }
     fn request_header(&mut self, name: &str) -> Result<Option<String>, HostError> {
+        self.host_calls.push(HostCall::RequestHeader);
         Ok(self.header(name).map(str::to_owned))
     }
     fn set_request_header(&mut self, name: &str, value: &str) -> Result<(), HostError> {
+        self.host_calls.push(HostCall::SetRequestHeader);
         if self.fail_set_header {
             return Err(HostError::status(HostCall::SetRequestHeader, Status::BadArgument));
         }
@@ -201,21 +226,26 @@ impl Host for FakeHost {
         Ok(())
     }
     fn remove_request_header(&mut self, name: &str) -> Result<(), HostError> {
+        self.host_calls.push(HostCall::RemoveRequestHeader);
         self.headers.retain(|(k, _)| k != name);
         Ok(())
     }
     fn client_address(&mut self) -> Result<Option<String>, HostError> {
+        self.host_calls.push(HostCall::ClientAddress);
         Ok(Some("127.0.0.1:40000".into()))
     }
     fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostError> {
+        self.host_calls.push(HostCall::RequestBody);
         Ok(self.body[..size.min(self.body.len())].to_vec())
     }
     fn replace_request_body(&mut self, old_size: usize, body: &[u8]) -> Result<(), HostError> {
+        self.host_calls.push(HostCall::ReplaceRequestBody);
         let old = old_size.min(self.body.len());
         self.body.splice(..old, body.iter().copied());
         Ok(())
     }
     fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> Result<(), HostError> {
+        self.host_calls.push(HostCall::SendLocalReply);
         if self.fail_reply {
             return Err(fail(HostCall::SendLocalReply));
         }

@@ -515,9 +515,9 @@ pub fn status(envoys: &[String], token_services: &[String]) -> Result<()> {
             "envoy {admin}: active revision {revision}; config reloads {}, rejected updates {} (filter refusals {}); protection denied {}, would deny {}",
             stat(&s, &format!("{STAT_PREFIX}config_reload")),
             stat(&s, &format!("{STAT_PREFIX}update_rejected")),
-            stat(&s, "wasmcustom.registry_guard.bundle_rejected"),
-            stat(&s, "wasmcustom.registry_guard.protection_denied"),
-            stat(&s, "wasmcustom.registry_guard.protection_would_deny"),
+            stat(&s, "wasmcustom.registry_guard.bundle_rejected_total"),
+            stat(&s, "wasmcustom.registry_guard.protection_denied_total"),
+            stat(&s, "wasmcustom.registry_guard.protection_would_deny_total"),
         );
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -98,7 +98,7 @@ pub struct Denial {
     pub kind: DenyKind,
 }
 
-/// The class of a denial: one Envoy counter each (`registry_guard.denied.<label>`).
+/// The class of a denial: one Envoy counter each (`registry_guard.denied_total.<label>`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DenyKind {
     /// The route grammar refused the request (bad name, unknown endpoint, …).
