@@ -12,7 +12,8 @@
 //! Every host call goes through the [`host::Host`] trait, so the glue runs natively against
 //! a fake host (`tests/`). [`keys_follow`] fetches the trusted token keys from a JWKS URL
 //! (`keys_source`) for a registry-role root. Imports point down only: `root` → `registry`,
-//! `keys_follow`, `events`, `audit` (bundle records); `metrics` → `host` → `headers`. No policy logic
+//! `keys_follow`, `events`, `audit` (bundle records; `registry` numbers its request records with
+//! it); `metrics` → `host` → `headers`. No policy logic
 //! lives here.
 //! With the `fault-injection` feature (test builds only), [`fault`] adds deliberate faults.
 

@@ -351,7 +351,7 @@ fn decide_request(
         // One JSON record per denial, dry-run would-deny or allowed write (never a token); see
         // core `audit`.
         let client = peer_address(host);
-        let event_id = audit_event_id();
+        let event_id = crate::audit::event_id();
         let info = RequestInfo {
             method,
             path,
@@ -489,39 +489,6 @@ fn tag_for_events_with(
         (None, Forwarded::Absent) => Ok(()),
         (None, _) => host.remove_request_header("x-forwarded-for"),
     }
-}
-
-thread_local! {
-    /// The audit event ids' generator state: seeded once per VM from WASI `random_get`.
-    static EVENT_ID_STATE: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
-}
-
-/// A unique id for one audit record (128 bits, hex): two steps of SplitMix64 from a per-VM
-/// random seed, so an audited request makes no host call for randomness (ids identify
-/// records; they are not secrets). `None` if the host has no randomness to seed it.
-fn audit_event_id() -> Option<String> {
-    let state = match EVENT_ID_STATE.with(std::cell::Cell::get) {
-        Some(s) => s,
-        None => {
-            let mut seed = [0u8; 8];
-            getrandom::getrandom(&mut seed).ok()?;
-            u64::from_le_bytes(seed)
-        }
-    };
-    let (state, high) = splitmix64(state);
-    let (state, low) = splitmix64(state);
-    EVENT_ID_STATE.with(|s| s.set(Some(state)));
-    Some(format!("{high:016x}{low:016x}"))
-}
-
-/// One step of SplitMix64: the next state and its output (a bijection of the state, so a
-/// VM's ids never repeat within 2^63 records).
-fn splitmix64(state: u64) -> (u64, u64) {
-    let state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    (state, z ^ (z >> 31))
 }
 
 /// The IP of `ip`, `ip:port`, or `[ipv6]:port`.
