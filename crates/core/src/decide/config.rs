@@ -29,8 +29,8 @@ struct RawFilterConfig<'a> {
     cache: RawCache,
     /// The active policy bundle: a compact JWS signed by an operator key (`rgctl sign`).
     /// Borrowed from the configuration bytes (a JWS has no JSON escapes), so a large bundle
-    /// is not copied during activation.
-    #[serde(default, borrow)]
+    /// is not copied during activation (`support::de::borrowed_cow_str`).
+    #[serde(default, borrow, deserialize_with = "crate::support::de::borrowed_cow_str")]
     bundle: Option<std::borrow::Cow<'a, str>>,
     /// JWKS with the operator keys that may sign bundles; required with `bundle`.
     #[serde(default)]
@@ -512,6 +512,17 @@ mod tests {
         c["keys_source"] = serde_json::json!({"cluster": "token_service", "url": "http://x"});
         let e = FilterConfig::from_json(c.to_string().as_bytes()).unwrap_err();
         assert!(e.field.starts_with("$.keys_source"), "{e}");
+    }
+
+    #[test]
+    fn the_bundle_is_borrowed_from_the_configuration_bytes() {
+        // Activation memory at 100,000 rules (issue 20): the JWS is most of the bytes.
+        let bytes = config(serde_json::json!({"bundle": "eyJh.eyJi.c2ln"})).to_string();
+        let raw: RawFilterConfig = crate::support::de::from_slice(bytes.as_bytes()).unwrap();
+        assert!(matches!(raw.bundle, Some(std::borrow::Cow::Borrowed("eyJh.eyJi.c2ln"))));
+        let bytes = config(serde_json::json!({})).to_string();
+        let raw: RawFilterConfig = crate::support::de::from_slice(bytes.as_bytes()).unwrap();
+        assert!(raw.bundle.is_none());
     }
 
     #[test]
