@@ -331,9 +331,9 @@ def native_filters(jwks_text):
 
 # ---- load --------------------------------------------------------------------------------------
 
-def wrk(port, tokens_file, method, path, seconds, connections, scheme="Bearer", offset=0):
+def wrk(port, tokens_file, method, path, seconds, connections, scheme="Bearer", offset=0, ua_bytes=0):
     env = dict(os.environ, RG_TOKENS=tokens_file, RG_METHOD=method, RG_PATH=path, RG_SCHEME=scheme,
-               RG_OFFSET=str(offset))
+               RG_OFFSET=str(offset), RG_USER_AGENT_BYTES=str(ua_bytes))
     cmd = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
            "-s", LUA, f"http://127.0.0.1:{port}"]
     out = run(cmd, env=env, timeout=seconds + 60)
@@ -356,6 +356,7 @@ class Bench:
         self.smoke = smoke
         self.work = os.path.join(ROOT, ".run/bench-smoke" if smoke else ".run/bench")
         self.rounds = 1 if smoke else 3
+        self.only = None
         self.seconds = 1 if smoke else 5
         self.warmup = 0 if smoke else 2
         self.lowload_seconds = 1 if smoke else 2
@@ -464,6 +465,11 @@ class Bench:
             # key, label, Envoy, tokens, method, path, checks
             ("1", "1 plain Envoy pass-through", derived(f"rules-{small}", small, lambda: [], backstop=False),
              "pull-1.txt", "GET", PULL_PATH, "plain"),
+            # What the longer request towards the upstream costs Envoy itself: registry-guard
+            # replaces the User-Agent with its marker and the token's sealed attribution.
+            ("1u", f"1u (diagnostic) as 1, the client sending a {self.filter_user_agent_bytes()}-byte User-Agent "
+             "(as long as the one registry-guard sends upstream)", derived(f"rules-{small}", small, lambda: [], backstop=False),
+             "pull-1.txt", "GET", PULL_PATH, "plain", {"ua_bytes": self.filter_user_agent_bytes()}),
             ("2", "2 native jwt_authn + rbac, one token (JWT cache)", native, "pull-1.txt", "GET", PULL_PATH, "native"),
             ("3", f"3 registry-guard, one token (cache hits), {small} rules", guard(small),
              "pull-1.txt", "GET", PULL_PATH, "guard"),
@@ -487,6 +493,18 @@ class Bench:
             for n in self.rule_counts
         ]
 
+    def filter_user_agent_bytes(self):
+        """The length of the User-Agent registry-guard writes for the pull token (core
+        `events::user_agent`: marker, seal of {n, t, u, e}, request id, client address, the
+        client's agent): computed from the token, within a few bytes."""
+        with open(self.path("pull-1.txt")) as f:
+            payload = f.readline().strip().split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        who = json.dumps({"n": claims["sub"], "t": claims.get("auth_type", "unknown"), "u": claims.get("user"),
+                          "e": claims["exp"]}, separators=(",", ":"))
+        sealed = -(-(24 + len(who) + 16) * 4 // 3)
+        return len("registry-guard/1") + 1 + sealed + len(" - 127.0.0.1 -")
+
     def start_upstream(self):
         admin, port = free_port(), self.upstream_port
         cfg = self.path("upstream.json")
@@ -501,7 +519,7 @@ class Bench:
         log(f"upstream (Envoy direct_response) on :{port}, CPU {LOAD_CPU}")
 
     # -- one configuration, one round
-    def run_config(self, key, label, envoy, tokens, method, path, checks, rnd, concurrency=1):
+    def run_config(self, key, label, envoy, tokens, method, path, checks, rnd, concurrency=1, ua_bytes=0):
         stack, boot = envoy()
         admin, port = stack["ports"]["admin"], stack["ports"]["listen"]
         cfg = self.path(f"envoy-{key}.json")
@@ -517,9 +535,9 @@ class Bench:
         ready_s = time.time() - t0
         self.check_answers(key, port, checks)
         tokens_file = self.path(tokens)
-        w = wrk(port, tokens_file, method, path, self.warmup, 16) if self.warmup else {"requests": 0}
+        w = wrk(port, tokens_file, method, path, self.warmup, 16, ua_bytes=ua_bytes) if self.warmup else {"requests": 0}
         c0, u0, b0, k0, w0 = cpu_ticks(p.pid), cpu_ticks(self.upstream.pid), busy_ticks(), children_ticks(), time.time()
-        r = wrk(port, tokens_file, method, path, self.seconds, 16, offset=w["requests"] + 100)
+        r = wrk(port, tokens_file, method, path, self.seconds, 16, offset=w["requests"] + 100, ua_bytes=ua_bytes)
         hz, elapsed = os.sysconf("SC_CLK_TCK"), time.time() - w0
         proxy = cpu_ticks(p.pid) - c0
         ours = proxy + (cpu_ticks(self.upstream.pid) - u0) + (children_ticks() - k0)
@@ -527,7 +545,8 @@ class Bench:
         # CPU used by anything but the proxy, the upstream and wrk during the measurement (other
         # work on the machine), in cores: the run is disturbed when this is not near 0.
         r["foreign_cpu"] = max(0.0, (busy_ticks() - b0 - ours) / hz / elapsed)
-        r1 = wrk(port, tokens_file, method, path, self.lowload_seconds, 1, offset=w["requests"] + r["requests"] + 200)
+        r1 = wrk(port, tokens_file, method, path, self.lowload_seconds, 1, offset=w["requests"] + r["requests"] + 200,
+                 ua_bytes=ua_bytes)
         r["p50_us_c1"], r["p99_us_c1"], r["rps_c1"] = r1["p50_us"], r1["p99_us"], r1["rps"]
         stats = admin_stats(admin)
         info = {"ready_s": ready_s, "rss": rss_bytes(p.pid),
@@ -542,6 +561,22 @@ class Bench:
         log(f"  {label}: {r['rps']:.0f} req/s, p50 {r['p50_us']} µs, p99 {r['p99_us']} µs, "
             f"1-conn p50 {r['p50_us_c1']} µs, proxy CPU {r['proxy_cpu'] * 100:.0f}%, other CPU "
             f"{r['foreign_cpu'] * 100:.0f}%, ready {ready_s:.1f}s")
+
+    def print_only(self):
+        """`--only`: the measured configurations' medians (req/s, proxy CPU µs per request) and
+        their ratios, printed; the report files are not rewritten."""
+        med = {}
+        for key, runs in self.results.items():
+            rps = statistics.median(r["rps"] for r in runs)
+            cpu = statistics.median(r["proxy_cpu"] / r["rps"] * 1e6 for r in runs)
+            med[key] = (rps, cpu)
+            rounds = " / ".join(f"{r['rps']:,.0f}" for r in runs)
+            print(f"{key:>6}: {rps:8,.0f} req/s  {cpu:6.1f} proxy CPU µs/request  (rounds {rounds})")
+        keys = list(med)
+        for a in keys:
+            for b in keys:
+                if a < b:
+                    print(f"{a}/{b} = {med[a][0] / med[b][0]:.2f} (CPU per request {med[a][1] - med[b][1]:+.1f} µs)")
 
     def check_answers(self, key, port, checks):
         """The configuration answers as it should before it is measured."""
@@ -573,6 +608,8 @@ class Bench:
         for rnd in range(self.rounds):
             log(f"round {rnd + 1}/{self.rounds}")
             for c in self.configs:
+                if self.only and c[0] not in self.only:
+                    continue
                 self.run_config(*c[:7], rnd, **(c[7] if len(c) > 7 else {}))
 
     # -- token service
@@ -1071,11 +1108,30 @@ def activation_from_log(logf):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="1 round, ~1 s per configuration, small rule counts")
+    ap.add_argument("--only", metavar="KEYS", help="only these Envoy configurations (comma-separated keys, e.g. "
+                    "1,3,3n); with the token service, micro-benchmarks and report left out: prints the figures")
+    ap.add_argument("--rounds", type=int, help="rounds of the Envoy configurations (default 3; smoke 1)")
     ap.add_argument("--report-from", metavar="RAW_JSON", help="only rewrite the report from a run's raw.json")
     ap.add_argument("--token-service", action="store_true",
                     help="only the token service part (issuance, signing rate, CPU per token); prints its figures")
     args = ap.parse_args()
     b = Bench(args.smoke)
+    if args.rounds:
+        b.rounds = args.rounds
+    if args.only:
+        b.only = set(args.only.split(","))
+        if not any(k.startswith("5-") for k in b.only):
+            b.rule_counts = b.rule_counts[:1]  # no large bundle to generate
+        try:
+            b.prepare()
+            b.envoy_runs()
+            b.print_only()
+        except HarnessError as e:
+            print(f"bench: FAILED: {e}", file=sys.stderr)
+            return 1
+        finally:
+            stop_all()
+        return 0
     if args.token_service:
         try:
             b.token_service_only()

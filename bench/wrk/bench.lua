@@ -21,6 +21,12 @@ for line in io.lines(os.getenv("RG_TOKENS")) do
 end
 
 local headers = { ["Host"] = "registry.bench", ["Authorization"] = "" }
+-- RG_USER_AGENT_BYTES (diagnostic 1u): a User-Agent of that many bytes, as long as the one
+-- the filter writes towards the registry, to show what the longer header costs Envoy itself.
+local ua_bytes = tonumber(os.getenv("RG_USER_AGENT_BYTES") or "0")
+if ua_bytes > 0 then
+  headers["User-Agent"] = string.rep("a", ua_bytes)
+end
 
 request = function()
   i = i % n + 1
