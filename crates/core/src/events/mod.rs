@@ -168,7 +168,8 @@ pub struct RequestFields<'a> {
 }
 
 fn field_ok(v: &str) -> bool {
-    !v.is_empty() && v != "-" && !v.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    // ASCII whitespace and controls are exactly the bytes up to 0x20, and DEL.
+    !v.is_empty() && v != "-" && !v.bytes().any(|b| b <= b' ' || b == 0x7f)
 }
 
 /// The user agent the registry role writes: [`MARKER`], the seal (or `-`), then the
