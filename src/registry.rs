@@ -21,7 +21,10 @@ use registry_guard_core::decide::config::{ClientAddress, DECISION_ALLOW, DECISIO
 use registry_guard_core::decide::decision::Decision;
 use registry_guard_core::decide::guard::Checked;
 use registry_guard_core::decide::guard::Guard;
-use registry_guard_core::events::{seal, user_agent, AttributionKey, AttributionRef, RequestFields, NONCE_LEN};
+use registry_guard_core::events::{
+    seal, user_agent_after, user_agent_unsealed, AttributionKey, AttributionRef, RequestFields, UserAgentPrefix,
+    NONCE_LEN,
+};
 
 use crate::host::{Host, HostError, ProxyWasmHost};
 use crate::metrics::Metrics;
@@ -428,10 +431,15 @@ fn record_decision_time(host: &mut impl Host, timed: Option<(&Metrics, std::time
     }
 }
 
-/// The token's sealed attribution: sealed on the token's first allowed request and kept
-/// with it in the token cache, so later requests do no crypto and copy nothing. `None` without
-/// a token, a key, or randomness (the request then reaches the registry unattributable).
-fn sealed_attribution<'c>(checked: &'c Checked, key: Option<&AttributionKey>, context_id: u32) -> Option<&'c str> {
+/// The token's sealed attribution, as the start of the user agent: sealed on the token's first
+/// allowed request and kept with it in the token cache, so later requests do no crypto and
+/// check no seal. `None` without a token, a key, or randomness (the request then reaches the
+/// registry unattributable).
+fn sealed_attribution<'c>(
+    checked: &'c Checked,
+    key: Option<&AttributionKey>,
+    context_id: u32,
+) -> Option<&'c UserAgentPrefix> {
     let (token, slot) = (checked.token.as_deref()?, checked.sealed.as_deref()?);
     if let Some(sealed) = slot.get() {
         return Some(sealed);
@@ -452,7 +460,7 @@ fn sealed_attribution<'c>(checked: &'c Checked, key: Option<&AttributionKey>, co
         expires_at: token.expires_at,
     };
     match seal(key, &who, &nonce) {
-        Ok(sealed) => Some(slot.get_or_init(|| sealed.into_boxed_str())),
+        Ok(sealed) => Some(slot.get_or_init(|| UserAgentPrefix::new(Some(&sealed)))),
         Err(e) => {
             log::warn!("[{context_id}] cannot seal the attribution: {e}");
             None
@@ -464,7 +472,11 @@ fn sealed_attribution<'c>(checked: &'c Checked, key: Option<&AttributionKey>, co
 /// (always replaced: marker, seal, request id, client address, the client's user agent
 /// encoded) and `X-Forwarded-For` (the client's IP alone, as the registry logs and copies
 /// it; removed when unknown, so a client-sent first entry never reaches the registry).
-pub fn tag_for_events(host: &mut impl Host, sealed: Option<&str>, fields: &RequestFields<'_>) -> Result<(), HostError> {
+pub fn tag_for_events(
+    host: &mut impl Host,
+    sealed: Option<&UserAgentPrefix>,
+    fields: &RequestFields<'_>,
+) -> Result<(), HostError> {
     tag_for_events_with(host, sealed, fields, Forwarded::Several)
 }
 
@@ -483,11 +495,15 @@ enum Forwarded<'a> {
 /// the same headers.
 fn tag_for_events_with(
     host: &mut impl Host,
-    sealed: Option<&str>,
+    sealed: Option<&UserAgentPrefix>,
     fields: &RequestFields<'_>,
     forwarded: Forwarded<'_>,
 ) -> Result<(), HostError> {
-    host.set_request_header("user-agent", &user_agent(sealed, fields))?;
+    let agent = match sealed {
+        Some(prefix) => user_agent_after(prefix, fields),
+        None => user_agent_unsealed(fields),
+    };
+    host.set_request_header("user-agent", &agent)?;
     match (fields.client_addr.map(client_ip), forwarded) {
         (Some(ip), Forwarded::One(value)) if value == ip.as_bytes() => Ok(()),
         (Some(ip), _) => host.set_request_header("x-forwarded-for", ip),

@@ -30,9 +30,10 @@ pub struct TokenCache {
     pub misses: u64,
 }
 
-/// A value derived from a verified token once and cached with it: the filter's sealed
-/// attribution (core `events`), so the cached allow path does no crypto.
-pub type SealSlot = Rc<OnceCell<Box<str>>>;
+/// A value derived from a verified token once and cached with it: the start of the filter's
+/// user agent holding the token's sealed attribution (core `events`), so the cached allow
+/// path does no crypto and checks no seal.
+pub type SealSlot = Rc<OnceCell<crate::events::UserAgentPrefix>>;
 
 /// Fixed cost of a cache entry besides the token and its claims (hash slot, order slot,
 /// `Rc` headers), in bytes.

@@ -175,17 +175,53 @@ fn field_ok(v: &str) -> bool {
 /// The user agent the registry role writes: [`MARKER`], the seal (or `-`), then the
 /// per-request fields. One allocation.
 pub fn user_agent(sealed: Option<&str>, fields: &RequestFields<'_>) -> String {
+    user_agent_after(&UserAgentPrefix::new(sealed), fields)
+}
+
+/// The start of a user agent, [`MARKER`] and the seal (or `-`), checked once: the filter keeps
+/// it with the cached token, so a request copies it instead of re-checking ~650 bytes of seal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserAgentPrefix(Box<str>);
+
+/// The prefix of a request with no seal (no token, or no attribution key).
+pub const UNSEALED_PREFIX: &str = "registry-guard/1 -";
+
+impl UserAgentPrefix {
+    pub fn new(sealed: Option<&str>) -> UserAgentPrefix {
+        let sealed = sealed.filter(|v| field_ok(v)).unwrap_or("-");
+        let mut out = String::with_capacity(MARKER.len() + 1 + sealed.len());
+        out.push_str(MARKER);
+        out.push(' ');
+        out.push_str(sealed);
+        UserAgentPrefix(out.into_boxed_str())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// [`user_agent`] from a prefix made by [`UserAgentPrefix::new`] (or [`UNSEALED_PREFIX`]).
+pub fn user_agent_after(prefix: &UserAgentPrefix, fields: &RequestFields<'_>) -> String {
+    user_agent_after_str(prefix.as_str(), fields)
+}
+
+/// [`user_agent_after`] for [`UNSEALED_PREFIX`] without building a prefix.
+pub fn user_agent_unsealed(fields: &RequestFields<'_>) -> String {
+    user_agent_after_str(UNSEALED_PREFIX, fields)
+}
+
+fn user_agent_after_str(prefix: &str, fields: &RequestFields<'_>) -> String {
     let ua = fields.user_agent.filter(|u| !u.is_empty()).map(|u| u.get(..MAX_ORIGINAL_USER_AGENT).unwrap_or(u));
     let mut out = String::with_capacity(
-        MARKER.len()
-            + 4
-            + sealed.map_or(1, str::len)
+        prefix.len()
+            + 3
             + fields.request_id.map_or(1, str::len)
             + fields.client_addr.map_or(1, str::len)
             + ua.map_or(1, |u| u.len().div_ceil(3) * 4),
     );
-    out.push_str(MARKER);
-    for v in [sealed, fields.request_id, fields.client_addr] {
+    out.push_str(prefix);
+    for v in [fields.request_id, fields.client_addr] {
         out.push(' ');
         out.push_str(v.filter(|v| field_ok(v)).unwrap_or("-"));
     }
@@ -424,6 +460,23 @@ mod tests {
         assert!(AttributionKey::from_base64url("AAAA").unwrap_err().contains("3 bytes"));
         assert!(AttributionKey::from_base64url("a+b/").unwrap_err().contains("base64url"));
         assert_eq!(format!("{k:?}"), "AttributionKey(…)", "never printed");
+    }
+
+    #[test]
+    fn a_prefix_kept_with_the_token_makes_the_same_user_agent() {
+        let fields =
+            RequestFields { request_id: Some("req-1"), client_addr: Some("10.0.0.7"), user_agent: Some(b"skopeo") };
+        assert_eq!(UserAgentPrefix::new(None).as_str(), UNSEALED_PREFIX);
+        assert_eq!(user_agent_unsealed(&fields), user_agent(None, &fields));
+        for sealed in ["c2VhbGVk", "has space", "", "-", "ctl\u{7f}"] {
+            let prefix = UserAgentPrefix::new(Some(sealed));
+            assert_eq!(user_agent_after(&prefix, &fields), user_agent(Some(sealed), &fields), "{sealed:?}");
+        }
+        // A seal that is not a field is dropped once, at the prefix: never split the marker.
+        assert_eq!(UserAgentPrefix::new(Some("has space")).as_str(), UNSEALED_PREFIX);
+        let text = user_agent(Some("c2VhbGVk"), &fields);
+        let m = parse_user_agent(&text).unwrap();
+        assert_eq!((m.sealed, m.request_id, m.client_addr), (Some("c2VhbGVk"), Some("req-1"), Some("10.0.0.7")));
     }
 
     #[test]
