@@ -78,8 +78,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         max_events: cli.max_events,
     })
     .await?;
+    registry_guard_service::flush_logs();
     eprintln!("{}", app.startup_line());
     app.run_until(registry_guard_service::shutdown_signal()).await.context("serving HTTP")?;
+    registry_guard_service::flush_logs();
     eprintln!("registry event consumer stopped");
     Ok(())
 }

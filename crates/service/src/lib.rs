@@ -1,7 +1,8 @@
 //! Startup and shutdown shared by registry-guard's HTTP services, the token service
 //! (`crates/token-service`) and the reference event consumer (`crates/consumer`):
 //!
-//! - [`init_logging`]: `tracing` to stderr, without module targets;
+//! - [`init_logging`]: `tracing` to stderr, without module targets, written in batches by a
+//!   writer thread ([`log`]; [`flush_logs`] before a service's own stderr lines);
 //! - [`bind`]: the listener and the address actually bound (port 0 in tests);
 //! - [`shutdown_signal`]: completes on Ctrl-C (SIGINT) or SIGTERM, for graceful shutdown;
 //! - [`server::serve`] with [`ServerLimits`]: the hardened HTTP/1 server loop (header read
@@ -16,14 +17,28 @@ use std::process::ExitCode;
 
 use tokio::net::TcpListener;
 
+pub mod log;
 pub mod server;
+
+pub use log::flush_logs;
 
 pub use server::{serve, ServerLimits};
 
 /// Logs `tracing` events to stderr, without module targets (`INFO message`). Call once, at
-/// the start of `main`.
+/// the start of `main`. `INFO` lines are written in batches ([`log`]): one `write` for many
+/// lines under load instead of one per line; `WARN` and `ERROR` lines at once; a panic
+/// flushes them before its message.
 pub fn init_logging() {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).init();
+    let Some(batched) = log::batched_stderr() else {
+        tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).init();
+        return;
+    };
+    tracing_subscriber::fmt().with_writer(log::LogWriters(batched)).with_target(false).init();
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        flush_logs();
+        previous(info);
+    }));
 }
 
 /// Binds `addr` and returns the listener with the address actually bound (port 0 picks a free
@@ -61,8 +76,10 @@ pub async fn shutdown_signal() {
 }
 
 /// A binary's outcome as its exit code: success is 0; an error is printed to stderr as
-/// `error: ` followed by the error and its causes (`{:#}`), and exits 1.
+/// `error: ` followed by the error and its causes (`{:#}`), and exits 1. Buffered log lines
+/// are written first.
 pub fn exit_code(result: anyhow::Result<()>) -> ExitCode {
+    flush_logs();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

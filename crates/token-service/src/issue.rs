@@ -193,12 +193,41 @@ pub fn credential_epoch(auth_type: AuthType, username: &str, id: u64, stored_cre
     h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect()
 }
 
-/// `n` random bytes as lowercase hex.
+/// Random bytes read from the operating system ([`rand_core::OsRng`]) per thread, this many
+/// at a time: one `getrandom` call serves many token ids instead of one each. Every byte is
+/// the kernel's, used once.
+const RANDOM_BATCH: usize = 1024;
+
+struct RandomBatch {
+    bytes: [u8; RANDOM_BATCH],
+    /// Bytes of `bytes` already handed out.
+    used: usize,
+}
+
+thread_local! {
+    static RANDOM: std::cell::RefCell<RandomBatch> =
+        const { std::cell::RefCell::new(RandomBatch { bytes: [0; RANDOM_BATCH], used: RANDOM_BATCH }) };
+}
+
+/// `n` random bytes as lowercase hex (a token id).
 pub fn random_hex(n: usize) -> Result<String, IssueError> {
-    let mut bytes = [0u8; 64];
-    let bytes = bytes.get_mut(..n).ok_or_else(|| IssueError::Random(format!("{n} bytes asked, 64 at most")))?;
-    rand_core::OsRng.try_fill_bytes(bytes).map_err(|e| IssueError::Random(e.to_string()))?;
-    Ok(crate::auth::hex(bytes))
+    if n > 64 {
+        return Err(IssueError::Random(format!("{n} bytes asked, 64 at most")));
+    }
+    RANDOM.with(|batch| {
+        let mut batch = batch.borrow_mut();
+        if batch.used + n > RANDOM_BATCH {
+            rand_core::OsRng.try_fill_bytes(&mut batch.bytes).map_err(|e| IssueError::Random(e.to_string()))?;
+            batch.used = 0;
+        }
+        let start = batch.used;
+        let fresh = batch.bytes.get_mut(start..start + n).ok_or_else(|| IssueError::Random("batch overrun".into()))?;
+        let hex = crate::auth::hex(fresh);
+        // Handed out once: cleared, so nothing in memory repeats a past id's bytes.
+        fresh.fill(0);
+        batch.used = start + n;
+        Ok(hex)
+    })
 }
 
 /// The `access` claim for a list of grants, actions in canonical order. `meta` carries the
@@ -488,5 +517,19 @@ mod tests {
         let a = random_hex(16).unwrap();
         assert_eq!(a.len(), 32);
         assert_ne!(a, random_hex(16).unwrap());
+        assert!(random_hex(65).is_err());
+    }
+
+    #[test]
+    fn batched_token_ids_are_distinct_across_refills() {
+        // Several batches' worth, odd sizes included: every id has its length and none repeats.
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..(3 * RANDOM_BATCH / 16) {
+            let n = if i % 7 == 0 { 13 } else { 16 };
+            let id = random_hex(n).unwrap();
+            assert_eq!(id.len(), 2 * n);
+            assert!(seen.insert(id), "a token id repeated");
+        }
+        assert!(random_hex(64).unwrap().len() == 128);
     }
 }

@@ -29,9 +29,11 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let app = Application::build(Settings { config_dir: cli.config_dir, listen: cli.listen }).await?;
+    registry_guard_service::flush_logs();
     eprintln!("{}", app.startup_line());
     reload_keys_on_sighup(app.key_reloader());
     app.run_until(registry_guard_service::shutdown_signal()).await.context("serving HTTP")?;
+    registry_guard_service::flush_logs();
     eprintln!("token service stopped");
     Ok(())
 }

@@ -17,7 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, RawQuery, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::{header, Extensions, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
@@ -158,7 +158,7 @@ impl TokenResponse {
     /// compact JWS (base64url and dots: nothing to escape) is copied as it is.
     pub fn to_json(&self) -> String {
         fn string(out: &mut String, s: &str) {
-            if s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) {
+            if is_jws_text(s) {
                 out.push('"');
                 out.push_str(s);
                 out.push('"');
@@ -186,6 +186,16 @@ impl TokenResponse {
         out.push('}');
         out
     }
+}
+
+/// Whether `s` holds only base64url characters and dots (a compact JWS: nothing to escape in
+/// JSON). Checked 64 bytes at a time without stopping early inside a block, which the
+/// compiler turns into vector compares (a token is a kilobyte or more, checked per request).
+fn is_jws_text(s: &str) -> bool {
+    fn allowed(b: u8) -> bool {
+        b.is_ascii_lowercase() || b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.'
+    }
+    s.as_bytes().chunks(64).all(|block| block.iter().fold(true, |ok, &b| ok & allowed(b)))
 }
 
 impl IntoResponse for TokenResponse {
@@ -392,8 +402,8 @@ fn issue(
         Resource::Repository(name) => Some(name.as_str()),
         Resource::Catalog => None,
     }));
-    let claim_names: Vec<&str> = claims.keys().map(String::as_str).collect();
-    let claims_log = if claim_names.is_empty() { String::new() } else { format!(" claims={claim_names:?}") };
+    // Logged below; the names only (the values are the bundle's, not secrets, but long).
+    let claim_names: Vec<String> = claims.keys().cloned().collect();
     let keys = state.keys();
     let token = keys.issuer.registry_token(who, &grants, claims, now)?;
     state.metrics.issued(who.auth_type.as_str());
@@ -420,16 +430,9 @@ fn issue(
     } else {
         None
     };
-    let requested: Vec<String> = scopes.iter().map(ToString::to_string).collect();
-    let granted: Vec<String> = grants.iter().map(|g| g.scope.to_string()).collect();
-    let deploy_token = who.deploy_token_id.map(|id| format!(" deploy_token_id={id}")).unwrap_or_default();
     tracing::info!(
-        "issued token: sub={:?} auth_type={}{deploy_token} requested={requested:?} granted={granted:?} \
-         withheld={withheld:?}{claims_log} bundle_revision={} refresh_token={}",
-        who.username,
-        who.auth_type.as_str(),
-        policy.revision,
-        refresh_token.is_some(),
+        "{}",
+        issued_line(who, scopes, &grants, &withheld, &claim_names, policy.revision, refresh_token.is_some())
     );
     Ok(TokenResponse {
         access_token: token.clone(),
@@ -438,6 +441,64 @@ fn issue(
         issued_at: rfc3339(now),
         refresh_token,
     })
+}
+
+/// The `issued token` log line: `sub="…" auth_type=… [deploy_token_id=…] requested=[…]
+/// granted=[…] withheld=[…] [claims=[…]] bundle_revision=… refresh_token=…`, strings and
+/// lists as `{:?}` writes them, built in one buffer (no string per scope).
+fn issued_line(
+    who: &Authenticated,
+    scopes: &[Scope],
+    grants: &[registry_guard_core::issue::grant::Grant],
+    withheld: &[String],
+    claim_names: &[String],
+    revision: u64,
+    refresh_token: bool,
+) -> String {
+    use std::fmt::Write as _;
+    let mut line = String::with_capacity(256);
+    let mut scratch = String::new();
+    line.push_str("issued token: sub=");
+    push_debug_str(&mut line, &who.username);
+    line.push_str(" auth_type=");
+    line.push_str(who.auth_type.as_str());
+    if let Some(id) = who.deploy_token_id {
+        let _ = write!(line, " deploy_token_id={id}");
+    }
+    let mut list = |line: &mut String, name: &str, items: &mut dyn Iterator<Item = &dyn std::fmt::Display>| {
+        line.push_str(name);
+        line.push('[');
+        for (i, item) in items.enumerate() {
+            if i > 0 {
+                line.push_str(", ");
+            }
+            scratch.clear();
+            let _ = write!(scratch, "{item}");
+            push_debug_str(line, &scratch);
+        }
+        line.push(']');
+    };
+    list(&mut line, " requested=", &mut scopes.iter().map(|s| s as &dyn std::fmt::Display));
+    list(&mut line, " granted=", &mut grants.iter().map(|g| &g.scope as &dyn std::fmt::Display));
+    list(&mut line, " withheld=", &mut withheld.iter().map(|w| w as &dyn std::fmt::Display));
+    if !claim_names.is_empty() {
+        list(&mut line, " claims=", &mut claim_names.iter().map(|c| c as &dyn std::fmt::Display));
+    }
+    let _ = write!(line, " bundle_revision={revision} refresh_token={refresh_token}");
+    line
+}
+
+/// Appends `s` as `{:?}` writes it: quoted, printable ASCII other than `"` and `\` as it is
+/// (the common case, without formatting machinery), anything else escaped by `Debug`.
+fn push_debug_str(out: &mut String, s: &str) {
+    if s.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        use std::fmt::Write as _;
+        let _ = write!(out, "{s:?}");
+    }
 }
 
 /// The client address a request came from (the peer), the key of the per-client limit.
@@ -512,15 +573,13 @@ async fn authenticate(
     result.map_err(Problem::from)
 }
 
-/// `GET /jwt/auth?service=&scope=&account=&client_id=&offline_token=` with Basic auth.
-async fn get_token(
-    State(state): State<Arc<AppState>>,
-    extensions: Extensions,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Response {
-    let client = client_of(&extensions);
-    match get_token_inner(&state, &client, &headers, query.as_deref().unwrap_or("")).await {
+/// `GET /jwt/auth?service=&scope=&account=&client_id=&offline_token=` with Basic auth. The
+/// request is taken whole (a GET has no body to read) and its headers, query and peer
+/// address read in place, rather than extracted as copies.
+async fn get_token(State(state): State<Arc<AppState>>, request: axum::extract::Request) -> Response {
+    let client = client_of(request.extensions());
+    let query = request.uri().query().unwrap_or("");
+    match get_token_inner(&state, &client, request.headers(), query).await {
         Ok(answer) => answer.into_response(),
         Err(problem) => problem.docker_response(),
     }
@@ -1015,6 +1074,66 @@ async fn bundle_status(State(state): State<Arc<AppState>>) -> Json<crate::policy
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_strings_are_what_debug_writes() {
+        for s in ["dev", "a b/c:d,e", "", "quote\"d", "back\\slash", "tab\t", "é", "\u{7f}", "\u{1}"] {
+            let mut out = String::new();
+            push_debug_str(&mut out, s);
+            assert_eq!(out, format!("{s:?}"));
+        }
+    }
+
+    #[test]
+    fn the_issued_line_is_what_the_debug_format_wrote() {
+        use registry_guard_core::issue::grant::Grant;
+        let scopes = Scope::parse_all(["repository:acme/web/app:pull,push", "registry:catalog:*"]).unwrap();
+        let grants = vec![Grant { scope: scopes[0].clone(), project_path: None, access_level: None }];
+        let withheld = vec!["push on `acme/web/app` withheld: rule `x` (bundle revision 3)".to_owned()];
+        let claims = ["cost_center".to_owned(), "tenant".to_owned()];
+        for (who, claims) in [
+            (Authenticated::user("dev \"q\"", 7, AuthType::Pat, Some("ci".into())), &claims[..]),
+            (
+                Authenticated {
+                    username: "deploy-token-1".into(),
+                    auth_type: AuthType::DeployToken,
+                    user_id: None,
+                    pat_name: None,
+                    deploy_token_id: Some(1),
+                    job: None,
+                },
+                &[][..],
+            ),
+        ] {
+            let requested: Vec<String> = scopes.iter().map(ToString::to_string).collect();
+            let granted: Vec<String> = grants.iter().map(|g| g.scope.to_string()).collect();
+            let deploy_token = who.deploy_token_id.map(|id| format!(" deploy_token_id={id}")).unwrap_or_default();
+            let claims_log = if claims.is_empty() { String::new() } else { format!(" claims={claims:?}") };
+            let expected = format!(
+                "issued token: sub={:?} auth_type={}{deploy_token} requested={requested:?} granted={granted:?} \
+                 withheld={withheld:?}{claims_log} bundle_revision={} refresh_token={}",
+                who.username,
+                who.auth_type.as_str(),
+                3,
+                true,
+            );
+            assert_eq!(issued_line(&who, &scopes, &grants, &withheld, claims, 3, true), expected);
+        }
+    }
+
+    #[test]
+    fn jws_text_is_base64url_and_dots_only() {
+        let long = "eyJhbGciOiJFUzI1NiJ9.".repeat(100);
+        assert!(is_jws_text(&long) && is_jws_text(""));
+        for bad in ["\"", "\\", " ", "+", "/", "=", "\n", "é", "\u{0}"] {
+            // Anywhere in a block, in the first block or a later one.
+            for at in [0, 63, 64, 1000, long.len()] {
+                let mut s = long.clone();
+                s.insert_str(at, bad);
+                assert!(!is_jws_text(&s), "{bad:?} at {at}");
+            }
+        }
+    }
 
     #[test]
     fn token_responses_are_what_serde_json_writes() {
