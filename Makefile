@@ -165,10 +165,10 @@ soak-smoke: deps build wrk ## the soak for 45 s
 	SOAK_SECONDS=45 cargo test -p registry-guard-e2e --test soak -- --ignored --nocapture
 
 # ---- benchmarks (bench/README.md) -------------------------------------------------------------
-# `make bench`: the full run (< 15 min), writes bench/results/latest.md. `make bench-smoke`: the
+# `make bench`: the full run (< 20 min), writes bench/results/latest.md. `make bench-smoke`: the
 # same harness, 1 round, ~1 s per configuration, small rule counts; fails only if it breaks.
 .PHONY: bench bench-smoke
-bench: deps build wrk ## the full benchmark (< 15 min), writes bench/results/latest.md
+bench: deps build wrk ## the full benchmark (< 20 min), writes bench/results/latest.md
 	cargo build --release -p registry-guard-bench
 	cargo build --release --target wasm32-wasip1 -p registry-guard-bench
 	python3 bench/run.py
