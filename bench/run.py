@@ -1241,31 +1241,6 @@ def main():
     b = Bench(args.smoke)
     if args.rounds:
         b.rounds = args.rounds
-    if args.only:
-        b.only = set(args.only.split(","))
-        if not any(k.startswith("5-") for k in b.only):
-            b.rule_counts = b.rule_counts[:1]  # no large bundle to generate
-        try:
-            b.prepare()
-            b.envoy_runs()
-            if not args.no_instructions:
-                b.instruction_runs()
-            b.print_only()
-        except HarnessError as e:
-            print(f"bench: FAILED: {e}", file=sys.stderr)
-            return 1
-        finally:
-            stop_all()
-        return 0
-    if args.token_service:
-        try:
-            b.token_service_only()
-        except HarnessError as e:
-            print(f"bench: FAILED: {e}", file=sys.stderr)
-            return 1
-        finally:
-            stop_all()
-        return 0
     if args.report_from:
         with open(args.report_from) as f:
             raw = json.load(f)
@@ -1276,16 +1251,30 @@ def main():
         b.define_configs()
         b.report()
         return 0
-    t0 = time.time()
-    try:
+    if args.only:
+        b.only = set(args.only.split(","))
+        if not any(k.startswith("5-") for k in b.only):
+            b.rule_counts = b.rule_counts[:1]  # no large bundle to generate
+
+    def steps():
+        if args.token_service:
+            b.token_service_only()
+            return
         b.prepare()
         b.envoy_runs()
         if not args.no_instructions:
             b.instruction_runs()
             b.extra["instructions"] = b.results_instr
+        if args.only:
+            b.print_only()
+            return
         b.token_service()
         b.micro()
         b.report()
+
+    t0 = time.time()
+    try:
+        steps()
     except HarnessError as e:
         print(f"bench: FAILED: {e}", file=sys.stderr)
         return 1
