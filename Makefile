@@ -154,9 +154,13 @@ test-e2e: deps build ## the end-to-end suite (real Envoy, registry, skopeo) on l
 # bundles are pushed every SOAK_PUSH_SECONDS; fails on any request decided contrary to the
 # active bundle, any unexpected 5xx, or Envoy RSS growing more than SOAK_RSS_GROWTH_MIB.
 SOAK_SECONDS ?= 600
-.PHONY: soak soak-smoke wrk
+.PHONY: soak soak-smoke wrk valgrind
 wrk:
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk; }
+
+# The bench's instruction counts (callgrind, callgrind_control).
+valgrind:
+	@command -v callgrind_control >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq valgrind; }
 
 soak: deps build wrk ## mixed traffic + bundle pushes for SOAK_SECONDS (default 600): decisions, 5xx, memory
 	SOAK_SECONDS=$(SOAK_SECONDS) cargo test -p registry-guard-e2e --test soak -- --ignored --nocapture
@@ -168,12 +172,12 @@ soak-smoke: deps build wrk ## the soak for 45 s
 # `make bench`: the full run (< 20 min), writes bench/results/latest.md. `make bench-smoke`: the
 # same harness, 1 round, ~1 s per configuration, small rule counts; fails only if it breaks.
 .PHONY: bench bench-smoke
-bench: deps build wrk ## the full benchmark (< 20 min), writes bench/results/latest.md
+bench: deps build wrk valgrind ## the full benchmark (< 20 min), writes bench/results/latest.md
 	cargo build --release -p registry-guard-bench
 	cargo build --release --target wasm32-wasip1 -p registry-guard-bench
 	python3 bench/run.py
 
-bench-smoke: deps build wrk ## the benchmark harness, briefly (fails only if it breaks)
+bench-smoke: deps build wrk valgrind ## the benchmark harness, briefly (fails only if it breaks)
 	cargo build --release -p registry-guard-bench
 	cargo build --release --target wasm32-wasip1 -p registry-guard-bench
 	python3 bench/run.py --smoke

@@ -22,8 +22,7 @@ use registry_guard_core::decide::decision::Decision;
 use registry_guard_core::decide::guard::Checked;
 use registry_guard_core::decide::guard::Guard;
 use registry_guard_core::events::{
-    seal, user_agent_after, user_agent_unsealed, AttributionKey, AttributionRef, RequestFields, UserAgentPrefix,
-    NONCE_LEN,
+    seal, user_agent_after, AttributionKey, AttributionRef, RequestFields, UserAgentPrefix, NONCE_LEN,
 };
 
 use crate::host::{Host, HostError, ProxyWasmHost};
@@ -499,11 +498,7 @@ fn tag_for_events_with(
     fields: &RequestFields<'_>,
     forwarded: Forwarded<'_>,
 ) -> Result<(), HostError> {
-    let agent = match sealed {
-        Some(prefix) => user_agent_after(prefix, fields),
-        None => user_agent_unsealed(fields),
-    };
-    host.set_request_header("user-agent", &agent)?;
+    host.set_request_header("user-agent", &user_agent_after(sealed, fields))?;
     match (fields.client_addr.map(client_ip), forwarded) {
         (Some(ip), Forwarded::One(value)) if value == ip.as_bytes() => Ok(()),
         (Some(ip), _) => host.set_request_header("x-forwarded-for", ip),

@@ -175,7 +175,7 @@ fn field_ok(v: &str) -> bool {
 /// The user agent the registry role writes: [`MARKER`], the seal (or `-`), then the
 /// per-request fields. One allocation.
 pub fn user_agent(sealed: Option<&str>, fields: &RequestFields<'_>) -> String {
-    user_agent_after(&UserAgentPrefix::new(sealed), fields)
+    user_agent_after(Some(&UserAgentPrefix::new(sealed)), fields)
 }
 
 /// The start of a user agent, [`MARKER`] and the seal (or `-`), checked once: the filter keeps
@@ -201,17 +201,10 @@ impl UserAgentPrefix {
     }
 }
 
-/// [`user_agent`] from a prefix made by [`UserAgentPrefix::new`] (or [`UNSEALED_PREFIX`]).
-pub fn user_agent_after(prefix: &UserAgentPrefix, fields: &RequestFields<'_>) -> String {
-    user_agent_after_str(prefix.as_str(), fields)
-}
-
-/// [`user_agent_after`] for [`UNSEALED_PREFIX`] without building a prefix.
-pub fn user_agent_unsealed(fields: &RequestFields<'_>) -> String {
-    user_agent_after_str(UNSEALED_PREFIX, fields)
-}
-
-fn user_agent_after_str(prefix: &str, fields: &RequestFields<'_>) -> String {
+/// [`user_agent`] from a prefix kept with the token ([`UserAgentPrefix::new`]); `None`: no
+/// seal ([`UNSEALED_PREFIX`]).
+pub fn user_agent_after(prefix: Option<&UserAgentPrefix>, fields: &RequestFields<'_>) -> String {
+    let prefix = prefix.map_or(UNSEALED_PREFIX, UserAgentPrefix::as_str);
     let ua = fields.user_agent.filter(|u| !u.is_empty()).map(|u| u.get(..MAX_ORIGINAL_USER_AGENT).unwrap_or(u));
     let mut out = String::with_capacity(
         prefix.len()
@@ -467,10 +460,10 @@ mod tests {
         let fields =
             RequestFields { request_id: Some("req-1"), client_addr: Some("10.0.0.7"), user_agent: Some(b"skopeo") };
         assert_eq!(UserAgentPrefix::new(None).as_str(), UNSEALED_PREFIX);
-        assert_eq!(user_agent_unsealed(&fields), user_agent(None, &fields));
+        assert_eq!(user_agent_after(None, &fields), user_agent(None, &fields));
         for sealed in ["c2VhbGVk", "has space", "", "-", "ctl\u{7f}"] {
             let prefix = UserAgentPrefix::new(Some(sealed));
-            assert_eq!(user_agent_after(&prefix, &fields), user_agent(Some(sealed), &fields), "{sealed:?}");
+            assert_eq!(user_agent_after(Some(&prefix), &fields), user_agent(Some(sealed), &fields), "{sealed:?}");
         }
         // A seal that is not a field is dropped once, at the prefix: never split the marker.
         assert_eq!(UserAgentPrefix::new(Some("has space")).as_str(), UNSEALED_PREFIX);
